@@ -1,0 +1,48 @@
+# Every target installs what it needs: a fresh clone runs `make run` or `make test` and nothing else.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PKGS := clang lld wasi-libc libclang-rt-14-dev-wasm32
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint typecheck pytest plugins toolchain bench clean
+
+run: $(STAMP) plugins
+	$(BIN)/sandbus run plugins/build/text_processor.wasm \
+	  --input '{"action":"process_data","data":{"input":"hello world"}}'
+
+test: $(STAMP) plugins lint typecheck pytest
+
+$(STAMP): pyproject.toml
+	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+# The C toolchain for wasm32-wasi (Debian packages); installed when missing.
+toolchain:
+	@if ! printf 'int main(void){return 0;}' | clang --target=wasm32-wasi --sysroot=/usr -mexec-model=reactor \
+	      -x c -o /dev/null - >/dev/null 2>&1; then \
+	  echo "installing the wasm32-wasi C toolchain: $(APT_PKGS)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+	fi
+
+plugins: $(STAMP) toolchain
+	PYTHON=$(BIN)/python bash plugins/build.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) plugins
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) plugins
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf plugins/build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,765 @@
+"""Plugin manifests: ``<name>.toml`` beside ``<name>.wasm``.
+
+A manifest is what a plugin *asks for*; the operator policy (:mod:`host.policy`) decides what it *gets*.
+Keeping the two apart means an untrusted author can never grant themselves anything: the worst a
+manifest can do is be refused. Because manifests are written by hand, every mistake is reported as a
+:class:`~sdk.errors.ManifestError` naming the file, the dotted key, what was expected and what was
+found -- and, for a misspelt key, the key that was probably meant.
+
+Example::
+
+    [plugin]
+    name = "orders"
+    version = "1.4.0"
+    min_runtime_version = "0.1.0"
+
+    [capabilities]
+    required = ["messaging"]
+    optional = ["clock"]
+
+    [permissions]
+    publish_topics = ["orders.*"]
+
+    [resources]
+    memory_mb = 32
+
+    [dependencies]
+    pricing = "^2.1"
+    audit = { version = "~1.0", optional = true }
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import semantic_version
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sdk.errors import ManifestError, SecurityViolationError
+
+__all__ = [
+    "CAPABILITY_NAMES",
+    "CapabilitiesSection",
+    "CapabilityName",
+    "DependencySpec",
+    "Manifest",
+    "MetadataSection",
+    "PermissionsSection",
+    "PluginSection",
+    "ResourcesSection",
+    "SubscriptionsSection",
+    "check_subject",
+    "load_manifest",
+    "parse_host",
+    "parse_manifest",
+    "subject_matches",
+]
+
+CapabilityName = Literal[
+    "compute", "filesystem", "environment", "clock", "random", "network", "storage", "messaging"
+]
+#: Every capability a manifest may name, in documentation order.
+CAPABILITY_NAMES: tuple[str, ...] = get_args(CapabilityName)
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_TOML_POS_RE = re.compile(r"at line (\d+), column (\d+)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared validation helpers (also used by host.policy)
+# --------------------------------------------------------------------------------------------------
+
+
+class _KeyedError(ValueError):
+    """A validator error that knows its dotted key better than pydantic's ``loc`` does
+    (model-level validators have an empty ``loc``)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _suggest(word: str, choices: typing.Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` when a close match exists, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_semver(value: str, what: str) -> str:
+    try:
+        semantic_version.Version(value)
+    except ValueError:
+        raise ValueError(
+            f"{what} must be a semantic version like '1.2.3' (MAJOR.MINOR.PATCH), found {value!r}"
+        ) from None
+    return value
+
+
+def _check_name(value: str, what: str = "plugin name") -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{what} must match ^[a-z][a-z0-9_]{{0,62}}$ (lowercase letter, then lowercase letters, "
+            f"digits or '_', at most 63 characters), found {value!r}"
+        )
+    return value
+
+
+def _dedupe(values: typing.Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+def check_subject(subject: str) -> str:
+    """Validate a NATS subject or subject pattern and return it unchanged.
+
+    Tokens are separated by ``.`` and may not be empty; ``*`` matches exactly one token and must be a
+    whole token; ``>`` matches one or more trailing tokens and may only be the last token. Whitespace
+    and control characters are refused because NATS uses them as protocol separators.
+
+    Raises:
+        ValueError: saying which rule the subject breaks.
+    """
+    if not subject:
+        raise ValueError("a subject may not be empty")
+    if any(c.isspace() or ord(c) < 32 for c in subject):
+        raise ValueError(f"subject {subject!r} contains whitespace or control characters")
+    tokens = subject.split(".")
+    for i, token in enumerate(tokens):
+        if not token:
+            raise ValueError(f"subject {subject!r} has an empty token (leading, trailing or doubled '.')")
+        if token == ">" and i != len(tokens) - 1:
+            raise ValueError(f"subject {subject!r}: '>' may only be the last token")
+        if token not in ("*", ">") and ("*" in token or ">" in token):
+            raise ValueError(f"subject {subject!r}: wildcards '*' and '>' must be whole tokens")
+    return subject
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a concrete ``subject`` falls under ``pattern`` with NATS wildcard rules.
+
+    A subject that itself contains wildcards never matches: publishing to a wildcard is not a thing.
+    """
+    sub = subject.split(".")
+    if "*" in sub or ">" in sub:
+        return False
+    pat = pattern.split(".")
+    for i, token in enumerate(pat):
+        if token == ">":
+            return len(sub) > i
+        if i >= len(sub) or (token != "*" and token != sub[i]):
+            return False
+    return len(sub) == len(pat)
+
+
+def parse_host(entry: str, *, allow_wildcard: bool = False) -> tuple[str, int | None]:
+    """Split ``"host"`` / ``"host:port"`` / ``"[v6]:port"`` into ``(host, port)``, validating both.
+
+    Host names are lowercased (DNS is case-insensitive). ``allow_wildcard`` admits a leading ``*.``
+    label (``*.example.com``), which the operator policy may use and a manifest may not.
+
+    Raises:
+        ValueError: saying what was expected and what was found.
+    """
+    expected = "expected 'host' or 'host:port'"
+    port: int | None = None
+    host = entry
+    if entry.startswith("["):
+        end = entry.find("]")
+        if end < 0:
+            raise ValueError(f"{expected}, found {entry!r} (unclosed '[')")
+        host, rest = entry[1:end], entry[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{expected}, found {entry!r} ('[...]' must hold an IPv6 address)") from None
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{expected}, found {entry!r}")
+            port = _parse_port(rest[1:], entry)
+        return host.lower(), port
+    if entry.count(":") == 1:
+        host, port_text = entry.split(":")
+        port = _parse_port(port_text, entry)
+    elif ":" in entry:
+        raise ValueError(f"{expected}, found {entry!r} (write IPv6 addresses as '[addr]:port')")
+    labels = host.split(".")
+    if allow_wildcard and labels[0] == "*" and len(labels) > 1:
+        labels = labels[1:]
+    if len(host) > 253 or not all(_LABEL_RE.match(label) for label in labels):
+        raise ValueError(f"{expected} with a valid DNS name or IPv4 address, found {entry!r}")
+    return host.lower(), port
+
+
+def _parse_port(text: str, entry: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"port must be a number from 1 to 65535, found {text!r} in {entry!r}")
+    return int(text)
+
+
+def _check_relative_path(value: str) -> str:
+    """A path under the plugin's data root: relative, no ``..``, normalised (``./a//b`` -> ``a/b``)."""
+    if "\x00" in value:
+        raise ValueError(f"path {value!r} contains a NUL character")
+    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+        raise ValueError(f"expected a path relative to the plugin's data root, found absolute path {value!r}")
+    parts = PurePosixPath(value.replace("\\", "/")).parts
+    if ".." in parts:
+        raise ValueError(f"path {value!r} contains a '..' component; paths must stay under the data root")
+    if not parts:
+        raise ValueError(f"expected a directory under the data root, found {value!r}")
+    return "/".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    """Base of every TOML table: immutable, and an unknown key is an error, not a silent no-op."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PluginSection(_Section):
+    """``[plugin]``: identity of the plugin.
+
+    Parameters:
+        name: must match ``^[a-z][a-z0-9_]{0,62}$`` and the file stem (it becomes a NATS token).
+        version: semantic version of the plugin.
+        description / author / license: free text, for humans and the CLI listing.
+        min_runtime_version: the oldest sandbus runtime this plugin works with (``None``: any).
+        sha256: hex digest of the ``.wasm``; when set, a binary that does not match is refused.
+    """
+
+    name: StrictStr
+    version: StrictStr
+    description: StrictStr = ""
+    author: StrictStr = ""
+    license: StrictStr = ""
+    min_runtime_version: StrictStr | None = None
+    sha256: StrictStr | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        return _check_semver(v, "version")
+
+    @field_validator("min_runtime_version")
+    @classmethod
+    def _min_runtime(cls, v: str | None) -> str | None:
+        return None if v is None else _check_semver(v, "min_runtime_version")
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, v: str | None) -> str | None:
+        if v is not None and not _SHA256_RE.match(v):
+            raise ValueError(f"sha256 must be 64 hexadecimal characters, found {v!r} ({len(v)} characters)")
+        return None if v is None else v.lower()
+
+
+def _check_capabilities(values: Any) -> Any:
+    if isinstance(values, list | tuple):
+        for v in values:
+            if isinstance(v, str) and v not in CAPABILITY_NAMES:
+                raise ValueError(
+                    f"unknown capability {v!r}{_suggest(v, CAPABILITY_NAMES)} "
+                    f"(known: {', '.join(CAPABILITY_NAMES)})"
+                )
+    return values
+
+
+class CapabilitiesSection(_Section):
+    """``[capabilities]``: what the plugin needs (``required``: refused if denied) and what it can
+    do without (``optional``: silently not granted if denied)."""
+
+    required: tuple[CapabilityName, ...] = ()
+    optional: tuple[CapabilityName, ...] = ()
+
+    @field_validator("required", "optional", mode="before")
+    @classmethod
+    def _known(cls, v: Any) -> Any:
+        return _check_capabilities(v)
+
+    @field_validator("required", "optional")
+    @classmethod
+    def _unique(cls, v: tuple[CapabilityName, ...]) -> tuple[CapabilityName, ...]:
+        return tuple(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> CapabilitiesSection:
+        both = sorted(set(self.required) & set(self.optional))
+        if both:
+            raise _KeyedError(
+                f"{', '.join(map(repr, both))} listed as both required and optional; pick one",
+                "capabilities.optional",
+            )
+        return self
+
+    @property
+    def all(self) -> frozenset[str]:
+        """Required and optional capabilities together."""
+        return frozenset(self.required) | frozenset(self.optional)
+
+
+class PermissionsSection(_Section):
+    """``[permissions]``: the concrete resources behind the capabilities.
+
+    Parameters:
+        read_files / write_files: directories relative to the plugin's data root (chosen by the
+            operator at load time); absolute paths and ``..`` are refused. WASI preopens directories,
+            so each entry names a directory. Needs the ``filesystem`` capability.
+        network_hosts: ``"host"`` or ``"host:port"``; needs ``network``.
+        environment_vars: variable names the plugin may read; needs ``environment``.
+        publish_topics: NATS subject patterns the plugin may publish to; needs ``messaging``.
+    """
+
+    read_files: tuple[StrictStr, ...] = ()
+    write_files: tuple[StrictStr, ...] = ()
+    network_hosts: tuple[StrictStr, ...] = ()
+    environment_vars: tuple[StrictStr, ...] = ()
+    publish_topics: tuple[StrictStr, ...] = ()
+
+    @field_validator("read_files", "write_files")
+    @classmethod
+    def _paths(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _dedupe(_check_relative_path(p) for p in v)
+
+    @field_validator("network_hosts")
+    @classmethod
+    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for h in v:
+            parse_host(h)
+        return _dedupe(v)
+
+    @field_validator("environment_vars")
+    @classmethod
+    def _env(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if not _ENV_RE.match(name):
+                raise ValueError(f"expected an environment variable name like 'API_URL', found {name!r}")
+        return _dedupe(v)
+
+    @field_validator("publish_topics")
+    @classmethod
+    def _topics(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _dedupe(check_subject(t) for t in v)
+
+
+class ResourcesSection(_Section):
+    """``[resources]``: what the plugin asks for; each missing value means "the node's default".
+    A value above the operator's ceiling gets the plugin refused, never silently clamped."""
+
+    memory_mb: StrictInt | None = Field(default=None, gt=0)
+    timeout_seconds: StrictFloat | None = Field(default=None, gt=0)
+    max_fuel: StrictInt | None = Field(default=None, gt=0)
+    max_instances: StrictInt | None = Field(default=None, gt=0)
+
+
+class DependencySpec(_Section):
+    """One ``[dependencies]`` entry: ``name = "^1.2"`` or ``name = { version = "^1.2", optional = true }``.
+
+    ``version`` is an npm-style range (``^1.2``, ``~1.2.3``, ``>=1.0 <2``, ``1.x``, ``*``).
+    """
+
+    version: StrictStr
+    optional: StrictBool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"version": data}
+        if not isinstance(data, Mapping | DependencySpec):
+            raise ValueError(
+                "expected a requirement string like '^1.2' or a table like { version = \"^1.2\", "
+                f"optional = true }}, found {type(data).__name__} {data!r}"
+            )
+        return data
+
+    @field_validator("version")
+    @classmethod
+    def _requirement(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected a version requirement like '^1.2', found an empty string (use '*')")
+        try:
+            semantic_version.NpmSpec(v)
+        except ValueError:
+            raise ValueError(
+                f"expected an npm-style version requirement like '^1.2', '~1.2.3' or '>=1.0 <2', found {v!r}"
+            ) from None
+        return v
+
+    @property
+    def spec(self) -> semantic_version.NpmSpec:
+        """The parsed requirement."""
+        return semantic_version.NpmSpec(self.version)
+
+    def allows(self, version: str) -> bool:
+        """Whether ``version`` satisfies this requirement."""
+        return bool(semantic_version.Version(version) in self.spec)
+
+
+class SubscriptionsSection(_Section):
+    """``[subscriptions]``: topics delivered to the plugin; ``durable`` keeps a JetStream consumer so
+    messages published while no node holds the plugin are delivered later."""
+
+    topics: tuple[StrictStr, ...] = ()
+    durable: StrictBool = True
+
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _dedupe(check_subject(t) for t in v)
+
+
+class MetadataSection(_Section):
+    """``[metadata]``: catalogue information; no effect on the runtime."""
+
+    category: StrictStr = ""
+    tags: tuple[StrictStr, ...] = ()
+
+
+#: Which capability each permission list needs; a manifest listing one without the other is wrong.
+_PERMISSION_NEEDS: dict[str, str] = {
+    "read_files": "filesystem",
+    "write_files": "filesystem",
+    "network_hosts": "network",
+    "environment_vars": "environment",
+    "publish_topics": "messaging",
+}
+
+
+class Manifest(_Section):
+    """A validated plugin manifest. Build one with :func:`load_manifest` or :func:`parse_manifest`.
+
+    Parameters:
+        plugin: identity (``[plugin]``).
+        capabilities: required and optional capabilities.
+        permissions: files, hosts, variables and topics behind those capabilities.
+        resources: limits asked for (``None``: node default).
+        dependencies: other plugins this one calls, by name.
+        subscriptions: topics delivered to the plugin.
+        metadata: catalogue information.
+        config: free-form table handed to the plugin's ``init(config)``. Not deep-frozen: treat as
+            read-only.
+    """
+
+    plugin: PluginSection
+    capabilities: CapabilitiesSection = CapabilitiesSection()
+    permissions: PermissionsSection = PermissionsSection()
+    resources: ResourcesSection = ResourcesSection()
+    dependencies: dict[str, DependencySpec] = Field(default_factory=dict)
+    subscriptions: SubscriptionsSection = SubscriptionsSection()
+    metadata: MetadataSection = MetadataSection()
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    _source: str | None = PrivateAttr(default=None)
+
+    @field_validator("dependencies")
+    @classmethod
+    def _dependency_names(cls, v: dict[str, DependencySpec]) -> dict[str, DependencySpec]:
+        for name in v:
+            try:
+                _check_name(name, "dependency name")
+            except ValueError as exc:
+                raise _KeyedError(str(exc), f"dependencies.{name}") from None
+        return dict(sorted(v.items()))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if self.plugin.name in self.dependencies:
+            raise _KeyedError(
+                f"plugin {self.plugin.name!r} lists itself as a dependency",
+                f"dependencies.{self.plugin.name}",
+            )
+        asked = self.capabilities.all
+        for field, capability in _PERMISSION_NEEDS.items():
+            if getattr(self.permissions, field) and capability not in asked:
+                raise _KeyedError(
+                    f"{field} needs the {capability!r} capability: add it to [capabilities] required "
+                    f"or optional",
+                    f"permissions.{field}",
+                )
+        return self
+
+    @property
+    def name(self) -> str:
+        """The plugin name."""
+        return self.plugin.name
+
+    @property
+    def version(self) -> semantic_version.Version:
+        """The plugin version, parsed."""
+        return semantic_version.Version(self.plugin.version)
+
+    @property
+    def source(self) -> str | None:
+        """The file this manifest was read from (``None`` when parsed from a string)."""
+        return self._source
+
+    def runtime_compatible(self, runtime_version: str) -> bool:
+        """Whether a runtime of ``runtime_version`` is at least ``min_runtime_version``.
+
+        Raises:
+            ValueError: ``runtime_version`` is not a semantic version.
+        """
+        if self.plugin.min_runtime_version is None:
+            return True
+        minimum = semantic_version.Version(self.plugin.min_runtime_version)
+        return bool(semantic_version.Version(runtime_version) >= minimum)
+
+    def verify_wasm(self, wasm: bytes) -> None:
+        """Check the module bytes against ``[plugin] sha256`` (no-op when the manifest has none).
+
+        Raises:
+            SecurityViolationError: the digest differs -- the binary is not the one the manifest vouches
+                for (tampered, or a stale build).
+        """
+        expected = self.plugin.sha256
+        if expected is None:
+            return
+        actual = hashlib.sha256(wasm).hexdigest()
+        if actual != expected:
+            raise SecurityViolationError(
+                f"wasm sha256 mismatch: manifest expects {expected}, module has {actual}",
+                plugin=self.name,
+                expected=expected,
+                actual=actual,
+                manifest=self._source,
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and error translation (shared with host.policy)
+# --------------------------------------------------------------------------------------------------
+
+_ErrorFactory = Callable[[str, str | None], Exception]
+
+
+def _toml_message(exc: tomllib.TOMLDecodeError) -> str:
+    """tomllib says ``Invalid value (at line 3, column 9)``; lead with the position."""
+    pos = _TOML_POS_RE.search(str(exc))
+    where = f" at line {pos[1]}, column {pos[2]}" if pos else ""
+    return f"not valid TOML{where}: {exc}"
+
+
+def _read_toml(path: Path, fail: _ErrorFactory) -> dict[str, Any]:
+    """Parse a TOML file, turning every way it can go wrong into ``fail(message, key)``."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise fail(_toml_message(exc), None) from exc
+    except UnicodeDecodeError as exc:
+        raise fail(f"not valid TOML: the file is not UTF-8 ({exc.reason} at byte {exc.start})", None) from exc
+    except OSError as exc:
+        raise fail(f"cannot read file: {exc.strerror or exc}", None) from exc
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip ``Annotated`` and ``X | None`` so the model (or container) type shows."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _allowed_keys(root: type[BaseModel], loc: tuple[str | int, ...]) -> list[str] | None:
+    """The keys the model at ``loc`` accepts, by walking field annotations from ``root``."""
+    current: Any = root
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if isinstance(current, type) and issubclass(current, BaseModel) and isinstance(part, str):
+            field = current.model_fields.get(part)
+            if field is None:
+                return None
+            current = _unwrap(field.annotation)
+            if get_origin(current) is dict:
+                if not parts:
+                    return None
+                parts.pop(0)  # the table's own key (e.g. the dependency name)
+                current = _unwrap(get_args(current)[1])
+        else:
+            return None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+_EXPECTED: dict[str, str] = {
+    "int_type": "expected an integer",
+    "float_type": "expected a number",
+    "string_type": "expected a string",
+    "bool_type": "expected true or false",
+    "tuple_type": "expected an array",
+    "list_type": "expected an array",
+    "dict_type": "expected a table",
+    "model_type": "expected a table",
+    "model_attributes_type": "expected a table",
+}
+
+
+def _raw_at(data: Any, loc: tuple[str | int, ...]) -> Any:
+    """The raw TOML value at ``loc`` (``None`` when the path does not exist)."""
+    for part in loc:
+        if isinstance(data, dict) and isinstance(part, str):
+            data = data.get(part)
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _translate(
+    exc: ValidationError, root: type[BaseModel], data: Mapping[str, Any], fail: _ErrorFactory
+) -> Exception:
+    """Turn pydantic's first error into ``fail(message, dotted_key)``, worded in TOML terms
+    (tables, arrays, keys), with how many more errors there are."""
+    errors = exc.errors()
+    err = errors[0]
+    loc = tuple(err["loc"])
+    if len(loc) > 1 and isinstance(_raw_at(data, loc[:-1]), str):
+        loc = loc[:-1]  # shorthand ``dep = "^1.2"`` stands for ``dep = { version = "^1.2" }``
+    keys = [p for p in loc if isinstance(p, str)]
+    key: str | None = ".".join(keys) or None
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        bad = str(loc[-1])
+        allowed = _allowed_keys(root, loc[:-1]) or []
+        if len(loc) == 1:
+            what = f"unknown section [{bad}]" if isinstance(err["input"], dict) else f"unknown key {bad!r}"
+            message = f"{what}{_suggest(bad, allowed)} (sections: {', '.join(allowed)})"
+        else:
+            section = ".".join(str(p) for p in loc[:-1])
+            message = (
+                f"unknown key {bad!r} in [{section}]{_suggest(bad, allowed)} (allowed: {', '.join(allowed)})"
+            )
+    elif kind == "missing":
+        if _allowed_keys(root, loc) is not None:
+            message = f"required section [{key}] is missing"
+        else:
+            section = ".".join(keys[:-1])
+            message = f"required key {keys[-1]!r} is missing" + (f" in [{section}]" if section else "")
+    elif kind == "value_error":
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _KeyedError):
+            key = cause.key
+        message = str(cause) if cause is not None else err["msg"].removeprefix("Value error, ")
+    else:
+        rule = err["msg"].removeprefix("Input should be ")
+        expected = _EXPECTED.get(kind) or (
+            f"expected a value {rule}" if rule.startswith(("greater", "less")) else f"expected {rule}"
+        )
+        message = f"{expected}, found {_describe(err['input'])}"
+        index = next((p for p in loc if isinstance(p, int)), None)
+        if index is not None:
+            message = f"{keys[-1]}[{index}]: {message}"
+    if len(errors) > 1:
+        more = len(errors) - 1
+        message += f" (and {more} more error{'s' if more > 1 else ''})"
+    return fail(message, key)
+
+
+def _manifest_error(path: str | None) -> _ErrorFactory:
+    def fail(message: str, key: str | None) -> Exception:
+        return ManifestError(message, path=path, key=key)
+
+    return fail
+
+
+def _validate(data: dict[str, Any], source: str | None, expected_name: str | None) -> Manifest:
+    fail = _manifest_error(source)
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise _translate(exc, Manifest, data, fail) from None
+    manifest._source = source
+    if expected_name is not None and manifest.name != expected_name:
+        raise ManifestError(
+            f"plugin name {manifest.name!r} does not match the file: expected {expected_name!r}",
+            path=source,
+            key="plugin.name",
+            plugin=manifest.name,
+        )
+    return manifest
+
+
+def load_manifest(path: Path, *, expected_name: str | None = None) -> Manifest:
+    """Read and validate a manifest.
+
+    ``path`` is the ``.toml`` file, or the ``.wasm`` it sits beside. The plugin name must equal
+    ``expected_name`` when given, else the file stem: the file name is how the manager finds a plugin,
+    the manifest name is how the bus routes to it, and the two must never disagree.
+
+    Raises:
+        ManifestError: with ``path``, the dotted ``key`` at fault, and what was expected vs found.
+    """
+    path = Path(path)
+    if path.suffix == ".wasm":
+        path = path.with_suffix(".toml")
+    source = str(path)
+    if not path.exists():
+        stem = path.stem
+        raise ManifestError(
+            f"manifest missing: expected {stem}.toml beside {stem}.wasm", path=source, plugin=stem
+        )
+    data = _read_toml(path, _manifest_error(source))
+    return _validate(data, source, expected_name if expected_name is not None else path.stem)
+
+
+def parse_manifest(text: str, *, source: str | None = None, expected_name: str | None = None) -> Manifest:
+    """Validate manifest TOML given as a string (tests, ``sandbus validate -``, tooling).
+
+    Raises:
+        ManifestError: as :func:`load_manifest`; ``path`` is ``source``.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(_toml_message(exc), path=source) from exc
+    return _validate(data, source, expected_name)

@@ -1,0 +1,95 @@
+"""Limits and capabilities a sandbox enforces. Plain pydantic models: the manifest
+and the operator policy both resolve into these."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["Capabilities", "DirGrant", "Limits", "MIB"]
+
+MIB = 1024 * 1024
+
+
+class Limits(BaseModel):
+    """Hard limits for one plugin. Every one is enforced by the sandbox.
+
+    Parameters:
+        memory_bytes: linear memory ceiling of one instance (store limit; ``memory.grow`` fails above it).
+        fuel: wasm fuel per call (roughly one unit per instruction).
+        timeout_s: wall-clock budget per call (epoch interruption).
+        max_input_bytes / max_output_bytes: request and reply size caps.
+        stack_bytes: wasm stack; deep recursion traps as a stack-limit error.
+        max_instances: warm instances kept per plugin = calls that may run at once.
+        log_bytes: captured stdout/stderr/log kept per call; the rest is dropped and counted.
+        table_elements: cap on wasm table growth.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    memory_bytes: int = Field(default=64 * MIB, gt=0)
+    fuel: int = Field(default=1_000_000_000, gt=0)
+    timeout_s: float = Field(default=5.0, gt=0)
+    max_input_bytes: int = Field(default=1 * MIB, gt=0)
+    max_output_bytes: int = Field(default=1 * MIB, gt=0)
+    stack_bytes: int = Field(default=512 * 1024, ge=64 * 1024)
+    max_instances: int = Field(default=4, gt=0)
+    log_bytes: int = Field(default=64 * 1024, ge=0)
+    table_elements: int = Field(default=100_000, gt=0)
+
+
+class DirGrant(BaseModel):
+    """A host directory made visible to the guest at ``guest`` (default: the same path)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: Path
+    guest: str = ""
+    writable: bool = False
+
+    @field_validator("host")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    def guest_path(self) -> str:
+        g = self.guest or self.host.as_posix()
+        return str(PurePosixPath("/") / g)
+
+
+class Capabilities(BaseModel):
+    """What a plugin may touch besides computing. Everything is denied unless listed.
+
+    Parameters:
+        dirs: directories preopened through WASI, read-only unless ``writable``.
+        env: environment variables the guest sees (names and values); nothing of the host leaks otherwise.
+        clock: wall/monotonic clocks (WASI ``clock_time_get`` and ``time_now_ms``).
+        random: WASI ``random_get``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dirs: tuple[DirGrant, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    clock: bool = False
+    random: bool = False
+    #: Further granted capability names, checked by host functions (e.g. "messaging", "storage", "network").
+    extra: frozenset[str] = frozenset()
+
+    def allows(self, capability: str) -> bool:
+        """Whether ``capability`` (a manifest capability name) is granted."""
+        builtin = {
+            "compute": True,
+            "clock": self.clock,
+            "random": self.random,
+            "filesystem": bool(self.dirs),
+            "environment": bool(self.env),
+        }
+        return builtin.get(capability, capability in self.extra)
+
+    @classmethod
+    def env_from_host(cls, names: list[str]) -> dict[str, str]:
+        """Values of the named host variables (absent ones are skipped)."""
+        return {n: os.environ[n] for n in names if n in os.environ}

@@ -1,0 +1,274 @@
+"""Calling into one wasm instance: the fast path over wasmtime-py internals, and the ordinary API.
+
+Why two paths: ``Func.__call__`` re-reads the function type through ctypes on
+every call (~25 us); the C API's unchecked call with cached types and a reused
+raw-value buffer costs ~1.5 us (ARCHITECTURE.md, part B). That difference is
+most of a node's per-request cost, so we take the fast path when the pinned
+wasmtime-py exposes what it needs, and fall back to the ordinary API otherwise.
+``tests/host/test_invoke.py`` checks that both paths agree.
+
+The unchecked call is only safe because:
+  * we only call exports whose signature ``instance.py`` verified at load;
+  * every (ptr, len) is bounds-checked against a freshly read memory size
+    before any ``memmove``/``string_at`` (a guest may grow or lie);
+  * traps and errors are turned into exceptions and their handles freed.
+Both invokers raise the same things: a Python exception raised by a host
+function, ``wasmtime.Trap`` or ``wasmtime.WasmtimeError``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Protocol
+
+import wasmtime
+
+from sdk.errors import AbiViolationError
+
+__all__ = [
+    "FAST_PATH_REASON",
+    "FastInvoker",
+    "Invoker",
+    "PlainInvoker",
+    "Signature",
+    "fast_path_available",
+    "make_invoker",
+]
+
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+#: (parameter kinds, result kind or None); kinds are "i32" / "i64". Verified at load.
+Signature = tuple[tuple[str, ...], str | None]
+
+
+class Invoker(Protocol):
+    """What the instance needs from a call path."""
+
+    def call(self, name: str, *args: int) -> int | None: ...
+
+    def memory_size(self) -> int: ...
+
+    def read(self, ptr: int, length: int) -> bytes: ...
+
+    def write(self, ptr: int, data: bytes) -> None: ...
+
+    def set_budget(self, fuel: int, epoch_ticks: int) -> None:
+        """Fresh fuel and a fresh wall-clock deadline for the next call."""
+
+    def fuel_left(self) -> int: ...
+
+
+def _check_bounds(ptr: int, length: int, size: int, what: str) -> None:
+    if ptr < 0 or length < 0 or ptr + length > size:
+        raise AbiViolationError(
+            f"{what}: range [{ptr}, {ptr + length}) is outside guest memory of {size} bytes",
+            ptr=ptr,
+            length=length,
+            memory_size=size,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Fast path (wasmtime-py 50 internals)
+# ---------------------------------------------------------------------------
+
+FAST_PATH_REASON = ""
+try:
+    from wasmtime import _ffi as _wffi
+    from wasmtime import _func as _wfunc
+
+    _dll = _wffi.dll
+    # Our own function pointers (not the bindings' cached ones) so we can use
+    # plain integer argument types without changing wasmtime-py's own calls.
+    _call_unchecked = _dll._FuncPtr(("wasmtime_func_call_unchecked", _dll))
+    _call_unchecked.restype = ctypes.c_void_p
+    _call_unchecked.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    _mem_data = _dll._FuncPtr(("wasmtime_memory_data", _dll))
+    _mem_data.restype = ctypes.c_void_p
+    _mem_data.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    _mem_size = _dll._FuncPtr(("wasmtime_memory_data_size", _dll))
+    _mem_size.restype = ctypes.c_size_t
+    _mem_size.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    _set_fuel = _dll._FuncPtr(("wasmtime_context_set_fuel", _dll))
+    _set_fuel.restype = ctypes.c_void_p
+    _set_fuel.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+    _get_fuel = _dll._FuncPtr(("wasmtime_context_get_fuel", _dll))
+    _get_fuel.restype = ctypes.c_void_p
+    _get_fuel.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    _set_deadline = _dll._FuncPtr(("wasmtime_context_set_epoch_deadline", _dll))
+    _set_deadline.restype = None
+    _set_deadline.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+    _ValRaw = _wffi.wasmtime_val_raw_t
+    _TrapPtr = ctypes.POINTER(_wffi.wasm_trap_t)
+    _ErrPtr = ctypes.POINTER(_wffi.wasmtime_error_t)
+    if ctypes.sizeof(_ValRaw) != 16:
+        raise AttributeError(f"wasmtime_val_raw_t is {ctypes.sizeof(_ValRaw)} bytes, expected 16")
+    if not hasattr(_wfunc, "LAST_EXCEPTION"):
+        raise AttributeError("wasmtime._func.LAST_EXCEPTION is gone")
+except (ImportError, AttributeError) as _e:  # pragma: no cover - depends on the installed wasmtime
+    FAST_PATH_REASON = f"wasmtime-py internals changed: {_e}"
+
+
+def fast_path_available() -> bool:
+    return not FAST_PATH_REASON
+
+
+def _addr(obj: Any) -> int:
+    value = ctypes.cast(obj, ctypes.c_void_p).value
+    assert value is not None
+    return value
+
+
+class _RawFunc:
+    """One export called through ``wasmtime_func_call_unchecked`` with a reused buffer."""
+
+    __slots__ = ("_buf", "_buf_addr", "_ctx", "_func", "_func_addr", "_result", "_trap", "_trap_addr")
+
+    def __init__(self, ctx: int, func: wasmtime.Func, sig: Signature) -> None:
+        self._ctx = ctx
+        self._func = func  # keeps the wasmtime_func_t alive
+        self._func_addr = ctypes.addressof(func._func)
+        self._result = sig[1]
+        self._buf = (_ValRaw * max(1, len(sig[0])))()
+        self._buf_addr = ctypes.addressof(self._buf)
+        self._trap = ctypes.c_void_p()
+        self._trap_addr = ctypes.addressof(self._trap)
+
+    def __call__(self, *args: int) -> int | None:
+        buf = self._buf
+        for i, a in enumerate(args):
+            buf[i].i64 = a  # an i32 is read from the low half (little-endian union)
+        err = _call_unchecked(self._ctx, self._func_addr, self._buf_addr, len(buf), self._trap_addr)
+        if err or self._trap.value:
+            self._raise(err)
+        if self._result is None:
+            return None
+        if self._result == "i32":
+            return buf[0].i32 & 0xFFFF_FFFF
+        return buf[0].i64 & U64
+
+    def _raise(self, err: int | None) -> None:
+        trap_addr = self._trap.value
+        self._trap.value = None
+        host_exc = _wfunc.LAST_EXCEPTION
+        _wfunc.LAST_EXCEPTION = None
+        # Take ownership of the handles first so they are freed whatever we raise.
+        trap = wasmtime.Trap._from_ptr(ctypes.cast(trap_addr, _TrapPtr)) if trap_addr else None
+        error = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _ErrPtr)) if err else None
+        if host_exc is not None:
+            raise host_exc
+        if trap is not None:
+            raise trap
+        assert error is not None
+        raise error
+
+
+class FastInvoker:
+    """Calls through the C API directly; see the module docstring for why it is safe."""
+
+    def __init__(self, store: wasmtime.Store, instance: wasmtime.Instance, memory: wasmtime.Memory,
+                 signatures: dict[str, Signature]) -> None:
+        self._store = store  # keep alive: the context pointer belongs to it
+        self._ctx = _addr(store._context())
+        self._mem = memory
+        self._mem_addr = ctypes.addressof(memory._memory)
+        self._fuel_out = ctypes.c_uint64()
+        self._fuel_out_addr = ctypes.addressof(self._fuel_out)
+        exports = instance.exports(store)
+        self._funcs: dict[str, _RawFunc] = {}
+        for name, sig in signatures.items():
+            f = exports[name]
+            assert isinstance(f, wasmtime.Func)
+            self._funcs[name] = _RawFunc(self._ctx, f, sig)
+
+    def call(self, name: str, *args: int) -> int | None:
+        return self._funcs[name](*args)
+
+    def memory_size(self) -> int:
+        return int(_mem_size(self._ctx, self._mem_addr))
+
+    def set_budget(self, fuel: int, epoch_ticks: int) -> None:
+        err = _set_fuel(self._ctx, fuel)
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _ErrPtr))
+        _set_deadline(self._ctx, epoch_ticks)
+
+    def fuel_left(self) -> int:
+        err = _get_fuel(self._ctx, self._fuel_out_addr)
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _ErrPtr))
+        return int(self._fuel_out.value)
+
+    def _base(self) -> int:
+        base = _mem_data(self._ctx, self._mem_addr)
+        assert base is not None
+        return int(base)
+
+    def read(self, ptr: int, length: int) -> bytes:
+        # Size and base are re-read on every access: memory.grow may have moved them.
+        _check_bounds(ptr, length, self.memory_size(), "read")
+        return ctypes.string_at(self._base() + ptr, length)
+
+    def write(self, ptr: int, data: bytes) -> None:
+        _check_bounds(ptr, len(data), self.memory_size(), "write")
+        ctypes.memmove(self._base() + ptr, data, len(data))
+
+
+# ---------------------------------------------------------------------------
+# Ordinary path (public wasmtime-py API)
+# ---------------------------------------------------------------------------
+
+
+class PlainInvoker:
+    """The public API: slower, and what we fall back to when internals move."""
+
+    def __init__(self, store: wasmtime.Store, instance: wasmtime.Instance, memory: wasmtime.Memory,
+                 signatures: dict[str, Signature]) -> None:
+        self._store = store
+        self._mem = memory
+        exports = instance.exports(store)
+        self._funcs: dict[str, tuple[wasmtime.Func, Signature]] = {}
+        for name, sig in signatures.items():
+            f = exports[name]
+            assert isinstance(f, wasmtime.Func)
+            self._funcs[name] = (f, sig)
+
+    def call(self, name: str, *args: int) -> int | None:
+        func, (params, result) = self._funcs[name]
+        # The ordinary API range-checks: hand it the signed view of each value.
+        signed = [_signed(a, k) for a, k in zip(args, params, strict=True)]
+        value = func(self._store, *signed)
+        if result is None:
+            return None
+        return int(value) & (0xFFFF_FFFF if result == "i32" else U64)
+
+    def memory_size(self) -> int:
+        return int(self._mem.data_len(self._store))
+
+    def set_budget(self, fuel: int, epoch_ticks: int) -> None:
+        self._store.set_fuel(fuel)
+        self._store.set_epoch_deadline(epoch_ticks)
+
+    def fuel_left(self) -> int:
+        return int(self._store.get_fuel())
+
+    def read(self, ptr: int, length: int) -> bytes:
+        _check_bounds(ptr, length, self.memory_size(), "read")
+        return bytes(self._mem.read(self._store, ptr, ptr + length))
+
+    def write(self, ptr: int, data: bytes) -> None:
+        _check_bounds(ptr, len(data), self.memory_size(), "write")
+        self._mem.write(self._store, data, ptr)
+
+
+def _signed(value: int, kind: str) -> int:
+    bits = 32 if kind == "i32" else 64
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >= 1 << (bits - 1) else value
+
+
+def make_invoker(store: wasmtime.Store, instance: wasmtime.Instance, memory: wasmtime.Memory,
+                 signatures: dict[str, Signature], *, fast: bool = True) -> Invoker:
+    if fast and fast_path_available():
+        return FastInvoker(store, instance, memory, signatures)
+    return PlainInvoker(store, instance, memory, signatures)

@@ -1,0 +1,287 @@
+"""The public face of the sandbox: ``run_plugin`` (one line), ``SandboxBuilder`` (all options), ``Sandbox`` (pooled).
+
+    reply = run_plugin("echo.wasm", {"hello": "world"})
+
+    sandbox = (SandboxBuilder("plugins/build/text_processor.wasm")
+               .memory_mb(16).timeout(2).allow_read("/srv/data").on_audit(print).build())
+    with sandbox:
+        sandbox.call("handle_request", {"action": "get_status"})
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import orjson
+
+from sdk.errors import AbiViolationError, InvalidModuleError, PluginNotFoundError, SandbusError
+
+from . import abi
+from .audit import AuditLevel, Auditor, AuditSink
+from .cache import ModuleCache, default_cache_dir, wasm_digest
+from .config import MIB, Capabilities, DirGrant, Limits
+from .engine import get_engine
+from .hostfuncs import HostFunctions, builtin_host_functions
+from .instance import PluginInstance
+from .pool import InstancePool
+
+__all__ = ["CallResult", "Sandbox", "SandboxBuilder", "run_plugin", "shared_cache"]
+
+_cache_lock = threading.Lock()
+_shared_cache: ModuleCache | None = None
+
+
+def shared_cache() -> ModuleCache:
+    """The process-wide module cache (``$SANDBUS_CACHE_DIR`` or ``~/.cache/sandbus/modules``)."""
+    global _shared_cache
+    with _cache_lock:
+        if _shared_cache is None:
+            _shared_cache = ModuleCache(default_cache_dir())
+        return _shared_cache
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """A reply with the facts of its call."""
+
+    reply: bytes
+    fuel_used: int
+    memory_bytes: int
+    duration_s: float
+
+    def json(self) -> Any:
+        return orjson.loads(self.reply)
+
+
+class Sandbox:
+    """A plugin loaded once and served from a pool of warm instances. Thread-safe.
+
+    Parameters:
+        wasm: module bytes, or a path to a .wasm file.
+        name: plugin name for errors and events (default: the file stem).
+        limits / capabilities: what is enforced (defaults: ``Limits()``, nothing granted).
+        host_functions: extra host functions, on top of the built-in log/time/env.
+        on_audit: callback receiving every :class:`AuditEvent`.
+        config: JSON-able settings handed to the plugin's ``sandbus_init`` on each new instance.
+        cache: module cache (default: the shared on-disk cache).
+        fast: use the fast call path when the installed wasmtime-py allows it.
+        warm_instances: instances created up front (the first is always created, to fail early).
+        acquire_timeout_s: how long a call waits for a free instance (default: the call timeout).
+    """
+
+    def __init__(
+        self,
+        wasm: bytes | str | Path,
+        *,
+        name: str | None = None,
+        limits: Limits | None = None,
+        capabilities: Capabilities | None = None,
+        host_functions: HostFunctions | None = None,
+        on_audit: AuditSink | None = None,
+        auditor: Auditor | None = None,
+        config: Mapping[str, Any] | None = None,
+        cache: ModuleCache | None = None,
+        fast: bool = True,
+        warm_instances: int = 1,
+        acquire_timeout_s: float | None = None,
+        context_factory: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        if isinstance(wasm, str | Path):
+            path = Path(wasm)
+            name = name or path.stem
+            try:
+                wasm = path.read_bytes()
+            except FileNotFoundError as e:
+                raise PluginNotFoundError(f"no plugin file at {path}", plugin=name, path=str(path)) from e
+            except OSError as e:
+                raise InvalidModuleError(f"cannot read {path}: {e.strerror}", plugin=name, path=str(path)) from e
+        self.name = name or "plugin"
+        self.limits = limits or Limits()
+        self.capabilities = capabilities or Capabilities()
+        self.digest = wasm_digest(wasm)
+        self.auditor = auditor or Auditor()
+        if on_audit is not None:
+            self.auditor.add_sink(on_audit)
+        self._config = orjson.dumps(dict(config or {}))
+        self._host_functions = builtin_host_functions().merged(host_functions)
+        self._handle = get_engine(self.limits.stack_bytes)
+        self._module = (cache or shared_cache()).load(self._handle, wasm, name=self.name)
+        self.info = abi.inspect_module(self._module, self.name)
+        self._fast = fast
+        self._context_factory = context_factory
+        self._pool = InstancePool(self.name, self._new_instance, self.limits.max_instances,
+                                  acquire_timeout_s if acquire_timeout_s is not None else self.limits.timeout_s)
+        self._pool.warm(max(1, warm_instances))
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> Sandbox:
+        return cls(Path(path), **kwargs)
+
+    def _new_instance(self) -> PluginInstance:
+        inst = PluginInstance(self.name, self._handle, self._module, self.info, self.limits, self.capabilities,
+                              self._host_functions, self.auditor, fast=self._fast,
+                              context_factory=self._context_factory)
+        inst.init(self._config)
+        return inst
+
+    @property
+    def functions(self) -> tuple[str, ...]:
+        return self.info.functions
+
+    @property
+    def pool(self) -> InstancePool:
+        return self._pool
+
+    def call_detailed(self, function: str, payload: bytes, *, validate: bool = True) -> CallResult:
+        """Call with raw JSON bytes; the reply is checked to be JSON unless ``validate`` is False."""
+        inst = self._pool.acquire()
+        start = time.perf_counter()
+        try:
+            reply = inst.call(function, payload)
+        finally:
+            elapsed = time.perf_counter() - start
+            self._pool.release(inst)
+        if validate:
+            try:
+                orjson.loads(reply)
+            except orjson.JSONDecodeError as e:
+                self.auditor.emit(AuditLevel.WARNING, "abi.bad_reply", self.name,
+                                  f"{function} replied with invalid JSON: {e}", function=function)
+                raise AbiViolationError(f"{function} replied with invalid JSON ({len(reply)} bytes): {e}",
+                                        plugin=self.name, function=function) from e
+        stats = inst.ctx.stats
+        return CallResult(reply, stats.fuel_used, stats.memory_bytes, elapsed)
+
+    def call_bytes(self, function: str, payload: bytes, *, validate: bool = True) -> bytes:
+        return self.call_detailed(function, payload, validate=validate).reply
+
+    def call(self, function: str = abi.DEFAULT_FUNCTION, request: Any = None) -> Any:
+        """Call with a JSON-able value; returns the decoded reply."""
+        try:
+            payload = orjson.dumps(request)
+        except TypeError as e:
+            raise SandbusError(f"request is not JSON-serialisable: {e}", plugin=self.name) from e
+        return orjson.loads(self.call_bytes(function, payload))
+
+    def health(self) -> bool:
+        inst = self._pool.acquire()
+        try:
+            return inst.health()
+        finally:
+            self._pool.release(inst)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SandboxBuilder:
+    """Fluent configuration for a :class:`Sandbox`; every setter returns the builder."""
+
+    def __init__(self, wasm: bytes | str | Path, *, name: str | None = None) -> None:
+        self._wasm = wasm
+        self._name = name
+        self._limits: dict[str, Any] = {}
+        self._dirs: list[DirGrant] = []
+        self._env: dict[str, str] = {}
+        self._clock = False
+        self._random = False
+        self._extra: set[str] = set()
+        self._host = HostFunctions()
+        self._audit: AuditSink | None = None
+        self._config: dict[str, Any] = {}
+
+    def memory_mb(self, mb: float) -> Self:
+        self._limits["memory_bytes"] = int(mb * MIB)
+        return self
+
+    def fuel(self, units: int) -> Self:
+        self._limits["fuel"] = units
+        return self
+
+    def timeout(self, seconds: float) -> Self:
+        self._limits["timeout_s"] = seconds
+        return self
+
+    def max_input(self, size: int) -> Self:
+        self._limits["max_input_bytes"] = size
+        return self
+
+    def max_output(self, size: int) -> Self:
+        self._limits["max_output_bytes"] = size
+        return self
+
+    def stack(self, size: int) -> Self:
+        self._limits["stack_bytes"] = size
+        return self
+
+    def instances(self, count: int) -> Self:
+        self._limits["max_instances"] = count
+        return self
+
+    def log_cap(self, size: int) -> Self:
+        self._limits["log_bytes"] = size
+        return self
+
+    def allow_read(self, host_dir: str | Path, guest: str = "") -> Self:
+        self._dirs.append(DirGrant(host=Path(host_dir), guest=guest, writable=False))
+        return self
+
+    def allow_write(self, host_dir: str | Path, guest: str = "") -> Self:
+        self._dirs.append(DirGrant(host=Path(host_dir), guest=guest, writable=True))
+        return self
+
+    def allow_env(self, name: str, value: str | None = None) -> Self:
+        """Grant one variable: ``value``, or the host's current value if None (absent: not granted)."""
+        if value is None:
+            self._env.update(Capabilities.env_from_host([name]))
+        else:
+            self._env[name] = value
+        return self
+
+    def allow_clock(self) -> Self:
+        self._clock = True
+        return self
+
+    def allow_random(self) -> Self:
+        self._random = True
+        return self
+
+    def grant(self, capability: str) -> Self:
+        self._extra.add(capability)
+        return self
+
+    def host_functions(self, funcs: HostFunctions) -> Self:
+        self._host = self._host.merged(funcs)
+        return self
+
+    def on_audit(self, sink: AuditSink) -> Self:
+        self._audit = sink
+        return self
+
+    def config(self, **settings: Any) -> Self:
+        self._config.update(settings)
+        return self
+
+    def build(self, **kwargs: Any) -> Sandbox:
+        caps = Capabilities(dirs=tuple(self._dirs), env=self._env, clock=self._clock, random=self._random,
+                            extra=frozenset(self._extra))
+        return Sandbox(self._wasm, name=self._name, limits=Limits(**self._limits), capabilities=caps,
+                       host_functions=self._host, on_audit=self._audit, config=self._config, **kwargs)
+
+
+def run_plugin(wasm: bytes | str | Path, request: Any = None, *, function: str = abi.DEFAULT_FUNCTION,
+               **kwargs: Any) -> Any:
+    """Load, call once, close: the simplest way to run a plugin."""
+    with Sandbox(wasm, **kwargs) as sandbox:
+        return sandbox.call(function, request)

@@ -1,0 +1,195 @@
+"""The one error hierarchy of sandbus, shared by the host, the bus and clients.
+
+Every error says *what* went wrong and *where* (the plugin, the file, the key,
+the limit). Each class has a stable ``code`` that travels on the wire in reply
+headers, so a client in another language can map it back.
+
+    SandbusError
+    ├── SandboxError                 a plugin misbehaved or could not run
+    │   ├── InvalidModuleError       not valid wasm / not our ABI version (ValueError)
+    │   ├── AbiViolationError        missing export, bad signature, bad pointer, bad JSON
+    │   ├── TrapError                the guest trapped (carries the wasm backtrace)
+    │   └── PluginInitError          init(config) or _initialize failed
+    ├── ResourceLimitError           a limit held, and the call was stopped
+    │   ├── OutOfFuelError
+    │   ├── ExecutionTimeoutError    (TimeoutError)
+    │   ├── MemoryLimitError
+    │   ├── StackLimitError
+    │   ├── PayloadTooLargeError     input or output above its cap
+    │   └── InstanceLimitError       every pooled instance stayed busy
+    ├── SecurityViolationError       (PermissionError) a capability was not granted
+    ├── PluginNotFoundError          (LookupError)
+    ├── ManifestError                (ValueError) names file and key
+    ├── PolicyError                  operator policy file is invalid
+    ├── DependencyError              missing / incompatible / cyclic dependencies
+    └── BusError                     (ConnectionError) NATS-side failures
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AbiViolationError",
+    "BusError",
+    "DependencyError",
+    "ExecutionTimeoutError",
+    "InstanceLimitError",
+    "InvalidModuleError",
+    "ManifestError",
+    "MemoryLimitError",
+    "OutOfFuelError",
+    "PayloadTooLargeError",
+    "PluginInitError",
+    "PluginNotFoundError",
+    "PolicyError",
+    "ResourceLimitError",
+    "SandboxError",
+    "SandbusError",
+    "SecurityViolationError",
+    "StackLimitError",
+    "TrapError",
+    "error_class_for_code",
+]
+
+
+class SandbusError(Exception):
+    """Root of every sandbus error.
+
+    Parameters:
+        message: what went wrong, in a sentence.
+        plugin: the plugin involved, when there is one.
+        details: machine-readable facts (limit values, paths, keys...).
+    """
+
+    code: ClassVar[str] = "sandbus.error"
+
+    def __init__(self, message: str, *, plugin: str | None = None, **details: Any) -> None:
+        self.message = message
+        self.plugin = plugin
+        self.details: dict[str, Any] = details
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        where = f"plugin {self.plugin!r}: " if self.plugin else ""
+        return f"{where}{self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form: what a reply carries in its error fields."""
+        return {"code": self.code, "message": str(self), "plugin": self.plugin, "details": self.details}
+
+
+class SandboxError(SandbusError):
+    code = "sandbox.error"
+
+
+class InvalidModuleError(SandboxError, ValueError):
+    code = "sandbox.invalid_module"
+
+
+class AbiViolationError(SandboxError):
+    code = "sandbox.abi_violation"
+
+
+class TrapError(SandboxError):
+    """The guest trapped. ``backtrace`` lists the wasm frames, innermost first."""
+
+    code = "sandbox.trap"
+
+    def __init__(
+        self, message: str, *, plugin: str | None = None, backtrace: list[str] | None = None, **details: Any
+    ) -> None:
+        self.backtrace = backtrace or []
+        super().__init__(message, plugin=plugin, backtrace=self.backtrace, **details)
+
+
+class PluginInitError(SandboxError):
+    code = "sandbox.init_failed"
+
+
+class ResourceLimitError(SandbusError):
+    code = "limit.exceeded"
+
+
+class OutOfFuelError(ResourceLimitError):
+    code = "limit.fuel"
+
+
+class ExecutionTimeoutError(ResourceLimitError, TimeoutError):
+    code = "limit.timeout"
+
+
+class MemoryLimitError(ResourceLimitError):
+    code = "limit.memory"
+
+
+class StackLimitError(ResourceLimitError):
+    code = "limit.stack"
+
+
+class PayloadTooLargeError(ResourceLimitError):
+    code = "limit.payload"
+
+
+class InstanceLimitError(ResourceLimitError):
+    code = "limit.instances"
+
+
+class SecurityViolationError(SandbusError, PermissionError):
+    code = "security.violation"
+
+
+class PluginNotFoundError(SandbusError, LookupError):
+    code = "plugin.not_found"
+
+
+class ManifestError(SandbusError, ValueError):
+    """A manifest is invalid. ``path`` is the file, ``key`` the dotted key at fault."""
+
+    code = "manifest.invalid"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        key: str | None = None,
+        plugin: str | None = None,
+        **details: Any,
+    ) -> None:
+        self.path = path
+        self.key = key
+        super().__init__(message, plugin=plugin, path=path, key=key, **details)
+
+    def __str__(self) -> str:
+        where = self.path or ""
+        if self.key:
+            where = f"{where}: [{self.key}]" if where else f"[{self.key}]"
+        return f"{where}: {self.message}" if where else self.message
+
+
+class PolicyError(SandbusError, ValueError):
+    code = "policy.invalid"
+
+
+class DependencyError(SandbusError):
+    code = "plugin.dependency"
+
+
+class BusError(SandbusError, ConnectionError):
+    code = "bus.error"
+
+
+def _all_subclasses(cls: type[SandbusError]) -> list[type[SandbusError]]:
+    out: list[type[SandbusError]] = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_class_for_code(code: str) -> type[SandbusError]:
+    """Map a wire error code back to its class (unknown codes map to the root)."""
+    for cls in _all_subclasses(SandbusError):
+        if cls.code == code:
+            return cls
+    return SandbusError

@@ -1,0 +1,13 @@
+(module
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "sandbus_abi_version") (result i32) (i32.const 1))
+  (func (export "sandbus_alloc") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "sandbus_dealloc") (param i32 i32) (global.set $heap (i32.const 1024)))
+  (func (export "handle_request") (param $p i32) (param $n i32) (result i64)
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32)) (i64.extend_i32_u (local.get $n))))
+)
