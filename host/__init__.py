@@ -1,5 +1,6 @@
 """The sandbus host: sandbox, plugin lifecycle, node, CLI."""
 
+from .manager import DiscoveryReport, PluginInfo, PluginManager, PluginStatus, PluginWatcher
 from .sandbox import (
     AuditEvent,
     AuditLevel,
@@ -18,9 +19,14 @@ __all__ = [
     "AuditLevel",
     "Capabilities",
     "DirGrant",
+    "DiscoveryReport",
     "HostFunction",
     "HostFunctions",
     "Limits",
+    "PluginInfo",
+    "PluginManager",
+    "PluginStatus",
+    "PluginWatcher",
     "Sandbox",
     "SandboxBuilder",
     "run_plugin",

@@ -27,6 +27,7 @@ from sdk.errors import (
     SecurityViolationError,
 )
 
+from .cli_plugins import plugins_app
 from .sandbox import MIB, Capabilities, DirGrant, Limits, Sandbox
 
 __all__ = [
@@ -49,6 +50,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(plugins_app, name="plugins")
 
 
 def exit_code_for(err: SandbusError) -> int:
@@ -86,7 +88,7 @@ def run(
     function: Annotated[str, typer.Option("--function", "-f", help="Exported function to call.")] = "handle_request",
     input_: Annotated[str, typer.Option("--input", "-i", help="Request JSON, or - to read stdin.")] = "{}",
     memory_mb: Annotated[float | None, typer.Option(help="Linear memory limit, MiB.")] = None,
-    fuel: Annotated[int | None, typer.Option(help="Fuel per call (about one unit per instruction).")] = None,
+    fuel: Annotated[int | None, typer.Option(help="Fuel per call (~1 unit per instruction); 0 = unmetered.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Wall-clock limit per call, seconds.")] = None,
     allow_read: Annotated[list[Path] | None, typer.Option(help="Grant read access to DIR.")] = None,
     allow_write: Annotated[list[Path] | None, typer.Option(help="Grant read/write access to DIR.")] = None,
@@ -109,7 +111,7 @@ def run(
     if memory_mb is not None:
         overrides["memory_bytes"] = int(memory_mb * MIB)
     if fuel is not None:
-        overrides["fuel"] = fuel
+        overrides["fuel"] = fuel or None
     if timeout is not None:
         overrides["timeout_s"] = timeout
     for d in [*(allow_read or []), *(allow_write or [])]:

@@ -29,18 +29,19 @@ class EngineHandle:
 
     engine: wasmtime.Engine
     stack_bytes: int
+    fuel: bool
     #: Part of the module cache key: code compiled under another config must not be reused.
     fingerprint: str = field(default="")
 
 
-_engines: dict[int, EngineHandle] = {}
+_engines: dict[tuple[int, bool], EngineHandle] = {}
 _lock = threading.Lock()
 _ticker: threading.Thread | None = None
 
 
-def _make_engine(stack_bytes: int) -> EngineHandle:
+def _make_engine(stack_bytes: int, fuel: bool) -> EngineHandle:
     cfg = wasmtime.Config()
-    cfg.consume_fuel = True
+    cfg.consume_fuel = fuel
     cfg.epoch_interruption = True
     cfg.max_wasm_stack = stack_bytes
     cfg.cranelift_opt_level = "speed"
@@ -52,8 +53,8 @@ def _make_engine(stack_bytes: int) -> EngineHandle:
     # one-call-at-a-time model our limits are written for.
     cfg.wasm_threads = False
     cfg.shared_memory = False
-    fp = f"wt{WASMTIME_VERSION}-fuel-epoch-stack{stack_bytes}-speed"
-    return EngineHandle(wasmtime.Engine(cfg), stack_bytes, fp)
+    fp = f"wt{WASMTIME_VERSION}-{'fuel-' if fuel else ''}epoch-stack{stack_bytes}-speed"
+    return EngineHandle(wasmtime.Engine(cfg), stack_bytes, fuel, fp)
 
 
 def _tick_forever() -> None:
@@ -64,13 +65,13 @@ def _tick_forever() -> None:
             handle.engine.increment_epoch()
 
 
-def get_engine(stack_bytes: int) -> EngineHandle:
-    """The shared engine for this stack size; starts the epoch ticker on first use."""
+def get_engine(stack_bytes: int, fuel: bool = True) -> EngineHandle:
+    """The shared engine for this stack size and fuel setting; starts the epoch ticker on first use."""
     global _ticker
     with _lock:
-        handle = _engines.get(stack_bytes)
+        handle = _engines.get((stack_bytes, fuel))
         if handle is None:
-            handle = _engines[stack_bytes] = _make_engine(stack_bytes)
+            handle = _engines[(stack_bytes, fuel)] = _make_engine(stack_bytes, fuel)
         if _ticker is None:
             _ticker = threading.Thread(target=_tick_forever, name="sandbus-epoch", daemon=True)
             _ticker.start()

@@ -27,6 +27,7 @@ from sdk.errors import (
     OutOfFuelError,
     PayloadTooLargeError,
     PluginInitError,
+    ResourceLimitError,
     SandbusError,
     SecurityViolationError,
     StackLimitError,
@@ -38,7 +39,7 @@ from .audit import AuditLevel, Auditor
 from .config import Capabilities, Limits
 from .engine import EngineHandle, ticks_for
 from .hostfuncs import HostFunction, HostFunctions
-from .invoke import Invoker, make_invoker
+from .invoke import GuestAllocFailed, Invoker, ReplyTooLarge, make_invoker
 
 __all__ = ["CallContext", "CallStats", "PluginInstance"]
 
@@ -169,7 +170,8 @@ class PluginInstance:
         store.set_limits(memory_size=limits.memory_bytes, table_elements=limits.table_elements,
                          instances=2, tables=4, memories=1)  # 2: the guest and its WASI trampoline
         # Instantiation (start function, data segments) runs under the same budget as a call.
-        store.set_fuel(limits.fuel)
+        if limits.fuel is not None:
+            store.set_fuel(limits.fuel)
         store.set_epoch_deadline(self._ticks)
         self._store = store
         linker = wasmtime.Linker(handle.engine)
@@ -376,7 +378,7 @@ class PluginInstance:
             self.poisoned = True
             raise self._translate(e, what) from e
         finally:
-            self.ctx.stats.fuel_used = self.limits.fuel - _safe_fuel(inv, self.limits.fuel)
+            self.ctx.stats.fuel_used = _fuel_used(inv, self.limits.fuel)
         return result
 
     def call(self, function: str, payload: bytes) -> bytes:
@@ -399,14 +401,28 @@ class PluginInstance:
         stats.log_bytes = stats.log_dropped = 0
         self.ctx.log_overflow = False
         inv = self._invoker
-        inv.set_budget(limits.fuel, self._ticks)
         try:
-            reply = self._call_abi(inv, function, payload)
+            reply = inv.round_trip(function, payload, limits.max_output_bytes, limits.fuel, self._ticks)
+        except GuestAllocFailed as e:
+            self.poisoned = True
+            raise self._translate(MemoryLimitError(
+                f"sandbus_alloc({e.args[0]}) returned 0: the guest is out of memory",
+                plugin=self.plugin, limit=limits.memory_bytes), function) from e
+        except ReplyTooLarge as e:
+            self.poisoned = True
+            size = e.args[0]
+            self._auditor.emit(AuditLevel.WARNING, "limit.output_size", self.plugin,
+                               f"reply of {size} bytes refused (limit {limits.max_output_bytes})",
+                               size=size, limit=limits.max_output_bytes)
+            raise PayloadTooLargeError(
+                f"reply of {size} bytes exceeds the {limits.max_output_bytes}-byte output limit",
+                plugin=self.plugin, size=size, limit=limits.max_output_bytes, direction="output",
+            ) from e
         except (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError) as e:
             self.poisoned = True
             raise self._translate(e, function) from e
         finally:
-            stats.fuel_used = limits.fuel - _safe_fuel(inv, limits.fuel)
+            stats.fuel_used = _fuel_used(inv, limits.fuel)
             stats.memory_bytes = inv.memory_size()
         if self.ctx.log_overflow:
             self._auditor.emit(AuditLevel.WARNING, "limit.log", self.plugin,
@@ -417,30 +433,6 @@ class PluginInstance:
                 f"({stats.log_dropped} bytes dropped)",
                 plugin=self.plugin, limit=limits.log_bytes, dropped=stats.log_dropped, direction="log",
             )
-        return reply
-
-    def _call_abi(self, inv: Invoker, function: str, payload: bytes) -> bytes:
-        n = len(payload)
-        ptr = inv.call(abi.ALLOC, n) or 0
-        if ptr == 0 and n:
-            raise MemoryLimitError(f"sandbus_alloc({n}) returned 0: the guest is out of memory",
-                                   plugin=self.plugin, limit=self.limits.memory_bytes)
-        inv.write(ptr, payload)
-        packed = inv.call(function, ptr, n) or 0
-        rptr, rlen = packed >> 32, packed & 0xFFFF_FFFF
-        if rlen > self.limits.max_output_bytes:
-            self._auditor.emit(AuditLevel.WARNING, "limit.output_size", self.plugin,
-                               f"reply of {rlen} bytes refused (limit {self.limits.max_output_bytes})",
-                               size=rlen, limit=self.limits.max_output_bytes)
-            raise PayloadTooLargeError(
-                f"reply of {rlen} bytes exceeds the {self.limits.max_output_bytes}-byte output limit",
-                plugin=self.plugin, size=rlen, limit=self.limits.max_output_bytes, direction="output",
-            )
-        reply = inv.read(rptr, rlen)
-        if self.info.has(abi.DEALLOC):
-            inv.call(abi.DEALLOC, rptr, rlen)
-            if ptr:
-                inv.call(abi.DEALLOC, ptr, n)
         return reply
 
     def init(self, config: bytes) -> None:
@@ -494,6 +486,8 @@ class PluginInstance:
             if isinstance(exc, AbiViolationError):
                 self._auditor.emit(AuditLevel.WARNING, "abi.violation", self.plugin, f"{where}: {exc.message}",
                                    **exc.details)
+            elif isinstance(exc, ResourceLimitError):
+                self._auditor.emit(AuditLevel.WARNING, exc.code, self.plugin, exc.message, **exc.details)
             return exc
         limits = self.limits
         code = exc.trap_code if isinstance(exc, wasmtime.Trap) else None
@@ -553,11 +547,13 @@ def _trampoline_wasm(funcs: tuple[tuple[str, tuple[tuple[str, ...], tuple[str, .
     return bytes(wasmtime.wat2wasm("\n".join(lines)))
 
 
-def _safe_fuel(inv: Invoker, default: int) -> int:
+def _fuel_used(inv: Invoker, budget: int | None) -> int:
+    if budget is None:
+        return 0
     try:
-        return inv.fuel_left()
+        return budget - inv.fuel_left()
     except wasmtime.WasmtimeError:
-        return default
+        return 0
 
 
 def _first_line(exc: BaseException) -> str:

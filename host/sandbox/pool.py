@@ -36,6 +36,7 @@ class InstancePool:
         self._created = 0
         self._closed = False
         self._cond = threading.Condition()
+        self._waiting = 0
         self.replaced = 0
 
     @property
@@ -54,6 +55,12 @@ class InstancePool:
             self.release(inst)
 
     def acquire(self) -> PluginInstance:
+        # Fast path without the condition's lock: list.pop is atomic, and a pool that is
+        # closed has an empty idle list, so what we pop is always a live instance.
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
         deadline = time.monotonic() + self._timeout
         with self._cond:
             while True:
@@ -65,11 +72,18 @@ class InstancePool:
                     self._created += 1
                     break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._cond.wait(remaining):
+                if remaining <= 0:
                     raise InstanceLimitError(
                         f"all {self.max_instances} instances stayed busy for {self._timeout:g} s",
                         plugin=self.plugin, limit=self.max_instances,
                     )
+                # Short slices: release() skips the lock when nobody was waiting, so an instance
+                # can land in the idle list just after we looked without waking us.
+                self._waiting += 1
+                try:
+                    self._cond.wait(min(remaining, 0.005))
+                finally:
+                    self._waiting -= 1
         try:
             return self._factory()
         except BaseException:
@@ -79,6 +93,12 @@ class InstancePool:
             raise
 
     def release(self, inst: PluginInstance) -> None:
+        if not inst.poisoned and not self._closed and not self._waiting:
+            self._idle.append(inst)
+            # close() may have run between the check and the append: hand the instance back to it.
+            if self._closed:
+                self._drain()
+            return
         with self._cond:
             if inst.poisoned or self._closed:
                 self._created -= 1
@@ -92,8 +112,14 @@ class InstancePool:
         """Shut down idle instances; busy ones are dropped when released."""
         with self._cond:
             self._closed = True
-            idle, self._idle = self._idle, []
-            self._created -= len(idle)
             self._cond.notify_all()
+        self._drain()
+
+    def _drain(self) -> None:
+        idle = []
+        with self._cond:
+            while self._idle:
+                idle.append(self._idle.pop())
+            self._created -= len(idle)
         for inst in idle:
             inst.shutdown()

@@ -109,7 +109,7 @@ class Sandbox:
             self.auditor.add_sink(on_audit)
         self._config = orjson.dumps(dict(config or {}))
         self._host_functions = builtin_host_functions().merged(host_functions)
-        self._handle = get_engine(self.limits.stack_bytes)
+        self._handle = get_engine(self.limits.stack_bytes, fuel=self.limits.fuel is not None)
         self._module = (cache or shared_cache()).load(self._handle, wasm, name=self.name)
         self.info = abi.inspect_module(self._module, self.name)
         self._fast = fast
@@ -205,7 +205,8 @@ class SandboxBuilder:
         self._limits["memory_bytes"] = int(mb * MIB)
         return self
 
-    def fuel(self, units: int) -> Self:
+    def fuel(self, units: int | None) -> Self:
+        """Fuel per call; None turns metering off (the timeout still holds)."""
         self._limits["fuel"] = units
         return self
 

@@ -89,3 +89,14 @@ def test_a_looping_plugin_does_not_stall_another_plugin(wat: Callable[[str], byt
     assert slow.pool.in_use == 1, "200 calls finished while the slow call was still running"
     t.join(timeout=10)
     assert len(outcome) == 1
+
+
+def test_fuel_metering_can_be_turned_off_and_the_timeout_still_holds(wat: Callable[[str], bytes]) -> None:
+    sb = Sandbox(wat("adversary"), name="adv", limits=Limits(fuel=None, timeout_s=0.1))
+    result = sb.call_detailed("echo", b"[1]")
+    assert result.reply == b"[1]"
+    assert result.fuel_used == 0
+    with pytest.raises(ExecutionTimeoutError):
+        sb.call("loop_forever", {})
+    metered = Sandbox(wat("adversary"), name="adv")
+    assert metered.call_detailed("echo", b"[1]").fuel_used > 0

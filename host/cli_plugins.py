@@ -1,0 +1,88 @@
+"""``sandbus plugins ...``: commands about plugin directories.
+
+``sandbus plugins check DIR`` loads the directory exactly as a node would -- manifests, sha256,
+dependencies, the operator policy, compile, instantiate, ``sandbus_init``, ``sandbus_health`` --
+prints one row per plugin, and exits 1 when any plugin is invalid, so it can gate a deploy.
+Exit codes follow ``host.cli``: 0 all valid, 1 some plugin invalid, 2 bad usage (no such
+directory, invalid policy file).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from host.manager import DEFAULT_MAX_PLUGINS, PluginInfo, PluginManager, scan_directory
+from host.policy import Policy, load_policy
+from sdk.errors import PolicyError
+
+__all__ = ["plugins_app"]
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+plugins_app = typer.Typer(
+    name="plugins",
+    help="Inspect directories of plugins (<name>.wasm + <name>.toml).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _usage(message: str) -> typer.Exit:
+    typer.echo(f"sandbus: {message}", err=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+def _table(directory: Path, infos: list[PluginInfo]) -> Table:
+    table = Table(title=f"plugins in {directory}", title_justify="left")
+    for column in ("plugin", "version", "status", "functions", "reason"):
+        table.add_column(column, overflow="fold")
+    for info in infos:
+        valid = info.status.serving and info.last_error is None
+        status = Text("valid", style="green") if valid else Text("invalid", style="bold red")
+        table.add_row(info.name, info.version or "-", status, ", ".join(info.functions) or "-",
+                      info.last_error or "")
+    return table
+
+
+@plugins_app.command()
+def check(
+    directory: Annotated[Path, typer.Argument(help="The plugin directory.")],
+    policy: Annotated[Path | None, typer.Option(help="Operator policy file (default: deny all but compute).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Parent of the plugins' data directories.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the plugin list as JSON instead.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show lifecycle events.")] = 0,
+) -> None:
+    """Validate every manifest and module in DIRECTORY; exit 1 if any plugin is invalid."""
+    logging.basicConfig(level=logging.ERROR if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG,
+                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if not directory.is_dir():
+        raise _usage(f"{directory} is not a directory")
+    try:
+        resolved_policy = load_policy(policy) if policy is not None else Policy.default()
+    except PolicyError as e:
+        raise _usage(str(e)) from e
+    names = scan_directory(directory)
+    with PluginManager(directory, policy=resolved_policy, data_root=data_root,
+                       max_plugins=max(DEFAULT_MAX_PLUGINS, len(names))) as manager:
+        report = manager.discover_and_load()
+        infos = manager.list_plugins()
+    invalid = [i for i in infos if not (i.status.serving and i.last_error is None)]
+    if json_output:
+        typer.echo("[" + ",".join(i.model_dump_json() for i in infos) + "]")
+    elif not infos:
+        Console().print(f"no plugins in {directory} (expected <name>.wasm + <name>.toml pairs)")
+    else:
+        console = Console()
+        console.print(_table(directory, infos))
+        console.print(f"{len(infos) - len(invalid)} valid, {len(invalid)} invalid")
+    if invalid or not report.ok:
+        raise typer.Exit(EXIT_INVALID)

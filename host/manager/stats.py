@@ -1,0 +1,137 @@
+"""Per-plugin call statistics: counts, recent latencies (for p50/p99), fuel and memory.
+
+Recording sits on the request path, so it is a few additions under a lock; the
+sorting that percentiles need happens only when someone asks (``snapshot``).
+Latencies are kept in a fixed ring of the most recent calls: percentiles then
+describe the plugin as it behaves *now*, memory stays bounded however many
+calls are served, and an old slow spell does not haunt the numbers forever.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sdk.errors import SandbusError
+
+__all__ = ["LatencyWindow", "PluginStats", "StatsSnapshot"]
+
+
+class LatencyWindow:
+    """The most recent ``size`` latencies, in seconds. Not thread-safe: :class:`PluginStats` locks it.
+
+    Parameters:
+        size: how many recent samples the percentiles are computed over.
+    """
+
+    __slots__ = ("_next", "_samples", "_size")
+
+    def __init__(self, size: int = 1024) -> None:
+        if size <= 0:
+            raise ValueError(f"window size must be positive, found {size}")
+        self._size = size
+        self._samples: list[float] = []
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, seconds: float) -> None:
+        if len(self._samples) < self._size:
+            self._samples.append(seconds)
+        else:
+            self._samples[self._next] = seconds
+        self._next = (self._next + 1) % self._size
+
+    def percentiles(self, *qs: float) -> tuple[float | None, ...]:
+        """Nearest-rank percentiles (``q`` in 0..100) of the window; ``None`` when it is empty."""
+        if not self._samples:
+            return tuple(None for _ in qs)
+        ordered = sorted(self._samples)
+        n = len(ordered)
+        out: list[float | None] = []
+        for q in qs:
+            if not 0 <= q <= 100:
+                raise ValueError(f"percentile must be within 0..100, found {q}")
+            rank = max(1, math.ceil(q * n / 100))  # nearest rank; at least the first sample
+            out.append(ordered[min(rank, n) - 1])
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """A consistent copy of :class:`PluginStats` at one moment (latencies in milliseconds)."""
+
+    executions: int
+    errors: int
+    p50_ms: float | None
+    p99_ms: float | None
+    fuel_used: int
+    last_fuel_used: int
+    memory_bytes_per_instance: int
+    last_error: str | None
+    last_error_code: str | None
+    last_error_at: datetime | None
+
+
+class PluginStats:
+    """Thread-safe statistics of one plugin, kept across its reloads (a reload is not a new plugin).
+
+    Parameters:
+        window: how many recent latencies p50/p99 are computed over.
+    """
+
+    def __init__(self, window: int = 1024) -> None:
+        self._lock = threading.Lock()
+        self._latencies = LatencyWindow(window)
+        self.executions = 0
+        self.errors = 0
+        self.fuel_used = 0
+        self.last_fuel_used = 0
+        self.memory_bytes_per_instance = 0
+        self.last_error: str | None = None
+        self.last_error_code: str | None = None
+        self.last_error_at: datetime | None = None
+
+    def record_call(self, seconds: float, fuel: int, memory_bytes: int) -> None:
+        """A call that returned a reply."""
+        with self._lock:
+            self.executions += 1
+            self._latencies.add(seconds)
+            self.fuel_used += fuel
+            self.last_fuel_used = fuel
+            # Linear memory only grows within an instance: the largest seen is what instances hold.
+            self.memory_bytes_per_instance = max(self.memory_bytes_per_instance, memory_bytes)
+
+    def record_error(self, seconds: float, error: SandbusError) -> None:
+        """A call that failed (its latency counts too: a slow failure is still slow for the caller)."""
+        with self._lock:
+            self.executions += 1
+            self.errors += 1
+            self._latencies.add(seconds)
+        self.note_error(error)
+
+    def note_error(self, error: SandbusError) -> None:
+        """Remember ``error`` as the latest (a failed call, load or reload)."""
+        with self._lock:
+            self.last_error = str(error)
+            self.last_error_code = error.code
+            self.last_error_at = datetime.now(UTC)
+
+    def snapshot(self) -> StatsSnapshot:
+        with self._lock:
+            p50, p99 = self._latencies.percentiles(50, 99)
+            return StatsSnapshot(
+                executions=self.executions,
+                errors=self.errors,
+                p50_ms=None if p50 is None else p50 * 1000,
+                p99_ms=None if p99 is None else p99 * 1000,
+                fuel_used=self.fuel_used,
+                last_fuel_used=self.last_fuel_used,
+                memory_bytes_per_instance=self.memory_bytes_per_instance,
+                last_error=self.last_error,
+                last_error_code=self.last_error_code,
+                last_error_at=self.last_error_at,
+            )
