@@ -239,7 +239,7 @@ def main() -> None:
         return
     if args.quick:
         args.reloads, args.rss_count = 10, 100
-    console = Console()
+    console = Console(width=max(130, Console().width))
     with tempfile.TemporaryDirectory(prefix="sandbus-bench-") as tmp:
         work = Path(tmp)
         os.environ["SANDBUS_CACHE_DIR"] = str(work / "shared-cache")
@@ -253,7 +253,7 @@ def main() -> None:
     verdict = "ok" if reload_stats["median_ms"] <= 250 and reload_stats["failed"] == 0 else "MISSED"
     table.add_row(f"hot reload, file landed -> new version answers ({int(reload_stats['reloads'])} os.replace)",
                   f"median {reload_stats['median_ms']:.0f} ms, p90 {reload_stats['p90_ms']:.0f} ms, "
-                  f"max {reload_stats['max_ms']:.0f} ms", f"<= 250 ms median [{verdict}]")
+                  f"max {reload_stats['max_ms']:.0f} ms", f"<= 250 ms median ({verdict})")
     table.add_row("failed calls during the reloads",
                   f"{int(reload_stats['failed'])} of {int(reload_stats['calls']):,}", "0")
     count = int(many["count"])
@@ -262,7 +262,7 @@ def main() -> None:
                   f"{many['cold_s'] * 1000:.0f} ms", "")
     table.add_row(f"load {count} plugins, warm disk cache (a restart)",
                   f"{many['warm_disk_s'] * 1000:.0f} ms (again: {many['warm_disk_again_s'] * 1000:.0f} ms)",
-                  f"<= 1 s [{verdict}]")
+                  f"<= 1 s ({verdict})")
     table.add_row(f"load {count} plugins, warm in-memory cache (same process)",
                   f"{many['warm_memory_s'] * 1000:.0f} ms", "")
     for row in rss:
@@ -271,7 +271,7 @@ def main() -> None:
             f"RSS per idle plugin: {row['plugin']} ({row['wasm_bytes']:,} B wasm), {row['count']} loaded",
             f"{row['per_plugin'] / 1024:.0f} KiB each ({row['total_mib']:.1f} MiB total); "
             f"1,000 extrapolated: {row['per_1000_mib']:.0f} MiB",
-            f"1,000 < 1 GiB [{verdict}]")
+            f"1,000 < 1 GiB ({verdict})")
     console.print(table)
     console.print("RSS for 1,000 plugins is extrapolated linearly from the measured slope, not measured.")
 

@@ -9,6 +9,7 @@ Exit codes are part of the interface (scripts branch on them):
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -123,6 +124,7 @@ def run(
             dirs=tuple(DirGrant(host=d) for d in allow_read or [])
             + tuple(DirGrant(host=d, writable=True) for d in allow_write or []),
             env=Capabilities.env_from_host(allow_env or []),
+            env_unset=frozenset(n for n in allow_env or [] if n not in os.environ),
             clock=allow_clock,
             random=allow_random,
         )

@@ -425,12 +425,15 @@ def resolve(manifest: Manifest, policy: Policy, *, data_root: Path, host_env: Ma
     dirs = _resolve_dirs(manifest, policy, data_root) if "filesystem" in granted else ()
 
     env: dict[str, str] = {}
+    env_unset: set[str] = set()
     if "environment" in granted:
         for name in perms.environment_vars:
             if name not in policy.environment.allowed_vars:
                 denied.append(Denial(f"environment variable {name!r}", "not in [environment] allowed_vars"))
             elif name in host_env:
                 env[name] = host_env[name]
+            else:
+                env_unset.add(name)
 
     hosts: list[str] = []
     if "network" in granted:
@@ -446,6 +449,7 @@ def resolve(manifest: Manifest, policy: Policy, *, data_root: Path, host_env: Ma
         capabilities=Capabilities(
             dirs=dirs,
             env=env,
+            env_unset=frozenset(env_unset),
             clock="clock" in granted,
             random="random" in granted,
             extra=granted - _SANDBOX_BUILTIN,

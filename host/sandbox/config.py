@@ -67,6 +67,7 @@ class Capabilities(BaseModel):
     Parameters:
         dirs: directories preopened through WASI, read-only unless ``writable``.
         env: environment variables the guest sees (names and values); nothing of the host leaks otherwise.
+        env_unset: granted variable names the host does not set.
         clock: wall/monotonic clocks (WASI ``clock_time_get`` and ``time_now_ms``).
         random: WASI ``random_get``.
     """
@@ -75,6 +76,9 @@ class Capabilities(BaseModel):
 
     dirs: tuple[DirGrant, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
+    #: Names granted although the host does not set them: ``env_get`` answers "unset" (-1) for
+    #: these instead of a security violation.
+    env_unset: frozenset[str] = frozenset()
     clock: bool = False
     random: bool = False
     #: Further granted capability names, checked by host functions (e.g. "messaging", "storage", "network").

@@ -104,6 +104,8 @@ def _time_now_ms(ctx: CallContext) -> int:
 
 def _env_get(ctx: CallContext, name_ptr: int, name_len: int, buf_ptr: int, buf_cap: int) -> int:
     name = ctx.read_str(name_ptr, name_len, "env name")
+    if name in ctx.capabilities.env_unset:
+        return -1
     if name not in ctx.capabilities.env:
         ctx.auditor.emit(
             AuditLevel.CRITICAL, "security.env_denied", ctx.plugin,

@@ -194,6 +194,7 @@ class SandboxBuilder:
         self._limits: dict[str, Any] = {}
         self._dirs: list[DirGrant] = []
         self._env: dict[str, str] = {}
+        self._env_unset: set[str] = set()
         self._clock = False
         self._random = False
         self._extra: set[str] = set()
@@ -243,9 +244,12 @@ class SandboxBuilder:
         return self
 
     def allow_env(self, name: str, value: str | None = None) -> Self:
-        """Grant one variable: ``value``, or the host's current value if None (absent: not granted)."""
+        """Grant one variable: ``value``, or the host's current value if None (unset there: reads as unset)."""
         if value is None:
-            self._env.update(Capabilities.env_from_host([name]))
+            found = Capabilities.env_from_host([name])
+            self._env.update(found)
+            if not found:
+                self._env_unset.add(name)
         else:
             self._env[name] = value
         return self
@@ -275,8 +279,8 @@ class SandboxBuilder:
         return self
 
     def build(self, **kwargs: Any) -> Sandbox:
-        caps = Capabilities(dirs=tuple(self._dirs), env=self._env, clock=self._clock, random=self._random,
-                            extra=frozenset(self._extra))
+        caps = Capabilities(dirs=tuple(self._dirs), env=self._env, env_unset=frozenset(self._env_unset),
+                            clock=self._clock, random=self._random, extra=frozenset(self._extra))
         return Sandbox(self._wasm, name=self._name, limits=Limits(**self._limits), capabilities=caps,
                        host_functions=self._host, on_audit=self._audit, config=self._config, **kwargs)
 

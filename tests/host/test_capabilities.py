@@ -101,3 +101,12 @@ def test_stdout_is_captured_into_the_plugin_log(guest: Path, caplog: pytest.LogC
     text = "".join(r.getMessage() for r in caplog.records if r.name == "sandbus.plugin.capabilities")
     assert "line 0" in text
     assert "line 2" in text
+
+
+def test_granted_but_unset_variable_reads_as_unset(guest: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   audit: AuditLog) -> None:
+    monkeypatch.delenv("SANDBUS_TEST_MAYBE", raising=False)
+    sb = SandboxBuilder(guest).allow_env("SANDBUS_TEST_MAYBE").on_audit(audit).build()
+    assert sb.call("host_getenv", "SANDBUS_TEST_MAYBE") == {"value": None}
+    assert sb.call("libc_getenv", "SANDBUS_TEST_MAYBE") == {"value": None}
+    assert audit.kinds() == []
