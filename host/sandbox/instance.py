@@ -28,6 +28,7 @@ from sdk.errors import (
     PayloadTooLargeError,
     PluginInitError,
     ResourceLimitError,
+    SandboxError,
     SandbusError,
     SecurityViolationError,
     StackLimitError,
@@ -365,7 +366,19 @@ class PluginInstance:
 
             return denied
         impl = fn.impl
-        return lambda *args: impl(ctx, *args)
+        plugin = self.plugin
+
+        def bound(*args: Any) -> Any:
+            try:
+                return impl(ctx, *args)
+            except SandbusError:
+                raise
+            except Exception as e:
+                # A bug in a host function is the host's, but it must still end as a typed error.
+                raise SandboxError(f"host function {fn.module}.{fn.name} failed: {type(e).__name__}: {e}",
+                                   plugin=plugin, function=fn.name) from e
+
+        return bound
 
     # -- calls -----------------------------------------------------------------
 
