@@ -40,6 +40,7 @@ __all__ = [
     "app",
     "exit_code_for",
     "main",
+    "setup_logging",
 ]
 
 EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, EXIT_LIMIT, EXIT_SECURITY = 0, 1, 2, 3, 4
@@ -78,7 +79,7 @@ def _read_input(text: str) -> bytes:
     return raw
 
 
-def _setup_logging(verbose: int) -> None:
+def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
@@ -100,7 +101,7 @@ def run(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show plugin logs (-vv: debug).")] = 0,
 ) -> None:
     """Load PLUGIN, call FUNCTION with the input JSON, print the reply JSON."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     payload = _read_input(input_)
     try:
         settings: Any = orjson.loads(config)
@@ -154,4 +155,11 @@ def _root() -> None:
 
 
 def main() -> None:
+    from .cli_bus import register
+
+    register(app)
     app()
+
+
+if __name__ == "__main__":
+    main()

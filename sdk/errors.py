@@ -23,6 +23,7 @@ headers, so a client in another language can map it back.
     ├── PolicyError                  operator policy file is invalid
     ├── DependencyError              missing / incompatible / cyclic dependencies
     └── BusError                     (ConnectionError) NATS-side failures
+        └── RequestTimeoutError      (TimeoutError) no reply in time
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "PluginInitError",
     "PluginNotFoundError",
     "PolicyError",
+    "RequestTimeoutError",
     "ResourceLimitError",
     "SandboxError",
     "SandbusError",
@@ -50,6 +52,7 @@ __all__ = [
     "StackLimitError",
     "TrapError",
     "error_class_for_code",
+    "error_from_dict",
 ]
 
 
@@ -76,7 +79,7 @@ class SandbusError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form: what a reply carries in its error fields."""
-        return {"code": self.code, "message": str(self), "plugin": self.plugin, "details": self.details}
+        return {"code": self.code, "message": self.message, "plugin": self.plugin, "details": self.details}
 
 
 class SandboxError(SandbusError):
@@ -180,6 +183,10 @@ class BusError(SandbusError, ConnectionError):
     code = "bus.error"
 
 
+class RequestTimeoutError(BusError, TimeoutError):
+    code = "bus.timeout"
+
+
 def _all_subclasses(cls: type[SandbusError]) -> list[type[SandbusError]]:
     out: list[type[SandbusError]] = [cls]
     for sub in cls.__subclasses__():
@@ -193,3 +200,18 @@ def error_class_for_code(code: str) -> type[SandbusError]:
         if cls.code == code:
             return cls
     return SandbusError
+
+
+def error_from_dict(data: dict[str, Any]) -> SandbusError:
+    """Rebuild an error from its wire form (:meth:`SandbusError.to_dict`), as the right class."""
+    cls = error_class_for_code(str(data.get("code", "")))
+    details = dict(data.get("details") or {})
+    err = cls.__new__(cls)
+    # Subclass attributes their __init__ would have set, before __str__ needs them.
+    if isinstance(err, ManifestError):
+        err.path = details.get("path")
+        err.key = details.get("key")
+    if isinstance(err, TrapError):
+        err.backtrace = list(details.get("backtrace") or [])
+    SandbusError.__init__(err, str(data.get("message", "")), plugin=data.get("plugin"), **details)
+    return err

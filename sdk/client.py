@@ -1,0 +1,161 @@
+"""The Python client: call plugins, publish to topics, message plugins, list nodes.
+
+    async with await Client.connect("nats://127.0.0.1:4222") as client:
+        reply = await client.request("text_processor", "handle_request", {"action": "get_status"})
+        await client.publish("orders.created", {"id": 42})
+
+Depends only on nats-py and sdk: a client app never pulls in wasmtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Self
+
+import nats
+import orjson
+from nats.aio.client import Client as NatsClient
+from nats.errors import MaxPayloadError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from .envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_from_reply, new_message_id
+from .errors import BusError, PayloadTooLargeError, PluginNotFoundError, RequestTimeoutError
+from .subjects import NODE_SERVICE, control_subject, msg_subject, request_subject, topic_subject
+
+__all__ = ["Client"]
+
+
+def _encode(payload: Any) -> bytes:
+    return payload if isinstance(payload, bytes) else orjson.dumps(payload)
+
+
+class Client:
+    """A connection to the PluginBus.
+
+    Parameters:
+        nc: a connected nats-py client (see :meth:`connect`).
+        sender: the ``from`` of messages this client sends.
+    """
+
+    def __init__(self, nc: NatsClient, *, sender: str = "client") -> None:
+        self.nc = nc
+        self.sender = sender
+        self._js_ok: bool | None = None
+
+    @classmethod
+    async def connect(cls, servers: str | list[str] = "nats://127.0.0.1:4222", *, sender: str = "client",
+                      **nats_options: Any) -> Client:
+        """Connect; ``nats_options`` go to ``nats.connect`` (user/password, token, user_credentials, tls...)."""
+        urls = servers.split(",") if isinstance(servers, str) else servers
+        nats_options.setdefault("max_reconnect_attempts", 3)
+        nats_options.setdefault("connect_timeout", 3)
+        try:
+            nc = await nats.connect(servers=urls, **nats_options)
+        except Exception as e:
+            raise BusError(f"cannot connect to NATS at {', '.join(urls)}: {e}") from e
+        return cls(nc, sender=sender)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _request(self, subject: str, data: bytes, timeout: float, headers: dict[str, str],
+                       what: str) -> bytes:
+        try:
+            msg = await self.nc.request(subject, data, timeout=timeout, headers=headers)
+        except NoRespondersError as e:
+            raise PluginNotFoundError(f"no node serves {what} (nobody listens on {subject})") from e
+        except NatsTimeoutError as e:
+            raise RequestTimeoutError(f"no reply from {what} within {timeout:g} s") from e
+        except MaxPayloadError as e:
+            raise PayloadTooLargeError(
+                f"request of {len(data)} bytes exceeds the server's max payload of {self.nc.max_payload} bytes",
+                size=len(data), limit=self.nc.max_payload) from e
+        err = error_from_reply(msg.data, msg.headers)
+        if err is not None:
+            raise err
+        return bytes(msg.data)
+
+    async def request_bytes(self, plugin: str, function: str, payload: bytes, *, timeout: float = 5.0) -> bytes:
+        """Call ``function`` of ``plugin`` on whichever node serves it; the raw reply bytes."""
+        headers = {**JSON, H_MSG_ID: new_message_id(), H_FROM: self.sender}
+        return await self._request(request_subject(plugin, function), payload, timeout, headers, f"plugin {plugin!r}")
+
+    async def request(self, plugin: str, function: str = "handle_request", payload: Any = None, *,
+                      timeout: float = 5.0) -> Any:
+        """Call a plugin function with a JSON-able payload; the decoded reply. Remote errors raise typed."""
+        return orjson.loads(await self.request_bytes(plugin, function, _encode(payload), timeout=timeout))
+
+    async def _jetstream(self) -> bool:
+        if self._js_ok is None:
+            try:
+                await self.nc.jetstream().stream_info("SANDBUS_TOPICS")
+                self._js_ok = True
+            except Exception:
+                self._js_ok = False
+        return self._js_ok
+
+    async def publish(self, topic: str, payload: Any = None, *, msg_id: str | None = None,
+                      durable: bool = True) -> str:
+        """Broadcast onto ``topic``; each subscribing plugin gets it once. Returns the message id.
+
+        With ``durable`` (default) and a JetStream-enabled bus, returns once the stream has stored the
+        message (at-least-once from then on); else a core NATS publish (at most once).
+        """
+        message = PluginMessage(id=msg_id or new_message_id(), from_=self.sender, topic=topic, payload=payload)
+        subject = topic_subject(topic)
+        data = message.to_json()
+        headers = {**JSON, H_MSG_ID: message.id, "Nats-Msg-Id": message.id, H_FROM: self.sender}
+        if len(data) > self.nc.max_payload:
+            raise PayloadTooLargeError(f"message of {len(data)} bytes exceeds the max payload of "
+                                       f"{self.nc.max_payload} bytes", size=len(data), limit=self.nc.max_payload)
+        if durable and await self._jetstream():
+            await self.nc.jetstream().publish(subject, data, headers=headers)
+        else:
+            await self.nc.publish(subject, data, headers=headers)
+        return message.id
+
+    async def send(self, plugin: str, payload: Any = None, *, timeout: float | None = None) -> Any:
+        """A direct PluginMessage to ``plugin``; with ``timeout``, wait for and return its reply."""
+        message = PluginMessage(from_=self.sender, to=plugin, payload=payload)
+        headers = {**JSON, H_MSG_ID: message.id, H_FROM: self.sender}
+        if timeout is None:
+            await self.nc.publish(msg_subject(plugin), message.to_json(), headers=headers)
+            return None
+        data = await self._request(msg_subject(plugin), message.to_json(), timeout, headers, f"plugin {plugin!r}")
+        return orjson.loads(data)
+
+    async def nodes(self, *, timeout: float = 0.5) -> list[dict[str, Any]]:
+        """Every node's view (id, plugins, counts). ``$SRV`` has no queue group: gather until ``timeout``."""
+        inbox = self.nc.new_inbox()
+        ids: list[str] = []
+        sub = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish(f"$SRV.PING.{NODE_SERVICE}", b"", reply=inbox)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except NatsTimeoutError:
+                    break
+                node_id = (orjson.loads(msg.data).get("metadata") or {}).get("node_id")
+                if node_id:
+                    ids.append(node_id)
+        finally:
+            await sub.unsubscribe()
+        views = await asyncio.gather(*(self.control(n, "list", timeout=max(timeout, 2.0)) for n in sorted(ids)),
+                                     return_exceptions=True)
+        return [v for v in views if isinstance(v, dict)]
+
+    async def control(self, node_id: str, verb: str, body: Any = None, *, timeout: float = 5.0) -> Any:
+        """Ask one node to list / load / unload / reload / stats."""
+        data = await self._request(control_subject(node_id, verb), _encode(body or {}), timeout, dict(JSON),
+                                   f"node {node_id!r}")
+        return orjson.loads(data)

@@ -1,0 +1,99 @@
+"""The messages on the wire: headers, the PluginMessage envelope, and errors carried in reply headers.
+
+Request/reply payloads are the plugin's own JSON, untouched, so a client in any language can call a
+plugin with a plain NATS request. What sandbus adds travels in headers:
+
+    Sandbus-Msg-Id        message id (dedupe; JetStream's Nats-Msg-Id is set to the same value)
+    Sandbus-From          sender (a plugin name, or "client")
+    Content-Type          application/json
+    Sandbus-Error-Code    on a failed reply: a stable error code (sdk.errors), e.g. "limit.timeout"
+    Sandbus-Error         on a failed reply: the message; the body is then a JSON error object
+    traceparent/tracestate  W3C trace context
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import SandbusError, error_from_dict
+
+__all__ = [
+    "CONTENT_TYPE",
+    "H_CONTENT_TYPE",
+    "H_ERROR",
+    "H_ERROR_CODE",
+    "H_FROM",
+    "H_MSG_ID",
+    "JSON",
+    "PluginMessage",
+    "error_from_reply",
+    "error_reply",
+    "new_message_id",
+]
+
+H_MSG_ID = "Sandbus-Msg-Id"
+H_FROM = "Sandbus-From"
+H_CONTENT_TYPE = "Content-Type"
+H_ERROR_CODE = "Sandbus-Error-Code"
+H_ERROR = "Sandbus-Error"
+CONTENT_TYPE = "application/json"
+JSON = {H_CONTENT_TYPE: CONTENT_TYPE}
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+class PluginMessage(BaseModel):
+    """A message between plugins (direct, ``to`` set) or onto a topic (broadcast, ``topic`` set).
+
+    Parameters:
+        id: unique id; receivers dedupe on it.
+        from_: sender name (``from`` on the wire).
+        to: target plugin of a direct message.
+        topic: topic of a broadcast.
+        payload: any JSON value.
+        timestamp: unix seconds when created.
+        headers: free-form string headers.
+    """
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    id: str = Field(default_factory=new_message_id)
+    from_: str = Field(default="client", alias="from")
+    to: str | None = None
+    topic: str | None = None
+    payload: Any = None
+    timestamp: float = Field(default_factory=time.time)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(by_alias=True))
+
+    @classmethod
+    def from_json(cls, data: bytes) -> PluginMessage:
+        return cls.model_validate_json(data)
+
+
+def error_reply(err: SandbusError) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of a reply that carries ``err``."""
+    headers = {**JSON, H_ERROR_CODE: err.code, H_ERROR: str(err)[:1024]}
+    return orjson.dumps({"error": err.to_dict()}, default=str), headers
+
+
+def error_from_reply(data: bytes, headers: dict[str, str] | None) -> SandbusError | None:
+    """The error a reply carries, or None for a successful reply."""
+    if not headers or H_ERROR_CODE not in headers:
+        return None
+    try:
+        body = orjson.loads(data)["error"]
+        if not isinstance(body, dict):
+            raise TypeError
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        body = {"message": headers.get(H_ERROR, "")}
+    return error_from_dict({**body, "code": headers[H_ERROR_CODE]})
