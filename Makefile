@@ -9,9 +9,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint typecheck pytest plugins toolchain bench clean
 
+# A host node serving plugins/build on an embedded nats-server with JetStream (Ctrl-C drains and stops).
 run: $(STAMP) plugins
-	$(BIN)/sandbus run plugins/build/text_processor.wasm \
-	  --input '{"action":"process_data","data":{"input":"hello world"}}'
+	$(BIN)/sandbus node --plugins plugins/build
 
 test: $(STAMP) plugins lint typecheck pytest
 

@@ -70,6 +70,7 @@ class ConnectOptions(BaseModel):
             "reconnect_time_wait": self.reconnect_wait_s,
             "max_reconnect_attempts": self.max_reconnect_attempts,
             "allow_reconnect": True,
+            "drain_timeout": 10,
         }
         if self.user is not None:
             kw["user"] = self.user

@@ -61,6 +61,7 @@ class NatsServer:
         return self.proc.pid if self.proc else None
 
     def start(self, timeout: float = 15.0) -> Self:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
         ports_dir = Path(tempfile.mkdtemp(prefix="sandbus-ports-"))
         args = [nats_server_binary(), "--ports_file_dir", str(ports_dir), "-l", str(self.log_path)]
         if self.config is not None:

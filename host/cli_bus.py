@@ -61,7 +61,6 @@ def node(
 ) -> None:
     """Run a host node serving PLUGINS over NATS (an embedded nats-server when --nats is not given)."""
     setup_logging(max(verbose, 1))
-    from .manager import PluginManager
     from .node import Node, default_node_id
     from .policy import Policy, load_policy
 
@@ -69,7 +68,10 @@ def node(
     url = nats_url or os.environ.get("SANDBUS_NATS")
     if url is None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        server = NatsServer(store_dir=data_dir / "nats", port=4222 if _port_free(4222) else -1).start()
+        try:
+            server = NatsServer(store_dir=data_dir / "nats", port=4222 if _port_free(4222) else -1).start()
+        except SandbusError as e:
+            fail(str(e), exit_code_for(e))
         url = server.url
         typer.echo(f"embedded nats-server (JetStream) on {url}, pid {server.pid}; data in {data_dir / 'nats'}")
         if not url.endswith(":4222"):
@@ -77,21 +79,20 @@ def node(
     children: list[subprocess.Popen[bytes]] = []
     try:
         pol = load_policy(policy) if policy else Policy.default()
-        manager = PluginManager(plugins, policy=pol)
-        report = manager.discover_and_load()
+        base_id = node_id or default_node_id()
+        n = Node.create(plugins, ConnectOptions.from_urls(url, name=f"sandbus-node-{base_id}"), policy=pol,
+                        node_id=base_id, durable=durable)
+        manager = n.manager
+        manager.discover_and_load()
         for info in manager.list_plugins():
             typer.echo(f"  {info.name:20s} {info.version or '-':10s} {info.status.value}"
                        + (f"  ({info.last_error})" if info.last_error else ""))
-        del report
-        base_id = node_id or default_node_id()
         for i in range(1, workers):
             args = [sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", url,
                     "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch"]
             if policy:
                 args += ["--policy", str(policy)]
             children.append(subprocess.Popen(args))
-        n = Node(manager, ConnectOptions.from_urls(url, name=f"sandbus-node-{base_id}"), node_id=base_id,
-                 durable=durable)
         asyncio.run(_serve(n, watch))
     except SandbusError as e:
         fail(str(e), exit_code_for(e))
@@ -187,7 +188,8 @@ def ls(
         sys.stdout.buffer.write(orjson.dumps(nodes, option=orjson.OPT_INDENT_2) + b"\n")
         return
     table = Table(title=f"{len(nodes)} node(s)")
-    for col in ("node", "plugin", "version", "status", "calls", "errors", "p50 ms", "p99 ms", "instances", "last error"):
+    for col in ("node", "plugin", "version", "status", "calls", "errors", "p50 ms", "p99 ms", "instances",
+                "last error"):
         table.add_column(col)
     for view in nodes:
         for p in view.get("plugins", []) or [{}]:

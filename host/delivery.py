@@ -38,7 +38,7 @@ log = logging.getLogger("sandbus.delivery")
 TOPIC_STREAM = "SANDBUS_TOPICS"
 DLQ_STREAM = "SANDBUS_DLQ"
 MAX_DELIVER = 5
-BACKOFF_S = (0.2, 1.0, 5.0, 15.0)
+BACKOFF_S = (0.1, 0.5, 2.0, 5.0)
 WEEK_S = 7 * 24 * 3600.0
 
 
@@ -65,6 +65,7 @@ class DurableTopics:
         self.node = node
         self.max_deliver = max_deliver
         self._loops: dict[str, asyncio.Task[None]] = {}
+        self._psubs: dict[str, Any] = {}
         self._stopping: set[str] = set()
 
     async def setup(self) -> bool:
@@ -82,7 +83,7 @@ class DurableTopics:
             filter_subjects=[topic_subject(t, wildcards=True) for t in topics],
             ack_policy=api.AckPolicy.EXPLICIT,
             # Redelivery after a node dies mid-call: the call's timeout plus a margin.
-            ack_wait=timeout + 10.0,
+            ack_wait=timeout + 2.0,
             max_deliver=self.max_deliver,
             deliver_policy=api.DeliverPolicy.NEW,
             max_ack_pending=1000,
@@ -95,6 +96,7 @@ class DurableTopics:
         except NotFoundError:
             await self.js.add_consumer(TOPIC_STREAM, config)
         psub = await self.js.pull_subscribe_bind(durable, stream=TOPIC_STREAM)
+        self._psubs[plugin] = psub
         self._loops[plugin] = asyncio.create_task(self._fetch_loop(plugin, psub), name=f"durable-{plugin}")
 
     async def _fetch_loop(self, plugin: str, psub: Any) -> None:
@@ -155,6 +157,10 @@ class DurableTopics:
                 await task
         finally:
             self._stopping.discard(plugin)
+            psub = self._psubs.pop(plugin, None)
+            if psub is not None:
+                with contextlib.suppress(Exception):
+                    await psub.unsubscribe()
 
     async def stop(self) -> None:
         for plugin in list(self._loops):

@@ -23,6 +23,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -38,8 +39,10 @@ from sdk.envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_reply, new
 from sdk.errors import AbiViolationError, PayloadTooLargeError, PluginNotFoundError, SandbusError
 from sdk.subjects import MSG_PREFIX, NODE_SERVICE, REQ_PREFIX, control_subject, plugin_queue, topic_subject
 
+from .bus_hostfuncs import BusBridge
 from .delivery import DurableTopics
 from .manager import PluginManager
+from .policy import Policy
 from .sandbox import AuditEvent, CallResult
 
 __all__ = ["Node", "default_node_id"]
@@ -192,6 +195,27 @@ class Node:
         if self._durable is not None:
             await self._durable.stop_plugin(name)
 
+    @classmethod
+    def create(cls, plugins: str | Path, options: ConnectOptions, *, policy: Policy | None = None,
+               **kwargs: Any) -> Node:
+        """A manager for ``plugins`` whose plugins can publish through this node, and the node."""
+        bridge = BusBridge()
+        manager = PluginManager(plugins, policy=policy, host_functions=bridge.host_functions())
+        node = cls(manager, options, **kwargs)
+        bridge.node = node
+        return node
+
+    async def publish(self, topic: str, payload: Any, *, sender: str) -> str:
+        """Publish a PluginMessage onto ``topic`` (durably when JetStream is on); returns its id."""
+        assert self.nc is not None
+        message = PluginMessage(from_=sender, topic=topic, payload=payload)
+        headers = {**JSON, H_MSG_ID: message.id, "Nats-Msg-Id": message.id, H_FROM: sender}
+        if self._durable is not None:
+            await self.nc.jetstream().publish(topic_subject(topic), message.to_json(), headers=headers)
+        else:
+            await self.nc.publish(topic_subject(topic), message.to_json(), headers=headers)
+        return message.id
+
     # -- calls -------------------------------------------------------------------------------------
 
     async def call(self, plugin: str, function: str, payload: bytes) -> CallResult:
@@ -219,6 +243,10 @@ class Node:
     async def _serve_request(self, msg: Msg) -> None:
         _, _, plugin, function = msg.subject.split(".", 3)
         try:
+            try:
+                orjson.loads(msg.data)
+            except orjson.JSONDecodeError as e:
+                raise AbiViolationError(f"request body is not valid JSON: {e}", plugin=plugin) from e
             result = await self.call(plugin, function, msg.data)
         except SandbusError as e:
             await self._reply(msg, *error_reply(e))

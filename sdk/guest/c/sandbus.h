@@ -105,6 +105,14 @@ int64_t sandbus_host_time_now_ms(void);
 SANDBUS_IMPORT(env_get)
 int32_t sandbus_host_env_get(const void *name, uint32_t name_len, void *buf, uint32_t buf_cap);
 
+/* publish(topic_ptr, topic_len, json_ptr, json_len): publish the JSON payload
+ * onto `topic` (e.g. "orders.created") as a PluginMessage from this plugin.
+ * Returns 0. Needs the messaging capability and a manifest
+ * [permissions] publish_topics entry matching the topic: otherwise the host
+ * stops the call with a security violation. Only linked when used. */
+SANDBUS_IMPORT(publish)
+int32_t sandbus_host_publish(const void *topic, uint32_t topic_len, const void *json, uint32_t json_len);
+
 /* ------------------------------------------------------------------------ */
 /* Required ABI exports                                                      */
 /* ------------------------------------------------------------------------ */
@@ -175,6 +183,12 @@ static inline void sandbus_log(int level, const char *msg)
 static inline void sandbus_log_n(int level, const void *ptr, size_t len)
 {
     sandbus_host_log((int32_t)level, ptr, (uint32_t)len);
+}
+
+/* Publish `len` bytes of JSON onto `topic` (NUL-terminated). See sandbus_host_publish. */
+static inline int32_t sandbus_publish(const char *topic, const void *json, size_t len)
+{
+    return sandbus_host_publish(topic, (uint32_t)strlen(topic), json, (uint32_t)len);
 }
 
 /* Unix time in milliseconds. Requires the clock capability. */

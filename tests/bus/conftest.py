@@ -1,0 +1,175 @@
+"""Real nats-server processes, real host node processes, real plugins built from source."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bus.server import NatsServer
+from sdk.client import Client
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RECORDER_TOML = """
+[plugin]
+name = "{name}"
+version = "1.0.0"
+description = "records what it handles"
+author = "tests"
+license = "Apache-2.0"
+min_runtime_version = "0.1.0"
+[capabilities]
+required = ["compute", "messaging"]
+[permissions]
+publish_topics = ["seen.*"]
+[resources]
+timeout_seconds = 1
+max_instances = 2
+[subscriptions]
+topics = ["orders.*"]
+durable = {durable}
+"""
+
+SPINNER_TOML = """
+[plugin]
+name = "spinner"
+version = "1.0.0"
+description = "burns its timeout"
+author = "tests"
+license = "Apache-2.0"
+min_runtime_version = "0.1.0"
+[capabilities]
+required = ["compute"]
+[resources]
+timeout_seconds = 2
+max_fuel = 1000000000000
+max_instances = 2
+"""
+
+POLICY = """
+[capabilities]
+allowed = ["compute", "messaging"]
+[limits]
+max_fuel = 10000000000000
+"""
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    server = NatsServer(jetstream=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bus_plugins(tmp_path: Path, plugins_dir: Path, c_guest_flags: Callable[..., Path],
+                wat: Callable[[str], bytes]) -> Path:
+    """A plugin directory: echo, text_processor, rec_a/rec_b (subscribed to orders.*), rec_core, spinner."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    for name in ("echo", "text_processor"):
+        for ext in ("wasm", "toml"):
+            shutil.copy(plugins_dir / f"{name}.{ext}", d / f"{name}.{ext}")
+    for name, durable in (("rec_a", "true"), ("rec_b", "true")):
+        shutil.copy(c_guest_flags("recorder", name, f'-DPLUGIN_NAME="{name}"'), d / f"{name}.wasm")
+        (d / f"{name}.toml").write_text(RECORDER_TOML.format(name=name, durable=durable))
+    (d / "spinner.wasm").write_bytes(wat("adversary"))
+    (d / "spinner.toml").write_text(SPINNER_TOML)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    return d
+
+
+@pytest.fixture(scope="session")
+def c_guest_flags(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Compile tests/bus/guests/<source>.c under an output name, with extra clang flags."""
+    out_dir = tmp_path_factory.mktemp("bus-guests")
+
+    def build(source: str, name: str, *flags: str) -> Path:
+        out = out_dir / f"{name}.wasm"
+        if not out.exists():
+            subprocess.run(
+                ["clang", "--target=wasm32-wasi", "--sysroot=/usr", "-O2", "-mexec-model=reactor",
+                 "-Wl,--strip-all", "-Wall", "-Wextra", "-Werror", "-I", str(ROOT / "sdk" / "guest" / "c"),
+                 *flags, "-o", str(out), str(ROOT / "tests" / "bus" / "guests" / f"{source}.c")],
+                check=True, capture_output=True,
+            )
+        return out
+
+    return build
+
+
+class NodeProcess:
+    """A `sandbus node` child process, stopped by PID."""
+
+    def __init__(self, node_id: str, plugins: Path, url: str, log: Path) -> None:
+        self.node_id = node_id
+        self.log = log
+        self._log_file = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", url,
+             "--node-id", node_id, "--policy", str(plugins.parent / "policy.toml"), "--no-watch"],
+            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node {self.node_id} exited: {self.log.read_text()}")
+            if f"node {self.node_id} ready" in self.log.read_text(errors="replace"):
+                return
+            time.sleep(0.02)  # polling the node's log for its ready line, bounded
+        raise AssertionError(f"node {self.node_id} not ready in {timeout} s: {self.log.read_text()}")
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        self._log_file.close()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def start_node(bus_plugins: Path, tmp_path: Path) -> Iterator[Callable[[str, str], NodeProcess]]:
+    nodes: list[NodeProcess] = []
+
+    def start(node_id: str, url: str) -> NodeProcess:
+        node = NodeProcess(node_id, bus_plugins, url, tmp_path / f"{node_id}.log")
+        nodes.append(node)
+        node.wait_ready()
+        return node
+
+    yield start
+    for node in nodes:
+        node.terminate()
+
+
+def run(coro_fn: Callable[[Client], object], url: str) -> object:
+    async def go() -> object:
+        client = await Client.connect(url)
+        try:
+            return await coro_fn(client)  # type: ignore[misc]
+        finally:
+            await client.close()
+
+    return asyncio.run(go())

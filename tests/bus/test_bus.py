@@ -1,0 +1,180 @@
+"""The PluginBus end to end: real nats-server, real host node processes, real wasm."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from bus.server import NatsServer
+from sdk.client import Client
+from sdk.errors import AbiViolationError, PluginNotFoundError, SecurityViolationError
+from tests.bus.conftest import NodeProcess
+
+StartNode = Callable[[str, str], NodeProcess]
+
+
+async def collect(client: Client, subject: str) -> tuple[list[dict[str, Any]], Any]:
+    seen: list[dict[str, Any]] = []
+
+    async def cb(msg: Any) -> None:
+        seen.append(orjson.loads(msg.data))
+
+    sub = await client.nc.subscribe(subject, cb=cb)
+    return seen, sub
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)  # yields to the NATS callbacks that change the condition
+
+
+async def test_request_reply_through_a_node(nats_server: NatsServer, start_node: StartNode) -> None:
+    start_node("n1", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        reply = await c.request("text_processor", "handle_request", {"action": "process_data", "data": {"input": "hi"}})
+        assert reply == {"success": True, "result": {"processed": {"input": "hi"}}, "error": None}
+
+
+async def test_requests_are_load_balanced_across_nodes(nats_server: NatsServer, start_node: StartNode) -> None:
+    start_node("n1", nats_server.url)
+    start_node("n2", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        replies = await asyncio.gather(*(c.request("echo", "handle_request", {"i": i}) for i in range(200)))
+        assert replies == [{"i": i} for i in range(200)]
+        nodes = await c.nodes(timeout=1.0)
+    counts = {v["node_id"]: next(p["executions"] for p in v["plugins"] if p["name"] == "echo") for v in nodes}
+    assert set(counts) == {"n1", "n2"}
+    assert sum(counts.values()) == 200
+    assert min(counts.values()) > 0, counts
+
+
+async def test_broadcast_reaches_each_subscribing_plugin_exactly_once(nats_server: NatsServer,
+                                                                      start_node: StartNode) -> None:
+    start_node("n1", nats_server.url)
+    start_node("n2", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        seen, _ = await collect(c, "sandbus.topic.seen.*")
+        ids = [await c.publish("orders.created", {"n": i}) for i in range(30)]
+        await until(lambda: len(seen) >= 60, 20, "60 deliveries")
+        js = c.nc.jetstream()
+        for plugin in ("rec_a", "rec_b"):
+            # Every delivery acked: nothing more can arrive, so the counts below are final.
+            async def settled(p: str = plugin) -> bool:
+                info = await js.consumer_info("SANDBUS_TOPICS", f"plugin-{p}")
+                return info.num_pending == 0 and info.num_ack_pending == 0
+
+            for _ in range(500):
+                if await settled():
+                    break
+                await asyncio.sleep(0.01)
+            assert await settled()
+    by_plugin: dict[str, list[str]] = {"seen.rec_a": [], "seen.rec_b": []}
+    for m in seen:
+        by_plugin[m["topic"]].append(m["payload"]["id"])
+    for topic, got in by_plugin.items():
+        assert sorted(got) == sorted(ids), f"{topic}: {len(got)} deliveries for {len(ids)} messages"
+
+
+async def test_direct_message_is_delivered_and_answered(nats_server: NatsServer, start_node: StartNode) -> None:
+    start_node("n1", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        seen, _ = await collect(c, "sandbus.topic.seen.rec_a")
+        assert await c.send("rec_a", {"direct": True}, timeout=5) == {"ok": True}
+        await until(lambda: len(seen) == 1, 5, "the recorder's publication")
+        assert seen[0]["payload"]["to"] == "rec_a"
+        assert seen[0]["payload"]["payload"] == {"direct": True}
+        assert seen[0]["from"] == "rec_a"
+
+
+async def test_publish_outside_the_granted_topics_is_a_security_violation(nats_server: NatsServer,
+                                                                          start_node: StartNode) -> None:
+    start_node("n1", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        with pytest.raises(SecurityViolationError, match="forbidden.topic"):
+            await c.request("rec_a", "handle_request", {"forbidden": 1})
+        assert await c.request("rec_a", "handle_request", {"fine": 1}) == {"published": True}
+
+
+async def test_bad_requests_get_error_replies_not_silence(nats_server: NatsServer, start_node: StartNode) -> None:
+    start_node("n1", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        with pytest.raises(PluginNotFoundError, match="no node serves plugin 'ghost'"):
+            await c.request("ghost", "handle_request", {})
+        with pytest.raises(AbiViolationError, match="no function 'nope'"):
+            await c.request("echo", "nope", {})
+        with pytest.raises(AbiViolationError, match="not valid JSON"):
+            await c.request_bytes("echo", "handle_request", b"{broken")
+        msg = await c.nc.request("sandbus.msg.rec_a", b"{not json", timeout=5)
+        assert msg.headers is not None
+        assert msg.headers["Sandbus-Error-Code"] == "sandbox.abi_violation"
+        assert b"not valid JSON" in msg.data
+
+
+async def test_a_plugin_burning_its_timeout_does_not_stall_others(nats_server: NatsServer,
+                                                                  start_node: StartNode) -> None:
+    start_node("n1", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        slow = asyncio.ensure_future(c.request_bytes("spinner", "loop_forever", b"{}", timeout=10))
+        await asyncio.sleep(0)  # let the slow request go out first
+        replies = await asyncio.gather(*(c.request("echo", "handle_request", {"i": i}, timeout=1.5) for i in range(50)))
+        assert len(replies) == 50
+        assert not slow.done(), "the echo replies all arrived while the spinner was still running"
+        with pytest.raises(Exception, match="timeout"):
+            await slow
+
+
+async def test_killed_node_loses_no_durable_message(nats_server: NatsServer, start_node: StartNode) -> None:
+    n1 = start_node("n1", nats_server.url)
+    start_node("n2", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        seen, _ = await collect(c, "sandbus.topic.seen.rec_a")
+        ids = []
+        for i in range(100):
+            ids.append(await c.publish("orders.created", {"n": i}))
+            if i == 30:
+                n1.kill9()
+        await until(lambda: {m["payload"]["id"] for m in seen} >= set(ids), 30, "every message at least once")
+
+
+async def test_failing_delivery_is_dead_lettered(nats_server: NatsServer, start_node: StartNode) -> None:
+    start_node("n1", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        dlq, _ = await collect(c, "sandbus.dlq.rec_a")
+        msg_id = await c.publish("orders.failed", {"fail": True})
+        await until(lambda: len(dlq) >= 1, 30, "the dead letter")
+        assert dlq[0]["id"] == msg_id
+
+
+async def test_node_reconnects_after_nats_restart(nats_server: NatsServer, start_node: StartNode) -> None:
+    start_node("n1", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        assert await c.request("echo", "handle_request", [1]) == [1]
+    nats_server.restart()
+    async with await Client.connect(nats_server.url) as c:
+        for _ in range(500):
+            try:
+                assert await c.request("echo", "handle_request", [2], timeout=0.5) == [2]
+                break
+            except (PluginNotFoundError, TimeoutError):
+                await asyncio.sleep(0.02)  # the node is reconnecting
+        else:
+            raise AssertionError("the node did not come back after the server restart")
+
+
+async def test_sigterm_finishes_in_flight_work(nats_server: NatsServer, start_node: StartNode) -> None:
+    n1 = start_node("n1", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        slow = asyncio.ensure_future(c.request_bytes("spinner", "loop_forever", b"{}", timeout=10))
+        await asyncio.sleep(0.2)  # the request is in flight on the node
+        await asyncio.get_running_loop().run_in_executor(None, n1.terminate)
+        with pytest.raises(Exception, match="timeout"):
+            await slow  # answered (with its timeout error) before the node exited, not dropped
+    assert n1.proc.returncode == 0
