@@ -98,7 +98,7 @@ async def test_publish_outside_the_granted_topics_is_a_security_violation(nats_s
                                                                           start_node: StartNode) -> None:
     start_node("n1", nats_server.url)
     async with await Client.connect(nats_server.url) as c:
-        with pytest.raises(SecurityViolationError, match="forbidden.topic"):
+        with pytest.raises(SecurityViolationError, match=r"forbidden\.topic"):
             await c.request("rec_a", "handle_request", {"forbidden": 1})
         assert await c.request("rec_a", "handle_request", {"fine": 1}) == {"published": True}
 
