@@ -8,6 +8,7 @@ race for a port.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -40,11 +41,13 @@ class NatsServer:
     store_dir: JetStream data directory (default: a temporary directory removed on stop).
     port: client port; ``-1`` lets the server choose a free one.
     config: path of a nats-server config file (cluster tests); ports then come from it.
+    env: environment for the server (nats-server resolves unknown config variables from it).
     name: server name (needed in clusters).
     """
 
     def __init__(self, *, jetstream: bool = True, store_dir: Path | None = None, port: int = -1,
-                 config: Path | None = None, name: str | None = None, extra_args: list[str] | None = None) -> None:
+                 config: Path | None = None, name: str | None = None, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.jetstream = jetstream
         self._own_dir = store_dir is None
         self.store_dir = store_dir or Path(tempfile.mkdtemp(prefix="sandbus-nats-"))
@@ -52,6 +55,7 @@ class NatsServer:
         self.config = config
         self.name = name
         self.extra_args = extra_args or []
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.log_path = self.store_dir / "nats-server.log"
@@ -74,7 +78,7 @@ class NatsServer:
             args += ["-n", self.name]
         args += self.extra_args
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, env={**os.environ, **self.env})
         ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout
         try:

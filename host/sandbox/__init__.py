@@ -5,7 +5,7 @@ from .audit import AuditEvent, AuditLevel, Auditor, AuditSink
 from .cache import ModuleCache, default_cache_dir
 from .config import MIB, Capabilities, DirGrant, Limits
 from .hostfuncs import ABI_NAMESPACE, HostFunction, HostFunctions, builtin_host_functions
-from .instance import CallContext, PluginInstance
+from .instance import BudgetExceeded, CallContext, PluginInstance
 from .invoke import fast_path_available
 from .pool import InstancePool
 from .sandbox import CallResult, Sandbox, SandboxBuilder, run_plugin, shared_cache
@@ -17,6 +17,7 @@ __all__ = [
     "AuditLevel",
     "AuditSink",
     "Auditor",
+    "BudgetExceeded",
     "CallContext",
     "CallResult",
     "Capabilities",

@@ -42,7 +42,7 @@ from .engine import EngineHandle, ticks_for
 from .hostfuncs import HostFunction, HostFunctions
 from .invoke import GuestAllocFailed, Invoker, ReplyTooLarge, make_invoker
 
-__all__ = ["CallContext", "CallStats", "PluginInstance"]
+__all__ = ["BudgetExceeded", "CallContext", "CallStats", "PluginInstance"]
 
 WASM_PAGE = 65536
 _WASI = abi.WASI_MODULE
@@ -70,6 +70,13 @@ def _decoy_root() -> str:
             _decoy_dir = tempfile.mkdtemp(prefix="sandbus-deny-")
             os.chmod(_decoy_dir, 0o500)
         return _decoy_dir
+
+
+class BudgetExceeded(Exception):  # noqa: N818 - a signal, not an error a user sees
+    """A call given a short ``budget_s`` ran past it; nothing was returned and the instance is discarded.
+
+    Not a :class:`SandbusError`: the caller is expected to run the call again with the full limits.
+    """
 
 
 class CallStats:
@@ -394,9 +401,15 @@ class PluginInstance:
             self.ctx.stats.fuel_used = _fuel_used(inv, self.limits.fuel)
         return result
 
-    def call(self, function: str, payload: bytes) -> bytes:
-        """Run ``function`` with ``payload`` (JSON bytes); return the guest's reply bytes."""
+    def call(self, function: str, payload: bytes, *, budget_s: float | None = None) -> bytes:
+        """Run ``function`` with ``payload`` (JSON bytes); return the guest's reply bytes.
+
+        ``budget_s`` (shorter than the plugin's timeout) interrupts the call early with
+        :class:`BudgetExceeded` instead of a timeout error: the node uses it to run calls on its event
+        loop without letting one stall the loop (see host/node.py).
+        """
         limits = self.limits
+        ticks = self._ticks if budget_s is None else min(self._ticks, ticks_for(budget_s))
         if len(payload) > limits.max_input_bytes:
             self._auditor.emit(AuditLevel.WARNING, "limit.input_size", self.plugin,
                                f"input of {len(payload)} bytes refused (limit {limits.max_input_bytes})",
@@ -415,7 +428,7 @@ class PluginInstance:
         self.ctx.log_overflow = False
         inv = self._invoker
         try:
-            reply = inv.round_trip(function, payload, limits.max_output_bytes, limits.fuel, self._ticks)
+            reply = inv.round_trip(function, payload, limits.max_output_bytes, limits.fuel, ticks)
         except GuestAllocFailed as e:
             self.poisoned = True
             raise self._translate(MemoryLimitError(
@@ -433,6 +446,9 @@ class PluginInstance:
             ) from e
         except (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError) as e:
             self.poisoned = True
+            if (ticks < self._ticks and isinstance(e, wasmtime.Trap)
+                    and e.trap_code == wasmtime.TrapCode.INTERRUPT):
+                raise BudgetExceeded(function) from e
             raise self._translate(e, function) from e
         finally:
             stats.fuel_used = _fuel_used(inv, limits.fuel)

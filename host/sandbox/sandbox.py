@@ -137,12 +137,16 @@ class Sandbox:
     def pool(self) -> InstancePool:
         return self._pool
 
-    def call_detailed(self, function: str, payload: bytes, *, validate: bool = True) -> CallResult:
-        """Call with raw JSON bytes; the reply is checked to be JSON unless ``validate`` is False."""
+    def call_detailed(self, function: str, payload: bytes, *, validate: bool = True,
+                      budget_s: float | None = None) -> CallResult:
+        """Call with raw JSON bytes; the reply is checked to be JSON unless ``validate`` is False.
+
+        ``budget_s``: see :meth:`PluginInstance.call` (raises ``BudgetExceeded`` past it).
+        """
         inst = self._pool.acquire()
         start = time.perf_counter()
         try:
-            reply = inst.call(function, payload)
+            reply = inst.call(function, payload, budget_s=budget_s)
         finally:
             elapsed = time.perf_counter() - start
             self._pool.release(inst)

@@ -100,3 +100,15 @@ def test_fuel_metering_can_be_turned_off_and_the_timeout_still_holds(wat: Callab
         sb.call("loop_forever", {})
     metered = Sandbox(wat("adversary"), name="adv")
     assert metered.call_detailed("echo", b"[1]").fuel_used > 0
+
+
+def test_a_short_budget_interrupts_without_a_timeout_error(wat: Callable[[str], bytes], audit: AuditLog) -> None:
+    from host.sandbox import BudgetExceeded
+
+    sb = Sandbox(wat("adversary"), name="adv", limits=Limits(timeout_s=5, fuel=10**15), on_audit=audit)
+    start = time.monotonic()
+    with pytest.raises(BudgetExceeded):
+        sb.call_detailed("loop_forever", b"{}", budget_s=0.02)
+    assert time.monotonic() - start < 1.0, "interrupted at the budget, not at the 5 s timeout"
+    assert audit.kinds() == [], "a budget interrupt is not a limit hit"
+    assert sb.call_detailed("echo", b"[3]", budget_s=0.02).reply == b"[3]"

@@ -1,0 +1,190 @@
+"""Requests through a host node to the wasm echo plugin vs a bare nats-py echo responder, side by side.
+
+Both responders run as separate processes against the same nats-server; the same client process
+drives both at concurrency 1, 64 and 256 with 100-byte payloads. Then durable topic delivery
+(publish -> JetStream -> plugin -> ack) vs bare JetStream publish+ack.
+
+    python bench/bench_bus.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bus.server import NatsServer  # noqa: E402
+from sdk.client import Client  # noqa: E402
+
+BARE = """
+import asyncio, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    async def cb(msg):
+        await nc.publish(msg.reply, msg.data)
+    await nc.subscribe("bench.echo", queue="bench", cb=cb)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+ECHO_TOPICS = """
+[plugin]
+name = "echo_topics"
+version = "1.0.0"
+description = "echo, subscribed to bench topics"
+author = "bench"
+license = "Apache-2.0"
+min_runtime_version = "0.1.0"
+[capabilities]
+required = ["compute"]
+[resources]
+max_instances = 8
+[subscriptions]
+topics = ["bench.*"]
+durable = true
+"""
+
+
+def start(args: list[str], ready: str, log: Path) -> subprocess.Popen[bytes]:
+    f = log.open("wb")
+    proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 60
+    while ready not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{args[:4]} did not start: {log.read_text()}")
+        time.sleep(0.02)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def load(url: str, subject: str, concurrency: int, duration: float) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p99 ms) of `concurrency` workers each sending requests back to back."""
+    nc = await nats.connect(url)
+    payload = orjson.dumps({"pad": "y" * 88})  # 100 bytes of JSON
+    lat: list[float] = []
+    stop_at = time.perf_counter() + duration
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            await nc.request(subject, payload, timeout=10)
+            lat.append(time.perf_counter() - t)
+
+    for _ in range(200):  # warm up
+        await nc.request(subject, payload, timeout=10)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    await nc.close()
+    lat.sort()
+    return len(lat) / elapsed, lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
+
+
+async def bare_jetstream(url: str, n: int) -> float:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(name="BENCH_BARE", subjects=["barejs.>"])
+    data = orjson.dumps({"pad": "y" * 88})
+    sem = asyncio.Semaphore(64)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await js.publish("barejs.x", data)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    rate = n / (time.perf_counter() - t)
+    await nc.close()
+    return rate
+
+
+async def durable_topics(url: str, n: int) -> float:
+    """Messages/s from the first publish until the plugin's consumer has acked all of them."""
+    async with await Client.connect(url) as c:
+        js = c.nc.jetstream()
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await c.publish("bench.created", {"i": i})
+
+        t = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        while True:
+            info = await js.consumer_info("SANDBUS_TOPICS", "plugin-echo_topics")
+            if info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq >= n:
+                break
+            await asyncio.sleep(0.005)
+        return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    duration = 2.0 if args.quick else 6.0
+    work = Path(tempfile.mkdtemp(prefix="sandbus-bench-"))
+    plugins = work / "plugins"
+    plugins.mkdir()
+    for ext in ("wasm", "toml"):
+        shutil.copy(ROOT / "plugins" / "build" / f"echo.{ext}", plugins / f"echo.{ext}")
+    shutil.copy(ROOT / "plugins" / "build" / "echo.wasm", plugins / "echo_topics.wasm")
+    (plugins / "echo_topics.toml").write_text(ECHO_TOPICS)
+    console = Console(width=140)
+    with NatsServer(store_dir=work / "nats") as server:
+        bare = start([sys.executable, "-c", BARE, server.url], "ready", work / "bare.log")
+        node = start([sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", server.url,
+                      "--node-id", "bench", "--no-watch"], "node bench ready", work / "node.log")
+        try:
+            table = Table(title=f"request/reply, 100 B payloads, {duration:g} s per cell (client: one Python process)")
+            for col in ("concurrency", "bare req/s", "bare p50 ms", "bare p99 ms", "node+wasm req/s",
+                        "node p50 ms", "node p99 ms", "throughput ratio", "p99 ratio"):
+                table.add_column(col, justify="right")
+            for c in (1, 64, 256):
+                b = asyncio.run(load(server.url, "bench.echo", c, duration))
+                s = asyncio.run(load(server.url, "sandbus.req.echo.handle_request", c, duration))
+                table.add_row(str(c), f"{b[0]:,.0f}", f"{b[1]:.2f}", f"{b[2]:.2f}", f"{s[0]:,.0f}", f"{s[1]:.2f}",
+                              f"{s[2]:.2f}", f"{s[0] / b[0]:.2f}×", f"{s[2] / b[2]:.2f}×")
+            console.print(table)
+            console.print("targets: throughput ≥ 0.85× bare at c=64 and c=256; p99 ≤ 1.5× bare")
+            n = 2000 if args.quick else 10000
+            js_bare = asyncio.run(bare_jetstream(server.url, n))
+            js_node = asyncio.run(durable_topics(server.url, n))
+            t2 = Table(title=f"durable topics, {n:,} messages, 64 publishes in flight")
+            for col in ("bare JetStream publish+ack msg/s", "publish → plugin → ack msg/s", "ratio"):
+                t2.add_column(col, justify="right")
+            t2.add_row(f"{js_bare:,.0f}", f"{js_node:,.0f}", f"{js_node / js_bare:.2f}×")
+            console.print(t2)
+        finally:
+            stop(node)
+            stop(bare)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
