@@ -72,7 +72,7 @@ def _decoy_root() -> str:
         return _decoy_dir
 
 
-class BudgetExceeded(Exception):  # noqa: N818 - a signal, not an error a user sees
+class BudgetExceeded(Exception):
     """A call given a short ``budget_s`` ran past it; nothing was returned and the instance is discarded.
 
     Not a :class:`SandbusError`: the caller is expected to run the call again with the full limits.
