@@ -9,9 +9,16 @@ The request path, top to bottom:
       -> PluginManager.execute_detailed -> Sandbox pool -> wasm
       -> reply published with its own headers (never Msg.respond, which echoes the request's)
 
-Why a thread for every call: a plugin that runs to its timeout must not stall other plugins'
-replies or the node's heartbeats, and wasmtime releases the GIL inside wasm. Topic deliveries take
-the same path; durable ones are acked after the plugin returns (see ``host/delivery.py``).
+Where a call runs (measured in bench/bench_bus.py): handing every call to a worker thread costs
+more than the wasm call itself (a ~15 us echo becomes ~300 us of thread hand-off and GIL ping-pong)
+and caps a node at a quarter of a bare NATS responder. So a call runs *inline* on the event loop
+under a short budget (``inline_budget_s``, default 5 ms): nearly every call finishes well inside it.
+A call that does not is interrupted (its instance is discarded, nothing was returned) and runs
+again from the start in a worker thread under the plugin's full limits, and the plugin is kept on
+threads for a while. The loop is therefore never held longer than the budget (plus one epoch tick),
+whatever a plugin does. Re-running is only safe for calls without side effects, so plugins that
+import host functions which act on the bus (``publish``...) always run in threads, where those
+functions can also wait on the loop.
 """
 
 from __future__ import annotations
@@ -43,13 +50,15 @@ from .bus_hostfuncs import BusBridge
 from .delivery import DurableTopics
 from .manager import PluginManager
 from .policy import Policy
-from .sandbox import AuditEvent, CallResult
+from .sandbox import AuditEvent, BudgetExceeded, CallResult
 
 __all__ = ["Node", "default_node_id"]
 
 log = logging.getLogger("sandbus.node")
 
 MESSAGE_FUNCTION = "handle_message"
+#: Host functions with effects on the bus: a call that used them cannot be re-run, so never inline.
+_BUS_EFFECTS = frozenset({"publish", "request", "kv_put", "kv_delete", "http_request"})
 DEFAULT_FUNCTION = "handle_request"
 
 
@@ -65,12 +74,16 @@ class Node:
         options: how to reach NATS.
         node_id: this node's name in discovery and control subjects.
         durable: deliver topics through JetStream (at-least-once) when the server has it.
-        threads: worker threads for wasm calls (default: enough for every plugin's instances).
+        threads: worker threads for wasm calls that do not run inline.
         version: reported by the micro service.
+        inline_budget_s: how long a call may hold the event loop before it moves to a thread
+            (None: every call in a thread).
+        demote_s: how long a plugin whose call overran the budget stays on threads.
     """
 
     def __init__(self, manager: PluginManager, options: ConnectOptions, *, node_id: str | None = None,
-                 durable: bool = True, threads: int | None = None, version: str = "0.1.0") -> None:
+                 durable: bool = True, threads: int | None = None, version: str = "0.1.0",
+                 inline_budget_s: float | None = 0.005, demote_s: float = 30.0) -> None:
         self.manager = manager
         self.options = options
         self.node_id = node_id or default_node_id()
@@ -88,6 +101,10 @@ class Node:
         self._sync_lock = asyncio.Lock()
         self._stopping = False
         self.max_payload = 1024 * 1024
+        self.inline_budget_s = inline_budget_s
+        self.demote_s = demote_s
+        self._inline: dict[str, bool] = {}
+        self._demoted_until: dict[str, float] = {}
         manager.auditor.add_sink(self._on_audit)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -169,6 +186,8 @@ class Node:
         # As many calls at once as the plugin has instances: the rest wait here, on the loop,
         # instead of in threads that would time out on the instance pool.
         self._gates[name] = asyncio.Semaphore(concurrency)
+        imports = self.manager.module_info(name).imports_of("sandbus_v1")
+        self._inline[name] = self.inline_budget_s is not None and not (imports & _BUS_EFFECTS)
         queue = plugin_queue(name)
         subs = [
             await self.nc.subscribe(f"{REQ_PREFIX}.{name}.*", queue=queue, cb=self._on_request),
@@ -225,6 +244,13 @@ class Node:
             raise PluginNotFoundError(f"no plugin {plugin!r} is served by node {self.node_id}", plugin=plugin)
         async with gate:
             loop = asyncio.get_running_loop()
+            if self._inline.get(plugin) and loop.time() >= self._demoted_until.get(plugin, 0.0):
+                try:
+                    return self.manager.execute_detailed(plugin, function, payload, budget_s=self.inline_budget_s)
+                except BudgetExceeded:
+                    self._demoted_until[plugin] = loop.time() + self.demote_s
+                    log.info("%s.%s overran the %g s inline budget: running it in a thread, and %s in threads "
+                             "for %g s", plugin, function, self.inline_budget_s, plugin, self.demote_s)
             return await loop.run_in_executor(self._executor, self.manager.execute_detailed, plugin, function,
                                               payload)
 

@@ -38,8 +38,8 @@ def _component(name: str, manifests: Mapping[str, Manifest]) -> set[str]:
     seen, todo = {name}, [name]
     while todo:
         current = todo.pop()
-        m = manifests.get(current)
-        linked = set(m.dependencies) if m is not None else set()
+        found = manifests.get(current)
+        linked = set(found.dependencies) if found is not None else set()
         linked |= needed_by.get(current, set())
         for nxt in linked - seen:
             seen.add(nxt)

@@ -69,8 +69,7 @@ def check_plugin_name(name: str) -> str:
     Raises:
         PluginNotFoundError: the name could not be a plugin in the directory.
     """
-    if (not name or name.startswith(".") or any(c in name for c in "/\\\x00")
-            or name != name.strip() or len(name) > 255):
+    if not name or name.startswith(".") or any(c in name for c in "/\\\x00"):
         raise PluginNotFoundError(f"{name!r} is not a plugin name (a file stem in the plugin directory)",
                                   plugin=name)
     return name

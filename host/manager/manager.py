@@ -5,16 +5,20 @@
     manager.watch()                      # hot reload: create / modify / replace / delete
     manager.execute("echo", "handle_request", b'{"hi": 1}')
 
-Two locks, two jobs. ``_lock`` guards the routing table and the in-flight counts; it is held for
-a few dictionary operations, so ``execute`` (called from many threads at once) never waits behind
-a compile. ``_lifecycle`` serialises loads, reloads and unloads, which are slow (they compile and
-initialise) and must not interleave with each other.
+Two locks, two jobs. The routing table's lock (:mod:`host.manager.table`) guards who serves each
+name and the in-flight counts; it is held for a few dictionary operations, so ``execute`` (called
+from many threads at once) never waits behind a compile. ``_lifecycle`` serialises loads, reloads
+and unloads, which are slow (they compile and initialise) and must not interleave.
 
 A reload builds the new version completely -- manifest, sha256, dependencies, policy, compile,
-instantiate, ``sandbus_init``, ``sandbus_health`` -- and only then swaps it in, under ``_lock``. The
-old version is *retired*: it takes no new calls, the calls already running on it finish there, and
-the last of them closes it (which calls ``sandbus_shutdown`` on each of its instances). A failed
-reload changes nothing but the plugin's ``last_error``: the old version keeps serving.
+instantiate, ``sandbus_init``, ``sandbus_health`` -- and only then swaps it in. The old version is
+*retired*: it takes no new calls, the calls already running on it finish there, and the last of
+them closes it (which calls ``sandbus_shutdown`` on each of its instances). A failed reload changes
+nothing but the plugin's ``last_error``: the old version keeps serving.
+
+Audit events (``lifecycle.load``, ``lifecycle.reload``, ``lifecycle.unload``, ``lifecycle.load_failed``,
+``lifecycle.reload_failed``, ``lifecycle.unhealthy``, ``policy.refused``) are emitted *after* the change
+they describe is visible, so a listener that reacts by querying the manager sees the new state.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -33,7 +36,17 @@ import orjson
 from host.deps import check_unload, load_order
 from host.manifest import Manifest
 from host.policy import Grant, Policy, resolve
-from host.sandbox import AuditLevel, Auditor, AuditSink, CallResult, HostFunctions, ModuleCache, shared_cache
+from host.sandbox import (
+    AuditLevel,
+    Auditor,
+    AuditSink,
+    CallResult,
+    HostFunctions,
+    Limits,
+    ModuleCache,
+    ModuleInfo,
+    shared_cache,
+)
 from sdk.errors import (
     DependencyError,
     InstanceLimitError,
@@ -55,8 +68,9 @@ from .loader import (
     read_plugin_files,
     scan_directory,
 )
-from .models import DiscoveryReport, PluginInfo, PluginStatus
+from .models import DiscoveryReport, PluginInfo
 from .stats import PluginStats
+from .table import RoutingTable
 
 if TYPE_CHECKING:
     from .watcher import PluginWatcher
@@ -66,21 +80,6 @@ __all__ = ["DEFAULT_MAX_PLUGINS", "PluginManager"]
 log = logging.getLogger("sandbus.manager")
 
 DEFAULT_MAX_PLUGINS = 1000
-
-
-@dataclass(eq=False)
-class _Slot:
-    """A plugin name in the table: the serving version (if any), the latest failure, the statistics."""
-
-    name: str
-    path: Path
-    stats: PluginStats
-    current: PluginVersion | None = None
-    failure: SandbusError | None = None
-    failed_fingerprint: Fingerprint | None = None
-    declared_version: str | None = None
-    reloads: int = 0
-    description: str = field(default="")
 
 
 class PluginManager:
@@ -134,11 +133,8 @@ class PluginManager:
         self.host_functions = host_functions
         self.runtime_version = runtime_version
         self._host_env: Mapping[str, str] = host_env if host_env is not None else os.environ
-        self._stats_window = stats_window
-        self._lock = threading.Lock()
+        self._table = RoutingTable(self.directory, self.cache, stats_window)
         self._lifecycle = threading.RLock()
-        self._slots: dict[str, _Slot] = {}
-        self._draining: dict[PluginVersion, PluginStats] = {}
         self._watcher: PluginWatcher | None = None
         self._closed = False
 
@@ -164,16 +160,22 @@ class PluginManager:
             raise SandbusError(f"request is not JSON-serialisable: {e}", plugin=name) from e
         return orjson.loads(self.execute(name, function, payload))
 
-    def execute_detailed(self, name: str, function: str, payload: bytes) -> CallResult:
-        """:meth:`execute`, returning the reply with its fuel, memory and duration."""
+    def execute_detailed(self, name: str, function: str, payload: bytes, *,
+                         budget_s: float | None = None) -> CallResult:
+        """:meth:`execute`, returning the reply with its fuel, memory and duration.
+
+        ``budget_s`` (shorter than the plugin's timeout) stops the call early with
+        :class:`~host.sandbox.BudgetExceeded` (not counted as an error: the caller retries it
+        elsewhere); see :meth:`Sandbox.call_detailed`.
+        """
         for attempt in (1, 2):
             version, stats = self._checkout(name)
             start = time.perf_counter()
             try:
-                result = version.sandbox.call_detailed(function, payload)
+                result = version.sandbox.call_detailed(function, payload, budget_s=budget_s)
             except InstanceLimitError as e:
-                # A retired version's pool may have been closed under a call that raced the swap:
-                # the current version answers instead.
+                # The table never closes a version under a running call, but should a retired
+                # version's pool be closed anyway (it is shutting down), the current one answers.
                 if attempt == 1 and version.retired:
                     continue
                 stats.record_error(time.perf_counter() - start, e)
@@ -188,27 +190,10 @@ class PluginManager:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _checkout(self, name: str) -> tuple[PluginVersion, PluginStats]:
-        with self._lock:
-            slot = self._slots.get(name)
-            if slot is None or slot.current is None:
-                raise self._not_serving(name, slot)
-            version = slot.current
-            version.in_flight += 1
-            return version, slot.stats
+        return self._table.checkout(name)
 
     def _checkin(self, version: PluginVersion) -> None:
-        with self._lock:
-            version.in_flight -= 1
-            last = version.retired and version.in_flight == 0
-        if last:
-            self._close_version(version)
-
-    @staticmethod
-    def _not_serving(name: str, slot: _Slot | None) -> PluginNotFoundError:
-        if slot is not None and slot.failure is not None:
-            return PluginNotFoundError(f"not loaded: it failed to load: {slot.failure}", plugin=name,
-                                       reason=slot.failure.code)
-        return PluginNotFoundError(f"no plugin {name!r} is loaded", plugin=name)
+        self._table.checkin(version)
 
     # -- lifecycle: public -------------------------------------------------------------------------
 
@@ -222,27 +207,35 @@ class PluginManager:
         self._check_open()
         with self._lifecycle:
             names = scan_directory(self.directory)
-            for gone in sorted(set(self._slots) - set(names)):
+            for gone in sorted(set(self._table.slots) - set(names)):
                 self.sync(gone)
-            files = {n: read_plugin_files(self.directory, n) for n in names}
+            files: dict[str, PluginFiles] = {}
+            for name in names:
+                try:
+                    files[name] = read_plugin_files(self.directory, name)
+                except SandbusError as e:  # unreadable file, or a stem that cannot be a plugin
+                    self._record_failure(name, None, e, None)
             manifests: dict[str, Manifest] = {}
             changed: set[str] = set()
             for name, f in files.items():
-                slot = self._slots.get(name)
+                slot = self._table.get(name)
                 if slot is not None and slot.current is not None and slot.current.fingerprint == f.fingerprint:
                     manifests[name] = slot.current.manifest
                     continue
                 if slot is not None and slot.failed_fingerprint == f.fingerprint:
+                    if slot.current is not None:  # stale: the serving version is what dependents see
+                        manifests[name] = slot.current.manifest
                     continue  # unchanged since it last failed
                 changed.add(name)
                 try:
                     manifests[name] = parse_files(f, self.runtime_version)
                 except SandbusError as e:
-                    self._record_failure(f, e, None)
+                    self._record_failure(name, f.fingerprint, e, None)
             plan = load_order(manifests)
             for name, refusal in sorted(plan.refused.items()):
                 if name in changed:
-                    self._record_failure(files[name], explain_refusal(refusal, self._failures()), manifests[name])
+                    self._record_failure(name, files[name].fingerprint,
+                                         explain_refusal(refusal, self._table.failures()), manifests[name])
             loaded: list[str] = []
             for name in plan.order:
                 if name in changed:
@@ -250,10 +243,10 @@ class PluginManager:
                         self._install(files[name], manifests[name])
                     except SandbusError:
                         continue
-                if self._serving(name):
+                if self._table.serving(name):
                     loaded.append(name)
-            with self._lock:
-                failed = {n: str(s.failure) for n, s in sorted(self._slots.items()) if s.failure is not None}
+            with self._table.lock:
+                failed = {n: str(s.failure) for n, s in sorted(self._table.slots.items()) if s.failure is not None}
             return DiscoveryReport(loaded=tuple(loaded), failed=failed)
 
     def load(self, name: str) -> PluginInfo:
@@ -272,7 +265,7 @@ class PluginManager:
                 raise PluginNotFoundError(f"no plugin {name!r} in {self.directory} "
                                           f"(expected {files.wasm_path.name} and {files.manifest_path.name})",
                                           plugin=name, path=str(files.wasm_path))
-            slot = self._slots.get(name)
+            slot = self._table.get(name)
             if slot is None or slot.current is None or slot.current.fingerprint != files.fingerprint:
                 self._install(files)
                 self._retry_waiting(name)
@@ -292,7 +285,7 @@ class PluginManager:
         check_plugin_name(name)
         with self._lifecycle:
             files = read_plugin_files(self.directory, name)
-            if files.wasm is None and name not in self._slots:
+            if files.wasm is None and self._table.get(name) is None:
                 raise PluginNotFoundError(f"no plugin {name!r} in {self.directory}", plugin=name)
             self._install(files)
             self._retry_waiting(name)
@@ -316,18 +309,27 @@ class PluginManager:
         if self._closed:
             return
         with self._lifecycle:
-            files = read_plugin_files(self.directory, name)
-            slot = self._slots.get(name)
+            try:
+                files = read_plugin_files(self.directory, name)
+            except SandbusError as e:
+                self._record_failure(name, None, e, None)
+                return
+            slot = self._table.get(name)
             if files.wasm is None and slot is not None and slot.current is not None:
-                self._unload(name, force=True, reason="module deleted")
-                slot = None
+                failure: SandbusError | None = None
+                if files.manifest is not None:  # listed as failed, with why, until the module returns
+                    failure = PluginNotFoundError(
+                        f"module missing: expected {files.wasm_path.name} beside {files.manifest_path.name}",
+                        plugin=name, path=str(files.wasm_path))
+                self._unload(name, force=True, reason="module deleted", failure=failure,
+                             fingerprint=files.fingerprint)
+                return
             if files.absent:
-                with self._lock:
-                    self._slots.pop(name, None)
+                self._table.remove(name)
                 return
             if slot is not None:
                 if slot.current is not None and slot.current.fingerprint == files.fingerprint:
-                    self._clear_failure(slot)
+                    self._table.clear_failure(slot)  # the files went back to what serves
                     return
                 if slot.failed_fingerprint == files.fingerprint:
                     return
@@ -340,7 +342,7 @@ class PluginManager:
     def sync_all(self) -> None:
         """:meth:`sync` every plugin on disk or in the table."""
         with self._lifecycle:
-            for name in sorted(set(scan_directory(self.directory)) | set(self._slots)):
+            for name in sorted(set(scan_directory(self.directory)) | set(self._table.slots)):
                 self.sync(name)
 
     def watch(self, *, debounce_s: float = 0.1, max_wait_s: float = 2.0) -> PluginWatcher:
@@ -367,13 +369,14 @@ class PluginManager:
             self._watcher = None
         with self._lifecycle:
             self._closed = True
-            serving = self._serving_manifests()
-            for name in reversed(load_order(serving).order):
+            for name in reversed(load_order(self._table.serving_manifests()).order):
                 self._unload(name, force=True, reason="manager closed")
-            for name in list(self._slots):
+            for name in list(self._table.slots):
                 self._unload(name, force=True, reason="manager closed")
         deadline = None if timeout is None else time.monotonic() + timeout
-        for version in list(self._draining):
+        with self._table.lock:
+            draining = list(self._table.draining)
+        for version in draining:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not version.closed.wait(remaining):
                 log.warning("plugin %s: calls still running at close", version.name)
@@ -388,55 +391,60 @@ class PluginManager:
 
     def names(self) -> list[str]:
         """Plugins serving now, sorted."""
-        with self._lock:
-            return sorted(n for n, s in self._slots.items() if s.current is not None)
+        return self._table.serving_names()
 
     def __contains__(self, name: object) -> bool:
-        with self._lock:
-            slot = self._slots.get(name) if isinstance(name, str) else None
-            return slot is not None and slot.current is not None
+        return isinstance(name, str) and self._table.serving(name)
 
     def __len__(self) -> int:
         return len(self.names())
 
     def manifest(self, name: str) -> Manifest:
         """The manifest of the serving version of ``name``."""
-        with self._lock:
-            slot = self._slots.get(name)
-            if slot is None or slot.current is None:
-                raise self._not_serving(name, slot)
-            return slot.current.manifest
+        version, _ = self._checkout(name)
+        self._checkin(version)
+        return version.manifest
+
+    def grant(self, name: str) -> Grant:
+        """What the serving version of ``name`` was granted (limits, capabilities, topics, hosts)."""
+        version, _ = self._checkout(name)
+        self._checkin(version)
+        return version.grant
+
+    def module_info(self, name: str) -> ModuleInfo:
+        """What the serving module of ``name`` exports and imports (checked at load)."""
+        version, _ = self._checkout(name)
+        self._checkin(version)
+        return version.sandbox.info
+
+    def limits(self, name: str) -> Limits:
+        """The limits enforced on the serving version of ``name`` (``max_instances``: its concurrency)."""
+        return self.grant(name).limits
 
     def info(self, name: str) -> PluginInfo:
         """One plugin's :class:`PluginInfo` (serving, failed or unloading)."""
-        for item in self.list_plugins():
+        for item in self._table.describe():
             if item.name == name:
                 return item
         raise PluginNotFoundError(f"no plugin {name!r} is known", plugin=name)
 
     def list_plugins(self) -> list[PluginInfo]:
-        """Every plugin the manager knows: serving, failed (with the reason) and unloading, by name."""
-        with self._lock:
-            slots = list(self._slots.values())
-            draining = list(self._draining.items())
-        infos = {slot.name: self._slot_info(slot) for slot in slots}
-        for version, stats in draining:
-            if version.name not in infos:
-                infos[version.name] = self._version_info(version, stats, PluginStatus.UNLOADING)
-        return [infos[n] for n in sorted(infos)]
+        """Every plugin the manager knows, by name: serving (``loaded`` / ``stale``), ``failed`` with
+        the reason, and ``unloading`` while deleted plugins finish their calls."""
+        return self._table.describe()
 
     def health_check(self) -> dict[str, bool]:
         """Call each serving plugin's ``sandbus_health`` (on a pooled instance); failed plugins are
         ``False``. An unhealthy plugin is audited (``lifecycle.unhealthy``) and keeps serving: what
         to do about it is the operator's decision."""
-        with self._lock:
-            names = sorted(self._slots)
+        with self._table.lock:
+            names = sorted(self._table.slots)
         report: dict[str, bool] = {}
         for name in names:
             try:
                 version, _ = self._checkout(name)
             except PluginNotFoundError:
-                if name in self._slots:
+                if self._table.get(name) is not None:
                     report[name] = False
                 continue
             try:
@@ -458,27 +466,6 @@ class PluginManager:
         if self._closed:
             raise PluginNotFoundError("the plugin manager is closed")
 
-    def _serving(self, name: str) -> bool:
-        slot = self._slots.get(name)
-        return slot is not None and slot.current is not None
-
-    def _serving_manifests(self) -> dict[str, Manifest]:
-        with self._lock:
-            return {n: s.current.manifest for n, s in self._slots.items() if s.current is not None}
-
-    def _failures(self) -> dict[str, SandbusError]:
-        with self._lock:
-            return {n: s.failure for n, s in self._slots.items() if s.failure is not None and s.current is None}
-
-    def _slot(self, name: str) -> _Slot:
-        """The slot of ``name``, created if new. Call with ``_lifecycle`` held."""
-        slot = self._slots.get(name)
-        if slot is None:
-            slot = _Slot(name, self.directory / f"{name}.wasm", PluginStats(self._stats_window))
-            with self._lock:
-                self._slots[name] = slot
-        return slot
-
     def _resolve(self, manifest: Manifest) -> Grant:
         try:
             return resolve(manifest, self.policy, data_root=self.data_root / manifest.name, host_env=self._host_env)
@@ -487,41 +474,32 @@ class PluginManager:
             raise
 
     def _install(self, files: PluginFiles, manifest: Manifest | None = None) -> PluginVersion:
-        """Build a version from ``files`` and put it in service (replacing any serving version).
+        """Build a version from ``files`` completely, then put it in service (retiring any old one).
 
-        On failure nothing changes except the slot's failure record, and the error is raised.
+        On failure nothing changes but the plugin's failure record, and the error is raised.
         """
         name = files.name
         with self._lifecycle:
-            existing = self._slots.get(name)
+            existing = self._table.get(name)
             old = existing.current if existing is not None else None
             started = time.perf_counter()
             try:
                 if manifest is None:
                     manifest = parse_files(files, self.runtime_version)
-                if old is None and len(self._serving_manifests()) >= self.max_plugins:
+                serving = self._table.serving_manifests()
+                if old is None and len(serving) >= self.max_plugins:
                     raise ResourceLimitError(
                         f"cannot load: {self.max_plugins} plugins are serving, the max_plugins limit",
                         plugin=name, limit=self.max_plugins)
-                skipped = check_dependencies(manifest, self._serving_manifests(), self._failures())
+                skipped = check_dependencies(manifest, serving, self._table.failures())
                 grant = self._resolve(manifest)
                 version = build_version(files, manifest, grant, auditor=self.auditor, cache=self.cache,
                                         host_functions=self.host_functions, skipped_optional=skipped)
             except SandbusError as e:
-                self._record_failure(files, e, manifest)
+                self._record_failure(name, files.fingerprint, e, manifest)
                 raise
-            slot = self._slot(name)
-            with self._lock:
-                slot.current = version
-                slot.failure = slot.failed_fingerprint = None
-                slot.declared_version = version.version
-                slot.description = manifest.plugin.description
-                if old is not None:
-                    slot.reloads += 1
-                    old.retired = True
-                    close_old = old.in_flight == 0
-                    if not close_old:
-                        self._draining[old] = slot.stats
+            in_flight = old.in_flight if old is not None else 0
+            self._table.put_in_service(self._table.slot(name), version)
             elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
             if old is None:
                 self.auditor.emit(AuditLevel.INFO, "lifecycle.load", name,
@@ -531,43 +509,31 @@ class PluginManager:
             else:
                 self.auditor.emit(AuditLevel.INFO, "lifecycle.reload", name,
                                   f"reloaded {old.version} -> {version.version} in {elapsed_ms} ms "
-                                  f"({old.in_flight} calls finishing on the old version)",
+                                  f"({in_flight} calls finishing on the old version)",
                                   version=version.version, previous_version=old.version, sha256=version.sha256,
-                                  previous_sha256=old.sha256, load_ms=elapsed_ms)
-                if close_old:
-                    self._close_version(old)
+                                  previous_sha256=old.sha256, load_ms=elapsed_ms, in_flight=in_flight)
             return version
 
-    def _record_failure(self, files: PluginFiles, error: SandbusError, manifest: Manifest | None) -> None:
-        slot = self._slot(files.name)
-        with self._lock:
-            slot.failure = error
-            slot.failed_fingerprint = files.fingerprint
-            serving = slot.current
-            if serving is None and manifest is not None:
-                slot.declared_version = manifest.plugin.version
-                slot.description = manifest.plugin.description
-        slot.stats.note_error(error)
+    def _record_failure(self, name: str, fingerprint: Fingerprint | None, error: SandbusError,
+                        manifest: Manifest | None) -> None:
+        """Keep ``error`` as the plugin's reason and audit it; ``fingerprint`` (of the files that failed)
+        stops the same files from being retried on every event (``None``: unknown, retry next time)."""
+        serving = self._table.record_failure(self._table.slot(name), error, fingerprint, manifest)
         if serving is not None:
-            self.auditor.emit(AuditLevel.WARNING, "lifecycle.reload_failed", files.name,
+            self.auditor.emit(AuditLevel.WARNING, "lifecycle.reload_failed", name,
                               f"new files refused, version {serving.version} keeps serving: {error}",
                               error=error.code, reason=str(error), serving_version=serving.version)
         else:
-            self.auditor.emit(AuditLevel.WARNING, "lifecycle.load_failed", files.name, f"cannot load: {error}",
+            self.auditor.emit(AuditLevel.WARNING, "lifecycle.load_failed", name, f"cannot load: {error}",
                               error=error.code, reason=str(error))
-
-    def _clear_failure(self, slot: _Slot) -> None:
-        """The files went back to what is serving: the failure no longer describes the plugin."""
-        with self._lock:
-            slot.failure = slot.failed_fingerprint = None
 
     def _retry_waiting(self, loaded: str) -> None:
         """Plugins refused because ``loaded`` was absent or of another version may load now."""
         queue = [loaded]
         while queue:
             dep = queue.pop(0)
-            with self._lock:
-                waiting = sorted(n for n, s in self._slots.items()
+            with self._table.lock:
+                waiting = sorted(n for n, s in self._table.slots.items()
                                  if isinstance(s.failure, DependencyError)
                                  and s.failure.details.get("dependency") == dep)
             for name in waiting:
@@ -577,77 +543,24 @@ class PluginManager:
                     continue
                 queue.append(name)
 
-    def _unload(self, name: str, *, force: bool, reason: str) -> None:
+    def _unload(self, name: str, *, force: bool, reason: str, failure: SandbusError | None = None,
+                fingerprint: Fingerprint | None = None) -> None:
         with self._lifecycle:
-            slot = self._slots.get(name)
+            slot = self._table.get(name)
             if slot is None:
                 raise PluginNotFoundError(f"no plugin {name!r} is loaded", plugin=name)
             needed_by: list[str] = []
+            in_flight = 0
             if slot.current is not None:
-                needed_by = check_unload(name, self._serving_manifests(), force=force)
-            with self._lock:
-                self._slots.pop(name, None)
-                version, slot.current = slot.current, None
-                close_now = False
-                if version is not None:
-                    version.retired = True
-                    close_now = version.in_flight == 0
-                    if not close_now:
-                        self._draining[version] = slot.stats
+                needed_by = check_unload(name, self._table.serving_manifests(), force=force)
+                in_flight = slot.current.in_flight
+            if failure is not None:
+                slot.stats.note_error(failure)  # first: the listing never shows the status without its reason
+            version = self._table.remove(name, failure=failure, fingerprint=fingerprint)
             if version is None:
                 return
             extra = f"; {', '.join(map(repr, needed_by))} depended on it" if needed_by else ""
             self.auditor.emit(AuditLevel.WARNING if needed_by else AuditLevel.INFO, "lifecycle.unload", name,
-                              f"unloaded version {version.version} ({reason}); "
-                              f"{version.in_flight} calls finishing{extra}",
+                              f"unloaded version {version.version} ({reason}); {in_flight} calls finishing{extra}",
                               version=version.version, reason=reason, forced=force, dependents=needed_by,
-                              in_flight=version.in_flight)
-            if close_now:
-                self._close_version(version)
-
-    def _close_version(self, version: PluginVersion) -> None:
-        """Shut a retired version's instances down (``sandbus_shutdown``) once no call runs on it."""
-        try:
-            version.sandbox.close()
-        except Exception:
-            log.exception("plugin %s: error while closing version %s", version.name, version.version)
-        with self._lock:
-            self._draining.pop(version, None)
-            still_used = any(s.current is not None and s.current.sha256 == version.sha256
-                             for s in self._slots.values())
-        if not still_used:
-            self.cache.forget(version.wasm)  # the disk copy stays for the next load
-        version.closed.set()
-
-    # -- reporting ---------------------------------------------------------------------------------
-
-    def _slot_info(self, slot: _Slot) -> PluginInfo:
-        version = slot.current
-        if version is not None:
-            status = PluginStatus.STALE if slot.failure is not None else PluginStatus.LOADED
-            return self._version_info(version, slot.stats, status, slot)
-        snap = slot.stats.snapshot()
-        return PluginInfo(
-            name=slot.name, version=slot.declared_version, status=PluginStatus.FAILED, path=str(slot.path),
-            description=slot.description, executions=snap.executions, errors=snap.errors, p50_ms=snap.p50_ms,
-            p99_ms=snap.p99_ms, fuel_used=snap.fuel_used, last_fuel_used=snap.last_fuel_used,
-            reloads=slot.reloads, last_error=snap.last_error, last_error_code=snap.last_error_code,
-            last_error_at=snap.last_error_at,
-        )
-
-    @staticmethod
-    def _version_info(version: PluginVersion, stats: PluginStats, status: PluginStatus,
-                      slot: _Slot | None = None) -> PluginInfo:
-        snap = stats.snapshot()
-        pool = version.sandbox.pool
-        return PluginInfo(
-            name=version.name, version=version.version, status=status, path=str(version.path),
-            sha256=version.sha256, description=version.manifest.plugin.description,
-            functions=version.sandbox.functions, executions=snap.executions, errors=snap.errors,
-            p50_ms=snap.p50_ms, p99_ms=snap.p99_ms, fuel_used=snap.fuel_used, last_fuel_used=snap.last_fuel_used,
-            memory_bytes=max(snap.memory_bytes_per_instance, version.initial_memory_bytes) * pool.size,
-            instances=pool.size,
-            in_flight=version.in_flight, reloads=slot.reloads if slot is not None else 0,
-            last_loaded=version.loaded_at, last_error=snap.last_error, last_error_code=snap.last_error_code,
-            last_error_at=snap.last_error_at, skipped_optional=version.skipped_optional,
-        )
+                              in_flight=in_flight)

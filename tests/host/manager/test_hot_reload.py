@@ -68,6 +68,7 @@ def test_modify_in_place_reloads(pdir: Path, watched: Callable[..., PluginManage
     with (pdir / "alpha.wasm").open("wb") as f:
         f.write(plugin_wasm("v2"))
     wait_until(answers(manager, "v2"), what="v2")
+    wait_until(lambda: "lifecycle.reload" in audit.kinds(), what="the audit event")  # emitted after the swap
     event = next(e for e in audit if e.kind == "lifecycle.reload")
     assert event.plugin == "alpha"
     assert event.details["previous_sha256"] != event.details["sha256"]
@@ -99,6 +100,7 @@ def test_delete_unloads(pdir: Path, watched: Callable[..., PluginManager], audit
     wait_until(lambda: manager.list_plugins() == [], what="the plugin to leave the listing")
     with pytest.raises(PluginNotFoundError):
         manager.execute("alpha", "handle_request", b"{}")
+    wait_until(lambda: "lifecycle.unload" in audit.kinds(), what="the audit event")
     assert next(e for e in audit if e.kind == "lifecycle.unload").details["reason"] == "module deleted"
 
 
@@ -130,6 +132,8 @@ def test_burst_of_writes_gives_one_reload(pdir: Path, watched: Callable[..., Plu
     for i in range(1, 6):
         replace_atomically(pdir / "alpha.wasm", plugin_wasm(f"v{i}"))
     wait_until(answers(manager, "v5"), what="the last write")
+    wait_until(lambda: "lifecycle.reload" in audit.kinds(), what="the audit event")
+    assert manager.watch().pending() == []
     assert audit.kinds().count("lifecycle.reload") == 1
 
 
@@ -156,8 +160,9 @@ def test_failed_new_version_leaves_the_old_serving(
         replace_atomically(wasm, plugin_wasm("v2", init_status=3))
     else:
         replace_atomically(pdir / "alpha.toml", plugin_manifest("alpha", sha256="0" * 64).encode())
-    wait_until(lambda: manager.info("alpha").status is PluginStatus.STALE, what="the refusal")
+    wait_until(lambda: "lifecycle.reload_failed" in audit.kinds(), what="the refusal")
     info = manager.info("alpha")
+    assert info.status is PluginStatus.STALE
     assert info.last_error is not None
     assert needle in info.last_error
     assert reply_of(manager) == "v1"
@@ -269,7 +274,7 @@ def test_client_loop_sees_no_failed_call_across_reloads(
         wait_until(lambda i=i: bool(replies) and replies[-1] == f"v{i}", what=f"v{i} in the client loop")
     stop.set()
     assert failures == []
-    assert audit.kinds().count("lifecycle.reload") == 5
+    wait_until(lambda: audit.kinds().count("lifecycle.reload") == 5, what="five reload events")
     seen = list(dict.fromkeys(replies))
     assert seen == ["v0", "v1", "v2", "v3", "v4", "v5"]  # versions never interleave: each swap is atomic
 

@@ -157,3 +157,15 @@ def test_symlink_escape_in_data_dir_is_refused(pdir: Path, tmp_path: Path, make_
                                     "filesystem": {"readable": [str(data_root)]}})
     report = make_manager(pdir, policy=policy, data_root=data_root).discover_and_load()
     assert "outside the data root" in report.failed["bad"]
+
+
+def test_unreadable_file_is_reported(pdir: Path, make_manager: Make) -> None:
+    write_plugin(pdir, "good")
+    (pdir / "bad.wasm").write_bytes(GOOD_WASM)
+    (pdir / "bad.toml").mkdir()  # a directory where the manifest should be
+    manager = make_manager(pdir)
+    report = manager.discover_and_load()
+    assert report.loaded == ("good",)
+    assert "cannot read" in report.failed["bad"]
+    manager.sync("bad")  # the watcher's path records it the same way
+    assert manager.info("bad").status is PluginStatus.FAILED

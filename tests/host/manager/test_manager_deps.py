@@ -120,3 +120,16 @@ def test_close_unloads_dependents_first(pdir: Path, make_manager: Make, audit: A
     unloads = [e for e in audit if e.kind == "lifecycle.unload"]
     assert [e.plugin for e in unloads] == ["web", "api", "db"]
     assert all(e.details["dependents"] == [] for e in unloads)
+
+
+def test_stale_plugin_still_counts_as_a_dependency(pdir: Path, make_manager: Make) -> None:
+    write_plugin(pdir, "api")
+    manager = make_manager(pdir)
+    manager.discover_and_load()
+    (pdir / "api.wasm").write_bytes(b"broken")
+    manager.sync("api")
+    assert manager.info("api").status is PluginStatus.STALE
+    write_plugin(pdir, "web", deps={"api": "^1"})
+    report = manager.discover_and_load()  # api unchanged since it failed: its serving version counts
+    assert report.loaded == ("api", "web")
+    assert set(report.failed) == {"api"}

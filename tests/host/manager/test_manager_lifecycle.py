@@ -8,6 +8,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -279,3 +280,53 @@ def test_close_unloads_everything_and_refuses_more(pdir: Path, make_manager: Mak
 def test_missing_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PluginNotFoundError, match="does not exist"):
         PluginManager(tmp_path / "nowhere")
+
+
+def test_call_racing_a_swap_is_retried_on_the_new_version(
+    pdir: Path, make_manager: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window between picking a version and calling it: if the version was retired and its pool
+    closed in between, the call goes to the current version instead of failing."""
+    write_plugin(pdir, "alpha", reply="old")
+    manager = make_manager(pdir)
+    manager.discover_and_load()
+    old_version, _ = manager._checkout("alpha")
+    manager._checkin(old_version)
+    write_plugin(pdir, "alpha", reply="new")
+    manager.reload("alpha")
+    assert old_version.retired
+    assert old_version.closed.is_set()
+    real_checkout = manager._checkout
+    handed_out: list[object] = []
+
+    def racing_checkout(name: str) -> tuple[Any, Any]:
+        version, stats = real_checkout(name)
+        if not handed_out:  # the first attempt gets the stale, closed version
+            manager._checkin(version)
+            with manager._table.lock:
+                old_version.in_flight += 1
+            version = old_version
+        handed_out.append(version)
+        return version, stats
+
+    monkeypatch.setattr(manager, "_checkout", racing_checkout)
+    assert manager.execute_json("alpha", "handle_request") == wasm_reply("new")
+    assert handed_out[0] is old_version
+    assert len(handed_out) == 2
+    assert manager.info("alpha").errors == 0
+
+
+def test_accessors_of_the_serving_version(pdir: Path, make_manager: Make) -> None:
+    write_plugin(pdir, "alpha", extra="[resources]\nmax_instances = 3\nmemory_mb = 8")
+    manager = make_manager(pdir)
+    manager.discover_and_load()
+    assert manager.limits("alpha").max_instances == 3
+    assert manager.grant("alpha").granted == frozenset()
+    assert manager.manifest("alpha").plugin.version == "1.0.0"
+    info = manager.module_info("alpha")
+    assert {"handle_request", "slow", "config"} <= set(info.functions)
+    assert ("sandbus_v1", "log") in info.imports
+    assert len(manager) == 1
+    assert manager.names() == ["alpha"]
+    with pytest.raises(PluginNotFoundError):
+        manager.limits("ghost")
