@@ -237,24 +237,38 @@ class Node:
 
     # -- calls -------------------------------------------------------------------------------------
 
-    async def call(self, plugin: str, function: str, payload: bytes) -> CallResult:
-        """Run one call in a worker thread, under the plugin's concurrency gate."""
+    def try_inline(self, plugin: str, function: str, payload: bytes) -> CallResult | None:
+        """Run the call on the loop under the inline budget; None when it must go to a thread instead."""
         gate = self._gates.get(plugin)
         if gate is None:
             raise PluginNotFoundError(f"no plugin {plugin!r} is served by node {self.node_id}", plugin=plugin)
-        async with gate:
+        # A locked gate means threads hold every instance: waiting for one here would block the loop.
+        if not self._inline.get(plugin) or gate.locked():
+            return None
+        assert self._loop is not None
+        now = self._loop.time()
+        if now < self._demoted_until.get(plugin, 0.0):
+            return None
+        try:
+            return self.manager.execute_detailed(plugin, function, payload, budget_s=self.inline_budget_s)
+        except BudgetExceeded:
+            self._demoted_until[plugin] = now + self.demote_s
+            log.info("%s.%s overran the %g s inline budget: it runs again in a thread, and %s stays on threads "
+                     "for %g s", plugin, function, self.inline_budget_s, plugin, self.demote_s)
+            return None
+
+    async def call(self, plugin: str, function: str, payload: bytes) -> CallResult:
+        """Run one call: inline when it may, else in a worker thread under the plugin's concurrency gate."""
+        result = self.try_inline(plugin, function, payload)
+        if result is not None:
+            return result
+        async with self._gates[plugin]:
             loop = asyncio.get_running_loop()
-            if self._inline.get(plugin) and loop.time() >= self._demoted_until.get(plugin, 0.0):
-                try:
-                    return self.manager.execute_detailed(plugin, function, payload, budget_s=self.inline_budget_s)
-                except BudgetExceeded:
-                    self._demoted_until[plugin] = loop.time() + self.demote_s
-                    log.info("%s.%s overran the %g s inline budget: running it in a thread, and %s in threads "
-                             "for %g s", plugin, function, self.inline_budget_s, plugin, self.demote_s)
             return await loop.run_in_executor(self._executor, self.manager.execute_detailed, plugin, function,
                                               payload)
 
-    async def _reply(self, msg: Msg, data: bytes, headers: dict[str, str]) -> None:
+    async def _reply(self, msg: Msg, data: bytes, headers: dict[str, str] | None) -> None:
+        """Publish a reply. Successful replies carry no headers (the body is the plugin's JSON)."""
         if not msg.reply or self.nc is None:
             return
         if len(data) > self.max_payload:
@@ -264,16 +278,29 @@ class Node:
         await self.nc.publish(msg.reply, data, headers=headers)
 
     async def _on_request(self, msg: Msg) -> None:
-        self._spawn(self._serve_request(msg))
-
-    async def _serve_request(self, msg: Msg) -> None:
+        # The common case stays in this callback (no task): a valid request to a plugin that may run
+        # inline. Everything else becomes a task, so this subscription keeps reading.
         _, _, plugin, function = msg.subject.split(".", 3)
         try:
             try:
                 orjson.loads(msg.data)
             except orjson.JSONDecodeError as e:
                 raise AbiViolationError(f"request body is not valid JSON: {e}", plugin=plugin) from e
-            result = await self.call(plugin, function, msg.data)
+            result = self.try_inline(plugin, function, msg.data)
+        except SandbusError as e:
+            await self._reply(msg, *error_reply(e))
+            return
+        if result is None:
+            self._spawn(self._serve_request(msg, plugin, function))
+        else:
+            await self._reply(msg, result.reply, None)
+
+    async def _serve_request(self, msg: Msg, plugin: str, function: str) -> None:
+        try:
+            async with self._gates[plugin]:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._executor, self.manager.execute_detailed, plugin,
+                                                    function, msg.data)
         except SandbusError as e:
             await self._reply(msg, *error_reply(e))
             return
@@ -281,7 +308,7 @@ class Node:
             log.exception("request %s failed", msg.subject)
             await self._reply(msg, *error_reply(SandbusError(f"internal error: {e}", plugin=plugin)))
             return
-        await self._reply(msg, result.reply, {**JSON, H_FROM: plugin})
+        await self._reply(msg, result.reply, None)
 
     async def _on_direct(self, msg: Msg) -> None:
         self._spawn(self._serve_message(msg, msg.subject.rsplit(".", 1)[1], None))
@@ -301,7 +328,7 @@ class Node:
             log.warning("message to %s on %s failed: %s", plugin, msg.subject, e)
             await self._reply(msg, *error_reply(e))
             return
-        await self._reply(msg, result.reply, {**JSON, H_FROM: plugin})
+        await self._reply(msg, result.reply, None)
 
     def message_function(self, plugin: str) -> str:
         """Plugins handle messages in ``handle_message`` when they export it, else ``handle_request``."""
