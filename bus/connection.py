@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -101,7 +101,11 @@ async def connect(options: ConnectOptions, *,
         kw["reconnected_cb"] = on_reconnect
     if on_disconnect is not None:
         kw["disconnected_cb"] = on_disconnect
+    nc = Client()
     try:
-        return await nats.connect(**kw)
+        await nc.connect(**kw)
+        return nc
     except Exception as e:
+        with contextlib.suppress(Exception):
+            await nc.close()
         raise BusError(f"cannot connect to NATS at {', '.join(options.servers)}: {e}") from e

@@ -57,6 +57,15 @@ def node(
     workers: Annotated[int, typer.Option(help="Worker processes (each its own NATS connection).")] = 1,
     watch: Annotated[bool, typer.Option(help="Hot-reload plugins when their files change.")] = True,
     durable: Annotated[bool, typer.Option(help="Durable topics through JetStream when available.")] = True,
+    user: Annotated[str | None, typer.Option(help="NATS user (with --password).")] = None,
+    password: Annotated[str | None, typer.Option(help="NATS password [env SANDBUS_NATS_PASSWORD].",
+                                                 envvar="SANDBUS_NATS_PASSWORD")] = None,
+    token: Annotated[str | None, typer.Option(help="NATS token [env SANDBUS_NATS_TOKEN].",
+                                              envvar="SANDBUS_NATS_TOKEN")] = None,
+    creds: Annotated[Path | None, typer.Option(help="NATS .creds file (JWT + nkey).")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA bundle for TLS.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Client certificate for TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Client key for TLS.")] = None,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
 ) -> None:
     """Run a host node serving PLUGINS over NATS (an embedded nats-server when --nats is not given)."""
@@ -80,8 +89,10 @@ def node(
     try:
         pol = load_policy(policy) if policy else Policy.default()
         base_id = node_id or default_node_id()
-        n = Node.create(plugins, ConnectOptions.from_urls(url, name=f"sandbus-node-{base_id}"), policy=pol,
-                        node_id=base_id, durable=durable)
+        options = ConnectOptions.from_urls(url, name=f"sandbus-node-{base_id}", user=user, password=password,
+                                           token=token, creds=creds, tls_ca=tls_ca, tls_cert=tls_cert,
+                                           tls_key=tls_key)
+        n = Node.create(plugins, options, policy=pol, node_id=base_id, durable=durable)
         manager = n.manager
         manager.discover_and_load()
         for info in manager.list_plugins():
@@ -89,10 +100,16 @@ def node(
                        + (f"  ({info.last_error})" if info.last_error else ""))
         for i in range(1, workers):
             args = [sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", url,
-                    "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch"]
-            if policy:
-                args += ["--policy", str(policy)]
-            children.append(subprocess.Popen(args))
+                    "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch",
+                    "--durable" if durable else "--no-durable"]
+            for flag, value in (("--policy", policy), ("--user", user), ("--creds", creds), ("--tls-ca", tls_ca),
+                                ("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+                if value is not None:
+                    args += [flag, str(value)]
+            # Secrets travel in the environment, not in argv (visible to every user in ps).
+            env = {**os.environ, **({"SANDBUS_NATS_PASSWORD": password} if password else {}),
+                   **({"SANDBUS_NATS_TOKEN": token} if token else {})}
+            children.append(subprocess.Popen(args, env=env))
         asyncio.run(_serve(n, watch))
     except SandbusError as e:
         fail(str(e), exit_code_for(e))

@@ -10,9 +10,9 @@ Depends only on nats-py and sdk: a client app never pulls in wasmtime.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, Self
 
-import nats
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.errors import MaxPayloadError, NoRespondersError
@@ -49,9 +49,13 @@ class Client:
         urls = servers.split(",") if isinstance(servers, str) else servers
         nats_options.setdefault("max_reconnect_attempts", 3)
         nats_options.setdefault("connect_timeout", 3)
+        nc = NatsClient()
         try:
-            nc = await nats.connect(servers=urls, **nats_options)
+            await nc.connect(servers=urls, **nats_options)
         except Exception as e:
+            # nats-py leaves the socket of a refused connection open: close it ourselves.
+            with contextlib.suppress(Exception):
+                await nc.close()
             raise BusError(f"cannot connect to NATS at {', '.join(urls)}: {e}") from e
         return cls(nc, sender=sender)
 

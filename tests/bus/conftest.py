@@ -112,15 +112,16 @@ def c_guest_flags(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
 class NodeProcess:
     """A `sandbus node` child process, stopped by PID."""
 
-    def __init__(self, node_id: str, plugins: Path, url: str, log: Path) -> None:
+    def __init__(self, node_id: str, plugins: Path, url: str, log: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.node_id = node_id
         self.log = log
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", url,
-             "--node-id", node_id, "--policy", str(plugins.parent / "policy.toml"), "--no-watch"],
+             "--node-id", node_id, "--policy", str(plugins.parent / "policy.toml"), "--no-watch", *extra],
             stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -150,11 +151,11 @@ class NodeProcess:
 
 
 @pytest.fixture
-def start_node(bus_plugins: Path, tmp_path: Path) -> Iterator[Callable[[str, str], NodeProcess]]:
+def start_node(bus_plugins: Path, tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     nodes: list[NodeProcess] = []
 
-    def start(node_id: str, url: str) -> NodeProcess:
-        node = NodeProcess(node_id, bus_plugins, url, tmp_path / f"{node_id}.log")
+    def start(node_id: str, url: str, *extra: str, env: dict[str, str] | None = None) -> NodeProcess:
+        node = NodeProcess(node_id, bus_plugins, url, tmp_path / f"{node_id}.log", *extra, env=env)
         nodes.append(node)
         node.wait_ready()
         return node

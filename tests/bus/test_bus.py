@@ -11,7 +11,7 @@ import pytest
 
 from bus.server import NatsServer
 from sdk.client import Client
-from sdk.errors import AbiViolationError, PluginNotFoundError, SecurityViolationError
+from sdk.errors import AbiViolationError, BusError, PluginNotFoundError, SecurityViolationError
 from tests.bus.conftest import NodeProcess
 
 StartNode = Callable[[str, str], NodeProcess]
@@ -178,3 +178,25 @@ async def test_sigterm_finishes_in_flight_work(nats_server: NatsServer, start_no
         with pytest.raises(Exception, match="timeout"):
             await slow  # answered (with its timeout error) before the node exited, not dropped
     assert n1.proc.returncode == 0
+
+
+async def test_workers_run_as_separate_nodes_in_the_same_queue_groups(nats_server: NatsServer,
+                                                                       start_node: StartNode) -> None:
+    start_node("n1", nats_server.url, "--workers", "2")
+    async with await Client.connect(nats_server.url) as c:
+        for _ in range(500):  # the worker process starts after the parent printed "ready"
+            if len(await c.nodes(timeout=0.3)) == 2:
+                break
+        replies = await asyncio.gather(*(c.request("echo", "handle_request", [i]) for i in range(100)))
+        assert replies == [[i] for i in range(100)]
+        views = await c.nodes(timeout=1.0)
+    assert sorted(v["node_id"] for v in views) == ["n1", "n1-w1"]
+
+
+async def test_user_password_authentication(tmp_path: Any, start_node: StartNode) -> None:
+    with NatsServer(extra_args=["--user", "node", "--pass", "s3cret"]) as server:
+        start_node("n1", server.url, "--user", "node", env={"SANDBUS_NATS_PASSWORD": "s3cret"})
+        with pytest.raises(BusError, match="Authorization Violation"):
+            await Client.connect(server.url, allow_reconnect=False)
+        async with await Client.connect(server.url, user="node", password="s3cret") as c:
+            assert await c.request("echo", "handle_request", {"auth": True}) == {"auth": True}

@@ -113,6 +113,32 @@ int32_t sandbus_host_env_get(const void *name, uint32_t name_len, void *buf, uin
 SANDBUS_IMPORT(publish)
 int32_t sandbus_host_publish(const void *topic, uint32_t topic_len, const void *json, uint32_t json_len);
 
+/* kv_get(key, key_len, buf, cap): this plugin's key-value store (needs the storage
+ * capability). Returns the value's full length (writing min(len, cap) bytes) or
+ * -1 if the key is absent. If the length exceeds cap, take_result() fetches it again. */
+SANDBUS_IMPORT(kv_get)
+int32_t sandbus_host_kv_get(const void *key, uint32_t key_len, void *buf, uint32_t cap);
+
+/* kv_put(key, key_len, value, value_len): store a value (64 KiB max; the store has a quota). 0 on success. */
+SANDBUS_IMPORT(kv_put)
+int32_t sandbus_host_kv_put(const void *key, uint32_t key_len, const void *value, uint32_t value_len);
+
+/* kv_delete(key, key_len): remove a key. 0 on success. */
+SANDBUS_IMPORT(kv_delete)
+int32_t sandbus_host_kv_delete(const void *key, uint32_t key_len);
+
+/* http_request(req_json, len, buf, cap): an HTTP request described as
+ * {"method":"GET","url":"http://host:port/path","headers":{},"body":...}, only to
+ * hosts the manifest's network_hosts and the operator's policy both allow (needs
+ * the network capability). Writes {"status":200,"headers":{...},"body":"..."}
+ * like kv_get: returns the full length, take_result() refetches a long one. */
+SANDBUS_IMPORT(http_request)
+int32_t sandbus_host_http_request(const void *req, uint32_t req_len, void *buf, uint32_t cap);
+
+/* take_result(buf, cap): the last kv_get / http_request result again (-1 if none). */
+SANDBUS_IMPORT(take_result)
+int32_t sandbus_host_take_result(void *buf, uint32_t cap);
+
 /* ------------------------------------------------------------------------ */
 /* Required ABI exports                                                      */
 /* ------------------------------------------------------------------------ */
