@@ -18,6 +18,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
+from opentelemetry import context as otel_context
 
 from sdk.errors import AbiViolationError, BusError, PayloadTooLargeError, ResourceLimitError, SecurityViolationError
 from sdk.subjects import check_topic
@@ -257,7 +258,9 @@ class BusBridge:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError as e:
             raise AbiViolationError(f"publish: payload is not valid JSON: {e}", plugin=ctx.plugin) from e
-        self._on_loop_wait(ctx, node.publish(topic, payload, sender=ctx.plugin), f"publish to {topic!r}")
+        # This runs in the call's thread, whose context holds the execution span: hand it over.
+        self._on_loop_wait(ctx, node.publish(topic, payload, sender=ctx.plugin, context=otel_context.get_current()),
+                           f"publish to {topic!r}")
         return 0
 
 

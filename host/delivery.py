@@ -118,7 +118,8 @@ class DurableTopics:
         topic = msg.subject.split(".", 2)[2]
         try:
             envelope = self.node.envelope_for(msg.data, msg.headers, topic=topic, to=None)
-            await self.node.call(plugin, self.node.message_function(plugin), envelope)
+            await self.node.call(plugin, self.node.message_function(plugin), envelope, msg=msg,
+                                 delivery=msg.metadata.num_delivered)
         except SandbusError as e:
             await self._failed(plugin, msg, e)
             return

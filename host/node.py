@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -40,17 +41,20 @@ from nats.aio.subscription import Subscription
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
+from opentelemetry.context import Context
 
 from bus.connection import ConnectOptions, connect
 from sdk.envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_reply, new_message_id
 from sdk.errors import AbiViolationError, PayloadTooLargeError, PluginNotFoundError, SandbusError
 from sdk.subjects import MSG_PREFIX, NODE_SERVICE, REQ_PREFIX, control_subject, plugin_queue, topic_subject
+from sdk.tracing import send_span
 
 from .bus_hostfuncs import BusBridge
 from .delivery import DurableTopics
 from .manager import PluginManager
 from .policy import Policy
 from .sandbox import AuditEvent, BudgetExceeded, CallResult
+from .telemetry import Telemetry
 
 __all__ = ["Node", "default_node_id"]
 
@@ -79,11 +83,13 @@ class Node:
         inline_budget_s: how long a call may hold the event loop before it moves to a thread
             (None: every call in a thread).
         demote_s: how long a plugin whose call overran the budget stays on threads.
+        telemetry: traces and metrics (default: configured from the ``OTEL_*`` environment).
     """
 
     def __init__(self, manager: PluginManager, options: ConnectOptions, *, node_id: str | None = None,
                  durable: bool = True, threads: int | None = None, version: str = "0.1.0",
-                 inline_budget_s: float | None = 0.005, demote_s: float = 30.0) -> None:
+                 inline_budget_s: float | None = 0.005, demote_s: float = 30.0,
+                 telemetry: Telemetry | None = None) -> None:
         self.manager = manager
         self.options = options
         self.node_id = node_id or default_node_id()
@@ -104,8 +110,12 @@ class Node:
         self.inline_budget_s = inline_budget_s
         self.demote_s = demote_s
         self._inline: dict[str, bool] = {}
+        self._message_fn: dict[str, str] = {}
+        self._versions: dict[str, str] = {}
+        self.telemetry = telemetry or Telemetry("sandbus-node", self.node_id)
         self._demoted_until: dict[str, float] = {}
         manager.auditor.add_sink(self._on_audit)
+        manager.auditor.add_sink(self.telemetry.on_audit)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -148,6 +158,7 @@ class Node:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
         self._executor.shutdown(wait=True, cancel_futures=False)
+        self.telemetry.shutdown()
 
     async def _on_reconnect(self) -> None:
         # nats-py re-sends our subscriptions itself; JetStream consumers are durable on the server.
@@ -186,7 +197,10 @@ class Node:
         # As many calls at once as the plugin has instances: the rest wait here, on the loop,
         # instead of in threads that would time out on the instance pool.
         self._gates[name] = asyncio.Semaphore(concurrency)
-        imports = self.manager.module_info(name).imports_of("sandbus_v1")
+        info = self.manager.module_info(name)
+        imports = info.imports_of("sandbus_v1")
+        self._message_fn[name] = MESSAGE_FUNCTION if MESSAGE_FUNCTION in info.functions else DEFAULT_FUNCTION
+        self._versions[name] = manifest.plugin.version
         self._inline[name] = self.inline_budget_s is not None and not (imports & _BUS_EFFECTS)
         queue = plugin_queue(name)
         subs = [
@@ -224,15 +238,21 @@ class Node:
         bridge.node = node
         return node
 
-    async def publish(self, topic: str, payload: Any, *, sender: str) -> str:
-        """Publish a PluginMessage onto ``topic`` (durably when JetStream is on); returns its id."""
+    async def publish(self, topic: str, payload: Any, *, sender: str, context: Context | None = None) -> str:
+        """Publish a PluginMessage onto ``topic`` (durably when JetStream is on); returns its id.
+
+        ``context``: the trace context of the plugin call that publishes (captured in its thread).
+        """
         assert self.nc is not None
         message = PluginMessage(from_=sender, topic=topic, payload=payload)
         headers = {**JSON, H_MSG_ID: message.id, "Nats-Msg-Id": message.id, H_FROM: sender}
-        if self._durable is not None:
-            await self.nc.jetstream().publish(topic_subject(topic), message.to_json(), headers=headers)
-        else:
-            await self.nc.publish(topic_subject(topic), message.to_json(), headers=headers)
+        subject, data = topic_subject(topic), message.to_json()
+        with (send_span(subject, headers, message_id=message.id, body_size=len(data), context=context)
+              if self.telemetry.enabled else contextlib.nullcontext()):
+            if self._durable is not None:
+                await self.nc.jetstream().publish(subject, data, headers=headers)
+            else:
+                await self.nc.publish(subject, data, headers=headers)
         return message.id
 
     # -- calls -------------------------------------------------------------------------------------
@@ -257,15 +277,39 @@ class Node:
                      "for %g s", plugin, function, self.inline_budget_s, plugin, self.demote_s)
             return None
 
-    async def call(self, plugin: str, function: str, payload: bytes) -> CallResult:
-        """Run one call: inline when it may, else in a worker thread under the plugin's concurrency gate."""
+    async def call(self, plugin: str, function: str, payload: bytes, *, msg: Msg | None = None,
+                   delivery: int | None = None) -> CallResult:
+        """Run one call: inline when it may, else in a worker thread under the plugin's concurrency gate.
+
+        With tracing on and the NATS message given, the call is a ``process`` span (parented by the
+        sender's trace context) around an ``execute`` span.
+        """
+        tel = self.telemetry
+        if msg is None or not tel.enabled:
+            return await self._call(plugin, function, payload)
+        headers = msg.headers or {}
+        with tel.process_span(msg.subject, headers, group=plugin_queue(plugin), message_id=headers.get(H_MSG_ID),
+                              body_size=len(msg.data), delivery=delivery), \
+                tel.execute_span(plugin, self._versions.get(plugin), function) as span:
+            try:
+                result = await self._call(plugin, function, payload)
+            except BaseException as e:
+                tel.finish_call(span, plugin, None, e)
+                raise
+            tel.finish_call(span, plugin, result, None)
+            return result
+
+    async def _call(self, plugin: str, function: str, payload: bytes) -> CallResult:
         result = self.try_inline(plugin, function, payload)
         if result is not None:
             return result
         async with self._gates[plugin]:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self.manager.execute_detailed, plugin, function,
-                                              payload)
+            # The worker thread runs in a copy of our context: the current span follows the call, so
+            # audit events and host-function publishes attach to it.
+            ctx = contextvars.copy_context()
+            return await loop.run_in_executor(self._executor, ctx.run, self.manager.execute_detailed, plugin,
+                                              function, payload)
 
     async def _reply(self, msg: Msg, data: bytes, headers: dict[str, str] | None) -> None:
         """Publish a reply. Successful replies carry no headers (the body is the plugin's JSON)."""
@@ -281,6 +325,9 @@ class Node:
         # The common case stays in this callback (no task): a valid request to a plugin that may run
         # inline. Everything else becomes a task, so this subscription keeps reading.
         _, _, plugin, function = msg.subject.split(".", 3)
+        if self.telemetry.enabled:
+            self._spawn(self._serve_request(msg, plugin, function))
+            return
         try:
             try:
                 orjson.loads(msg.data)
@@ -297,10 +344,11 @@ class Node:
 
     async def _serve_request(self, msg: Msg, plugin: str, function: str) -> None:
         try:
-            async with self._gates[plugin]:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._executor, self.manager.execute_detailed, plugin,
-                                                    function, msg.data)
+            try:
+                orjson.loads(msg.data)
+            except orjson.JSONDecodeError as e:
+                raise AbiViolationError(f"request body is not valid JSON: {e}", plugin=plugin) from e
+            result = await self.call(plugin, function, msg.data, msg=msg)
         except SandbusError as e:
             await self._reply(msg, *error_reply(e))
             return
@@ -323,7 +371,7 @@ class Node:
         """A direct or core-topic PluginMessage: handled, or answered with an error if it has a reply."""
         try:
             envelope = self.envelope_for(msg.data, msg.headers, topic=topic, to=None if topic else plugin)
-            result = await self.call(plugin, self.message_function(plugin), envelope)
+            result = await self.call(plugin, self.message_function(plugin), envelope, msg=msg)
         except SandbusError as e:
             log.warning("message to %s on %s failed: %s", plugin, msg.subject, e)
             await self._reply(msg, *error_reply(e))
@@ -332,8 +380,7 @@ class Node:
 
     def message_function(self, plugin: str) -> str:
         """Plugins handle messages in ``handle_message`` when they export it, else ``handle_request``."""
-        functions = {f for p in self.manager.list_plugins() if p.name == plugin for f in p.functions}
-        return MESSAGE_FUNCTION if MESSAGE_FUNCTION in functions else DEFAULT_FUNCTION
+        return self._message_fn.get(plugin, DEFAULT_FUNCTION)
 
     @staticmethod
     def envelope_for(data: bytes, headers: dict[str, str] | None, *, topic: str | None, to: str | None) -> bytes:

@@ -21,6 +21,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from .envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_from_reply, new_message_id
 from .errors import BusError, PayloadTooLargeError, PluginNotFoundError, RequestTimeoutError
 from .subjects import NODE_SERVICE, control_subject, msg_subject, request_subject, topic_subject
+from .tracing import record_error, send_span
 
 __all__ = ["Client"]
 
@@ -71,6 +72,15 @@ class Client:
 
     async def _request(self, subject: str, data: bytes, timeout: float, headers: dict[str, str],
                        what: str) -> bytes:
+        with send_span(subject, headers, message_id=headers.get(H_MSG_ID), body_size=len(data)) as span:
+            try:
+                return await self._request_raw(subject, data, timeout, headers, what)
+            except Exception as e:
+                record_error(span, e)
+                raise
+
+    async def _request_raw(self, subject: str, data: bytes, timeout: float, headers: dict[str, str],
+                           what: str) -> bytes:
         try:
             msg = await self.nc.request(subject, data, timeout=timeout, headers=headers)
         except NoRespondersError as e:
@@ -119,10 +129,11 @@ class Client:
         if len(data) > self.nc.max_payload:
             raise PayloadTooLargeError(f"message of {len(data)} bytes exceeds the max payload of "
                                        f"{self.nc.max_payload} bytes", size=len(data), limit=self.nc.max_payload)
-        if durable and await self._jetstream():
-            await self.nc.jetstream().publish(subject, data, headers=headers)
-        else:
-            await self.nc.publish(subject, data, headers=headers)
+        with send_span(subject, headers, message_id=message.id, body_size=len(data)):
+            if durable and await self._jetstream():
+                await self.nc.jetstream().publish(subject, data, headers=headers)
+            else:
+                await self.nc.publish(subject, data, headers=headers)
         return message.id
 
     async def send(self, plugin: str, payload: Any = None, *, timeout: float | None = None) -> Any:
@@ -130,7 +141,8 @@ class Client:
         message = PluginMessage(from_=self.sender, to=plugin, payload=payload)
         headers = {**JSON, H_MSG_ID: message.id, H_FROM: self.sender}
         if timeout is None:
-            await self.nc.publish(msg_subject(plugin), message.to_json(), headers=headers)
+            with send_span(msg_subject(plugin), headers, message_id=message.id):
+                await self.nc.publish(msg_subject(plugin), message.to_json(), headers=headers)
             return None
         data = await self._request(msg_subject(plugin), message.to_json(), timeout, headers, f"plugin {plugin!r}")
         return orjson.loads(data)

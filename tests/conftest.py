@@ -66,6 +66,25 @@ def c_guest(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 
 
 @pytest.fixture(scope="session")
+def c_guest_flags(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Compile tests/bus/guests/<source>.c under an output name, with extra clang flags."""
+    out_dir = tmp_path_factory.mktemp("bus-guests")
+
+    def build(source: str, name: str, *flags: str) -> Path:
+        out = out_dir / f"{name}.wasm"
+        if not out.exists():
+            subprocess.run(
+                ["clang", "--target=wasm32-wasi", "--sysroot=/usr", "-O2", "-mexec-model=reactor",
+                 "-Wl,--strip-all", "-Wall", "-Wextra", "-Werror", "-I", str(ROOT / "sdk" / "guest" / "c"),
+                 *flags, "-o", str(out), str(ROOT / "tests" / "bus" / "guests" / f"{source}.c")],
+                check=True, capture_output=True,
+            )
+        return out
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def wat() -> Callable[[str], bytes]:
     """The bytes of tests/host/wat/<name>.wat."""
 

@@ -1,0 +1,236 @@
+"""One trace across client -> node B (plugin publishes) -> node A (subscribed plugin), exported by the
+real OTLP/HTTP exporter to a receiver in the test that decodes opentelemetry-proto."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from bus.server import NatsServer
+from sdk.client import Client
+from sdk.errors import ExecutionTimeoutError, SecurityViolationError
+from tests.bus.conftest import POLICY, RECORDER_TOML, SPINNER_TOML, NodeProcess
+
+WATCHER_TOML = """
+[plugin]
+name = "watcher"
+version = "2.1.0"
+description = "echo, subscribed to what recorders saw"
+author = "tests"
+license = "Apache-2.0"
+min_runtime_version = "0.1.0"
+[capabilities]
+required = ["compute"]
+[subscriptions]
+topics = ["seen.*"]
+"""
+
+
+class Receiver:
+    """An OTLP/HTTP trace receiver: decodes every export into plain dicts."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                req = ExportTraceServiceRequest()
+                req.ParseFromString(body)
+                receiver._add(req)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _add(self, req: ExportTraceServiceRequest) -> None:
+        out = []
+        for rs in req.resource_spans:
+            res = {a.key: _value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    out.append({
+                        "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
+                        "parent": s.parent_span_id.hex() or None, "name": s.name, "kind": s.kind,
+                        "attributes": {a.key: _value(a.value) for a in s.attributes},
+                        "events": [{"name": e.name, "attributes": {a.key: _value(a.value) for a in e.attributes}}
+                                   for e in s.events],
+                        "links": [ln.span_id.hex() for ln in s.links],
+                        "service": res.get("service.name"), "instance": res.get("service.instance.id"),
+                    })
+        with self.lock:
+            self.spans.extend(out)
+
+    def trace(self, trace_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [s for s in self.spans if s["trace_id"] == trace_id]
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; have {len(self.spans)} spans")
+            time.sleep(0.02)  # the exporters post from their own threads
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def _value(v: Any) -> Any:
+    return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    # The test process is the client: its spans go through the real OTLP exporter too.
+    provider = TracerProvider(resource=Resource.create({"service.name": "test-client"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{r.url}/v1/traces")))
+    trace.set_tracer_provider(provider)
+    yield r
+    provider.shutdown()
+    r.close()
+
+
+def _plugin_dir(root: Path, files: dict[str, tuple[Path | bytes, str]]) -> Path:
+    d = root / "plugins"
+    d.mkdir(parents=True)
+    for name, (wasm, manifest) in files.items():
+        if isinstance(wasm, Path):
+            shutil.copy(wasm, d / f"{name}.wasm")
+        else:
+            (d / f"{name}.wasm").write_bytes(wasm)
+        (d / f"{name}.toml").write_text(manifest)
+    (root / "policy.toml").write_text(POLICY)
+    return d
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path, receiver: Receiver, plugins_dir: Path, c_guest_flags: Callable[..., Path],
+              wat: Callable[[str], bytes]) -> Iterator[tuple[NatsServer, NodeProcess, NodeProcess]]:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50",
+           "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+    a_dir = _plugin_dir(tmp_path / "a", {"watcher": (plugins_dir / "echo.wasm", WATCHER_TOML)})
+    b_dir = _plugin_dir(tmp_path / "b", {
+        "rec_a": (c_guest_flags("recorder", "rec_a", '-DPLUGIN_NAME="rec_a"'),
+                  RECORDER_TOML.format(name="rec_a", durable="true")),
+        "spinner": (wat("adversary"), SPINNER_TOML),
+    })
+    with NatsServer() as server:
+        a = NodeProcess("node-a", a_dir, server.url, tmp_path / "a.log", env=env)
+        b = NodeProcess("node-b", b_dir, server.url, tmp_path / "b.log", env=env)
+        try:
+            a.wait_ready()
+            b.wait_ready()
+            yield server, a, b
+        finally:
+            a.terminate()
+            b.terminate()
+
+
+async def test_one_trace_across_client_two_nodes_and_a_topic(two_nodes: tuple[NatsServer, Any, Any],
+                                                             receiver: Receiver) -> None:
+    server, _, _ = two_nodes
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("test request") as root:
+        async with await Client.connect(server.url) as c:
+            assert await c.request("rec_a", "handle_request", {"hello": "trace"}) == {"published": True}
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    chain = [
+        ("send sandbus.req.rec_a.handle_request", "test request", "test-client", None, 4),
+        ("process sandbus.req.rec_a.handle_request", "send sandbus.req.rec_a.handle_request", "sandbus-node",
+         "node-b", 5),
+        ("execute rec_a.handle_request", "process sandbus.req.rec_a.handle_request", "sandbus-node", "node-b", 1),
+        ("send sandbus.topic.seen.rec_a", "execute rec_a.handle_request", "sandbus-node", "node-b", 4),
+        ("process sandbus.topic.seen.rec_a", "send sandbus.topic.seen.rec_a", "sandbus-node", "node-a", 5),
+        ("execute watcher.handle_request", "process sandbus.topic.seen.rec_a", "sandbus-node", "node-a", 1),
+    ]
+    expected = {name for name, *_ in chain}
+    receiver.wait_for(lambda: expected <= {s["name"] for s in receiver.trace(trace_id)}, 20,
+                      "every span of the chain")
+    spans = {s["name"]: s for s in receiver.trace(trace_id)}
+    for name, parent, service, instance, kind in chain:
+        span = spans[name]
+        assert span["parent"] == spans[parent]["span_id"], f"{name} should be a child of {parent}"
+        assert span["service"] == service
+        if instance:
+            assert span["instance"] == instance
+        assert span["kind"] == kind  # 4 PRODUCER, 5 CONSUMER, 1 INTERNAL
+    process = spans["process sandbus.topic.seen.rec_a"]["attributes"]
+    assert process["messaging.system"] == "nats"
+    assert process["messaging.operation.type"] == "process"
+    assert process["messaging.destination.name"] == "sandbus.topic.seen.rec_a"
+    assert process["messaging.consumer.group.name"] == "sandbus.watcher"
+    assert process["messaging.nats.delivery_count"] == 1
+    execute = spans["execute watcher.handle_request"]["attributes"]
+    assert execute["sandbus.plugin.name"] == "watcher"
+    assert execute["sandbus.plugin.version"] == "2.1.0"
+    assert execute["sandbus.outcome"] == "ok"
+    assert execute["sandbus.fuel_consumed"] > 0
+
+
+async def test_audit_events_ride_on_the_execution_span(two_nodes: tuple[NatsServer, Any, Any],
+                                                       receiver: Receiver) -> None:
+    server, _, _ = two_nodes
+    tracer = trace.get_tracer("test")
+    ids = {}
+    async with await Client.connect(server.url) as c:
+        with tracer.start_as_current_span("denied") as denied, pytest.raises(SecurityViolationError):
+            await c.request("rec_a", "handle_request", {"forbidden": 1})
+        ids["denied"] = format(denied.get_span_context().trace_id, "032x")
+        with tracer.start_as_current_span("timeout") as slow, pytest.raises(ExecutionTimeoutError):
+            await c.request("spinner", "loop_forever", {}, timeout=10)
+        ids["timeout"] = format(slow.get_span_context().trace_id, "032x")
+    for case, span_name, event in (("denied", "execute rec_a.handle_request", "audit.security.publish_denied"),
+                                   ("timeout", "execute spinner.loop_forever", "audit.limit.timeout")):
+        receiver.wait_for(lambda n=span_name, t=ids[case]: any(s["name"] == n for s in receiver.trace(t)),
+                          20, span_name)
+        span = next(s for s in receiver.trace(ids[case]) if s["name"] == span_name)
+        events = {e["name"]: e["attributes"] for e in span["events"]}
+        assert event in events, f"{span_name} events: {list(events)}"
+        assert events[event]["audit.level"] in ("warning", "critical")
+        assert span["attributes"]["sandbus.outcome"] == "error"
+        assert span["attributes"]["error.type"] in ("security.violation", "limit.timeout")
+
+
+async def test_sampling_off_exports_nothing(tmp_path: Path, receiver: Receiver, plugins_dir: Path) -> None:
+    d = _plugin_dir(tmp_path, {"echo": (plugins_dir / "echo.wasm", (plugins_dir / "echo.toml").read_text())})
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_TRACES_SAMPLER": "always_off"}
+    with NatsServer() as server:
+        node = NodeProcess("node-off", d, server.url, tmp_path / "off.log", env=env)
+        try:
+            node.wait_ready()
+            async with await Client.connect(server.url) as c:
+                for i in range(20):
+                    assert await c.request("echo", "handle_request", [i]) == [i]
+        finally:
+            assert node.terminate() == 0  # shutdown flushes the exporter: nothing is left in flight
+    assert not [s for s in receiver.spans if s["instance"] == "node-off"]
