@@ -216,6 +216,61 @@ def ls(
     Console().print(table)
 
 
+def trace_cmd(
+    plugin: Annotated[str, typer.Argument(help="Plugin name.")],
+    function: Annotated[str, typer.Argument(help="Function to call.")] = "handle_request",
+    payload: Annotated[str, typer.Argument(help="Request JSON, or - for stdin.")] = "{}",
+    nats_url: NatsOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 5.0,
+) -> None:
+    """Send one traced request; print its trace id and the spans of the client and the serving node."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from rich.tree import Tree
+
+    from .telemetry import SpanCollector
+
+    data = _json_arg(payload)
+    provider = TracerProvider(resource=Resource.create({"service.name": "sandbus-cli",
+                                                        "service.instance.id": "cli"}))
+    collector = SpanCollector()
+    provider.add_span_processor(collector)
+    trace.set_tracer_provider(provider)
+
+    async def go(c: Client) -> tuple[int, bytes, dict[str, str], list[dict[str, Any]]]:
+        with provider.get_tracer("sandbus.cli").start_as_current_span(f"sandbus trace {plugin}.{function}") as root:
+            trace_id = root.get_span_context().trace_id
+            collector.watch(trace_id)
+            reply, headers, spans = await c.trace_request(plugin, function, data, timeout=timeout)
+        return trace_id, reply, headers, spans
+
+    trace_id, reply, headers, node_spans = _client_run(go, nats_url)
+    spans = collector.take(trace_id) + node_spans
+    typer.echo(f"trace id {trace_id:032x}  (Jaeger: /trace/{trace_id:032x})")
+    by_parent: dict[str | None, list[dict[str, Any]]] = {}
+    ids = {s["span_id"] for s in spans}
+    for s in spans:
+        by_parent.setdefault(s["parent_id"] if s["parent_id"] in ids else None, []).append(s)
+    tree = Tree("spans")
+
+    def add(node: Tree, parent: str | None) -> None:
+        for s in by_parent.get(parent, []):
+            attrs = {k: v for k, v in s["attributes"].items() if k.startswith(("sandbus.", "error."))}
+            label = f"[bold]{s['name']}[/] {s['duration_ms']:.3f} ms  [dim]{s['service']}[/]"
+            if attrs:
+                label += "  " + " ".join(f"{k.removeprefix('sandbus.')}={v}" for k, v in attrs.items())
+            if s["events"]:
+                label += "  [yellow]" + ", ".join(s["events"]) + "[/]"
+            add(node.add(label), s["span_id"])
+
+    add(tree, None)
+    Console(stderr=True).print(tree)
+    sys.stdout.buffer.write(reply + b"\n")
+    if "Sandbus-Error-Code" in headers:
+        raise typer.Exit(1)
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -225,4 +280,5 @@ def register(app: typer.Typer) -> None:
     app.command()(request)
     app.command()(pub)
     app.command()(ls)
+    app.command("trace")(trace_cmd)
     logging.getLogger("nats").setLevel(logging.WARNING)

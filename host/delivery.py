@@ -24,18 +24,19 @@ from nats.js.errors import NotFoundError
 
 from sdk.envelope import H_ERROR, H_ERROR_CODE, H_MSG_ID, error_reply
 from sdk.errors import SandbusError
-from sdk.subjects import DLQ_PREFIX, TOPIC_PREFIX, dlq_subject, topic_subject
+from sdk.subjects import AUDIT_PREFIX, DLQ_PREFIX, TOPIC_PREFIX, dlq_subject, topic_subject
 
 from .sandbox import AuditLevel
 
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["DLQ_STREAM", "TOPIC_STREAM", "DurableTopics", "ensure_streams"]
+__all__ = ["AUDIT_STREAM", "DLQ_STREAM", "TOPIC_STREAM", "DurableTopics", "ensure_streams"]
 
 log = logging.getLogger("sandbus.delivery")
 
 TOPIC_STREAM = "SANDBUS_TOPICS"
+AUDIT_STREAM = "SANDBUS_AUDIT"
 DLQ_STREAM = "SANDBUS_DLQ"
 MAX_DELIVER = 5
 BACKOFF_S = (0.1, 0.5, 2.0, 5.0)
@@ -49,6 +50,8 @@ async def ensure_streams(nc: Client) -> bool:
         await js.add_stream(name=TOPIC_STREAM, subjects=[f"{TOPIC_PREFIX}.>"], duplicate_window=120.0,
                             max_age=WEEK_S, storage=api.StorageType.FILE)
         await js.add_stream(name=DLQ_STREAM, subjects=[f"{DLQ_PREFIX}.>"], max_age=4 * WEEK_S,
+                            storage=api.StorageType.FILE)
+        await js.add_stream(name=AUDIT_STREAM, subjects=[f"{AUDIT_PREFIX}.>"], max_age=4 * WEEK_S,
                             storage=api.StorageType.FILE)
     except Exception as e:  # no JetStream on this server (NoRespondersError / ServiceUnavailable)
         log.debug("JetStream unavailable: %r", e)

@@ -41,13 +41,22 @@ from nats.aio.subscription import Subscription
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
+from opentelemetry import trace
 from opentelemetry.context import Context
 
 from bus.connection import ConnectOptions, connect
 from sdk.envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_reply, new_message_id
 from sdk.errors import AbiViolationError, PayloadTooLargeError, PluginNotFoundError, SandbusError
-from sdk.subjects import MSG_PREFIX, NODE_SERVICE, REQ_PREFIX, control_subject, plugin_queue, topic_subject
-from sdk.tracing import send_span
+from sdk.subjects import (
+    MSG_PREFIX,
+    NODE_SERVICE,
+    REQ_PREFIX,
+    audit_subject,
+    control_subject,
+    plugin_queue,
+    topic_subject,
+)
+from sdk.tracing import H_TRACE_DEBUG, H_TRACE_SPANS, extract, send_span
 
 from .bus_hostfuncs import BusBridge
 from .delivery import DurableTopics
@@ -113,6 +122,7 @@ class Node:
         self._message_fn: dict[str, str] = {}
         self._versions: dict[str, str] = {}
         self.telemetry = telemetry or Telemetry("sandbus-node", self.node_id)
+        self._debug_telemetry: Telemetry | None = None
         self._demoted_until: dict[str, float] = {}
         manager.auditor.add_sink(self._on_audit)
         manager.auditor.add_sink(self.telemetry.on_audit)
@@ -165,9 +175,18 @@ class Node:
         log.info("node %s reconnected to %s", self.node_id, self.nc.connected_url if self.nc else "?")
 
     def _on_audit(self, event: AuditEvent) -> None:
-        if event.kind.startswith("lifecycle.") and self._loop is not None and not self._stopping:
-            # Called from whatever thread loaded the plugin: hop onto the loop to resubscribe.
-            self._loop.call_soon_threadsafe(self._spawn, self.sync())
+        if self._loop is None or self._loop.is_closed() or self._stopping:
+            return
+        # Called from whatever thread raised the event: hop onto the loop.
+        self._loop.call_soon_threadsafe(self._spawn_audit, event)
+
+    def _spawn_audit(self, event: AuditEvent) -> None:
+        if event.kind.startswith("lifecycle."):
+            self._spawn(self.sync())
+        if self.nc is not None and self.nc.is_connected:
+            # The SANDBUS_AUDIT stream keeps the trail, so an operator can replay it.
+            self._spawn(self.nc.publish(audit_subject(self.node_id), orjson.dumps(event.to_dict(), default=str),
+                                        headers=dict(JSON)))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -278,13 +297,13 @@ class Node:
             return None
 
     async def call(self, plugin: str, function: str, payload: bytes, *, msg: Msg | None = None,
-                   delivery: int | None = None) -> CallResult:
+                   delivery: int | None = None, telemetry: Telemetry | None = None) -> CallResult:
         """Run one call: inline when it may, else in a worker thread under the plugin's concurrency gate.
 
         With tracing on and the NATS message given, the call is a ``process`` span (parented by the
         sender's trace context) around an ``execute`` span.
         """
-        tel = self.telemetry
+        tel = telemetry or self.telemetry
         if msg is None or not tel.enabled:
             return await self._call(plugin, function, payload)
         headers = msg.headers or {}
@@ -325,7 +344,7 @@ class Node:
         # The common case stays in this callback (no task): a valid request to a plugin that may run
         # inline. Everything else becomes a task, so this subscription keeps reading.
         _, _, plugin, function = msg.subject.split(".", 3)
-        if self.telemetry.enabled:
+        if self.telemetry.enabled or (msg.headers and H_TRACE_DEBUG in msg.headers):
             self._spawn(self._serve_request(msg, plugin, function))
             return
         try:
@@ -343,6 +362,9 @@ class Node:
             await self._reply(msg, result.reply, None)
 
     async def _serve_request(self, msg: Msg, plugin: str, function: str) -> None:
+        if msg.headers and msg.headers.get(H_TRACE_DEBUG):
+            await self._serve_traced_debug(msg, plugin, function)
+            return
         try:
             try:
                 orjson.loads(msg.data)
@@ -357,6 +379,23 @@ class Node:
             await self._reply(msg, *error_reply(SandbusError(f"internal error: {e}", plugin=plugin)))
             return
         await self._reply(msg, result.reply, None)
+
+    async def _serve_traced_debug(self, msg: Msg, plugin: str, function: str) -> None:
+        """``sandbus trace``: trace this request whatever the sampling, and return our spans in a header."""
+        if not self.telemetry.enabled and self._debug_telemetry is None:
+            self._debug_telemetry = Telemetry("sandbus-node", self.node_id, enabled=True, export=False,
+                                              set_global=False)
+        tel = self.telemetry if self.telemetry.enabled else self._debug_telemetry
+        assert tel is not None
+        parent = trace.get_current_span(extract(msg.headers)).get_span_context()
+        tel.collector.watch(parent.trace_id)
+        try:
+            data: bytes = (await self.call(plugin, function, msg.data, msg=msg, telemetry=tel)).reply
+            headers: dict[str, str] = {}
+        except SandbusError as e:
+            data, headers = error_reply(e)
+        headers[H_TRACE_SPANS] = orjson.dumps(tel.collector.take(parent.trace_id)).decode()
+        await self._reply(msg, data, headers)
 
     async def _on_direct(self, msg: Msg) -> None:
         self._spawn(self._serve_message(msg, msg.subject.rsplit(".", 1)[1], None))

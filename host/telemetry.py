@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Link, Span, SpanKind
 
@@ -30,7 +31,7 @@ from sdk.tracing import TRACER_NAME, extract, messaging_attributes, record_error
 
 from .sandbox import AuditEvent, AuditLevel, CallResult
 
-__all__ = ["Telemetry", "tracing_configured"]
+__all__ = ["SpanCollector", "Telemetry", "tracing_configured"]
 
 log = logging.getLogger("sandbus.telemetry")
 
@@ -63,6 +64,46 @@ def _exporter() -> SpanExporter:
     return OTLPSpanExporter()
 
 
+class SpanCollector(SpanProcessor):
+    """Keeps the finished spans of traces someone is watching (``sandbus trace``), nothing else."""
+
+    def __init__(self) -> None:
+        self._watched: dict[int, list[ReadableSpan]] = {}
+        self._lock = threading.Lock()
+
+    def watch(self, trace_id: int) -> None:
+        with self._lock:
+            self._watched.setdefault(trace_id, [])
+
+    def take(self, trace_id: int) -> list[dict[str, Any]]:
+        with self._lock:
+            spans = self._watched.pop(trace_id, [])
+        return [_summary(s) for s in spans]
+
+    def on_end(self, span: ReadableSpan) -> None:
+        ctx = span.get_span_context()
+        if ctx is None:
+            return
+        with self._lock:
+            bucket = self._watched.get(ctx.trace_id)
+            if bucket is not None and len(bucket) < 256:
+                bucket.append(span)
+
+
+def _summary(span: ReadableSpan) -> dict[str, Any]:
+    ctx = span.get_span_context()
+    start, end = span.start_time or 0, span.end_time or 0
+    return {
+        "name": span.name,
+        "span_id": format(ctx.span_id, "016x") if ctx else None,
+        "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
+        "service": span.resource.attributes.get("service.instance.id"),
+        "duration_ms": round((end - start) / 1e6, 3),
+        "attributes": {k: v for k, v in (span.attributes or {}).items() if not k.startswith("messaging.message")},
+        "events": [e.name for e in span.events],
+    }
+
+
 class Telemetry:
     """One node's tracer and meters.
 
@@ -74,19 +115,22 @@ class Telemetry:
     """
 
     def __init__(self, service_name: str, instance_id: str, *, enabled: bool | None = None,
-                 extra_processors: list[SpanProcessor] | None = None) -> None:
+                 extra_processors: list[SpanProcessor] | None = None, export: bool = True,
+                 set_global: bool = True) -> None:
         self.enabled = tracing_configured() if enabled is None else enabled
         self.provider: TracerProvider | None = None
+        self.collector = SpanCollector()
         if self.enabled:
             resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name),
                                         "service.instance.id": instance_id})
             self.provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
-            if tracing_configured():
+            if export and tracing_configured():
                 self.provider.add_span_processor(BatchSpanProcessor(_exporter()))
-            for p in extra_processors or []:
+            for p in [self.collector, *(extra_processors or [])]:
                 self.provider.add_span_processor(p)
-            # The global provider too: sdk.client spans made in this process (sandbus trace) join it.
-            trace.set_tracer_provider(self.provider)
+            if set_global:
+                # Host-function publishes and client spans made in this process join the same provider.
+                trace.set_tracer_provider(self.provider)
             self.tracer: trace.Tracer = self.provider.get_tracer(TRACER_NAME)
         else:
             self.tracer = trace.NoOpTracer()

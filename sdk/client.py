@@ -21,7 +21,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from .envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_from_reply, new_message_id
 from .errors import BusError, PayloadTooLargeError, PluginNotFoundError, RequestTimeoutError
 from .subjects import NODE_SERVICE, control_subject, msg_subject, request_subject, topic_subject
-from .tracing import record_error, send_span
+from .tracing import H_TRACE_DEBUG, H_TRACE_SPANS, record_error, send_span
 
 __all__ = ["Client"]
 
@@ -100,6 +100,25 @@ class Client:
         """Call ``function`` of ``plugin`` on whichever node serves it; the raw reply bytes."""
         headers = {**JSON, H_MSG_ID: new_message_id(), H_FROM: self.sender}
         return await self._request(request_subject(plugin, function), payload, timeout, headers, f"plugin {plugin!r}")
+
+    async def trace_request(self, plugin: str, function: str, payload: bytes, *,
+                            timeout: float = 5.0) -> tuple[bytes, dict[str, str], list[dict[str, Any]]]:
+        """A request the node traces whatever its sampling: (reply, reply headers, the node's spans).
+
+        The caller should have a span current (its trace id is the one to look up later).
+        """
+        headers = {**JSON, H_MSG_ID: new_message_id(), H_FROM: self.sender, H_TRACE_DEBUG: "1"}
+        subject = request_subject(plugin, function)
+        with send_span(subject, headers, message_id=headers[H_MSG_ID], body_size=len(payload)):
+            try:
+                msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+            except NoRespondersError as e:
+                raise PluginNotFoundError(f"no node serves plugin {plugin!r}") from e
+            except NatsTimeoutError as e:
+                raise RequestTimeoutError(f"no reply from plugin {plugin!r} within {timeout:g} s") from e
+        reply_headers = dict(msg.headers or {})
+        spans = orjson.loads(reply_headers.pop(H_TRACE_SPANS, "[]"))
+        return bytes(msg.data), reply_headers, spans
 
     async def request(self, plugin: str, function: str = "handle_request", payload: Any = None, *,
                       timeout: float = 5.0) -> Any:

@@ -21,6 +21,8 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 __all__ = [
+    "H_TRACE_DEBUG",
+    "H_TRACE_SPANS",
     "TRACER_NAME",
     "extract",
     "inject",
@@ -31,6 +33,10 @@ __all__ = [
 ]
 
 TRACER_NAME = "sandbus"
+#: A request carrying this header is traced by the node whatever its sampling, and the node's spans
+#: come back in the reply's ``Sandbus-Trace-Spans`` header (JSON list): ``sandbus trace`` uses it.
+H_TRACE_DEBUG = "Sandbus-Trace-Debug"
+H_TRACE_SPANS = "Sandbus-Trace-Spans"
 
 
 def tracer() -> trace.Tracer:

@@ -101,6 +101,18 @@ async def test_publish_outside_the_granted_topics_is_a_security_violation(nats_s
         with pytest.raises(SecurityViolationError, match=r"forbidden\.topic"):
             await c.request("rec_a", "handle_request", {"forbidden": 1})
         assert await c.request("rec_a", "handle_request", {"fine": 1}) == {"published": True}
+        # The denial is in the durable audit trail, replayable from the start of the stream.
+        sub = await c.nc.jetstream().subscribe("sandbus.audit.n1", ordered_consumer=True)
+        kinds = []
+        for _ in range(200):
+            event = orjson.loads((await sub.next_msg(timeout=5)).data)
+            kinds.append(event["kind"])
+            if event["kind"] == "security.publish_denied":
+                assert event["plugin"] == "rec_a"
+                assert event["level"] == "critical"
+                break
+        assert "security.publish_denied" in kinds
+        await sub.unsubscribe()
 
 
 async def test_bad_requests_get_error_replies_not_silence(nats_server: NatsServer, start_node: StartNode) -> None:

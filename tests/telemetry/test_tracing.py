@@ -234,3 +234,27 @@ async def test_sampling_off_exports_nothing(tmp_path: Path, receiver: Receiver, 
         finally:
             assert node.terminate() == 0  # shutdown flushes the exporter: nothing is left in flight
     assert not [s for s in receiver.spans if s["instance"] == "node-off"]
+
+
+def test_sandbus_trace_shows_node_spans_without_a_collector(tmp_path: Path, plugins_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    d = _plugin_dir(tmp_path, {"echo": (plugins_dir / "echo.wasm", (plugins_dir / "echo.toml").read_text())})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    with NatsServer() as server:
+        node = NodeProcess("node-t", d, server.url, tmp_path / "t.log")  # no OTEL_* set: tracing off
+        try:
+            node.wait_ready()
+            r = subprocess.run([sys.executable, "-m", "host.cli", "trace", "echo", "handle_request", '{"x": 1}',
+                                "--nats", server.url], capture_output=True, text=True, timeout=60, env=env)
+        finally:
+            node.terminate()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == '{"x": 1}'
+    assert r.stdout.startswith("trace id ")
+    for name in ("send sandbus.req.echo.handle_request", "process sandbus.req.echo.handle_request",
+                 "execute echo.handle_request"):
+        assert name in r.stderr
+    assert "node-t" in r.stderr
