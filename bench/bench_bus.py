@@ -17,7 +17,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import nats
@@ -61,10 +63,28 @@ durable = true
 """
 
 
-def start(args: list[str], ready: str, log: Path) -> subprocess.Popen[bytes]:
+def _otlp_sink() -> ThreadingHTTPServer:
+    """Accepts OTLP/HTTP exports and drops them: the exporter does its full work, nothing is stored."""
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def start(args: list[str], ready: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     f = log.open("wb")
     proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     deadline = time.monotonic() + 60
     while ready not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -155,6 +175,12 @@ def main() -> None:
         shutil.copy(ROOT / "plugins" / "build" / f"echo.{ext}", plugins / f"echo.{ext}")
     shutil.copy(ROOT / "plugins" / "build" / "echo.wasm", plugins / "echo_topics.wasm")
     (plugins / "echo_topics.toml").write_text(ECHO_TOPICS)
+    traced = work / "traced"
+    traced.mkdir()
+    shutil.copy(ROOT / "plugins" / "build" / "echo.wasm", traced / "echo_traced.wasm")
+    (traced / "echo_traced.toml").write_text((ROOT / "plugins" / "build" / "echo.toml").read_text()
+                                             .replace('name = "echo"', 'name = "echo_traced"'))
+    sink = _otlp_sink()
     console = Console(width=140)
     with NatsServer(store_dir=work / "nats") as server:
         bare = start([sys.executable, "-c", BARE, server.url], "ready", work / "bare.log")
@@ -172,6 +198,21 @@ def main() -> None:
                               f"{s[2]:.2f}", f"{s[0] / b[0]:.2f}×", f"{s[2] / b[2]:.2f}×")
             console.print(table)
             console.print("targets: throughput ≥ 0.85× bare at c=64 and c=256; p99 ≤ 1.5× bare")
+            traced_node = start([sys.executable, "-m", "host.cli", "node", "--plugins", str(traced), "--nats",
+                                 server.url, "--node-id", "bench-traced", "--no-watch", "--no-durable"],
+                                "node bench-traced ready", work / "traced.log",
+                                env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}"})
+            try:
+                t3 = Table(title="tracing: every request traced (OTLP/HTTP to a local sink) vs tracing off, c=64")
+                for col in ("tracing off req/s", "tracing on req/s", "ratio", "spans per request"):
+                    t3.add_column(col, justify="right")
+                off = asyncio.run(load(server.url, "sandbus.req.echo.handle_request", 64, duration))
+                on = asyncio.run(load(server.url, "sandbus.req.echo_traced.handle_request", 64, duration))
+                t3.add_row(f"{off[0]:,.0f}", f"{on[0]:,.0f}", f"{on[0] / off[0]:.2f}×", "2 (process + execute)")
+                console.print(t3)
+                console.print("target: ≥ 0.7× with every request traced")
+            finally:
+                stop(traced_node)
             n = 2000 if args.quick else 10000
             js_bare = asyncio.run(bare_jetstream(server.url, n))
             js_node = asyncio.run(durable_topics(server.url, n))
@@ -183,6 +224,7 @@ def main() -> None:
         finally:
             stop(node)
             stop(bare)
+    sink.shutdown()
     shutil.rmtree(work, ignore_errors=True)
 
 
