@@ -206,13 +206,15 @@ def ls(
         return
     table = Table(title=f"{len(nodes)} node(s)")
     for col in ("node", "plugin", "version", "status", "calls", "errors", "p50 ms", "p99 ms", "instances",
-                "last error"):
+                "in flight", "queued", "fuel", "memory", "last error"):
         table.add_column(col)
     for view in nodes:
         for p in view.get("plugins", []) or [{}]:
             table.add_row(view["node_id"], p.get("name", "-"), p.get("version") or "-", p.get("status", "-"),
                           str(p.get("executions", "")), str(p.get("errors", "")), _ms(p.get("p50_ms")),
-                          _ms(p.get("p99_ms")), str(p.get("instances", "")), (p.get("last_error") or "")[:60])
+                          _ms(p.get("p99_ms")), str(p.get("instances", "")), str(p.get("in_flight", "")),
+                          str(p.get("queue_depth", "")), str(p.get("fuel_used", "")),
+                          _bytes(p.get("memory_bytes")), (p.get("last_error") or "")[:60])
     Console().print(table)
 
 
@@ -269,6 +271,10 @@ def trace_cmd(
     sys.stdout.buffer.write(reply + b"\n")
     if "Sandbus-Error-Code" in headers:
         raise typer.Exit(1)
+
+
+def _bytes(v: int | None) -> str:
+    return "-" if v is None else f"{v / 1024:.0f} KiB"
 
 
 def _ms(v: float | None) -> str:

@@ -126,6 +126,7 @@ class Node:
         self._demoted_until: dict[str, float] = {}
         manager.auditor.add_sink(self._on_audit)
         manager.auditor.add_sink(self.telemetry.on_audit)
+        self.telemetry.observe(self._gauges)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -451,12 +452,28 @@ class Node:
         except SandbusError as e:
             await req.respond(*error_reply(e))
 
+    def queue_depth(self, plugin: str) -> int:
+        """Calls waiting for one of the plugin's instances on this node."""
+        gate = self._gates.get(plugin)
+        waiters = getattr(gate, "_waiters", None) if gate is not None else None
+        return len(waiters) if waiters else 0
+
+    def _gauges(self) -> dict[str, dict[str, float]]:
+        plugins = self.manager.list_plugins()
+        return {
+            "sandbus.plugin.in_flight": {p.name: p.in_flight for p in plugins},
+            "sandbus.plugin.queue_depth": {p.name: self.queue_depth(p.name) for p in plugins},
+            "sandbus.plugin.memory": {p.name: p.memory_bytes for p in plugins},
+        }
+
     def _node_view(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
             "version": self.version,
             "durable_topics": self._durable is not None,
-            "plugins": [p.model_dump(mode="json") for p in self.manager.list_plugins()],
+            "inline_budget_ms": None if self.inline_budget_s is None else self.inline_budget_s * 1e3,
+            "plugins": [{**p.model_dump(mode="json"), "queue_depth": self.queue_depth(p.name)}
+                        for p in self.manager.list_plugins()],
         }
 
     async def _ctl_list(self, req: Request) -> None:

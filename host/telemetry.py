@@ -17,11 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -120,9 +123,9 @@ class Telemetry:
         self.enabled = tracing_configured() if enabled is None else enabled
         self.provider: TracerProvider | None = None
         self.collector = SpanCollector()
+        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name),
+                                   "service.instance.id": instance_id})
         if self.enabled:
-            resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name),
-                                        "service.instance.id": instance_id})
             self.provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
             if export and tracing_configured():
                 self.provider.add_span_processor(BatchSpanProcessor(_exporter()))
@@ -134,7 +137,17 @@ class Telemetry:
             self.tracer: trace.Tracer = self.provider.get_tracer(TRACER_NAME)
         else:
             self.tracer = trace.NoOpTracer()
-        meter = metrics.get_meter(TRACER_NAME)
+        self.meter_provider: MeterProvider | None = None
+        if self.enabled and export and tracing_configured() and \
+                os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() != "none":
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+            reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+            self.meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+            if set_global:
+                metrics.set_meter_provider(self.meter_provider)
+        meter = (self.meter_provider or metrics.get_meter_provider()).get_meter(TRACER_NAME)
+        self.meter = meter
         self._latency = meter.create_histogram("sandbus.call.duration", unit="s",
                                                description="plugin call latency")
         self._calls = meter.create_counter("sandbus.calls", description="plugin calls")
@@ -203,7 +216,23 @@ class Telemetry:
             if event.level is AuditLevel.CRITICAL:
                 own.set_attribute("error.type", event.kind)
 
+    def observe(self, gauges: Callable[[], dict[str, dict[str, float]]]) -> None:
+        """Per-plugin gauges read at export time (no cost per call): ``{metric: {plugin: value}}``."""
+
+        def callback(name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            def read(_options: CallbackOptions) -> Iterable[Observation]:
+                return [Observation(v, {"sandbus.plugin.name": p}) for p, v in gauges().get(name, {}).items()]
+
+            return read
+
+        for name, unit, desc in (("sandbus.plugin.in_flight", "{call}", "calls running"),
+                                 ("sandbus.plugin.queue_depth", "{call}", "calls waiting for an instance"),
+                                 ("sandbus.plugin.memory", "By", "linear memory held by the plugin's instances")):
+            self.meter.create_observable_gauge(name, callbacks=[callback(name)], unit=unit, description=desc)
+
     def shutdown(self) -> None:
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
         if self.provider is not None:
             self.provider.force_flush(5000)
             self.provider.shutdown()

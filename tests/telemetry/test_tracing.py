@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -45,6 +46,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.spans: list[dict[str, Any]] = []
+        self.metrics: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         receiver = self
 
@@ -53,9 +55,14 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
-                req = ExportTraceServiceRequest()
-                req.ParseFromString(body)
-                receiver._add(req)
+                if self.path == "/v1/metrics":
+                    mreq = ExportMetricsServiceRequest()
+                    mreq.ParseFromString(body)
+                    receiver._add_metrics(mreq)
+                else:
+                    req = ExportTraceServiceRequest()
+                    req.ParseFromString(body)
+                    receiver._add(req)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", "0")
@@ -86,6 +93,20 @@ class Receiver:
                     })
         with self.lock:
             self.spans.extend(out)
+
+    def _add_metrics(self, req: ExportMetricsServiceRequest) -> None:
+        with self.lock:
+            for rm in req.resource_metrics:
+                res = {a.key: _value(a.value) for a in rm.resource.attributes}
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        kind = m.WhichOneof("data")
+                        for dp in getattr(m, kind).data_points:
+                            attrs = {a.key: _value(a.value) for a in dp.attributes}
+                            value = dp.as_int if kind == "sum" and dp.HasField("as_int") else (
+                                dp.count if kind == "histogram" else getattr(dp, dp.WhichOneof("value")))
+                            self.metrics.append({"name": m.name, "instance": res.get("service.instance.id"),
+                                                 "plugin": attrs.get("sandbus.plugin.name"), "value": value})
 
     def trace(self, trace_id: str) -> list[dict[str, Any]]:
         with self.lock:
@@ -137,7 +158,7 @@ def _plugin_dir(root: Path, files: dict[str, tuple[Path | bytes, str]]) -> Path:
 def two_nodes(tmp_path: Path, receiver: Receiver, plugins_dir: Path, c_guest_flags: Callable[..., Path],
               wat: Callable[[str], bytes]) -> Iterator[tuple[NatsServer, NodeProcess, NodeProcess]]:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50",
-           "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+           "OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_METRIC_EXPORT_INTERVAL": "200"}
     a_dir = _plugin_dir(tmp_path / "a", {"watcher": (plugins_dir / "echo.wasm", WATCHER_TOML)})
     b_dir = _plugin_dir(tmp_path / "b", {
         "rec_a": (c_guest_flags("recorder", "rec_a", '-DPLUGIN_NAME="rec_a"'),
@@ -195,6 +216,24 @@ async def test_one_trace_across_client_two_nodes_and_a_topic(two_nodes: tuple[Na
     assert execute["sandbus.plugin.version"] == "2.1.0"
     assert execute["sandbus.outcome"] == "ok"
     assert execute["sandbus.fuel_consumed"] > 0
+
+
+async def test_metrics_are_exported_per_plugin(two_nodes: tuple[NatsServer, Any, Any], receiver: Receiver) -> None:
+    server, _, _ = two_nodes
+    async with await Client.connect(server.url) as c:
+        for i in range(5):
+            assert await c.request("rec_a", "handle_request", {"i": i}) == {"published": True}
+
+    def calls() -> float:
+        with receiver.lock:
+            got = [m["value"] for m in receiver.metrics
+                   if m["name"] == "sandbus.calls" and m["plugin"] == "rec_a" and m["instance"] == "node-b"]
+        return max(got, default=0)
+
+    receiver.wait_for(lambda: calls() >= 5, 20, "sandbus.calls for rec_a")
+    names = {m["name"] for m in receiver.metrics if m["instance"] == "node-b"}
+    assert {"sandbus.call.duration", "sandbus.call.fuel", "sandbus.plugin.in_flight",
+            "sandbus.plugin.queue_depth", "sandbus.plugin.memory"} <= names
 
 
 async def test_audit_events_ride_on_the_execution_span(two_nodes: tuple[NatsServer, Any, Any],
