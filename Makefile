@@ -42,7 +42,9 @@ pytest: $(STAMP) plugins
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) plugins
-	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_sandbox.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_lifecycle.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_bus.py $(BENCH_ARGS)
 
 clean:
 	rm -rf plugins/build .pytest_cache .mypy_cache .ruff_cache
