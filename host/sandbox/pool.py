@@ -99,17 +99,22 @@ class InstancePool:
             if self._closed:
                 self._drain()
             return
+        retire = False
         with self._cond:
             if inst.poisoned or self._closed:
                 self._created -= 1
                 if inst.poisoned:
                     self.replaced += 1
+                else:
+                    retire = True
             else:
                 self._idle.append(inst)
             self._cond.notify()
+        if retire:
+            inst.shutdown()  # it was busy when the pool closed: its sandbus_shutdown runs now
 
     def close(self) -> None:
-        """Shut down idle instances; busy ones are dropped when released."""
+        """Shut down idle instances now, busy ones when their call returns."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()

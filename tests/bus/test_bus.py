@@ -212,3 +212,22 @@ async def test_user_password_authentication(tmp_path: Any, start_node: StartNode
             await Client.connect(server.url, allow_reconnect=False)
         async with await Client.connect(server.url, user="node", password="s3cret") as c:
             assert await c.request("echo", "handle_request", {"auth": True}) == {"auth": True}
+
+
+async def test_tls_connection(tmp_path: Any, start_node: StartNode) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate (apt-get install openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    with NatsServer(extra_args=["--tls", "--tlscert", str(cert), "--tlskey", str(key)]) as server:
+        url = server.url.replace("nats://", "tls://")
+        start_node("n1", url, "--tls-ca", str(cert))
+        ctx = ssl.create_default_context(cafile=str(cert))
+        async with await Client.connect(url, tls=ctx) as c:
+            assert await c.request("echo", "handle_request", {"tls": True}) == {"tls": True}

@@ -77,3 +77,17 @@ def test_unknown_function_is_an_abi_error_and_lists_exports(plugins_dir: Path) -
 def test_missing_file_is_plugin_not_found(tmp_path: Path) -> None:
     with pytest.raises(PluginNotFoundError, match="no plugin file"):
         Sandbox(tmp_path / "missing.wasm")
+
+
+def test_an_instance_busy_at_close_is_shut_down_when_released(plugins_dir: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    sb = Sandbox(plugins_dir / "text_processor.wasm", limits=Limits(max_instances=2))
+    busy = sb.pool.acquire()
+    with caplog.at_level("INFO", logger="sandbus.plugin.text_processor"):
+        sb.close()
+        idle_shutdowns = sum("shutting down" in r.getMessage() for r in caplog.records)
+        sb.pool.release(busy)
+        all_shutdowns = sum("shutting down" in r.getMessage() for r in caplog.records)
+    assert idle_shutdowns == 0  # the one warm instance was busy
+    assert all_shutdowns == 1
+    assert sb.pool.size == 0
