@@ -215,7 +215,7 @@ def ls(
                           _ms(p.get("p99_ms")), str(p.get("instances", "")), str(p.get("in_flight", "")),
                           str(p.get("queue_depth", "")), str(p.get("fuel_used", "")),
                           _bytes(p.get("memory_bytes")), (p.get("last_error") or "")[:60])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def trace_cmd(

@@ -78,7 +78,7 @@ def bus_plugins(tmp_path: Path, plugins_dir: Path, c_guest_flags: Callable[..., 
     """A plugin directory: echo, text_processor, rec_a/rec_b (subscribed to orders.*), rec_core, spinner."""
     d = tmp_path / "plugins"
     d.mkdir()
-    for name in ("echo", "text_processor"):
+    for name in ("echo", "text_processor", "order_logger"):
         for ext in ("wasm", "toml"):
             shutil.copy(plugins_dir / f"{name}.{ext}", d / f"{name}.{ext}")
     for name, durable in (("rec_a", "true"), ("rec_b", "true")):

@@ -231,3 +231,22 @@ async def test_tls_connection(tmp_path: Any, start_node: StartNode) -> None:
         ctx = ssl.create_default_context(cafile=str(cert))
         async with await Client.connect(url, tls=ctx) as c:
             assert await c.request("echo", "handle_request", {"tls": True}) == {"tls": True}
+
+
+async def test_the_topic_example_counts_each_order_once(nats_server: NatsServer, start_node: StartNode) -> None:
+    start_node("n1", nats_server.url)
+    start_node("n2", nats_server.url)
+    async with await Client.connect(nats_server.url) as c:
+        for i in range(10):
+            await c.publish("orders.created", {"id": i})
+
+        async def executions() -> int:
+            views = await c.nodes(timeout=0.5)
+            return sum(p["executions"] for v in views for p in v["plugins"] if p["name"] == "order_logger")
+
+        total = 0
+        for _ in range(100):
+            total = await executions()
+            if total >= 10:
+                break
+        assert total == 10
