@@ -155,9 +155,11 @@ def _root() -> None:
 
 
 def main() -> None:
+    from .cli_author import register as register_author
     from .cli_bus import register
 
     register(app)
+    register_author(app)
     app()
 
 

@@ -2,22 +2,33 @@
 # Build every plugin from source into plugins/build/, a directory of plugins:
 #   plugins/<name>/<name>.wat          -> plugins/build/<name>.wasm  (wasmtime.wat2wasm)
 #   plugins/<name>/*.c                 -> plugins/build/<name>.wasm  (clang, wasm32-wasi reactor)
+#   plugins/<name>/*.ts | package.json -> plugins/build/<name>.wasm  (AssemblyScript: asc -O3 --runtime minimal)
+#   plugins/<name>/app.py              -> plugins/build/<name>.wasm  (Python: componentize-py, a component)
 #   plugins/<name>/<name>.toml         -> plugins/build/<name>.toml  (manifest, copied)
 #
 # Usage: plugins/build.sh [-f|--force] [NAME...]     (no NAME: every plugin)
-# Incremental: a wasm is rebuilt only when a source, the C SDK header (for C
-# plugins) or this script is newer than it.
+# Incremental: a wasm is rebuilt only when a source, its SDK (C header, AssemblyScript or Python
+# guest SDK, WIT world) or this script is newer than it.
+#
+# Toolchains: C needs clang + wasi-libc (Debian packages below). AssemblyScript needs node (>= 20)
+# and npm: the compiler is installed once with npm into sdk/guest/assemblyscript/node_modules (pinned
+# by its package-lock.json). Python plugins need componentize-py next to $PYTHON (pip install
+# componentize-py); without it they are skipped with a message, not failed.
 #
 # Environment:
-#   PYTHON        python with the `wasmtime` module, for .wat (default: python3)
-#   CLANG         clang driver (default: clang)
-#   WASI_SYSROOT  sysroot holding wasi-libc (default: /usr, Debian's layout)
-#   EXTRA_CFLAGS  appended to the C flags
+#   PYTHON          python with the `wasmtime` module, for .wat (default: python3); componentize-py is
+#                   looked up next to it, then on PATH
+#   CLANG           clang driver (default: clang)
+#   WASI_SYSROOT    sysroot holding wasi-libc (default: /usr, Debian's layout)
+#   EXTRA_CFLAGS    appended to the C flags
+#   NPM             npm (default: npm)
+#   EXTRA_ASCFLAGS  appended to the asc flags (e.g. "--runtime incremental")
+#   COMPONENTIZE_PY componentize-py executable (default: found as above)
 set -euo pipefail
 
 SCRIPT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 # Relative tool paths are relative to where the script was started.
-for var in PYTHON CLANG WASI_SYSROOT; do
+for var in PYTHON CLANG WASI_SYSROOT NPM COMPONENTIZE_PY; do
     val="${!var:-}"
     case "$val" in
         /*|"") ;;
@@ -34,6 +45,10 @@ WASI_SYSROOT="${WASI_SYSROOT:-/usr}"
 SDK_DIR="sdk/guest/c"
 OUT_DIR="plugins/build"
 APT_HINT="install the toolchain with: apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32"
+NPM="${NPM:-npm}"
+AS_SDK="sdk/guest/assemblyscript"
+PY_SDK="sdk/guest/python"
+NODE_HINT="AssemblyScript plugins need Node.js >= 20 and npm (Debian 13 / Ubuntu 24.04: apt-get install nodejs npm; older releases: https://deb.nodesource.com)"
 
 # --stack-first: the C shadow stack sits below the data, so overflowing it
 # traps (out-of-bounds access) instead of silently overwriting static data.
@@ -46,7 +61,7 @@ names=()
 for arg in "$@"; do
     case "$arg" in
         -f|--force) force=1 ;;
-        -h|--help) sed -n '2,15p' "$SCRIPT" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$SCRIPT" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "build.sh: unknown option $arg" >&2; exit 2 ;;
         *) names+=("$arg") ;;
     esac
@@ -103,6 +118,67 @@ check_c_tools() {
     c_checked=1
 }
 
+# The AssemblyScript compiler: installed once by npm into the SDK's own node_modules, so every AS
+# plugin builds with the version the SDK's package-lock.json pins (`npm ci`), and reinstalled when the
+# SDK's package.json or lock file changes.
+as_checked=0
+ASC="$AS_SDK/node_modules/.bin/asc"
+check_as_tools() {
+    [ "$as_checked" -eq 1 ] && return 0
+    command -v node >/dev/null 2>&1 || die "node not found; $NODE_HINT"
+    command -v "$NPM" >/dev/null 2>&1 || die "$NPM (npm) not found; $NODE_HINT"
+    local major
+    major="$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)"
+    [ "$major" -ge 20 ] 2>/dev/null || die "node $(node --version 2>/dev/null) is too old; $NODE_HINT"
+    local stamp="$AS_SDK/node_modules/.sandbus-installed"
+    if [ ! -x "$ASC" ] || [ ! -f "$stamp" ] || [ "$AS_SDK/package.json" -nt "$stamp" ] \
+            || { [ -f "$AS_SDK/package-lock.json" ] && [ "$AS_SDK/package-lock.json" -nt "$stamp" ]; }; then
+        local how=install
+        [ -f "$AS_SDK/package-lock.json" ] && how=ci
+        echo "NPM   $NPM $how in $AS_SDK (the AssemblyScript compiler)"
+        if ! (cd "$AS_SDK" && "$NPM" "$how" --no-audit --no-fund --loglevel=error); then
+            die "$NPM $how failed in $AS_SDK (is the npm registry reachable?)"
+        fi
+        [ -x "$ASC" ] || die "$NPM $how did not install $ASC"
+        touch "$stamp"
+    fi
+    as_checked=1
+}
+
+# A plugin with its own package.json (extra npm dependencies) gets `npm install` in its directory,
+# again only when the package.json changed.
+npm_plugin_deps() {
+    local dir="$1" stamp="$1/node_modules/.sandbus-installed"
+    [ -f "$dir/package.json" ] || return 0
+    if [ ! -f "$stamp" ] || [ "$dir/package.json" -nt "$stamp" ]; then
+        echo "NPM   $NPM install in $dir"
+        (cd "$dir" && "$NPM" install --no-audit --no-fund --loglevel=error) || return 1
+        touch "$stamp"
+    fi
+}
+
+# componentize-py: next to $PYTHON (the venv's script), else on PATH. Missing means "skip the Python
+# plugins", not "fail the build": the C, WAT and AssemblyScript plugins stay buildable without it.
+py_checked=0
+CPY=""
+find_componentize_py() {
+    [ "$py_checked" -eq 1 ] && { [ -n "$CPY" ]; return; }
+    py_checked=1
+    if [ -n "${COMPONENTIZE_PY:-}" ]; then
+        CPY="$COMPONENTIZE_PY"
+    else
+        local py_path
+        py_path="$(command -v "$PYTHON" 2>/dev/null || true)"
+        if [ -n "$py_path" ] && [ -x "$(dirname "$py_path")/componentize-py" ]; then
+            CPY="$(dirname "$py_path")/componentize-py"
+        elif command -v componentize-py >/dev/null 2>&1; then
+            CPY="$(command -v componentize-py)"
+        fi
+    fi
+    [ -n "$CPY" ] && "$CPY" --version >/dev/null 2>&1 || CPY=""
+    [ -n "$CPY" ]
+}
+
 mkdir -p "$OUT_DIR"
 status=0
 for name in "${names[@]}"; do
@@ -115,7 +191,14 @@ for name in "${names[@]}"; do
     shopt -s nullglob
     csrcs=("$dir"/*.c)
     cheaders=("$dir"/*.h "$SDK_DIR"/*.h)
+    as_sdk_srcs=("$AS_SDK"/index.ts "$AS_SDK"/assembly/*.ts "$AS_SDK"/package-lock.json)
+    py_sdk_srcs=("$PY_SDK"/*.py "$PY_SDK"/wit/*.wit)
     shopt -u nullglob
+    # AssemblyScript and Python sources anywhere below the plugin (not in node_modules / caches).
+    mapfile -t tsrcs < <(find "$dir" -name node_modules -prune -o -name '*.ts' -type f -print | sort)
+    mapfile -t pysrcs < <(find "$dir" \( -name __pycache__ -o -name node_modules \) -prune -o -name '*.py' -type f -print | sort)
+    dir_pkg=""
+    [ -f "$dir/package.json" ] && dir_pkg="$dir/package.json"
 
     if [ -f "$dir/$name.wat" ]; then
         if needs_build "$out" "$dir/$name.wat" "$SCRIPT"; then
@@ -152,8 +235,63 @@ with open(dst, "wb") as f:
         else
             echo "ok    $out (up to date)"
         fi
+    elif [ -f "$dir/package.json" ] || [ ${#tsrcs[@]} -gt 0 ]; then
+        if [ -f "$dir/assembly/index.ts" ]; then entry="$dir/assembly/index.ts"; else entry="$dir/$name.ts"; fi
+        [ -f "$entry" ] || die "$dir: AssemblyScript entry point not found (expected $dir/assembly/index.ts or $entry)"
+        if needs_build "$out" "${tsrcs[@]}" "${as_sdk_srcs[@]}" "$AS_SDK/package.json" "$SCRIPT" \
+                ${dir_pkg:+"$dir_pkg"}; then
+            check_as_tools
+            npm_plugin_deps "$dir" || { echo "build.sh: error: npm install failed in $dir" >&2; status=1; continue; }
+            asc="$ASC"
+            [ -x "$dir/node_modules/.bin/asc" ] && asc="$dir/node_modules/.bin/asc"
+            # abort(): the SDK's sandbusAbort logs the message through sandbus_v1.log and traps; without
+            # the SDK, `--use abort=` compiles aborts to a bare trap. Either way no `env.abort` import.
+            # The name is the SDK file's path as asc sees it: relative import or package import.
+            abort="--use=abort="
+            if grep -qs 'sdk/guest/assemblyscript' "${tsrcs[@]}"; then
+                abort="--use=abort=$AS_SDK/assembly/index/sandbusAbort"
+            elif grep -qs '@sandbus/guest' "${tsrcs[@]}"; then
+                abort="--use=abort=~lib/@sandbus/guest/assembly/index/sandbusAbort"
+            fi
+            echo "ASC   $entry -> $out"
+            # shellcheck disable=SC2086
+            if ! "$asc" "$entry" -o "$out.tmp" -O3 --runtime minimal "$abort" ${EXTRA_ASCFLAGS:-}; then
+                rm -f "$out.tmp"
+                echo "build.sh: error: $name failed to compile" >&2
+                status=1
+                continue
+            fi
+            mv -f "$out.tmp" "$out"
+        else
+            echo "ok    $out (up to date)"
+        fi
+    elif [ ${#pysrcs[@]} -gt 0 ]; then
+        if [ -f "$dir/app.py" ]; then app="app"; else app="$name"; fi
+        [ -f "$dir/$app.py" ] || die "$dir: Python entry module not found (expected $dir/app.py or $dir/$name.py)"
+        if needs_build "$out" "${pysrcs[@]}" "${py_sdk_srcs[@]}" "$SCRIPT"; then
+            if ! find_componentize_py; then
+                echo "skip  $out: componentize-py is not installed (pip install componentize-py next to $PYTHON, or set COMPONENTIZE_PY)"
+                continue
+            fi
+            echo "PY    $dir/$app.py -> $out (componentize-py, a component)"
+            # An empty VIRTUAL_ENV: otherwise componentize-py adds the site-packages of whatever Python
+            # it finds (the build venv's), and the component depends on the build machine.
+            novenv="$(mktemp -d)"
+            mkdir -p "$novenv/lib/site-packages"
+            if ! env VIRTUAL_ENV="$novenv" PYTHONDONTWRITEBYTECODE=1 "$CPY" -q -d "$PY_SDK/wit" -w plugin \
+                    componentize "$app" -p "$dir" -p "$PY_SDK" -o "$out.tmp"; then
+                rm -rf "$novenv" "$out.tmp"
+                echo "build.sh: error: $name failed to componentize" >&2
+                status=1
+                continue
+            fi
+            rm -rf "$novenv"
+            mv -f "$out.tmp" "$out"
+        else
+            echo "ok    $out (up to date)"
+        fi
     else
-        die "$dir has neither $name.wat nor any .c source"
+        die "$dir has no source: $name.wat, *.c, *.ts / package.json (AssemblyScript) or app.py (Python)"
     fi
 
     if ! cmp -s "$manifest" "$OUT_DIR/$name.toml"; then

@@ -23,12 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-import wasmtime
-
 from host.manifest import Manifest, load_manifest, parse_manifest
 from host.policy import Grant
 from host.sandbox import Auditor, HostFunctions, ModuleCache, Sandbox
-from host.sandbox.engine import get_engine
 from sdk.errors import ManifestError, PluginInitError, PluginNotFoundError, SandboxError, SandbusError
 
 __all__ = [
@@ -249,15 +246,4 @@ def build_version(
         raise PluginInitError("sandbus_health reported failure right after init", plugin=manifest.name)
     return PluginVersion(name=manifest.name, manifest=manifest, grant=grant, sandbox=sandbox, wasm=files.wasm,
                          fingerprint=files.fingerprint, path=files.wasm_path, skipped_optional=skipped_optional,
-                         initial_memory_bytes=_initial_memory(files.wasm, grant, cache))
-
-
-def _initial_memory(wasm: bytes, grant: Grant, cache: ModuleCache) -> int:
-    """The exported memory's declared minimum: what an instance holds before its first call.
-
-    The module comes from the in-memory layer of the cache (the sandbox just put it there)."""
-    module = cache.load(get_engine(grant.limits.stack_bytes), wasm)
-    for export in module.exports:
-        if export.name == "memory" and isinstance(export.type, wasmtime.MemoryType):
-            return int(export.type.limits.min) * 65536
-    return 0
+                         initial_memory_bytes=sandbox.initial_memory_bytes)

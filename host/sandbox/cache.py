@@ -15,14 +15,23 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
+from typing import TypeVar
 
 import wasmtime
+from wasmtime.component import Component
 
 from sdk.errors import InvalidModuleError
 
 from .engine import EngineHandle
 
-__all__ = ["ModuleCache", "default_cache_dir", "wasm_digest"]
+__all__ = ["ModuleCache", "default_cache_dir", "is_component", "wasm_digest"]
+
+#: A compiled artifact the cache holds: a core module or a component.
+Compiled = TypeVar("Compiled", wasmtime.Module, Component)
+
+_MAGIC = b"\0asm"
+#: The 4 bytes after the magic: version 1 for core modules, (version 0x0d, layer 1) for components.
+_COMPONENT_LAYER = b"\x0d\x00\x01\x00"
 
 
 def default_cache_dir() -> Path:
@@ -37,8 +46,14 @@ def wasm_digest(wasm: bytes) -> str:
     return hashlib.sha256(wasm).hexdigest()
 
 
+def is_component(wasm: bytes) -> bool:
+    """Whether ``wasm`` is a component-model binary (``\\0asm 0d 00 01 00``) rather than a core module
+    (``\\0asm 01 00 00 00``)."""
+    return wasm[:4] == _MAGIC and wasm[4:8] == _COMPONENT_LAYER
+
+
 class ModuleCache:
-    """Compile once, reuse everywhere.
+    """Compile once, reuse everywhere: core modules and components alike.
 
     Parameters:
         directory: where serialized modules live; ``None`` disables the disk layer.
@@ -46,7 +61,7 @@ class ModuleCache:
 
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = directory
-        self._memory: dict[tuple[int, str], wasmtime.Module] = {}
+        self._memory: dict[tuple[int, str], wasmtime.Module | Component] = {}
         self._lock = threading.Lock()
         self.hits_memory = 0
         self.hits_disk = 0
@@ -60,26 +75,36 @@ class ModuleCache:
                     "it holds native code, so it must be private (chmod 700)"
                 )
 
-    def _path(self, handle: EngineHandle, digest: str) -> Path:
+    def _path(self, handle: EngineHandle, digest: str, kind: type[wasmtime.Module | Component]) -> Path:
         assert self.directory is not None
-        return self.directory / f"{digest}-{handle.fingerprint}.cwasm"
+        # Components get their own suffix: a file must never be deserialized as the other kind.
+        suffix = "component.cwasm" if kind is Component else "cwasm"
+        return self.directory / f"{digest}-{handle.fingerprint}.{suffix}"
 
     def load(self, handle: EngineHandle, wasm: bytes, *, name: str | None = None) -> wasmtime.Module:
         """The module for ``wasm``, from memory, disk, or a fresh compile (stored for next time)."""
+        return self._load(wasmtime.Module, handle, wasm, name)
+
+    def load_component(self, handle: EngineHandle, wasm: bytes, *, name: str | None = None) -> Component:
+        """The component for ``wasm``, like :meth:`load`. A componentize-py guest takes seconds to compile
+        and a fraction of a second to deserialize, which is why components go through the cache too."""
+        return self._load(Component, handle, wasm, name)
+
+    def _load(self, kind: type[Compiled], handle: EngineHandle, wasm: bytes, name: str | None) -> Compiled:
         digest = wasm_digest(wasm)
         key = (id(handle.engine), digest)
         with self._lock:
             cached = self._memory.get(key)
-        if cached is not None:
+        if isinstance(cached, kind):
             self.hits_memory += 1
             return cached
-        module = self._load_disk(handle, digest)
-        if module is None:
-            module = self._compile(handle, wasm, name)
-            self._store_disk(handle, digest, module)
+        compiled = self._load_disk(kind, handle, digest)
+        if compiled is None:
+            compiled = self._compile(kind, handle, wasm, name)
+            self._store_disk(handle, digest, compiled)
         with self._lock:
-            self._memory[key] = module
-        return module
+            self._memory[key] = compiled
+        return compiled
 
     def forget(self, wasm: bytes) -> None:
         """Drop in-memory entries for this content (the disk copy stays valid)."""
@@ -88,40 +113,44 @@ class ModuleCache:
             for key in [k for k in self._memory if k[1] == digest]:
                 del self._memory[key]
 
-    def _compile(self, handle: EngineHandle, wasm: bytes, name: str | None) -> wasmtime.Module:
+    def _compile(self, kind: type[Compiled], handle: EngineHandle, wasm: bytes, name: str | None) -> Compiled:
+        if kind is wasmtime.Module and is_component(wasm):
+            raise InvalidModuleError(f"this is a WebAssembly component ({len(wasm)} bytes), not a core module "
+                                     "(ModuleCache.load_component loads components)", plugin=name)
         self.compiles += 1
         try:
-            return wasmtime.Module(handle.engine, wasm)
+            return kind(handle.engine, wasm)
         except wasmtime.WasmtimeError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else "unknown error"
+            what = "component" if kind is Component else "module"
             raise InvalidModuleError(
-                f"not a valid WebAssembly module ({len(wasm)} bytes): {first}", plugin=name
+                f"not a valid WebAssembly {what} ({len(wasm)} bytes): {first}", plugin=name
             ) from e
 
-    def _load_disk(self, handle: EngineHandle, digest: str) -> wasmtime.Module | None:
+    def _load_disk(self, kind: type[Compiled], handle: EngineHandle, digest: str) -> Compiled | None:
         if self.directory is None:
             return None
-        path = self._path(handle, digest)
+        path = self._path(handle, digest, kind)
         if not path.exists():
             return None
         try:
-            module = wasmtime.Module.deserialize_file(handle.engine, str(path))
+            compiled = kind.deserialize_file(handle.engine, str(path))
         except wasmtime.WasmtimeError:
             # Stale or damaged entry (e.g. written by another wasmtime build): recompile over it.
             path.unlink(missing_ok=True)
             return None
         self.hits_disk += 1
-        return module
+        return compiled
 
-    def _store_disk(self, handle: EngineHandle, digest: str, module: wasmtime.Module) -> None:
+    def _store_disk(self, handle: EngineHandle, digest: str, compiled: wasmtime.Module | Component) -> None:
         if self.directory is None:
             return
-        data = module.serialize()
+        data = compiled.serialize()
         # Write then rename, so a concurrent reader never sees half a file.
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.replace(tmp, self._path(handle, digest))
+            os.replace(tmp, self._path(handle, digest, type(compiled)))
         except OSError:
             Path(tmp).unlink(missing_ok=True)

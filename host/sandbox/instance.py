@@ -42,7 +42,15 @@ from .engine import EngineHandle, ticks_for
 from .hostfuncs import HostFunction, HostFunctions
 from .invoke import GuestAllocFailed, Invoker, ReplyTooLarge, make_invoker
 
-__all__ = ["BudgetExceeded", "CallContext", "CallStats", "PluginInstance"]
+__all__ = [
+    "BudgetExceeded",
+    "CallContext",
+    "CallStats",
+    "PluginInstance",
+    "bind_host_function",
+    "deny",
+    "translate_error",
+]
 
 WASM_PAGE = 65536
 _WASI = abi.WASI_MODULE
@@ -246,8 +254,7 @@ class PluginInstance:
         return sink
 
     def _deny(self, kind: str, message: str, **details: Any) -> SecurityViolationError:
-        self._auditor.emit(AuditLevel.CRITICAL, kind, self.plugin, message, **details)
-        return SecurityViolationError(message, plugin=self.plugin, **details)
+        return deny(self._auditor, self.plugin, kind, message, **details)
 
     def _shadow_wasi(self, linker: wasmtime.Linker, module: wasmtime.Module) -> None:
         caps = self.ctx.capabilities
@@ -362,30 +369,7 @@ class PluginInstance:
             linker.define_func(imp.module, name, ty, self._bind(fn))
 
     def _bind(self, fn: HostFunction) -> Callable[..., Any]:
-        ctx = self.ctx
-        if fn.capability is not None and not ctx.capabilities.allows(fn.capability):
-            cap = fn.capability
-
-            def denied(*_args: Any) -> Any:
-                raise self._deny("security.capability_denied",
-                                 f"host function {fn.module}.{fn.name} needs the {cap!r} capability",
-                                 capability=cap, function=fn.name)
-
-            return denied
-        impl = fn.impl
-        plugin = self.plugin
-
-        def bound(*args: Any) -> Any:
-            try:
-                return impl(ctx, *args)
-            except SandbusError:
-                raise
-            except Exception as e:
-                # A bug in a host function is the host's, but it must still end as a typed error.
-                raise SandboxError(f"host function {fn.module}.{fn.name} failed: {type(e).__name__}: {e}",
-                                   plugin=plugin, function=fn.name) from e
-
-        return bound
+        return bind_host_function(fn, self.ctx, self._auditor)
 
     # -- calls -----------------------------------------------------------------
 
@@ -508,49 +492,105 @@ class PluginInstance:
 
     def _translate(self, exc: BaseException, where: str) -> SandbusError:
         """Turn whatever a call raised into our error, auditing limit hits."""
-        if isinstance(exc, SandbusError):
-            if exc.plugin is None:
-                exc.plugin = self.plugin
-                exc.args = (str(exc),)
-            if isinstance(exc, AbiViolationError):
-                self._auditor.emit(AuditLevel.WARNING, "abi.violation", self.plugin, f"{where}: {exc.message}",
-                                   **exc.details)
-            elif isinstance(exc, ResourceLimitError):
-                self._auditor.emit(AuditLevel.WARNING, exc.code, self.plugin, exc.message, **exc.details)
-            return exc
-        limits = self.limits
-        code = exc.trap_code if isinstance(exc, wasmtime.Trap) else None
-        frames = _frames(exc)
-        if code == wasmtime.TrapCode.OUT_OF_FUEL:
-            err: SandbusError = OutOfFuelError(
-                f"{where} ran out of fuel ({limits.fuel} units per call)", plugin=self.plugin, limit=limits.fuel)
-            kind = "limit.fuel"
-        elif code == wasmtime.TrapCode.INTERRUPT:
-            err = ExecutionTimeoutError(f"{where} exceeded its {limits.timeout_s:g} s timeout",
-                                        plugin=self.plugin, limit=limits.timeout_s)
-            kind = "limit.timeout"
-        elif code == wasmtime.TrapCode.STACK_OVERFLOW:
-            err = StackLimitError(f"{where} exhausted its {limits.stack_bytes}-byte wasm stack",
-                                  plugin=self.plugin, limit=limits.stack_bytes)
-            kind = "limit.stack"
-        elif self._memory_exhausted():
-            err = MemoryLimitError(
-                f"{where} failed at the {limits.memory_bytes}-byte memory limit: {_first_line(exc)}",
-                plugin=self.plugin, limit=limits.memory_bytes)
-            kind = "limit.memory"
-        elif isinstance(exc, wasmtime.ExitTrap):
-            return TrapError(f"{where} called exit({exc.code})", plugin=self.plugin, backtrace=frames,
-                             exit_code=exc.code)
-        else:
-            return TrapError(f"{where} trapped: {_first_line(exc)}", plugin=self.plugin, backtrace=frames)
-        self._auditor.emit(AuditLevel.WARNING, kind, self.plugin, err.message, **err.details)
-        return err
+        return translate_error(exc, where, plugin=self.plugin, limits=self.limits, auditor=self._auditor,
+                               code=exc.trap_code if isinstance(exc, wasmtime.Trap) else None,
+                               frames=_frames(exc), memory_exhausted=self._memory_exhausted)
 
     def _memory_exhausted(self) -> bool:
+        """Whether a trap is best explained by the memory limit.
+
+        wasmtime's C API gives no callback when ``memory.grow`` is refused, so we judge by how close
+        memory got: within a page, or an eighth of the limit -- allocators grow by several pages at a
+        time, and a refused multi-page grow leaves memory short of the limit by that much.
+        """
         try:
-            return self._invoker.memory_size() + WASM_PAGE > self.limits.memory_bytes
+            headroom = max(WASM_PAGE, self.limits.memory_bytes // 8)
+            return self._invoker.memory_size() + headroom > self.limits.memory_bytes
         except AttributeError:  # failed before the invoker existed
             return False
+
+
+# -- shared with host/sandbox/component.py -------------------------------------------------------
+
+
+def deny(auditor: Auditor, plugin: str, kind: str, message: str, **details: Any) -> SecurityViolationError:
+    """Audit a denial (critical) and return the error to raise."""
+    auditor.emit(AuditLevel.CRITICAL, kind, plugin, message, **details)
+    return SecurityViolationError(message, plugin=plugin, **details)
+
+
+def bind_host_function(fn: HostFunction, ctx: CallContext, auditor: Auditor) -> Callable[..., Any]:
+    """``fn.impl`` bound to ``ctx``: denied outright without ``fn.capability``, any non-sandbus failure typed.
+
+    The capability is checked once, here, not per call: an instance's capabilities never change.
+    """
+    plugin = ctx.plugin
+    if fn.capability is not None and not ctx.capabilities.allows(fn.capability):
+        cap = fn.capability
+
+        def denied(*_args: Any) -> Any:
+            raise deny(auditor, plugin, "security.capability_denied",
+                       f"host function {fn.module}.{fn.name} needs the {cap!r} capability",
+                       capability=cap, function=fn.name)
+
+        return denied
+    impl = fn.impl
+
+    def bound(*args: Any) -> Any:
+        try:
+            return impl(ctx, *args)
+        except SandbusError:
+            raise
+        except Exception as e:
+            # A bug in a host function is the host's, but it must still end as a typed error.
+            raise SandboxError(f"host function {fn.module}.{fn.name} failed: {type(e).__name__}: {e}",
+                               plugin=plugin, function=fn.name) from e
+
+    return bound
+
+
+def translate_error(exc: BaseException, where: str, *, plugin: str, limits: Limits, auditor: Auditor,
+                    code: wasmtime.TrapCode | None, frames: list[str],
+                    memory_exhausted: Callable[[], bool]) -> SandbusError:
+    """Turn whatever a call raised into our error, auditing limit hits.
+
+    ``code`` is the trap code when the engine reported one (core modules: ``wasmtime.Trap.trap_code``;
+    components report traps as text, see component.py), ``frames`` the wasm backtrace, and
+    ``memory_exhausted`` tells whether the guest's memory is at its limit (a trap there is a memory limit).
+    """
+    if isinstance(exc, SandbusError):
+        if exc.plugin is None:
+            exc.plugin = plugin
+            exc.args = (str(exc),)
+        if isinstance(exc, AbiViolationError):
+            auditor.emit(AuditLevel.WARNING, "abi.violation", plugin, f"{where}: {exc.message}", **exc.details)
+        elif isinstance(exc, ResourceLimitError):
+            auditor.emit(AuditLevel.WARNING, exc.code, plugin, exc.message, **exc.details)
+        return exc
+    if code == wasmtime.TrapCode.OUT_OF_FUEL:
+        err: SandbusError = OutOfFuelError(
+            f"{where} ran out of fuel ({limits.fuel} units per call)", plugin=plugin, limit=limits.fuel)
+        kind = "limit.fuel"
+    elif code == wasmtime.TrapCode.INTERRUPT:
+        err = ExecutionTimeoutError(f"{where} exceeded its {limits.timeout_s:g} s timeout",
+                                    plugin=plugin, limit=limits.timeout_s)
+        kind = "limit.timeout"
+    elif code == wasmtime.TrapCode.STACK_OVERFLOW:
+        err = StackLimitError(f"{where} exhausted its {limits.stack_bytes}-byte wasm stack",
+                              plugin=plugin, limit=limits.stack_bytes)
+        kind = "limit.stack"
+    elif memory_exhausted():
+        err = MemoryLimitError(
+            f"{where} failed at the {limits.memory_bytes}-byte memory limit: {_first_line(exc)}",
+            plugin=plugin, limit=limits.memory_bytes)
+        kind = "limit.memory"
+    elif isinstance(exc, wasmtime.ExitTrap):
+        return TrapError(f"{where} called exit({exc.code})", plugin=plugin, backtrace=frames,
+                         exit_code=exc.code)
+    else:
+        return TrapError(f"{where} trapped: {_first_line(exc)}", plugin=plugin, backtrace=frames)
+    auditor.emit(AuditLevel.WARNING, kind, plugin, err.message, **err.details)
+    return err
 
 
 _trampoline_modules: dict[tuple[int, bytes], wasmtime.Module] = {}

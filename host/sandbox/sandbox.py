@@ -15,15 +15,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self, cast
 
 import orjson
+import wasmtime
 
 from sdk.errors import AbiViolationError, InvalidModuleError, PluginNotFoundError, SandbusError
 
 from . import abi
 from .audit import AuditLevel, Auditor, AuditSink
-from .cache import ModuleCache, default_cache_dir, wasm_digest
+from .cache import ModuleCache, default_cache_dir, is_component, wasm_digest
+from .component import ComponentInfo, ComponentInstance, inspect_component
 from .config import MIB, Capabilities, DirGrant, Limits
 from .engine import get_engine
 from .hostfuncs import HostFunctions, builtin_host_functions
@@ -61,8 +63,13 @@ class CallResult:
 class Sandbox:
     """A plugin loaded once and served from a pool of warm instances. Thread-safe.
 
+    The plugin is a core module (Guest ABI v1, docs/abi.md) or a component (the WIT world in
+    sdk/guest/python/wit, e.g. a componentize-py guest); the binary's header says which, and ``kind``
+    tells. Both run under the same limits and capabilities; host/sandbox/component.py lists the few
+    differences in what is enforced.
+
     Parameters:
-        wasm: module bytes, or a path to a .wasm file.
+        wasm: module or component bytes, or a path to a .wasm file.
         name: plugin name for errors and events (default: the file stem).
         limits / capabilities: what is enforced (defaults: ``Limits()``, nothing granted).
         host_functions: extra host functions, on top of the built-in log/time/env.
@@ -110,11 +117,32 @@ class Sandbox:
         self._config = orjson.dumps(dict(config or {}))
         self._host_functions = builtin_host_functions().merged(host_functions)
         self._handle = get_engine(self.limits.stack_bytes, fuel=self.limits.fuel is not None)
-        self._module = (cache or shared_cache()).load(self._handle, wasm, name=self.name)
-        self.info = abi.inspect_module(self._module, self.name)
+        cache = cache or shared_cache()
+        self.kind: Literal["module", "component"]
+        if is_component(wasm):
+            self.kind = "component"
+            self._component = cache.load_component(self._handle, wasm, name=self.name)
+            self.component_info: ComponentInfo | None = inspect_component(self._component, self._handle,
+                                                                          self.name)
+            self.info = self.component_info.module_info()
+        else:
+            self.kind = "module"
+            self._module = cache.load(self._handle, wasm, name=self.name)
+            self.component_info = None
+            self.info = abi.inspect_module(self._module, self.name)
         self._fast = fast
         self._context_factory = context_factory
-        self._pool = InstancePool(self.name, self._new_instance, self.limits.max_instances,
+        #: Linear memory an instance holds before its first call (the declared minimum; 0 for
+        #: components, whose memories the component API does not expose).
+        self.initial_memory_bytes = 0
+        if self.kind == "module":
+            for export in self._module.exports:
+                if export.name == "memory" and isinstance(export.type, wasmtime.MemoryType):
+                    self.initial_memory_bytes = int(export.type.limits.min) * 65536
+        # The pool is typed for PluginInstance; ComponentInstance offers the same surface (call, init,
+        # health, shutdown, poisoned, ctx.stats), which is all the pool and this class use.
+        factory = cast(Callable[[], PluginInstance], self._new_instance)
+        self._pool = InstancePool(self.name, factory, self.limits.max_instances,
                                   acquire_timeout_s if acquire_timeout_s is not None else self.limits.timeout_s)
         self._pool.warm(max(1, warm_instances))
 
@@ -122,15 +150,23 @@ class Sandbox:
     def from_file(cls, path: str | Path, **kwargs: Any) -> Sandbox:
         return cls(Path(path), **kwargs)
 
-    def _new_instance(self) -> PluginInstance:
-        inst = PluginInstance(self.name, self._handle, self._module, self.info, self.limits, self.capabilities,
-                              self._host_functions, self.auditor, fast=self._fast,
-                              context_factory=self._context_factory)
+    def _new_instance(self) -> PluginInstance | ComponentInstance:
+        inst: PluginInstance | ComponentInstance
+        if self.component_info is not None:
+            inst = ComponentInstance(self.name, self._handle, self._component, self.component_info, self.limits,
+                                     self.capabilities, self._host_functions, self.auditor,
+                                     context_factory=self._context_factory)
+        else:
+            inst = PluginInstance(self.name, self._handle, self._module, self.info, self.limits,
+                                  self.capabilities, self._host_functions, self.auditor, fast=self._fast,
+                                  context_factory=self._context_factory)
         inst.init(self._config)
         return inst
 
     @property
     def functions(self) -> tuple[str, ...]:
+        """The callable functions. A component receives every function name through its one entry point
+        (``handle-request``); only ``handle_request`` is listed for it."""
         return self.info.functions
 
     @property

@@ -27,13 +27,15 @@ def test_real_plugins_load_and_serve(plugins_dir: Path, pdir: Path, make_manager
         shutil.copy(f, pdir / f.name)
     manager = make_manager(pdir)
     report = manager.discover_and_load()
-    assert report.loaded == ("echo", "text_processor")
+    expected = tuple(sorted(p.stem for p in plugins_dir.glob("*.wasm")))
+    assert {"echo", "text_processor"} <= set(expected)
+    assert report.loaded == expected
     assert report.ok
     assert manager.execute("echo", "handle_request", b'{"a":1}') == b'{"a":1}'
     reply = manager.execute_json("text_processor", "handle_request",
                                  {"action": "process_data", "data": {"input": "hi"}})
     assert reply == {"success": True, "result": {"processed": {"input": "hi"}}, "error": None}
-    assert audit.kinds().count("lifecycle.load") == 2
+    assert audit.kinds().count("lifecycle.load") == len(expected)
     info = manager.info("text_processor")
     assert info.status is PluginStatus.LOADED
     assert info.version == "1.0.0"

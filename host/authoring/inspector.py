@@ -1,0 +1,290 @@
+"""``sandbus inspect FILE.wasm``: what a module is, what it exports and imports, whether it speaks our ABI.
+
+The verdicts come from the host's own code, not a re-implementation: the ABI check is
+:func:`host.sandbox.inspect_module`, the ABI version is what ``sandbus_abi_version`` returns inside a
+real :class:`~host.sandbox.Sandbox`, and the manifest check is :func:`host.manifest.load_manifest`.
+So "inspect says fine" means "a node will accept it" as far as the module and manifest go (the
+operator's policy is the one thing it cannot know; ``sandbus plugins check`` resolves that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from sdk.errors import InvalidModuleError, SandbusError
+
+from .errors import AuthoringError
+
+__all__ = ["ExportInfo", "ImportInfo", "ManifestCheck", "WasmReport", "inspect_wasm"]
+
+_CORE_VERSION = b"\x01\x00\x00\x00"
+_COMPONENT_VERSION = b"\x0d\x00\x01\x00"
+#: Import namespaces a core plugin may use (docs/abi.md, "Imports").
+_ALLOWED_IMPORT_MODULES = ("sandbus_v1", "wasi_snapshot_preview1")
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """One export: ``kind`` is func / memory / table / global (core) or func / instance (component)."""
+
+    name: str
+    kind: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class ImportInfo:
+    """One import; ``module`` is empty for a component's top-level imports."""
+
+    module: str
+    name: str
+    kind: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class ManifestCheck:
+    """The manifest beside the module (``<stem>.toml``), checked with the node's loader."""
+
+    path: str
+    valid: bool
+    error: str | None = None
+    name: str | None = None
+    version: str | None = None
+    sha256_pinned: bool = False
+
+
+@dataclass(frozen=True)
+class WasmReport:
+    """Everything ``sandbus inspect`` shows.
+
+    Parameters:
+        kind: ``core module`` or ``component``.
+        abi_ok / abi_error: the host's ABI v1 check (None for a component: its contract is the WIT
+            world, checked by the component linker when it loads).
+        abi_version: what ``sandbus_abi_version`` returned (None when it could not be called).
+        functions: the callable functions (``(i32, i32) -> i64`` exports of a core module; exported
+            functions of a component).
+        load_error: why a sandbox could not be created with default limits and no capability.
+    """
+
+    path: str
+    kind: str
+    size: int
+    sha256: str
+    exports: tuple[ExportInfo, ...]
+    imports: tuple[ImportInfo, ...]
+    functions: tuple[str, ...] = ()
+    optional_exports: tuple[str, ...] = ()
+    abi_ok: bool | None = None
+    abi_error: str | None = None
+    abi_version: int | None = None
+    load_error: str | None = None
+    #: Reasons a node refuses the module's imports or (components) its world.
+    import_problems: tuple[str, ...] = ()
+    manifest: ManifestCheck | None = None
+    memory_pages: int | None = field(default=None)
+
+    @property
+    def ok(self) -> bool:
+        """Whether a node would accept the module and its manifest (policy aside)."""
+        manifest_ok = self.manifest is None or self.manifest.valid
+        if self.kind == "component":
+            return manifest_ok and self.load_error is None and not self.import_problems
+        return (self.abi_ok is True and self.abi_version == 1 and self.load_error is None and not self.import_problems
+                and manifest_ok)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out
+
+
+def _core_signature(ty: Any) -> tuple[str, str]:
+    if isinstance(ty, wasmtime.FuncType):
+        params = ", ".join(str(p) for p in ty.params)
+        results = [str(r) for r in ty.results]
+        result = results[0] if len(results) == 1 else "(" + ", ".join(results) + ")"
+        return "func", f"({params}) -> {result}"
+    if isinstance(ty, wasmtime.MemoryType):
+        limits = ty.limits
+        upper = "" if limits.max is None else f"..{limits.max}"
+        return "memory", f"{limits.min}{upper} pages{' (64-bit)' if ty.is_64 else ''}"
+    if isinstance(ty, wasmtime.TableType):
+        return "table", f"{ty.element} [{ty.limits.min}{'' if ty.limits.max is None else '..' + str(ty.limits.max)}]"
+    if isinstance(ty, wasmtime.GlobalType):
+        return "global", f"{'mut ' if ty.mutable else ''}{ty.content}"
+    return type(ty).__name__, ""
+
+
+def _wit_type(ty: Any) -> str:
+    """A component value type in WIT spelling (``u32``, ``list<u8>``, ``result<string, string>``)."""
+    from wasmtime import component as c
+
+    if isinstance(ty, c.ListType):
+        return f"list<{_wit_type(ty.element)}>"
+    if isinstance(ty, c.OptionType):
+        return f"option<{_wit_type(ty.payload)}>"
+    if isinstance(ty, c.ResultType):
+        ok = "_" if ty.ok is None else _wit_type(ty.ok)
+        err = "_" if ty.err is None else _wit_type(ty.err)
+        return f"result<{ok}, {err}>"
+    if isinstance(ty, c.TupleType):
+        return f"tuple<{', '.join(_wit_type(t) for t in ty.elements)}>"
+    name = type(ty).__name__
+    return {"OwnType": "own<resource>", "BorrowType": "borrow<resource>"}.get(
+        name, name.removesuffix("Type").lower() if name.endswith("Type") else name.lower())
+
+
+def _component_signature(ty: Any) -> tuple[str, str]:
+    from wasmtime import component
+
+    if isinstance(ty, component.FuncType):
+        params = ", ".join(f"{n}: {_wit_type(t)}" for n, t in ty.params)
+        result = "" if ty.result is None else f" -> {_wit_type(ty.result)}"
+        return "func", f"func({params}){result}"
+    if isinstance(ty, component.ComponentInstanceType):
+        return "instance", ""
+    return "type", _wit_type(ty)
+
+
+def inspect_wasm(path: str | Path) -> WasmReport:
+    """Inspect the module at ``path``; a ``<stem>.toml`` beside it is checked as its manifest.
+
+    Raises:
+        AuthoringError: the file cannot be read or is not a WebAssembly binary at all.
+    """
+    path = Path(path)
+    try:
+        wasm = path.read_bytes()
+    except OSError as e:
+        raise AuthoringError(f"cannot read {path}: {e.strerror or e}", path=str(path)) from e
+    if wasm[:4] != b"\0asm" or len(wasm) < 8:
+        raise AuthoringError(f"{path} is not a WebAssembly binary (no \\0asm header)", path=str(path))
+    manifest, config = _manifest_check(path, wasm)
+    common: dict[str, Any] = {"path": str(path), "size": len(wasm), "sha256": hashlib.sha256(wasm).hexdigest(),
+                              "manifest": manifest}
+    if wasm[4:8] == _COMPONENT_VERSION:
+        return _inspect_component(wasm, common, config)
+    if wasm[4:8] != _CORE_VERSION:
+        raise AuthoringError(f"{path}: unknown WebAssembly binary version {wasm[4:8].hex()}", path=str(path))
+    return _inspect_core(path, wasm, config, common)
+
+
+def _manifest_check(path: Path, wasm: bytes) -> tuple[ManifestCheck | None, dict[str, Any]]:
+    from host.manifest import load_manifest
+
+    toml = path.with_suffix(".toml")
+    if not toml.exists():
+        return None, {}
+    try:
+        m = load_manifest(toml)
+        m.verify_wasm(wasm)
+    except SandbusError as e:
+        return ManifestCheck(str(toml), False, str(e)), {}
+    return ManifestCheck(str(toml), True, None, m.name, m.plugin.version, m.plugin.sha256 is not None), dict(m.config)
+
+
+def _inspect_core(path: Path, wasm: bytes, config: dict[str, Any], common: dict[str, Any]) -> WasmReport:
+    from host.bus_hostfuncs import BusBridge
+    from host.sandbox import Capabilities, Limits, Sandbox, inspect_module, shared_cache
+    from host.sandbox.abi import DEALLOC, HEALTH, INIT, INITIALIZE, SHUTDOWN
+    from host.sandbox.engine import get_engine
+
+    name = path.stem
+    try:
+        module = shared_cache().load(get_engine(Limits().stack_bytes), wasm, name=name)
+    except SandbusError as e:
+        raise AuthoringError(f"{path} is not a valid WebAssembly module: {e.message}", path=str(path)) from e
+    exports = tuple(ExportInfo(e.name, *_core_signature(e.type)) for e in module.exports)
+    imports = tuple(ImportInfo(i.module, i.name or "", *_core_signature(i.type)) for i in module.imports)
+    memory = next((e.type for e in module.exports if e.name == "memory" and isinstance(e.type, wasmtime.MemoryType)),
+                  None)
+    problems = tuple(f"import {i.module}.{i.name}: only {' and '.join(_ALLOWED_IMPORT_MODULES)} may be imported"
+                     for i in imports if i.module not in _ALLOWED_IMPORT_MODULES)
+    report: dict[str, Any] = {**common, "kind": "core module", "exports": exports, "imports": imports,
+                              "import_problems": problems,
+                              "memory_pages": int(memory.limits.min) if memory is not None else None}
+    try:
+        info = inspect_module(module, name)
+    except SandbusError as e:
+        return WasmReport(**report, abi_ok=False, abi_error=e.message)
+    report.update(abi_ok=True, functions=info.functions,
+                  optional_exports=tuple(n for n in (DEALLOC, INIT, HEALTH, SHUTDOWN, INITIALIZE) if info.has(n)))
+    # The version is what the guest says inside a real sandbox: the Sandbox calls
+    # sandbus_abi_version on its first instance and refuses anything but 1, with the value.
+    try:
+        with Sandbox(wasm, name=name, limits=Limits(), capabilities=Capabilities(), config=config,
+                     host_functions=BusBridge().host_functions(), warm_instances=1):
+            version: int | None = 1
+        load_error = None
+    except InvalidModuleError as e:
+        version = e.details.get("abi_version")
+        load_error = None if version is not None else e.message
+    except SandbusError as e:
+        version, load_error = None, f"{type(e).__name__}: {e.message}"
+    return WasmReport(**report, abi_version=version, load_error=load_error)
+
+
+#: The entry point of the sandbus component world (sdk/guest/python/wit/sandbus.wit).
+COMPONENT_ENTRY = "handle-request"
+
+
+def _inspect_component(wasm: bytes, common: dict[str, Any], config: dict[str, Any]) -> WasmReport:
+    """Exports and imports of a component, functions only (types and resources are noise here).
+
+    A component's callable functions are dispatched by name inside its ``handle-request`` export,
+    so they cannot be listed without running it; what can be checked statically is that it targets
+    our world (exports ``handle-request``)."""
+    from wasmtime import component
+
+    engine = wasmtime.Engine()
+    try:
+        comp = component.Component(engine, wasm)
+    except wasmtime.WasmtimeError as e:
+        raise AuthoringError(f"{common['path']} is not a valid component: {str(e).splitlines()[0]}",
+                             path=common["path"]) from e
+    ctype = comp.type
+    exports: list[ExportInfo] = []
+    for name, ext in ctype.exports(engine).items():
+        if isinstance(ext.ty, component.ComponentInstanceType):
+            for inner, iext in ext.ty.exports(engine).items():
+                kind, sig = _component_signature(iext.ty)
+                if kind == "func":
+                    exports.append(ExportInfo(f"{name}#{inner}", kind, sig))
+        else:
+            exports.append(ExportInfo(name, *_component_signature(ext.ty)))
+    imports: list[ImportInfo] = []
+    for name, ext in ctype.imports(engine).items():
+        if isinstance(ext.ty, component.ComponentInstanceType):
+            for inner, iext in ext.ty.exports(engine).items():
+                kind, sig = _component_signature(iext.ty)
+                if kind == "func":
+                    imports.append(ImportInfo(name, inner, kind, sig))
+        else:
+            imports.append(ImportInfo("", name, *_component_signature(ext.ty)))
+    top = {e.name for e in exports if e.kind == "func" and "#" not in e.name}
+    problems = () if COMPONENT_ENTRY in top else (
+        f"no {COMPONENT_ENTRY!r} export: not built against the sandbus world (sdk/guest/python/wit)",)
+    load_error = None if problems else _load_error(wasm, common, config)
+    return WasmReport(**common, kind="component", exports=tuple(exports), imports=tuple(imports),
+                      functions=tuple(sorted(top)), import_problems=problems, load_error=load_error)
+
+
+def _load_error(wasm: bytes, common: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """Whether a real sandbox (default limits, nothing granted) starts the plugin: the last word on
+    whether this host can run it at all."""
+    from host.bus_hostfuncs import BusBridge
+    from host.sandbox import Capabilities, Limits, Sandbox
+
+    try:
+        with Sandbox(wasm, name=Path(common["path"]).stem, limits=Limits(), capabilities=Capabilities(),
+                     config=config, host_functions=BusBridge().host_functions()):
+            return None
+    except SandbusError as e:
+        return f"{type(e).__name__}: {e.message}"

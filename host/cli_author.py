@@ -1,0 +1,198 @@
+"""CLI commands for plugin authors: ``new``, ``build``, ``inspect``.
+
+From nothing to a plugin served by two nodes::
+
+    sandbus new greeter --lang c         # a project that builds and passes its test as generated
+    sandbus build greeter                # -> greeter/build/greeter.wasm + greeter.toml
+    sandbus node --plugins greeter/build # (twice, for two nodes on one NATS)
+
+Exit codes follow :mod:`host.cli`: 0 success; 1 the build failed (compiler errors) or the inspected
+module would be refused by a node; 2 bad usage or input (invalid name, existing directory, not a
+project, invalid manifest, not a wasm file) and a missing toolchain, whose message names the tool
+and the command that installs it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from sdk.errors import ManifestError
+
+from .authoring import (
+    AuthoringError,
+    BuildError,
+    Language,
+    ToolchainMissingError,
+    WasmReport,
+    build_project,
+    inspect_wasm,
+    scaffold,
+)
+from .cli import EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, fail
+
+__all__ = ["build", "inspect", "new", "register"]
+
+
+def new(
+    name: Annotated[str, typer.Argument(help="Plugin name: lowercase letters, digits and _ (a NATS token).")],
+    lang: Annotated[Language, typer.Option("--lang", "-l", help="Guest language.", case_sensitive=False)]
+    = Language.C,
+    directory: Annotated[Path, typer.Option("--dir", "-d", help="Parent directory of the new project.")]
+    = Path("."),
+    description: Annotated[str | None, typer.Option(help="One line for the manifest.")] = None,
+) -> None:
+    """Create NAME/ with a working plugin: source, manifest, Makefile and a pytest test."""
+    try:
+        project = scaffold(name, lang, directory, description=description)
+    except AuthoringError as e:
+        fail(str(e), EXIT_USAGE)
+    console = Console(soft_wrap=True)  # lines are commands to copy: never wrapped
+    console.print(f"created [bold]{project.root}[/bold] ({lang.value}):")
+    for path in sorted(p for p in project.root.rglob("*") if p.is_file()):
+        console.print(f"  {path.relative_to(project.root)}")
+    shown = _shown(project.root)
+    console.print("next:")
+    console.print(f"  sandbus build {shown}              # -> {shown}/build/{name}.wasm", markup=False)
+    console.print(f"  python -m pytest {shown}           # runs test_{name}.py", markup=False)
+    console.print(f"  sandbus run {shown}/build/{name}.wasm --input '{{\"hello\": \"world\"}}'", markup=False)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it (shorter commands to copy)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def build(
+    directory: Annotated[Path, typer.Argument(help="The plugin project (default: here).")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", "-f", help="Rebuild even when up to date.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the result line.")] = False,
+) -> None:
+    """Compile the project with its language's toolchain into DIR/build/ (NAME.wasm + NAME.toml)."""
+    err = Console(stderr=True, soft_wrap=True)
+    out = Console(soft_wrap=True)
+    try:
+        with err.status("building", spinner="dots") as status:
+            def progress(line: str) -> None:
+                status.update(line)
+                if not quiet:
+                    err.print(f"[dim]•[/dim] {line}", highlight=False)
+
+            result = build_project(directory, force=force, progress=progress)
+    except ToolchainMissingError as e:
+        fail(f"{e.message}\n  install it with: {e.install}", EXIT_USAGE)
+    except BuildError as e:
+        fail(str(e), EXIT_PLUGIN)
+    except (AuthoringError, ManifestError) as e:
+        fail(str(e), EXIT_USAGE)
+    if result.output and not quiet:
+        err.print(Text(result.output, style="yellow"))
+    wasm = _shown(result.wasm)
+    verb = "built" if result.built else "up to date:"
+    out.print(f"{verb} {wasm} ({_size(result.size)}, {result.tool}, sha256 {result.sha256[:12]}…) "
+              f"in {result.duration_s:.2f} s", highlight=False)
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MiB"
+
+
+def inspect(
+    wasm: Annotated[Path, typer.Argument(help="The .wasm file (a NAME.toml beside it is checked too).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Kind, size, exports, imports, ABI version and manifest of a module; exit 1 if a node would refuse it."""
+    try:
+        report = inspect_wasm(wasm)
+    except AuthoringError as e:
+        fail(str(e), EXIT_USAGE)
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        _print_report(report)
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_PLUGIN)
+
+
+def _verdict(ok: bool | None, text: str) -> Text:
+    if ok is None:
+        return Text(text)
+    return Text(text, style="green" if ok else "bold red")
+
+
+def _print_report(r: WasmReport) -> None:
+    console = Console()
+    facts = Table(show_header=False, title=f"{r.path}", title_justify="left", box=None, pad_edge=False)
+    facts.add_column(style="bold")
+    facts.add_column(overflow="fold")
+    facts.add_row("kind", r.kind)
+    facts.add_row("size", f"{_size(r.size)} ({r.size} bytes)")
+    facts.add_row("sha256", r.sha256)
+    if r.kind == "core module":
+        facts.add_row("ABI v1 exports", _verdict(r.abi_ok, "ok" if r.abi_ok else f"refused: {r.abi_error}"))
+        version = "-" if r.abi_version is None else str(r.abi_version)
+        facts.add_row("ABI version", _verdict(r.abi_version == 1 if r.abi_version is not None else None, version))
+        if r.memory_pages is not None:
+            facts.add_row("initial memory", f"{r.memory_pages} pages ({_size(r.memory_pages * 65536)})")
+        if r.optional_exports:
+            facts.add_row("optional exports", ", ".join(r.optional_exports))
+    else:
+        facts.add_row("ABI", "component model: world sandbus:plugin (functions dispatched by handle-request)")
+    facts.add_row("callable functions", ", ".join(r.functions) or "-")
+    if r.load_error:
+        facts.add_row("loads in a sandbox", _verdict(False, r.load_error))
+    elif r.kind == "core module" and r.abi_ok:
+        facts.add_row("loads in a sandbox", _verdict(True, "yes (default limits, nothing granted)"))
+    for problem in r.import_problems:
+        facts.add_row("import", _verdict(False, problem))
+    if r.manifest is None:
+        facts.add_row("manifest", Text(f"none ({Path(r.path).with_suffix('.toml').name} is not beside it; "
+                                       "a node needs one)", style="yellow"))
+    elif r.manifest.valid:
+        pinned = ", sha256 pinned and matching" if r.manifest.sha256_pinned else ""
+        facts.add_row("manifest", _verdict(True, f"valid: {r.manifest.name} {r.manifest.version}{pinned}"))
+    else:
+        facts.add_row("manifest", _verdict(False, f"invalid: {r.manifest.error}"))
+    console.print(facts)
+
+    exports = Table(title="exports", title_justify="left")
+    for col in ("name", "kind", "signature"):
+        exports.add_column(col, overflow="fold")
+    for e in r.exports:
+        exports.add_row(e.name, e.kind, e.signature)
+    console.print(exports)
+    imports = Table(title="imports", title_justify="left")
+    for col in ("module", "name", "kind", "signature"):
+        imports.add_column(col, overflow="fold")
+    wasi_packages: set[str] = set()
+    wasi_functions = 0
+    for i in r.imports:
+        if i.module.startswith("wasi:"):  # a component's WASI 0.2 imports run to ~100: summarised
+            wasi_packages.add(i.module.split("/")[0])
+            wasi_functions += 1
+            continue
+        imports.add_row(i.module or "-", i.name, i.kind, i.signature)
+    if wasi_packages:
+        imports.add_row(", ".join(sorted(wasi_packages)), f"({wasi_functions} functions)", "func",
+                        "WASI 0.2: files, clocks, randomness denied unless granted")
+    if r.imports:
+        console.print(imports)
+    else:
+        console.print("imports: none")
+    console.print(_verdict(r.ok, "a node accepts this module" if r.ok else "a node would refuse this module"))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``new``, ``build`` and ``inspect`` to the ``sandbus`` command."""
+    app.command()(new)
+    app.command()(build)
+    app.command()(inspect)

@@ -1,0 +1,687 @@
+"""Plugins that are WebAssembly *components* (Python guests built with componentize-py), behind the same
+interface as core modules: :class:`ComponentInstance` offers what the pool and :class:`Sandbox` use of
+:class:`PluginInstance` (``call``, ``init``, ``health``, ``shutdown``, ``poisoned``, ``ctx.stats``).
+
+The contract is the WIT world ``sandbus:plugin/plugin`` (``sdk/guest/python/wit/sandbus.wit``): the guest
+exports ``handle-request(function, request) -> result<string, string>`` and optionally ``init`` and
+``health``; it imports the interface ``sandbus:plugin/host@1.0.0`` and WASI 0.2.
+
+What is enforced for a component, compared with a core module (docs/abi.md):
+
+* **Fuel, wall-clock timeout, wasm stack**: the same (the same engine, ``set_fuel`` / epoch deadline per
+  call, instantiation and ``init`` under the same budgets). Traps come back from the component API as
+  text, not trap codes; ``_trap_code`` maps the text back.
+* **Memory**: ``memory_bytes`` caps each linear memory, and a component may have only one (store limit
+  ``memories=1``), so it is the same cap as for a core module. The reported ``memory_bytes`` of a call is
+  0: the component API does not expose the guest's memory. A guest that runs out of memory traps; it is
+  reported as ``MemoryLimitError`` when the guest said ``MemoryError`` on stderr (CPython does), else as a
+  trap.
+* **Input / output / log caps, instance pool**: the same.
+* **Host functions** (``host`` interface): the same Python implementations as the core ABI's ``sandbus_v1``
+  imports (the registry handed to the Sandbox, including the bus's publish / kv / http), with the same
+  capability checks, env allowlist and audit events. They are written against guest memory
+  (ptr, len); a component passes values, so :class:`ComponentCallContext` gives them a scratch buffer in
+  host memory to read their arguments from and write their results to. ``take_result`` is used, not
+  exposed. A host function this host does not provide (publish/kv/http on a plain Sandbox) fails the
+  call with a ``SandboxError`` when called: a component imports the whole interface, so it cannot be
+  refused at load as a core module importing it would be.
+* **Environment**: only granted variables, through both ``env-get`` and ``wasi:cli/environment``.
+* **Clock**: without the ``clock`` grant, ``wasi:clocks/*`` (wall and monotonic ``now`` / ``resolution``)
+  and ``time-now-ms`` fail the call with ``SecurityViolationError`` (audited), like core modules. Timers
+  (``subscribe-duration`` / ``subscribe-instant``, i.e. ``time.sleep``) are always refused the same way: a
+  blocking wait happens outside wasm, where the epoch deadline cannot stop it (core modules get
+  ``ENOTSUP`` from ``poll_oneoff`` for the same reason).
+* **Random**: NOT enforced. ``wasi:random`` is always available: CPython's runtime seeds its ``random``
+  module from it (2,496 bytes) on the first call into every componentize-py guest, so denying it would
+  make every Python plugin fail. The bytes come from wasmtime's CSPRNG.
+* **Network**: none. ``wasi:sockets/instance-network`` (the only way to obtain the network handle that
+  connect, bind and name lookup need) and socket creation fail the call with ``SecurityViolationError``.
+* **Files**: only granted directories are preopened, read-only unless granted writable; wasmtime's WASI
+  confines every path to them. Unlike core modules there is no decoy root and no wrapping of the
+  ``wasi:filesystem`` resource methods, so an attempt outside the grants is an ordinary ``ENOENT`` /
+  ``EPERM`` for the guest, not a ``SecurityViolationError`` and not audited.
+* **stdin** empty; **stdout / stderr** captured into the plugin log under the log cap, as for core modules.
+* **Callable functions**: a component has one entry point that receives the function name, so every
+  name reaches the guest (the SDK answers an unknown one with a plugin-level error); ``Sandbox.functions``
+  lists ``handle_request`` only.
+* **shutdown**: the world has no ``shutdown`` export; ``shutdown()`` just drops the instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import wasmtime
+from wasmtime import component as wc
+
+from sdk.errors import (
+    AbiViolationError,
+    InvalidModuleError,
+    MemoryLimitError,
+    PayloadTooLargeError,
+    PluginInitError,
+    SandboxError,
+    SandbusError,
+    TrapError,
+)
+
+from . import abi
+from .audit import AuditLevel, Auditor
+from .config import Capabilities, Limits
+from .engine import EngineHandle, ticks_for
+from .hostfuncs import ABI_NAMESPACE, HostFunctions
+from .instance import BudgetExceeded, CallContext, _first_line, bind_host_function, deny, translate_error
+from .invoke import _check_bounds
+
+__all__ = [
+    "COMPONENT_MAX_CORE_INSTANCES",
+    "ComponentCallContext",
+    "ComponentInfo",
+    "ComponentInstance",
+    "HOST_INTERFACE",
+    "inspect_component",
+]
+
+#: The interface a plugin imports (sdk/guest/python/wit/sandbus.wit).
+HOST_INTERFACE = "sandbus:plugin/host@1.0.0"
+HANDLE_REQUEST = "handle-request"
+INIT = "init"
+HEALTH = "health"
+
+#: Core instances / tables one component may create. A componentize-py guest needs about 15 of each
+#: (CPython, its libraries, adapters and shims); the cap only bounds a hostile component.
+COMPONENT_MAX_CORE_INSTANCES = 64
+
+#: Host functions of the `host` interface: WIT name -> (sandbus_v1 name, parameter shapes, result shape).
+_HOST_SIGNATURES: dict[str, tuple[str, tuple[str, ...], str | None]] = {
+    "log": ("log", ("u32", "string"), None),
+    "time-now-ms": ("time_now_ms", (), "u64"),
+    "env-get": ("env_get", ("string",), "option<string>"),
+    "publish": ("publish", ("string", "string"), None),
+    "kv-get": ("kv_get", ("string",), "option<list<u8>>"),
+    "kv-put": ("kv_put", ("string", "list<u8>"), None),
+    "kv-delete": ("kv_delete", ("string",), None),
+    "http-request": ("http_request", ("string",), "string"),
+}
+#: Exports: name -> (parameter shapes, accepted result shapes, required).
+_EXPORTS: dict[str, tuple[tuple[str, ...], frozenset[str], bool]] = {
+    HANDLE_REQUEST: (("string", "string"), frozenset({"result<string, string>", "string"}), True),
+    INIT: (("string",), frozenset({"result<_, string>"}), False),
+    HEALTH: ((), frozenset({"bool"}), False),
+}
+
+#: First result buffer for env-get / kv-get / http-request; a longer result is fetched once more.
+_FIRST_CAP = 64 * 1024
+#: Bytes of guest stderr kept per call, to name what went wrong when the guest traps.
+_STDERR_TAIL = 4096
+
+_TRAP_TEXT = {
+    "all fuel consumed by WebAssembly": wasmtime.TrapCode.OUT_OF_FUEL,
+    "interrupt": wasmtime.TrapCode.INTERRUPT,
+    "call stack exhausted": wasmtime.TrapCode.STACK_OVERFLOW,
+}
+_FRAME = re.compile(r"^\s*\d+:\s+0x[0-9a-f]+\s+-\s+(.+?)\s*$")
+
+
+# ---------------------------------------------------------------------------
+# Inspection (once per component, at load)
+# ---------------------------------------------------------------------------
+
+
+def _shape(ty: Any) -> str:
+    """A WIT-like spelling of a component value type, for comparing signatures and naming them."""
+    simple = {wc.String: "string", wc.Bool: "bool", wc.U8: "u8", wc.U32: "u32", wc.U64: "u64",
+              wc.S32: "s32", wc.S64: "s64"}
+    for cls, name in simple.items():
+        if isinstance(ty, cls):
+            return name
+    if isinstance(ty, wc.ListType):
+        return f"list<{_shape(ty.element)}>"
+    if isinstance(ty, wc.OptionType):
+        return f"option<{_shape(ty.payload)}>"
+    if isinstance(ty, wc.ResultType):
+        ok, err = ty.ok, ty.err
+        return f"result<{'_' if ok is None else _shape(ok)}, {'_' if err is None else _shape(err)}>"
+    return type(ty).__name__
+
+
+def _signature(ft: wc.FuncType) -> tuple[tuple[str, ...], str | None]:
+    params = tuple(_shape(t) for _, t in ft.params)
+    result = ft.result
+    return params, (None if result is None else _shape(result))
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """What the host learned about a component at load.
+
+    Parameters:
+        host_functions: WIT names of the ``host`` functions the component imports.
+        wasi_imports: the WASI interfaces it imports (``wasi:clocks/wall-clock@0.2.9``, ...).
+        guarded_wasi: the imported clock and socket interfaces with their functions: the ones an instance
+            may have to replace with deniers (looked up once here, not per instance).
+        has_init / has_health: optional exports present.
+        returns_result: ``handle-request`` returns ``result<string, string>`` (else a plain ``string``).
+    """
+
+    host_functions: tuple[str, ...]
+    wasi_imports: tuple[str, ...]
+    guarded_wasi: tuple[tuple[str, tuple[str, ...]], ...]
+    has_init: bool
+    has_health: bool
+    returns_result: bool
+
+    def module_info(self) -> abi.ModuleInfo:
+        """The core-module view the rest of the host reads (functions; ``sandbus_v1`` imports, which the
+        node uses to decide whether a plugin may run inline on its event loop)."""
+        imports = tuple((ABI_NAMESPACE, _HOST_SIGNATURES[n][0]) for n in self.host_functions)
+        return abi.ModuleInfo((abi.DEFAULT_FUNCTION,), {}, imports)
+
+
+def inspect_component(component: wc.Component, handle: EngineHandle, plugin: str) -> ComponentInfo:
+    """Check the component's exports and imports against the world; raise a typed error naming what is wrong."""
+    engine = handle.engine
+    ctype = component.type
+    exports = ctype.exports(engine)
+    found: dict[str, tuple[tuple[str, ...], str | None]] = {}
+    for name, (params, results, required) in _EXPORTS.items():
+        ext = exports.get(name)
+        item = ext.ty if ext is not None else None
+        if not isinstance(item, wc.FuncType):
+            if required:
+                raise AbiViolationError(
+                    f"component does not export the function {name!r} (world sandbus:plugin/plugin)",
+                    plugin=plugin, missing=name)
+            continue
+        sig = _signature(item)
+        if sig[0] != params or (sig[1] or "()") not in results:
+            want = " or ".join(sorted(results))
+            raise AbiViolationError(
+                f"export {name!r} has type ({', '.join(sig[0])}) -> {sig[1] or '()'}, expected "
+                f"({', '.join(params)}) -> {want}", plugin=plugin, export=name)
+        found[name] = sig
+    host_functions: list[str] = []
+    wasi: list[str] = []
+    guarded: list[tuple[str, tuple[str, ...]]] = []
+    for name, ext in ctype.imports(engine).items():
+        if name.startswith("wasi:"):
+            wasi.append(name)
+            item = ext.ty
+            if name.startswith(("wasi:clocks/", "wasi:sockets/")) and isinstance(item, wc.ComponentInstanceType):
+                funcs = tuple(f for f, fx in item.exports(engine).items() if isinstance(fx.ty, wc.FuncType))
+                guarded.append((name, funcs))
+            continue
+        if name != HOST_INTERFACE:
+            raise InvalidModuleError(f"imports {name}, which this host does not provide (it provides "
+                                     f"{HOST_INTERFACE} and WASI 0.2)", plugin=plugin, missing_import=name)
+        item = ext.ty
+        if not isinstance(item, wc.ComponentInstanceType):
+            raise InvalidModuleError(f"import {name} is not an interface", plugin=plugin)
+        for fname, fext in item.exports(engine).items():
+            fty = fext.ty
+            expected = _HOST_SIGNATURES.get(fname)
+            if not isinstance(fty, wc.FuncType) or expected is None:
+                raise InvalidModuleError(f"imports {name}#{fname}, which this host does not provide",
+                                         plugin=plugin, missing_import=f"{name}#{fname}")
+            sig = _signature(fty)
+            if sig != expected[1:]:
+                raise InvalidModuleError(
+                    f"import {name}#{fname} has type ({', '.join(sig[0])}) -> {sig[1] or '()'}, the host "
+                    f"provides ({', '.join(expected[1])}) -> {expected[2] or '()'}", plugin=plugin)
+            host_functions.append(fname)
+    return ComponentInfo(tuple(host_functions), tuple(wasi), tuple(guarded), INIT in found, HEALTH in found,
+                         found[HANDLE_REQUEST][1] != "string")
+
+
+# ---------------------------------------------------------------------------
+# Host functions for components
+# ---------------------------------------------------------------------------
+
+
+class ComponentCallContext(CallContext):
+    """The :class:`CallContext` of a component instance.
+
+    Host functions are written against the core ABI: they take (ptr, len) pairs and read and write guest
+    memory through ``ctx.read`` / ``ctx.write``. A component hands the host values instead, so the adapter
+    lays the arguments out in a scratch buffer and points the host function at it; reads and writes are
+    bounds-checked against that buffer as they would be against guest memory.
+    """
+
+    def __init__(self, plugin: str, capabilities: Capabilities, limits: Limits, auditor: Auditor,
+                 logger: logging.Logger) -> None:
+        super().__init__(plugin, capabilities, limits, auditor, logger)
+        self.scratch = bytearray()
+
+    def stage(self, *parts: bytes, room: int = 0) -> tuple[list[int], int]:
+        """Put ``parts`` one after another in a fresh scratch buffer followed by ``room`` free bytes;
+        return the offsets of the parts and of the free area."""
+        offsets = []
+        buf = bytearray()
+        for part in parts:
+            offsets.append(len(buf))
+            buf += part
+        free = len(buf)
+        buf += bytes(room)
+        self.scratch = buf
+        return offsets, free
+
+    def read(self, ptr: int, length: int) -> bytes:
+        _check_bounds(ptr, length, len(self.scratch), "read")
+        return bytes(self.scratch[ptr:ptr + length])
+
+    def write(self, ptr: int, data: bytes) -> None:
+        _check_bounds(ptr, len(data), len(self.scratch), "write")
+        self.scratch[ptr:ptr + len(data)] = data
+
+
+class _CallState:
+    """Per-instance facts the linked closures record. Kept apart from the instance on purpose: wasmtime-py
+    keeps linked Python functions in a process-wide table until the store goes, so a closure holding the
+    instance would keep the instance (and its store) alive for ever."""
+
+    __slots__ = ("host_error", "stderr_tail")
+
+    def __init__(self) -> None:
+        self.host_error: BaseException | None = None
+        self.stderr_tail = b""
+
+
+def _host_adapters(ctx: ComponentCallContext, host_functions: HostFunctions, auditor: Auditor
+                   ) -> dict[str, Callable[..., Any]]:
+    """The ``host`` interface as Python callables over the registered (core ABI) host functions."""
+    plugin = ctx.plugin
+
+    def bound(name: str) -> Callable[..., Any]:
+        fn = host_functions.get(ABI_NAMESPACE, name)
+        if fn is None:
+            def missing(*_args: Any) -> Any:
+                raise SandboxError(f"host function {ABI_NAMESPACE}.{name} is not provided by this host "
+                                   "(publish, kv and http come with the bus: serve the plugin from a node)",
+                                   plugin=plugin, function=name)
+
+            return missing
+        return bind_host_function(fn, ctx, auditor)
+
+    log, time_now, env_get = bound("log"), bound("time_now_ms"), bound("env_get")
+    publish, kv_get, kv_put = bound("publish"), bound("kv_get"), bound("kv_put")
+    kv_delete, http, take_result = bound("kv_delete"), bound("http_request"), bound("take_result")
+
+    def fetch(fn: Callable[..., Any], *parts: bytes, refetch: Callable[[int], bytes] | None = None
+              ) -> bytes | None:
+        offsets, out = ctx.stage(*parts, room=_FIRST_CAP)
+        args = [x for off, part in zip(offsets, parts, strict=True) for x in (off, len(part))]
+        n = int(fn(*args, out, _FIRST_CAP))
+        if n < 0:
+            return None
+        if n <= _FIRST_CAP:
+            return ctx.read(out, n)
+        if refetch is not None:
+            return refetch(n)
+        _, out = ctx.stage(room=n)  # take_result: the same result again, now with room for all of it
+        if int(take_result(out, n)) != n:
+            raise SandboxError(f"take_result did not return the {n} bytes announced", plugin=plugin)
+        return ctx.read(out, n)
+
+    def h_log(level: int, message: str) -> None:
+        data = message.encode()
+        ctx.stage(data)
+        log(level, 0, len(data))
+
+    def h_time_now_ms() -> int:
+        return int(time_now())
+
+    def h_env_get(name: str) -> str | None:
+        key = name.encode()
+
+        def again(n: int) -> bytes:
+            _, out = ctx.stage(key, room=n)
+            env_get(0, len(key), out, n)
+            return ctx.read(out, n)
+
+        value = fetch(env_get, key, refetch=again)
+        return None if value is None else value.decode(errors="replace")
+
+    def h_publish(topic: str, json: str) -> None:
+        t, j = topic.encode(), json.encode()
+        ctx.stage(t, j)
+        publish(0, len(t), len(t), len(j))
+
+    def h_kv_get(key: str) -> bytes | None:
+        return fetch(kv_get, key.encode())
+
+    def h_kv_put(key: str, value: bytes) -> None:
+        k = key.encode()
+        ctx.stage(k, bytes(value))
+        kv_put(0, len(k), len(k), len(value))
+
+    def h_kv_delete(key: str) -> None:
+        k = key.encode()
+        ctx.stage(k)
+        kv_delete(0, len(k))
+
+    def h_http_request(request_json: str) -> str:
+        reply = fetch(http, request_json.encode())
+        return "" if reply is None else reply.decode(errors="replace")
+
+    return {"log": h_log, "time-now-ms": h_time_now_ms, "env-get": h_env_get, "publish": h_publish,
+            "kv-get": h_kv_get, "kv-put": h_kv_put, "kv-delete": h_kv_delete, "http-request": h_http_request}
+
+
+# ---------------------------------------------------------------------------
+# The instance
+# ---------------------------------------------------------------------------
+
+
+class ComponentInstance:
+    """A single instantiated component. Not thread-safe: the pool hands it to one caller at a time.
+
+    Parameters: as :class:`~host.sandbox.instance.PluginInstance`, with the compiled ``component`` and its
+    checked :class:`ComponentInfo` in place of the module and its ABI facts.
+    """
+
+    def __init__(
+        self,
+        plugin: str,
+        handle: EngineHandle,
+        component: wc.Component,
+        info: ComponentInfo,
+        limits: Limits,
+        capabilities: Capabilities,
+        host_functions: HostFunctions,
+        auditor: Auditor,
+        *,
+        context_factory: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.plugin = plugin
+        self.info = info
+        self.limits = limits
+        self.poisoned = False
+        self._auditor = auditor
+        self._ticks = ticks_for(limits.timeout_s)
+        self._state = _CallState()
+        logger = logging.getLogger(f"sandbus.plugin.{plugin}")
+        self.ctx = ComponentCallContext(plugin, capabilities, limits, auditor, logger)
+        if context_factory is not None:
+            self.ctx.extra.update(context_factory())
+
+        store = wasmtime.Store(handle.engine)
+        store.set_limits(memory_size=limits.memory_bytes, table_elements=limits.table_elements,
+                         instances=COMPONENT_MAX_CORE_INSTANCES, tables=COMPONENT_MAX_CORE_INSTANCES,
+                         memories=1)
+        if limits.fuel is not None:
+            store.set_fuel(limits.fuel)
+        store.set_epoch_deadline(self._ticks)
+        store.set_wasi(self._wasi_config())
+        self._store = store
+        linker = wc.Linker(handle.engine)
+        linker.add_wasip2()
+        linker.allow_shadowing = True
+        with linker.root() as root:
+            self._shadow_wasi(root)
+            with root.add_instance(HOST_INTERFACE) as host:
+                adapters = _host_adapters(self.ctx, host_functions, auditor)
+                for name in info.host_functions:
+                    host.add_func(name, _guard(adapters[name], self._state))
+        self._linker = linker
+        try:
+            instance = linker.instantiate(store, component)
+        except wasmtime.WasmtimeError as e:
+            text = str(e)
+            if "exceeds memory limits" in text:
+                raise MemoryLimitError(
+                    f"the component's initial memory exceeds the {limits.memory_bytes}-byte limit: "
+                    f"{_first_line(e)}", plugin=plugin, limit=limits.memory_bytes) from e
+            if "resource limit exceeded" in text or "matching implementation was not found" in text:
+                raise InvalidModuleError(f"cannot instantiate: {_first_line(e)}", plugin=plugin) from e
+            raise self._translate(self._state.host_error or e, "instantiation") from e
+        self._handle = self._export(instance, HANDLE_REQUEST)
+        self._init = self._export(instance, INIT) if info.has_init else None
+        self._health = self._export(instance, HEALTH) if info.has_health else None
+
+    def _export(self, instance: wc.Instance, name: str) -> wc.Func:
+        func = instance.get_func(self._store, name)
+        if func is None:  # checked at load; a component's exports do not change
+            raise AbiViolationError(f"component instance lacks the export {name!r}", plugin=self.plugin)
+        return func
+
+    # -- linking ---------------------------------------------------------------------------------
+
+    def _wasi_config(self) -> wasmtime.WasiConfig:
+        caps = self.ctx.capabilities
+        cfg = wasmtime.WasiConfig()
+        cfg.argv = [self.plugin]
+        cfg.env = list(caps.env.items())
+        for grant in caps.dirs:
+            cfg.preopen_dir(str(grant.host), grant.guest_path(), fs_mutable=grant.writable)
+        cfg.stdout_custom = _output_sink(self.ctx, self._state, "stdout", logging.INFO)
+        cfg.stderr_custom = _output_sink(self.ctx, self._state, "stderr", logging.WARNING)
+        return cfg
+
+    def _shadow_wasi(self, root: wc.LinkerInstance) -> None:
+        """Replace the WASI functions a plugin may not use with deniers (see the module docstring)."""
+        caps = self.ctx.capabilities
+        auditor, plugin, state = self._auditor, self.plugin, self._state  # no `self` in linked closures
+        clock = caps.allows("clock")
+
+        def denier(kind: str, message: str, **details: Any) -> Callable[..., Any]:
+            def denied(_store: Any, *_args: Any) -> Any:
+                raise deny(auditor, plugin, kind, message, **details)
+
+            return _guard(denied, state, with_store=True)
+
+        no_clock = denier("security.capability_denied", "reading the clock needs the 'clock' capability",
+                          capability="clock")
+        no_sleep = denier("security.sleep_denied", "waiting on a timer (sleep) is not available to plugins: "
+                          "it would block outside wasm, where the call timeout cannot stop it")
+        no_net = denier("security.network_denied", "sockets are not available to plugins (network access "
+                        "goes through the http-request host function)")
+        for name, funcs in self.info.guarded_wasi:
+            iface = name.split("@", 1)[0]
+            if iface == "wasi:clocks/monotonic-clock":
+                # Always shadowed, to take the timers away; now/resolution stay when the clock is granted.
+                with root.add_instance(name) as inst:
+                    for f in funcs:
+                        if f == "now":
+                            inst.add_func(f, no_clock if not clock else lambda _s: time.monotonic_ns())
+                        elif f == "resolution":
+                            inst.add_func(f, no_clock if not clock else lambda _s: 1)
+                        else:
+                            inst.add_func(f, no_sleep)
+            elif iface.startswith("wasi:clocks/") and not clock:
+                with root.add_instance(name) as inst:
+                    for f in funcs:
+                        inst.add_func(f, no_clock)
+            elif iface in ("wasi:sockets/instance-network", "wasi:sockets/tcp-create-socket",
+                           "wasi:sockets/udp-create-socket"):
+                with root.add_instance(name) as inst:
+                    for f in funcs:
+                        inst.add_func(f, no_net)
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def _run(self, func: wc.Func, what: str, *args: Any, ticks: int | None = None) -> Any:
+        """Call an export under a fresh budget; errors are typed and poison the instance."""
+        store, state, limits = self._store, self._state, self.limits
+        if limits.fuel is not None:
+            store.set_fuel(limits.fuel)
+        deadline = self._ticks if ticks is None else ticks
+        store.set_epoch_deadline(deadline)
+        state.host_error = None
+        state.stderr_tail = b""
+        try:
+            result = func(store, *args)
+            func.post_return(store)
+        except Exception as e:  # wasmtime errors, our errors, and whatever a linked function raised
+            self.poisoned = True
+            exc: BaseException = state.host_error or e
+            state.host_error = None
+            if (deadline < self._ticks and not isinstance(exc, SandbusError)
+                    and _trap_code(exc) == wasmtime.TrapCode.INTERRUPT):
+                raise BudgetExceeded(what) from e
+            raise self._translate(exc, what) from e
+        finally:
+            self.ctx.stats.fuel_used = self._fuel_used()
+        return result
+
+    def call(self, function: str, payload: bytes, *, budget_s: float | None = None) -> bytes:
+        """Run ``handle-request(function, payload)``; return the reply bytes.
+
+        An ``err`` result is a plugin-level failure: the reply is the envelope
+        ``{"success": false, "result": null, "error": <message>}``. ``budget_s``: as for core modules.
+        """
+        limits = self.limits
+        if len(payload) > limits.max_input_bytes:
+            self._auditor.emit(AuditLevel.WARNING, "limit.input_size", self.plugin,
+                               f"input of {len(payload)} bytes refused (limit {limits.max_input_bytes})",
+                               size=len(payload), limit=limits.max_input_bytes)
+            raise PayloadTooLargeError(
+                f"input of {len(payload)} bytes exceeds the {limits.max_input_bytes}-byte input limit",
+                plugin=self.plugin, size=len(payload), limit=limits.max_input_bytes, direction="input",
+            )
+        if not function:
+            raise AbiViolationError("empty function name", plugin=self.plugin, function=function)
+        try:
+            text = payload.decode()
+        except UnicodeDecodeError as e:
+            raise AbiViolationError(f"request is not valid UTF-8: {e}", plugin=self.plugin,
+                                    function=function) from e
+        stats = self.ctx.stats
+        stats.log_bytes = stats.log_dropped = 0
+        stats.memory_bytes = 0
+        self.ctx.log_overflow = False
+        ticks = self._ticks if budget_s is None else min(self._ticks, ticks_for(budget_s))
+        result = self._run(self._handle, function, function, text, ticks=ticks)
+        ok, value = _unwrap(result)
+        reply = value.encode() if ok else orjson.dumps({"success": False, "result": None, "error": value})
+        if len(reply) > limits.max_output_bytes:
+            self.poisoned = True
+            self._auditor.emit(AuditLevel.WARNING, "limit.output_size", self.plugin,
+                               f"reply of {len(reply)} bytes refused (limit {limits.max_output_bytes})",
+                               size=len(reply), limit=limits.max_output_bytes)
+            raise PayloadTooLargeError(
+                f"reply of {len(reply)} bytes exceeds the {limits.max_output_bytes}-byte output limit",
+                plugin=self.plugin, size=len(reply), limit=limits.max_output_bytes, direction="output",
+            )
+        if self.ctx.log_overflow:
+            self._auditor.emit(AuditLevel.WARNING, "limit.log", self.plugin,
+                               f"output beyond the {limits.log_bytes}-byte log cap was dropped",
+                               dropped=stats.log_dropped, limit=limits.log_bytes)
+            raise PayloadTooLargeError(
+                f"stdout/stderr/log output exceeded the {limits.log_bytes}-byte cap "
+                f"({stats.log_dropped} bytes dropped)",
+                plugin=self.plugin, limit=limits.log_bytes, dropped=stats.log_dropped, direction="log",
+            )
+        return reply
+
+    def init(self, config: bytes) -> None:
+        """Call ``init(config)`` if the component exports it; ``err`` fails start-up."""
+        if self._init is None:
+            return
+        ok, message = _unwrap(self._run(self._init, INIT, config.decode()))
+        if not ok:
+            self.poisoned = True
+            raise PluginInitError(f"init failed: {message}", plugin=self.plugin)
+
+    def health(self) -> bool:
+        """``health()`` if exported; otherwise healthy while not poisoned."""
+        if self.poisoned:
+            return False
+        if self._health is None:
+            return True
+        try:
+            return bool(self._run(self._health, HEALTH))
+        except SandbusError:
+            return False
+
+    def shutdown(self) -> None:
+        """Nothing to call: the world has no shutdown export. The instance is simply dropped."""
+
+    # -- errors ----------------------------------------------------------------------------------
+
+    def _translate(self, exc: BaseException, where: str) -> SandbusError:
+        tail = self._state.stderr_tail.decode(errors="replace")
+        err = translate_error(exc, where, plugin=self.plugin, limits=self.limits, auditor=self._auditor,
+                              code=_trap_code(exc), frames=_frames(exc),
+                              memory_exhausted=lambda: "MemoryError" in tail)
+        if isinstance(err, TrapError) and tail.strip():
+            # A Python guest prints its traceback before it aborts: its last line says what happened.
+            last = tail.strip().splitlines()[-1]
+            lines = [ln for ln in tail.strip().splitlines() if ln.strip() and not ln.startswith(("  ", "\t"))]
+            reason = next((ln for ln in reversed(lines) if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)", ln)),
+                          last)
+            err.message = f"{err.message} ({reason.strip()})"
+            err.details["stderr"] = tail[-1024:]
+            err.args = (str(err),)
+        return err
+
+    def _fuel_used(self) -> int:
+        if self.limits.fuel is None:
+            return 0
+        try:
+            return self.limits.fuel - int(self._store.get_fuel())
+        except wasmtime.WasmtimeError:
+            return 0
+
+
+def _guard(fn: Callable[..., Any], state: _CallState, *, with_store: bool = False) -> Callable[..., Any]:
+    """A linked host function: records what it raised on the instance's own state, because wasmtime-py
+    reports it through one process-wide slot that another thread's call may overwrite."""
+
+    def run(store: Any, *args: Any) -> Any:
+        try:
+            return fn(store, *args) if with_store else fn(*args)
+        except BaseException as e:
+            state.host_error = e
+            raise
+
+    return run
+
+
+def _output_sink(ctx: CallContext, state: _CallState, stream: str, level: int) -> Callable[[bytes], int]:
+    def sink(data: bytes) -> int:
+        if stream == "stderr":
+            state.stderr_tail = (state.stderr_tail + data)[-_STDERR_TAIL:]
+        if not ctx.log(level, f"[{stream}] {data.decode(errors='replace')}"):
+            return -5  # -EIO: tell a well-behaved guest to stop writing
+        return len(data)
+
+    return sink
+
+
+def _unwrap(result: Any) -> tuple[bool, str]:
+    """(ok, text) of a ``result<string, string>`` / ``result<_, string>`` / plain ``string``."""
+    if isinstance(result, wc.Variant):
+        payload = result.payload
+        return result.tag == "ok", "" if payload is None else str(payload)
+    if result is None:
+        return True, ""
+    return True, str(result)
+
+
+def _trap_code(exc: BaseException) -> wasmtime.TrapCode | None:
+    """The trap code a component call's error stands for: the component API reports traps as text."""
+    if isinstance(exc, wasmtime.Trap):
+        return exc.trap_code
+    if not isinstance(exc, wasmtime.WasmtimeError):
+        return None
+    return _TRAP_TEXT.get(_first_line(exc))
+
+
+def _frames(exc: BaseException) -> list[str]:
+    if not isinstance(exc, wasmtime.WasmtimeError):
+        return []
+    frames = []
+    for line in str(exc).splitlines():
+        m = _FRAME.match(line)
+        if m:
+            frames.append(m.group(1))
+        if len(frames) >= 32:
+            break
+    return frames
+

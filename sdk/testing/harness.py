@@ -1,0 +1,345 @@
+"""``PluginHarness``: load one plugin the way a node would, call it, and assert on what happened.
+
+    with PluginHarness("plugins/build/text_processor.wasm") as plugin:
+        assert plugin.call_ok("handle_request", {"action": "get_status"}) == {"status": "running"}
+        plugin.expect_error(PayloadTooLargeError, "handle_request", "x" * 2_000_000)
+        assert plugin.audit.kinds() == ["limit.payload"]
+
+What "the way a node would" means: when the plugin has a manifest (``NAME.toml`` beside the
+module, or the project's), the manifest is validated and resolved against an operator policy --
+:meth:`host.policy.Policy.default` unless the test passes one -- exactly as the plugin manager does,
+so the limits, capabilities and ``[config]`` a test runs under are the ones a default node grants.
+``limits``, ``capabilities`` and ``config`` then override parts of that for the test at hand.
+
+Everything the sandbox reports is collected: audit events (limit hits, denied permissions) in
+:attr:`PluginHarness.audit`, the plugin's log lines in :attr:`PluginHarness.logs`, and topics it
+published (through a recording ``publish`` host function, checked against the manifest's
+``publish_topics`` as on a node) in :attr:`PluginHarness.published`.
+
+The host runtime (wasmtime) is imported when a harness is created, not when ``sdk.testing`` is
+imported: client applications import ``sdk`` without ever loading wasmtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
+
+import orjson
+
+from sdk.errors import AbiViolationError, SandbusError, SecurityViolationError
+
+from ._locate import locate_plugin
+
+if TYPE_CHECKING:
+    from host.manifest import Manifest
+    from host.policy import Policy
+    from host.sandbox import AuditEvent, CallContext, CallResult, Capabilities, HostFunctions, Limits, Sandbox
+
+__all__ = ["AuditLog", "LogLine", "PluginFactory", "PluginHarness", "Published"]
+
+E = TypeVar("E", bound=BaseException)
+
+
+class AuditLog(list["AuditEvent"]):
+    """The audit events of a harness, in order; callable, so it can be a sandbox's ``on_audit``."""
+
+    def __call__(self, event: AuditEvent) -> None:
+        self.append(event)
+
+    def kinds(self) -> list[str]:
+        """Just the kinds (``limit.fuel``, ``security.env_denied``...), for compact assertions."""
+        return [e.kind for e in self]
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line the plugin logged (``sandbus_v1.log``, stdout at INFO, stderr at WARNING)."""
+
+    level: int
+    message: str
+
+    @property
+    def level_name(self) -> str:
+        return logging.getLevelName(self.level) if self.level != 5 else "TRACE"
+
+
+@dataclass(frozen=True)
+class Published:
+    """A message the plugin published: the topic and the decoded JSON payload."""
+
+    topic: str
+    payload: Any
+
+
+class _Collector(logging.Handler):
+    def __init__(self, lines: list[LogLine]) -> None:
+        super().__init__(level=1)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(LogLine(record.levelno, record.getMessage()))
+
+
+# Plugin loggers are per plugin name; two harnesses of one plugin share it. The level is lowered
+# (so debug and trace lines reach the handlers) while at least one harness listens.
+_listeners: dict[str, int] = {}
+_saved_levels: dict[str, int] = {}
+_listeners_lock = threading.Lock()
+
+
+def _listen(logger: logging.Logger) -> None:
+    with _listeners_lock:
+        if _listeners.get(logger.name, 0) == 0:
+            _saved_levels[logger.name] = logger.level
+            logger.setLevel(1)
+        _listeners[logger.name] = _listeners.get(logger.name, 0) + 1
+
+
+def _unlisten(logger: logging.Logger) -> None:
+    with _listeners_lock:
+        _listeners[logger.name] -= 1
+        if _listeners[logger.name] == 0:
+            logger.setLevel(_saved_levels.pop(logger.name))
+            del _listeners[logger.name]
+
+
+class PluginHarness:
+    """One plugin in a sandbox, with everything it reports collected for assertions.
+
+    Parameters:
+        plugin: a ``.wasm`` file, a plugin project directory (built first when its sources are
+            newer than ``build/NAME.wasm``) or a directory holding one ``.wasm``.
+        policy: the operator policy the manifest is resolved against: a :class:`host.policy.Policy`
+            or the path of a policy TOML file (default: :meth:`Policy.default`, deny all but compute).
+            Needs a manifest.
+        limits: a :class:`host.sandbox.Limits` replacing the resolved limits, or a mapping of
+            ``Limits`` fields overriding some of them (``{"fuel": 10_000, "timeout_s": 0.5}``).
+        capabilities: a :class:`host.sandbox.Capabilities` replacing the resolved grant.
+        config: replaces the manifest's ``[config]`` (what ``sandbus_init`` receives).
+        manifest: the manifest to use (default: found beside the module); ``False`` ignores any
+            manifest, so defaults apply (``Limits()``, nothing granted).
+        host_functions: extra host functions (they override the built-in ones of the same name).
+        build: build a project directory when it is stale.
+        name: the plugin's name in errors and events (default: the manifest's, else the file stem).
+        data_root: where the manifest's ``read_files`` / ``write_files`` resolve (default:
+            ``<module dir>/data/<name>``, as for a node's plugin directory).
+
+    Raises:
+        ManifestError: the manifest is invalid. SecurityViolationError: the policy refuses the
+        plugin (a required capability, a resource above a ceiling) or the module does not match the
+        manifest's sha256. Any sandbox load error (InvalidModuleError, AbiViolationError,
+        PluginInitError...) as a node would report it.
+    """
+
+    def __init__(
+        self,
+        plugin: str | Path,
+        *,
+        policy: Policy | str | Path | None = None,
+        limits: Limits | Mapping[str, Any] | None = None,
+        capabilities: Capabilities | None = None,
+        config: Mapping[str, Any] | None = None,
+        manifest: str | Path | bool = True,
+        host_functions: HostFunctions | None = None,
+        build: bool = True,
+        name: str | None = None,
+        data_root: str | Path | None = None,
+    ) -> None:
+        from host.bus_hostfuncs import BusBridge
+        from host.manifest import load_manifest
+        from host.policy import Policy, load_policy, resolve
+        from host.sandbox import Capabilities, HostFunction, Limits, Sandbox
+
+        self.path, found = locate_plugin(plugin, build=build)
+        if manifest is True:
+            manifest_path = found
+        elif manifest is False:
+            manifest_path = None
+        else:
+            manifest_path = Path(manifest)
+        wasm = self.path.read_bytes()
+        self.manifest: Manifest | None = None
+        self.publish_topics: tuple[str, ...] = ()
+        base_limits, base_caps, base_config = Limits(), Capabilities(), {}
+        if manifest_path is not None:
+            self.manifest = load_manifest(manifest_path, expected_name=name or self.path.stem)
+            self.manifest.verify_wasm(wasm)
+            if policy is None:
+                policy = Policy.default()
+            elif not isinstance(policy, Policy):
+                policy = load_policy(Path(policy))
+            root = Path(data_root) if data_root is not None else self.path.parent / "data" / self.manifest.name
+            grant = resolve(self.manifest, policy, data_root=root, host_env=os.environ)
+            base_limits, base_caps, base_config = grant.limits, grant.capabilities, dict(self.manifest.config)
+            self.publish_topics = grant.publish_topics
+        elif policy is not None:
+            raise ValueError(f"a policy is resolved against a manifest, and {self.path} has none "
+                             f"(put {self.path.stem}.toml beside it, or pass manifest=PATH)")
+        if isinstance(limits, Mapping):
+            base_limits = Limits(**{**base_limits.model_dump(), **limits})
+        elif limits is not None:
+            base_limits = limits
+        self.name = name or (self.manifest.name if self.manifest is not None else self.path.stem)
+        self.limits: Limits = base_limits
+        self.capabilities: Capabilities = capabilities if capabilities is not None else base_caps
+        self.audit = AuditLog()
+        self.logs: list[LogLine] = []
+        self.published: list[Published] = []
+        # Every host function a node offers, so any plugin links; publish records instead of
+        # going to NATS (the others need a node: they fail the call with a BusError).
+        funcs = BusBridge().host_functions()
+        funcs.add(HostFunction("publish", ("i32",) * 4, ("i32",), self._publish, capability="messaging"))
+        funcs = funcs.merged(host_functions)
+        self._logger = logging.getLogger(f"sandbus.plugin.{self.name}")
+        self._handler = _Collector(self.logs)
+        self._logger.addHandler(self._handler)
+        _listen(self._logger)
+        self._closed = False
+        try:
+            self.sandbox: Sandbox = Sandbox(wasm, name=self.name, limits=self.limits,
+                                            capabilities=self.capabilities, host_functions=funcs,
+                                            on_audit=self.audit,
+                                            config=config if config is not None else base_config)
+        except BaseException:
+            self._detach()
+            raise
+
+    # -- calls -------------------------------------------------------------------------------------
+
+    @property
+    def functions(self) -> tuple[str, ...]:
+        """The plugin's callable functions."""
+        return self.sandbox.functions
+
+    def call(self, function: str = "handle_request", request: Any = None) -> Any:
+        """Call ``function`` with a JSON-able request; returns the decoded reply. Errors are raised
+        typed (``OutOfFuelError``, ``SecurityViolationError``...), as a node's caller would get them."""
+        return self.sandbox.call(function, request)
+
+    def call_bytes(self, function: str, payload: bytes, *, validate: bool = True) -> bytes:
+        """Call with raw request bytes; the reply bytes (checked to be JSON unless ``validate`` is False)."""
+        return self.sandbox.call_bytes(function, payload, validate=validate)
+
+    def call_detailed(self, function: str = "handle_request", request: Any = None) -> CallResult:
+        """Call and return the reply with its fuel used, memory and duration."""
+        return self.sandbox.call_detailed(function, orjson.dumps(request))
+
+    def call_ok(self, function: str = "handle_request", request: Any = None) -> Any:
+        """Call and return ``result`` of a ``{"success": true, ...}`` reply; fail the test otherwise.
+
+        Raises:
+            AssertionError: the reply is not the envelope, or says ``"success": false``.
+        """
+        reply = self.call(function, request)
+        if not isinstance(reply, dict) or "success" not in reply:
+            raise AssertionError(f"{self.name}.{function} did not reply with the envelope "
+                                 f'{{"success", "result", "error"}}: {reply!r}')
+        if reply["success"] is not True:
+            raise AssertionError(f"{self.name}.{function} failed: {reply.get('error')!r}")
+        return reply.get("result")
+
+    def expect_error(self, error_type: type[E], function: str = "handle_request", request: Any = None, *,
+                     match: str | None = None) -> E:
+        """Call and return the error, which must be an ``error_type`` (whose message matches the regex
+        ``match``, if given); fail the test if the call succeeds or fails otherwise.
+
+            err = plugin.expect_error(OutOfFuelError, "handle_request", {"loop": True})
+            assert err.details["limit"] == 10_000
+        """
+        try:
+            reply = self.call(function, request)
+        except error_type as e:
+            if match is not None and not re.search(match, str(e)):
+                raise AssertionError(f"{type(e).__name__} raised, but {str(e)!r} does not match {match!r}") from e
+            return e
+        except SandbusError as e:
+            raise AssertionError(f"expected {error_type.__name__} from {self.name}.{function}, "
+                                 f"got {type(e).__name__}: {e}") from e
+        raise AssertionError(f"expected {error_type.__name__} from {self.name}.{function}, "
+                             f"but it replied {reply!r}")
+
+    def health(self) -> bool:
+        """What ``sandbus_health`` says (True without the export)."""
+        return self.sandbox.health()
+
+    def clear(self) -> None:
+        """Forget the audit events, log lines and published messages collected so far."""
+        self.audit.clear()
+        self.logs.clear()
+        self.published.clear()
+
+    def log_messages(self, min_level: int = 0) -> list[str]:
+        """The logged messages at ``min_level`` or above (``logging.WARNING``...)."""
+        return [line.message for line in self.logs if line.level >= min_level]
+
+    # -- the recording publish host function -------------------------------------------------------
+
+    def _publish(self, ctx: CallContext, topic_ptr: int, topic_len: int, data_ptr: int, data_len: int) -> int:
+        from host.manifest import subject_matches
+        from host.sandbox import AuditLevel
+
+        topic = ctx.read_str(topic_ptr, topic_len, "topic")
+        if not any(subject_matches(p, topic) for p in self.publish_topics):
+            ctx.auditor.emit(AuditLevel.CRITICAL, "security.publish_denied", ctx.plugin,
+                             f"publish to {topic!r} denied (granted: {list(self.publish_topics)})", topic=topic)
+            raise SecurityViolationError(
+                f"publishing to {topic!r} was not granted (manifest [permissions] publish_topics: "
+                f"{list(self.publish_topics)})", plugin=ctx.plugin, topic=topic)
+        data = ctx.read(data_ptr, data_len)
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            raise AbiViolationError(f"publish: payload is not valid JSON: {e}", plugin=ctx.plugin) from e
+        self.published.append(Published(topic, payload))
+        return 0
+
+    # -- lifetime ----------------------------------------------------------------------------------
+
+    def _detach(self) -> None:
+        self._logger.removeHandler(self._handler)
+        _unlisten(self._logger)
+
+    def close(self) -> None:
+        """Shut the plugin's instances down (``sandbus_shutdown``) and stop collecting its logs."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.sandbox.close()
+        finally:
+            self._detach()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PluginHarness({self.name!r}, path={str(self.path)!r}, functions={self.functions})"
+
+
+class PluginFactory(Protocol):
+    """The ``sandbus_plugin`` fixture: makes harnesses and closes them after the test."""
+
+    def __call__(
+        self,
+        plugin: str | Path,
+        *,
+        policy: Policy | str | Path | None = ...,
+        limits: Limits | Mapping[str, Any] | None = ...,
+        capabilities: Capabilities | None = ...,
+        config: Mapping[str, Any] | None = ...,
+        manifest: str | Path | bool = ...,
+        host_functions: HostFunctions | None = ...,
+        build: bool = ...,
+        name: str | None = ...,
+        data_root: str | Path | None = ...,
+    ) -> PluginHarness: ...

@@ -1,0 +1,113 @@
+"""`sandbus new` -> `sandbus build` -> the generated test passes, for every language whose toolchain exists.
+
+C and WAT always run (the C toolchain is installed by `make toolchain`; WAT needs none). AssemblyScript
+and Python are skipped only when their compiler is genuinely absent, saying which.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from host.authoring import AuthoringError, Language, detect_project, guest_sdk_dir, scaffold
+from host.authoring.build import find_tool
+from host.manifest import load_manifest
+from tests.authoring.conftest import sandbus
+
+
+def _toolchain_missing(language: Language) -> str | None:
+    if language is Language.ASSEMBLYSCRIPT:
+        sdk_bin = guest_sdk_dir(language) / "node_modules" / ".bin"
+        if find_tool("node") is None:
+            return "Node.js is not installed (apt-get install nodejs npm)"
+        if find_tool("asc", sdk_bin) is None:
+            return "asc is not installed (npm install assemblyscript in sdk/guest/assemblyscript)"
+    if language is Language.PYTHON:
+        if find_tool("componentize-py") is None:
+            return "componentize-py is not installed (pip install componentize-py)"
+        if not any((guest_sdk_dir(language) / "wit").glob("*.wit")):
+            return "the Python guest SDK's WIT world (sdk/guest/python/wit) is not there"
+    return None
+
+
+LANGUAGES = [
+    pytest.param(lang, marks=[pytest.mark.skipif(_toolchain_missing(lang) is not None,
+                                                 reason=str(_toolchain_missing(lang)))]
+                 + ([pytest.mark.slow] if lang in (Language.ASSEMBLYSCRIPT, Language.PYTHON) else []),
+                 id=lang.value)
+    for lang in Language
+]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_new_build_test_run(language: Language, tmp_path: Path) -> None:
+    name = f"hello_{language.value[:2]}"
+    r = sandbus("new", name, "--lang", language.value, "--dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    root = tmp_path / name
+    assert f"sandbus build {root}" in r.stdout
+
+    r = sandbus("build", str(root))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"built {root}/build/{name}.wasm" in r.stdout
+    assert "checking manifest" in r.stderr  # progress is shown
+    assert (root / "build" / f"{name}.toml").read_bytes() == (root / f"{name}.toml").read_bytes()
+
+    # the generated test, run as an author would, in a fresh process
+    test = subprocess.run([sys.executable, "-m", "pytest", str(root), "-q", "-p", "no:cacheprovider"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert test.returncode == 0, test.stdout + test.stderr
+    assert "3 passed" in test.stdout
+
+    r = sandbus("run", str(root / "build" / f"{name}.wasm"), "--input", '{"hello": "world"}')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().replace(" ", "") == '{"success":true,"result":{"hello":"world"},"error":null}'
+
+    r = sandbus("inspect", str(root / "build" / f"{name}.wasm"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "a node accepts this module" in r.stdout
+
+
+@pytest.mark.parametrize("language", list(Language), ids=[lang.value for lang in Language])
+def test_scaffold_files_and_manifest(language: Language, tmp_path: Path) -> None:
+    project = scaffold("my_plugin", language, tmp_path)
+    files = {str(p.relative_to(project.root)) for p in project.root.rglob("*") if p.is_file()}
+    common = {"my_plugin.toml", "Makefile", "test_my_plugin.py", "conftest.py", "pytest.ini", "README.md",
+              ".gitignore"}
+    source = {Language.C: {"my_plugin.c"}, Language.WAT: {"my_plugin.wat"},
+              Language.ASSEMBLYSCRIPT: {"assembly/index.ts", "package.json"}, Language.PYTHON: {"app.py"}}
+    assert files == common | source[language]
+    manifest = load_manifest(project.manifest)  # valid, and named like the file
+    assert manifest.name == "my_plugin"
+    assert detect_project(project.root) == project
+    assert "{{" not in "".join((project.root / f).read_text() for f in files)
+
+
+@pytest.mark.parametrize("bad", ["Hello", "1st", "with-dash", "", "a" * 64, "../up", "x.y"])
+def test_invalid_names_are_refused(bad: str, tmp_path: Path) -> None:
+    r = sandbus("new", bad, "--dir", str(tmp_path))
+    assert r.returncode == 2
+    assert "invalid plugin name" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_directory_is_never_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    r = sandbus("new", "taken", "--dir", str(tmp_path))
+    assert r.returncode == 2
+    assert "already exists" in r.stderr
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    with pytest.raises(AuthoringError, match="already exists"):
+        scaffold("taken", Language.WAT, tmp_path)
+
+
+def test_unknown_language_is_bad_usage(tmp_path: Path) -> None:
+    r = sandbus("new", "x", "--lang", "cobol", "--dir", str(tmp_path))
+    assert r.returncode == 2
+    assert "cobol" in r.stderr
