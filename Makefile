@@ -47,4 +47,4 @@ bench: $(STAMP) plugins
 	$(BIN)/python bench/bench_bus.py $(BENCH_ARGS)
 
 clean:
-	rm -rf plugins/build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf plugins/build .pytest_cache .mypy_cache .ruff_cache sdk/guest/assemblyscript/node_modules

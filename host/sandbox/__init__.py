@@ -2,7 +2,8 @@
 
 from .abi import ABI_VERSION, DEFAULT_FUNCTION, ModuleInfo, inspect_module
 from .audit import AuditEvent, AuditLevel, Auditor, AuditSink
-from .cache import ModuleCache, default_cache_dir
+from .cache import ModuleCache, default_cache_dir, is_component
+from .component import ComponentInstance
 from .config import MIB, Capabilities, DirGrant, Limits
 from .hostfuncs import ABI_NAMESPACE, HostFunction, HostFunctions, builtin_host_functions
 from .instance import BudgetExceeded, CallContext, PluginInstance
@@ -21,6 +22,7 @@ __all__ = [
     "CallContext",
     "CallResult",
     "Capabilities",
+    "ComponentInstance",
     "DEFAULT_FUNCTION",
     "DirGrant",
     "HostFunction",
@@ -37,6 +39,7 @@ __all__ = [
     "default_cache_dir",
     "fast_path_available",
     "inspect_module",
+    "is_component",
     "run_plugin",
     "shared_cache",
 ]
