@@ -64,7 +64,6 @@ from sdk.errors import (
     AbiViolationError,
     InvalidModuleError,
     MemoryLimitError,
-    PayloadTooLargeError,
     PluginInitError,
     SandboxError,
     SandbusError,
@@ -72,11 +71,19 @@ from sdk.errors import (
 )
 
 from . import abi
-from .audit import AuditLevel, Auditor
+from .audit import Auditor
 from .config import Capabilities, Limits
 from .engine import EngineHandle, ticks_for
 from .hostfuncs import ABI_NAMESPACE, HostFunctions
-from .instance import BudgetExceeded, CallContext, _first_line, bind_host_function, deny, translate_error
+from .instance import (
+    BudgetExceeded,
+    CallContext,
+    _first_line,
+    bind_host_function,
+    deny,
+    size_limit_error,
+    translate_error,
+)
 from .invoke import _check_bounds
 
 __all__ = [
@@ -537,13 +544,7 @@ class ComponentInstance:
         """
         limits = self.limits
         if len(payload) > limits.max_input_bytes:
-            self._auditor.emit(AuditLevel.WARNING, "limit.input_size", self.plugin,
-                               f"input of {len(payload)} bytes refused (limit {limits.max_input_bytes})",
-                               size=len(payload), limit=limits.max_input_bytes)
-            raise PayloadTooLargeError(
-                f"input of {len(payload)} bytes exceeds the {limits.max_input_bytes}-byte input limit",
-                plugin=self.plugin, size=len(payload), limit=limits.max_input_bytes, direction="input",
-            )
+            raise size_limit_error(self._auditor, self.plugin, limits, "input", len(payload))
         if not function:
             raise AbiViolationError("empty function name", plugin=self.plugin, function=function)
         try:
@@ -561,22 +562,9 @@ class ComponentInstance:
         reply = value.encode() if ok else orjson.dumps({"success": False, "result": None, "error": value})
         if len(reply) > limits.max_output_bytes:
             self.poisoned = True
-            self._auditor.emit(AuditLevel.WARNING, "limit.output_size", self.plugin,
-                               f"reply of {len(reply)} bytes refused (limit {limits.max_output_bytes})",
-                               size=len(reply), limit=limits.max_output_bytes)
-            raise PayloadTooLargeError(
-                f"reply of {len(reply)} bytes exceeds the {limits.max_output_bytes}-byte output limit",
-                plugin=self.plugin, size=len(reply), limit=limits.max_output_bytes, direction="output",
-            )
+            raise size_limit_error(self._auditor, self.plugin, limits, "output", len(reply))
         if self.ctx.log_overflow:
-            self._auditor.emit(AuditLevel.WARNING, "limit.log", self.plugin,
-                               f"output beyond the {limits.log_bytes}-byte log cap was dropped",
-                               dropped=stats.log_dropped, limit=limits.log_bytes)
-            raise PayloadTooLargeError(
-                f"stdout/stderr/log output exceeded the {limits.log_bytes}-byte cap "
-                f"({stats.log_dropped} bytes dropped)",
-                plugin=self.plugin, limit=limits.log_bytes, dropped=stats.log_dropped, direction="log",
-            )
+            raise size_limit_error(self._auditor, self.plugin, limits, "log", stats.log_dropped)
         return reply
 
     def init(self, config: bytes) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "PluginInstance",
     "bind_host_function",
     "deny",
+    "size_limit_error",
     "translate_error",
 ]
 
@@ -395,13 +396,7 @@ class PluginInstance:
         limits = self.limits
         ticks = self._ticks if budget_s is None else min(self._ticks, ticks_for(budget_s))
         if len(payload) > limits.max_input_bytes:
-            self._auditor.emit(AuditLevel.WARNING, "limit.input_size", self.plugin,
-                               f"input of {len(payload)} bytes refused (limit {limits.max_input_bytes})",
-                               size=len(payload), limit=limits.max_input_bytes)
-            raise PayloadTooLargeError(
-                f"input of {len(payload)} bytes exceeds the {limits.max_input_bytes}-byte input limit",
-                plugin=self.plugin, size=len(payload), limit=limits.max_input_bytes, direction="input",
-            )
+            raise size_limit_error(self._auditor, self.plugin, limits, "input", len(payload))
         if function not in self.info.functions:
             raise AbiViolationError(
                 f"no function {function!r}; exported functions: {', '.join(self.info.functions)}",
@@ -420,14 +415,7 @@ class PluginInstance:
                 plugin=self.plugin, limit=limits.memory_bytes), function) from e
         except ReplyTooLarge as e:
             self.poisoned = True
-            size = e.args[0]
-            self._auditor.emit(AuditLevel.WARNING, "limit.output_size", self.plugin,
-                               f"reply of {size} bytes refused (limit {limits.max_output_bytes})",
-                               size=size, limit=limits.max_output_bytes)
-            raise PayloadTooLargeError(
-                f"reply of {size} bytes exceeds the {limits.max_output_bytes}-byte output limit",
-                plugin=self.plugin, size=size, limit=limits.max_output_bytes, direction="output",
-            ) from e
+            raise size_limit_error(self._auditor, self.plugin, limits, "output", e.args[0]) from e
         except (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError) as e:
             self.poisoned = True
             if (ticks < self._ticks and isinstance(e, wasmtime.Trap)
@@ -438,14 +426,7 @@ class PluginInstance:
             stats.fuel_used = _fuel_used(inv, limits.fuel)
             stats.memory_bytes = inv.memory_size()
         if self.ctx.log_overflow:
-            self._auditor.emit(AuditLevel.WARNING, "limit.log", self.plugin,
-                               f"output beyond the {limits.log_bytes}-byte log cap was dropped",
-                               dropped=stats.log_dropped, limit=limits.log_bytes)
-            raise PayloadTooLargeError(
-                f"stdout/stderr/log output exceeded the {limits.log_bytes}-byte cap "
-                f"({stats.log_dropped} bytes dropped)",
-                plugin=self.plugin, limit=limits.log_bytes, dropped=stats.log_dropped, direction="log",
-            )
+            raise size_limit_error(self._auditor, self.plugin, limits, "log", stats.log_dropped)
         return reply
 
     def init(self, config: bytes) -> None:
@@ -591,6 +572,24 @@ def translate_error(exc: BaseException, where: str, *, plugin: str, limits: Limi
         return TrapError(f"{where} trapped: {_first_line(exc)}", plugin=plugin, backtrace=frames)
     auditor.emit(AuditLevel.WARNING, kind, plugin, err.message, **err.details)
     return err
+
+
+def size_limit_error(auditor: Auditor, plugin: str, limits: Limits, direction: str, size: int) -> PayloadTooLargeError:
+    """The audited error for a payload over its cap: ``direction`` is "input", "output" or "log"
+    (for "log", ``size`` is the number of bytes dropped)."""
+    if direction == "log":
+        auditor.emit(AuditLevel.WARNING, "limit.log", plugin,
+                     f"output beyond the {limits.log_bytes}-byte log cap was dropped", dropped=size,
+                     limit=limits.log_bytes)
+        return PayloadTooLargeError(
+            f"stdout/stderr/log output exceeded the {limits.log_bytes}-byte cap ({size} bytes dropped)",
+            plugin=plugin, limit=limits.log_bytes, dropped=size, direction="log")
+    limit = limits.max_input_bytes if direction == "input" else limits.max_output_bytes
+    what = "input" if direction == "input" else "reply"
+    auditor.emit(AuditLevel.WARNING, f"limit.{direction}_size", plugin,
+                 f"{what} of {size} bytes refused (limit {limit})", size=size, limit=limit)
+    return PayloadTooLargeError(f"{what} of {size} bytes exceeds the {limit}-byte {direction} limit",
+                                plugin=plugin, size=size, limit=limit, direction=direction)
 
 
 _trampoline_modules: dict[tuple[int, bytes], wasmtime.Module] = {}
