@@ -75,6 +75,13 @@ _BUS_EFFECTS = frozenset({"publish", "request", "kv_put", "kv_delete", "http_req
 DEFAULT_FUNCTION = "handle_request"
 
 
+def _check_json(data: bytes, plugin: str) -> None:
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise AbiViolationError(f"request body is not valid JSON: {e}", plugin=plugin) from e
+
+
 def default_node_id() -> str:
     return f"{socket.gethostname().split('.')[0]}-{os.getpid()}".replace(".", "-")
 
@@ -349,10 +356,7 @@ class Node:
             self._spawn(self._serve_request(msg, plugin, function))
             return
         try:
-            try:
-                orjson.loads(msg.data)
-            except orjson.JSONDecodeError as e:
-                raise AbiViolationError(f"request body is not valid JSON: {e}", plugin=plugin) from e
+            _check_json(msg.data, plugin)
             result = self.try_inline(plugin, function, msg.data)
         except SandbusError as e:
             await self._reply(msg, *error_reply(e))
@@ -367,10 +371,7 @@ class Node:
             await self._serve_traced_debug(msg, plugin, function)
             return
         try:
-            try:
-                orjson.loads(msg.data)
-            except orjson.JSONDecodeError as e:
-                raise AbiViolationError(f"request body is not valid JSON: {e}", plugin=plugin) from e
+            _check_json(msg.data, plugin)
             result = await self.call(plugin, function, msg.data, msg=msg)
         except SandbusError as e:
             await self._reply(msg, *error_reply(e))
