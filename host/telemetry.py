@@ -150,9 +150,7 @@ class Telemetry:
         self.meter = meter
         self._latency = meter.create_histogram("sandbus.call.duration", unit="s",
                                                description="plugin call latency")
-        self._calls = meter.create_counter("sandbus.calls", description="plugin calls")
-        self._errors = meter.create_counter("sandbus.call.errors", description="failed plugin calls")
-        self._fuel = meter.create_counter("sandbus.call.fuel", description="fuel consumed")
+
 
     @contextmanager
     def process_span(self, subject: str, headers: Mapping[str, str] | None, *, group: str | None,
@@ -191,12 +189,9 @@ class Telemetry:
             span.set_attribute("sandbus.duration_ms", round(result.duration_s * 1e3, 3))
             span.set_attribute("sandbus.outcome", "ok")
             self._latency.record(result.duration_s, attrs)
-            self._fuel.add(result.fuel_used, attrs)
         if err is not None:
             span.set_attribute("sandbus.outcome", "error")
             record_error(span, err)
-            self._errors.add(1, attrs)
-        self._calls.add(1, attrs)
 
     def on_audit(self, event: AuditEvent) -> None:
         """Audit events as span events on the current span, or on a span of their own."""
@@ -216,15 +211,20 @@ class Telemetry:
             if event.level is AuditLevel.CRITICAL:
                 own.set_attribute("error.type", event.kind)
 
-    def observe(self, gauges: Callable[[], dict[str, dict[str, float]]]) -> None:
-        """Per-plugin gauges read at export time (no cost per call): ``{metric: {plugin: value}}``."""
+    def observe(self, values: Callable[[], dict[str, dict[str, float]]]) -> None:
+        """Per-plugin values read at export time, so they cost nothing per call:
+        ``{metric: {plugin: value}}`` (the manager already counts calls, errors and fuel)."""
 
         def callback(name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
             def read(_options: CallbackOptions) -> Iterable[Observation]:
-                return [Observation(v, {"sandbus.plugin.name": p}) for p, v in gauges().get(name, {}).items()]
+                return [Observation(v, {"sandbus.plugin.name": p}) for p, v in values().get(name, {}).items()]
 
             return read
 
+        for name, unit, desc in (("sandbus.calls", "{call}", "plugin calls"),
+                                 ("sandbus.call.errors", "{call}", "failed plugin calls"),
+                                 ("sandbus.call.fuel", "{fuel}", "fuel consumed")):
+            self.meter.create_observable_counter(name, callbacks=[callback(name)], unit=unit, description=desc)
         for name, unit, desc in (("sandbus.plugin.in_flight", "{call}", "calls running"),
                                  ("sandbus.plugin.queue_depth", "{call}", "calls waiting for an instance"),
                                  ("sandbus.plugin.memory", "By", "linear memory held by the plugin's instances")):
