@@ -18,7 +18,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -26,6 +25,8 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_sandbox import per_call_us  # noqa: E402 - same measurement as the sandbox table
 
 from host.sandbox import ModuleCache, Sandbox  # noqa: E402
 
@@ -41,19 +42,6 @@ GUESTS = (
     ("Python component (componentize-py)", "py_echo", "echo"),
     ("Python component, envelope", "py_echo", "handle_request"),
 )
-
-
-def per_call_us(fn: Callable[[], object], n: int, repeats: int) -> float:
-    """Best-of-`repeats` mean per call (the min filters scheduler noise on a shared 2-core box)."""
-    for _ in range(min(n, 500)):
-        fn()
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        runs.append((time.perf_counter() - t) / n * 1e6)
-    return min(runs)
 
 
 def load_ms(wasm: bytes, name: str, directory: Path) -> float:

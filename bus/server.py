@@ -21,7 +21,19 @@ from typing import Self
 
 from sdk.errors import BusError
 
-__all__ = ["NatsServer", "nats_server_binary"]
+__all__ = ["NatsServer", "nats_server_binary", "stop_process"]
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL: a child never outlives its owner."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return proc.returncode
 
 
 def nats_server_binary() -> str:
@@ -127,13 +139,7 @@ class NatsServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop by PID (SIGTERM, then SIGKILL) and remove a temporary data directory."""
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=timeout)
+            stop_process(self.proc, timeout)
             if self.proc.stderr:
                 self.proc.stderr.close()
         if self._own_dir:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bus.server import NatsServer
+from bus.server import NatsServer, stop_process
 from sdk.client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,15 +115,9 @@ class NodeProcess:
         raise AssertionError(f"node {self.node_id} not ready in {timeout} s: {self.log.read_text()}")
 
     def terminate(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        code = stop_process(self.proc, timeout)
         self._log_file.close()
-        return self.proc.returncode
+        return code
 
     def kill9(self) -> None:
         self.proc.kill()
