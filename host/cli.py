@@ -40,6 +40,7 @@ __all__ = [
     "app",
     "exit_code_for",
     "main",
+    "read_json_arg",
     "setup_logging",
 ]
 
@@ -70,12 +71,13 @@ def fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _read_input(text: str) -> bytes:
+def read_json_arg(text: str, what: str) -> bytes:
+    """A JSON argument (``-`` reads stdin), checked; bad JSON is a usage error naming ``what``."""
     raw = sys.stdin.buffer.read() if text == "-" else text.encode()
     try:
         orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        fail(f"--input is not valid JSON: {e}", EXIT_USAGE)
+        fail(f"{what} is not valid JSON: {e}", EXIT_USAGE)
     return raw
 
 
@@ -102,7 +104,7 @@ def run(
 ) -> None:
     """Load PLUGIN, call FUNCTION with the input JSON, print the reply JSON."""
     setup_logging(verbose)
-    payload = _read_input(input_)
+    payload = read_json_arg(input_, "--input")
     try:
         settings: Any = orjson.loads(config)
     except orjson.JSONDecodeError as e:

@@ -23,7 +23,7 @@ from bus.server import NatsServer
 from sdk.client import Client
 from sdk.errors import SandbusError
 
-from .cli import EXIT_USAGE, exit_code_for, fail, setup_logging
+from .cli import exit_code_for, fail, read_json_arg, setup_logging
 
 __all__ = ["DEFAULT_NATS", "register"]
 
@@ -143,15 +143,6 @@ async def _serve(n: Any, watch: bool) -> None:
         n.manager.close()
 
 
-def _json_arg(text: str) -> bytes:
-    raw = sys.stdin.buffer.read() if text == "-" else text.encode()
-    try:
-        orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        fail(f"payload is not valid JSON: {e}", EXIT_USAGE)
-    return raw
-
-
 def _client_run(coro_factory: Any, url: str | None) -> Any:
     async def go() -> Any:
         client = await Client.connect(_nats(url))
@@ -174,7 +165,7 @@ def request(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 5.0,
 ) -> None:
     """Call PLUGIN's FUNCTION on whichever node serves it; print the reply."""
-    data = _json_arg(payload)
+    data = read_json_arg(payload, "payload")
     reply: bytes = _client_run(lambda c: c.request_bytes(plugin, function, data, timeout=timeout), nats_url)
     sys.stdout.buffer.write(reply + b"\n")
     decoded = orjson.loads(reply)
@@ -189,7 +180,7 @@ def pub(
     core: Annotated[bool, typer.Option(help="Core NATS publish (at most once) even if JetStream is on.")] = False,
 ) -> None:
     """Publish onto TOPIC: every plugin subscribed to it gets one copy. Prints the message id."""
-    data = orjson.loads(_json_arg(payload))
+    data = orjson.loads(read_json_arg(payload, "payload"))
     msg_id = _client_run(lambda c: c.publish(topic, data, durable=not core), nats_url)
     typer.echo(msg_id)
 
@@ -233,7 +224,7 @@ def trace_cmd(
 
     from .telemetry import SpanCollector
 
-    data = _json_arg(payload)
+    data = read_json_arg(payload, "payload")
     provider = TracerProvider(resource=Resource.create({"service.name": "sandbus-cli",
                                                         "service.instance.id": "cli"}))
     collector = SpanCollector()
