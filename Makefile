@@ -15,7 +15,7 @@ run: $(STAMP) plugins
 
 test: $(STAMP) plugins lint typecheck pytest
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py host/sandbox/_native.c
 	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -19,6 +19,7 @@ Example::
 
     [permissions]
     publish_topics = ["orders.*"]
+    request_plugins = ["pricing.quote", "audit"]
 
     [resources]
     memory_mb = 32
@@ -69,10 +70,12 @@ __all__ = [
     "PluginSection",
     "ResourcesSection",
     "SubscriptionsSection",
+    "check_request_pattern",
     "check_subject",
     "load_manifest",
     "parse_host",
     "parse_manifest",
+    "request_matches",
     "subject_matches",
 ]
 
@@ -85,6 +88,7 @@ CAPABILITY_NAMES: tuple[str, ...] = get_args(CapabilityName)
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_FUNCTION_RE = re.compile(r"^[A-Za-z0-9_\-]+$")  # one subject token (sdk.subjects.check_token)
 _LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _TOML_POS_RE = re.compile(r"at line (\d+), column (\d+)")
 
@@ -172,6 +176,34 @@ def subject_matches(pattern: str, subject: str) -> bool:
         if i >= len(sub) or (token != "*" and token != sub[i]):
             return False
     return len(sub) == len(pat)
+
+
+def check_request_pattern(pattern: str) -> str:
+    """Validate a ``request_plugins`` entry and return it unchanged.
+
+    An entry is ``PLUGIN`` (every function of that plugin) or ``PLUGIN.FUNCTION``; ``PLUGIN`` is a plugin
+    name or ``*`` (any plugin), ``FUNCTION`` a function name or ``*`` (any function). So ``"pricing"`` and
+    ``"pricing.*"`` mean the same, and ``"*"`` allows requests to every plugin.
+
+    Raises:
+        ValueError: saying which part is wrong, and what was expected.
+    """
+    expected = "expected 'plugin', 'plugin.function', 'plugin.*' or '*'"
+    plugin, dot, function = pattern.partition(".")
+    if plugin != "*" and not _NAME_RE.match(plugin):
+        raise ValueError(f"{expected} with a plugin name like 'pricing' ([a-z][a-z0-9_]*), found {pattern!r}")
+    if dot and function != "*" and not _FUNCTION_RE.match(function):
+        raise ValueError(f"{expected}; the function must be one name of letters, digits, '_' or '-', "
+                         f"found {pattern!r}")
+    return pattern
+
+
+def request_matches(pattern: str, plugin: str, function: str) -> bool:
+    """Whether a ``request_plugins`` entry (see :func:`check_request_pattern`) allows ``plugin.function``."""
+    p_plugin, dot, p_function = pattern.partition(".")
+    if p_plugin not in ("*", plugin):
+        return False
+    return not dot or p_function in ("*", function)
 
 
 def parse_host(entry: str, *, allow_wildcard: bool = False) -> tuple[str, int | None]:
@@ -340,6 +372,9 @@ class PermissionsSection(_Section):
         network_hosts: ``"host"`` or ``"host:port"``; needs ``network``.
         environment_vars: variable names the plugin may read; needs ``environment``.
         publish_topics: NATS subject patterns the plugin may publish to; needs ``messaging``.
+        request_plugins: plugin functions the plugin may call with the ``request`` host function:
+            ``"plugin"`` (every function), ``"plugin.function"``, ``"plugin.*"`` or ``"*"``; needs
+            ``messaging``.
     """
 
     read_files: tuple[StrictStr, ...] = ()
@@ -347,6 +382,7 @@ class PermissionsSection(_Section):
     network_hosts: tuple[StrictStr, ...] = ()
     environment_vars: tuple[StrictStr, ...] = ()
     publish_topics: tuple[StrictStr, ...] = ()
+    request_plugins: tuple[StrictStr, ...] = ()
 
     @field_validator("read_files", "write_files")
     @classmethod
@@ -372,6 +408,11 @@ class PermissionsSection(_Section):
     @classmethod
     def _topics(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return _dedupe(check_subject(t) for t in v)
+
+    @field_validator("request_plugins")
+    @classmethod
+    def _request_targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _dedupe(check_request_pattern(p) for p in v)
 
 
 class ResourcesSection(_Section):
@@ -455,6 +496,7 @@ _PERMISSION_NEEDS: dict[str, str] = {
     "network_hosts": "network",
     "environment_vars": "environment",
     "publish_topics": "messaging",
+    "request_plugins": "messaging",
 }
 
 

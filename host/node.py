@@ -32,6 +32,8 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +48,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 from opentelemetry import trace
 from opentelemetry.context import Context
+from orjson import JSONDecodeError, loads
 
 from bus.connection import ConnectOptions, connect
 from sdk.envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_reply, new_message_id
@@ -61,8 +64,9 @@ from sdk.subjects import (
 )
 from sdk.tracing import H_TRACE_DEBUG, H_TRACE_SPANS, extract, send_span
 
-from .bus_hostfuncs import BusBridge
+from .bus_hostfuncs import BusBridge, note_incoming_hops
 from .delivery import DurableTopics
+from .fast_spans import FastSpans, RequestTrace
 from .manager import PluginManager
 from .policy import Policy
 from .sandbox import AuditEvent, BudgetExceeded, CallResult
@@ -87,6 +91,22 @@ def _check_json(data: bytes, plugin: str) -> None:
 
 def default_node_id() -> str:
     return f"{socket.gethostname().split('.')[0]}-{os.getpid()}".replace(".", "-")
+
+
+class _Lane:
+    """How one plugin's calls are run on this node (looked up once per request)."""
+
+    __slots__ = ("gate", "inline_from", "limit", "threaded")
+
+    def __init__(self, concurrency: int) -> None:
+        # As many calls at once as the plugin has instances: the rest wait here, on the loop,
+        # instead of in threads that would time out on the instance pool.
+        self.gate = asyncio.Semaphore(concurrency)
+        self.limit = concurrency
+        #: calls running in worker threads now
+        self.threaded = 0
+        #: None: never inline; else the loop time until which calls run in threads (0.0: inline now)
+        self.inline_from: float | None = 0.0
 
 
 class Node:
@@ -117,9 +137,10 @@ class Node:
         self.nc: Client | None = None
         self._executor = ThreadPoolExecutor(max_workers=threads or 32, thread_name_prefix="sandbus-call")
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._subs: dict[str, list[Subscription]] = {}
         self._topics: dict[str, tuple[str, ...]] = {}
-        self._gates: dict[str, asyncio.Semaphore] = {}
+        self._lanes: dict[str, _Lane] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._service: Service | None = None
         self._durable: DurableTopics | None = None
@@ -128,12 +149,10 @@ class Node:
         self.max_payload = 1024 * 1024
         self.inline_budget_s = inline_budget_s
         self.demote_s = demote_s
-        self._inline: dict[str, bool] = {}
         self._message_fn: dict[str, str] = {}
         self._versions: dict[str, str] = {}
         self.telemetry = telemetry or Telemetry("sandbus-node", self.node_id)
         self._debug_telemetry: Telemetry | None = None
-        self._demoted_until: dict[str, float] = {}
         manager.auditor.add_sink(self._on_audit)
         manager.auditor.add_sink(self.telemetry.on_audit)
         self.telemetry.observe(self._gauges)
@@ -142,6 +161,7 @@ class Node:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         # Worker threads and the span exporter hand the GIL back sooner: an inline call returning
         # from wasm then waits at most ~1 ms for it (see the module docstring).
         sys.setswitchinterval(0.001)
@@ -227,14 +247,13 @@ class Node:
     async def _subscribe(self, name: str, topics: tuple[str, ...], concurrency: int) -> None:
         assert self.nc is not None
         manifest = self.manager.manifest(name)
-        # As many calls at once as the plugin has instances: the rest wait here, on the loop,
-        # instead of in threads that would time out on the instance pool.
-        self._gates[name] = asyncio.Semaphore(concurrency)
+        lane = self._lanes[name] = _Lane(concurrency)
         info = self.manager.module_info(name)
         imports = info.imports_of("sandbus_v1")
         self._message_fn[name] = MESSAGE_FUNCTION if MESSAGE_FUNCTION in info.functions else DEFAULT_FUNCTION
         self._versions[name] = manifest.plugin.version
-        self._inline[name] = self.inline_budget_s is not None and not (imports & _BUS_EFFECTS)
+        if self.inline_budget_s is None or imports & _BUS_EFFECTS:
+            lane.inline_from = None
         queue = plugin_queue(name)
         subs = [
             await self.nc.subscribe(f"{REQ_PREFIX}.{name}.*", queue=queue, cb=self._on_request),
@@ -292,20 +311,20 @@ class Node:
 
     def try_inline(self, plugin: str, function: str, payload: bytes) -> CallResult | None:
         """Run the call on the loop under the inline budget; None when it must go to a thread instead."""
-        gate = self._gates.get(plugin)
-        if gate is None:
+        lane = self._lanes.get(plugin)
+        if lane is None:
             raise PluginNotFoundError(f"no plugin {plugin!r} is served by node {self.node_id}", plugin=plugin)
-        # A locked gate means threads hold every instance: waiting for one here would block the loop.
-        if not self._inline.get(plugin) or gate.locked():
+        inline_from = lane.inline_from
+        # Threads holding every instance: waiting for one here would block the loop.
+        if inline_from is None or lane.threaded >= lane.limit:
             return None
         assert self._loop is not None
-        now = self._loop.time()
-        if now < self._demoted_until.get(plugin, 0.0):
+        if inline_from and self._loop.time() < inline_from:
             return None
         try:
             return self.manager.execute_detailed(plugin, function, payload, budget_s=self.inline_budget_s)
         except BudgetExceeded:
-            self._demoted_until[plugin] = now + self.demote_s
+            lane.inline_from = self._loop.time() + self.demote_s
             log.info("%s.%s overran the %g s inline budget: it runs again in a thread, and %s stays on threads "
                      "for %g s", plugin, function, self.inline_budget_s, plugin, self.demote_s)
             return None
@@ -317,6 +336,9 @@ class Node:
         With tracing on and the NATS message given, the call is a ``process`` span (parented by the
         sender's trace context) around an ``execute`` span.
         """
+        # Plugin -> plugin requests count their hops: the request host function reads this (the
+        # worker thread runs in a copy of this task's context). Set on every call: nothing carries over.
+        note_incoming_hops(msg.headers if msg is not None else None)
         tel = telemetry or self.telemetry
         if msg is None or not tel.enabled:
             return await self._call(plugin, function, payload)
@@ -336,13 +358,18 @@ class Node:
         result = self.try_inline(plugin, function, payload)
         if result is not None:
             return result
-        async with self._gates[plugin]:
-            loop = asyncio.get_running_loop()
-            # The worker thread runs in a copy of our context: the current span follows the call, so
-            # audit events and host-function publishes attach to it.
-            ctx = contextvars.copy_context()
-            return await loop.run_in_executor(self._executor, ctx.run, self.manager.execute_detailed, plugin,
-                                              function, payload)
+        lane = self._lanes[plugin]
+        async with lane.gate:
+            lane.threaded += 1
+            try:
+                loop = asyncio.get_running_loop()
+                # The worker thread runs in a copy of our context: the current span follows the call, so
+                # audit events and host-function publishes attach to it.
+                ctx = contextvars.copy_context()
+                return await loop.run_in_executor(self._executor, ctx.run, self.manager.execute_detailed, plugin,
+                                                  function, payload)
+            finally:
+                lane.threaded -= 1
 
     async def _reply(self, msg: Msg, data: bytes, headers: dict[str, str] | None) -> None:
         """Publish a reply. Successful replies carry no headers (the body is the plugin's JSON)."""
@@ -356,21 +383,75 @@ class Node:
 
     async def _on_request(self, msg: Msg) -> None:
         # The common case stays in this callback (no task): a valid request to a plugin that may run
-        # inline. Everything else becomes a task, so this subscription keeps reading.
+        # inline. Everything else becomes a task, so this subscription keeps reading. This is the
+        # node's hottest code: it is written flat, with the helpers it would otherwise call inlined.
         _, _, plugin, function = msg.subject.split(".", 3)
-        if self.telemetry.enabled or (msg.headers and H_TRACE_DEBUG in msg.headers):
-            self._spawn(self._serve_request(msg, plugin, function))
-            return
+        headers = msg.headers
+        tel = self.telemetry
+        if tel.enabled or (headers and H_TRACE_DEBUG in headers):
+            fast = tel.fast
+            if fast is None or (headers and H_TRACE_DEBUG in headers):
+                self._spawn(self._serve_request(msg, plugin, function))
+                return
+            rt = fast.begin(headers)
+            if rt is not None:
+                await self._serve_fast_traced(msg, plugin, function, fast, rt)
+                return
+            # not sampled: served as if tracing were off
+        data = msg.data
         try:
-            _check_json(msg.data, plugin)
-            result = self.try_inline(plugin, function, msg.data)
+            try:
+                loads(data)
+            except JSONDecodeError:
+                _check_json(data, plugin)  # raises with the message
+            result = self.try_inline(plugin, function, data)
         except SandbusError as e:
             await self._reply(msg, *error_reply(e))
             return
         if result is None:
             self._spawn(self._serve_request(msg, plugin, function))
+            return
+        reply = result.reply
+        if len(reply) > self.max_payload or self.nc is None or not msg.reply:
+            await self._reply(msg, reply, None)
         else:
+            await self.nc.publish(msg.reply, reply)
+
+    async def _serve_fast_traced(self, msg: Msg, plugin: str, function: str, fast: FastSpans,
+                                 rt: RequestTrace) -> None:
+        """A sampled request, inline, with its spans recorded by :class:`FastSpans` (not the SDK).
+
+        A call that cannot run inline goes to :meth:`_serve_request` instead, where the SDK traces it.
+        """
+        data = msg.data
+        fast.current, fast.current_thread = rt, self._loop_thread
+        exec_start = time.time_ns()
+        error: SandbusError | None = None
+        result: CallResult | None = None
+        try:
+            try:
+                loads(data)
+            except JSONDecodeError:
+                _check_json(data, plugin)
+            result = self.try_inline(plugin, function, data)
+        except SandbusError as e:
+            error = e
+        finally:
+            fast.current = None
+        exec_end = time.time_ns()
+        if result is None and error is None:
+            self._spawn(self._serve_request(msg, plugin, function))
+            return
+        if result is not None:
             await self._reply(msg, result.reply, None)
+        else:
+            assert error is not None
+            await self._reply(msg, *error_reply(error))
+        headers = msg.headers
+        fast.finish(rt, msg.subject, plugin_queue(plugin), headers.get(H_MSG_ID) if headers else None, len(data),
+                    plugin, self._versions.get(plugin, ""), function, exec_start, exec_end,
+                    None if result is None else (result.fuel_used, result.memory_bytes, result.duration_s),
+                    None if error is None else (str(error.code or type(error).__name__), str(error)))
 
     async def _serve_request(self, msg: Msg, plugin: str, function: str) -> None:
         if msg.headers and msg.headers.get(H_TRACE_DEBUG):
@@ -461,7 +542,8 @@ class Node:
 
     def queue_depth(self, plugin: str) -> int:
         """Calls waiting for one of the plugin's instances on this node."""
-        gate = self._gates.get(plugin)
+        lane = self._lanes.get(plugin)
+        gate = lane.gate if lane is not None else None
         waiters = getattr(gate, "_waiters", None) if gate is not None else None
         return len(waiters) if waiters else 0
 

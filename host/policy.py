@@ -11,7 +11,9 @@ resolution is deliberately simple to audit:
   :attr:`Grant.denied_optional` so the operator can see why a feature is off;
 * individual hosts and environment variables are intersected with the policy's allowlists (the
   refused ones are recorded too); a directory outside the policy's directories refuses the plugin,
-  since a path that escapes is either a misconfiguration or an attack.
+  since a path that escapes is either a misconfiguration or an attack;
+* the topics a plugin may publish to and the plugins it may request (``publish_topics``,
+  ``request_plugins``) come with the ``messaging`` capability, or not at all.
 
 Example policy::
 
@@ -64,6 +66,7 @@ from host.manifest import (
     _read_toml,
     _translate,
     parse_host,
+    request_matches,
     subject_matches,
 )
 from host.sandbox.config import MIB, Capabilities, DirGrant, Limits
@@ -280,6 +283,8 @@ class Grant:
         granted: capability names granted (asked ∩ allowed).
         network_hosts: manifest hosts the policy allows (``host`` or ``host:port``).
         publish_topics: subject patterns the plugin may publish to (empty without ``messaging``).
+        request_plugins: ``request_plugins`` entries: the plugin functions it may call (empty without
+            ``messaging``).
         denied_optional: what was asked for but not granted, with the reason.
     """
 
@@ -289,6 +294,7 @@ class Grant:
     granted: frozenset[str]
     network_hosts: tuple[str, ...] = ()
     publish_topics: tuple[str, ...] = ()
+    request_plugins: tuple[str, ...] = ()
     denied_optional: tuple[Denial, ...] = ()
 
     def allows(self, capability: str) -> bool:
@@ -298,6 +304,10 @@ class Grant:
     def may_publish(self, subject: str) -> bool:
         """Whether the plugin may publish to the concrete ``subject``."""
         return any(subject_matches(p, subject) for p in self.publish_topics)
+
+    def may_request(self, plugin: str, function: str) -> bool:
+        """Whether the plugin may call ``function`` of ``plugin`` with the ``request`` host function."""
+        return any(request_matches(p, plugin, function) for p in self.request_plugins)
 
     def may_connect(self, host: str, port: int) -> bool:
         """Whether the plugin may open a connection to ``host:port``."""
@@ -457,5 +467,6 @@ def resolve(manifest: Manifest, policy: Policy, *, data_root: Path, host_env: Ma
         granted=granted,
         network_hosts=tuple(hosts),
         publish_topics=perms.publish_topics if "messaging" in granted else (),
+        request_plugins=perms.request_plugins if "messaging" in granted else (),
         denied_optional=tuple(denied),
     )

@@ -7,6 +7,9 @@ Tracing is on when an exporter is configured: ``OTEL_TRACES_EXPORTER`` (``otlp``
 ``OTEL_TRACES_SAMPLER_ARG`` (default ``parentbased_always_on``). ``OTEL_SDK_DISABLED=true`` turns it
 all off. With tracing off the node takes no span path at all: a flag check per request.
 
+Requests served inline are traced without the SDK's per-span cost (host/fast_spans.py): same
+spans, same exporter settings. ``SANDBUS_FAST_SPANS=0`` sends everything through the SDK.
+
 Audit events become span events (``audit.<kind>``, with their level) on the span that is current
 when they happen -- the execution span of the call that hit a limit -- or a span of their own when
 none is.
@@ -32,6 +35,7 @@ from opentelemetry.trace import Link, Span, SpanKind
 
 from sdk.tracing import TRACER_NAME, extract, messaging_attributes, record_error
 
+from .fast_spans import FastSpans
 from .sandbox import AuditEvent, AuditLevel, CallResult
 
 __all__ = ["SpanCollector", "Telemetry", "tracing_configured"]
@@ -150,6 +154,16 @@ class Telemetry:
         self.meter = meter
         self._latency = meter.create_histogram("sandbus.call.duration", unit="s",
                                                description="plugin call latency")
+        #: request spans of inline calls, recorded without the SDK (host/fast_spans.py); None: all SDK
+        self.fast: FastSpans | None = None
+        if self.enabled and export and tracing_configured() and not extra_processors and \
+                os.environ.get("SANDBUS_FAST_SPANS", "1") != "0":
+            self.fast, why = FastSpans.from_env(dict(resource.attributes), on_call=self._record_latency)
+            if self.fast is None:
+                log.info("request spans go through the OpenTelemetry SDK: %s", why)
+
+    def _record_latency(self, plugin: str, seconds: float) -> None:
+        self._latency.record(seconds, {"sandbus.plugin.name": plugin})
 
 
     @contextmanager
@@ -202,6 +216,8 @@ class Telemetry:
         for k, v in event.details.items():
             if isinstance(v, str | int | float | bool):
                 attrs[f"audit.{k}"] = v
+        if self.fast is not None and self.fast.audit(f"audit.{event.kind}", attrs):
+            return
         span = trace.get_current_span()
         if span.is_recording():
             span.add_event(f"audit.{event.kind}", attrs)
@@ -231,6 +247,8 @@ class Telemetry:
             self.meter.create_observable_gauge(name, callbacks=[callback(name)], unit=unit, description=desc)
 
     def shutdown(self) -> None:
+        if self.fast is not None:
+            self.fast.shutdown()  # its last batch feeds the latency histogram: before the meters
         if self.meter_provider is not None:
             self.meter_provider.shutdown()
         if self.provider is not None:

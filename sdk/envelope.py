@@ -8,6 +8,8 @@ plugin with a plain NATS request. What sandbus adds travels in headers:
     Content-Type          application/json
     Sandbus-Error-Code    on a failed reply: a stable error code (sdk.errors), e.g. "limit.timeout"
     Sandbus-Error         on a failed reply: the message; the body is then a JSON error object
+    Sandbus-Hops          on a request a plugin sent (host function ``request``): how many plugin-to-plugin
+                          requests led to it (1 for a plugin serving a client); absent means 0
     traceparent/tracestate  W3C trace context
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -28,11 +31,13 @@ __all__ = [
     "H_ERROR",
     "H_ERROR_CODE",
     "H_FROM",
+    "H_HOPS",
     "H_MSG_ID",
     "JSON",
     "PluginMessage",
     "error_from_reply",
     "error_reply",
+    "hops_of",
     "new_message_id",
 ]
 
@@ -41,6 +46,7 @@ H_FROM = "Sandbus-From"
 H_CONTENT_TYPE = "Content-Type"
 H_ERROR_CODE = "Sandbus-Error-Code"
 H_ERROR = "Sandbus-Error"
+H_HOPS = "Sandbus-Hops"
 CONTENT_TYPE = "application/json"
 JSON = {H_CONTENT_TYPE: CONTENT_TYPE}
 
@@ -78,6 +84,22 @@ class PluginMessage(BaseModel):
     @classmethod
     def from_json(cls, data: bytes) -> PluginMessage:
         return cls.model_validate_json(data)
+
+
+def hops_of(headers: Mapping[str, str] | None) -> int:
+    """The ``Sandbus-Hops`` count of a message (0 when absent or not a non-negative integer).
+
+    A malformed value counts as 0 rather than failing the message: anyone may publish a request, and a
+    sender that lies about its hops gains nothing it could not get by leaving the header out.
+    """
+    value = (headers or {}).get(H_HOPS)
+    if value is None:
+        return 0
+    try:
+        hops = int(value)
+    except ValueError:
+        return 0
+    return max(hops, 0)
 
 
 def error_reply(err: SandbusError) -> tuple[bytes, dict[str, str]]:

@@ -16,7 +16,8 @@ headers, so a client in another language can map it back.
     │   ├── MemoryLimitError
     │   ├── StackLimitError
     │   ├── PayloadTooLargeError     input or output above its cap
-    │   └── InstanceLimitError       every pooled instance stayed busy
+    │   ├── InstanceLimitError       every pooled instance stayed busy
+    │   └── HopLimitError            a plugin-to-plugin request chain grew too long (a cycle?)
     ├── SecurityViolationError       (PermissionError) a capability was not granted
     ├── PluginNotFoundError          (LookupError)
     ├── ManifestError                (ValueError) names file and key
@@ -35,6 +36,7 @@ __all__ = [
     "BusError",
     "DependencyError",
     "ExecutionTimeoutError",
+    "HopLimitError",
     "InstanceLimitError",
     "InvalidModuleError",
     "ManifestError",
@@ -136,6 +138,17 @@ class PayloadTooLargeError(ResourceLimitError):
 
 class InstanceLimitError(ResourceLimitError):
     code = "limit.instances"
+
+
+class HopLimitError(ResourceLimitError):
+    """A plugin's ``request`` would have made a plugin-to-plugin chain longer than the hop limit.
+
+    Chains are counted by the ``Sandbus-Hops`` header (docs/protocol.md). The limit exists so that a
+    cycle (a plugin requesting itself, or A -> B -> A) ends with this error instead of tying up an
+    instance per hop until every timeout has run out.
+    """
+
+    code = "limit.hops"
 
 
 class SecurityViolationError(SandbusError, PermissionError):

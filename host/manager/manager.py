@@ -168,8 +168,9 @@ class PluginManager:
         :class:`~host.sandbox.BudgetExceeded` (not counted as an error: the caller retries it
         elsewhere); see :meth:`Sandbox.call_detailed`.
         """
+        table = self._table  # this is the request path: no extra method layers
         for attempt in (1, 2):
-            version, stats = self._checkout(name)
+            version, stats = table.checkout(name)
             start = time.perf_counter()
             try:
                 result = version.sandbox.call_detailed(function, payload, budget_s=budget_s)
@@ -184,8 +185,8 @@ class PluginManager:
                 stats.record_error(time.perf_counter() - start, e)
                 raise
             finally:
-                self._checkin(version)
-            stats.record_call(time.perf_counter() - start, result.fuel_used, result.memory_bytes)
+                table.checkin(version)
+            stats.record_call(result.duration_s, result.fuel_used, result.memory_bytes)
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -26,24 +28,18 @@ class LatencyWindow:
         size: how many recent samples the percentiles are computed over.
     """
 
-    __slots__ = ("_next", "_samples", "_size")
+    __slots__ = ("_samples", "_size", "add")
 
     def __init__(self, size: int = 1024) -> None:
         if size <= 0:
             raise ValueError(f"window size must be positive, found {size}")
         self._size = size
-        self._samples: list[float] = []
-        self._next = 0
+        # A bounded deque drops the oldest sample itself, in C: adding is one call on the request path.
+        self._samples: deque[float] = deque(maxlen=size)
+        self.add: Callable[[float], None] = self._samples.append
 
     def __len__(self) -> int:
         return len(self._samples)
-
-    def add(self, seconds: float) -> None:
-        if len(self._samples) < self._size:
-            self._samples.append(seconds)
-        else:
-            self._samples[self._next] = seconds
-        self._next = (self._next + 1) % self._size
 
     def percentiles(self, *qs: float) -> tuple[float | None, ...]:
         """Nearest-rank percentiles (``q`` in 0..100) of the window; ``None`` when it is empty."""
@@ -86,6 +82,7 @@ class PluginStats:
     def __init__(self, window: int = 1024) -> None:
         self._lock = threading.Lock()
         self._latencies = LatencyWindow(window)
+        self._add_latency = self._latencies.add
         self.executions = 0
         self.errors = 0
         self.fuel_used = 0
@@ -99,11 +96,12 @@ class PluginStats:
         """A call that returned a reply."""
         with self._lock:
             self.executions += 1
-            self._latencies.add(seconds)
+            self._add_latency(seconds)
             self.fuel_used += fuel
             self.last_fuel_used = fuel
             # Linear memory only grows within an instance: the largest seen is what instances hold.
-            self.memory_bytes_per_instance = max(self.memory_bytes_per_instance, memory_bytes)
+            if memory_bytes > self.memory_bytes_per_instance:
+                self.memory_bytes_per_instance = memory_bytes
 
     def record_error(self, seconds: float, error: SandbusError) -> None:
         """A call that failed (its latency counts too: a slow failure is still slow for the caller)."""

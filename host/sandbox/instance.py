@@ -156,6 +156,7 @@ class PluginInstance:
         host_functions: the host functions linkable by this instance.
         auditor: where limit and security events go.
         fast: use the fast call path when available.
+        native: on the fast path, the compiled round trip when it is built.
     """
 
     def __init__(
@@ -170,6 +171,7 @@ class PluginInstance:
         auditor: Auditor,
         *,
         fast: bool = True,
+        native: bool = True,
         context_factory: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.plugin = plugin
@@ -178,6 +180,7 @@ class PluginInstance:
         self.poisoned = False
         self._auditor = auditor
         self._ticks = ticks_for(limits.timeout_s)
+        self._budget_ticks: dict[float, int] = {}  # budget_s -> ticks, for the node's inline calls
         logger = logging.getLogger(f"sandbus.plugin.{plugin}")
         self.ctx = CallContext(plugin, capabilities, limits, auditor, logger)
         if context_factory is not None:
@@ -213,7 +216,7 @@ class PluginInstance:
         assert isinstance(memory, wasmtime.Memory)
         if info.uses_wasi:
             self._link_passthrough(handle, memory)
-        self._invoker = make_invoker(store, instance, memory, info.signatures, fast=fast)
+        self._invoker = make_invoker(store, instance, memory, info.signatures, fast=fast, native=native)
         self.ctx.invoker = self._invoker
         if info.has(abi.INITIALIZE):
             self._guarded(lambda: self._invoker.call(abi.INITIALIZE), "_initialize")
@@ -394,7 +397,11 @@ class PluginInstance:
         loop without letting one stall the loop (see host/node.py).
         """
         limits = self.limits
-        ticks = self._ticks if budget_s is None else min(self._ticks, ticks_for(budget_s))
+        if budget_s is None:
+            ticks = self._ticks
+        else:
+            ticks = self._budget_ticks.get(budget_s) or self._budget_ticks.setdefault(
+                budget_s, min(self._ticks, ticks_for(budget_s)))
         if len(payload) > limits.max_input_bytes:
             raise size_limit_error(self._auditor, self.plugin, limits, "input", len(payload))
         if function not in self.info.functions:
@@ -408,23 +415,27 @@ class PluginInstance:
         inv = self._invoker
         try:
             reply = inv.round_trip(function, payload, limits.max_output_bytes, limits.fuel, ticks)
-        except GuestAllocFailed as e:
-            self.poisoned = True
-            raise self._translate(MemoryLimitError(
-                f"sandbus_alloc({e.args[0]}) returned 0: the guest is out of memory",
-                plugin=self.plugin, limit=limits.memory_bytes), function) from e
-        except ReplyTooLarge as e:
-            self.poisoned = True
-            raise size_limit_error(self._auditor, self.plugin, limits, "output", e.args[0]) from e
-        except (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError) as e:
+        except BaseException as e:
+            stats.fuel_used = _fuel_used(inv, limits.fuel)
+            stats.memory_bytes = inv.memory_size()
+            if isinstance(e, GuestAllocFailed):
+                self.poisoned = True
+                raise self._translate(MemoryLimitError(
+                    f"sandbus_alloc({e.args[0]}) returned 0: the guest is out of memory",
+                    plugin=self.plugin, limit=limits.memory_bytes), function) from e
+            if isinstance(e, ReplyTooLarge):
+                self.poisoned = True
+                raise size_limit_error(self._auditor, self.plugin, limits, "output", e.args[0]) from e
+            if not isinstance(e, (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError)):
+                raise
             self.poisoned = True
             if (ticks < self._ticks and isinstance(e, wasmtime.Trap)
                     and e.trap_code == wasmtime.TrapCode.INTERRUPT):
                 raise BudgetExceeded(function) from e
             raise self._translate(e, function) from e
-        finally:
-            stats.fuel_used = _fuel_used(inv, limits.fuel)
-            stats.memory_bytes = inv.memory_size()
+        # The round trip read both on its way out: no further calls into the store.
+        stats.fuel_used = 0 if limits.fuel is None else limits.fuel - inv.fuel_left_after
+        stats.memory_bytes = inv.memory_after
         if self.ctx.log_overflow:
             raise size_limit_error(self._auditor, self.plugin, limits, "log", stats.log_dropped)
         return reply

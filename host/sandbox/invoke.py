@@ -19,11 +19,15 @@ function, ``wasmtime.Trap`` or ``wasmtime.WasmtimeError``.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Protocol
+import os
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import wasmtime
 
 from sdk.errors import AbiViolationError
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 __all__ = [
     "FAST_PATH_REASON",
@@ -31,10 +35,12 @@ __all__ = [
     "GuestAllocFailed",
     "Invoker",
     "PlainInvoker",
+    "NATIVE_REASON",
     "ReplyTooLarge",
     "Signature",
     "fast_path_available",
     "make_invoker",
+    "native_available",
 ]
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -58,6 +64,10 @@ class Invoker(Protocol):
         """Fresh fuel (unless metering is off) and a fresh wall-clock deadline for the next call."""
 
     def fuel_left(self) -> int: ...
+
+    #: After a successful :meth:`round_trip`: the fuel left (0 without metering) and the memory size.
+    fuel_left_after: int
+    memory_after: int
 
     def round_trip(self, function: str, payload: bytes, max_output: int, fuel: int | None,
                    epoch_ticks: int) -> bytes:
@@ -129,6 +139,30 @@ def fast_path_available() -> bool:
     return not FAST_PATH_REASON
 
 
+def _bind_native() -> tuple[ModuleType | None, str]:  # the module is host/sandbox/_native
+    """The compiled round trip, bound to this process's libwasmtime; (None, why) when unavailable."""
+    if FAST_PATH_REASON:
+        return None, FAST_PATH_REASON
+    if os.environ.get("SANDBUS_NATIVE", "1") == "0":
+        return None, "turned off by SANDBUS_NATIVE=0"
+    try:
+        from . import _native as mod
+    except ImportError as e:
+        return None, f"host/sandbox/_native.c is not built ({e}); pip install -e . builds it"
+    addrs = [ctypes.cast(f, ctypes.c_void_p).value
+             for f in (_call_unchecked, _mem_data, _mem_size, _set_fuel, _get_fuel, _set_deadline)]
+    mod.bind(*addrs)
+    return mod, ""
+
+
+_native, NATIVE_REASON = _bind_native()
+
+
+def native_available() -> bool:
+    """Whether round trips run in the compiled helper (else through ctypes; ~10 us slower per call)."""
+    return _native is not None
+
+
 def _addr(obj: Any) -> int:
     value = ctypes.cast(obj, ctypes.c_void_p).value
     assert value is not None
@@ -184,24 +218,33 @@ class _RawFunc:
     def _raise(self, err: int | None) -> None:
         trap_addr = self._trap.value
         self._trap.value = None
-        host_exc = _wfunc.LAST_EXCEPTION
-        _wfunc.LAST_EXCEPTION = None
-        # Take ownership of the handles first so they are freed whatever we raise.
-        trap = wasmtime.Trap._from_ptr(ctypes.cast(trap_addr, _TrapPtr)) if trap_addr else None
-        error = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _ErrPtr)) if err else None
-        if host_exc is not None:
-            raise host_exc
-        if trap is not None:
-            raise trap
-        assert error is not None
-        raise error
+        _raise_failure(err, trap_addr)
+
+
+def _raise_failure(err: int | None, trap_addr: int | None) -> NoReturn:
+    """Raise what a failed unchecked call left: a host function's exception, the trap, or the error."""
+    host_exc = _wfunc.LAST_EXCEPTION
+    _wfunc.LAST_EXCEPTION = None
+    # Take ownership of the handles first so they are freed whatever we raise.
+    trap = wasmtime.Trap._from_ptr(ctypes.cast(trap_addr, _TrapPtr)) if trap_addr else None
+    error = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _ErrPtr)) if err else None
+    if host_exc is not None:
+        raise host_exc
+    if trap is not None:
+        raise trap
+    assert error is not None
+    raise error
 
 
 class FastInvoker:
-    """Calls through the C API directly; see the module docstring for why it is safe."""
+    """Calls through the C API directly; see the module docstring for why it is safe.
+
+    ``native``: do the whole round trip in the compiled helper (host/sandbox/_native.c) when it is
+    built; otherwise (or with ``native=False``) the same steps run through ctypes.
+    """
 
     def __init__(self, store: wasmtime.Store, instance: wasmtime.Instance, memory: wasmtime.Memory,
-                 signatures: dict[str, Signature]) -> None:
+                 signatures: dict[str, Signature], *, native: bool = True) -> None:
         self._store = store  # keep alive: the context pointer belongs to it
         self._ctx = _addr(store._context())
         self._mem = memory
@@ -217,9 +260,37 @@ class FastInvoker:
         self._known_size = 0
         self._alloc = self._funcs["sandbus_alloc"]
         self._dealloc = self._funcs.get("sandbus_dealloc")
+        self.native = native and _native is not None
+        self._func_addrs = {name: f._func_addr for name, f in self._funcs.items()}
+        self._alloc_addr = self._alloc._func_addr
+        self._dealloc_addr = self._dealloc._func_addr if self._dealloc is not None else 0
+        self.fuel_left_after = 0
+        self.memory_after = 0
 
     def round_trip(self, function: str, payload: bytes, max_output: int, fuel: int | None,
                    epoch_ticks: int) -> bytes:
+        if not self.native:
+            return self._round_trip_ctypes(function, payload, max_output, fuel, epoch_ticks)
+        assert _native is not None
+        out: tuple[int, bytes | None, int, int, int] = _native.round_trip(
+            self._ctx, self._mem_addr, self._alloc_addr, self._func_addrs[function], self._dealloc_addr, payload,
+            max_output, -1 if fuel is None else fuel, epoch_ticks)
+        code, reply, a, b, c = out
+        if code == 0:
+            self.fuel_left_after, self.memory_after = a, b
+            assert reply is not None
+            return reply
+        if code == 1:
+            _raise_failure(a or None, b or None)
+        if code == 2:
+            raise GuestAllocFailed(a)
+        if code == 3:
+            raise ReplyTooLarge(a)
+        _check_bounds(a, b, c, "input buffer from sandbus_alloc" if code == 4 else "reply")
+        raise AssertionError(f"native round trip returned code {code} for an in-bounds range")  # pragma: no cover
+
+    def _round_trip_ctypes(self, function: str, payload: bytes, max_output: int, fuel: int | None,
+                           epoch_ticks: int) -> bytes:
         # One straight-line method: at ~1.5 us per wasm call, Python call overhead is the cost to cut.
         ctx, mem = self._ctx, self._mem_addr
         if fuel is not None:
@@ -250,6 +321,8 @@ class FastInvoker:
             self._dealloc.call2(rp, rl)
             if p:
                 self._dealloc.call2(p, n)
+        self.fuel_left_after = self.fuel_left() if fuel is not None else 0
+        self.memory_after = int(_mem_size(ctx, mem))
         return out
 
     def call(self, name: str, *args: int) -> int | None:
@@ -298,6 +371,8 @@ class PlainInvoker:
                  signatures: dict[str, Signature]) -> None:
         self._store = store
         self._mem = memory
+        self.fuel_left_after = 0
+        self.memory_after = 0
         exports = instance.exports(store)
         self._funcs: dict[str, tuple[wasmtime.Func, Signature]] = {}
         for name, sig in signatures.items():
@@ -344,6 +419,8 @@ class PlainInvoker:
             self.call("sandbus_dealloc", rp, rl)
             if p:
                 self.call("sandbus_dealloc", p, n)
+        self.fuel_left_after = self.fuel_left() if fuel is not None else 0
+        self.memory_after = self.memory_size()
         return out
 
     def read(self, ptr: int, length: int) -> bytes:
@@ -362,7 +439,7 @@ def _signed(value: int, kind: str) -> int:
 
 
 def make_invoker(store: wasmtime.Store, instance: wasmtime.Instance, memory: wasmtime.Memory,
-                 signatures: dict[str, Signature], *, fast: bool = True) -> Invoker:
+                 signatures: dict[str, Signature], *, fast: bool = True, native: bool = True) -> Invoker:
     if fast and fast_path_available():
-        return FastInvoker(store, instance, memory, signatures)
+        return FastInvoker(store, instance, memory, signatures, native=native)
     return PlainInvoker(store, instance, memory, signatures)

@@ -1,7 +1,8 @@
 """Testing plugins: the one corner of ``sdk`` that drives the host runtime.
 
 * :class:`PluginHarness` -- a plugin in a sandbox, loaded as a node would load it (manifest resolved
-  against a policy), with typed errors, audit events, logs and published messages to assert on.
+  against a policy), with typed errors, audit events, logs, published messages and requests to other
+  plugins (answered by stubs) to assert on.
 * :class:`BusHarness` -- an embedded nats-server, host nodes in this process and a connected
   :class:`sdk.client.Client`, for integration tests.
 * :mod:`sdk.testing.pytest_plugin` -- the ``sandbus_plugin`` and ``sandbus_bus`` fixtures.
@@ -10,6 +11,7 @@ wasmtime is imported when a harness is created, never by ``import sdk`` or ``imp
 """
 
 from .bus import BusFactory, BusHarness
-from .harness import AuditLog, LogLine, PluginFactory, PluginHarness, Published
+from .harness import AuditLog, LogLine, PluginFactory, PluginHarness, Published, Requested
 
-__all__ = ["AuditLog", "BusFactory", "BusHarness", "LogLine", "PluginFactory", "PluginHarness", "Published"]
+__all__ = ["AuditLog", "BusFactory", "BusHarness", "LogLine", "PluginFactory", "PluginHarness", "Published",
+           "Requested"]

@@ -16,6 +16,15 @@ Everything the sandbox reports is collected: audit events (limit hits, denied pe
 published (through a recording ``publish`` host function, checked against the manifest's
 ``publish_topics`` as on a node) in :attr:`PluginHarness.published`.
 
+Requests the plugin makes to other plugins (the ``request`` host function) never leave the test:
+:meth:`PluginHarness.on_request` stubs the target plugins' replies, every request is recorded in
+:attr:`PluginHarness.requested`, and ``request_plugins`` is checked as on a node::
+
+    with PluginHarness("summarizer") as plugin:
+        plugin.on_request("text_processor.handle_request", lambda req: {"success": True, "result": 42})
+        plugin.call_ok("handle_request", {"text": "..."})
+        assert plugin.requested[0].target == "text_processor.handle_request"
+
 The host runtime (wasmtime) is imported when a harness is created, not when ``sdk.testing`` is
 imported: client applications import ``sdk`` without ever loading wasmtime.
 """
@@ -26,14 +35,20 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 import orjson
 
-from sdk.errors import AbiViolationError, SandbusError, SecurityViolationError
+from sdk.errors import (
+    AbiViolationError,
+    PluginNotFoundError,
+    RequestTimeoutError,
+    SandbusError,
+    SecurityViolationError,
+)
 
 from ._locate import locate_plugin
 
@@ -42,7 +57,7 @@ if TYPE_CHECKING:
     from host.policy import Policy
     from host.sandbox import AuditEvent, CallContext, CallResult, Capabilities, HostFunctions, Limits, Sandbox
 
-__all__ = ["AuditLog", "LogLine", "PluginFactory", "PluginHarness", "Published"]
+__all__ = ["AuditLog", "LogLine", "PluginFactory", "PluginHarness", "Published", "Requested"]
 
 E = TypeVar("E", bound=BaseException)
 
@@ -76,6 +91,19 @@ class Published:
 
     topic: str
     payload: Any
+
+
+@dataclass(frozen=True)
+class Requested:
+    """A request the plugin made with the ``request`` host function: ``"plugin.function"`` and the
+    decoded JSON body."""
+
+    target: str
+    payload: Any
+
+
+#: What :meth:`PluginHarness.on_request` accepts: a function of the decoded request, or a fixed reply.
+RequestStub = Callable[[Any], Any]
 
 
 class _Collector(logging.Handler):
@@ -167,6 +195,7 @@ class PluginHarness:
         wasm = self.path.read_bytes()
         self.manifest: Manifest | None = None
         self.publish_topics: tuple[str, ...] = ()
+        self.request_plugins: tuple[str, ...] = ()
         base_limits, base_caps, base_config = Limits(), Capabilities(), {}
         if manifest_path is not None:
             self.manifest = load_manifest(manifest_path, expected_name=name or self.path.stem)
@@ -179,6 +208,7 @@ class PluginHarness:
             grant = resolve(self.manifest, policy, data_root=root, host_env=os.environ)
             base_limits, base_caps, base_config = grant.limits, grant.capabilities, dict(self.manifest.config)
             self.publish_topics = grant.publish_topics
+            self.request_plugins = grant.request_plugins
         elif policy is not None:
             raise ValueError(f"a policy is resolved against a manifest, and {self.path} has none "
                              f"(put {self.path.stem}.toml beside it, or pass manifest=PATH)")
@@ -192,10 +222,13 @@ class PluginHarness:
         self.audit = AuditLog()
         self.logs: list[LogLine] = []
         self.published: list[Published] = []
-        # Every host function a node offers, so any plugin links; publish records instead of
-        # going to NATS (the others need a node: they fail the call with a BusError).
+        self.requested: list[Requested] = []
+        self._stubs: dict[str, RequestStub] = {}
+        # Every host function a node offers, so any plugin links; publish records and request answers
+        # from stubs instead of going to NATS (the others need a node: they fail the call with a BusError).
         funcs = BusBridge().host_functions()
         funcs.add(HostFunction("publish", ("i32",) * 4, ("i32",), self._publish, capability="messaging"))
+        funcs.add(HostFunction("request", ("i32",) * 6, ("i32",), self._request, capability="messaging"))
         funcs = funcs.merged(host_functions)
         self._logger = logging.getLogger(f"sandbus.plugin.{self.name}")
         self._handler = _Collector(self.logs)
@@ -270,10 +303,12 @@ class PluginHarness:
         return self.sandbox.health()
 
     def clear(self) -> None:
-        """Forget the audit events, log lines and published messages collected so far."""
+        """Forget the audit events, log lines, published messages and requests collected so far
+        (the :meth:`on_request` stubs stay)."""
         self.audit.clear()
         self.logs.clear()
         self.published.clear()
+        self.requested.clear()
 
     def log_messages(self, min_level: int = 0) -> list[str]:
         """The logged messages at ``min_level`` or above (``logging.WARNING``...)."""
@@ -299,6 +334,77 @@ class PluginHarness:
             raise AbiViolationError(f"publish: payload is not valid JSON: {e}", plugin=ctx.plugin) from e
         self.published.append(Published(topic, payload))
         return 0
+
+    # -- the stubbed request host function ------------------------------------------------------------
+
+    def on_request(self, target: str, reply: RequestStub | Any) -> None:
+        """Answer the plugin's requests to ``target`` with ``reply`` instead of a real plugin.
+
+        ``target`` is ``"plugin.function"``, ``"plugin"`` (its ``handle_request``, as in the ABI),
+        ``"plugin.*"`` (any function of it) or ``"*"`` (any request); the most specific stub wins.
+        ``reply`` is called with the decoded request and returns the reply: a JSON-able value, or
+        ``bytes`` sent as they are. A value that is not callable is the reply to every request.
+
+        What the plugin then sees, as from a node: the reply; a :class:`~sdk.errors.SandbusError` the
+        stub raises arrives as the target's error reply (``REQUEST_EREMOTE``), except
+        :class:`~sdk.errors.PluginNotFoundError` (``REQUEST_ENOTFOUND``) and
+        :class:`~sdk.errors.RequestTimeoutError` (``REQUEST_ETIMEOUT``). A target without a stub is
+        one that no node serves (``REQUEST_ENOTFOUND``). Stubs do not bypass permissions: a target
+        the manifest's ``request_plugins`` does not allow is a security violation, as on a node.
+        """
+        from host.bus_hostfuncs import parse_target
+
+        if target != "*" and not target.endswith(".*"):
+            try:
+                plugin, function = parse_target(target)
+            except ValueError as e:
+                raise ValueError(f"on_request: {e}") from None
+            target = f"{plugin}.{function}"
+        self._stubs[target] = reply if callable(reply) else (lambda _request: reply)
+
+    def _request(self, ctx: CallContext, target_ptr: int, target_len: int, json_ptr: int, json_len: int,
+                 buf_ptr: int, buf_cap: int) -> int:
+        from host.bus_hostfuncs import (
+            REQUEST_ENOTFOUND,
+            REQUEST_EREMOTE,
+            REQUEST_ETIMEOUT,
+            deliver_result,
+            keep_result,
+            parse_target,
+        )
+        from host.manifest import request_matches
+        from host.sandbox import AuditLevel
+
+        try:
+            plugin, function = parse_target(ctx.read_str(target_ptr, target_len, "request target"))
+        except ValueError as e:
+            raise AbiViolationError(f"request: {e}", plugin=ctx.plugin) from e
+        target = f"{plugin}.{function}"
+        granted = list(self.request_plugins)
+        if not any(request_matches(p, plugin, function) for p in granted):
+            ctx.auditor.emit(AuditLevel.CRITICAL, "security.request_denied", ctx.plugin,
+                             f"request to {target!r} denied (granted: {granted})", target=target)
+            raise SecurityViolationError(
+                f"requesting {target!r} was not granted (manifest [permissions] request_plugins: {granted})",
+                plugin=ctx.plugin, target=target)
+        try:
+            payload = orjson.loads(ctx.read(json_ptr, json_len))
+        except orjson.JSONDecodeError as e:
+            raise AbiViolationError(f"request to {target!r}: body is not valid JSON: {e}",
+                                    plugin=ctx.plugin) from e
+        self.requested.append(Requested(target, payload))
+        stub = self._stubs.get(target) or self._stubs.get(f"{plugin}.*") or self._stubs.get("*")
+        try:
+            if stub is None:
+                raise PluginNotFoundError(f"no node serves plugin {plugin!r} (the test has no "
+                                          f"on_request stub for {target!r})", plugin=plugin, target=target)
+            reply = stub(payload)
+        except SandbusError as e:
+            status = (REQUEST_ENOTFOUND if isinstance(e, PluginNotFoundError)
+                      else REQUEST_ETIMEOUT if isinstance(e, RequestTimeoutError) else REQUEST_EREMOTE)
+            keep_result(ctx, orjson.dumps(e.to_dict(), default=str))
+            return status
+        return deliver_result(ctx, reply if isinstance(reply, bytes) else orjson.dumps(reply), buf_ptr, buf_cap)
 
     # -- lifetime ----------------------------------------------------------------------------------
 

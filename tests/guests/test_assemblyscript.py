@@ -19,6 +19,7 @@ from sdk.errors import (
     SecurityViolationError,
     TrapError,
 )
+from sdk.testing import PluginHarness
 from tests.conftest import ROOT, AuditLog
 
 ASC = ROOT / "sdk" / "guest" / "assemblyscript" / "node_modules" / ".bin" / "asc"
@@ -39,6 +40,22 @@ def adversary(plugins_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     subprocess.run([str(ASC), "tests/guests/as/adversary.ts", "-o", str(out), "-O3", "--runtime", "minimal",
                     "--use", "abort=sdk/guest/assemblyscript/assembly/index/sandbusAbort"],
                    cwd=ROOT, check=True, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.fixture(scope="module")
+def requester(plugins_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/guests/as/requester.ts with a manifest granting requests to "pricing" and a policy allowing them."""
+    assert ASC.exists(), f"{ASC} is missing: plugins/build.sh installs it (npm ci in sdk/guest/assemblyscript)"
+    d = tmp_path_factory.mktemp("as-requester")
+    out = d / "requester.wasm"
+    subprocess.run([str(ASC), "tests/guests/as/requester.ts", "-o", str(out), "-O3", "--runtime", "minimal",
+                    "--use", "abort=sdk/guest/assemblyscript/assembly/index/sandbusAbort"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    (d / "requester.toml").write_text('[plugin]\nname = "requester"\nversion = "1.0.0"\n'
+                                      '[capabilities]\nrequired = ["compute", "messaging"]\n'
+                                      '[permissions]\nrequest_plugins = ["pricing"]\n')
+    (d / "policy.toml").write_text('[capabilities]\nallowed = ["compute", "messaging"]\n')
     return out
 
 
@@ -121,6 +138,18 @@ def test_memory_limit(adversary: Path, audit: AuditLog) -> None:
           pytest.raises(MemoryLimitError)):
         sb.call("hog", {})
     assert "limit.memory" in audit.kinds()
+
+
+def test_request_returns_the_reply_or_the_error(requester: Path) -> None:
+    with PluginHarness(requester, policy=requester.parent / "policy.toml") as plugin:
+        long = {"text": "é" * 2000}  # above the SDK's first 1 KiB buffer: fetched again with take_result
+        plugin.on_request("pricing.quote", lambda request: {"quoted": request})
+        assert plugin.call("handle_request", {"target": "pricing.quote", "payload": long}) == \
+            {"status": 0, "ok": True, "body": {"quoted": long}}
+        reply = plugin.call("handle_request", {"target": "pricing.other", "payload": {}})  # no stub
+        assert (reply["status"], reply["ok"], reply["body"]["code"]) == (-2, False, "plugin.not_found")
+        plugin.expect_error(SecurityViolationError, "handle_request", {"target": "billing", "payload": {}})
+        assert plugin.audit.kinds() == ["security.request_denied"]
 
 
 def test_globals_survive_the_collection_in_sandbus_alloc(adversary: Path) -> None:

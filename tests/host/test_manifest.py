@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import textwrap
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from host.manifest import (
     load_manifest,
     parse_host,
     parse_manifest,
+    request_matches,
     subject_matches,
 )
 from sdk.errors import ManifestError, SecurityViolationError
@@ -345,6 +347,7 @@ def test_empty_path_refused(tmp_path: Path, value: str) -> None:
         ('network_hosts = ["a.com"]', "network"),
         ('environment_vars = ["TZ"]', "environment"),
         ('publish_topics = ["a"]', "messaging"),
+        ('request_plugins = ["pricing"]', "messaging"),
     ],
 )
 def test_permission_needs_its_capability(tmp_path: Path, field: str, capability: str) -> None:
@@ -400,6 +403,41 @@ def test_bad_publish_topic(tmp_path: Path) -> None:
     body = HEADER + '[capabilities]\nrequired = ["messaging"]\n[permissions]\npublish_topics = [">.a"]\n'
     err = manifest_error(tmp_path, body)
     assert err.key == "permissions.publish_topics"
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("Pricing", "with a plugin name like 'pricing'"),
+        ("", "with a plugin name like 'pricing'"),
+        ("pricing.", "the function must be one name"),
+        ("pricing.a.b", "the function must be one name"),
+        ("pricing.a*", "the function must be one name"),
+        ("pri*", "found 'pri*'"),
+        ("> ", "with a plugin name"),
+    ],
+)
+def test_bad_request_plugins_entry(tmp_path: Path, entry: str, expected: str) -> None:
+    body = HEADER + f'[capabilities]\nrequired = ["messaging"]\n[permissions]\nrequest_plugins = ["{entry}"]\n'
+    err = manifest_error(tmp_path, body)
+    assert err.key == "permissions.request_plugins"
+    assert "expected 'plugin', 'plugin.function', 'plugin.*' or '*'" in err.message
+    assert expected in err.message
+
+
+def test_request_plugins_entries() -> None:
+    entries = ["pricing", "audit.*", "text_processor.handle_request", "*.health-check", "*", "pricing"]
+    m = parse_manifest(HEADER + '[capabilities]\nrequired = ["messaging"]\n[permissions]\n'
+                       f"request_plugins = {json.dumps(entries)}\n")
+    assert m.permissions.request_plugins == tuple(entries[:-1])  # deduplicated
+    assert request_matches("pricing", "pricing", "quote")
+    assert request_matches("pricing.*", "pricing", "quote")
+    assert request_matches("pricing.quote", "pricing", "quote")
+    assert not request_matches("pricing.quote", "pricing", "handle_request")
+    assert not request_matches("pricing", "pricing_v2", "quote")
+    assert request_matches("*.health-check", "anything", "health-check")
+    assert not request_matches("*.health-check", "anything", "handle_request")
+    assert request_matches("*", "anything", "handle_request")
 
 
 # --- dependencies ----------------------------------------------------------------------------------

@@ -386,6 +386,21 @@ def test_publish_topics_kept_with_messaging(tmp_path: Path) -> None:
     assert not refused.may_publish("orders.new")
 
 
+def test_request_plugins_kept_with_messaging(tmp_path: Path) -> None:
+    m = manifest('[capabilities]\noptional = ["messaging"]\n[permissions]\n'
+                 'request_plugins = ["pricing.quote", "audit"]\n')
+    allowed = make_policy(capabilities={"allowed": ("messaging",)})
+    grant = resolve(m, allowed, data_root=tmp_path, host_env={})
+    assert grant.request_plugins == ("pricing.quote", "audit")
+    assert grant.may_request("pricing", "quote")
+    assert not grant.may_request("pricing", "handle_request")
+    assert grant.may_request("audit", "anything")
+    assert not grant.may_request("billing", "handle_request")
+    refused = resolve(m, Policy.default(), data_root=tmp_path, host_env={})
+    assert refused.request_plugins == ()
+    assert not refused.may_request("pricing", "quote")
+
+
 def test_grant_keeps_manifest(tmp_path: Path) -> None:
     m = manifest()
     assert resolve(m, Policy.default(), data_root=tmp_path, host_env={}).manifest is m

@@ -218,6 +218,61 @@ async def test_one_trace_across_client_two_nodes_and_a_topic(two_nodes: tuple[Na
     assert execute["sandbus.fuel_consumed"] > 0
 
 
+CALLER_TOML = """
+[plugin]
+name = "caller"
+version = "1.0.0"
+description = "requests echo"
+author = "tests"
+license = "Apache-2.0"
+min_runtime_version = "0.1.0"
+[capabilities]
+required = ["compute", "messaging"]
+[permissions]
+request_plugins = ["echo"]
+"""
+
+
+async def test_a_plugin_to_plugin_request_stays_in_the_callers_trace(
+        tmp_path: Path, receiver: Receiver, plugins_dir: Path, c_guest_flags: Callable[..., Path]) -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50",
+           "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+    a_dir = _plugin_dir(tmp_path / "a", {"echo": (plugins_dir / "echo.wasm", (plugins_dir / "echo.toml").read_text())})
+    b_dir = _plugin_dir(tmp_path / "b", {"caller": (c_guest_flags("caller", "caller", '-DPLUGIN_NAME="caller"'),
+                                                    CALLER_TOML)})
+    tracer = trace.get_tracer("test")
+    with NatsServer() as server:
+        a = NodeProcess("req-a", a_dir, server.url, tmp_path / "a.log", env=env)
+        b = NodeProcess("req-b", b_dir, server.url, tmp_path / "b.log", env=env)
+        try:
+            a.wait_ready()
+            b.wait_ready()
+            with tracer.start_as_current_span("test plugin request") as root:
+                async with await Client.connect(server.url) as c:
+                    reply = await c.request("caller", "handle_request", {"target": "echo", "payload": [1]})
+        finally:
+            a.terminate()
+            b.terminate()
+    assert reply == {"status": 0, "body": [1]}
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    chain = [
+        ("execute caller.handle_request", "process sandbus.req.caller.handle_request", "req-b", 1),
+        ("send sandbus.req.echo.handle_request", "execute caller.handle_request", "req-b", 4),
+        ("process sandbus.req.echo.handle_request", "send sandbus.req.echo.handle_request", "req-a", 5),
+        ("execute echo.handle_request", "process sandbus.req.echo.handle_request", "req-a", 1),
+    ]
+    expected = {name for name, *_ in chain}
+    receiver.wait_for(lambda: expected <= {s["name"] for s in receiver.trace(trace_id)}, 20,
+                      "every span of the request chain")
+    spans = {s["name"]: s for s in receiver.trace(trace_id)}
+    for name, parent, instance, kind in chain:
+        assert spans[name]["parent"] == spans[parent]["span_id"], f"{name} should be a child of {parent}"
+        assert spans[name]["instance"] == instance
+        assert spans[name]["kind"] == kind  # 4 PRODUCER, 5 CONSUMER, 1 INTERNAL
+    assert spans["send sandbus.req.echo.handle_request"]["attributes"]["messaging.destination.name"] == \
+        "sandbus.req.echo.handle_request"
+
+
 async def test_metrics_are_exported_per_plugin(two_nodes: tuple[NatsServer, Any, Any], receiver: Receiver) -> None:
     server, _, _ = two_nodes
     async with await Client.connect(server.url) as c:

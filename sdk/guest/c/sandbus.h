@@ -20,8 +20,10 @@
  *     A callable function has the C signature
  *         uint64_t fn(const uint8_t *in, uint32_t len)
  *     i.e. wasm (i32, i32) -> i64.
- *   - Host imports (module "sandbus_v1"): log, time_now_ms, env_get, and the
- *     helpers sandbus_log, sandbus_log_n, sandbus_time_ms, sandbus_getenv.
+ *   - Host imports (module "sandbus_v1"): log, time_now_ms, env_get, publish,
+ *     request, kv_*, http_request, take_result, and the helpers sandbus_log,
+ *     sandbus_log_n, sandbus_time_ms, sandbus_getenv, sandbus_publish,
+ *     sandbus_request.
  *   - Replies: sandbus_reply (copy into a fresh buffer and pack) and
  *     sandbus_pack.
  *   - A tiny JSON writer (sandbus_buf_*) that can hand its buffer over as the
@@ -135,9 +137,36 @@ int32_t sandbus_host_kv_delete(const void *key, uint32_t key_len);
 SANDBUS_IMPORT(http_request)
 int32_t sandbus_host_http_request(const void *req, uint32_t req_len, void *buf, uint32_t cap);
 
-/* take_result(buf, cap): the last kv_get / http_request result again (-1 if none). */
+/* request(target, target_len, json, json_len, buf, cap): call another plugin's
+ * function and wait for its reply, like a client request (any node serving the
+ * target may answer). `target` is "plugin.function", or "plugin" for its
+ * handle_request. Needs the messaging capability and a manifest
+ * [permissions] request_plugins entry allowing the target: otherwise the host
+ * stops the call with a security violation. A malformed target or body, a
+ * body above the NATS max payload and a chain of more than 8 (the node's
+ * limit) plugin-to-plugin requests stop the call too, with their own errors.
+ * Returns the reply's full length (writing min(len, cap) bytes; take_result()
+ * refetches a long one), or one of the negative SANDBUS_REQUEST_* codes below,
+ * the error JSON {"code","message","plugin","details"} then being what
+ * take_result() returns. The wait is bounded (5 s, and less than this
+ * plugin's own timeout). Prefer sandbus_request(). */
+SANDBUS_IMPORT(request)
+int32_t sandbus_host_request(const void *target, uint32_t target_len, const void *json, uint32_t json_len,
+                             void *buf, uint32_t cap);
+
+/* take_result(buf, cap): the last kv_get / http_request / request result
+ * again (for a failed request: its error JSON); -1 if none. */
 SANDBUS_IMPORT(take_result)
 int32_t sandbus_host_take_result(void *buf, uint32_t cap);
+
+/* Outcomes of sandbus_host_request / sandbus_request. */
+enum {
+    SANDBUS_REQUEST_OK = 0,          /* sandbus_request: the reply is in *out */
+    SANDBUS_REQUEST_EREMOTE = -1,    /* the target's call failed (trap, limit, unknown function...) */
+    SANDBUS_REQUEST_ENOTFOUND = -2,  /* no node serves the target plugin */
+    SANDBUS_REQUEST_ETIMEOUT = -3,   /* no reply in time */
+    SANDBUS_REQUEST_ENOMEM = -128    /* sandbus_request only (never the host): malloc failed */
+};
 
 /* ------------------------------------------------------------------------ */
 /* Required ABI exports                                                      */
@@ -215,6 +244,48 @@ static inline void sandbus_log_n(int level, const void *ptr, size_t len)
 static inline int32_t sandbus_publish(const char *topic, const void *json, size_t len)
 {
     return sandbus_host_publish(topic, (uint32_t)strlen(topic), json, (uint32_t)len);
+}
+
+/* Call `target` ("plugin.function" or "plugin", NUL-terminated) with `len`
+ * bytes of request JSON. On SANDBUS_REQUEST_OK (0), *out is the reply; on a
+ * negative SANDBUS_REQUEST_E* code it is the error JSON
+ * {"code","message","plugin","details"} (code e.g. "sandbox.trap",
+ * "plugin.not_found", "bus.timeout"). Either way *out is a fresh malloc'd,
+ * NUL-terminated buffer the caller frees, and *out_len (if not NULL) its
+ * length; on SANDBUS_REQUEST_ENOMEM *out is NULL. See sandbus_host_request
+ * for what stops the call instead of returning. */
+static inline int32_t sandbus_request(const char *target, const void *json, size_t len, char **out,
+                                      size_t *out_len)
+{
+    uint32_t cap = 1024;
+    int32_t status = 0, n;
+    char *buf = (char *)malloc(cap + 1u), *bigger;
+    *out = NULL;
+    if (out_len)
+        *out_len = 0;
+    if (buf == NULL)
+        return SANDBUS_REQUEST_ENOMEM;
+    n = sandbus_host_request(target, (uint32_t)strlen(target), json, (uint32_t)len, buf, cap);
+    if (n < 0) {
+        status = n; /* the error JSON waits in take_result */
+        n = sandbus_host_take_result(buf, cap);
+        if (n < 0) /* cannot happen: the host always leaves the error */
+            n = 0;
+    }
+    if ((uint32_t)n > cap) {
+        bigger = (char *)realloc(buf, (size_t)(uint32_t)n + 1u);
+        if (bigger == NULL) {
+            free(buf);
+            return SANDBUS_REQUEST_ENOMEM;
+        }
+        buf = bigger;
+        sandbus_host_take_result(buf, (uint32_t)n);
+    }
+    buf[n] = '\0';
+    *out = buf;
+    if (out_len)
+        *out_len = (size_t)(uint32_t)n;
+    return status;
 }
 
 /* Unix time in milliseconds. Requires the clock capability. */

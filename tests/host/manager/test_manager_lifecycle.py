@@ -298,7 +298,7 @@ def test_call_racing_a_swap_is_retried_on_the_new_version(
     manager.reload("alpha")
     assert old_version.retired
     assert old_version.closed.is_set()
-    real_checkout = manager._checkout
+    real_checkout = manager._table.checkout
     handed_out: list[object] = []
 
     def racing_checkout(name: str) -> tuple[Any, Any]:
@@ -311,7 +311,7 @@ def test_call_racing_a_swap_is_retried_on_the_new_version(
         handed_out.append(version)
         return version, stats
 
-    monkeypatch.setattr(manager, "_checkout", racing_checkout)
+    monkeypatch.setattr(manager._table, "checkout", racing_checkout)
     assert manager.execute_json("alpha", "handle_request") == wasm_reply("new")
     assert handed_out[0] is old_version
     assert len(handed_out) == 2

@@ -17,7 +17,7 @@
  *         }
  *
  *   - host imports (module "sandbus_v1": log, time_now_ms, env_get, publish,
- *     kv_get / kv_put / kv_delete, http_request, take_result) and helpers
+ *     request, kv_get / kv_put / kv_delete, http_request, take_result) and helpers
  *     around them. AssemblyScript compiles only what is reachable, so a host
  *     function the plugin never calls is not in its import section (like the
  *     `static inline` helpers of the C header).
@@ -107,7 +107,18 @@ export declare function host_kv_delete(key: usize, keyLen: u32): i32;
 @external("sandbus_v1", "http_request")
 export declare function host_http_request(req: usize, reqLen: u32, buf: usize, cap: u32): i32;
 
-/** take_result(buf, cap): the last kv_get / http_request result again (-1 if none). */
+/**
+ * request(target, target_len, json, json_len, buf, cap): call "plugin.function" (or "plugin": its
+ * handle_request) and wait for the reply. Returns the reply's full length (writes min(len, cap)
+ * bytes) or a negative REQUEST_E* code, the error JSON then being in take_result. Needs messaging
+ * and a matching request_plugins entry (else the call fails). Prefer request().
+ */
+// @ts-ignore: decorator
+@external("sandbus_v1", "request")
+export declare function host_request(target: usize, targetLen: u32, json: usize, jsonLen: u32, buf: usize,
+                                     cap: u32): i32;
+
+/** take_result(buf, cap): the last kv_get / http_request / request result again (-1 if none). */
 // @ts-ignore: decorator
 @external("sandbus_v1", "take_result")
 export declare function host_take_result(buf: usize, cap: u32): i32;
@@ -275,7 +286,7 @@ export function publish(topic: string, json: string): i32 {
   return host_publish(changetype<usize>(t), <u32>t.byteLength, changetype<usize>(j), <u32>j.byteLength);
 }
 
-/** The bytes of a kv_get / http_request result whose full length is `n`, buffer `buf` of `cap` bytes. */
+/** The bytes of a kv_get / http_request / request result whose full length is `n`, buffer `buf` of `cap` bytes. */
 function fetchResult(n: i32, buf: ArrayBuffer, cap: i32): Uint8Array {
   if (n > cap) {
     buf = new ArrayBuffer(n);
@@ -283,6 +294,52 @@ function fetchResult(n: i32, buf: ArrayBuffer, cap: i32): Uint8Array {
     if (again != n) unreachable(); // the host promised the same result
   }
   return Uint8Array.wrap(buf, 0, n);
+}
+
+/** The reply arrived (request()). */
+export const REQUEST_OK: i32 = 0;
+/** The target's call failed (trap, limit, unknown function...): `body` is its error JSON. */
+export const REQUEST_EREMOTE: i32 = -1;
+/** No node serves the target plugin. */
+export const REQUEST_ENOTFOUND: i32 = -2;
+/** No reply in time. */
+export const REQUEST_ETIMEOUT: i32 = -3;
+
+/** The outcome of request(): `status` is REQUEST_OK or a REQUEST_E* code. */
+export class Reply {
+  constructor(
+    /** REQUEST_OK or a negative REQUEST_E* code. */
+    public status: i32,
+    /** The reply JSON, or on failure the error JSON {"code","message","plugin","details"}. */
+    public body: string,
+  ) {}
+
+  /** Whether the target replied (its reply may still be a `"success": false` envelope). */
+  get ok(): bool {
+    return this.status == REQUEST_OK;
+  }
+}
+
+/**
+ * Call `target` ("plugin.function", or "plugin" for its handle_request) with `json` and wait for
+ * the reply, as a client would (any node serving the target may answer; the wait is bounded).
+ * Needs the messaging capability and a manifest request_plugins entry allowing the target: a
+ * target that is not granted fails the whole call (security violation), as does a malformed one.
+ */
+export function request(target: string, json: string): Reply {
+  const t = String.UTF8.encode(target);
+  const j = String.UTF8.encode(json, false, String.UTF8.ErrorMode.REPLACE);
+  const buf = new ArrayBuffer(FIRST_CAP);
+  let status: i32 = REQUEST_OK;
+  let n = host_request(changetype<usize>(t), <u32>t.byteLength, changetype<usize>(j), <u32>j.byteLength,
+                       changetype<usize>(buf), <u32>FIRST_CAP);
+  if (n < 0) {
+    status = n; // the error JSON waits in take_result
+    n = host_take_result(changetype<usize>(buf), <u32>FIRST_CAP);
+    if (n < 0) unreachable(); // the host always leaves it
+  }
+  const out = fetchResult(n, buf, FIRST_CAP);
+  return new Reply(status, String.UTF8.decodeUnsafe(out.dataStart, <usize>out.byteLength));
 }
 
 /** This plugin's value under `key`, or null if absent. Needs the storage capability. */
@@ -332,7 +389,7 @@ export function httpRequest(requestJson: string): string {
   return String.UTF8.decodeUnsafe(out.dataStart, <usize>out.byteLength);
 }
 
-/** The last kv_get / http_request result again, or null if there is none. */
+/** The last kv_get / http_request / request result again, or null if there is none. */
 export function takeResult(): Uint8Array | null {
   const n = host_take_result(0, 0);
   if (n < 0) return null;

@@ -1,0 +1,208 @@
+"""OTLP trace protobuf, encoded directly for the node's request spans.
+
+Why not the SDK's encoder: on this project's reference machine, building a span with the
+OpenTelemetry SDK costs ~28 us and encoding it for OTLP another ~100 us (bench/bench_bus.py), so
+tracing every request would cost several times the request itself. The node's request spans have a
+fixed shape (``process`` + ``execute``, docs/protocol.md), so their constant parts (names, static
+attributes, resource, scope) are encoded once and cached, and each span only adds its ids, times
+and a few numbers. The transport stays the SDK's (host/fast_spans.py); tests decode what this module
+writes with the official ``opentelemetry-proto`` classes (tests/telemetry/test_otlp_wire.py).
+
+Field numbers: opentelemetry/proto/trace/v1/trace.proto, common/v1/common.proto,
+resource/v1/resource.proto, collector/trace/v1/trace_service.proto.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "FLAG_HAS_IS_REMOTE",
+    "FLAG_IS_REMOTE",
+    "SPAN_KIND_CONSUMER",
+    "SPAN_KIND_INTERNAL",
+    "SPAN_KIND_PRODUCER",
+    "STATUS_ERROR",
+    "STATUS_UNSET",
+    "attributes",
+    "encode_span",
+    "double_attr",
+    "event_field",
+    "export_request",
+    "export_request_framed",
+    "flags_field",
+    "frame",
+    "int_attr",
+    "key_field",
+    "key_value",
+    "resource",
+    "scope",
+    "span_name",
+    "status_field",
+    "str_attr",
+    "trace_state_field",
+    "varint",
+]
+
+AttrValue = str | bool | int | float
+
+SPAN_KIND_INTERNAL = 1
+SPAN_KIND_PRODUCER = 4
+SPAN_KIND_CONSUMER = 5
+STATUS_UNSET = 0
+STATUS_ERROR = 2
+#: Span.flags: the SDK always sets "has is_remote", and "is_remote" when the parent came from headers.
+FLAG_HAS_IS_REMOTE = 0x100
+FLAG_IS_REMOTE = 0x200
+
+_pack_q = struct.Struct("<Q").pack
+_pack_d = struct.Struct("<d").pack
+_pack_i = struct.Struct("<I").pack
+_U64 = (1 << 64) - 1
+
+
+_SMALL = [bytes((i,)) for i in range(0x80)]
+
+
+def varint(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return _SMALL[n]
+    if 0 < n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    n &= _U64  # int64 fields: a negative value is its two's complement, 10 bytes
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _len(field: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return _TAGS[field] + varint(len(payload)) + payload if field < 16 else \
+        varint(field << 3 | 2) + varint(len(payload)) + payload
+
+
+_TAGS = [bytes((f << 3 | 2,)) for f in range(16)]
+
+
+def any_value(value: AttrValue | Sequence[AttrValue]) -> bytes:
+    if isinstance(value, bool):  # before int: bool is an int
+        return b"\x10" + (b"\x01" if value else b"\x00")
+    if isinstance(value, int):
+        return b"\x18" + varint(value)
+    if isinstance(value, float):
+        return b"\x21" + _pack_d(value)
+    if isinstance(value, str):
+        return _len(1, value.encode())
+    if isinstance(value, Sequence):  # ArrayValue (field 5) of AnyValue (field 1)
+        return _len(5, b"".join(_len(1, any_value(v)) for v in value))
+    return _len(1, str(value).encode())
+
+
+def key_value(key: str, value: AttrValue | Sequence[AttrValue]) -> bytes:
+    """One KeyValue message."""
+    return _len(1, key.encode()) + _len(2, any_value(value))
+
+
+def attributes(field: int, attrs: Mapping[str, Any]) -> bytes:
+    """``attrs`` as the repeated KeyValue field number ``field`` of the enclosing message."""
+    return b"".join(_len(field, key_value(k, v)) for k, v in attrs.items() if v is not None)
+
+
+def resource(attrs: Mapping[str, Any]) -> bytes:
+    """A Resource message."""
+    return attributes(1, attrs)
+
+
+def scope(name: str, version: str | None = None) -> bytes:
+    """An InstrumentationScope message."""
+    return _len(1, name.encode()) + (_len(2, version.encode()) if version else b"")
+
+
+def encode_span(trace_id: bytes, span_id: bytes, parent_id: bytes | None, trace_state: str | None,
+                name: bytes, kind: int, start_ns: int, end_ns: int, static_attrs: bytes,
+                attrs: Mapping[str, Any] | None, events: Iterable[tuple[int, str, Mapping[str, Any]]] = (),
+                status: int = STATUS_UNSET, status_message: str = "", remote_parent: bool = False) -> bytes:
+    """One Span message.
+
+    ``name`` is the encoded name field (:func:`span_name`); ``static_attrs`` is the encoded
+    attributes field (:func:`attributes` with field 9), both cached by the caller.
+    """
+    parts = [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
+    if trace_state:
+        parts.append(_len(3, trace_state.encode()))
+    if parent_id:
+        parts += (b"\x22\x08", parent_id)
+    parts += (name, b"\x30", bytes((kind,)), b"\x39", _pack_q(start_ns), b"\x41", _pack_q(end_ns), static_attrs)
+    if attrs:
+        parts.append(attributes(9, attrs))
+    for time_ns, event_name, event_attrs in events:
+        parts.append(event_field(time_ns, event_name, event_attrs))
+    if status:
+        parts.append(status_field(status, status_message))
+    parts.append(flags_field(remote_parent=remote_parent))
+    return b"".join(parts)
+
+
+def frame(field: int, payload: bytes) -> bytes:
+    """``payload`` as the length-delimited field number ``field``."""
+    return _len(field, payload)
+
+
+def key_field(key: str) -> bytes:
+    """KeyValue.key, encoded: the constant half of an attribute (see :func:`int_attr`)."""
+    return _len(1, key.encode())
+
+
+def int_attr(key: bytes, value: int) -> bytes:
+    """A Span.attributes entry with an int value; ``key`` from :func:`key_field`."""
+    av = b"\x18" + varint(value)
+    body = key + b"\x12" + _SMALL[len(av)] + av
+    return b"\x4a" + varint(len(body)) + body
+
+
+def double_attr(key: bytes, value: float) -> bytes:
+    body = key + b"\x12\x09\x21" + _pack_d(value)
+    return b"\x4a" + varint(len(body)) + body
+
+
+def str_attr(key: bytes, value: str) -> bytes:
+    return _len(9, key + _len(2, _len(1, value.encode())))
+
+
+def trace_state_field(trace_state: str) -> bytes:
+    return _len(3, trace_state.encode())
+
+
+def status_field(code: int, message: str) -> bytes:
+    return _len(15, (_len(2, message.encode()) if message else b"") + b"\x18" + varint(code))
+
+
+def flags_field(*, remote_parent: bool) -> bytes:
+    return b"\x85\x01" + _pack_i(FLAG_HAS_IS_REMOTE | (FLAG_IS_REMOTE if remote_parent else 0))
+
+
+def event_field(time_ns: int, name: str, attrs: Mapping[str, Any]) -> bytes:
+    """A Span.events entry."""
+    return _len(11, b"\x09" + _pack_q(time_ns) + _len(2, name.encode()) + attributes(3, attrs))
+
+
+def span_name(name: str) -> bytes:
+    """The encoded Span.name field, for :func:`encode_span`."""
+    return _len(5, name.encode())
+
+
+def export_request(resource_msg: bytes, scope_msg: bytes, spans: Iterable[bytes]) -> bytes:
+    """An ExportTraceServiceRequest with one resource and one scope."""
+    return export_request_framed(resource_msg, scope_msg, [_len(2, s) for s in spans])
+
+
+def export_request_framed(resource_msg: bytes, scope_msg: bytes, framed_spans: Iterable[bytes]) -> bytes:
+    """:func:`export_request` of spans already framed with :func:`frame` (field 2)."""
+    scope_spans = _len(1, scope_msg) + b"".join(framed_spans)
+    resource_spans = _len(1, resource_msg) + _len(2, scope_spans)
+    return _len(1, resource_spans)

@@ -1,0 +1,6 @@
+"""The compiled ABI round trip (host/sandbox/_native.c)."""
+
+def bind(call: int | None, data: int | None, size: int | None, set_fuel: int | None, get_fuel: int | None,
+         set_deadline: int | None, /) -> None: ...
+def round_trip(ctx: int, mem: int, alloc: int, func: int, dealloc: int, payload: bytes, max_output: int, fuel: int,
+               ticks: int, /) -> tuple[int, bytes | None, int, int, int]: ...
