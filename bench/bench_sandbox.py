@@ -156,16 +156,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer iterations (CI smoke run)")
     args = ap.parse_args()
     n, repeats = (3000, 3) if args.quick else (30000, 5)
-    console = Console(width=150)
+    console = Console(width=170)
     table = Table(title=f"sandbox call overhead, µs per JSON round trip (best of {repeats} × {n} calls)")
     for col in ("plugin", "payload", "raw ordinary", "raw fast", "raw fast, fuel+epoch engine", "sandbus",
-                "sandbus, no JSON check", "sandbus / raw fast", "sandbus / raw fast same engine",
-                "raw ordinary / sandbus"):
+                "sandbus, no JSON check", "sandbus, ctypes path", "sandbus / raw fast",
+                "sandbus / raw fast same engine", "raw ordinary / sandbus"):
         table.add_column(col, justify="right")
     for plugin in ("echo", "text_processor"):
         wasm = (PLUGINS / f"{plugin}.wasm").read_bytes()
         ordinary, fast, fast_limited = RawOrdinary(wasm), RawFast(wasm), RawFast(wasm, limited=True)
         sb = Sandbox(wasm, name=plugin, warm_instances=1)
+        # The same sandbox with the round trip through ctypes instead of host/sandbox/_native.c.
+        sb_ctypes = Sandbox(wasm, name=plugin, warm_instances=1, native=False)
         for size in (100, 10_000):
             data = payload(size)
             assert ordinary.call(data) == fast.call(data) == sb.call_bytes("handle_request", data)
@@ -174,10 +176,13 @@ def main() -> None:
             t_fast_l = per_call_us(lambda d=data, f=fast_limited: f.call(d), n, repeats)
             t_sb = per_call_us(lambda d=data, s=sb: s.call_bytes("handle_request", d), n, repeats)
             t_sb_raw = per_call_us(lambda d=data, s=sb: s.call_bytes("handle_request", d, validate=False), n, repeats)
+            t_sb_ct = per_call_us(lambda d=data, s=sb_ctypes: s.call_bytes("handle_request", d), n, repeats)
             ratio, speedup = t_sb / t_fast, t_ord / t_sb
             table.add_row(plugin, f"{size:,} B", f"{t_ord:.1f}", f"{t_fast:.1f}", f"{t_fast_l:.1f}", f"{t_sb:.1f}",
-                          f"{t_sb_raw:.1f}", f"{ratio:.2f}×", f"{t_sb / t_fast_l:.2f}×", f"{speedup:.1f}×")
+                          f"{t_sb_raw:.1f}", f"{t_sb_ct:.1f}", f"{ratio:.2f}×", f"{t_sb / t_fast_l:.2f}×",
+                          f"{speedup:.1f}×")
         sb.close()
+        sb_ctypes.close()
     console.print(table)
     console.print("targets: sandbus ≤ 2× raw fast; ≥ 5× faster than raw ordinary "
                   "(peer: Extism Python SDK 14.4 µs @100 B, 27.8 µs @10 KB, ARCHITECTURE.md B)")

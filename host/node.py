@@ -21,6 +21,12 @@ threads for a while. The loop is therefore never held longer than the budget (pl
 whatever a plugin does. Re-running is only safe for calls without side effects, so plugins that
 import host functions which act on the bus (``publish``...) always run in threads, where those
 functions can also wait on the loop.
+
+Tracing follows the same split. A request served inline is traced by host/fast_spans.py: its
+``process`` and ``execute`` spans are one tuple on the request path and are encoded and exported
+in batches by a background thread, because the OpenTelemetry SDK's span objects and encoder cost
+several times the request itself. Everything else (threaded calls, whose host functions need the
+current span; durable deliveries; ``sandbus trace``) is traced through the SDK.
 """
 
 from __future__ import annotations
@@ -564,6 +570,8 @@ class Node:
             "version": self.version,
             "durable_topics": self._durable is not None,
             "inline_budget_ms": None if self.inline_budget_s is None else self.inline_budget_s * 1e3,
+            # How requests served inline are traced: "fast" (host/fast_spans.py), "sdk", or "off".
+            "request_spans": "off" if not self.telemetry.enabled else ("fast" if self.telemetry.fast else "sdk"),
             "plugins": [{**p.model_dump(mode="json"), "queue_depth": self.queue_depth(p.name)}
                         for p in self.manager.list_plugins()],
         }

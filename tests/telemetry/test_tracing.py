@@ -291,6 +291,51 @@ async def test_metrics_are_exported_per_plugin(two_nodes: tuple[NatsServer, Any,
             "sandbus.plugin.queue_depth", "sandbus.plugin.memory"} <= names
 
 
+async def test_inline_requests_are_traced_without_the_sdk(two_nodes: tuple[NatsServer, Any, Any],
+                                                         receiver: Receiver) -> None:
+    """spinner runs inline (no bus host functions): its request spans come from host/fast_spans.py,
+    and must look exactly like the SDK's, audit events and latency histogram included."""
+    server, _, _ = two_nodes
+    tracer = trace.get_tracer("test")
+    async with await Client.connect(server.url) as c:
+        (view,) = [n for n in await c.nodes() if n["node_id"] == "node-b"]
+        assert view["request_spans"] == "fast"
+        with tracer.start_as_current_span("inline ok") as ok:
+            assert await c.request("spinner", "echo", {"v": 1}) == {"v": 1}
+        with tracer.start_as_current_span("inline denied") as denied, pytest.raises(SecurityViolationError):
+            await c.request("spinner", "open_file", {})
+    for root, function, outcome in ((ok, "echo", "ok"), (denied, "open_file", "error")):
+        trace_id = format(root.get_span_context().trace_id, "032x")
+        names = {f"send sandbus.req.spinner.{function}", f"process sandbus.req.spinner.{function}",
+                 f"execute spinner.{function}"}
+        receiver.wait_for(lambda t=trace_id, n=names: n <= {s["name"] for s in receiver.trace(t)}, 20, str(names))
+        spans = {s["name"]: s for s in receiver.trace(trace_id)}
+        send, process, execute = (spans[f"send sandbus.req.spinner.{function}"],
+                                  spans[f"process sandbus.req.spinner.{function}"],
+                                  spans[f"execute spinner.{function}"])
+        assert process["parent"] == send["span_id"]
+        assert execute["parent"] == process["span_id"]
+        assert (process["kind"], execute["kind"]) == (5, 1)
+        assert process["instance"] == execute["instance"] == "node-b"
+        assert process["attributes"]["messaging.consumer.group.name"] == "sandbus.spinner"
+        assert process["attributes"]["messaging.message.body.size"] > 0
+        assert execute["attributes"]["sandbus.outcome"] == outcome
+        if outcome == "ok":
+            assert execute["attributes"]["sandbus.fuel_consumed"] > 0
+            assert execute["attributes"]["sandbus.memory_bytes"] > 0
+        else:
+            assert execute["attributes"]["error.type"] == "security.violation"
+            events = {e["name"]: e["attributes"] for e in execute["events"]}
+            assert events["audit.security.fs_denied"]["audit.level"] == "critical"
+
+    def latencies() -> float:
+        with receiver.lock:
+            return max((m["value"] for m in receiver.metrics if m["name"] == "sandbus.call.duration"
+                        and m["plugin"] == "spinner" and m["instance"] == "node-b"), default=0)
+
+    receiver.wait_for(lambda: latencies() >= 1, 20, "the latency histogram of spinner's inline call")
+
+
 async def test_audit_events_ride_on_the_execution_span(two_nodes: tuple[NatsServer, Any, Any],
                                                        receiver: Receiver) -> None:
     server, _, _ = two_nodes

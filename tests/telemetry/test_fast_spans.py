@@ -1,0 +1,221 @@
+"""The node's request spans without the SDK: what host/otlp_wire.py writes must decode, with the
+official opentelemetry-proto classes, to exactly the spans the SDK path produces."""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any
+
+import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+from host import otlp_wire as wire
+from host.fast_spans import FastSpans, _sampler, parse_traceparent
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+PARENT = "b7ad6b7169203331"
+
+
+def _decode(data: bytes) -> ExportTraceServiceRequest:
+    req = ExportTraceServiceRequest()
+    req.ParseFromString(data)
+    return req
+
+
+def _attrs(kvs: Any) -> dict[str, Any]:
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in kvs}
+
+
+def test_the_sdk_exporter_still_has_the_client_we_send_through() -> None:
+    # host/fast_spans.py posts through OTLPSpanExporter()._client.export (the exporter's own
+    # endpoint, headers, TLS, compression and retries); the major version is pinned for it.
+    exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces")
+    try:
+        assert callable(exporter._client.export)
+    finally:
+        exporter.shutdown()  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize("value", ["", "a", "é" * 300, 0, 1, 127, 128, 2**40, -1, -(2**63), 2**63 - 1, 0.5, -2.25,
+                                   True, False, ["a", "b"], [1, 2]])
+def test_any_value_of_every_type_decodes(value: Any) -> None:
+    span = wire.encode_span(bytes(range(16)), bytes(range(8)), None, None, wire.span_name("x"), 1, 1, 2,
+                            wire.attributes(9, {"k": value}), None)
+    decoded = Span()
+    decoded.ParseFromString(span)
+    got = decoded.attributes[0].value
+    kind = got.WhichOneof("value")
+    if isinstance(value, list):
+        assert [getattr(v, v.WhichOneof("value")) for v in got.array_value.values] == value
+    else:
+        assert getattr(got, kind) == value
+        assert kind == {bool: "bool_value", int: "int_value", float: "double_value", str: "string_value"}[type(value)]
+
+
+def test_a_span_with_every_field_decodes() -> None:
+    data = wire.encode_span(
+        bytes.fromhex(TRACE), bytes.fromhex("00f067aa0ba902b7"), bytes.fromhex(PARENT), "congo=t61rcWkgMzE",
+        wire.span_name("process sandbus.req.echo.handle_request"), wire.SPAN_KIND_CONSUMER, 1_700_000_000_000_000_001,
+        1_700_000_000_000_500_000, wire.attributes(9, {"messaging.system": "nats"}),
+        {"messaging.message.body.size": 100, "sandbus.duration_ms": 0.125},
+        events=[(1_700_000_000_000_100_000, "audit.limit.fuel", {"audit.level": "warning", "audit.limit": 10})],
+        status=wire.STATUS_ERROR, status_message="fuel exhausted", remote_parent=True)
+    s = Span()
+    s.ParseFromString(data)
+    assert s.trace_id.hex() == TRACE
+    assert s.span_id.hex() == "00f067aa0ba902b7"
+    assert s.parent_span_id.hex() == PARENT
+    assert s.trace_state == "congo=t61rcWkgMzE"
+    assert s.name == "process sandbus.req.echo.handle_request"
+    assert s.kind == Span.SPAN_KIND_CONSUMER
+    assert (s.start_time_unix_nano, s.end_time_unix_nano) == (1_700_000_000_000_000_001, 1_700_000_000_000_500_000)
+    assert _attrs(s.attributes) == {"messaging.system": "nats", "messaging.message.body.size": 100,
+                                    "sandbus.duration_ms": 0.125}
+    assert [(e.name, e.time_unix_nano, _attrs(e.attributes)) for e in s.events] == [
+        ("audit.limit.fuel", 1_700_000_000_000_100_000, {"audit.level": "warning", "audit.limit": 10})]
+    assert (s.status.code, s.status.message) == (2, "fuel exhausted")
+    assert s.flags == 0x300  # has-is-remote + is-remote, as the SDK's encoder sets them
+
+
+def _spans(fast: FastSpans, sent: list[bytes]) -> list[tuple[dict[str, Any], Span]]:
+    fast._export_pending()
+    out = []
+    for data in sent:
+        for rs in _decode(data).resource_spans:
+            resource = _attrs(rs.resource.attributes)
+            for ss in rs.scope_spans:
+                assert ss.scope.name == "sandbus"
+                out.extend((resource, s) for s in ss.spans)
+    return out
+
+
+@pytest.fixture
+def fast() -> Any:
+    sent: list[bytes] = []
+
+    def send(data: bytes) -> bool:
+        sent.append(data)
+        return True
+
+    sample = _sampler({})[0]
+    assert sample is not None
+    # The export thread sleeps for an hour: the tests export by hand, when they are ready.
+    spans = FastSpans({"service.name": "sandbus-node", "service.instance.id": "n1"}, send, sample,
+                      schedule_delay_s=3600)
+    yield spans, sent
+    spans.shutdown()
+
+
+def test_a_request_becomes_a_process_and_an_execute_span(fast: tuple[FastSpans, list[bytes]]) -> None:
+    spans, sent = fast
+    rt = spans.begin({"traceparent": f"00-{TRACE}-{PARENT}-01", "tracestate": "k=v"})
+    assert rt is not None
+    spans.current, spans.current_thread = rt, threading.get_ident()
+    assert spans.audit("audit.security.file_denied", {"audit.level": "critical"})
+    spans.current = None
+    spans.finish(rt, "sandbus.req.echo.handle_request", "sandbus.echo", "m-1", 100, "echo", "1.0.0",
+                 "handle_request", rt.start_ns + 10, rt.start_ns + 20, (1234, 65536, 0.0000125), None)
+    (res1, process), (res2, execute) = _spans(spans, sent)
+    assert res1 == res2 == {"service.name": "sandbus-node", "service.instance.id": "n1"}
+    assert process.trace_id.hex() == execute.trace_id.hex() == TRACE
+    assert process.parent_span_id.hex() == PARENT
+    assert execute.parent_span_id == process.span_id
+    assert process.trace_state == execute.trace_state == "k=v"
+    assert (process.name, process.kind) == ("process sandbus.req.echo.handle_request", Span.SPAN_KIND_CONSUMER)
+    assert (execute.name, execute.kind) == ("execute echo.handle_request", Span.SPAN_KIND_INTERNAL)
+    assert process.start_time_unix_nano <= execute.start_time_unix_nano < execute.end_time_unix_nano \
+        <= process.end_time_unix_nano
+    assert _attrs(process.attributes) == {
+        "messaging.system": "nats", "messaging.destination.name": "sandbus.req.echo.handle_request",
+        "messaging.operation.name": "process", "messaging.operation.type": "process",
+        "messaging.consumer.group.name": "sandbus.echo", "messaging.message.id": "m-1",
+        "messaging.message.body.size": 100}
+    assert _attrs(execute.attributes) == {
+        "sandbus.plugin.name": "echo", "sandbus.plugin.version": "1.0.0", "sandbus.function": "handle_request",
+        "sandbus.fuel_consumed": 1234, "sandbus.memory_bytes": 65536, "sandbus.duration_ms": 0.013,
+        "sandbus.outcome": "ok"}
+    assert [e.name for e in execute.events] == ["audit.security.file_denied"]
+    assert process.flags == 0x300
+    assert execute.flags == 0x100
+    assert process.status.code == execute.status.code == 0
+
+
+def test_a_failed_call_marks_both_spans(fast: tuple[FastSpans, list[bytes]]) -> None:
+    spans, sent = fast
+    rt = spans.begin(None)  # no parent: a new trace
+    assert rt is not None
+    spans.finish(rt, "sandbus.req.x.f", "sandbus.x", None, 2, "x", "1.0.0", "f", 1, 2, None,
+                 ("limit.fuel", "fuel exhausted after 1000 units"))
+    (_, process), (_, execute) = _spans(spans, sent)
+    assert process.parent_span_id == b""
+    assert process.flags == 0x100
+    assert len(process.trace_id) == 16
+    assert process.trace_id != bytes(16)
+    assert _attrs(execute.attributes)["error.type"] == "limit.fuel"
+    assert _attrs(execute.attributes)["sandbus.outcome"] == "error"
+    assert "messaging.message.id" not in _attrs(process.attributes)
+    for s in (process, execute):
+        assert (s.status.code, s.status.message) == (2, "fuel exhausted after 1000 units")
+
+
+def test_an_audit_event_from_another_thread_does_not_attach(fast: tuple[FastSpans, list[bytes]]) -> None:
+    spans, _ = fast
+    rt = spans.begin(None)
+    assert rt is not None
+    spans.current, spans.current_thread = rt, -1
+    assert not spans.audit("audit.x", {})
+    assert rt.events is None
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (f"00-{TRACE}-{PARENT}-01", (TRACE, PARENT, True)),
+    (f"00-{TRACE}-{PARENT}-00", (TRACE, PARENT, False)),
+    (f"01-{TRACE}-{PARENT}-01-future", (TRACE, PARENT, True)),
+    (f"00-{TRACE}-{PARENT}-01-extra", None),  # version 00 has exactly four fields
+    (f"ff-{TRACE}-{PARENT}-01", None),
+    (f"00-{'0' * 32}-{PARENT}-01", None),
+    (f"00-{TRACE}-{'0' * 16}-01", None),
+    (f"00-{TRACE.upper()}-{PARENT}-01", None),
+    (f"00-{TRACE[:-1]}g-{PARENT}-01", None),
+    (f"00-{TRACE[:-2]} 1-{PARENT}-01", None),
+    ("garbage", None), ("", None), (None, None),
+])
+def test_traceparent_is_parsed_like_the_w3c_propagator(value: str | None, expected: Any) -> None:
+    got = parse_traceparent(value)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == (bytes.fromhex(expected[0]), bytes.fromhex(expected[1]), expected[2])
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 1.0])
+def test_ratio_sampling_agrees_with_the_sdk(ratio: float) -> None:
+    ours = _sampler({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(ratio)})[0]
+    assert ours is not None
+    sdk = TraceIdRatioBased(ratio)
+    rng = random.Random(7)
+    for _ in range(2000):
+        tid = rng.getrandbits(128) or 1
+        expected = sdk.should_sample(None, tid, "x").decision.is_sampled()
+        assert ours(None, tid.to_bytes(16, "big")) == expected
+
+
+def test_parent_based_sampling_follows_the_parent_flag() -> None:
+    ours = _sampler({"OTEL_TRACES_SAMPLER": "parentbased_always_off"})[0]
+    assert ours is not None
+    parent = (bytes.fromhex(TRACE), bytes.fromhex(PARENT))
+    assert ours((*parent, True), parent[0]) is True
+    assert ours((*parent, False), parent[0]) is False
+    assert ours(None, parent[0]) is False
+
+
+def test_configurations_it_does_not_reproduce_go_to_the_sdk() -> None:
+    assert FastSpans.from_env({}, env={"OTEL_TRACES_EXPORTER": "console"})[0] is None
+    assert FastSpans.from_env({}, env={"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})[0] is None
+    fast, why = FastSpans.from_env({}, env={"OTEL_TRACES_SAMPLER": "jaeger_remote"})
+    assert fast is None
+    assert "jaeger_remote" in why
