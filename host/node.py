@@ -403,7 +403,9 @@ class Node:
             if rt is not None:
                 await self._serve_fast_traced(msg, plugin, function, fast, rt)
                 return
-            # not sampled: served as if tracing were off
+            latency: FastSpans | None = fast  # not sampled: no spans, but the histogram counts it
+        else:
+            latency = None
         data = msg.data
         try:
             try:
@@ -417,6 +419,8 @@ class Node:
         if result is None:
             self._spawn(self._serve_request(msg, plugin, function))
             return
+        if latency is not None:
+            latency.latency(plugin, result.duration_s)
         reply = result.reply
         if len(reply) > self.max_payload or self.nc is None or not msg.reply:
             await self._reply(msg, reply, None)

@@ -8,7 +8,9 @@ Tracing is on when an exporter is configured: ``OTEL_TRACES_EXPORTER`` (``otlp``
 all off. With tracing off the node takes no span path at all: a flag check per request.
 
 Requests served inline are traced without the SDK's per-span cost (host/fast_spans.py): same
-spans, same exporter settings. ``SANDBUS_FAST_SPANS=0`` sends everything through the SDK.
+spans, same exporter settings, encoded and sent by an exporter process of the node's
+(host/span_export.py), which also keeps the latency histogram. ``SANDBUS_FAST_SPANS=0`` sends
+everything through the SDK, in the node's process.
 
 Audit events become span events (``audit.<kind>``, with their level) on the span that is current
 when they happen -- the execution span of the call that hit a limit -- or a span of their own when
@@ -37,6 +39,7 @@ from sdk.tracing import TRACER_NAME, extract, messaging_attributes, record_error
 
 from .fast_spans import FastSpans
 from .sandbox import AuditEvent, AuditLevel, CallResult
+from .span_export import LATENCY_BOUNDS
 
 __all__ = ["SpanCollector", "Telemetry", "tracing_configured"]
 
@@ -153,17 +156,15 @@ class Telemetry:
         meter = (self.meter_provider or metrics.get_meter_provider()).get_meter(TRACER_NAME)
         self.meter = meter
         self._latency = meter.create_histogram("sandbus.call.duration", unit="s",
-                                               description="plugin call latency")
+                                               description="plugin call latency",
+                                               explicit_bucket_boundaries_advisory=list(LATENCY_BOUNDS))
         #: request spans of inline calls, recorded without the SDK (host/fast_spans.py); None: all SDK
         self.fast: FastSpans | None = None
         if self.enabled and export and tracing_configured() and not extra_processors and \
                 os.environ.get("SANDBUS_FAST_SPANS", "1") != "0":
-            self.fast, why = FastSpans.from_env(dict(resource.attributes), on_call=self._record_latency)
+            self.fast, why = FastSpans.from_env(dict(resource.attributes))
             if self.fast is None:
                 log.info("request spans go through the OpenTelemetry SDK: %s", why)
-
-    def _record_latency(self, plugin: str, seconds: float) -> None:
-        self._latency.record(seconds, {"sandbus.plugin.name": plugin})
 
 
     @contextmanager
@@ -202,7 +203,10 @@ class Telemetry:
             span.set_attribute("sandbus.memory_bytes", result.memory_bytes)
             span.set_attribute("sandbus.duration_ms", round(result.duration_s * 1e3, 3))
             span.set_attribute("sandbus.outcome", "ok")
-            self._latency.record(result.duration_s, attrs)
+            if self.fast is not None:  # its exporter process keeps the histogram of every call
+                self.fast.latency(plugin, result.duration_s)
+            else:
+                self._latency.record(result.duration_s, attrs)
         if err is not None:
             span.set_attribute("sandbus.outcome", "error")
             record_error(span, err)

@@ -3,7 +3,9 @@ official opentelemetry-proto classes, to exactly the spans the SDK path produces
 
 from __future__ import annotations
 
+import io
 import random
+import struct
 import threading
 from typing import Any
 
@@ -14,7 +16,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 from host import otlp_wire as wire
-from host.fast_spans import FastSpans, _sampler, parse_traceparent
+from host.fast_spans import FastSpans, parse_traceparent, sampler_from_env
+from host.span_export import SpanEncoder, serve
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT = "b7ad6b7169203331"
@@ -81,10 +84,19 @@ def test_a_span_with_every_field_decodes() -> None:
     assert s.flags == 0x300  # has-is-remote + is-remote, as the SDK's encoder sets them
 
 
-def _spans(fast: FastSpans, sent: list[bytes]) -> list[tuple[dict[str, Any], Span]]:
-    fast._export_pending()
+RESOURCE = {"service.name": "sandbus-node", "service.instance.id": "n1"}
+
+
+def _spans(fast: FastSpans, shipped: list[bytes]) -> list[tuple[dict[str, Any], Span]]:
+    """What the exporter process would post for what ``fast`` shipped, decoded by opentelemetry-proto."""
+    fast.ship_pending()
+    stream = io.BytesIO(b"".join(struct.pack(">I", len(d)) + d for d in shipped))
+    posted: list[bytes] = []
+    latencies: list[tuple[str, float]] = []
+    serve(stream, SpanEncoder(RESOURCE), lambda data: posted.append(data) is None,
+          lambda plugin, s: latencies.append((plugin, s)))
     out = []
-    for data in sent:
+    for data in posted:
         for rs in _decode(data).resource_spans:
             resource = _attrs(rs.resource.attributes)
             for ss in rs.scope_spans:
@@ -95,23 +107,22 @@ def _spans(fast: FastSpans, sent: list[bytes]) -> list[tuple[dict[str, Any], Spa
 
 @pytest.fixture
 def fast() -> Any:
-    sent: list[bytes] = []
+    shipped: list[bytes] = []
 
-    def send(data: bytes) -> bool:
-        sent.append(data)
+    def ship(document: bytes) -> bool:
+        shipped.append(document)
         return True
 
-    sample = _sampler({})[0]
+    sample = sampler_from_env({})[0]
     assert sample is not None
-    # The export thread sleeps for an hour: the tests export by hand, when they are ready.
-    spans = FastSpans({"service.name": "sandbus-node", "service.instance.id": "n1"}, send, sample,
-                      schedule_delay_s=3600)
-    yield spans, sent
+    # The shipping thread sleeps for an hour: the tests ship by hand, when they are ready.
+    spans = FastSpans(ship, sample, schedule_delay_s=3600)
+    yield spans, shipped
     spans.shutdown()
 
 
 def test_a_request_becomes_a_process_and_an_execute_span(fast: tuple[FastSpans, list[bytes]]) -> None:
-    spans, sent = fast
+    spans, shipped = fast
     rt = spans.begin({"traceparent": f"00-{TRACE}-{PARENT}-01", "tracestate": "k=v"})
     assert rt is not None
     spans.current, spans.current_thread = rt, threading.get_ident()
@@ -119,8 +130,8 @@ def test_a_request_becomes_a_process_and_an_execute_span(fast: tuple[FastSpans, 
     spans.current = None
     spans.finish(rt, "sandbus.req.echo.handle_request", "sandbus.echo", "m-1", 100, "echo", "1.0.0",
                  "handle_request", rt.start_ns + 10, rt.start_ns + 20, (1234, 65536, 0.0000125), None)
-    (res1, process), (res2, execute) = _spans(spans, sent)
-    assert res1 == res2 == {"service.name": "sandbus-node", "service.instance.id": "n1"}
+    (res1, process), (res2, execute) = _spans(spans, shipped)
+    assert res1 == res2 == RESOURCE
     assert process.trace_id.hex() == execute.trace_id.hex() == TRACE
     assert process.parent_span_id.hex() == PARENT
     assert execute.parent_span_id == process.span_id
@@ -145,12 +156,12 @@ def test_a_request_becomes_a_process_and_an_execute_span(fast: tuple[FastSpans, 
 
 
 def test_a_failed_call_marks_both_spans(fast: tuple[FastSpans, list[bytes]]) -> None:
-    spans, sent = fast
+    spans, shipped = fast
     rt = spans.begin(None)  # no parent: a new trace
     assert rt is not None
     spans.finish(rt, "sandbus.req.x.f", "sandbus.x", None, 2, "x", "1.0.0", "f", 1, 2, None,
                  ("limit.fuel", "fuel exhausted after 1000 units"))
-    (_, process), (_, execute) = _spans(spans, sent)
+    (_, process), (_, execute) = _spans(spans, shipped)
     assert process.parent_span_id == b""
     assert process.flags == 0x100
     assert len(process.trace_id) == 16
@@ -182,35 +193,49 @@ def test_an_audit_event_from_another_thread_does_not_attach(fast: tuple[FastSpan
     (f"00-{TRACE.upper()}-{PARENT}-01", None),
     (f"00-{TRACE[:-1]}g-{PARENT}-01", None),
     (f"00-{TRACE[:-2]} 1-{PARENT}-01", None),
+    (f"00-{TRACE}-{PARENT}-0x", None),
     ("garbage", None), ("", None), (None, None),
 ])
 def test_traceparent_is_parsed_like_the_w3c_propagator(value: str | None, expected: Any) -> None:
-    got = parse_traceparent(value)
-    if expected is None:
-        assert got is None
-    else:
-        assert got == (bytes.fromhex(expected[0]), bytes.fromhex(expected[1]), expected[2])
+    assert parse_traceparent(value) == expected
+
+
+def test_traceparent_parsing_agrees_with_the_sdk_propagator() -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    sdk = TraceContextTextMapPropagator()
+    rng = random.Random(3)
+    for _ in range(300):
+        tid, sid, flags = format(rng.getrandbits(128), "032x"), format(rng.getrandbits(64), "016x"), rng.choice(
+            ["00", "01", "03", "zz"])
+        value = f"00-{tid}-{sid}-{flags}"
+        ctx = trace.get_current_span(sdk.extract({"traceparent": value})).get_span_context()
+        ours = parse_traceparent(value)
+        if not ctx.is_valid:
+            assert ours is None
+        else:
+            assert ours == (tid, sid, ctx.trace_flags.sampled)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 1.0])
 def test_ratio_sampling_agrees_with_the_sdk(ratio: float) -> None:
-    ours = _sampler({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(ratio)})[0]
+    ours = sampler_from_env({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(ratio)})[0]
     assert ours is not None
     sdk = TraceIdRatioBased(ratio)
     rng = random.Random(7)
     for _ in range(2000):
         tid = rng.getrandbits(128) or 1
         expected = sdk.should_sample(None, tid, "x").decision.is_sampled()
-        assert ours(None, tid.to_bytes(16, "big")) == expected
+        assert ours(None, format(tid, "032x")) == expected
 
 
 def test_parent_based_sampling_follows_the_parent_flag() -> None:
-    ours = _sampler({"OTEL_TRACES_SAMPLER": "parentbased_always_off"})[0]
+    ours = sampler_from_env({"OTEL_TRACES_SAMPLER": "parentbased_always_off"})[0]
     assert ours is not None
-    parent = (bytes.fromhex(TRACE), bytes.fromhex(PARENT))
-    assert ours((*parent, True), parent[0]) is True
-    assert ours((*parent, False), parent[0]) is False
-    assert ours(None, parent[0]) is False
+    assert ours((TRACE, PARENT, True), TRACE) is True
+    assert ours((TRACE, PARENT, False), TRACE) is False
+    assert ours(None, TRACE) is False
 
 
 def test_configurations_it_does_not_reproduce_go_to_the_sdk() -> None:
@@ -219,3 +244,39 @@ def test_configurations_it_does_not_reproduce_go_to_the_sdk() -> None:
     fast, why = FastSpans.from_env({}, env={"OTEL_TRACES_SAMPLER": "jaeger_remote"})
     assert fast is None
     assert "jaeger_remote" in why
+
+
+def test_the_latency_histogram_exports_every_call_in_its_bucket() -> None:
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    from host.span_export import LATENCY_BOUNDS, LatencyHistogram
+
+    exporter = OTLPMetricExporter(endpoint="http://127.0.0.1:9/v1/metrics")
+    assert callable(exporter._client.export)  # what the exporter process posts through
+    histogram = LatencyHistogram(RESOURCE)
+    assert histogram.export_request() is None
+    samples = {"echo": [0.00005, 0.0001, 0.0003, 0.0003, 2.0, 50.0], "text": [0.001]}
+    for plugin, values in samples.items():
+        for v in values:
+            histogram.record(plugin, v)
+    req = ExportMetricsServiceRequest()
+    data = histogram.export_request()
+    assert data is not None
+    req.ParseFromString(data)
+    (rm,) = req.resource_metrics
+    assert _attrs(rm.resource.attributes) == RESOURCE
+    (metric,) = rm.scope_metrics[0].metrics
+    assert (metric.name, metric.unit) == ("sandbus.call.duration", "s")
+    points = {_attrs(p.attributes)["sandbus.plugin.name"]: p for p in metric.histogram.data_points}
+    assert set(points) == set(samples)
+    echo = points["echo"]
+    assert list(echo.explicit_bounds) == list(LATENCY_BOUNDS)
+    assert echo.count == 6
+    assert sum(echo.bucket_counts) == 6
+    assert echo.bucket_counts[0] == 2  # upper bounds are inclusive: 0.0001 counts in the first bucket
+    assert echo.bucket_counts[LATENCY_BOUNDS.index(0.0005)] == 2
+    assert echo.bucket_counts[-1] == 1  # above the last bound
+    assert (echo.min, echo.max) == (0.00005, 50.0)
+    assert echo.sum == pytest.approx(sum(samples["echo"]))
+    assert metric.histogram.aggregation_temporality == 2  # cumulative

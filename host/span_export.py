@@ -1,0 +1,346 @@
+"""The exporter process of a node's request spans (see host/fast_spans.py for why it exists).
+
+The node writes batches to the process's stdin, each framed as a 4-byte big-endian length and an
+orjson document ``{"requests": [record...], "latencies": [[plugin, seconds]...]}``. A record is:
+
+    [trace_id_hex, parent_span_id_hex | null, tracestate | null, process_span_id, execute_span_id,
+     start_ns, end_ns, subject, queue_group, message_id | null, body_size, plugin, version, function,
+     execute_start_ns, execute_end_ns, [fuel, memory_bytes, seconds] | null,
+     [error_type, message] | null, [[time_ns, event_name, {attributes}]...] | null]
+
+The process encodes each record as a ``process`` CONSUMER span and an ``execute`` INTERNAL span
+(host/otlp_wire.py), posts them with the OTLP/HTTP exporter client the ``OTEL_*`` variables
+configure, and keeps ``sandbus.call.duration`` (the node's latency histogram: it sees every call's
+latency), exported as OTLP metrics every ``OTEL_METRIC_EXPORT_INTERVAL``. It exits when stdin
+closes, after exporting what it has: the node closing the pipe, or dying, ends it.
+
+    python -m host.span_export '<resource attributes as JSON>'
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+import orjson
+
+from sdk.tracing import TRACER_NAME
+
+from . import otlp_wire as wire
+
+__all__ = ["LATENCY_BOUNDS", "ExporterProcess", "LatencyHistogram", "SpanEncoder", "main"]
+
+log = logging.getLogger("sandbus.telemetry")
+
+_frame = struct.Struct(">I")
+_pack_q = struct.Struct("<Q").pack
+_K_BODY_SIZE = wire.key_field("messaging.message.body.size")
+_K_MESSAGE_ID = wire.key_field("messaging.message.id")
+_K_FUEL = wire.key_field("sandbus.fuel_consumed")
+_K_MEMORY = wire.key_field("sandbus.memory_bytes")
+_K_DURATION = wire.key_field("sandbus.duration_ms")
+_K_ERROR_TYPE = wire.key_field("error.type")
+_OUTCOME_OK = wire.attributes(9, {"sandbus.outcome": "ok"})
+_OUTCOME_ERROR = wire.attributes(9, {"sandbus.outcome": "error"})
+_FLAGS_LOCAL = wire.flags_field(remote_parent=False)
+_FLAGS_REMOTE = wire.flags_field(remote_parent=True)
+#: bounded caches of encoded constant parts (subjects come from clients: unbounded otherwise)
+_CACHE_MAX = 4096
+#: restart a dead exporter process at most this often
+_RESTART_EVERY_S = 10.0
+
+
+class SpanEncoder:
+    """Request records -> one ExportTraceServiceRequest."""
+
+    def __init__(self, resource_attrs: Mapping[str, Any]) -> None:
+        self._resource = wire.resource(resource_attrs)
+        self._scope = wire.scope(TRACER_NAME)
+        self._process_const: dict[tuple[str, str], bytes] = {}
+        self._exec_const: dict[tuple[str, str, str], bytes] = {}
+
+    def request(self, records: list[list[Any]]) -> bytes:
+        spans: list[bytes] = []
+        for r in records:
+            try:
+                spans += self.spans(r)
+            except Exception:  # one bad record must not lose the batch
+                log.exception("could not encode a request record")
+        return wire.export_request_framed(self._resource, self._scope, spans)
+
+    def spans(self, r: list[Any]) -> list[bytes]:
+        """The two Span messages of a request, each framed as a ScopeSpans.spans field.
+
+        Protobuf fields may come in any order, so everything constant for a (subject, group) or a
+        (plugin, version, function) is one cached byte string, and per span only ids, times and a
+        few numbers are encoded.
+        """
+        (trace_hex, parent_hex, trace_state, process_sid, exec_sid, start, end, subject, group, message_id,
+         body_size, plugin, version, function, exec_start, exec_end, result, error, events) = r
+        process_const = self._process_const.get((subject, group))
+        if process_const is None:
+            process_const = _cache(self._process_const, (subject, group), wire.span_name(f"process {subject}")
+                                   + bytes((0x30, wire.SPAN_KIND_CONSUMER)) + wire.attributes(9, {
+                                       "messaging.system": "nats", "messaging.destination.name": subject,
+                                       "messaging.operation.name": "process", "messaging.operation.type": "process",
+                                       "messaging.consumer.group.name": group}))
+        exec_const = self._exec_const.get((plugin, version, function))
+        if exec_const is None:
+            exec_const = _cache(self._exec_const, (plugin, version, function),
+                                wire.span_name(f"execute {plugin}.{function}")
+                                + bytes((0x30, wire.SPAN_KIND_INTERNAL)) + wire.attributes(9, {
+                                    "sandbus.plugin.name": plugin, "sandbus.plugin.version": version,
+                                    "sandbus.function": function}))
+        process_id = process_sid.to_bytes(8, "big")
+        common = b"\x0a\x10" + bytes.fromhex(trace_hex) + (wire.trace_state_field(trace_state) if trace_state else b"")
+        process = [common, b"\x12\x08", process_id, b"\x39", _pack_q(start), b"\x41", _pack_q(end), process_const,
+                   wire.int_attr(_K_BODY_SIZE, body_size)]
+        if parent_hex:
+            process += (b"\x22\x08", bytes.fromhex(parent_hex), _FLAGS_REMOTE)
+        else:
+            process.append(_FLAGS_LOCAL)
+        if message_id:
+            process.append(wire.str_attr(_K_MESSAGE_ID, message_id))
+        execute = [common, b"\x12\x08", exec_sid.to_bytes(8, "big"), b"\x22\x08", process_id, b"\x39",
+                   _pack_q(exec_start), b"\x41", _pack_q(exec_end), exec_const, _FLAGS_LOCAL]
+        if result is not None:
+            execute += (wire.int_attr(_K_FUEL, result[0]), wire.int_attr(_K_MEMORY, result[1]),
+                        wire.double_attr(_K_DURATION, round(result[2] * 1e3, 3)), _OUTCOME_OK)
+        if error is not None:
+            status = wire.status_field(wire.STATUS_ERROR, error[1][:256])
+            process.append(status)
+            execute += (_OUTCOME_ERROR, wire.str_attr(_K_ERROR_TYPE, error[0]), status)
+        if events:
+            execute += [wire.event_field(t, name, attrs) for t, name, attrs in events]
+        return [wire.frame(2, b"".join(process)), wire.frame(2, b"".join(execute))]
+
+
+def _cache(cache: dict[Any, bytes], key: Any, value: bytes) -> bytes:
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+class ExporterProcess:
+    """The node's side: starts ``python -m host.span_export`` and writes batches to it.
+
+    A dead process is restarted (at most every 10 s); batches offered while it is down are refused,
+    and the caller counts them as dropped.
+    """
+
+    def __init__(self, resource_attrs: Mapping[str, Any]) -> None:
+        self._args = [sys.executable, "-m", "host.span_export", orjson.dumps(dict(resource_attrs)).decode()]
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
+        self._start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _start(self) -> None:
+        self._started_at = time.monotonic()
+        try:
+            self._proc = subprocess.Popen(self._args, stdin=subprocess.PIPE, env=os.environ.copy(),
+                                          start_new_session=True)  # a Ctrl-C for the node is not one for it
+        except OSError as e:
+            log.warning("could not start the span exporter process: %s", e)
+            self._proc = None
+
+    def ship(self, document: bytes) -> bool:
+        with self._lock:
+            proc = self._proc
+            if (proc is None or proc.poll() is not None) and \
+                    time.monotonic() - self._started_at >= _RESTART_EVERY_S:
+                if proc is not None:
+                    log.warning("the span exporter process exited with %s: restarting it", proc.returncode)
+                self._start()
+                proc = self._proc
+            if proc is None or proc.stdin is None or proc.poll() is not None:
+                return False
+            try:
+                proc.stdin.write(_frame.pack(len(document)) + document)
+                proc.stdin.flush()
+            except OSError:
+                return False
+            return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Close the pipe: the process exports what it has and exits (killed past ``timeout_s``)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(timeout_s)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+
+
+#: Call latency buckets, in seconds: plugin calls take microseconds to seconds (shared with the SDK
+#: path's histogram in host/telemetry.py, so both report the same buckets).
+LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                  5.0, 10.0)
+
+
+class LatencyHistogram:
+    """``sandbus.call.duration`` per plugin, aggregated here and exported as OTLP (cumulative).
+
+    Why not the SDK's histogram: its ``record`` costs ~10 us a call on the reference machine, more
+    than the rest of a traced request's export; adding to a bucket costs a bisect.
+    """
+
+    def __init__(self, resource_attrs: Mapping[str, Any]) -> None:
+        self._resource_attrs = dict(resource_attrs)
+        self._start_ns = time.time_ns()
+        self._lock = threading.Lock()
+        #: plugin -> [bucket counts, count, sum, min, max]
+        self._points: dict[str, list[Any]] = {}
+
+    def record(self, plugin: str, seconds: float) -> None:
+        with self._lock:
+            point = self._points.get(plugin)
+            if point is None:
+                point = self._points[plugin] = [[0] * (len(LATENCY_BOUNDS) + 1), 0, 0.0, seconds, seconds]
+            point[0][bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+            point[1] += 1
+            point[2] += seconds
+            if seconds < point[3]:
+                point[3] = seconds
+            if seconds > point[4]:
+                point[4] = seconds
+
+    def export_request(self) -> bytes | None:
+        """The ExportMetricsServiceRequest of the histogram now; None before the first call."""
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+        from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+        from opentelemetry.proto.metrics.v1 import metrics_pb2 as pb
+        from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+        with self._lock:
+            points = {plugin: [list(p[0]), *p[1:]] for plugin, p in self._points.items()}
+        if not points:
+            return None
+        now = time.time_ns()
+
+        def kv(key: str, value: Any) -> KeyValue:
+            if isinstance(value, bool):
+                return KeyValue(key=key, value=AnyValue(bool_value=value))
+            if isinstance(value, int):
+                return KeyValue(key=key, value=AnyValue(int_value=value))
+            if isinstance(value, float):
+                return KeyValue(key=key, value=AnyValue(double_value=value))
+            return KeyValue(key=key, value=AnyValue(string_value=str(value)))
+
+        histogram = pb.Histogram(aggregation_temporality=pb.AGGREGATION_TEMPORALITY_CUMULATIVE, data_points=[
+            pb.HistogramDataPoint(attributes=[kv("sandbus.plugin.name", plugin)], start_time_unix_nano=self._start_ns,
+                                  time_unix_nano=now, count=count, sum=total, bucket_counts=buckets,
+                                  explicit_bounds=LATENCY_BOUNDS, min=low, max=high)
+            for plugin, (buckets, count, total, low, high) in points.items()])
+        metric = pb.Metric(name="sandbus.call.duration", unit="s", description="plugin call latency",
+                           histogram=histogram)
+        request = ExportMetricsServiceRequest(resource_metrics=[pb.ResourceMetrics(
+            resource=Resource(attributes=[kv(k, v) for k, v in self._resource_attrs.items()]),
+            scope_metrics=[pb.ScopeMetrics(scope=InstrumentationScope(name=TRACER_NAME), metrics=[metric])],
+        )])
+        data: bytes = request.SerializeToString()
+        return data
+
+
+def _read_frames(stream: IO[bytes]) -> Any:
+    while True:
+        head = stream.read(4)
+        if len(head) < 4:
+            return
+        (size,) = _frame.unpack(head)
+        body = stream.read(size)
+        if len(body) < size:
+            return
+        yield orjson.loads(body)
+
+
+def serve(stream: IO[bytes], encoder: SpanEncoder, send: Callable[[bytes], bool],
+          record_latency: Callable[[str, float], None]) -> None:
+    """Export every batch read from ``stream`` until it closes."""
+    for batch in _read_frames(stream):
+        records = batch.get("requests") or []
+        if records:
+            try:
+                if not send(encoder.request(records)):
+                    log.warning("the collector refused %d spans", 2 * len(records))
+            except Exception as e:
+                log.warning("span export failed: %s", e)
+        for r in records:
+            if r[16] is not None:
+                record_latency(r[11], r[16][2])
+        for plugin, seconds in batch.get("latencies") or []:
+            record_latency(plugin, seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s span-export %(levelname)s %(message)s")
+    resource_attrs = orjson.loads(args[0]) if args else {}
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    exporter = OTLPSpanExporter()
+    # The exporter's HTTP client (endpoint, headers, TLS, compression, retries) is internal to
+    # opentelemetry-exporter-otlp-proto-http 1.x, whose major is pinned; tests/telemetry checks it.
+    client_export = exporter._client.export
+
+    def send(data: bytes) -> bool:
+        return bool(getattr(client_export(data), "success", False))
+
+    histogram = LatencyHistogram(resource_attrs)
+    stop = threading.Event()
+    metrics_thread: threading.Thread | None = None
+    if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() != "none":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        metric_exporter = OTLPMetricExporter()
+        metrics_export = metric_exporter._client.export  # the same pinned reliance as the span exporter
+        try:
+            interval_s = float(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "60000")) / 1000
+        except ValueError:
+            interval_s = 60.0
+
+        def export_metrics() -> None:
+            data = histogram.export_request()
+            if data is not None:
+                try:
+                    metrics_export(data)
+                except Exception as e:
+                    log.warning("metric export failed: %s", e)
+
+        def export_periodically() -> None:
+            while not stop.wait(interval_s):
+                export_metrics()
+            export_metrics()  # the last values, at exit
+
+        metrics_thread = threading.Thread(target=export_periodically, name="sandbus-metrics", daemon=True)
+        metrics_thread.start()
+    try:
+        serve(sys.stdin.buffer, SpanEncoder(resource_attrs), send, histogram.record)
+    finally:
+        stop.set()
+        if metrics_thread is not None:
+            metrics_thread.join(10)
+        exporter.shutdown()  # type: ignore[no-untyped-call]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
