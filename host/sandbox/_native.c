@@ -213,7 +213,234 @@ static PyObject *native_round_trip(PyObject *self, PyObject *args) {
     return result(code, out, a, b, c);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * OTLP encoding of a request's two spans (host/span_export.py): the common case only (no audit
+ * events, no error); anything else returns None and the Python encoder does it. The byte layout is
+ * exactly SpanEncoder.spans' (tests/telemetry/test_fast_spans.py compares the two).
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    uint8_t *p, *end;
+    int overflow;
+} out_t;
+
+static void put(out_t *o, const void *data, size_t n) {
+    if (o->overflow || (size_t)(o->end - o->p) < n) {
+        o->overflow = 1;
+        return;
+    }
+    memcpy(o->p, data, n);
+    o->p += n;
+}
+
+static void put_byte(out_t *o, uint8_t b) { put(o, &b, 1); }
+
+static void put_varint(out_t *o, uint64_t v) {
+    uint8_t buf[10];
+    size_t n = 0;
+    while (v >= 0x80) {
+        buf[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    buf[n++] = (uint8_t)v;
+    put(o, buf, n);
+}
+
+static void put_fixed64(out_t *o, uint64_t v) {
+    uint8_t buf[8];
+    for (int i = 0; i < 8; i++)
+        buf[i] = (uint8_t)(v >> (8 * i));
+    put(o, buf, 8);
+}
+
+static void put_be64(out_t *o, uint64_t v) {
+    uint8_t buf[8];
+    for (int i = 0; i < 8; i++)
+        buf[i] = (uint8_t)(v >> (56 - 8 * i));
+    put(o, buf, 8);
+}
+
+static size_t varint_len(uint64_t v) {
+    size_t n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+static void put_flags(out_t *o, uint32_t flags) {
+    uint8_t buf[6] = {0x85, 0x01, (uint8_t)flags, (uint8_t)(flags >> 8), (uint8_t)(flags >> 16),
+                      (uint8_t)(flags >> 24)};
+    put(o, buf, 6);
+}
+
+/* Span.attributes entry (field 9) with an int value. */
+static void put_int_attr(out_t *o, const char *key, uint64_t v) {
+    size_t klen = strlen(key);
+    size_t av = 1 + varint_len(v);                    /* AnyValue: 0x18 varint */
+    size_t body = 1 + varint_len(klen) + klen + 1 + varint_len(av) + av;
+    put_byte(o, 0x4a);
+    put_varint(o, body);
+    put_byte(o, 0x0a);
+    put_varint(o, klen);
+    put(o, key, klen);
+    put_byte(o, 0x12);
+    put_varint(o, av);
+    put_byte(o, 0x18);
+    put_varint(o, v);
+}
+
+static void put_double_attr(out_t *o, const char *key, double v) {
+    size_t klen = strlen(key);
+    size_t body = 1 + varint_len(klen) + klen + 1 + 1 + 9;
+    uint64_t bits;
+    memcpy(&bits, &v, 8);
+    put_byte(o, 0x4a);
+    put_varint(o, body);
+    put_byte(o, 0x0a);
+    put_varint(o, klen);
+    put(o, key, klen);
+    put_byte(o, 0x12);
+    put_byte(o, 0x09);
+    put_byte(o, 0x21);
+    put_fixed64(o, bits);
+}
+
+static void put_str_attr(out_t *o, const char *key, const char *s, size_t slen) {
+    size_t klen = strlen(key);
+    size_t av = 1 + varint_len(slen) + slen;
+    size_t body = 1 + varint_len(klen) + klen + 1 + varint_len(av) + av;
+    put_byte(o, 0x4a);
+    put_varint(o, body);
+    put_byte(o, 0x0a);
+    put_varint(o, klen);
+    put(o, key, klen);
+    put_byte(o, 0x12);
+    put_varint(o, av);
+    put_byte(o, 0x0a);
+    put_varint(o, slen);
+    put(o, s, slen);
+}
+
+static int hex_to_bytes(PyObject *str, uint8_t *out, size_t n) {
+    Py_ssize_t len;
+    const char *s = PyUnicode_Check(str) ? PyUnicode_AsUTF8AndSize(str, &len) : NULL;
+    if (s == NULL || (size_t)len != 2 * n)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        int v = 0;
+        for (int k = 0; k < 2; k++) {
+            char c = s[2 * i + k];
+            int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+            if (d < 0)
+                return -1;
+            v = v * 16 + d;
+        }
+        out[i] = (uint8_t)v;
+    }
+    return 0;
+}
+
+static int get_u64(PyObject *list, Py_ssize_t i, uint64_t *out) {
+    PyObject *v = PyList_GET_ITEM(list, i);
+    if (!PyLong_Check(v))
+        return -1;
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+/* encode_request(record, process_const, exec_const, duration_ms) -> bytes | None */
+static PyObject *native_encode_request(PyObject *self, PyObject *args) {
+    PyObject *r;
+    const char *pconst, *econst;
+    Py_ssize_t pconst_len, econst_len;
+    double duration_ms;
+    if (!PyArg_ParseTuple(args, "O!y#y#d", &PyList_Type, &r, &pconst, &pconst_len, &econst, &econst_len,
+                          &duration_ms))
+        return NULL;
+    if (PyList_GET_SIZE(r) != 19)
+        Py_RETURN_NONE;
+    PyObject *parent = PyList_GET_ITEM(r, 1), *state = PyList_GET_ITEM(r, 2), *msg_id = PyList_GET_ITEM(r, 9);
+    PyObject *result = PyList_GET_ITEM(r, 16), *error = PyList_GET_ITEM(r, 17), *events = PyList_GET_ITEM(r, 18);
+    if (error != Py_None || events != Py_None || state != Py_None || !PyList_Check(result) ||
+        PyList_GET_SIZE(result) != 3)
+        Py_RETURN_NONE; /* the uncommon shapes: the Python encoder */
+    uint8_t trace[16], parent_id[8];
+    uint64_t pid, eid, start, end, body_size, exec_start, exec_end, fuel, memory;
+    if (hex_to_bytes(PyList_GET_ITEM(r, 0), trace, 16) || (parent != Py_None && hex_to_bytes(parent, parent_id, 8)) ||
+        get_u64(r, 3, &pid) || get_u64(r, 4, &eid) || get_u64(r, 5, &start) || get_u64(r, 6, &end) ||
+        get_u64(r, 10, &body_size) || get_u64(r, 14, &exec_start) || get_u64(r, 15, &exec_end) ||
+        get_u64(result, 0, &fuel) || get_u64(result, 1, &memory))
+        Py_RETURN_NONE;
+    const char *mid = NULL;
+    Py_ssize_t mid_len = 0;
+    if (msg_id != Py_None) {
+        if (!PyUnicode_Check(msg_id) || (mid = PyUnicode_AsUTF8AndSize(msg_id, &mid_len)) == NULL) {
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+    }
+    if (pconst_len > 2048 || econst_len > 2048 || mid_len > 512)
+        Py_RETURN_NONE;
+    uint8_t span[3072], outbuf[6400];
+    out_t o = {outbuf, outbuf + sizeof outbuf, 0};
+    for (int which = 0; which < 2; which++) {
+        out_t s = {span, span + sizeof span, 0};
+        put(&s, "\x0a\x10", 2);
+        put(&s, trace, 16);
+        put(&s, "\x12\x08", 2);
+        put_be64(&s, which == 0 ? pid : eid);
+        if (which == 0) {
+            put_byte(&s, 0x39);
+            put_fixed64(&s, start);
+            put_byte(&s, 0x41);
+            put_fixed64(&s, end);
+            put(&s, pconst, (size_t)pconst_len);
+            put_int_attr(&s, "messaging.message.body.size", body_size);
+            if (parent != Py_None) {
+                put(&s, "\x22\x08", 2);
+                put(&s, parent_id, 8);
+                put_flags(&s, 0x300);
+            } else {
+                put_flags(&s, 0x100);
+            }
+            if (mid != NULL && mid_len > 0)
+                put_str_attr(&s, "messaging.message.id", mid, (size_t)mid_len);
+        } else {
+            put(&s, "\x22\x08", 2);
+            put_be64(&s, pid);
+            put_byte(&s, 0x39);
+            put_fixed64(&s, exec_start);
+            put_byte(&s, 0x41);
+            put_fixed64(&s, exec_end);
+            put(&s, econst, (size_t)econst_len);
+            put_flags(&s, 0x100);
+            put_int_attr(&s, "sandbus.fuel_consumed", fuel);
+            put_int_attr(&s, "sandbus.memory_bytes", memory);
+            put_double_attr(&s, "sandbus.duration_ms", duration_ms);
+            put_str_attr(&s, "sandbus.outcome", "ok", 2);
+        }
+        if (s.overflow)
+            Py_RETURN_NONE;
+        size_t n = (size_t)(s.p - span);
+        put_byte(&o, 0x12);
+        put_varint(&o, n);
+        put(&o, span, n);
+    }
+    if (o.overflow)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)outbuf, o.p - outbuf);
+}
+
 static PyMethodDef methods[] = {
+    {"encode_request", native_encode_request, METH_VARARGS,
+     "encode_request(record, process_const, exec_const, duration_ms) -> bytes | None"},
     {"bind", native_bind, METH_VARARGS, "bind(call, data, size, set_fuel, get_fuel, set_deadline): C-API addresses"},
     {"round_trip", native_round_trip, METH_VARARGS,
      "round_trip(ctx, mem, alloc, func, dealloc, payload, max_output, fuel, ticks) -> (code, reply, a, b, c)"},

@@ -93,8 +93,7 @@ def _spans(fast: FastSpans, shipped: list[bytes]) -> list[tuple[dict[str, Any], 
     stream = io.BytesIO(b"".join(struct.pack(">I", len(d)) + d for d in shipped))
     posted: list[bytes] = []
     latencies: list[tuple[str, float]] = []
-    serve(stream, SpanEncoder(RESOURCE), lambda data: posted.append(data) is None,
-          lambda plugin, s: latencies.append((plugin, s)))
+    serve(stream, SpanEncoder(RESOURCE), lambda data: posted.append(data) is None, latencies.extend)
     out = []
     for data in posted:
         for rs in _decode(data).resource_spans:
@@ -280,3 +279,26 @@ def test_the_latency_histogram_exports_every_call_in_its_bucket() -> None:
     assert (echo.min, echo.max) == (0.00005, 50.0)
     assert echo.sum == pytest.approx(sum(samples["echo"]))
     assert metric.histogram.aggregation_temporality == 2  # cumulative
+
+
+def test_the_compiled_encoder_writes_the_same_bytes_as_the_python_one() -> None:
+    from host.span_export import _encode_native
+
+    assert _encode_native is not None, "host/sandbox/_native.c is not built"
+    rng = random.Random(11)
+    records = []
+    for i in range(200):
+        parent = format(rng.getrandbits(64) or 1, "016x") if i % 2 else None
+        result = [rng.getrandbits(rng.choice([1, 20, 40])), rng.getrandbits(30), rng.random() / 100]
+        records.append([format(rng.getrandbits(128) or 1, "032x"), parent, None, rng.getrandbits(64) or 1,
+                        rng.getrandbits(64) or 2, 1_700_000_000_000_000_000 + i, 1_700_000_000_000_900_000 + i,
+                        f"sandbus.req.p{i % 3}.f", f"sandbus.p{i % 3}", None if i % 3 else f"m-{i}" * (i % 50),
+                        rng.getrandbits(16), f"p{i % 3}", "1.2.3", "f", 1_700_000_000_000_100_000 + i,
+                        1_700_000_000_000_800_000 + i, result, None, None])
+    native, python = SpanEncoder(RESOURCE, native=True), SpanEncoder(RESOURCE, native=False)
+    for r in records:
+        assert b"".join(native.spans(r)) == b"".join(python.spans(r))
+    assert native.request(records) == python.request(records)
+    # the uncommon shapes go to the Python encoder in both
+    odd = [*records[0][:17], ["limit.fuel", "out of fuel"], [[1, "audit.x", {"a": 1}]]]
+    assert native.spans(odd) == python.spans(odd)
