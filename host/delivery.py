@@ -59,6 +59,10 @@ async def ensure_streams(nc: Client) -> bool:
     return True
 
 
+#: messages fetched per round trip for a plugin whose calls run inline
+INLINE_FETCH = 128
+
+
 class DurableTopics:
     """The durable consumers of one node."""
 
@@ -103,8 +107,12 @@ class DurableTopics:
         self._loops[plugin] = asyncio.create_task(self._fetch_loop(plugin, psub), name=f"durable-{plugin}")
 
     async def _fetch_loop(self, plugin: str, psub: Any) -> None:
-        batch = max(1, self.node.manager.limits(plugin).max_instances)
+        instances = max(1, self.node.manager.limits(plugin).max_instances)
         while plugin not in self._stopping:
+            # A plugin served inline takes microseconds a message: fetch many per round trip. One
+            # on threads gets what its instances can start at once, so nothing it fetched waits
+            # in line long enough for its ack deadline to pass and be redelivered elsewhere.
+            batch = INLINE_FETCH if self.node.runs_inline(plugin) else instances
             try:
                 msgs = await psub.fetch(batch, timeout=1.0)
             except NatsTimeoutError:

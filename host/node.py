@@ -302,18 +302,25 @@ class Node:
         ``context``: the trace context of the plugin call that publishes (captured in its thread).
         """
         assert self.nc is not None
-        message = PluginMessage(from_=sender, topic=topic, payload=payload)
-        headers = {**JSON, H_MSG_ID: message.id, "Nats-Msg-Id": message.id, H_FROM: sender}
-        subject, data = topic_subject(topic), message.to_json()
-        with (send_span(subject, headers, message_id=message.id, body_size=len(data), context=context)
+        message_id, data = PluginMessage.encode(payload, from_=sender, topic=topic)
+        headers = {**JSON, H_MSG_ID: message_id, "Nats-Msg-Id": message_id, H_FROM: sender}
+        subject = topic_subject(topic)
+        with (send_span(subject, headers, message_id=message_id, body_size=len(data), context=context)
               if self.telemetry.enabled else contextlib.nullcontext()):
             if self._durable is not None:
                 await self.nc.jetstream().publish(subject, data, headers=headers)
             else:
                 await self.nc.publish(subject, data, headers=headers)
-        return message.id
+        return message_id
 
     # -- calls -------------------------------------------------------------------------------------
+
+    def runs_inline(self, plugin: str) -> bool:
+        """Whether the plugin's calls run on the event loop now (not demoted to threads)."""
+        lane = self._lanes.get(plugin)
+        if lane is None or lane.inline_from is None:
+            return False
+        return not lane.inline_from or self._loop is None or self._loop.time() >= lane.inline_from
 
     def try_inline(self, plugin: str, function: str, payload: bytes) -> CallResult | None:
         """Run the call on the loop under the inline budget; None when it must go to a thread instead."""
@@ -533,8 +540,8 @@ class Node:
             except ValueError as e:
                 raise AbiViolationError(f"malformed PluginMessage envelope: {e}") from e
             if topic is not None and message.topic is None:
-                message = message.model_copy(update={"topic": topic})
-            return message.to_json()
+                return message.model_copy(update={"topic": topic}).to_json()
+            return data  # valid, and complete: as the sender wrote it
         headers = headers or {}
         message = PluginMessage(id=headers.get(H_MSG_ID) or new_message_id(), from_=headers.get(H_FROM, "client"),
                                 to=to, topic=topic, payload=decoded)

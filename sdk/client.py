@@ -19,7 +19,7 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from .envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_from_reply, new_message_id
-from .errors import BusError, PayloadTooLargeError, PluginNotFoundError, RequestTimeoutError
+from .errors import BusError, PayloadTooLargeError, PluginNotFoundError, RequestTimeoutError, SandbusError
 from .subjects import NODE_SERVICE, control_subject, msg_subject, request_subject, topic_subject
 from .tracing import H_TRACE_DEBUG, H_TRACE_SPANS, record_error, send_span
 
@@ -141,19 +141,21 @@ class Client:
         With ``durable`` (default) and a JetStream-enabled bus, returns once the stream has stored the
         message (at-least-once from then on); else a core NATS publish (at most once).
         """
-        message = PluginMessage(id=msg_id or new_message_id(), from_=self.sender, topic=topic, payload=payload)
+        try:
+            message_id, data = PluginMessage.encode(payload, from_=self.sender, topic=topic, id=msg_id)
+        except TypeError as e:
+            raise SandbusError(f"payload is not JSON-serialisable: {e}") from e
         subject = topic_subject(topic)
-        data = message.to_json()
-        headers = {**JSON, H_MSG_ID: message.id, "Nats-Msg-Id": message.id, H_FROM: self.sender}
+        headers = {**JSON, H_MSG_ID: message_id, "Nats-Msg-Id": message_id, H_FROM: self.sender}
         if len(data) > self.nc.max_payload:
             raise PayloadTooLargeError(f"message of {len(data)} bytes exceeds the max payload of "
                                        f"{self.nc.max_payload} bytes", size=len(data), limit=self.nc.max_payload)
-        with send_span(subject, headers, message_id=message.id, body_size=len(data)):
+        with send_span(subject, headers, message_id=message_id, body_size=len(data)):
             if durable and await self._jetstream():
                 await self.nc.jetstream().publish(subject, data, headers=headers)
             else:
                 await self.nc.publish(subject, data, headers=headers)
-        return message.id
+        return message_id
 
     async def send(self, plugin: str, payload: Any = None, *, timeout: float | None = None) -> Any:
         """A direct PluginMessage to ``plugin``; with ``timeout``, wait for and return its reply."""

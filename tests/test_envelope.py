@@ -1,0 +1,31 @@
+"""The PluginMessage envelope: the fast encoder writes what the model writes, and the model reads it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from sdk.envelope import PluginMessage
+
+
+@pytest.mark.parametrize("payload", [None, 0, "é", [1, 2.5, True], {"nested": {"a": [None]}}])
+@pytest.mark.parametrize(("to", "topic"), [(None, "orders.created"), ("billing", None)])
+def test_encode_writes_the_models_json(payload: Any, to: str | None, topic: str | None) -> None:
+    message_id, data = PluginMessage.encode(payload, from_="shop", to=to, topic=topic, id="m-1")
+    assert message_id == "m-1"
+    decoded = PluginMessage.from_json(data)
+    model = PluginMessage(id="m-1", from_="shop", to=to, topic=topic, payload=payload, timestamp=decoded.timestamp)
+    assert data == model.to_json()
+    assert list(orjson.loads(data)) == ["id", "from", "to", "topic", "payload", "timestamp", "headers"]
+
+
+def test_encode_gives_each_message_its_own_id() -> None:
+    ids = {PluginMessage.encode(1, topic="t")[0] for _ in range(100)}
+    assert len(ids) == 100
+
+
+def test_encode_refuses_what_json_cannot_carry() -> None:
+    with pytest.raises(TypeError):
+        PluginMessage.encode({1, 2}, topic="t")
