@@ -124,23 +124,30 @@ async def load(url: str, subject: str, concurrency: int, duration: float) -> tup
     return len(lat) / elapsed, lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
 
 
+Stats = tuple[float, float, float]
+
+
 def alternate(url: str, a: str, b: str, concurrency: int, duration: float,
-              rounds: int) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Median (req/s, p50, p99) of ``a`` and of ``b``, measured in alternating runs.
+              rounds: int) -> tuple[Stats, Stats, tuple[float, float, float]]:
+    """Median (req/s, p50, p99) of ``a`` and of ``b``, measured in alternating runs, and the
+    (median, lowest, highest) of the throughput ratios b/a of the runs taken back to back.
 
     This machine's speed drifts by tens of percent over seconds (a shared 2-vCPU VM): alternating
-    short runs exposes both sides to the same drift, which one long run of each does not.
+    short runs exposes both sides to the same drift, which one long run of each does not, and the
+    ratio of two neighbouring runs cancels most of what drift is left.
     """
-    runs: dict[str, list[tuple[float, float, float]]] = {a: [], b: []}
-    for _ in range(rounds):
-        for subject in (a, b):
+    runs: dict[str, list[Stats]] = {a: [], b: []}
+    for i in range(rounds):
+        # ABBA order: neither side always runs first (warm caches, a drift within the pair)
+        for subject in ((a, b) if i % 2 == 0 else (b, a)):
             runs[subject].append(asyncio.run(load(url, subject, concurrency, duration)))
 
-    def median(samples: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    def median(samples: list[Stats]) -> Stats:
         return (statistics.median(x[0] for x in samples), statistics.median(x[1] for x in samples),
                 statistics.median(x[2] for x in samples))
 
-    return median(runs[a]), median(runs[b])
+    ratios = [y[0] / x[0] for x, y in zip(runs[a], runs[b], strict=True)]
+    return median(runs[a]), median(runs[b]), (statistics.median(ratios), min(ratios), max(ratios))
 
 
 async def bare_jetstream(url: str, n: int) -> float:
@@ -199,8 +206,8 @@ def main() -> None:
                     help="measure only these parts (repeatable); default: all")
     args = ap.parse_args()
     parts = set(args.only or ("requests", "tracing", "durable"))
-    duration = 1.5 if args.quick else 3.0
-    rounds = 2 if args.quick else 4
+    duration = 1.5 if args.quick else 2.0
+    rounds = 2 if args.quick else 8
     work = Path(tempfile.mkdtemp(prefix="sandbus-bench-"))
     plugins = work / "plugins"
     plugins.mkdir()
@@ -222,15 +229,16 @@ def main() -> None:
         node = start([sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", server.url,
                       "--node-id", "bench", "--no-watch"], "node bench ready", work / "node.log")
         try:
-            table = Table(title=f"request/reply, 100 B payloads, median of {rounds} alternating {duration:g} s runs "
-                                f"per cell (client: one Python process)")
+            table = Table(title=f"request/reply, 100 B payloads, {rounds} alternating {duration:g} s runs per cell "
+                                f"(medians; client: one Python process)")
             for col in ("concurrency", "bare req/s", "bare p50 ms", "bare p99 ms", "node+wasm req/s",
-                        "node p50 ms", "node p99 ms", "throughput ratio", "p99 ratio"):
+                        "node p50 ms", "node p99 ms", "throughput ratio", "ratio range", "p99 ratio"):
                 table.add_column(col, justify="right")
             for c in (1, 64, 256) if "requests" in parts else ():
-                b, s = alternate(server.url, "bench.echo", "sandbus.req.echo.handle_request", c, duration, rounds)
+                b, s, r = alternate(server.url, "bench.echo", "sandbus.req.echo.handle_request", c, duration,
+                                    rounds)
                 table.add_row(str(c), f"{b[0]:,.0f}", f"{b[1]:.2f}", f"{b[2]:.2f}", f"{s[0]:,.0f}", f"{s[1]:.2f}",
-                              f"{s[2]:.2f}", f"{s[0] / b[0]:.2f}×", f"{s[2] / b[2]:.2f}×")
+                              f"{s[2]:.2f}", f"{r[0]:.2f}×", f"{r[1]:.2f}–{r[2]:.2f}", f"{s[2] / b[2]:.2f}×")
             if "requests" in parts:
                 console.print(table)
                 console.print("targets: throughput ≥ 0.85× bare at c=64 and c=256; p99 ≤ 1.5× bare")
@@ -241,11 +249,12 @@ def main() -> None:
                                     env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"})
                 try:
                     t3 = Table(title="tracing: every request traced (OTLP/HTTP to a local sink) vs tracing off, c=64")
-                    for col in ("tracing off req/s", "tracing on req/s", "ratio", "spans per request"):
+                    for col in ("tracing off req/s", "tracing on req/s", "ratio", "ratio range", "spans per request"):
                         t3.add_column(col, justify="right")
-                    off, on = alternate(server.url, "sandbus.req.echo.handle_request",
-                                        "sandbus.req.echo_traced.handle_request", 64, duration, rounds)
-                    t3.add_row(f"{off[0]:,.0f}", f"{on[0]:,.0f}", f"{on[0] / off[0]:.2f}×", "2 (process + execute)")
+                    off, on, r = alternate(server.url, "sandbus.req.echo.handle_request",
+                                           "sandbus.req.echo_traced.handle_request", 64, duration, rounds)
+                    t3.add_row(f"{off[0]:,.0f}", f"{on[0]:,.0f}", f"{r[0]:.2f}×", f"{r[1]:.2f}–{r[2]:.2f}",
+                               "2 (process + execute)")
                     console.print(t3)
                     console.print("target: ≥ 0.7× with every request traced")
                 finally:

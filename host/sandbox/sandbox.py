@@ -186,19 +186,25 @@ class Sandbox:
         start = perf_counter()
         try:
             reply = inst.call(function, payload, budget_s=budget_s)
+            # Read before the instance goes back: another thread may take it at once.
+            stats = inst.ctx.stats
+            fuel, memory = stats.fuel_used, stats.memory_bytes
         finally:
             elapsed = perf_counter() - start
             pool.release(inst)
         if validate:
-            try:
-                loads(reply)
-            except orjson.JSONDecodeError as e:
-                self.auditor.emit(AuditLevel.WARNING, "abi.bad_reply", self.name,
-                                  f"{function} replied with invalid JSON: {e}", function=function)
-                raise AbiViolationError(f"{function} replied with invalid JSON ({len(reply)} bytes): {e}",
-                                        plugin=self.name, function=function) from e
-        stats = inst.ctx.stats
-        return CallResult(reply, stats.fuel_used, stats.memory_bytes, elapsed)
+            self.check_reply(function, reply)
+        return CallResult(reply, fuel, memory, elapsed)
+
+    def check_reply(self, function: str, reply: bytes) -> None:
+        """A plugin's reply must be JSON: an AbiViolationError (and an audit event) otherwise."""
+        try:
+            loads(reply)
+        except orjson.JSONDecodeError as e:
+            self.auditor.emit(AuditLevel.WARNING, "abi.bad_reply", self.name,
+                              f"{function} replied with invalid JSON: {e}", function=function)
+            raise AbiViolationError(f"{function} replied with invalid JSON ({len(reply)} bytes): {e}",
+                                    plugin=self.name, function=function) from e
 
     def call_bytes(self, function: str, payload: bytes, *, validate: bool = True) -> bytes:
         return self.call_detailed(function, payload, validate=validate).reply
