@@ -63,6 +63,7 @@ def node(
     token: Annotated[str | None, typer.Option(help="NATS token [env SANDBUS_NATS_TOKEN].",
                                               envvar="SANDBUS_NATS_TOKEN")] = None,
     creds: Annotated[Path | None, typer.Option(help="NATS .creds file (JWT + nkey).")] = None,
+    nkey_seed: Annotated[Path | None, typer.Option(help="File holding a NATS user nkey seed (SU...).")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="CA bundle for TLS.")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="Client certificate for TLS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Client key for TLS.")] = None,
@@ -90,8 +91,8 @@ def node(
         pol = load_policy(policy) if policy else Policy.default()
         base_id = node_id or default_node_id()
         options = ConnectOptions.from_urls(url, name=f"sandbus-node-{base_id}", user=user, password=password,
-                                           token=token, creds=creds, tls_ca=tls_ca, tls_cert=tls_cert,
-                                           tls_key=tls_key)
+                                           token=token, creds=creds, nkey_seed=nkey_seed, tls_ca=tls_ca,
+                                           tls_cert=tls_cert, tls_key=tls_key)
         n = Node.create(plugins, options, policy=pol, node_id=base_id, durable=durable)
         manager = n.manager
         manager.discover_and_load()
@@ -102,8 +103,9 @@ def node(
             args = [sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", url,
                     "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch",
                     "--durable" if durable else "--no-durable"]
-            for flag, value in (("--policy", policy), ("--user", user), ("--creds", creds), ("--tls-ca", tls_ca),
-                                ("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+            for flag, value in (("--policy", policy), ("--user", user), ("--creds", creds),
+                                ("--nkey-seed", nkey_seed), ("--tls-ca", tls_ca), ("--tls-cert", tls_cert),
+                                ("--tls-key", tls_key)):
                 if value is not None:
                     args += [flag, str(value)]
             # Secrets travel in the environment, not in argv (visible to every user in ps).

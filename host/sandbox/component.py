@@ -22,7 +22,7 @@ What is enforced for a component, compared with a core module (docs/abi.md):
   capability checks, env allowlist and audit events. They are written against guest memory
   (ptr, len); a component passes values, so :class:`ComponentCallContext` gives them a scratch buffer in
   host memory to read their arguments from and write their results to. ``take_result`` is used, not
-  exposed. A host function this host does not provide (publish/kv/http on a plain Sandbox) fails the
+  exposed. A host function this host does not provide (publish/request/kv/http on a plain Sandbox) fails the
   call with a ``SandboxError`` when called: a component imports the whole interface, so it cannot be
   refused at load as a core module importing it would be.
 * **Environment**: only granted variables, through both ``env-get`` and ``wasi:cli/environment``.
@@ -115,6 +115,7 @@ _HOST_SIGNATURES: dict[str, tuple[str, tuple[str, ...], str | None]] = {
     "kv-put": ("kv_put", ("string", "list<u8>"), None),
     "kv-delete": ("kv_delete", ("string",), None),
     "http-request": ("http_request", ("string",), "string"),
+    "request": ("request", ("string", "string"), "result<string, string>"),
 }
 #: Exports: name -> (parameter shapes, accepted result shapes, required).
 _EXPORTS: dict[str, tuple[tuple[str, ...], frozenset[str], bool]] = {
@@ -309,7 +310,7 @@ def _host_adapters(ctx: ComponentCallContext, host_functions: HostFunctions, aud
         if fn is None:
             def missing(*_args: Any) -> Any:
                 raise SandboxError(f"host function {ABI_NAMESPACE}.{name} is not provided by this host "
-                                   "(publish, kv and http come with the bus: serve the plugin from a node)",
+                                   "(publish, request, kv and http come with the bus: serve the plugin from a node)",
                                    plugin=plugin, function=name)
 
             return missing
@@ -318,6 +319,7 @@ def _host_adapters(ctx: ComponentCallContext, host_functions: HostFunctions, aud
     log, time_now, env_get = bound("log"), bound("time_now_ms"), bound("env_get")
     publish, kv_get, kv_put = bound("publish"), bound("kv_get"), bound("kv_put")
     kv_delete, http, take_result = bound("kv_delete"), bound("http_request"), bound("take_result")
+    request = bound("request")
 
     def fetch(fn: Callable[..., Any], *parts: bytes, refetch: Callable[[int], bytes] | None = None
               ) -> bytes | None:
@@ -376,8 +378,25 @@ def _host_adapters(ctx: ComponentCallContext, host_functions: HostFunctions, aud
         reply = fetch(http, request_json.encode())
         return "" if reply is None else reply.decode(errors="replace")
 
+    def taken() -> bytes:
+        """What ``take_result`` holds (the error JSON of a failed request)."""
+        _, out = ctx.stage(room=_FIRST_CAP)
+        n = int(take_result(out, _FIRST_CAP))
+        if n <= _FIRST_CAP:
+            return ctx.read(out, max(n, 0))
+        _, out = ctx.stage(room=n)
+        take_result(out, n)
+        return ctx.read(out, n)
+
+    def h_request(target: str, request_json: str) -> wc.Variant:
+        reply = fetch(request, target.encode(), request_json.encode())
+        if reply is None:  # a negative status: the error JSON waits in take_result
+            return wc.Variant("err", taken().decode(errors="replace"))
+        return wc.Variant("ok", reply.decode(errors="replace"))
+
     return {"log": h_log, "time-now-ms": h_time_now_ms, "env-get": h_env_get, "publish": h_publish,
-            "kv-get": h_kv_get, "kv-put": h_kv_put, "kv-delete": h_kv_delete, "http-request": h_http_request}
+            "kv-get": h_kv_get, "kv-put": h_kv_put, "kv-delete": h_kv_delete, "http-request": h_http_request,
+            "request": h_request}
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,8 @@ Functions (every one takes and returns UTF-8 JSON):
                   (kv-get): {"key": K, "value": ...|null}; needs the storage capability and a host with
                   the bus's key-value store
   announce        {"topic": T, "payload": P} -> publishes P onto T (messaging capability, publish_topics)
+  ask             {"target": "plugin.function", "payload": P} -> the target's reply to P, or a failure
+                  naming the error code (messaging capability, request_plugins)
   probe           {"what": "clock" | "sleep" | "random" | "environ" | "file" | "socket" | "memory", ...} touches one
                   WASI facility through the Python standard library and says what happened: a tour of
                   what the sandbox allows a component (host/sandbox/component.py has the list)
@@ -23,7 +25,18 @@ import socket
 import time
 from typing import Any
 
-from sandbus_guest import Plugin, PluginError, debug, function, getenv, kv_get, kv_put, publish, time_ms
+from sandbus_guest import (
+    Plugin,
+    PluginError,
+    debug,
+    function,
+    getenv,
+    kv_get,
+    kv_put,
+    publish,
+    request,
+    time_ms,
+)
 
 
 class WitWorld(Plugin):
@@ -66,6 +79,10 @@ class WitWorld(Plugin):
     def announce(self, request: Any) -> Any:
         publish(str(request["topic"]), request.get("payload"))
         return {"published": request["topic"]}
+
+    @function
+    def ask(self, req: Any) -> Any:
+        return {"reply": request(str(req["target"]), req.get("payload"))}
 
     @function
     def probe(self, request: Any) -> Any:

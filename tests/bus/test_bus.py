@@ -214,6 +214,76 @@ async def test_user_password_authentication(tmp_path: Any, start_node: StartNode
             assert await c.request("echo", "handle_request", {"auth": True}) == {"auth": True}
 
 
+async def test_nkey_authentication(tmp_path: Any, start_node: StartNode) -> None:
+    import os
+
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    (tmp_path / "node.nk").write_bytes(seed + b"\n")
+    (tmp_path / "server.conf").write_text(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+    with NatsServer(extra_args=["-c", str(tmp_path / "server.conf")]) as server:
+        start_node("n1", server.url, "--nkey-seed", str(tmp_path / "node.nk"))
+        with pytest.raises(BusError, match="Authorization Violation"):
+            await Client.connect(server.url, allow_reconnect=False)
+        async with await Client.connect(server.url, nkeys_seed=str(tmp_path / "node.nk")) as c:
+            assert await c.request("echo", "handle_request", {"nkey": True}) == {"nkey": True}
+
+
+def _operator_mode(tmp_path: Any) -> tuple[Any, Any]:
+    """A nats-server config in operator (JWT) mode and a user's .creds file, signed here with nkeys
+    as ``nsc`` would: operator -> account (preloaded in the server) -> user."""
+    import base64
+    import hashlib
+    import json
+    import os
+    import time
+
+    import nkeys
+
+    def keypair(prefix: int) -> tuple[bytes, Any]:
+        seed = nkeys.encode_seed(os.urandom(32), prefix)
+        return seed, nkeys.from_seed(bytearray(seed))
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def jwt(claims: dict[str, Any], signer: Any) -> str:
+        claims = {**claims, "iat": int(time.time())}
+        claims["jti"] = base64.b32encode(hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()
+                                         ).decode().rstrip("=")
+        head = f'{b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())}.{b64(json.dumps(claims).encode())}'
+        return f"{head}.{b64(signer.sign(head.encode()))}"
+
+    _, operator = keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, user = keypair(nkeys.PREFIX_BYTE_USER)
+    op, acc, usr = (k.public_key.decode() for k in (operator, account, user))
+    unlimited = {k: -1 for k in ("subs", "data", "payload", "imports", "exports", "conn", "leaf")}
+    op_jwt = jwt({"iss": op, "sub": op, "name": "op", "nats": {"type": "operator", "version": 2}}, operator)
+    acc_jwt = jwt({"iss": op, "sub": acc, "name": "acc",
+                   "nats": {"type": "account", "version": 2, "limits": {**unlimited, "wildcards": True}}}, operator)
+    user_jwt = jwt({"iss": acc, "sub": usr, "name": "node",
+                    "nats": {"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1,
+                             "payload": -1}}, account)
+    conf, creds = tmp_path / "operator.conf", tmp_path / "node.creds"
+    conf.write_text(f"operator: {op_jwt}\nresolver: MEMORY\nresolver_preload: {{\n  {acc}: {acc_jwt}\n}}\n")
+    creds.write_text(f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+                     f"-----BEGIN USER NKEY SEED-----\n{user_seed.decode()}\n------END USER NKEY SEED------\n")
+    return conf, creds
+
+
+async def test_creds_file_authentication(tmp_path: Any, start_node: StartNode) -> None:
+    conf, creds = _operator_mode(tmp_path)
+    with NatsServer(jetstream=False, extra_args=["-c", str(conf)]) as server:
+        start_node("n1", server.url, "--creds", str(creds), "--no-durable")
+        with pytest.raises(BusError, match="Authorization Violation"):
+            await Client.connect(server.url, allow_reconnect=False)
+        async with await Client.connect(server.url, user_credentials=str(creds)) as c:
+            assert await c.request("echo", "handle_request", {"creds": True}) == {"creds": True}
+
+
 async def test_tls_connection(tmp_path: Any, start_node: StartNode) -> None:
     import shutil
     import ssl

@@ -83,8 +83,8 @@ def test_err_results_become_failure_envelopes(sandbox: Sandbox) -> None:
     assert bad["error"].startswith("request is not valid JSON")
     unknown = sandbox.call("fly", {})
     assert unknown == {"success": False, "result": None,
-                       "error": "unknown function 'fly'; this plugin has: announce, echo, env, handle_request, "
-                                "now, probe, remember, spin"}
+                       "error": "unknown function 'fly'; this plugin has: announce, ask, echo, env, "
+                                "handle_request, now, probe, remember, spin"}
     assert sandbox.call("env", {}) == {"success": False, "result": None, "error": 'expected {"name": "<variable>"}'}
     assert sandbox.pool.replaced == 0  # plugin-level failures keep the instance
 
@@ -217,6 +217,46 @@ def test_registered_host_functions_serve_components(py_echo: Path, audit: AuditL
           pytest.raises(SecurityViolationError, match="'storage' capability")):
         sb.call("remember", {"key": "a"})
     assert audit.kinds() == ["security.capability_denied"]
+
+
+def _fake_peers() -> HostFunctions:
+    """``request`` + ``take_result`` written against the core ABI like host/bus_hostfuncs.py: "echo"
+    answers with its request, anything else has no node (-2, with the error JSON in take_result)."""
+
+    def request(ctx: CallContext, tptr: int, tlen: int, jptr: int, jlen: int, buf: int, cap: int) -> int:
+        target, body = ctx.read_str(tptr, tlen, "target"), ctx.read(jptr, jlen)
+        if target.split(".")[0] == "echo":
+            data, status = body, 0
+        else:
+            data = orjson.dumps({"code": "plugin.not_found", "message": f"no node serves {target}",
+                                 "plugin": target, "details": {}})
+            status = -2
+        ctx.extra["bus_result"] = data
+        if status:
+            return status
+        ctx.write(buf, data[:cap])
+        return len(data)
+
+    def take_result(ctx: CallContext, buf: int, cap: int) -> int:
+        data: bytes = ctx.extra["bus_result"]
+        ctx.write(buf, data[:cap])
+        return len(data)
+
+    funcs = HostFunctions()
+    funcs.add(HostFunction("request", ("i32",) * 6, ("i32",), request, capability="messaging"))
+    funcs.add(HostFunction("take_result", ("i32",) * 2, ("i32",), take_result))
+    return funcs
+
+
+def test_a_python_plugin_requests_another_plugin(py_echo: Path) -> None:
+    with SandboxBuilder(py_echo).grant("messaging").host_functions(_fake_peers()).build() as sb:
+        assert sb.call("ask", {"target": "echo.handle_request", "payload": {"n": 1}})["result"] == {
+            "reply": {"n": 1}}
+        big = "é" * 50_000  # a reply longer than the first result buffer: fetched again via take_result
+        assert sb.call("ask", {"target": "echo", "payload": big})["result"] == {"reply": big}
+        failed = sb.call("ask", {"target": "nobody.f", "payload": None})
+        assert failed["success"] is False
+        assert failed["error"].startswith("plugin.not_found: no node serves nobody.f")
 
 
 def test_bus_functions_fail_when_the_host_has_no_bus(sandbox: Sandbox) -> None:

@@ -25,8 +25,8 @@ it to the decorated methods, turns exceptions into plugin-level failures (a norm
 ``"success": false``, the instance survives) and leaves ``MemoryError`` / ``RecursionError`` alone, so that
 they trap and the host discards the instance, as it does for a trapping C plugin.
 
-The host functions mirror the C header's helpers (``log``, ``time_ms``, ``getenv``, ``publish``, ``kv_*``,
-``http_request``). A call the plugin is not allowed to make stops the whole call on the host side with a
+The host functions mirror the C header's helpers (``log``, ``time_ms``, ``getenv``, ``publish``, ``request``,
+``kv_*``, ``http_request``). A call the plugin is not allowed to make stops the whole call on the host side with a
 security violation; the plugin cannot catch it.
 """
 
@@ -61,6 +61,8 @@ __all__ = [
     "kv_put",
     "log",
     "publish",
+    "request",
+    "RequestFailed",
     "time_ms",
     "warning",
 ]
@@ -144,6 +146,35 @@ def http_request(method: str, url: str, *, headers: dict[str, str] | None = None
 
 class PluginError(Exception):
     """A plugin-level failure: the reply becomes ``{"success": false, "result": null, "error": <message>}``."""
+
+
+class RequestFailed(PluginError):
+    """A :func:`request` that got no reply: the target failed, nobody serves it, or it timed out.
+
+    ``code`` is the error code (``plugin.not_found``, ``request.timeout``, or the target's own);
+    uncaught, it becomes this plugin's failure reply, like any :class:`PluginError`.
+    """
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        self.code = str(error.get("code", "error"))
+        self.error = error
+        super().__init__(f"{self.code}: {error.get('message', '')}")
+
+
+def request(target: str, payload: Any = None) -> Any:
+    """Call another plugin's function (``"plugin.function"``, or ``"plugin"`` for handle_request) with a
+    JSON-able payload; returns its decoded reply. Needs ``messaging`` and a matching
+    ``[permissions] request_plugins`` entry. Raises :class:`RequestFailed` when no reply comes."""
+    try:
+        # componentize-py: an imported function returning result<T, E> returns T or raises Err(E)
+        reply = _host.request(target, json.dumps(payload, separators=(",", ":")))
+    except Err as e:
+        try:
+            error = json.loads(e.value)
+        except ValueError:
+            error = {"code": "error", "message": str(e.value)}
+        raise RequestFailed(error if isinstance(error, dict) else {"message": str(error)}) from None
+    return json.loads(reply)
 
 
 @overload
