@@ -30,9 +30,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,28 +53,20 @@ Parent = tuple[str, str, bool]
 Sampler = Callable[[Parent | None, str], bool]
 
 
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-.*)?")
+
+
 def parse_traceparent(value: str | None) -> Parent | None:
     """(trace id, parent span id, sampled) of a W3C ``traceparent``; None when absent or invalid."""
-    if not value or len(value) < 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
+    if not value:
         return None
-    version = value[:2]
-    if version == "ff" or (version == "00" and len(value) != 55) or (len(value) > 55 and value[55] != "-"):
+    m = _TRACEPARENT.fullmatch(value)
+    if m is None:
         return None
-    head = value[:55]
-    if head != head.lower():
+    version, trace_id, span_id, flags = m.groups()
+    if version == "ff" or (version == "00" and len(value) != 55) or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
-    trace_id, span_id = value[3:35], value[36:52]
-    try:
-        # fromhex rejects anything but hex digits (and spaces between pairs, caught by the lengths)
-        tid, sid, flags, ver = (bytes.fromhex(trace_id), bytes.fromhex(span_id), bytes.fromhex(value[53:55]),
-                                bytes.fromhex(version))
-    except ValueError:
-        return None
-    if len(tid) != 16 or len(sid) != 8 or len(flags) != 1 or len(ver) != 1:
-        return None
-    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
-        return None
-    return trace_id, span_id, bool(flags[0] & 1)
+    return trace_id, span_id, flags[1] in "13579bdf"  # the sampled bit is the lowest
 
 
 def sampler_from_env(env: Mapping[str, str]) -> tuple[Sampler | None, str]:
@@ -123,18 +115,19 @@ def _never(trace_id: str) -> bool:
 
 
 class RequestTrace:
-    """One traced request while it runs: its ids, start, and the audit events raised during the call."""
+    """One traced request while it runs: its trace, start, and the audit events raised during the call.
 
-    __slots__ = ("events", "exec_id", "parent", "process_id", "start_ns", "trace_id", "trace_state")
+    Its span ids are made by the exporter process: nothing on the node needs them (an inline call
+    has no host function that could pass them on).
+    """
+
+    __slots__ = ("events", "parent", "start_ns", "trace_id", "trace_state")
 
     def __init__(self, trace_id: str, parent: Parent | None, trace_state: str | None, start_ns: int) -> None:
         self.trace_id = trace_id
         self.parent = parent
         self.trace_state = trace_state
         self.start_ns = start_ns
-        # Never the all-zero (invalid) id, as the SDK's generator.
-        self.process_id = _getrandbits(64) or 1
-        self.exec_id = _getrandbits(64) or 2
         self.events: list[tuple[int, str, dict[str, Any]]] | None = None
 
 
@@ -156,8 +149,11 @@ class FastSpans:
         self._batch = max_batch
         self._max_queue = max_queue
         self._on_close = on_close
-        self._queue: deque[tuple[Any, ...]] = deque()
-        self._latencies: deque[tuple[str, float]] = deque()
+        # Plain lists swapped whole under a lock: the shipper takes everything in O(1), with no
+        # Python loop holding the GIL against the event loop.
+        self._lock = threading.Lock()
+        self._queue: list[tuple[Any, ...]] = []
+        self._latencies: list[tuple[str, float]] = []
         self._wake = threading.Event()
         self._stopping = False
         self.dropped = 0
@@ -218,21 +214,24 @@ class FastSpans:
 
         ``result``: (fuel, memory, seconds) of a call that returned; ``error``: (error.type, message).
         """
-        queue = self._queue
-        if len(queue) >= self._max_queue:
-            self.dropped += 2
-            return
         parent = rt.parent
-        queue.append((rt.trace_id, parent[1] if parent else None, rt.trace_state, rt.process_id, rt.exec_id,
-                      rt.start_ns, _time_ns(), subject, group, message_id, body_size, plugin, version, function,
-                      exec_start_ns, exec_end_ns, result, error, rt.events))
-        if len(queue) == self._batch:
-            self._wake.set()
+        record = (rt.trace_id, parent[1] if parent else None, rt.trace_state, 0, 0, rt.start_ns, _time_ns(),
+                  subject, group, message_id, body_size, plugin, version, function, exec_start_ns, exec_end_ns,
+                  result, error, rt.events)
+        with self._lock:
+            queue = self._queue
+            if len(queue) >= self._max_queue:
+                self.dropped += 2
+                return
+            queue.append(record)
+            if len(queue) == self._batch:
+                self._wake.set()
 
     def latency(self, plugin: str, seconds: float) -> None:
         """A call traced elsewhere (or not sampled): only its latency, for the histogram."""
-        if len(self._latencies) < self._max_queue:
-            self._latencies.append((plugin, seconds))
+        with self._lock:
+            if len(self._latencies) < self._max_queue:
+                self._latencies.append((plugin, seconds))
 
     def audit(self, name: str, attrs: dict[str, Any]) -> bool:
         """Attach an audit event to the request running inline on this thread, if there is one."""
@@ -256,24 +255,25 @@ class FastSpans:
 
     def ship_pending(self) -> None:
         """Ship everything queued now, in batches (called by the background thread)."""
-        queue, latencies = self._queue, self._latencies
-        while queue or latencies:
-            records: list[tuple[Any, ...]] = []
-            while queue and len(records) < self._batch:
-                records.append(queue.popleft())
-            lat: list[tuple[str, float]] = []
-            while latencies and len(lat) < self._batch * 4:
-                lat.append(latencies.popleft())
+        with self._lock:
+            records, self._queue = self._queue, []
+            latencies, self._latencies = self._latencies, []
+        batch = self._batch
+        for i in range(0, max(len(records), 1 if latencies else 0), batch):
+            chunk = records[i:i + batch]
+            lat = latencies if i == 0 else []
+            if not chunk and not lat:
+                continue
             try:
-                ok = self._ship(self.batch_document(records, lat))
+                ok = self._ship(self.batch_document(chunk, lat))
             except Exception as e:  # the exporter's problem must not kill this thread
                 log.warning("span shipping failed: %s", e)
                 ok = False
             if ok:
-                self.shipped += 2 * len(records)
+                self.shipped += 2 * len(chunk)
             else:
                 self.failed_batches += 1
-                self.dropped += 2 * len(records)
+                self.dropped += 2 * len(chunk)
 
     @staticmethod
     def batch_document(records: list[tuple[Any, ...]], latencies: list[tuple[str, float]]) -> bytes:

@@ -134,6 +134,8 @@ def test_a_request_becomes_a_process_and_an_execute_span(fast: tuple[FastSpans, 
     assert process.trace_id.hex() == execute.trace_id.hex() == TRACE
     assert process.parent_span_id.hex() == PARENT
     assert execute.parent_span_id == process.span_id
+    assert bytes(8) not in (process.span_id, execute.span_id)
+    assert process.span_id != execute.span_id
     assert process.trace_state == execute.trace_state == "k=v"
     assert (process.name, process.kind) == ("process sandbus.req.echo.handle_request", Span.SPAN_KIND_CONSUMER)
     assert (execute.name, execute.kind) == ("execute echo.handle_request", Span.SPAN_KIND_INTERNAL)
