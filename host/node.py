@@ -583,6 +583,9 @@ class Node:
             "inline_budget_ms": None if self.inline_budget_s is None else self.inline_budget_s * 1e3,
             # How requests served inline are traced: "fast" (host/fast_spans.py), "sdk", or "off".
             "request_spans": "off" if not self.telemetry.enabled else ("fast" if self.telemetry.fast else "sdk"),
+            # Spans the fast path could not hand to its exporter (queue full, exporter down): 0 means every
+            # traced request reached the exporter process.
+            "spans_dropped": self.telemetry.fast.dropped if self.telemetry.fast else 0,
             "plugins": [{**p.model_dump(mode="json"), "queue_depth": self.queue_depth(p.name)}
                         for p in self.manager.list_plugins()],
         }

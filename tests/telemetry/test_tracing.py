@@ -304,6 +304,8 @@ async def test_inline_requests_are_traced_without_the_sdk(two_nodes: tuple[NatsS
             assert await c.request("spinner", "echo", {"v": 1}) == {"v": 1}
         with tracer.start_as_current_span("inline denied") as denied, pytest.raises(SecurityViolationError):
             await c.request("spinner", "open_file", {})
+        (view,) = [n for n in await c.nodes() if n["node_id"] == "node-b"]
+        assert view["spans_dropped"] == 0
     for root, function, outcome in ((ok, "echo", "ok"), (denied, "open_file", "error")):
         trace_id = format(root.get_span_context().trace_id, "032x")
         names = {f"send sandbus.req.spinner.{function}", f"process sandbus.req.spinner.{function}",
