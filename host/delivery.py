@@ -59,6 +59,8 @@ async def ensure_streams(nc: Client) -> bool:
     return True
 
 
+#: after a fetch that did not fill its batch, wait this long before the next one (added latency, at most)
+LINGER_S = 0.005
 #: messages fetched per round trip for a plugin whose calls run inline
 INLINE_FETCH = 128
 
@@ -66,8 +68,9 @@ INLINE_FETCH = 128
 class DurableTopics:
     """The durable consumers of one node."""
 
-    def __init__(self, nc: Client, node: Node, *, max_deliver: int = MAX_DELIVER) -> None:
+    def __init__(self, nc: Client, node: Node, *, max_deliver: int = MAX_DELIVER, linger_s: float = LINGER_S) -> None:
         self.nc = nc
+        self.linger_s = linger_s
         self.js = nc.jetstream()
         self.node = node
         self.max_deliver = max_deliver
@@ -123,7 +126,16 @@ class DurableTopics:
                 log.debug("fetch for %s failed: %r", plugin, e)
                 await asyncio.sleep(0.2)
                 continue
-            await asyncio.gather(*(self._deliver(plugin, m) for m in msgs))
+            if batch == INLINE_FETCH:
+                # Inline calls run one at a time on the loop anyway: no task per message.
+                for m in msgs:
+                    await self._deliver(plugin, m)
+            else:
+                await asyncio.gather(*(self._deliver(plugin, m) for m in msgs))
+            if len(msgs) < batch and self.linger_s:
+                # A fetch costs a round trip and ~100 us of Python whatever it brings back: when messages
+                # trickle in, let a few more arrive before asking again (Kafka's linger.ms).
+                await asyncio.sleep(self.linger_s)
 
     async def _deliver(self, plugin: str, msg: Msg) -> None:
         topic = msg.subject.split(".", 2)[2]
