@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import NotFoundError
 
@@ -59,8 +60,11 @@ async def ensure_streams(nc: Client) -> bool:
     return True
 
 
-#: after a fetch that did not fill its batch, wait this long before the next one (added latency, at most)
-LINGER_S = 0.005
+#: how long a pull request waits on the server for messages (then a new one is sent)
+PULL_EXPIRES_S = 5.0
+#: fewer messages than this waiting: let more arrive for LINGER_S before handling them
+LINGER_BATCH = 16
+LINGER_S = 0.002
 #: messages fetched per round trip for a plugin whose calls run inline
 INLINE_FETCH = 128
 
@@ -76,6 +80,8 @@ class DurableTopics:
         self.max_deliver = max_deliver
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._psubs: dict[str, Any] = {}
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._reissue: set[str] = set()
         self._stopping: set[str] = set()
 
     async def setup(self) -> bool:
@@ -105,37 +111,73 @@ class DurableTopics:
                 await self.js.add_consumer(TOPIC_STREAM, config)  # update the filter (manifest edited)
         except NotFoundError:
             await self.js.add_consumer(TOPIC_STREAM, config)
-        psub = await self.js.pull_subscribe_bind(durable, stream=TOPIC_STREAM)
-        self._psubs[plugin] = psub
-        self._loops[plugin] = asyncio.create_task(self._fetch_loop(plugin, psub), name=f"durable-{plugin}")
+        self._loops[plugin] = asyncio.create_task(self._fetch_loop(plugin, durable), name=f"durable-{plugin}")
 
-    async def _fetch_loop(self, plugin: str, psub: Any) -> None:
+    async def _fetch_loop(self, plugin: str, durable: str) -> None:
+        """Pull requests kept open on the server; messages handled as they arrive.
+
+        Why not nats-py's ``fetch``: it waits for each message of a batch with its own timer (a
+        ``wait_for`` and a task per message), which cost more than the plugin call. Here one pull
+        request asks for a batch and stays on the server for up to ``PULL_EXPIRES_S``, which sends
+        each message as soon as it is stored; the subscription callback only queues it, and this
+        loop runs what has arrived. A new request goes out when the last one is used up or ended.
+        """
         instances = max(1, self.node.manager.limits(plugin).max_instances)
+        arrived: deque[Msg] = deque()
+        wake = self._wakes[plugin] = asyncio.Event()
+        open_ = 0  # messages the outstanding pull request may still bring
+
+        async def on_message(msg: Msg) -> None:
+            nonlocal open_
+            status = msg.headers.get("Status") if msg.headers else None
+            if status is not None and not msg.data:
+                if status != "100":  # 100: idle heartbeat; 404/408/409: the request is over
+                    open_ = 0
+            else:
+                arrived.append(msg)
+                open_ -= 1
+            wake.set()
+
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=on_message)
+        self._psubs[plugin] = sub
+        next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{TOPIC_STREAM}.{durable}"
         while plugin not in self._stopping:
-            # A plugin served inline takes microseconds a message: fetch many per round trip. One
-            # on threads gets what its instances can start at once, so nothing it fetched waits
-            # in line long enough for its ack deadline to pass and be redelivered elsewhere.
-            batch = INLINE_FETCH if self.node.runs_inline(plugin) else instances
-            try:
-                msgs = await psub.fetch(batch, timeout=1.0)
-            except NatsTimeoutError:
+            if plugin in self._reissue:  # reconnected: the server forgot our pull request
+                self._reissue.discard(plugin)
+                open_ = 0
+            if open_ <= 0:
+                # A plugin served inline takes microseconds a message: ask for many. One on threads
+                # asks for what its instances can start at once, so nothing it was sent waits in
+                # line long enough for its ack deadline to pass and be redelivered elsewhere.
+                open_ = INLINE_FETCH if self.node.runs_inline(plugin) else instances
+                try:
+                    await self.nc.publish(next_subject, orjson.dumps(
+                        {"batch": open_, "expires": int(PULL_EXPIRES_S * 1e9)}), reply=inbox)
+                except Exception as e:  # disconnected: nats-py reconnects; ask again shortly
+                    log.debug("pull request for %s failed: %r", plugin, e)
+                    open_ = 0
+                    await asyncio.sleep(0.2)
+                    continue
+            wake.clear()
+            if not arrived:
+                try:
+                    await asyncio.wait_for(wake.wait(), PULL_EXPIRES_S + 2.0)
+                except TimeoutError:
+                    open_ = 0  # the request was lost (a reconnect): ask again
                 continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # disconnected: nats-py reconnects; try again shortly
-                log.debug("fetch for %s failed: %r", plugin, e)
-                await asyncio.sleep(0.2)
-                continue
-            if batch == INLINE_FETCH:
+            if len(arrived) < LINGER_BATCH and open_ > 0 and self.linger_s:
+                # Messages trickling in one at a time would each cost a loop turn and a socket write
+                # for their ack: let a few more arrive first (Kafka's linger.ms; bounded added latency).
+                await asyncio.sleep(self.linger_s)
+            msgs = list(arrived)
+            arrived.clear()
+            if self.node.runs_inline(plugin):
                 # Inline calls run one at a time on the loop anyway: no task per message.
                 for m in msgs:
                     await self._deliver(plugin, m)
             else:
                 await asyncio.gather(*(self._deliver(plugin, m) for m in msgs))
-            if len(msgs) < batch and self.linger_s:
-                # A fetch costs a round trip and ~100 us of Python whatever it brings back: when messages
-                # trickle in, let a few more arrive before asking again (Kafka's linger.ms).
-                await asyncio.sleep(self.linger_s)
 
     async def _deliver(self, plugin: str, msg: Msg) -> None:
         topic = msg.subject.split(".", 2)[2]
@@ -167,12 +209,21 @@ class DurableTopics:
             return
         await msg.nak(delay=BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)])
 
+    def reconnected(self) -> None:
+        """After a reconnect the server may have lost the open pull requests: send new ones now."""
+        for plugin, wake in self._wakes.items():
+            self._reissue.add(plugin)
+            wake.set()
+
     async def stop_plugin(self, plugin: str, timeout: float = 15.0) -> None:
         """Stop fetching; deliveries in flight finish (and are acked) first, within ``timeout``."""
         task = self._loops.pop(plugin, None)
         if task is None:
             return
         self._stopping.add(plugin)
+        wake = self._wakes.pop(plugin, None)
+        if wake is not None:
+            wake.set()  # the loop may be waiting for messages: let it see it is stopping
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
         except (TimeoutError, asyncio.CancelledError):

@@ -211,8 +211,11 @@ class Node:
         self.telemetry.shutdown()
 
     async def _on_reconnect(self) -> None:
-        # nats-py re-sends our subscriptions itself; JetStream consumers are durable on the server.
+        # nats-py re-sends our subscriptions itself; JetStream consumers are durable on the server,
+        # but the pull requests waiting there may be gone.
         log.info("node %s reconnected to %s", self.node_id, self.nc.connected_url if self.nc else "?")
+        if self._durable is not None:
+            self._durable.reconnected()
 
     def _on_audit(self, event: AuditEvent) -> None:
         if self._loop is None or self._loop.is_closed() or self._stopping:
