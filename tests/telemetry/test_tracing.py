@@ -3,6 +3,7 @@ real OTLP/HTTP exporter to a receiver in the test that decodes opentelemetry-pro
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import shutil
 import threading
@@ -399,3 +400,49 @@ def test_sandbus_trace_shows_node_spans_without_a_collector(tmp_path: Path, plug
                  "execute echo.handle_request"):
         assert name in r.stderr
     assert "node-t" in r.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def test_the_span_exporter_process_ends_with_its_node(tmp_path: Path, receiver: Receiver, plugins_dir: Path) -> None:
+    import os
+    import signal
+
+    d = _plugin_dir(tmp_path, {"echo": (plugins_dir / "echo.wasm", (plugins_dir / "echo.toml").read_text())})
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
+    with NatsServer() as server:
+        node = NodeProcess("node-k", d, server.url, tmp_path / "k.log", env=env)
+        exporters: list[int] = []
+        try:
+            node.wait_ready()
+            exporters = [p for p in _children(node.proc.pid)
+                         if "host.span_export" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+            assert len(exporters) == 1, "a traced node runs one span exporter process"
+            node.kill9()  # no shutdown: the exporter only sees its stdin close
+
+            def alive(pid: int) -> bool:  # an exited process nobody reaped yet is a zombie: not alive
+                try:
+                    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+                except OSError:
+                    return False
+
+            deadline = time.monotonic() + 15
+            while alive(exporters[0]) and time.monotonic() < deadline:
+                time.sleep(0.05)  # polling /proc: the exporter is not our child, so no wait() for it
+            assert not alive(exporters[0]), "the exporter process outlived its node"
+        finally:
+            node.terminate()  # already dead: closes its log
+            for pid in exporters:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
