@@ -279,6 +279,8 @@ class FastInvoker:
         if not self.native:
             return self._round_trip_ctypes(function, payload, max_output, fuel, epoch_ticks)
         assert _native is not None
+        if type(payload) is not bytes:  # a bytearray or memoryview from a caller: the C side takes bytes
+            payload = bytes(payload)
         out: tuple[int, bytes | None, int, int, int] = _native.round_trip(
             self._ctx, self._mem_addr, self._alloc_addr, self._func_addrs[function], self._dealloc_addr, payload,
             max_output, -1 if fuel is None else fuel, epoch_ticks)

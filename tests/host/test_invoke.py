@@ -90,3 +90,10 @@ def test_fast_and_plain_paths_fail_alike(wat: Callable[[str], bytes], function: 
         messages.append(info.value.message)
         assert sb.call("echo", 1) == 1
     assert len(set(messages)) == 1, messages
+
+
+def test_any_bytes_like_payload_is_accepted(plugins_dir: Path) -> None:
+    with Sandbox(plugins_dir / "echo.wasm") as sb:
+        data = orjson.dumps({"k": [1, 2]})
+        for payload in (data, bytearray(data), memoryview(data)):
+            assert sb.call_bytes("handle_request", payload) == data  # type: ignore[arg-type]
