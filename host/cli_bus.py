@@ -30,6 +30,10 @@ __all__ = ["DEFAULT_NATS", "register"]
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 NatsOpt = Annotated[str | None, typer.Option("--nats", help="NATS URL(s), comma-separated "
                                                                "[env SANDBUS_NATS; default nats://127.0.0.1:4222].")]
+PluginArg = Annotated[str, typer.Argument(help="Plugin name.")]
+FunctionArg = Annotated[str, typer.Argument(help="Function to call.")]
+RequestArg = Annotated[str, typer.Argument(help="Request JSON, or - for stdin.")]
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for the reply.")]
 
 
 def _nats(url: str | None) -> str:
@@ -160,11 +164,11 @@ def _client_run(coro_factory: Any, url: str | None) -> Any:
 
 
 def request(
-    plugin: Annotated[str, typer.Argument(help="Plugin name.")],
-    function: Annotated[str, typer.Argument(help="Function to call.")] = "handle_request",
-    payload: Annotated[str, typer.Argument(help="Request JSON, or - for stdin.")] = "{}",
+    plugin: PluginArg,
+    function: FunctionArg = "handle_request",
+    payload: RequestArg = "{}",
     nats_url: NatsOpt = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 5.0,
+    timeout: TimeoutOpt = 5.0,
 ) -> None:
     """Call PLUGIN's FUNCTION on whichever node serves it; print the reply."""
     data = read_json_arg(payload, "payload")
@@ -212,11 +216,11 @@ def ls(
 
 
 def trace_cmd(
-    plugin: Annotated[str, typer.Argument(help="Plugin name.")],
-    function: Annotated[str, typer.Argument(help="Function to call.")] = "handle_request",
-    payload: Annotated[str, typer.Argument(help="Request JSON, or - for stdin.")] = "{}",
+    plugin: PluginArg,
+    function: FunctionArg = "handle_request",
+    payload: RequestArg = "{}",
     nats_url: NatsOpt = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 5.0,
+    timeout: TimeoutOpt = 5.0,
 ) -> None:
     """Send one traced request; print its trace id and the spans of the client and the serving node."""
     from opentelemetry import trace

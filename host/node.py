@@ -54,7 +54,6 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 from opentelemetry import trace
 from opentelemetry.context import Context
-from orjson import JSONDecodeError, loads
 
 from bus.connection import ConnectOptions, connect
 from sdk.envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_reply, new_message_id
@@ -113,6 +112,11 @@ class _Lane:
         self.threaded = 0
         #: None: never inline; else the loop time until which calls run in threads (0.0: inline now)
         self.inline_from: float | None = 0.0
+
+    def inline_now(self, loop: asyncio.AbstractEventLoop) -> bool:
+        inline_from = self.inline_from
+        # 0.0 (never demoted) needs no clock read: the common case, once per request
+        return inline_from is not None and (not inline_from or loop.time() >= inline_from)
 
 
 class Node:
@@ -321,21 +325,16 @@ class Node:
     def runs_inline(self, plugin: str) -> bool:
         """Whether the plugin's calls run on the event loop now (not demoted to threads)."""
         lane = self._lanes.get(plugin)
-        if lane is None or lane.inline_from is None:
-            return False
-        return not lane.inline_from or self._loop is None or self._loop.time() >= lane.inline_from
+        return lane is not None and self._loop is not None and lane.inline_now(self._loop)
 
     def try_inline(self, plugin: str, function: str, payload: bytes) -> CallResult | None:
         """Run the call on the loop under the inline budget; None when it must go to a thread instead."""
         lane = self._lanes.get(plugin)
         if lane is None:
             raise PluginNotFoundError(f"no plugin {plugin!r} is served by node {self.node_id}", plugin=plugin)
-        inline_from = lane.inline_from
-        # Threads holding every instance: waiting for one here would block the loop.
-        if inline_from is None or lane.threaded >= lane.limit:
-            return None
         assert self._loop is not None
-        if inline_from and self._loop.time() < inline_from:
+        # Threads holding every instance: waiting for one here would block the loop.
+        if lane.threaded >= lane.limit or not lane.inline_now(self._loop):
             return None
         try:
             return self.manager.execute_detailed(plugin, function, payload, budget_s=self.inline_budget_s)
@@ -418,10 +417,7 @@ class Node:
             latency = None
         data = msg.data
         try:
-            try:
-                loads(data)
-            except JSONDecodeError:
-                _check_json(data, plugin)  # raises with the message
+            _check_json(data, plugin)
             result = self.try_inline(plugin, function, data)
         except SandbusError as e:
             await self._reply(msg, *error_reply(e))
@@ -449,10 +445,7 @@ class Node:
         error: SandbusError | None = None
         result: CallResult | None = None
         try:
-            try:
-                loads(data)
-            except JSONDecodeError:
-                _check_json(data, plugin)
+            _check_json(data, plugin)
             result = self.try_inline(plugin, function, data)
         except SandbusError as e:
             error = e

@@ -26,23 +26,15 @@ __all__ = [
     "SPAN_KIND_PRODUCER",
     "STATUS_ERROR",
     "STATUS_UNSET",
+    "any_value",
     "attributes",
     "encode_span",
-    "double_attr",
-    "event_field",
     "export_request",
-    "export_request_framed",
-    "flags_field",
     "frame",
-    "int_attr",
-    "key_field",
     "key_value",
     "resource",
     "scope",
-    "span_name",
-    "status_field",
-    "str_attr",
-    "trace_state_field",
+    "span_constant",
     "varint",
 ]
 
@@ -123,28 +115,34 @@ def scope(name: str, version: str | None = None) -> bytes:
     return _len(1, name.encode()) + (_len(2, version.encode()) if version else b"")
 
 
-def encode_span(trace_id: bytes, span_id: bytes, parent_id: bytes | None, trace_state: str | None,
-                name: bytes, kind: int, start_ns: int, end_ns: int, static_attrs: bytes,
-                attrs: Mapping[str, Any] | None, events: Iterable[tuple[int, str, Mapping[str, Any]]] = (),
-                status: int = STATUS_UNSET, status_message: str = "", remote_parent: bool = False) -> bytes:
-    """One Span message.
+def span_constant(name: str, kind: int, attrs: Mapping[str, Any]) -> bytes:
+    """A span's name, kind and constant attributes, encoded once and cached by the caller."""
+    return _len(5, name.encode()) + bytes((0x30, kind)) + attributes(9, attrs)
 
-    ``name`` is the encoded name field (:func:`span_name`); ``static_attrs`` is the encoded
-    attributes field (:func:`attributes` with field 9), both cached by the caller.
+
+def encode_span(trace_id: bytes, span_id: bytes, parent_id: bytes | None, trace_state: str | None,
+                constant: bytes, start_ns: int, end_ns: int, attrs: Mapping[str, Any] | None = None,
+                events: Iterable[tuple[int, str, Mapping[str, Any]]] = (), status: int = STATUS_UNSET,
+                status_message: str = "", remote_parent: bool = False) -> bytes:
+    """One Span message; ``constant`` from :func:`span_constant`.
+
+    host/sandbox/_native.c (``encode_request``) writes the common request spans in this same field
+    order, byte for byte (tests/telemetry/test_fast_spans.py compares the two).
     """
     parts = [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
     if trace_state:
         parts.append(_len(3, trace_state.encode()))
     if parent_id:
         parts += (b"\x22\x08", parent_id)
-    parts += (name, b"\x30", bytes((kind,)), b"\x39", _pack_q(start_ns), b"\x41", _pack_q(end_ns), static_attrs)
+    parts += (b"\x39", _pack_q(start_ns), b"\x41", _pack_q(end_ns), constant)
     if attrs:
         parts.append(attributes(9, attrs))
     for time_ns, event_name, event_attrs in events:
-        parts.append(event_field(time_ns, event_name, event_attrs))
+        parts.append(_len(11, b"\x09" + _pack_q(time_ns) + _len(2, event_name.encode()) + attributes(3, event_attrs)))
     if status:
-        parts.append(status_field(status, status_message))
-    parts.append(flags_field(remote_parent=remote_parent))
+        parts.append(_len(15, (_len(2, status_message.encode()) if status_message else b"") + b"\x18"
+                          + varint(status)))
+    parts += (b"\x85\x01", _pack_i(FLAG_HAS_IS_REMOTE | (FLAG_IS_REMOTE if remote_parent else 0)))
     return b"".join(parts)
 
 
@@ -153,56 +151,9 @@ def frame(field: int, payload: bytes) -> bytes:
     return _len(field, payload)
 
 
-def key_field(key: str) -> bytes:
-    """KeyValue.key, encoded: the constant half of an attribute (see :func:`int_attr`)."""
-    return _len(1, key.encode())
-
-
-def int_attr(key: bytes, value: int) -> bytes:
-    """A Span.attributes entry with an int value; ``key`` from :func:`key_field`."""
-    av = b"\x18" + varint(value)
-    body = key + b"\x12" + _SMALL[len(av)] + av
-    return b"\x4a" + varint(len(body)) + body
-
-
-def double_attr(key: bytes, value: float) -> bytes:
-    body = key + b"\x12\x09\x21" + _pack_d(value)
-    return b"\x4a" + varint(len(body)) + body
-
-
-def str_attr(key: bytes, value: str) -> bytes:
-    return _len(9, key + _len(2, _len(1, value.encode())))
-
-
-def trace_state_field(trace_state: str) -> bytes:
-    return _len(3, trace_state.encode())
-
-
-def status_field(code: int, message: str) -> bytes:
-    return _len(15, (_len(2, message.encode()) if message else b"") + b"\x18" + varint(code))
-
-
-def flags_field(*, remote_parent: bool) -> bytes:
-    return b"\x85\x01" + _pack_i(FLAG_HAS_IS_REMOTE | (FLAG_IS_REMOTE if remote_parent else 0))
-
-
-def event_field(time_ns: int, name: str, attrs: Mapping[str, Any]) -> bytes:
-    """A Span.events entry."""
-    return _len(11, b"\x09" + _pack_q(time_ns) + _len(2, name.encode()) + attributes(3, attrs))
-
-
-def span_name(name: str) -> bytes:
-    """The encoded Span.name field, for :func:`encode_span`."""
-    return _len(5, name.encode())
-
-
-def export_request(resource_msg: bytes, scope_msg: bytes, spans: Iterable[bytes]) -> bytes:
-    """An ExportTraceServiceRequest with one resource and one scope."""
-    return export_request_framed(resource_msg, scope_msg, [_len(2, s) for s in spans])
-
-
-def export_request_framed(resource_msg: bytes, scope_msg: bytes, framed_spans: Iterable[bytes]) -> bytes:
-    """:func:`export_request` of spans already framed with :func:`frame` (field 2)."""
+def export_request(resource_msg: bytes, scope_msg: bytes, framed_spans: Iterable[bytes]) -> bytes:
+    """An ExportTraceServiceRequest with one resource and one scope; the spans already framed as
+    ScopeSpans.spans fields (``frame(2, span)``)."""
     scope_spans = _len(1, scope_msg) + b"".join(framed_spans)
     resource_spans = _len(1, resource_msg) + _len(2, scope_spans)
     return _len(1, resource_spans)

@@ -46,17 +46,6 @@ log = logging.getLogger("sandbus.telemetry")
 
 _frame = struct.Struct(">I")
 _getrandbits = random.getrandbits
-_pack_q = struct.Struct("<Q").pack
-_K_BODY_SIZE = wire.key_field("messaging.message.body.size")
-_K_MESSAGE_ID = wire.key_field("messaging.message.id")
-_K_FUEL = wire.key_field("sandbus.fuel_consumed")
-_K_MEMORY = wire.key_field("sandbus.memory_bytes")
-_K_DURATION = wire.key_field("sandbus.duration_ms")
-_K_ERROR_TYPE = wire.key_field("error.type")
-_OUTCOME_OK = wire.attributes(9, {"sandbus.outcome": "ok"})
-_OUTCOME_ERROR = wire.attributes(9, {"sandbus.outcome": "error"})
-_FLAGS_LOCAL = wire.flags_field(remote_parent=False)
-_FLAGS_REMOTE = wire.flags_field(remote_parent=True)
 #: bounded caches of encoded constant parts (subjects come from clients: unbounded otherwise)
 _CACHE_MAX = 4096
 #: requests (two spans each) posted to the collector at once, at most
@@ -90,20 +79,19 @@ class SpanEncoder:
                 spans += self.spans(r)
             except Exception:  # one bad record must not lose the batch
                 log.exception("could not encode a request record")
-        return wire.export_request_framed(self._resource, self._scope, spans)
+        return wire.export_request(self._resource, self._scope, spans)
 
     def _constants(self, key: tuple[str, str, str, str, str]) -> tuple[bytes, bytes]:
         subject, group, plugin, version, function = key
         if len(self._consts) >= _CACHE_MAX:
             self._consts.clear()
         consts = self._consts[key] = (
-            wire.span_name(f"process {subject}") + bytes((0x30, wire.SPAN_KIND_CONSUMER)) + wire.attributes(9, {
+            wire.span_constant(f"process {subject}", wire.SPAN_KIND_CONSUMER, {
                 "messaging.system": "nats", "messaging.destination.name": subject,
                 "messaging.operation.name": "process", "messaging.operation.type": "process",
                 "messaging.consumer.group.name": group}),
-            wire.span_name(f"execute {plugin}.{function}") + bytes((0x30, wire.SPAN_KIND_INTERNAL))
-            + wire.attributes(9, {"sandbus.plugin.name": plugin, "sandbus.plugin.version": version,
-                                  "sandbus.function": function}),
+            wire.span_constant(f"execute {plugin}.{function}", wire.SPAN_KIND_INTERNAL, {
+                "sandbus.plugin.name": plugin, "sandbus.plugin.version": version, "sandbus.function": function}),
         )
         return consts
 
@@ -132,28 +120,21 @@ class SpanEncoder:
         (trace_hex, parent_hex, trace_state, process_sid, exec_sid, start, end, _, _, message_id,
          body_size, _, _, _, exec_start, exec_end, result, error, events) = r
         process_const, exec_const = consts
-        process_id = process_sid.to_bytes(8, "big")
-        common = b"\x0a\x10" + bytes.fromhex(trace_hex) + (wire.trace_state_field(trace_state) if trace_state else b"")
-        process = [common, b"\x12\x08", process_id, b"\x39", _pack_q(start), b"\x41", _pack_q(end), process_const,
-                   wire.int_attr(_K_BODY_SIZE, body_size)]
-        if parent_hex:
-            process += (b"\x22\x08", bytes.fromhex(parent_hex), _FLAGS_REMOTE)
-        else:
-            process.append(_FLAGS_LOCAL)
-        if message_id:
-            process.append(wire.str_attr(_K_MESSAGE_ID, message_id))
-        execute = [common, b"\x12\x08", exec_sid.to_bytes(8, "big"), b"\x22\x08", process_id, b"\x39",
-                   _pack_q(exec_start), b"\x41", _pack_q(exec_end), exec_const, _FLAGS_LOCAL]
+        trace_id, process_id = bytes.fromhex(trace_hex), process_sid.to_bytes(8, "big")
+        status, message = (wire.STATUS_ERROR, error[1][:256]) if error else (wire.STATUS_UNSET, "")
+        process = wire.encode_span(
+            trace_id, process_id, bytes.fromhex(parent_hex) if parent_hex else None, trace_state, process_const,
+            start, end, {"messaging.message.body.size": body_size, "messaging.message.id": message_id or None},
+            status=status, status_message=message, remote_parent=bool(parent_hex))
+        attrs: dict[str, Any] = {}
         if result is not None:
-            execute += (wire.int_attr(_K_FUEL, result[0]), wire.int_attr(_K_MEMORY, result[1]),
-                        wire.double_attr(_K_DURATION, round(result[2] * 1e3, 3)), _OUTCOME_OK)
+            attrs = {"sandbus.fuel_consumed": result[0], "sandbus.memory_bytes": result[1],
+                     "sandbus.duration_ms": round(result[2] * 1e3, 3), "sandbus.outcome": "ok"}
         if error is not None:
-            status = wire.status_field(wire.STATUS_ERROR, error[1][:256])
-            process.append(status)
-            execute += (_OUTCOME_ERROR, wire.str_attr(_K_ERROR_TYPE, error[0]), status)
-        if events:
-            execute += [wire.event_field(t, name, attrs) for t, name, attrs in events]
-        return [wire.frame(2, b"".join(process)), wire.frame(2, b"".join(execute))]
+            attrs = {"sandbus.outcome": "error", "error.type": error[0]}
+        execute = wire.encode_span(trace_id, exec_sid.to_bytes(8, "big"), process_id, trace_state, exec_const,
+                                   exec_start, exec_end, attrs, events or (), status=status, status_message=message)
+        return [wire.frame(2, process), wire.frame(2, execute)]
 
 
 

@@ -15,6 +15,7 @@ from typing import Any, Self
 
 import orjson
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -81,8 +82,17 @@ class Client:
 
     async def _request_raw(self, subject: str, data: bytes, timeout: float, headers: dict[str, str],
                            what: str) -> bytes:
+        msg = await self._nats_request(subject, data, timeout, headers, what)
+        err = error_from_reply(msg.data, msg.headers)
+        if err is not None:
+            raise err
+        return bytes(msg.data)
+
+    async def _nats_request(self, subject: str, data: bytes, timeout: float, headers: dict[str, str],
+                            what: str) -> Msg:
+        """One NATS request, its transport failures as sandbus errors (the reply is not looked at)."""
         try:
-            msg = await self.nc.request(subject, data, timeout=timeout, headers=headers)
+            return await self.nc.request(subject, data, timeout=timeout, headers=headers)
         except NoRespondersError as e:
             raise PluginNotFoundError(f"no node serves {what} (nobody listens on {subject})") from e
         except NatsTimeoutError as e:
@@ -91,10 +101,6 @@ class Client:
             raise PayloadTooLargeError(
                 f"request of {len(data)} bytes exceeds the server's max payload of {self.nc.max_payload} bytes",
                 size=len(data), limit=self.nc.max_payload) from e
-        err = error_from_reply(msg.data, msg.headers)
-        if err is not None:
-            raise err
-        return bytes(msg.data)
 
     async def request_bytes(self, plugin: str, function: str, payload: bytes, *, timeout: float = 5.0) -> bytes:
         """Call ``function`` of ``plugin`` on whichever node serves it; the raw reply bytes."""
@@ -110,12 +116,7 @@ class Client:
         headers = {**JSON, H_MSG_ID: new_message_id(), H_FROM: self.sender, H_TRACE_DEBUG: "1"}
         subject = request_subject(plugin, function)
         with send_span(subject, headers, message_id=headers[H_MSG_ID], body_size=len(payload)):
-            try:
-                msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
-            except NoRespondersError as e:
-                raise PluginNotFoundError(f"no node serves plugin {plugin!r}") from e
-            except NatsTimeoutError as e:
-                raise RequestTimeoutError(f"no reply from plugin {plugin!r} within {timeout:g} s") from e
+            msg = await self._nats_request(subject, payload, timeout, headers, f"plugin {plugin!r}")
         reply_headers = dict(msg.headers or {})
         spans = orjson.loads(reply_headers.pop(H_TRACE_SPANS, "[]"))
         return bytes(msg.data), reply_headers, spans

@@ -169,25 +169,12 @@ class PluginManager:
         :class:`~host.sandbox.BudgetExceeded` (not counted as an error: the caller retries it
         elsewhere); see :meth:`Sandbox.call_detailed`.
         """
-        # The node's request path: Sandbox.call_detailed's steps are done here, not called, so a
-        # call crosses one layer fewer (see bench/bench_bus.py).
         table = self._table
         for attempt in (1, 2):
             version, stats = table.checkout(name)
-            sandbox = version.sandbox
             start = perf_counter()
             try:
-                pool = sandbox.pool
-                inst = pool.acquire()
-                try:
-                    reply = inst.call(function, payload, budget_s=budget_s)
-                    # Read before the instance goes back: another thread may take it at once.
-                    call_stats = inst.ctx.stats
-                    fuel, memory = call_stats.fuel_used, call_stats.memory_bytes
-                finally:
-                    elapsed = perf_counter() - start
-                    pool.release(inst)
-                sandbox.check_reply(function, reply)
+                result = version.sandbox.call_detailed(function, payload, budget_s=budget_s)
             except InstanceLimitError as e:
                 # The table never closes a version under a running call, but should a retired
                 # version's pool be closed anyway (it is shutting down), the current one answers.
@@ -200,8 +187,8 @@ class PluginManager:
                 raise
             finally:
                 table.checkin(version)
-            stats.record_call(elapsed, fuel, memory)
-            return CallResult(reply, fuel, memory, elapsed)
+            stats.record_call(result.duration_s, result.fuel_used, result.memory_bytes)
+            return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _checkout(self, name: str) -> tuple[PluginVersion, PluginStats]:

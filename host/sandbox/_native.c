@@ -216,7 +216,7 @@ static PyObject *native_round_trip(PyObject *self, PyObject *args) {
 /* ---------------------------------------------------------------------------------------------
  * OTLP encoding of a request's two spans (host/span_export.py): the common case only (no audit
  * events, no error); anything else returns None and the Python encoder does it. The byte layout is
- * exactly SpanEncoder.spans' (tests/telemetry/test_fast_spans.py compares the two).
+ * exactly otlp_wire.encode_span's (tests/telemetry/test_fast_spans.py compares the two).
  * ------------------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -275,52 +275,49 @@ static void put_flags(out_t *o, uint32_t flags) {
     put(o, buf, 6);
 }
 
-/* Span.attributes entry (field 9) with an int value. */
-static void put_int_attr(out_t *o, const char *key, uint64_t v) {
+/* A Span.attributes entry (field 9): the key and an already encoded AnyValue. */
+static void put_attr(out_t *o, const char *key, const uint8_t *value, size_t value_len) {
     size_t klen = strlen(key);
-    size_t av = 1 + varint_len(v);                    /* AnyValue: 0x18 varint */
-    size_t body = 1 + varint_len(klen) + klen + 1 + varint_len(av) + av;
     put_byte(o, 0x4a);
-    put_varint(o, body);
+    put_varint(o, 1 + varint_len(klen) + klen + 1 + varint_len(value_len) + value_len);
     put_byte(o, 0x0a);
     put_varint(o, klen);
     put(o, key, klen);
     put_byte(o, 0x12);
-    put_varint(o, av);
-    put_byte(o, 0x18);
-    put_varint(o, v);
+    put_varint(o, value_len);
+    put(o, value, value_len);
+}
+
+static void put_int_attr(out_t *o, const char *key, uint64_t v) {
+    uint8_t buf[11];
+    out_t av = {buf, buf + sizeof buf, 0};
+    put_byte(&av, 0x18); /* AnyValue.int_value */
+    put_varint(&av, v);
+    put_attr(o, key, buf, (size_t)(av.p - buf));
 }
 
 static void put_double_attr(out_t *o, const char *key, double v) {
-    size_t klen = strlen(key);
-    size_t body = 1 + varint_len(klen) + klen + 1 + 1 + 9;
+    uint8_t buf[9];
+    out_t av = {buf, buf + sizeof buf, 0};
     uint64_t bits;
     memcpy(&bits, &v, 8);
-    put_byte(o, 0x4a);
-    put_varint(o, body);
-    put_byte(o, 0x0a);
-    put_varint(o, klen);
-    put(o, key, klen);
-    put_byte(o, 0x12);
-    put_byte(o, 0x09);
-    put_byte(o, 0x21);
-    put_fixed64(o, bits);
+    put_byte(&av, 0x21); /* AnyValue.double_value */
+    put_fixed64(&av, bits);
+    put_attr(o, key, buf, sizeof buf);
 }
 
+/* s is at most 512 bytes (the caller checks): the AnyValue fits the buffer. */
 static void put_str_attr(out_t *o, const char *key, const char *s, size_t slen) {
-    size_t klen = strlen(key);
-    size_t av = 1 + varint_len(slen) + slen;
-    size_t body = 1 + varint_len(klen) + klen + 1 + varint_len(av) + av;
-    put_byte(o, 0x4a);
-    put_varint(o, body);
-    put_byte(o, 0x0a);
-    put_varint(o, klen);
-    put(o, key, klen);
-    put_byte(o, 0x12);
-    put_varint(o, av);
-    put_byte(o, 0x0a);
-    put_varint(o, slen);
-    put(o, s, slen);
+    uint8_t buf[3 + 512];
+    out_t av = {buf, buf + sizeof buf, 0};
+    put_byte(&av, 0x0a); /* AnyValue.string_value */
+    put_varint(&av, slen);
+    put(&av, s, slen);
+    if (av.overflow) {
+        o->overflow = 1;
+        return;
+    }
+    put_attr(o, key, buf, (size_t)(av.p - buf));
 }
 
 static int hex_to_bytes(PyObject *str, uint8_t *out, size_t n) {
@@ -396,22 +393,21 @@ static PyObject *native_encode_request(PyObject *self, PyObject *args) {
         put(&s, trace, 16);
         put(&s, "\x12\x08", 2);
         put_be64(&s, which == 0 ? pid : eid);
+        /* The field order of host/otlp_wire.py's encode_span. */
         if (which == 0) {
+            if (parent != Py_None) {
+                put(&s, "\x22\x08", 2);
+                put(&s, parent_id, 8);
+            }
             put_byte(&s, 0x39);
             put_fixed64(&s, start);
             put_byte(&s, 0x41);
             put_fixed64(&s, end);
             put(&s, pconst, (size_t)pconst_len);
             put_int_attr(&s, "messaging.message.body.size", body_size);
-            if (parent != Py_None) {
-                put(&s, "\x22\x08", 2);
-                put(&s, parent_id, 8);
-                put_flags(&s, 0x300);
-            } else {
-                put_flags(&s, 0x100);
-            }
             if (mid != NULL && mid_len > 0)
                 put_str_attr(&s, "messaging.message.id", mid, (size_t)mid_len);
+            put_flags(&s, parent != Py_None ? 0x300 : 0x100);
         } else {
             put(&s, "\x22\x08", 2);
             put_be64(&s, pid);
@@ -420,11 +416,11 @@ static PyObject *native_encode_request(PyObject *self, PyObject *args) {
             put_byte(&s, 0x41);
             put_fixed64(&s, exec_end);
             put(&s, econst, (size_t)econst_len);
-            put_flags(&s, 0x100);
             put_int_attr(&s, "sandbus.fuel_consumed", fuel);
             put_int_attr(&s, "sandbus.memory_bytes", memory);
             put_double_attr(&s, "sandbus.duration_ms", duration_ms);
             put_str_attr(&s, "sandbus.outcome", "ok", 2);
+            put_flags(&s, 0x100);
         }
         if (s.overflow)
             Py_RETURN_NONE;

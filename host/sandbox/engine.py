@@ -8,6 +8,7 @@ type we build is built from the engine that uses it.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import threading
 import time
@@ -78,6 +79,7 @@ def get_engine(stack_bytes: int, fuel: bool = True) -> EngineHandle:
         return handle
 
 
+@functools.lru_cache(maxsize=256)  # on every inline call, with a handful of distinct values
 def ticks_for(timeout_s: float) -> int:
     """Epoch ticks covering ``timeout_s`` (+1: the current tick may be nearly over)."""
     return max(1, int(timeout_s / EPOCH_TICK_S + 0.999999)) + 1

@@ -180,7 +180,6 @@ class PluginInstance:
         self.poisoned = False
         self._auditor = auditor
         self._ticks = ticks_for(limits.timeout_s)
-        self._budget_ticks: dict[float, int] = {}  # budget_s -> ticks, for the node's inline calls
         logger = logging.getLogger(f"sandbus.plugin.{plugin}")
         self.ctx = CallContext(plugin, capabilities, limits, auditor, logger)
         if context_factory is not None:
@@ -397,11 +396,7 @@ class PluginInstance:
         loop without letting one stall the loop (see host/node.py).
         """
         limits = self.limits
-        if budget_s is None:
-            ticks = self._ticks
-        else:
-            ticks = self._budget_ticks.get(budget_s) or self._budget_ticks.setdefault(
-                budget_s, min(self._ticks, ticks_for(budget_s)))
+        ticks = self._ticks if budget_s is None else min(self._ticks, ticks_for(budget_s))
         if len(payload) > limits.max_input_bytes:
             raise size_limit_error(self._auditor, self.plugin, limits, "input", len(payload))
         if function not in self.info.functions:

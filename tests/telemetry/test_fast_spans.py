@@ -46,8 +46,8 @@ def test_the_sdk_exporter_still_has_the_client_we_send_through() -> None:
 @pytest.mark.parametrize("value", ["", "a", "é" * 300, 0, 1, 127, 128, 2**40, -1, -(2**63), 2**63 - 1, 0.5, -2.25,
                                    True, False, ["a", "b"], [1, 2]])
 def test_any_value_of_every_type_decodes(value: Any) -> None:
-    span = wire.encode_span(bytes(range(16)), bytes(range(8)), None, None, wire.span_name("x"), 1, 1, 2,
-                            wire.attributes(9, {"k": value}), None)
+    span = wire.encode_span(bytes(range(16)), bytes(range(8)), None, None,
+                            wire.span_constant("x", wire.SPAN_KIND_INTERNAL, {"k": value}), 1, 2)
     decoded = Span()
     decoded.ParseFromString(span)
     got = decoded.attributes[0].value
@@ -62,8 +62,9 @@ def test_any_value_of_every_type_decodes(value: Any) -> None:
 def test_a_span_with_every_field_decodes() -> None:
     data = wire.encode_span(
         bytes.fromhex(TRACE), bytes.fromhex("00f067aa0ba902b7"), bytes.fromhex(PARENT), "congo=t61rcWkgMzE",
-        wire.span_name("process sandbus.req.echo.handle_request"), wire.SPAN_KIND_CONSUMER, 1_700_000_000_000_000_001,
-        1_700_000_000_000_500_000, wire.attributes(9, {"messaging.system": "nats"}),
+        wire.span_constant("process sandbus.req.echo.handle_request", wire.SPAN_KIND_CONSUMER,
+                           {"messaging.system": "nats"}),
+        1_700_000_000_000_000_001, 1_700_000_000_000_500_000,
         {"messaging.message.body.size": 100, "sandbus.duration_ms": 0.125},
         events=[(1_700_000_000_000_100_000, "audit.limit.fuel", {"audit.level": "warning", "audit.limit": 10})],
         status=wire.STATUS_ERROR, status_message="fuel exhausted", remote_parent=True)
