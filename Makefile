@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # A host node serving plugins/build on an embedded nats-server with JetStream (Ctrl-C drains and stops).
 run: $(STAMP) plugins
-	$(BIN)/sandbus node --plugins plugins/build
+	$(BIN)/sandbus node --plugins plugins/build --policy plugins/policy.toml
 
 test: $(STAMP) plugins lint typecheck pytest
 

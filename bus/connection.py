@@ -13,6 +13,7 @@ from nats.aio.client import Client
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdk.errors import BusError
+from sdk.nats_guard import MAX_OUTSTANDING_PINGS, PING_INTERVAL_S, GuardedNatsClient
 
 __all__ = ["ConnectOptions", "connect"]
 
@@ -28,6 +29,8 @@ class ConnectOptions(BaseModel):
         tls_ca / tls_cert / tls_key: TLS (client certificate optional).
         name: connection name shown by the server.
         max_reconnect_attempts: -1 reconnects forever (what a node wants).
+        ping_interval_s / max_outstanding_pings: a connection whose server left this many PINGs
+            unanswered is stale and replaced (nats-py's own default, 120 s x 2, left a node deaf ~6 min).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -45,6 +48,8 @@ class ConnectOptions(BaseModel):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     reconnect_wait_s: float = Field(default=0.5, ge=0)
     max_reconnect_attempts: int = -1
+    ping_interval_s: int = Field(default=PING_INTERVAL_S, ge=1)
+    max_outstanding_pings: int = Field(default=MAX_OUTSTANDING_PINGS, ge=1)
 
     @classmethod
     def from_urls(cls, urls: str, **kwargs: Any) -> ConnectOptions:
@@ -71,6 +76,8 @@ class ConnectOptions(BaseModel):
             "max_reconnect_attempts": self.max_reconnect_attempts,
             "allow_reconnect": True,
             "drain_timeout": 10,
+            "ping_interval": self.ping_interval_s,
+            "max_outstanding_pings": self.max_outstanding_pings,
         }
         if self.user is not None:
             kw["user"] = self.user
@@ -94,14 +101,18 @@ async def _log_error(e: Exception) -> None:
 async def connect(options: ConnectOptions, *,
                   on_reconnect: Callable[[], Awaitable[None]] | None = None,
                   on_disconnect: Callable[[], Awaitable[None]] | None = None) -> Client:
-    """Connect, turning failures into a BusError that names the servers tried."""
+    """Connect, turning failures into a BusError that names the servers tried.
+
+    The client is a :class:`~sdk.nats_guard.GuardedNatsClient`: a message nats-py cannot decode is
+    dropped and logged, and a read loop that ends anyway is replaced by an immediate reconnect.
+    """
     kw = options.kwargs()
     kw["error_cb"] = _log_error
     if on_reconnect is not None:
         kw["reconnected_cb"] = on_reconnect
     if on_disconnect is not None:
         kw["disconnected_cb"] = on_disconnect
-    nc = Client()
+    nc = GuardedNatsClient()
     try:
         await nc.connect(**kw)
         return nc

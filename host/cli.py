@@ -2,13 +2,14 @@
 
 Exit codes are part of the interface (scripts branch on them):
 0 success; 1 the plugin trapped or reported an error; 2 bad usage or bad input
-(unreadable file, invalid JSON, invalid module); 3 a resource limit was hit;
+(unreadable file, invalid JSON, invalid module, a function the module does not export, an input
+above its cap); 3 a resource limit was hit;
 4 a security violation.
 """
 
 from __future__ import annotations
 
-import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,7 +29,9 @@ from sdk.errors import (
     SecurityViolationError,
 )
 
+from .cli_output import TerminalFormatter, setup_logging, terminal_json, terminal_text
 from .cli_plugins import plugins_app
+from .manifest import check_env_name
 from .sandbox import MIB, Capabilities, DirGrant, Limits, Sandbox
 
 __all__ = [
@@ -37,11 +40,15 @@ __all__ = [
     "EXIT_PLUGIN",
     "EXIT_SECURITY",
     "EXIT_USAGE",
+    "MAX_JSON_ARG_BYTES",
+    "TerminalFormatter",
     "app",
     "exit_code_for",
+    "finite_positive",
     "main",
     "read_json_arg",
     "setup_logging",
+    "terminal_text",
 ]
 
 EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, EXIT_LIMIT, EXIT_SECURITY = 0, 1, 2, 3, 4
@@ -67,13 +74,32 @@ def exit_code_for(err: SandbusError) -> int:
 
 
 def fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"sandbus: {message}", err=True)
+    typer.echo(f"sandbus: {terminal_text(message)}", err=True)
     raise typer.Exit(code)
 
 
-def read_json_arg(text: str, what: str) -> bytes:
-    """A JSON argument (``-`` reads stdin), checked; bad JSON is a usage error naming ``what``."""
-    raw = sys.stdin.buffer.read() if text == "-" else text.encode()
+def finite_positive(value: float | None) -> float | None:
+    """Option callback: a number of seconds or MiB must be a finite number above zero (``nan`` and
+    ``inf`` parse as floats, and only fail deep inside, as a traceback); anything else is a usage error."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"expected a finite number above 0, found {value}")
+    return value
+
+
+#: Largest JSON argument (``--input``, ``--config``, payloads) read from the command line or stdin.
+MAX_JSON_ARG_BYTES = 64 * 1024 * 1024
+
+
+def read_json_arg(text: str, what: str, cap: int = MAX_JSON_ARG_BYTES, *, stdin: bool = True) -> bytes:
+    """A JSON argument (``-`` reads stdin unless ``stdin`` is False), checked; bad JSON is a usage error
+    naming ``what``.
+
+    At most ``cap + 1`` bytes are ever read: an input over the cap is refused as bad input (exit 2)
+    before it fills memory, however much stdin holds.
+    """
+    raw = sys.stdin.buffer.read(cap + 1) if stdin and text == "-" else text.encode()
+    if len(raw) > cap:
+        fail(f"{what} is larger than the {cap}-byte input cap", EXIT_USAGE)
     try:
         orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -81,19 +107,16 @@ def read_json_arg(text: str, what: str) -> bytes:
     return raw
 
 
-def setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-
-
 @app.command()
 def run(
     plugin: Annotated[Path, typer.Argument(help="The plugin's .wasm file.")],
     function: Annotated[str, typer.Option("--function", "-f", help="Exported function to call.")] = "handle_request",
     input_: Annotated[str, typer.Option("--input", "-i", help="Request JSON, or - to read stdin.")] = "{}",
-    memory_mb: Annotated[float | None, typer.Option(help="Linear memory limit, MiB.")] = None,
+    memory_mb: Annotated[float | None, typer.Option(help="Linear memory limit, MiB.", callback=finite_positive)]
+    = None,
     fuel: Annotated[int | None, typer.Option(help="Fuel per call (~1 unit per instruction); 0 = unmetered.")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Wall-clock limit per call, seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Wall-clock limit per call, seconds.",
+                                                  callback=finite_positive)] = None,
     allow_read: Annotated[list[Path] | None, typer.Option(help="Grant read access to DIR.")] = None,
     allow_write: Annotated[list[Path] | None, typer.Option(help="Grant read/write access to DIR.")] = None,
     allow_env: Annotated[list[str] | None, typer.Option(help="Pass host variable NAME to the plugin.")] = None,
@@ -104,13 +127,14 @@ def run(
 ) -> None:
     """Load PLUGIN, call FUNCTION with the input JSON, print the reply JSON."""
     setup_logging(verbose)
-    payload = read_json_arg(input_, "--input")
-    try:
-        settings: Any = orjson.loads(config)
-    except orjson.JSONDecodeError as e:
-        fail(f"--config is not valid JSON: {e}", EXIT_USAGE)
+    settings: Any = orjson.loads(read_json_arg(config, "--config", stdin=False))
     if not isinstance(settings, dict):
         fail("--config must be a JSON object", EXIT_USAGE)
+    for name in allow_env or []:
+        try:
+            check_env_name(name)
+        except ValueError as e:
+            fail(f"invalid option --allow-env: {e}", EXIT_USAGE)
     overrides: dict[str, Any] = {}
     if memory_mb is not None:
         overrides["memory_bytes"] = int(memory_mb * MIB)
@@ -133,6 +157,8 @@ def run(
         )
     except ValueError as e:
         fail(f"invalid option: {e}", EXIT_USAGE)
+    # Read before loading (a refused input costs no compile), and never more than the plugin would take.
+    payload = read_json_arg(input_, "--input", cap=limits.max_input_bytes)
     try:
         sandbox = Sandbox(plugin, limits=limits, capabilities=caps, config=settings)
     except AbiViolationError as e:
@@ -141,12 +167,17 @@ def run(
         fail(str(e), exit_code_for(e))
     try:
         with sandbox:
+            # A function the module does not export is a mistake on the command line, not the plugin's.
+            # (A component takes every name through its one entry point and answers an unknown one itself.)
+            if sandbox.kind == "module" and function not in sandbox.functions:
+                fail(f"plugin {sandbox.name!r} has no function {function!r}; exported functions: "
+                     f"{', '.join(sandbox.functions) or 'none'}", EXIT_USAGE)
             reply = sandbox.call_bytes(function, payload)
     except SandbusError as e:
         fail(str(e), exit_code_for(e))
-    sys.stdout.buffer.write(reply + b"\n")
+    decoded = orjson.loads(reply)  # the sandbox validated it
+    sys.stdout.buffer.write(terminal_json(reply) + b"\n")
     sys.stdout.flush()
-    decoded = orjson.loads(reply)
     if isinstance(decoded, dict) and decoded.get("success") is False:
         raise typer.Exit(EXIT_PLUGIN)
 

@@ -37,6 +37,8 @@ from .authoring import (
     scaffold,
 )
 from .cli import EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, fail
+from .cli_output import cell, markup_safe, terminal_json
+from .sandbox.guest_text import escape_controls
 
 __all__ = ["build", "inspect", "new", "register"]
 
@@ -55,9 +57,9 @@ def new(
     except AuthoringError as e:
         fail(str(e), EXIT_USAGE)
     console = Console(soft_wrap=True)  # lines are commands to copy: never wrapped
-    console.print(f"created [bold]{project.root}[/bold] ({lang.value}):")
+    console.print(f"created [bold]{markup_safe(project.root)}[/bold] ({lang.value}):")
     for path in sorted(p for p in project.root.rglob("*") if p.is_file()):
-        console.print(f"  {path.relative_to(project.root)}")
+        console.print(f"  {markup_safe(path.relative_to(project.root))}")
     shown = _shown(project.root)
     console.print("next:")
     console.print(f"  sandbus build {shown}              # -> {shown}/build/{name}.wasm", markup=False)
@@ -84,9 +86,9 @@ def build(
     try:
         with err.status("building", spinner="dots") as status:
             def progress(line: str) -> None:
-                status.update(line)
+                status.update(markup_safe(line))
                 if not quiet:
-                    err.print(f"[dim]•[/dim] {line}", highlight=False)
+                    err.print(f"[dim]•[/dim] {markup_safe(line)}", highlight=False)
 
             result = build_project(directory, force=force, progress=progress)
     except ToolchainMissingError as e:
@@ -95,11 +97,11 @@ def build(
         fail(str(e), EXIT_PLUGIN)
     except (AuthoringError, ManifestError) as e:
         fail(str(e), EXIT_USAGE)
-    if result.output and not quiet:
-        err.print(Text(result.output, style="yellow"))
+    if result.output and not quiet:  # the compiler's output quotes the sources: shown, never interpreted
+        err.print(Text(escape_controls(result.output, keep_newlines=True), style="yellow"))
     wasm = _shown(result.wasm)
     verb = "built" if result.built else "up to date:"
-    out.print(f"{verb} {wasm} ({_size(result.size)}, {result.tool}, sha256 {result.sha256[:12]}…) "
+    out.print(f"{verb} {markup_safe(wasm)} ({_size(result.size)}, {result.tool}, sha256 {result.sha256[:12]}…) "
               f"in {result.duration_s:.2f} s", highlight=False)
 
 
@@ -117,13 +119,14 @@ def inspect(
     except AuthoringError as e:
         fail(str(e), EXIT_USAGE)
     if as_json:
-        sys.stdout.buffer.write(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(terminal_json(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2)) + b"\n")
     else:
         _print_report(report)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_PLUGIN)
 
 
 def _verdict(ok: bool | None, text: str) -> Text:
+    text = escape_controls(text)  # it quotes names from the module, which are any UTF-8
     if ok is None:
         return Text(text)
     return Text(text, style="green" if ok else "bold red")
@@ -131,7 +134,8 @@ def _verdict(ok: bool | None, text: str) -> Text:
 
 def _print_report(r: WasmReport) -> None:
     console = Console()
-    facts = Table(show_header=False, title=f"{r.path}", title_justify="left", box=None, pad_edge=False)
+    # Names in a module (exports, imports) and in its manifest are the author's: plain text cells.
+    facts = Table(show_header=False, title=markup_safe(r.path), title_justify="left", box=None, pad_edge=False)
     facts.add_column(style="bold")
     facts.add_column(overflow="fold")
     facts.add_row("kind", r.kind)
@@ -144,10 +148,10 @@ def _print_report(r: WasmReport) -> None:
         if r.memory_pages is not None:
             facts.add_row("initial memory", f"{r.memory_pages} pages ({_size(r.memory_pages * 65536)})")
         if r.optional_exports:
-            facts.add_row("optional exports", ", ".join(r.optional_exports))
+            facts.add_row("optional exports", cell(", ".join(r.optional_exports)))
     else:
         facts.add_row("ABI", "component model: world sandbus:plugin (functions dispatched by handle-request)")
-    facts.add_row("callable functions", ", ".join(r.functions) or "-")
+    facts.add_row("callable functions", cell(", ".join(r.functions) or "-"))
     if r.load_error:
         facts.add_row("loads in a sandbox", _verdict(False, r.load_error))
     elif r.kind == "core module" and r.abi_ok:
@@ -155,8 +159,8 @@ def _print_report(r: WasmReport) -> None:
     for problem in r.import_problems:
         facts.add_row("import", _verdict(False, problem))
     if r.manifest is None:
-        facts.add_row("manifest", Text(f"none ({Path(r.path).with_suffix('.toml').name} is not beside it; "
-                                       "a node needs one)", style="yellow"))
+        facts.add_row("manifest", Text(escape_controls(f"none ({Path(r.path).with_suffix('.toml').name} is not "
+                                                       "beside it; a node needs one)"), style="yellow"))
     elif r.manifest.valid:
         pinned = ", sha256 pinned and matching" if r.manifest.sha256_pinned else ""
         facts.add_row("manifest", _verdict(True, f"valid: {r.manifest.name} {r.manifest.version}{pinned}"))
@@ -168,7 +172,7 @@ def _print_report(r: WasmReport) -> None:
     for col in ("name", "kind", "signature"):
         exports.add_column(col, overflow="fold")
     for e in r.exports:
-        exports.add_row(e.name, e.kind, e.signature)
+        exports.add_row(cell(e.name), cell(e.kind), cell(e.signature))
     console.print(exports)
     imports = Table(title="imports", title_justify="left")
     for col in ("module", "name", "kind", "signature"):
@@ -180,7 +184,7 @@ def _print_report(r: WasmReport) -> None:
             wasi_packages.add(i.module.split("/")[0])
             wasi_functions += 1
             continue
-        imports.add_row(i.module or "-", i.name, i.kind, i.signature)
+        imports.add_row(cell(i.module or "-"), cell(i.name), cell(i.kind), cell(i.signature))
     if wasi_packages:
         imports.add_row(", ".join(sorted(wasi_packages)), f"({wasi_functions} functions)", "func",
                         "WASI 0.2: files, clocks, randomness denied unless granted")

@@ -22,8 +22,11 @@ from bus.connection import ConnectOptions
 from bus.server import NatsServer
 from sdk.client import Client
 from sdk.errors import SandbusError
+from sdk.subjects import check_token, check_topic
 
-from .cli import exit_code_for, fail, read_json_arg, setup_logging
+from .cli import EXIT_USAGE, exit_code_for, fail, finite_positive, read_json_arg
+from .cli_output import cell, markup_safe, setup_logging, terminal_json
+from .sandbox.guest_text import escape_controls
 
 __all__ = ["DEFAULT_NATS", "register"]
 
@@ -33,7 +36,7 @@ NatsOpt = Annotated[str | None, typer.Option("--nats", help="NATS URL(s), comma-
 PluginArg = Annotated[str, typer.Argument(help="Plugin name.")]
 FunctionArg = Annotated[str, typer.Argument(help="Function to call.")]
 RequestArg = Annotated[str, typer.Argument(help="Request JSON, or - for stdin.")]
-TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for the reply.")]
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for the reply.", callback=finite_positive)]
 
 
 def _nats(url: str | None) -> str:
@@ -58,7 +61,7 @@ def node(
     policy: Annotated[Path | None, typer.Option(help="Operator policy TOML (default: deny all but compute).")]
     = None,
     data_dir: Annotated[Path, typer.Option(help="Embedded NATS / JetStream data.")] = Path(".sandbus"),
-    workers: Annotated[int, typer.Option(help="Worker processes (each its own NATS connection).")] = 1,
+    workers: Annotated[int, typer.Option(help="Worker processes (each its own NATS connection).", min=1)] = 1,
     watch: Annotated[bool, typer.Option(help="Hot-reload plugins when their files change.")] = True,
     durable: Annotated[bool, typer.Option(help="Durable topics through JetStream when available.")] = True,
     user: Annotated[str | None, typer.Option(help="NATS user (with --password).")] = None,
@@ -100,9 +103,9 @@ def node(
         n = Node.create(plugins, options, policy=pol, node_id=base_id, durable=durable)
         manager = n.manager
         manager.discover_and_load()
-        for info in manager.list_plugins():
-            typer.echo(f"  {info.name:20s} {info.version or '-':10s} {info.status.value}"
-                       + (f"  ({info.last_error})" if info.last_error else ""))
+        for info in manager.list_plugins():  # a failed plugin's name is a file stem: any characters
+            typer.echo(f"  {escape_controls(info.name):20s} {escape_controls(info.version or '-'):10s} "
+                       f"{info.status.value}" + (f"  ({escape_controls(info.last_error)})" if info.last_error else ""))
         for i in range(1, workers):
             args = [sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", url,
                     "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch",
@@ -137,7 +140,22 @@ async def _serve(n: Any, watch: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     watcher = n.manager.watch() if watch else None
-    await n.start()
+    # Starting retries the connection for as long as NATS is unreachable: a signal in the meantime stops
+    # the node (the operator's Ctrl-C or a container stop is never ignored).
+    starting = asyncio.ensure_future(n.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, SandbusError):
+            await starting
+        if watcher is not None:
+            watcher.stop()
+        n.manager.close()
+        typer.echo(f"node {n.node_id} stopped before it connected", err=True)
+        return
+    stopping.cancel()
+    starting.result()  # a start that failed raises here, as before
     typer.echo(f"node {n.node_id} ready")
     try:
         await stop.wait()
@@ -150,6 +168,10 @@ async def _serve(n: Any, watch: bool) -> None:
 
 
 def _client_run(coro_factory: Any, url: str | None) -> Any:
+    # nats-py logs each failed connection attempt with its traceback; the command reports the failure
+    # itself, once, as a sandbus error (exit 1), so the library's own account is not shown.
+    logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
+
     async def go() -> Any:
         client = await Client.connect(_nats(url))
         try:
@@ -163,6 +185,15 @@ def _client_run(coro_factory: Any, url: str | None) -> Any:
         fail(str(e), exit_code_for(e))
 
 
+def _check_target(plugin: str, function: str) -> None:
+    """Plugin and function must be subject tokens: anything else is a usage error, not a bus error."""
+    try:
+        check_token(plugin, "plugin")
+        check_token(function, "function")
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
+
+
 def request(
     plugin: PluginArg,
     function: FunctionArg = "handle_request",
@@ -171,12 +202,21 @@ def request(
     timeout: TimeoutOpt = 5.0,
 ) -> None:
     """Call PLUGIN's FUNCTION on whichever node serves it; print the reply."""
+    _check_target(plugin, function)
     data = read_json_arg(payload, "payload")
     reply: bytes = _client_run(lambda c: c.request_bytes(plugin, function, data, timeout=timeout), nats_url)
-    sys.stdout.buffer.write(reply + b"\n")
-    decoded = orjson.loads(reply)
+    decoded = _decode_reply(reply)
+    sys.stdout.buffer.write(terminal_json(reply) + b"\n")
     if isinstance(decoded, dict) and decoded.get("success") is False:
         raise typer.Exit(1)
+
+
+def _decode_reply(reply: bytes) -> Any:
+    """The reply's JSON value; whatever answered on the bus may have sent anything else."""
+    try:
+        return orjson.loads(reply)
+    except orjson.JSONDecodeError as e:
+        fail(f"the reply is not JSON ({len(reply)} bytes): {e}", 1)
 
 
 def pub(
@@ -186,6 +226,10 @@ def pub(
     core: Annotated[bool, typer.Option(help="Core NATS publish (at most once) even if JetStream is on.")] = False,
 ) -> None:
     """Publish onto TOPIC: every plugin subscribed to it gets one copy. Prints the message id."""
+    try:
+        check_topic(topic)
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
     data = orjson.loads(read_json_arg(payload, "payload"))
     msg_id = _client_run(lambda c: c.publish(topic, data, durable=not core), nats_url)
     typer.echo(msg_id)
@@ -193,25 +237,29 @@ def pub(
 
 def ls(
     nats_url: NatsOpt = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to gather node answers.")] = 0.5,
+    timeout: Annotated[float, typer.Option(help="Seconds to gather node answers.", callback=finite_positive)] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Nodes, their plugins, versions and counts, across the cluster."""
     nodes: list[dict[str, Any]] = _client_run(lambda c: c.nodes(timeout=timeout), nats_url)
     if as_json:
-        sys.stdout.buffer.write(orjson.dumps(nodes, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(terminal_json(orjson.dumps(nodes, option=orjson.OPT_INDENT_2)) + b"\n")
         return
     table = Table(title=f"{len(nodes)} node(s)")
     for col in ("node", "plugin", "version", "status", "calls", "errors", "p50 ms", "p99 ms", "instances",
                 "in flight", "queued", "fuel", "memory", "last error"):
         table.add_column(col)
     for view in nodes:
-        for p in view.get("plugins", []) or [{}]:
-            table.add_row(view["node_id"], p.get("name", "-"), p.get("version") or "-", p.get("status", "-"),
-                          str(p.get("executions", "")), str(p.get("errors", "")), _ms(p.get("p50_ms")),
-                          _ms(p.get("p99_ms")), str(p.get("instances", "")), str(p.get("in_flight", "")),
-                          str(p.get("queue_depth", "")), str(p.get("fuel_used", "")),
-                          _bytes(p.get("memory_bytes")), (p.get("last_error") or "")[:60])
+        # Whatever answered on the bus wrote these values: each cell is plain, escaped, bounded text, and a
+        # value of the wrong shape shows as "-" or an empty cell rather than ending the listing.
+        plugins = view.get("plugins")
+        rows = [p if isinstance(p, dict) else {} for p in plugins] if isinstance(plugins, list) else []
+        for p in rows or [{}]:
+            table.add_row(*(cell(v) for v in (
+                view.get("node_id", "-"), p.get("name", "-"), p.get("version") or "-", p.get("status", "-"),
+                p.get("executions", ""), p.get("errors", ""), _ms(p.get("p50_ms")), _ms(p.get("p99_ms")),
+                p.get("instances", ""), p.get("in_flight", ""), p.get("queue_depth", ""), p.get("fuel_used", ""),
+                _bytes(p.get("memory_bytes")), str(p.get("last_error") or "")[:60])))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
@@ -223,6 +271,7 @@ def trace_cmd(
     timeout: TimeoutOpt = 5.0,
 ) -> None:
     """Send one traced request; print its trace id and the spans of the client and the serving node."""
+    _check_target(plugin, function)
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -245,37 +294,74 @@ def trace_cmd(
         return trace_id, reply, headers, spans
 
     trace_id, reply, headers, node_spans = _client_run(go, nats_url)
-    spans = collector.take(trace_id) + node_spans
+    spans = collector.take(trace_id) + _valid_spans(node_spans)
     typer.echo(f"trace id {trace_id:032x}  (Jaeger: /trace/{trace_id:032x})")
     by_parent: dict[str | None, list[dict[str, Any]]] = {}
     ids = {s["span_id"] for s in spans}
     for s in spans:
         by_parent.setdefault(s["parent_id"] if s["parent_id"] in ids else None, []).append(s)
     tree = Tree("spans")
-
-    def add(node: Tree, parent: str | None) -> None:
-        for s in by_parent.get(parent, []):
-            attrs = {k: v for k, v in s["attributes"].items() if k.startswith(("sandbus.", "error."))}
-            label = f"[bold]{s['name']}[/] {s['duration_ms']:.3f} ms  [dim]{s['service']}[/]"
-            if attrs:
-                label += "  " + " ".join(f"{k.removeprefix('sandbus.')}={v}" for k, v in attrs.items())
-            if s["events"]:
-                label += "  [yellow]" + ", ".join(s["events"]) + "[/]"
-            add(node.add(label), s["span_id"])
-
-    add(tree, None)
+    # Walked without recursion, each span once and at most MAX_TREE_DEPTH deep: the nodes' spans may
+    # name any parent (themselves, a cycle, a chain thousands long).
+    shown: set[str] = set()
+    stack: list[tuple[Tree, str | None, int]] = [(tree, None, 0)]
+    while stack:
+        node, parent, depth = stack.pop()
+        for s in reversed(by_parent.get(parent, [])):
+            if s["span_id"] in shown or depth >= MAX_TREE_DEPTH:
+                continue
+            shown.add(s["span_id"])
+            stack.append((node.add(_span_label(s)), s["span_id"], depth + 1))
     Console(stderr=True).print(tree)
-    sys.stdout.buffer.write(reply + b"\n")
+    _decode_reply(reply)
+    sys.stdout.buffer.write(terminal_json(reply) + b"\n")
     if "Sandbus-Error-Code" in headers:
         raise typer.Exit(1)
 
 
-def _bytes(v: int | None) -> str:
-    return "-" if v is None else f"{v / 1024:.0f} KiB"
+#: Most spans of a node shown by ``sandbus trace``, and the deepest nesting of the tree.
+MAX_SPANS = 1000
+MAX_TREE_DEPTH = 64
 
 
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
+def _valid_spans(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The spans a node sent that have the shape ``sandbus trace`` shows, at most :data:`MAX_SPANS`;
+    anything else (a hostile or broken node) is left out, never a crash."""
+    valid: list[dict[str, Any]] = []
+    for s in spans[:MAX_SPANS]:
+        if (isinstance(s.get("span_id"), str) and isinstance(s.get("parent_id"), str | None)
+                and isinstance(s.get("duration_ms"), int | float) and isinstance(s.get("attributes", {}), dict)
+                and isinstance(s.get("events", []), list)):
+            valid.append({"span_id": s["span_id"], "parent_id": s["parent_id"], "name": s.get("name", "?"),
+                          "service": s.get("service", "?"), "duration_ms": s["duration_ms"],
+                          "attributes": s.get("attributes", {}), "events": s.get("events", [])})
+    return valid
+
+
+def _span_label(s: dict[str, Any]) -> str:
+    """One line of the span tree. Names, attributes and events come from the nodes: escaped before they
+    meet markup, and cut to a line's worth."""
+    attrs = {str(k): v for k, v in s["attributes"].items() if str(k).startswith(("sandbus.", "error."))}
+    label = (f"[bold]{markup_safe(_cut(s['name']))}[/] {s['duration_ms']:.3f} ms  "
+             f"[dim]{markup_safe(_cut(s['service']))}[/]")
+    if attrs:
+        label += "  " + " ".join(markup_safe(_cut(f"{k.removeprefix('sandbus.')}={v}")) for k, v in attrs.items())
+    if s["events"]:
+        label += "  [yellow]" + markup_safe(_cut(", ".join(map(str, s["events"])))) + "[/]"
+    return label
+
+
+def _cut(value: object, limit: int = 200) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _bytes(v: object) -> str:
+    return f"{v / 1024:.0f} KiB" if isinstance(v, int | float) else "-"
+
+
+def _ms(v: object) -> str:
+    return f"{v:.2f}" if isinstance(v, int | float) else "-"
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,6 @@ directory, invalid policy file).
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from host.cli_output import cell, markup_safe, setup_logging, terminal_json, terminal_text
 from host.manager import DEFAULT_MAX_PLUGINS, PluginInfo, PluginManager, scan_directory
 from host.policy import Policy, load_policy
 from sdk.errors import PolicyError
@@ -37,19 +37,21 @@ plugins_app = typer.Typer(
 
 
 def _usage(message: str) -> typer.Exit:
-    typer.echo(f"sandbus: {message}", err=True)
+    typer.echo(f"sandbus: {terminal_text(message)}", err=True)
     return typer.Exit(EXIT_USAGE)
 
 
 def _table(directory: Path, infos: list[PluginInfo]) -> Table:
-    table = Table(title=f"plugins in {directory}", title_justify="left")
+    table = Table(title=f"plugins in {markup_safe(directory)}", title_justify="left")
     for column in ("plugin", "version", "status", "functions", "reason"):
         table.add_column(column, overflow="fold")
     for info in infos:
         valid = info.status.serving and info.last_error is None
         status = Text("valid", style="green") if valid else Text("invalid", style="bold red")
-        table.add_row(info.name, info.version or "-", status, ", ".join(info.functions) or "-",
-                      info.last_error or "")
+        # Every cell is plain text: a reason quotes the manifest ("[subscriptions.topics]") and the
+        # plugin's own words, which rich would otherwise read as markup and a terminal as escapes.
+        table.add_row(cell(info.name), cell(info.version or "-"), status, cell(", ".join(info.functions) or "-"),
+                      cell(info.last_error or ""))
     return table
 
 
@@ -62,8 +64,7 @@ def check(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show lifecycle events.")] = 0,
 ) -> None:
     """Validate every manifest and module in DIRECTORY; exit 1 if any plugin is invalid."""
-    logging.basicConfig(level=logging.ERROR if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG,
-                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose, quiet_level=logging.ERROR)
     if not directory.is_dir():
         raise _usage(f"{directory} is not a directory")
     try:
@@ -77,9 +78,9 @@ def check(
         infos = manager.list_plugins()
     invalid = [i for i in infos if not (i.status.serving and i.last_error is None)]
     if json_output:
-        typer.echo("[" + ",".join(i.model_dump_json() for i in infos) + "]")
+        typer.echo(terminal_json(("[" + ",".join(i.model_dump_json() for i in infos) + "]").encode()).decode())
     elif not infos:
-        Console().print(f"no plugins in {directory} (expected <name>.wasm + <name>.toml pairs)")
+        Console().print(f"no plugins in {markup_safe(directory)} (expected <name>.wasm + <name>.toml pairs)")
     else:
         console = Console()
         console.print(_table(directory, infos))

@@ -5,26 +5,43 @@ one durable pull consumer (``plugin-<name>``), shared by every node that serves 
 message reaches the plugin once whichever nodes hold it. A message is acked after the plugin returns;
 on failure it is nak'ed with a growing delay; after ``max_deliver`` attempts it goes to the dead-letter
 subject ``sandbus.dlq.<plugin>`` (kept by the ``SANDBUS_DLQ`` stream) with the error in its headers,
-and is terminated. A node killed mid-call never acks, so the server redelivers after ``ack_wait``.
-Publishers set ``Nats-Msg-Id`` so a retried publish is stored once (the stream's duplicate window).
+and is terminated. A message that cannot even be turned into a PluginMessage (not JSON, nested deeper
+than can be re-encoded...) is dead-lettered at once: retrying it cannot help. A node killed mid-call
+never acks, so the server redelivers after ``ack_wait``. Publishers set ``Nats-Msg-Id`` so a retried
+publish is stored once (the stream's duplicate window).
+
+No exception ends a plugin's delivery loop: each message is handled under a catch-all, and a loop
+that dies anyway is restarted (with a growing delay), logged and audited (``delivery.restarted``).
+When the plugin's consumer or the stream is deleted under it (an operator, a restore, a retention
+mistake), the server answers the loop's pull requests with "consumer deleted" or "no responders";
+the loop then recreates what it owns and resumes, logged and audited (``delivery.recreated``).
+
+Every stream is capped by bytes, messages and age (:class:`StreamLimits`, configurable through
+``SANDBUS_<STREAM>_MAX_BYTES`` / ``_MAX_MSGS`` / ``_MAX_AGE_S`` with STREAM one of TOPICS, DLQ,
+AUDIT), discarding the oldest messages when full; an existing stream whose limits differ is updated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime
 import logging
+import os
+import time
 from collections import deque
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from sdk.envelope import H_ERROR, H_ERROR_CODE, H_MSG_ID, error_reply
-from sdk.errors import SandbusError
+from sdk.envelope import H_ERROR, H_ERROR_CODE, H_MSG_ID, error_reply, header_value
+from sdk.errors import AbiViolationError, SandbusError
 from sdk.subjects import AUDIT_PREFIX, DLQ_PREFIX, TOPIC_PREFIX, dlq_subject, topic_subject
 
 from .sandbox import AuditLevel
@@ -32,7 +49,7 @@ from .sandbox import AuditLevel
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["AUDIT_STREAM", "DLQ_STREAM", "TOPIC_STREAM", "DurableTopics", "ensure_streams"]
+__all__ = ["AUDIT_STREAM", "DLQ_STREAM", "TOPIC_STREAM", "DurableTopics", "StreamLimits", "ensure_streams"]
 
 log = logging.getLogger("sandbus.delivery")
 
@@ -42,19 +59,109 @@ DLQ_STREAM = "SANDBUS_DLQ"
 MAX_DELIVER = 5
 BACKOFF_S = (0.1, 0.5, 2.0, 5.0)
 WEEK_S = 7 * 24 * 3600.0
+MIB = 1024 * 1024
+#: of a dead letter's max payload, what its headers may take (error, original subject, message id...)
+DLQ_HEADER_ROOM = 8 * 1024
+#: characters of the publisher's subject and message id copied into a dead letter's headers
+MAX_DLQ_SUBJECT = 1024
+MAX_DLQ_MSG_ID = 256
 
 
-async def ensure_streams(nc: Client) -> bool:
-    """Create (or keep) the topic and dead-letter streams; False when JetStream is unavailable."""
+@dataclasses.dataclass(frozen=True)
+class StreamLimits:
+    """How much one stream keeps; the oldest messages go first when a limit is reached.
+
+    Parameters:
+        max_bytes: total size of the stored messages (-1: unlimited).
+        max_msgs: number of stored messages (-1: unlimited).
+        max_age_s: how long a message is kept, in seconds.
+    """
+
+    max_bytes: int
+    max_msgs: int
+    max_age_s: float
+
+    def with_env(self, stream: str, env: Mapping[str, str] | None = None) -> StreamLimits:
+        """These limits, overridden by ``SANDBUS_<STREAM>_MAX_BYTES`` / ``_MAX_MSGS`` / ``_MAX_AGE_S``."""
+        env = os.environ if env is None else env
+        prefix = f"SANDBUS_{stream}_"
+        values: dict[str, Any] = {}
+        for name, kind in (("max_bytes", int), ("max_msgs", int), ("max_age_s", float)):
+            raw = env.get(prefix + name.upper())
+            if raw is None:
+                continue
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SandbusError(f"{prefix + name.upper()}={raw!r} is not a number") from None
+            if value == 0 or value < -1:
+                raise SandbusError(f"{prefix + name.upper()} must be positive (or -1 for no limit), not {raw}")
+            values[name] = value
+        return dataclasses.replace(self, **values)
+
+    def apply(self, config: api.StreamConfig) -> api.StreamConfig:
+        return dataclasses.replace(config, max_bytes=self.max_bytes, max_msgs=self.max_msgs,
+                                   max_age=self.max_age_s, discard=api.DiscardPolicy.OLD)
+
+    def matches(self, config: api.StreamConfig) -> bool:
+        return (config.max_bytes == self.max_bytes and config.max_msgs == self.max_msgs
+                and abs((config.max_age or 0.0) - self.max_age_s) < 1.0
+                and config.discard in (None, api.DiscardPolicy.OLD))
+
+
+#: defaults: a week of topics (1 GiB), four weeks of dead letters (256 MiB) and audit events (64 MiB)
+DEFAULT_LIMITS = {
+    "TOPICS": StreamLimits(max_bytes=1024 * MIB, max_msgs=-1, max_age_s=WEEK_S),
+    "DLQ": StreamLimits(max_bytes=256 * MIB, max_msgs=1_000_000, max_age_s=4 * WEEK_S),
+    "AUDIT": StreamLimits(max_bytes=64 * MIB, max_msgs=1_000_000, max_age_s=4 * WEEK_S),
+}
+
+
+def stream_configs(env: Mapping[str, str] | None = None) -> list[api.StreamConfig]:
+    """The node's three streams, with their limits (defaults overridden by the environment)."""
+    limits = {name: lim.with_env(name, env) for name, lim in DEFAULT_LIMITS.items()}
+    file = api.StorageType.FILE
+    return [
+        limits["TOPICS"].apply(api.StreamConfig(name=TOPIC_STREAM, subjects=[f"{TOPIC_PREFIX}.>"],
+                                                duplicate_window=120.0, storage=file)),
+        limits["DLQ"].apply(api.StreamConfig(name=DLQ_STREAM, subjects=[f"{DLQ_PREFIX}.>"], storage=file)),
+        limits["AUDIT"].apply(api.StreamConfig(name=AUDIT_STREAM, subjects=[f"{AUDIT_PREFIX}.>"], storage=file)),
+    ]
+
+
+async def _ensure_stream(nc: Client, config: api.StreamConfig) -> str:
+    """Create the stream, or bring an existing one's limits to ours; returns what was done."""
     js = nc.jetstream()
+    assert config.name is not None
     try:
-        await js.add_stream(name=TOPIC_STREAM, subjects=[f"{TOPIC_PREFIX}.>"], duplicate_window=120.0,
-                            max_age=WEEK_S, storage=api.StorageType.FILE)
-        await js.add_stream(name=DLQ_STREAM, subjects=[f"{DLQ_PREFIX}.>"], max_age=4 * WEEK_S,
-                            storage=api.StorageType.FILE)
-        await js.add_stream(name=AUDIT_STREAM, subjects=[f"{AUDIT_PREFIX}.>"], max_age=4 * WEEK_S,
-                            storage=api.StorageType.FILE)
-    except Exception as e:  # no JetStream on this server (NoRespondersError / ServiceUnavailable)
+        info = await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        return "created"
+    if StreamLimits(config.max_bytes or -1, config.max_msgs or -1, config.max_age or 0.0).matches(info.config):
+        return "kept"
+    await js.update_stream(dataclasses.replace(info.config, max_bytes=config.max_bytes, max_msgs=config.max_msgs,
+                                               max_age=config.max_age, discard=config.discard))
+    log.info("stream %s: limits updated to %s bytes, %s messages, %g s", config.name, config.max_bytes,
+             config.max_msgs, config.max_age or 0.0)
+    return "updated"
+
+
+async def ensure_streams(nc: Client, env: Mapping[str, str] | None = None) -> bool:
+    """Create (or keep, with our limits) the topic, dead-letter and audit streams; False without JetStream."""
+    try:
+        for config in stream_configs(env):
+            await _ensure_stream(nc, config)
+    except SandbusError:
+        raise  # a bad SANDBUS_*_MAX_* setting: the operator must see it
+    except ServiceUnavailableError as e:  # no JetStream on this server
+        log.debug("JetStream unavailable: %r", e)
+        return False
+    except APIError as e:  # JetStream answered, and refused (e.g. limits above what the server may store)
+        log.warning("JetStream refused the sandbus streams (%s): topics are not durable; see SANDBUS_<TOPICS|DLQ|"
+                    "AUDIT>_MAX_BYTES", e)
+        return False
+    except Exception as e:  # no answer at all (NoRespondersError, timeout)
         log.debug("JetStream unavailable: %r", e)
         return False
     return True
@@ -67,6 +174,29 @@ LINGER_BATCH = 16
 LINGER_S = 0.002
 #: messages fetched per round trip for a plugin whose calls run inline
 INLINE_FETCH = 128
+
+
+#: after a loop died: wait this long before restarting it, doubling per restart up to the maximum
+RESTART_DELAY_S = 0.1
+RESTART_DELAY_MAX_S = 5.0
+#: after the consumer or stream was found gone and could not be recreated: retry within this, doubling
+RESTORE_DELAY_S = 0.2
+RESTORE_DELAY_MAX_S = 5.0
+#: a recreated consumer starts this long before the last sign of life of the old one (clock skew)
+RESTORE_MARGIN_S = 2.0
+
+
+class _Pull:
+    """One delivery loop's pull request, shared with the callback that receives its messages."""
+
+    __slots__ = ("arrived", "inbox", "open", "wake")
+
+    def __init__(self, wake: asyncio.Event) -> None:
+        self.wake = wake
+        self.arrived: deque[Msg] = deque()
+        self.inbox = ""
+        #: messages the outstanding pull request may still bring
+        self.open = 0
 
 
 class DurableTopics:
@@ -83,6 +213,14 @@ class DurableTopics:
         self._wakes: dict[str, asyncio.Event] = {}
         self._reissue: set[str] = set()
         self._stopping: set[str] = set()
+        self._configs: dict[str, api.ConsumerConfig] = {}
+        #: plugins whose consumer (or stream) the server said is gone: the loop restores it
+        self._lost: set[str] = set()
+        #: wall time of the last answer to a plugin's pull request (the consumer existed then)
+        self._alive_at: dict[str, float] = {}
+        #: loop restarts and consumer/stream recreations per plugin (stats and tests)
+        self.restarts: dict[str, int] = {}
+        self.recreated: dict[str, int] = {}
 
     async def setup(self) -> bool:
         return await ensure_streams(self.nc)
@@ -104,6 +242,8 @@ class DurableTopics:
             deliver_policy=api.DeliverPolicy.NEW,
             max_ack_pending=1000,
         )
+        self._configs[plugin] = config
+        self._alive_at[plugin] = time.time()
         try:
             info = await self.js.consumer_info(TOPIC_STREAM, durable)
             if sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) != sorted(
@@ -111,7 +251,83 @@ class DurableTopics:
                 await self.js.add_consumer(TOPIC_STREAM, config)  # update the filter (manifest edited)
         except NotFoundError:
             await self.js.add_consumer(TOPIC_STREAM, config)
-        self._loops[plugin] = asyncio.create_task(self._fetch_loop(plugin, durable), name=f"durable-{plugin}")
+        self.restarts[plugin] = 0
+        self._start_loop(plugin, durable)
+
+    # -- supervision -------------------------------------------------------------------------------
+
+    def _start_loop(self, plugin: str, durable: str) -> None:
+        task = asyncio.create_task(self._fetch_loop(plugin, durable), name=f"durable-{plugin}")
+        self._loops[plugin] = task
+        task.add_done_callback(lambda t: self._loop_ended(plugin, durable, t))
+
+    def _loop_ended(self, plugin: str, durable: str, task: asyncio.Task[None]) -> None:
+        """A loop that ends while its plugin is served is restarted, logged and audited: never silent."""
+        if task.cancelled() or plugin in self._stopping or self._loops.get(plugin) is not task:
+            return  # stopped on purpose
+        err = task.exception()
+        restarts = self.restarts[plugin] = self.restarts.get(plugin, 0) + 1
+        delay = min(RESTART_DELAY_S * 2 ** (restarts - 1), RESTART_DELAY_MAX_S)
+        log.error("durable delivery loop of %s ended (%r): restarting it in %g s", plugin, err, delay,
+                  exc_info=err)
+        self._audit(AuditLevel.WARNING, "delivery.restarted", plugin,
+                    f"the durable delivery loop of {plugin} ended ({err!r}) and was restarted",
+                    error=repr(err)[:512], restarts=restarts)
+
+        def restart() -> None:
+            if self._loops.get(plugin) is task and plugin not in self._stopping:
+                self._start_loop(plugin, durable)
+
+        asyncio.get_running_loop().call_later(delay, restart)
+
+    def _audit(self, level: AuditLevel, kind: str, plugin: str, message: str, **details: Any) -> None:
+        try:
+            self.node.manager.auditor.emit(level, kind, plugin, message, **details)
+        except Exception:  # auditing must not be what stops delivery
+            log.exception("could not audit %s for %s", kind, plugin)
+
+    async def _restore(self, plugin: str, durable: str) -> bool:
+        """Recreate the plugin's consumer (and the streams) after the server said they are gone.
+
+        The new consumer starts from shortly before the old one was last seen alive, so messages
+        stored while it was gone are delivered too (at-least-once: some may come twice). True when
+        the consumer exists again (recreated, or it was there after all); False to retry later.
+        """
+        config = self._configs.get(plugin)
+        if config is None:
+            return True
+        try:
+            await self.js.consumer_info(TOPIC_STREAM, durable)
+            return True  # a passing hiccup (a cluster electing a leader): nothing was lost
+        except NotFoundError:
+            pass
+        except Exception as e:
+            log.debug("consumer_info for %s failed: %r", plugin, e)
+            return False
+        try:
+            stream_gone = False
+            try:
+                await self.js.stream_info(TOPIC_STREAM)
+            except NotFoundError:
+                stream_gone = True
+                await ensure_streams(self.nc)
+            if not stream_gone:  # a new stream holds only what came after it: NEW is right there
+                since = self._alive_at.get(plugin, time.time()) - RESTORE_MARGIN_S
+                config = dataclasses.replace(config, deliver_policy=api.DeliverPolicy.BY_START_TIME,
+                                             opt_start_time=datetime.datetime.fromtimestamp(since, datetime.UTC))
+            await self.js.add_consumer(TOPIC_STREAM, config)
+        except Exception as e:
+            log.warning("could not recreate the durable consumer of %s yet: %r", plugin, e)
+            return False
+        what = f"stream {TOPIC_STREAM} and consumer {durable}" if stream_gone else f"consumer {durable}"
+        self.recreated[plugin] = self.recreated.get(plugin, 0) + 1
+        log.warning("%s of %s was deleted on the server: recreated it, delivery resumes", what, plugin)
+        self._audit(AuditLevel.WARNING, "delivery.recreated", plugin,
+                    f"{what} was deleted on the server and has been recreated", stream_deleted=stream_gone,
+                    consumer=durable)
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------
 
     async def _fetch_loop(self, plugin: str, durable: str) -> None:
         """Pull requests kept open on the server; messages handled as they arrive.
@@ -121,93 +337,184 @@ class DurableTopics:
         request asks for a batch and stays on the server for up to ``PULL_EXPIRES_S``, which sends
         each message as soon as it is stored; the subscription callback only queues it, and this
         loop runs what has arrived. A new request goes out when the last one is used up or ended.
+        Each turn runs under a catch-all: what goes wrong is logged and the loop goes on.
         """
         instances = max(1, self.node.manager.limits(plugin).max_instances)
-        arrived: deque[Msg] = deque()
-        wake = self._wakes[plugin] = asyncio.Event()
-        open_ = 0  # messages the outstanding pull request may still bring
+        pull = _Pull(self._wakes.setdefault(plugin, asyncio.Event()))
 
         async def on_message(msg: Msg) -> None:
-            nonlocal open_
             status = msg.headers.get("Status") if msg.headers else None
+            if status != "503":
+                self._alive_at[plugin] = time.time()
             if status is not None and not msg.data:
-                if status != "100":  # 100: idle heartbeat; 404/408/409: the request is over
-                    open_ = 0
+                if status != "100":  # 100: idle heartbeat; 404/408/409/503: the request is over
+                    pull.open = 0
+                    description = (msg.headers or {}).get("Description", "").lower()
+                    # 503: nobody serves the consumer (it is gone); 409 "consumer deleted": it just went.
+                    if status == "503" or (status == "409" and "deleted" in description):
+                        self._lost.add(plugin)
             else:
-                arrived.append(msg)
-                open_ -= 1
-            wake.set()
+                pull.arrived.append(msg)
+                pull.open -= 1
+            pull.wake.set()
 
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, cb=on_message)
-        self._psubs[plugin] = sub
+        old = self._psubs.pop(plugin, None)  # a restarted loop: the dead one's inbox goes
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        pull.inbox = self.nc.new_inbox()
+        self._psubs[plugin] = await self.nc.subscribe(pull.inbox, cb=on_message)
         next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{TOPIC_STREAM}.{durable}"
+        restore_delay = RESTORE_DELAY_S
         while plugin not in self._stopping:
-            if plugin in self._reissue:  # reconnected: the server forgot our pull request
-                self._reissue.discard(plugin)
-                open_ = 0
-            if open_ <= 0:
-                # A plugin served inline takes microseconds a message: ask for many. One on threads
-                # asks for what its instances can start at once, so nothing it was sent waits in
-                # line long enough for its ack deadline to pass and be redelivered elsewhere.
-                open_ = INLINE_FETCH if self.node.runs_inline(plugin) else instances
-                try:
-                    await self.nc.publish(next_subject, orjson.dumps(
-                        {"batch": open_, "expires": int(PULL_EXPIRES_S * 1e9)}), reply=inbox)
-                except Exception as e:  # disconnected: nats-py reconnects; ask again shortly
-                    log.debug("pull request for %s failed: %r", plugin, e)
-                    open_ = 0
-                    await asyncio.sleep(0.2)
-                    continue
-            wake.clear()
-            if not arrived:
-                try:
-                    await asyncio.wait_for(wake.wait(), PULL_EXPIRES_S + 2.0)
-                except TimeoutError:
-                    open_ = 0  # the request was lost (a reconnect): ask again
-                continue
-            if len(arrived) < LINGER_BATCH and open_ > 0 and self.linger_s:
-                # Messages trickling in one at a time would each cost a loop turn and a socket write
-                # for their ack: let a few more arrive first (Kafka's linger.ms; bounded added latency).
-                await asyncio.sleep(self.linger_s)
-            msgs = list(arrived)
-            arrived.clear()
-            if self.node.runs_inline(plugin):
-                # Inline calls run one at a time on the loop anyway: no task per message.
-                for m in msgs:
-                    await self._deliver(plugin, m)
-            else:
-                await asyncio.gather(*(self._deliver(plugin, m) for m in msgs))
+            try:
+                if plugin in self._lost:
+                    if await self._restore(plugin, durable):
+                        self._lost.discard(plugin)
+                        restore_delay = RESTORE_DELAY_S
+                        pull.open = 0
+                    else:
+                        # Bounded retry while JetStream is away; a stop or a reconnect wakes it early,
+                        # so stopping never waits out the delay.
+                        pull.wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(pull.wake.wait(), restore_delay)
+                        restore_delay = min(restore_delay * 2, RESTORE_DELAY_MAX_S)
+                        continue
+                await self._turn(plugin, next_subject, pull, instances)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug of ours or a library's: log it, keep serving (the messages are redelivered).
+                log.exception("durable delivery of %s: a turn failed; continuing", plugin)
+                pull.open = 0
+                await asyncio.sleep(0.1)
+
+    async def _turn(self, plugin: str, next_subject: str, pull: _Pull, instances: int) -> None:
+        """One round: ask for messages if none are coming, wait for some, handle them."""
+        if plugin in self._reissue:  # reconnected: the server forgot our pull request
+            self._reissue.discard(plugin)
+            pull.open = 0
+        if pull.open <= 0:
+            # A plugin served inline takes microseconds a message: ask for many. One on threads
+            # asks for what its instances can start at once, so nothing it was sent waits in
+            # line long enough for its ack deadline to pass and be redelivered elsewhere.
+            pull.open = INLINE_FETCH if self.node.runs_inline(plugin) else instances
+            try:
+                await self.nc.publish(next_subject, orjson.dumps(
+                    {"batch": pull.open, "expires": int(PULL_EXPIRES_S * 1e9)}), reply=pull.inbox)
+            except Exception as e:  # disconnected: nats-py reconnects; ask again shortly
+                log.debug("pull request for %s failed: %r", plugin, e)
+                pull.open = 0
+                await asyncio.sleep(0.2)
+                return
+        pull.wake.clear()
+        if not pull.arrived:
+            if plugin in self._lost:
+                return
+            try:
+                await asyncio.wait_for(pull.wake.wait(), PULL_EXPIRES_S + 2.0)
+            except TimeoutError:
+                pull.open = 0  # the request was lost (a reconnect): ask again
+            return
+        if len(pull.arrived) < LINGER_BATCH and pull.open > 0 and self.linger_s:
+            # Messages trickling in one at a time would each cost a loop turn and a socket write
+            # for their ack: let a few more arrive first (Kafka's linger.ms; bounded added latency).
+            await asyncio.sleep(self.linger_s)
+        msgs = list(pull.arrived)
+        pull.arrived.clear()
+        if self.node.runs_inline(plugin):
+            # Inline calls run one at a time on the loop anyway: no task per message.
+            for m in msgs:
+                await self._deliver(plugin, m)
+        else:
+            await asyncio.gather(*(self._deliver(plugin, m) for m in msgs))
 
     async def _deliver(self, plugin: str, msg: Msg) -> None:
-        topic = msg.subject.split(".", 2)[2]
+        """Handle one message; nothing it raises leaves here (the loop serves every other message)."""
         try:
+            await self._handle(plugin, msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Settling failed (disconnected?): unacked, the message comes back after ack_wait.
+            log.exception("durable delivery of %s to %s failed", msg.subject, plugin)
+
+    async def _handle(self, plugin: str, msg: Msg) -> None:
+        try:
+            topic = msg.subject.split(".", 2)[2]
             envelope = self.node.envelope_for(msg.data, msg.headers, topic=topic, to=None)
+        except Exception as e:  # the message itself is bad: every delivery would fail the same way
+            err = e if isinstance(e, SandbusError) else AbiViolationError(f"undeliverable message: {e!r}",
+                                                                          plugin=plugin)
+            await self._dead_letter(plugin, msg, err, self._attempt(msg))
+            return
+        try:
             await self.node.call(plugin, self.node.message_function(plugin), envelope, msg=msg,
-                                 delivery=msg.metadata.num_delivered)
+                                 delivery=self._attempt(msg))
         except SandbusError as e:
             await self._failed(plugin, msg, e)
             return
+        except Exception as e:  # a bug of ours: retried like a failure, then dead-lettered with its error
+            log.exception("durable delivery of %s to %s raised", msg.subject, plugin)
+            await self._failed(plugin, msg, SandbusError(f"internal error: {e!r}", plugin=plugin))
+            return
         await msg.ack()
 
+    @staticmethod
+    def _attempt(msg: Msg) -> int:
+        try:
+            return int(msg.metadata.num_delivered or 1)
+        except Exception:  # not a JetStream reply subject: count it as the first delivery
+            return 1
+
     async def _failed(self, plugin: str, msg: Msg, err: SandbusError) -> None:
-        attempt = msg.metadata.num_delivered or 1
+        attempt = self._attempt(msg)
         if attempt >= self.max_deliver:
-            _, headers = error_reply(err)
-            headers.update({"Sandbus-Original-Subject": msg.subject, "Sandbus-Deliveries": str(attempt)})
-            if msg.headers and H_MSG_ID in msg.headers:
-                headers[H_MSG_ID] = msg.headers[H_MSG_ID]
-            await self.js.publish(dlq_subject(plugin), msg.data, headers=headers)
-            await msg.term()
-            log.warning("dead-lettered %s for %s after %d deliveries: %s", msg.subject, plugin, attempt,
-                        headers[H_ERROR])
-            self.node.manager.auditor.emit(
-                AuditLevel.WARNING, "delivery.dead_letter", plugin,
-                f"{msg.subject} dead-lettered after {attempt} deliveries: {err}",
-                subject=msg.subject, error_code=headers[H_ERROR_CODE], deliveries=attempt,
-            )
+            await self._dead_letter(plugin, msg, err, attempt)
             return
         await msg.nak(delay=BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)])
+
+    async def _dead_letter(self, plugin: str, msg: Msg, err: SandbusError, attempt: int) -> None:
+        """Publish ``msg`` with its error to the plugin's dead-letter subject, bounded; then terminate it.
+
+        Everything copied is bounded: the publisher's subject and message id, and the body, cut to
+        what fits in the server's max payload beside our headers (``Sandbus-Original-Size`` tells it
+        was cut; the whole message stays in the topic stream at ``Sandbus-Original-Sequence`` until
+        its limits drop it). A dead letter larger than the max payload made the server close the
+        node's connection, again on every redelivery.
+        """
+        _, headers = error_reply(err)
+        headers.update({"Sandbus-Original-Subject": header_value(msg.subject, MAX_DLQ_SUBJECT),
+                        "Sandbus-Deliveries": str(attempt), "Sandbus-Original-Size": str(len(msg.data))})
+        with contextlib.suppress(Exception):  # not a JetStream message (tests): no sequence to give
+            headers["Sandbus-Original-Sequence"] = str(int(msg.metadata.sequence.stream))
+        if msg.headers and H_MSG_ID in msg.headers:
+            headers[H_MSG_ID] = header_value(msg.headers[H_MSG_ID], MAX_DLQ_MSG_ID)
+        room = max(0, self.nc.max_payload - DLQ_HEADER_ROOM)
+        try:
+            await self.js.publish(dlq_subject(plugin), msg.data[:room], headers=headers)
+        except Exception as e:  # JetStream away, the DLQ stream refusing: retry while deliveries remain
+            retry = attempt < self.max_deliver
+            log.warning("could not dead-letter %s for %s (%r): %s", headers["Sandbus-Original-Subject"], plugin, e,
+                        "retrying" if retry else "giving up; it stays in the topic stream")
+            self._audit(AuditLevel.WARNING, "delivery.dead_letter_failed", plugin,
+                        f"{headers['Sandbus-Original-Subject']} could not be dead-lettered: {e!r}",
+                        error=repr(e)[:512], deliveries=attempt,
+                        sequence=headers.get("Sandbus-Original-Sequence"))
+            if retry:
+                await msg.nak(delay=BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)])
+            else:
+                await msg.term()
+            return
+        await msg.term()
+        subject = headers["Sandbus-Original-Subject"]
+        log.warning("dead-lettered %s for %s after %d deliveries: %s", subject, plugin, attempt, headers[H_ERROR])
+        self._audit(
+            AuditLevel.WARNING, "delivery.dead_letter", plugin,
+            f"{subject} dead-lettered after {attempt} deliveries: {headers[H_ERROR]}",
+            subject=subject, error_code=headers[H_ERROR_CODE], deliveries=attempt,
+        )
 
     def reconnected(self) -> None:
         """After a reconnect the server may have lost the open pull requests: send new ones now."""
@@ -218,6 +525,9 @@ class DurableTopics:
     async def stop_plugin(self, plugin: str, timeout: float = 15.0) -> None:
         """Stop fetching; deliveries in flight finish (and are acked) first, within ``timeout``."""
         task = self._loops.pop(plugin, None)
+        self._configs.pop(plugin, None)
+        self._alive_at.pop(plugin, None)
+        self._lost.discard(plugin)
         if task is None:
             return
         self._stopping.add(plugin)
@@ -230,6 +540,8 @@ class DurableTopics:
             task.cancel()  # unacked messages are redelivered: at-least-once holds
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        except Exception:
+            pass  # the loop died with an error: already logged by its supervisor
         finally:
             self._stopping.discard(plugin)
             psub = self._psubs.pop(plugin, None)
@@ -240,4 +552,3 @@ class DurableTopics:
     async def stop(self) -> None:
         for plugin in list(self._loops):
             await self.stop_plugin(plugin)
-

@@ -38,6 +38,8 @@ from typing import Any
 
 import orjson
 
+from sdk.tracing import MAX_TRACEPARENT, valid_tracestate
+
 __all__ = ["FastSpans", "RequestTrace", "parse_traceparent", "sampler_from_env"]
 
 log = logging.getLogger("sandbus.telemetry")
@@ -50,6 +52,8 @@ _time_ns = time.time_ns
 
 #: (trace id hex, parent span id hex, sampled)
 Parent = tuple[str, str, bool]
+#: characters of a client-chosen message id kept in a span (headers come from anyone on the bus)
+MAX_MESSAGE_ID = 256
 Sampler = Callable[[Parent | None, str], bool]
 
 
@@ -58,7 +62,7 @@ _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f
 
 def parse_traceparent(value: str | None) -> Parent | None:
     """(trace id, parent span id, sampled) of a W3C ``traceparent``; None when absent or invalid."""
-    if not value:
+    if not value or len(value) > MAX_TRACEPARENT:
         return None
     m = _TRACEPARENT.fullmatch(value)
     if m is None:
@@ -204,7 +208,8 @@ class FastSpans:
         trace_id = parent[0] if parent is not None else format(_getrandbits(128) or 1, "032x")
         if not self.sample(parent, trace_id):
             return None
-        state = headers.get("tracestate") if headers and parent is not None else None
+        # Validated and bounded as W3C says (sdk/tracing.py): a record holds at most 512 characters of it.
+        state = valid_tracestate(headers.get("tracestate")) if headers and parent is not None else None
         return RequestTrace(trace_id, parent, state, start)
 
     def finish(self, rt: RequestTrace, subject: str, group: str, message_id: str | None, body_size: int,
@@ -215,6 +220,8 @@ class FastSpans:
         ``result``: (fuel, memory, seconds) of a call that returned; ``error``: (error.type, message).
         """
         parent = rt.parent
+        if message_id is not None and len(message_id) > MAX_MESSAGE_ID:
+            message_id = message_id[:MAX_MESSAGE_ID]
         record = (rt.trace_id, parent[1] if parent else None, rt.trace_state, 0, 0, rt.start_ns, _time_ns(),
                   subject, group, message_id, body_size, plugin, version, function, exec_start_ns, exec_end_ns,
                   result, error, rt.events)

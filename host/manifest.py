@@ -32,9 +32,12 @@ Example::
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 import types
 import typing
@@ -58,23 +61,29 @@ from pydantic import (
 )
 
 from sdk.errors import ManifestError, SecurityViolationError
+from sdk.subjects import check_token, check_topic
 
 __all__ = [
     "CAPABILITY_NAMES",
     "CapabilitiesSection",
     "CapabilityName",
     "DependencySpec",
+    "MAX_TOML_BYTES",
     "Manifest",
     "MetadataSection",
     "PermissionsSection",
     "PluginSection",
     "ResourcesSection",
     "SubscriptionsSection",
+    "check_env_name",
     "check_request_pattern",
     "check_subject",
+    "check_toml_shape",
     "load_manifest",
+    "loads_toml",
     "parse_host",
     "parse_manifest",
+    "read_capped",
     "request_matches",
     "subject_matches",
 ]
@@ -85,11 +94,17 @@ CapabilityName = Literal[
 #: Every capability a manifest may name, in documentation order.
 CAPABILITY_NAMES: tuple[str, ...] = get_args(CapabilityName)
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_FUNCTION_RE = re.compile(r"^[A-Za-z0-9_\-]+$")  # one subject token (sdk.subjects.check_token)
-_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+# Every pattern is used with ``fullmatch``: ``re.match`` with ``$`` accepts a trailing newline.
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+# A version or a version range is ASCII with no control characters (semantic_version itself matches with
+# ``$`` and ``\d``, so it takes "1.2.3\n" and Arabic-Indic digits); a range may hold spaces (">=1.0 <2").
+_VERSION_CHARS_RE = re.compile(r"[0-9A-Za-z.+\-]{1,256}")
+_RANGE_CHARS_RE = re.compile(r"[0-9A-Za-z.+\-^~<>=*|x ]{1,256}")
+#: Largest manifest or policy file read; TOML written by hand is a few KiB.
+MAX_TOML_BYTES = 1024 * 1024
 _TOML_POS_RE = re.compile(r"at line (\d+), column (\d+)")
 
 
@@ -114,6 +129,8 @@ def _suggest(word: str, choices: typing.Iterable[str]) -> str:
 
 
 def _check_semver(value: str, what: str) -> str:
+    if not _VERSION_CHARS_RE.fullmatch(value):
+        raise ValueError(f"{what} must be a semantic version like '1.2.3' (MAJOR.MINOR.PATCH), found {value!r}")
     try:
         semantic_version.Version(value)
     except ValueError:
@@ -124,7 +141,7 @@ def _check_semver(value: str, what: str) -> str:
 
 
 def _check_name(value: str, what: str = "plugin name") -> str:
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise ValueError(
             f"{what} must match ^[a-z][a-z0-9_]{{0,62}}$ (lowercase letter, then lowercase letters, "
             f"digits or '_', at most 63 characters), found {value!r}"
@@ -132,33 +149,34 @@ def _check_name(value: str, what: str = "plugin name") -> str:
     return value
 
 
+def check_env_name(name: str) -> str:
+    """An environment variable name a plugin may be granted: ``[A-Za-z_][A-Za-z0-9_]*``, at most 256
+    characters (no ``=``, no whitespace: it becomes a ``NAME=value`` entry of the guest's environment).
+
+    Raises:
+        ValueError: saying what was expected and what was found.
+    """
+    if not _ENV_RE.fullmatch(name):
+        raise ValueError(f"expected an environment variable name like 'API_URL', found {name!r}")
+    return name
+
+
 def _dedupe(values: typing.Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
 def check_subject(subject: str) -> str:
-    """Validate a NATS subject or subject pattern and return it unchanged.
+    """Validate a topic pattern (``[subscriptions] topics``, ``publish_topics``) and return it unchanged.
 
-    Tokens are separated by ``.`` and may not be empty; ``*`` matches exactly one token and must be a
-    whole token; ``>`` matches one or more trailing tokens and may only be the last token. Whitespace
-    and control characters are refused because NATS uses them as protocol separators.
+    This is :func:`sdk.subjects.check_topic` with wildcards: the one rule the node, the client and
+    ``sandbus plugins check`` share, so a manifest that validates is one a node can subscribe to.
+    Tokens are ``[A-Za-z0-9_-]+`` separated by ``.``; ``*`` matches exactly one token and must be a
+    whole token; ``>`` matches one or more trailing tokens and may only be the last token.
 
     Raises:
         ValueError: saying which rule the subject breaks.
     """
-    if not subject:
-        raise ValueError("a subject may not be empty")
-    if any(c.isspace() or ord(c) < 32 for c in subject):
-        raise ValueError(f"subject {subject!r} contains whitespace or control characters")
-    tokens = subject.split(".")
-    for i, token in enumerate(tokens):
-        if not token:
-            raise ValueError(f"subject {subject!r} has an empty token (leading, trailing or doubled '.')")
-        if token == ">" and i != len(tokens) - 1:
-            raise ValueError(f"subject {subject!r}: '>' may only be the last token")
-        if token not in ("*", ">") and ("*" in token or ">" in token):
-            raise ValueError(f"subject {subject!r}: wildcards '*' and '>' must be whole tokens")
-    return subject
+    return check_topic(subject, wildcards=True)
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -190,11 +208,14 @@ def check_request_pattern(pattern: str) -> str:
     """
     expected = "expected 'plugin', 'plugin.function', 'plugin.*' or '*'"
     plugin, dot, function = pattern.partition(".")
-    if plugin != "*" and not _NAME_RE.match(plugin):
+    if plugin != "*" and not _NAME_RE.fullmatch(plugin):
         raise ValueError(f"{expected} with a plugin name like 'pricing' ([a-z][a-z0-9_]*), found {pattern!r}")
-    if dot and function != "*" and not _FUNCTION_RE.match(function):
-        raise ValueError(f"{expected}; the function must be one name of letters, digits, '_' or '-', "
-                         f"found {pattern!r}")
+    if dot and function != "*":
+        try:
+            check_token(function, "function")
+        except ValueError:
+            raise ValueError(f"{expected}; the function must be one name of letters, digits, '_' or '-', "
+                             f"found {pattern!r}") from None
     return pattern
 
 
@@ -224,6 +245,8 @@ def parse_host(entry: str, *, allow_wildcard: bool = False) -> tuple[str, int | 
             raise ValueError(f"{expected}, found {entry!r} (unclosed '[')")
         host, rest = entry[1:end], entry[end + 1 :]
         try:
+            if "%" in host:  # a scope id names a local interface: free text, and no business in a grant
+                raise ValueError(host)
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(f"{expected}, found {entry!r} ('[...]' must hold an IPv6 address)") from None
@@ -240,13 +263,13 @@ def parse_host(entry: str, *, allow_wildcard: bool = False) -> tuple[str, int | 
     labels = host.split(".")
     if allow_wildcard and labels[0] == "*" and len(labels) > 1:
         labels = labels[1:]
-    if len(host) > 253 or not all(_LABEL_RE.match(label) for label in labels):
+    if len(host) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
         raise ValueError(f"{expected} with a valid DNS name or IPv4 address, found {entry!r}")
     return host.lower(), port
 
 
 def _parse_port(text: str, entry: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or len(text) > 5 or not 1 <= int(text) <= 65535:
         raise ValueError(f"port must be a number from 1 to 65535, found {text!r} in {entry!r}")
     return int(text)
 
@@ -255,6 +278,8 @@ def _check_relative_path(value: str) -> str:
     """A path under the plugin's data root: relative, no ``..``, normalised (``./a//b`` -> ``a/b``)."""
     if "\x00" in value:
         raise ValueError(f"path {value!r} contains a NUL character")
+    if not value.isprintable():
+        raise ValueError(f"path {value!r} contains control characters")
     if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
         raise ValueError(f"expected a path relative to the plugin's data root, found absolute path {value!r}")
     parts = PurePosixPath(value.replace("\\", "/")).parts
@@ -313,7 +338,7 @@ class PluginSection(_Section):
     @field_validator("sha256")
     @classmethod
     def _sha256(cls, v: str | None) -> str | None:
-        if v is not None and not _SHA256_RE.match(v):
+        if v is not None and not _SHA256_RE.fullmatch(v):
             raise ValueError(f"sha256 must be 64 hexadecimal characters, found {v!r} ({len(v)} characters)")
         return None if v is None else v.lower()
 
@@ -400,8 +425,7 @@ class PermissionsSection(_Section):
     @classmethod
     def _env(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for name in v:
-            if not _ENV_RE.match(name):
-                raise ValueError(f"expected an environment variable name like 'API_URL', found {name!r}")
+            check_env_name(name)
         return _dedupe(v)
 
     @field_validator("publish_topics")
@@ -451,6 +475,9 @@ class DependencySpec(_Section):
     def _requirement(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("expected a version requirement like '^1.2', found an empty string (use '*')")
+        if not _RANGE_CHARS_RE.fullmatch(v):
+            raise ValueError(
+                f"expected an npm-style version requirement like '^1.2', '~1.2.3' or '>=1.0 <2', found {v!r}")
         try:
             semantic_version.NpmSpec(v)
         except ValueError:
@@ -614,11 +641,119 @@ def _toml_message(exc: tomllib.TOMLDecodeError) -> str:
     return f"not valid TOML{where}: {exc}"
 
 
+def read_capped(path: Path, cap: int) -> tuple[bytes, str]:
+    """At most ``cap + 1`` bytes of the regular file at ``path``, and the real path of what was read.
+
+    Only a regular file is read. A FIFO in its place would block ``open`` and ``read`` forever (a node
+    that reads it never starts, a watcher never reloads again), a device such as ``/dev/zero`` never
+    ends, a directory is not a file: each is refused before it is opened (``stat``) and again on the
+    descriptor (``fstat``), which is opened non-blocking in case it was swapped in between. The real
+    path is read back from the descriptor where the system says (``/proc/self/fd``), so a caller that
+    checks where the bytes came from checks the file it read, not a name re-resolved later.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        OSError: not a regular file (``EINVAL``), or it cannot be read (permissions, I/O).
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a directory, FIFO, socket or device)", str(path))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a directory, FIFO, socket or device)", str(path))
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # no procfs: the name resolved now (the check is then only as good as the name)
+            real = os.path.realpath(path)
+        chunks: list[bytes] = []
+        left = cap + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks), real
+    finally:
+        os.close(fd)
+
+
+#: Deepest nesting of arrays and inline tables, and most components of one dotted key or table header.
+#: Hand-written manifests and policies use a handful of each. tomllib recurses on nesting (deep
+#: ``[[[...`` raises ``RecursionError``) and its cost for one dotted key grows with the square of its
+#: length (a 40 KB ``a.a.a...`` key took 6 s and 1.5 GB; 400 KB exhausted memory), so both are bounded
+#: before it parses anything. Many long dotted keys add up the same way (1 MiB of 31-part keys: 2 s,
+#: 210 MiB), so the dots outside strings are counted too: a manifest has tens of them.
+MAX_TOML_NESTING = 32
+MAX_TOML_DOTS = 8192
+_TOML_SKIP = re.compile(
+    # A multi-line string may end in up to two extra quotes (TOML 1.0: ``"""a""""`` is ``a"``).
+    r'"""(?:[^"\\]|\\.|"(?!""))*"{3,5}|\'\'\'(?:[^\']|\'(?!\'\'))*\'{3,5}|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*',
+    re.DOTALL,
+)
+_TOML_KEY = r'(?:[A-Za-z0-9_+-]+|"")'
+_TOML_LONG_KEY = re.compile(rf"(?<![A-Za-z0-9_+-]){_TOML_KEY}(?:[ \t]*\.[ \t]*{_TOML_KEY}){{{MAX_TOML_NESTING},}}")
+_TOML_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def check_toml_shape(text: str) -> None:
+    """Refuse TOML nested deeper than :data:`MAX_TOML_NESTING`, or with more than :data:`MAX_TOML_DOTS`
+    dots outside strings, before ``tomllib`` sees it.
+
+    Strings and comments are blanked first (their dots and brackets are data); what is left is scanned
+    for a dotted key with too many components and for brackets nested too deep.
+
+    Raises:
+        ValueError: saying which bound was exceeded and on which line.
+    """
+    bare = _TOML_SKIP.sub('""', text)
+    if bare.count(".") > MAX_TOML_DOTS:
+        raise ValueError(f"more than {MAX_TOML_DOTS} dotted keys and numbers (dots outside strings)")
+    long_key = _TOML_LONG_KEY.search(bare)
+    if long_key is not None:
+        line = bare.count("\n", 0, long_key.start()) + 1
+        raise ValueError(f"a dotted key or table name on line {line} has more than {MAX_TOML_NESTING} parts")
+    depth = 0
+    for bracket in _TOML_BRACKET.finditer(bare):
+        depth = depth + 1 if bracket.group() in "[{" else max(0, depth - 1)
+        if depth > MAX_TOML_NESTING:
+            line = bare.count("\n", 0, bracket.start()) + 1
+            raise ValueError(f"arrays or inline tables nested deeper than {MAX_TOML_NESTING} on line {line}")
+
+
+def loads_toml(text: str) -> dict[str, Any]:
+    """:func:`tomllib.loads` of ``text`` once :func:`check_toml_shape` passed (its ``ValueError`` is
+    re-raised as a ``TOMLDecodeError``, so every caller has one error to turn into its own)."""
+    try:
+        check_toml_shape(text)
+        data = tomllib.loads(text)
+    except ValueError as exc:  # TOMLDecodeError is a ValueError
+        raise tomllib.TOMLDecodeError(str(exc)) from None
+    except RecursionError:  # a shape the scan above missed: still a refusal, never a crash
+        raise tomllib.TOMLDecodeError(f"nested deeper than {MAX_TOML_NESTING}") from None
+    if _depth(data) > 2 * MAX_TOML_NESTING:  # tables in tables through headers, keys and inline tables
+        raise tomllib.TOMLDecodeError(f"tables and arrays nested deeper than {2 * MAX_TOML_NESTING}")
+    return data
+
+
+def _depth(value: object) -> int:
+    """How deep tables and arrays nest in ``value`` (walked without recursion)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
 def _read_toml(path: Path, fail: _ErrorFactory) -> dict[str, Any]:
     """Parse a TOML file, turning every way it can go wrong into ``fail(message, key)``."""
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        raw, _ = read_capped(path, MAX_TOML_BYTES)  # never more than the cap, never a FIFO or a device
+        if len(raw) > MAX_TOML_BYTES:
+            raise fail(f"file is larger than {MAX_TOML_BYTES} bytes; a manifest or policy is a few KiB", None)
+        return loads_toml(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise fail(_toml_message(exc), None) from exc
     except UnicodeDecodeError as exc:
@@ -801,7 +936,7 @@ def parse_manifest(text: str, *, source: str | None = None, expected_name: str |
         ManifestError: as :func:`load_manifest`; ``path`` is ``source``.
     """
     try:
-        data = tomllib.loads(text)
+        data = loads_toml(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(_toml_message(exc), path=source) from exc
     return _validate(data, source, expected_name)

@@ -7,13 +7,26 @@ resolution is deliberately simple to audit:
 * a **required** capability the policy refuses, or a resource above a ceiling, refuses the plugin
   (:class:`~sdk.errors.SecurityViolationError`), because running it crippled would fail later and
   less clearly; ceilings are never silently clamped for the same reason;
-* an **optional** capability the policy refuses is simply not granted, and recorded in
-  :attr:`Grant.denied_optional` so the operator can see why a feature is off;
-* individual hosts and environment variables are intersected with the policy's allowlists (the
-  refused ones are recorded too); a directory outside the policy's directories refuses the plugin,
-  since a path that escapes is either a misconfiguration or an attack;
+* an **optional** capability the policy refuses is simply not granted (nor anything the manifest
+  lists under it), and recorded in :attr:`Grant.denied_optional` so the operator can see why a
+  feature is off;
+* under a capability that *is* granted, every entry the manifest asks for -- a directory, an
+  environment variable, a network host, a topic to publish to, a plugin to request -- must be allowed
+  by the policy, or the plugin is refused naming that entry. Nothing is dropped quietly: a plugin
+  that loads has everything it asked for under its granted capabilities;
 * the topics a plugin may publish to and the plugins it may request (``publish_topics``,
-  ``request_plugins``) come with the ``messaging`` capability, or not at all.
+  ``request_plugins``) come with the ``messaging`` capability and must each be *covered* by a pattern
+  of the policy's ``[messaging]`` ceilings (deny by default: no ceiling, no topic): a manifest
+  ``orders.*`` is covered by a policy ``orders.>``, a manifest ``>`` by nothing but ``>``;
+* the topics a plugin subscribes to (``[subscriptions] topics``) need no capability, but each must be
+  covered by ``[messaging] subscribe_topics`` the same way (deny by default): receiving every message
+  on the bus is as much a grant as sending to it;
+* what a plugin sends (``publish`` and ``request``) is rate limited per plugin by a token bucket
+  (``[messaging] max_sends_per_second``, ``send_burst``) and capped per call (``max_sends_per_call``):
+  the hop limit bounds how deep a chain of messages goes, these bound how wide it fans out;
+* a network host names where a plugin may connect, and ``[network] allow_addresses`` which
+  addresses a granted name may resolve to beyond the public internet: private, loopback,
+  link-local and other special ranges are refused unless listed there (see host/netguard.py).
 
 Example policy::
 
@@ -26,6 +39,15 @@ Example policy::
 
     [network]
     allowed_hosts = ["api.example.com:443", "*.internal"]
+    allow_addresses = ["10.1.0.0/16"]   # private ranges *.internal may resolve to
+
+    [messaging]     # ceilings for publish_topics / request_plugins / [subscriptions] topics
+    publish_topics = ["orders.>", "audit.*"]
+    request_plugins = ["pricing", "audit.log"]
+    subscribe_topics = ["orders.*"]
+    max_sends_per_second = 1000.0   # per plugin (token bucket), with a burst of send_burst
+    send_burst = 1000
+    max_sends_per_call = 64
 
     [environment]
     allowed_vars = ["TZ"]
@@ -39,6 +61,7 @@ Example policy::
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +88,14 @@ from host.manifest import (
     _KeyedError,
     _read_toml,
     _translate,
+    check_env_name,
+    check_request_pattern,
+    check_subject,
     parse_host,
     request_matches,
     subject_matches,
 )
+from host.netguard import IPNetwork
 from host.sandbox.config import MIB, Capabilities, DirGrant, Limits
 from sdk.errors import PolicyError, SecurityViolationError
 
@@ -79,11 +106,16 @@ __all__ = [
     "EnvironmentPolicy",
     "FilesystemPolicy",
     "Grant",
+    "IPNetwork",
+    "MessagingPolicy",
     "NetworkPolicy",
     "Policy",
     "ResourceValues",
+    "SendLimits",
     "load_policy",
+    "request_covers",
     "resolve",
+    "subject_covers",
 ]
 
 #: The ``[resources]`` / ``[limits]`` / ``[defaults]`` keys, in the order they are checked.
@@ -122,10 +154,19 @@ class FilesystemPolicy(_Section):
 
 
 class NetworkPolicy(_Section):
-    """``[network]``: ``host``, ``host:port``, ``*.domain`` or ``*.domain:port``. An entry without a
-    port allows every port of that host."""
+    """``[network]``.
+
+    ``allowed_hosts``: ``host``, ``host:port``, ``*.domain`` or ``*.domain:port``. An entry without a
+    port allows every port of that host.
+
+    ``allow_addresses``: addresses or networks (``"127.0.0.1"``, ``"10.1.0.0/16"``, ``"fd00::/8"``) a
+    granted host may resolve to although they are not public (private, loopback, link-local, shared,
+    reserved, multicast, cloud metadata). Without an entry here, a granted name that resolves into
+    such a range is refused at connect time.
+    """
 
     allowed_hosts: tuple[StrictStr, ...] = ()
+    allow_addresses: tuple[StrictStr, ...] = ()
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -134,11 +175,74 @@ class NetworkPolicy(_Section):
             parse_host(h, allow_wildcard=True)
         return v
 
+    @field_validator("allow_addresses")
+    @classmethod
+    def _addresses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for a in v:
+            try:
+                ipaddress.ip_network(a, strict=True)
+            except ValueError as e:
+                raise ValueError(f"expected an IP address or network like '10.0.0.0/8', found {a!r}: {e}") from None
+        return v
+
+    def networks(self) -> tuple[IPNetwork, ...]:
+        """``allow_addresses`` as networks."""
+        return tuple(ipaddress.ip_network(a) for a in self.allow_addresses)
+
+
+class MessagingPolicy(_Section):
+    """``[messaging]``: ceilings for what plugins may publish to, request and subscribe to, and how fast
+    they may send.
+
+    ``publish_topics``: NATS subject patterns; a manifest's ``publish_topics`` entry must be covered by
+    one of them (every subject it matches is matched by the ceiling). ``request_plugins``: entries as in
+    a manifest (``"pricing"``, ``"pricing.quote"``, ``"pricing.*"``, ``"*"``), covering a manifest's
+    ``request_plugins`` the same way. ``subscribe_topics``: subject patterns covering a manifest's
+    ``[subscriptions] topics``. All three default to nothing: a node grants no topic and no target
+    until its operator names them.
+
+    ``max_sends_per_second`` / ``send_burst``: a token bucket per plugin (and per node process) over
+    everything it sends with ``publish`` and ``request``; ``max_sends_per_call``: how many of those one
+    call may make. A send beyond either fails the call with ``RateLimitError`` (``limit.rate``). The
+    defaults (1,000 a second, a burst of 1,000, 64 a call) are far above what an event-driven plugin
+    sends, yet keep one plugin to a small share of what a node can publish (hundreds of thousands of
+    core messages, tens of thousands of JetStream messages a second) and stop a plugin that publishes
+    several messages per message it receives from multiplying them within the hop limit.
+    """
+
+    publish_topics: tuple[StrictStr, ...] = ()
+    request_plugins: tuple[StrictStr, ...] = ()
+    subscribe_topics: tuple[StrictStr, ...] = ()
+    max_sends_per_second: StrictFloat = Field(default=1000.0, gt=0)
+    send_burst: StrictInt = Field(default=1000, gt=0)
+    max_sends_per_call: StrictInt = Field(default=64, gt=0)
+
+    @field_validator("publish_topics", "subscribe_topics")
+    @classmethod
+    def _topics(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for t in v:
+            check_subject(t)
+        return v
+
+    @field_validator("request_plugins")
+    @classmethod
+    def _targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for t in v:
+            check_request_pattern(t)
+        return v
+
 
 class EnvironmentPolicy(_Section):
     """``[environment]``: host variables a plugin may be shown (exact names)."""
 
     allowed_vars: tuple[StrictStr, ...] = ()
+
+    @field_validator("allowed_vars")
+    @classmethod
+    def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            check_env_name(name)
+        return v
 
 
 class ResourceValues(_Section):
@@ -160,7 +264,8 @@ class Policy(_Section):
     Parameters:
         capabilities: capabilities that may be granted.
         filesystem: host directories plugin directories must lie in.
-        network: hosts plugins may reach.
+        network: hosts plugins may reach, and the non-public addresses they may resolve to.
+        messaging: topics plugins may publish to and plugins they may request (ceilings).
         environment: host variables plugins may read.
         limits: ceilings; a manifest asking for more is refused.
         defaults: values used when a manifest is silent. A default the file leaves out is the built-in
@@ -170,6 +275,7 @@ class Policy(_Section):
     capabilities: CapabilitiesPolicy = CapabilitiesPolicy()
     filesystem: FilesystemPolicy = FilesystemPolicy()
     network: NetworkPolicy = NetworkPolicy()
+    messaging: MessagingPolicy = MessagingPolicy()
     environment: EnvironmentPolicy = EnvironmentPolicy()
     limits: ResourceValues = _CEILINGS
     defaults: ResourceValues = _DEFAULTS
@@ -211,7 +317,9 @@ class Policy(_Section):
     @classmethod
     def default(cls) -> Policy:
         """Deny by default: only ``compute``; ceilings 256 MB / 30 s / 10^10 fuel / 16 instances,
-        defaults 64 MB / 5 s / 10^9 fuel / 4 instances; no directories, hosts or variables."""
+        defaults 64 MB / 5 s / 10^9 fuel / 4 instances; no directories, hosts, addresses, variables,
+        topics to publish or subscribe to, or request targets; 1,000 sends a second (burst 1,000),
+        64 a call."""
         return cls()
 
     @property
@@ -272,6 +380,17 @@ class Denial(NamedTuple):
         return f"{self.item}: {self.reason}"
 
 
+class SendLimits(NamedTuple):
+    """The ``[messaging]`` bounds on what a plugin sends (see :class:`MessagingPolicy`)."""
+
+    per_second: float = 1000.0
+    burst: int = 1000
+    per_call: int = 64
+
+
+_DEFAULT_SEND_LIMITS = SendLimits()
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What a plugin actually gets on this node: the input of the sandbox and the host functions.
@@ -282,9 +401,13 @@ class Grant:
         capabilities: preopened directories, environment, clock and random for the sandbox.
         granted: capability names granted (asked ∩ allowed).
         network_hosts: manifest hosts the policy allows (``host`` or ``host:port``).
+        network_addresses: non-public networks a granted host may resolve to (the policy's
+            ``[network] allow_addresses``; empty without ``network``).
         publish_topics: subject patterns the plugin may publish to (empty without ``messaging``).
         request_plugins: ``request_plugins`` entries: the plugin functions it may call (empty without
             ``messaging``).
+        subscribe_topics: the ``[subscriptions] topics`` it is delivered (each covered by the policy).
+        send_limits: how fast, and how many per call, it may ``publish`` and ``request``.
         denied_optional: what was asked for but not granted, with the reason.
     """
 
@@ -293,8 +416,11 @@ class Grant:
     capabilities: Capabilities
     granted: frozenset[str]
     network_hosts: tuple[str, ...] = ()
+    network_addresses: tuple[IPNetwork, ...] = ()
     publish_topics: tuple[str, ...] = ()
     request_plugins: tuple[str, ...] = ()
+    subscribe_topics: tuple[str, ...] = ()
+    send_limits: SendLimits = _DEFAULT_SEND_LIMITS
     denied_optional: tuple[Denial, ...] = ()
 
     def allows(self, capability: str) -> bool:
@@ -399,6 +525,46 @@ def _host_allowed(entry: str, patterns: tuple[str, ...]) -> bool:
     return False
 
 
+def subject_covers(ceiling: str, pattern: str) -> bool:
+    """Whether every subject ``pattern`` matches is also matched by ``ceiling`` (NATS wildcards).
+
+    Sound, not merely overlapping: ``orders.>`` covers ``orders.*`` and ``orders.new.eu``; ``orders.*``
+    does not cover ``orders.>`` (it misses ``orders.a.b``), and nothing but ``>`` covers ``>``.
+    """
+    pat, ceil = pattern.split("."), ceiling.split(".")
+    for i, token in enumerate(ceil):
+        if token == ">":
+            return len(pat) > i  # one or more tokens left in the pattern, whatever they are
+        if i >= len(pat) or pat[i] == ">":
+            return False  # the pattern is shorter, or matches any length from here
+        if token != "*" and token != pat[i]:
+            return False  # a literal covers only the same literal (not '*')
+    return len(pat) == len(ceil)
+
+
+def request_covers(ceiling: str, pattern: str) -> bool:
+    """Whether every ``plugin.function`` a ``request_plugins`` entry allows, ``ceiling`` allows too."""
+    c_plugin, _, c_function = ceiling.partition(".")
+    p_plugin, _, p_function = pattern.partition(".")
+    c_function, p_function = c_function or "*", p_function or "*"
+    if c_plugin != "*" and c_plugin != p_plugin:
+        return False
+    return c_function == "*" or c_function == p_function
+
+
+def _refuse_entry(manifest: Manifest, policy: Policy, key: str, entry: str, where: str, listed: tuple[str, ...],
+                  why: str, section: str = "permissions") -> SecurityViolationError:
+    shown = ", ".join(repr(x) for x in listed) or "none"
+    return _refuse(
+        manifest,
+        f"[{section}] {key} entry {entry!r} {why} {policy.describe()} {where} ({shown}); "
+        "a plugin gets everything it asks for or does not load",
+        permission=key if section == "permissions" else f"{section}.{key}",
+        entry=entry,
+        policy=policy.source,
+    )
+
+
 def resolve(manifest: Manifest, policy: Policy, *, data_root: Path, host_env: Mapping[str, str]) -> Grant:
     """Decide what ``manifest`` gets under ``policy``.
 
@@ -411,7 +577,10 @@ def resolve(manifest: Manifest, policy: Policy, *, data_root: Path, host_env: Ma
 
     Raises:
         SecurityViolationError: a required capability is not allowed, a resource is above its ceiling,
-            or a directory falls outside the data root or the policy's directories.
+            a directory falls outside the data root or the policy's directories, or an environment
+            variable, network host, publish topic or request target of a granted capability is not
+            allowed by the policy, or a subscription topic is not covered by ``[messaging]
+            subscribe_topics`` (``details["permission"]`` and ``details["entry"]`` name it).
     """
     allowed = frozenset(policy.capabilities.allowed)
     for capability in manifest.capabilities.required:
@@ -439,20 +608,42 @@ def resolve(manifest: Manifest, policy: Policy, *, data_root: Path, host_env: Ma
     if "environment" in granted:
         for name in perms.environment_vars:
             if name not in policy.environment.allowed_vars:
-                denied.append(Denial(f"environment variable {name!r}", "not in [environment] allowed_vars"))
-            elif name in host_env:
+                raise _refuse_entry(manifest, policy, "environment_vars", name, "[environment] allowed_vars",
+                                    policy.environment.allowed_vars, "is not allowed by")
+            if name in host_env:
                 env[name] = host_env[name]
             else:
                 env_unset.add(name)
 
-    hosts: list[str] = []
+    addresses: tuple[IPNetwork, ...] = ()
     if "network" in granted:
         for entry in perms.network_hosts:
-            if _host_allowed(entry, policy.network.allowed_hosts):
-                hosts.append(entry)
-            else:
-                denied.append(Denial(f"network host {entry!r}", "not in [network] allowed_hosts"))
+            if not _host_allowed(entry, policy.network.allowed_hosts):
+                raise _refuse_entry(manifest, policy, "network_hosts", entry, "[network] allowed_hosts",
+                                    policy.network.allowed_hosts, "is not allowed by")
+        addresses = policy.network.networks()
 
+    topics: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    if "messaging" in granted:
+        ceilings = policy.messaging
+        for topic in perms.publish_topics:
+            if not any(subject_covers(c, topic) for c in ceilings.publish_topics):
+                raise _refuse_entry(manifest, policy, "publish_topics", topic, "[messaging] publish_topics",
+                                    ceilings.publish_topics, "is not covered by a pattern of")
+        for target in perms.request_plugins:
+            if not any(request_covers(c, target) for c in ceilings.request_plugins):
+                raise _refuse_entry(manifest, policy, "request_plugins", target, "[messaging] request_plugins",
+                                    ceilings.request_plugins, "is not covered by an entry of")
+        topics, targets = perms.publish_topics, perms.request_plugins
+
+    # Subscriptions need no capability (receiving is computing), but what a plugin hears is a grant too.
+    for topic in manifest.subscriptions.topics:
+        if not any(subject_covers(c, topic) for c in policy.messaging.subscribe_topics):
+            raise _refuse_entry(manifest, policy, "topics", topic, "[messaging] subscribe_topics",
+                                policy.messaging.subscribe_topics, "is not covered by a pattern of",
+                                section="subscriptions")
+    m = policy.messaging
     return Grant(
         manifest=manifest,
         limits=limits,
@@ -465,8 +656,11 @@ def resolve(manifest: Manifest, policy: Policy, *, data_root: Path, host_env: Ma
             extra=granted - _SANDBOX_BUILTIN,
         ),
         granted=granted,
-        network_hosts=tuple(hosts),
-        publish_topics=perms.publish_topics if "messaging" in granted else (),
-        request_plugins=perms.request_plugins if "messaging" in granted else (),
+        network_hosts=perms.network_hosts if "network" in granted else (),
+        network_addresses=addresses,
+        publish_topics=topics,
+        request_plugins=targets,
+        subscribe_topics=manifest.subscriptions.topics,
+        send_limits=SendLimits(m.max_sends_per_second, m.send_burst, m.max_sends_per_call),
         denied_optional=tuple(denied),
     )

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import orjson
 
-from sdk.tracing import TRACER_NAME
+from sdk.tracing import MAX_TRACESTATE, TRACER_NAME
 
 from . import otlp_wire as wire
 
@@ -120,6 +120,8 @@ class SpanEncoder:
         (trace_hex, parent_hex, trace_state, process_sid, exec_sid, start, end, _, _, message_id,
          body_size, _, _, _, exec_start, exec_end, result, error, events) = r
         process_const, exec_const = consts
+        if trace_state and len(trace_state) > MAX_TRACESTATE:  # the node bounds it; so does this process
+            trace_state = None
         trace_id, process_id = bytes.fromhex(trace_hex), process_sid.to_bytes(8, "big")
         status, message = (wire.STATUS_ERROR, error[1][:256]) if error else (wire.STATUS_UNSET, "")
         process = wire.encode_span(

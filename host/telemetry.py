@@ -37,7 +37,7 @@ from opentelemetry.trace import Link, Span, SpanKind
 
 from sdk.tracing import TRACER_NAME, extract, messaging_attributes, record_error
 
-from .fast_spans import FastSpans
+from .fast_spans import MAX_MESSAGE_ID, FastSpans
 from .sandbox import AuditEvent, AuditLevel, CallResult
 from .span_export import LATENCY_BOUNDS
 
@@ -174,7 +174,9 @@ class Telemetry:
 
         A JetStream redelivery (``delivery`` > 1) is also linked to the original message's context.
         """
-        parent = extract(headers)
+        parent = extract(headers)  # traceparent/tracestate validated and bounded there
+        if message_id is not None:
+            message_id = message_id[:MAX_MESSAGE_ID]  # a header anyone on the bus writes
         attrs = messaging_attributes("process", subject, message_id=message_id, body_size=body_size, group=group)
         links = None
         if delivery is not None:

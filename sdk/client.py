@@ -20,7 +20,15 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from .envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_from_reply, new_message_id
-from .errors import BusError, PayloadTooLargeError, PluginNotFoundError, RequestTimeoutError, SandbusError
+from .errors import (
+    AbiViolationError,
+    BusError,
+    PayloadTooLargeError,
+    PluginNotFoundError,
+    RequestTimeoutError,
+    SandbusError,
+)
+from .nats_guard import GuardedNatsClient
 from .subjects import NODE_SERVICE, control_subject, msg_subject, request_subject, topic_subject
 from .tracing import H_TRACE_DEBUG, H_TRACE_SPANS, record_error, send_span
 
@@ -51,7 +59,7 @@ class Client:
         urls = servers.split(",") if isinstance(servers, str) else servers
         nats_options.setdefault("max_reconnect_attempts", 3)
         nats_options.setdefault("connect_timeout", 3)
-        nc = NatsClient()
+        nc = GuardedNatsClient()  # no published message can stop it from reading
         try:
             await nc.connect(servers=urls, **nats_options)
         except Exception as e:
@@ -118,13 +126,21 @@ class Client:
         with send_span(subject, headers, message_id=headers[H_MSG_ID], body_size=len(payload)):
             msg = await self._nats_request(subject, payload, timeout, headers, f"plugin {plugin!r}")
         reply_headers = dict(msg.headers or {})
-        spans = orjson.loads(reply_headers.pop(H_TRACE_SPANS, "[]"))
+        try:  # whatever answered wrote this header: anything but a list of span objects is no spans
+            spans = orjson.loads(reply_headers.pop(H_TRACE_SPANS, "[]"))
+        except orjson.JSONDecodeError:
+            spans = []
+        spans = [s for s in spans if isinstance(s, dict)] if isinstance(spans, list) else []
         return bytes(msg.data), reply_headers, spans
 
     async def request(self, plugin: str, function: str = "handle_request", payload: Any = None, *,
                       timeout: float = 5.0) -> Any:
         """Call a plugin function with a JSON-able payload; the decoded reply. Remote errors raise typed."""
-        return orjson.loads(await self.request_bytes(plugin, function, _encode(payload), timeout=timeout))
+        reply = await self.request_bytes(plugin, function, _encode(payload), timeout=timeout)
+        try:
+            return orjson.loads(reply)
+        except orjson.JSONDecodeError as e:  # whoever answered on the bus is not a sandbus node
+            raise AbiViolationError(f"the reply from plugin {plugin!r} is not JSON: {e}", plugin=plugin) from e
 
     async def _jetstream(self) -> bool:
         if self._js_ok is None:
@@ -183,8 +199,11 @@ class Client:
                     msg = await sub.next_msg(timeout=left)
                 except NatsTimeoutError:
                     break
-                node_id = (orjson.loads(msg.data).get("metadata") or {}).get("node_id")
-                if node_id:
+                try:  # anyone on the account can answer a PING: a reply that is not a node's is skipped
+                    node_id = (orjson.loads(msg.data).get("metadata") or {}).get("node_id")
+                except (orjson.JSONDecodeError, AttributeError):
+                    continue
+                if isinstance(node_id, str) and node_id and node_id not in ids and len(ids) < 1024:
                     ids.append(node_id)
         finally:
             await sub.unsubscribe()

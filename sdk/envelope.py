@@ -8,13 +8,15 @@ plugin with a plain NATS request. What sandbus adds travels in headers:
     Content-Type          application/json
     Sandbus-Error-Code    on a failed reply: a stable error code (sdk.errors), e.g. "limit.timeout"
     Sandbus-Error         on a failed reply: the message; the body is then a JSON error object
-    Sandbus-Hops          on a request a plugin sent (host function ``request``): how many plugin-to-plugin
-                          requests led to it (1 for a plugin serving a client); absent means 0
+    Sandbus-Hops          on a request or topic message a plugin sent (host functions ``request``,
+                          ``publish``): how many plugin requests and messages led to it (1 for a plugin
+                          serving a client); absent means 0
     traceparent/tracestate  W3C trace context
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -37,6 +39,7 @@ __all__ = [
     "PluginMessage",
     "error_from_reply",
     "error_reply",
+    "header_value",
     "hops_of",
     "new_message_id",
 ]
@@ -114,9 +117,23 @@ def hops_of(headers: Mapping[str, str] | None) -> int:
     return max(hops, 0)
 
 
+_UNSAFE_IN_HEADER = re.compile(r"[^\x20-\x7e]")
+
+
+def header_value(text: str, limit: int) -> str:
+    """``text`` made safe for a NATS header value: printable ASCII only, at most ``limit`` characters.
+
+    Error messages quote what plugins and clients sent; a CR/LF in a header value would end the header
+    block early and let that text forge headers (or a body) on the wire, and a non-ASCII byte trips
+    strict decoders on the receiving side. Anything else is written as a visible escape.
+    """
+    safe = _UNSAFE_IN_HEADER.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
+    return safe[:limit]
+
+
 def error_reply(err: SandbusError) -> tuple[bytes, dict[str, str]]:
     """Body and headers of a reply that carries ``err``."""
-    headers = {**JSON, H_ERROR_CODE: err.code, H_ERROR: str(err)[:1024]}
+    headers = {**JSON, H_ERROR_CODE: header_value(err.code, 64), H_ERROR: header_value(str(err), 1024)}
     return orjson.dumps({"error": err.to_dict()}, default=str), headers
 
 

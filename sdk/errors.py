@@ -17,12 +17,14 @@ headers, so a client in another language can map it back.
     │   ├── StackLimitError
     │   ├── PayloadTooLargeError     input or output above its cap
     │   ├── InstanceLimitError       every pooled instance stayed busy
-    │   └── HopLimitError            a plugin-to-plugin request chain grew too long (a cycle?)
+    │   ├── HopLimitError            a plugin-to-plugin request chain grew too long (a cycle?)
+    │   └── RateLimitError           a plugin sent more than its rate or per-call cap allows
     ├── SecurityViolationError       (PermissionError) a capability was not granted
     ├── PluginNotFoundError          (LookupError)
     ├── ManifestError                (ValueError) names file and key
     ├── PolicyError                  operator policy file is invalid
     ├── DependencyError              missing / incompatible / cyclic dependencies
+    ├── HostError                    the host failed (a bug in a host function), not the plugin
     └── BusError                     (ConnectionError) NATS-side failures
         └── RequestTimeoutError      (TimeoutError) no reply in time
 """
@@ -37,6 +39,7 @@ __all__ = [
     "DependencyError",
     "ExecutionTimeoutError",
     "HopLimitError",
+    "HostError",
     "InstanceLimitError",
     "InvalidModuleError",
     "ManifestError",
@@ -46,6 +49,7 @@ __all__ = [
     "PluginInitError",
     "PluginNotFoundError",
     "PolicyError",
+    "RateLimitError",
     "RequestTimeoutError",
     "ResourceLimitError",
     "SandboxError",
@@ -141,14 +145,24 @@ class InstanceLimitError(ResourceLimitError):
 
 
 class HopLimitError(ResourceLimitError):
-    """A plugin's ``request`` would have made a plugin-to-plugin chain longer than the hop limit.
+    """A plugin's ``request`` or ``publish`` would have made a plugin-to-plugin chain longer than the hop limit.
 
-    Chains are counted by the ``Sandbus-Hops`` header (docs/protocol.md). The limit exists so that a
-    cycle (a plugin requesting itself, or A -> B -> A) ends with this error instead of tying up an
-    instance per hop until every timeout has run out.
+    Chains are counted by the ``Sandbus-Hops`` header (docs/protocol.md), carried across requests,
+    publishes and durable deliveries. The limit exists so that a cycle (a plugin requesting itself,
+    A -> B -> A, a plugin publishing onto a topic it subscribes to) ends with this error instead of
+    running for ever or tying up an instance per hop until every timeout has run out.
     """
 
     code = "limit.hops"
+
+
+class RateLimitError(ResourceLimitError):
+    """A plugin's ``publish`` or ``request`` was refused: the plugin sent more than the operator policy
+    allows (``[messaging] max_sends_per_second`` / ``send_burst`` per plugin, ``max_sends_per_call`` per
+    call). The hop limit bounds how deep a chain of messages goes; this bounds how wide it fans out.
+    """
+
+    code = "limit.rate"
 
 
 class SecurityViolationError(SandbusError, PermissionError):
@@ -190,6 +204,16 @@ class PolicyError(SandbusError, ValueError):
 
 class DependencyError(SandbusError):
     code = "plugin.dependency"
+
+
+class HostError(SandbusError):
+    """The host failed while serving a call: a host function raised something it should not have.
+
+    Not the plugin's fault (it is counted apart from the plugin's errors): report it to the
+    operator or the author of that host function.
+    """
+
+    code = "host.error"
 
 
 class BusError(SandbusError, ConnectionError):

@@ -16,6 +16,8 @@ import re
 __all__ = [
     "AUDIT_PREFIX",
     "DLQ_PREFIX",
+    "MAX_TOKEN_LENGTH",
+    "MAX_TOPIC_LENGTH",
     "MSG_PREFIX",
     "NODE_SERVICE",
     "REQ_PREFIX",
@@ -38,23 +40,66 @@ DLQ_PREFIX = "sandbus.dlq"
 AUDIT_PREFIX = "sandbus.audit"
 NODE_SERVICE = "sandbus-node"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
+#: One subject token: what a plugin name, function name, node id or topic token may be.
+_TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
+#: Longest token and longest topic accepted. NATS itself has no limit short of its control line; these
+#: keep every subject we build or accept far below it, and keep a log line or an error readable.
+MAX_TOKEN_LENGTH = 255
+MAX_TOPIC_LENGTH = 1024
 
 
 def check_token(value: str, what: str) -> str:
-    """A single subject token: no dots, spaces or wildcards."""
-    if not _TOKEN.match(value):
-        raise ValueError(f"{what} {value!r} must be letters, digits, '_' or '-' (one subject token)")
+    """A single subject token: ``[A-Za-z0-9_-]+``, at most :data:`MAX_TOKEN_LENGTH` characters.
+
+    The whole string must match (a trailing newline is not "the end of the string"): a token ends up
+    inside a NATS subject, where whitespace, ``.``, wildcards and ``$`` (the server's reserved
+    ``$SYS``/``$JS``/``$SRV`` namespaces) would change what the subject means.
+
+    Raises:
+        ValueError: naming ``what`` and the value.
+    """
+    if not isinstance(value, str) or len(value) > MAX_TOKEN_LENGTH or not _TOKEN.fullmatch(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ValueError(f"{what} {shown} must be 1-{MAX_TOKEN_LENGTH} letters, digits, '_' or '-' "
+                         "(one subject token)")
     return value
 
 
 def check_topic(topic: str, *, wildcards: bool = False) -> str:
-    """A dotted topic such as ``orders.created``; ``*`` and a final ``>`` only when ``wildcards``."""
+    """A dotted topic such as ``orders.created``, the one rule for every topic and topic pattern.
+
+    Each token is a subject token (:func:`check_token`: ASCII letters, digits, ``_`` and ``-``), so a
+    topic is printable ASCII with no whitespace, no empty token and no ``$`` anywhere: it can never
+    reach the server's reserved subjects. With ``wildcards`` (subscriptions, ``publish_topics``),
+    ``*`` may stand for one whole token and ``>`` for the rest, as the last token only. Manifests,
+    the operator policy, the node and the client all call this, so what ``sandbus plugins check``
+    accepts is exactly what a node can subscribe to.
+
+    Raises:
+        ValueError: saying which rule the topic breaks.
+    """
+    if not isinstance(topic, str) or not topic:
+        raise ValueError("a topic may not be empty")
+    shown = repr(topic) if len(repr(topic)) <= 80 else repr(topic)[:77] + "..."
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise ValueError(f"topic {shown} is longer than {MAX_TOPIC_LENGTH} characters")
+    if any(c.isspace() or not c.isprintable() for c in topic):
+        raise ValueError(f"topic {shown} contains whitespace or control characters")
     tokens = topic.split(".")
+    last = len(tokens) - 1
     for i, tok in enumerate(tokens):
-        if wildcards and (tok == "*" or (tok == ">" and i == len(tokens) - 1)):
+        if not tok:
+            raise ValueError(f"topic {shown} has an empty token (leading, trailing or doubled '.')")
+        if tok in ("*", ">"):
+            if not wildcards:
+                raise ValueError(f"topic {shown}: wildcards '*' and '>' are only allowed in subscriptions "
+                                 "and permissions, not in a topic to publish to")
+            if tok == ">" and i != last:
+                raise ValueError(f"topic {shown}: '>' may only be the last token")
             continue
-        check_token(tok, f"topic token in {topic!r}:")
+        if "*" in tok or ">" in tok:
+            raise ValueError(f"topic {shown}: wildcards '*' and '>' must be whole tokens")
+        check_token(tok, f"topic {shown}: token")
     return topic
 
 

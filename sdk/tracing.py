@@ -6,12 +6,20 @@ Conventions (semconv 1.2x messaging): span name ``{operation} {destination}``; o
 ``messaging.consumer.group.name``, ``messaging.message.id``, ``messaging.message.body.size``,
 ``error.type``. The deprecated ``publish``/``deliver`` names are not used.
 
+Trace context arrives in headers anyone on the bus can write, so it is validated before use, as
+W3C Trace Context says: a ``traceparent`` longer than 512 characters or malformed is ignored; a
+``tracestate`` that is not a valid list of at most 32 unique ``key=value`` members is dropped whole,
+and a valid one longer than 512 characters (the length W3C asks every vendor to propagate) is
+shortened the way W3C recommends: members over 128 characters go first, then members from the end.
+Nothing longer than :data:`MAX_TRACESTATE_INPUT` is even parsed.
+
 Only the OpenTelemetry *API* is imported here: with no SDK configured every call is a cheap no-op,
 so the client costs nothing when the application does not trace.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +31,10 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 __all__ = [
     "H_TRACE_DEBUG",
     "H_TRACE_SPANS",
+    "MAX_TRACEPARENT",
+    "MAX_TRACESTATE",
+    "MAX_TRACESTATE_INPUT",
+    "MAX_TRACESTATE_MEMBERS",
     "TRACER_NAME",
     "extract",
     "inject",
@@ -30,6 +42,7 @@ __all__ = [
     "record_error",
     "send_span",
     "tracer",
+    "valid_tracestate",
 ]
 
 TRACER_NAME = "sandbus"
@@ -39,6 +52,54 @@ _NO_SDK = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 #: come back in the reply's ``Sandbus-Trace-Spans`` header (JSON list): ``sandbus trace`` uses it.
 H_TRACE_DEBUG = "Sandbus-Trace-Debug"
 H_TRACE_SPANS = "Sandbus-Trace-Spans"
+
+#: a ``traceparent`` longer than this is ignored (as the OpenTelemetry SDK does)
+MAX_TRACEPARENT = 512
+#: W3C: at most 32 list members in ``tracestate``
+MAX_TRACESTATE_MEMBERS = 32
+#: W3C: every vendor propagates at least 512 characters; longer states are shortened to this
+MAX_TRACESTATE = 512
+#: W3C: members over 128 characters are the first dropped when shortening
+_LARGE_MEMBER = 128
+#: the longest valid tracestate (32 members of a 256-character key and value, with separators):
+#: anything longer is dropped without being parsed
+MAX_TRACESTATE_INPUT = MAX_TRACESTATE_MEMBERS * (256 + 1 + 256) + 4 * MAX_TRACESTATE_MEMBERS
+
+_KEY_CHARS = r"[a-z0-9_\-*/]"
+_TRACESTATE_MEMBER = re.compile(
+    rf"(?:[a-z]{_KEY_CHARS}{{0,255}}|[a-z0-9]{_KEY_CHARS}{{0,240}}@[a-z]{_KEY_CHARS}{{0,13}})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+
+
+def valid_tracestate(value: str | None) -> str | None:
+    """A W3C ``tracestate`` fit to propagate, or None when absent or invalid (then it is dropped whole).
+
+    Valid: list members ``key=value`` (W3C key and value grammar) separated by commas and optional
+    spaces/tabs, at most 32 of them, no key twice. The result is at most :data:`MAX_TRACESTATE`
+    characters: W3C's truncation order (members over 128 characters first, then from the end).
+    """
+    if not value or len(value) > MAX_TRACESTATE_INPUT:
+        return None
+    members: list[str] = []
+    keys: set[str] = set()
+    for raw in value.split(","):
+        member = raw.strip(" \t")
+        if not member:
+            continue  # W3C allows empty list members
+        if len(members) == MAX_TRACESTATE_MEMBERS or _TRACESTATE_MEMBER.fullmatch(member) is None:
+            return None
+        key = member.split("=", 1)[0]
+        if key in keys:
+            return None
+        keys.add(key)
+        members.append(member)
+    if not members:
+        return None
+    if len(",".join(members)) > MAX_TRACESTATE:
+        members = [m for m in members if len(m) <= _LARGE_MEMBER]
+        while members and len(",".join(members)) > MAX_TRACESTATE:
+            members.pop()
+    return ",".join(members) or None
 
 
 def tracer() -> trace.Tracer:
@@ -52,7 +113,16 @@ def inject(headers: dict[str, str], context: Context | None = None) -> dict[str,
 
 
 def extract(headers: Mapping[str, str] | None) -> Context:
-    return propagate.extract(dict(headers or {}))
+    """The trace context in ``headers``, with ``traceparent``/``tracestate`` validated first (module docstring)."""
+    carrier = dict(headers or {})
+    parent = carrier.get("traceparent")
+    if parent is not None and len(parent) > MAX_TRACEPARENT:
+        del carrier["traceparent"]
+    if "tracestate" in carrier:
+        state = valid_tracestate(carrier.pop("tracestate"))
+        if state is not None:
+            carrier["tracestate"] = state
+    return propagate.extract(carrier)
 
 
 def messaging_attributes(operation: str, destination: str, *, message_id: str | None = None,

@@ -29,3 +29,20 @@ def test_encode_gives_each_message_its_own_id() -> None:
 def test_encode_refuses_what_json_cannot_carry() -> None:
     with pytest.raises(TypeError):
         PluginMessage.encode({1, 2}, topic="t")
+
+
+def test_error_reply_headers_cannot_be_forged_by_the_message() -> None:
+    """An error message quotes untrusted text; in a header it must not end the line or the header block."""
+    from sdk.envelope import H_ERROR, error_from_reply, error_reply
+    from sdk.errors import TrapError
+
+    err = TrapError("bad\r\nSandbus-Error-Code: ok\r\n\r\n{}\x1b[2J é" + "x" * 5000, plugin="p")
+    body, headers = error_reply(err)
+    for name, value in headers.items():
+        assert all(0x20 <= ord(c) <= 0x7E for c in name + value), (name, value)
+        assert len(value) <= 1024
+    assert headers[H_ERROR].startswith("plugin 'p': bad\\r\\nSandbus-Error-Code")
+    # The body keeps the exact message: JSON escapes it.
+    back = error_from_reply(body, headers)
+    assert back is not None
+    assert "\r\n" in back.message

@@ -159,9 +159,12 @@ def inspect_wasm(path: str | Path) -> WasmReport:
     Raises:
         AuthoringError: the file cannot be read or is not a WebAssembly binary at all.
     """
+    from host.sandbox import Limits
+    from host.sandbox.compiler import read_wasm
+
     path = Path(path)
     try:
-        wasm = path.read_bytes()
+        wasm = read_wasm(path, Limits())  # never more than the load bound + 1 byte
     except OSError as e:
         raise AuthoringError(f"cannot read {path}: {e.strerror or e}", path=str(path)) from e
     if wasm[:4] != b"\0asm" or len(wasm) < 8:
@@ -198,7 +201,12 @@ def _inspect_core(path: Path, wasm: bytes, config: dict[str, Any], common: dict[
 
     name = path.stem
     try:
-        module = shared_cache().load(get_engine(Limits().stack_bytes), wasm, name=name)
+        module = shared_cache().load(get_engine(Limits().stack_bytes), wasm, name=name, limits=Limits())
+    except InvalidModuleError as e:
+        refused = _refused_by_host(e, "core module", common)
+        if refused is None:
+            raise AuthoringError(f"{path} is not a valid WebAssembly module: {e.message}", path=str(path)) from e
+        return refused
     except SandbusError as e:
         raise AuthoringError(f"{path} is not a valid WebAssembly module: {e.message}", path=str(path)) from e
     exports = tuple(ExportInfo(e.name, *_core_signature(e.type)) for e in module.exports)
@@ -231,6 +239,16 @@ def _inspect_core(path: Path, wasm: bytes, config: dict[str, Any], common: dict[
     return WasmReport(**report, abi_version=version, load_error=load_error)
 
 
+def _refused_by_host(e: InvalidModuleError, kind: str, common: dict[str, Any]) -> WasmReport | None:
+    """The report for a binary the node refuses before compiling it: over a load bound, or using a wasm
+    feature the engine has turned off (memory64, GC, threads...). None for plain malformed input."""
+    if "bound" not in e.details and "feature" not in e.details:
+        return None
+    abi: dict[str, Any] = {"abi_ok": False, "abi_error": "not checked: the host refuses the binary itself"}
+    return WasmReport(**common, kind=kind, exports=(), imports=(), load_error=e.message,
+                      **(abi if kind == "core module" else {}))
+
+
 #: The entry point of the sandbus component world (sdk/guest/python/wit/sandbus.wit).
 COMPONENT_ENTRY = "handle-request"
 
@@ -243,12 +261,21 @@ def _inspect_component(wasm: bytes, common: dict[str, Any], config: dict[str, An
     our world (exports ``handle-request``)."""
     from wasmtime import component
 
-    engine = wasmtime.Engine()
+    from host.sandbox import Limits, shared_cache
+    from host.sandbox.engine import get_engine
+
+    # The node's own engine (its wasm features, its bounds) through the node's cache: a verdict from any
+    # other engine would not be the node's, and a componentize-py guest compiles for seconds.
+    handle = get_engine(Limits().stack_bytes)
+    engine = handle.engine
     try:
-        comp = component.Component(engine, wasm)
-    except wasmtime.WasmtimeError as e:
-        raise AuthoringError(f"{common['path']} is not a valid component: {str(e).splitlines()[0]}",
-                             path=common["path"]) from e
+        comp = shared_cache().load_component(handle, wasm, name=Path(common["path"]).stem, limits=Limits())
+    except InvalidModuleError as e:
+        refused = _refused_by_host(e, "component", common)
+        if refused is None:
+            raise AuthoringError(f"{common['path']} is not a valid component: {e.message}",
+                                 path=common["path"]) from e
+        return refused
     ctype = comp.type
     exports: list[ExportInfo] = []
     for name, ext in ctype.exports(engine).items():

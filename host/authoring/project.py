@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sdk
+from host.manifest import MAX_TOML_BYTES, loads_toml, read_capped
 
 from .errors import AuthoringError
 
@@ -40,7 +41,7 @@ __all__ = [
 #: Where ``sandbus build`` writes, inside the project.
 BUILD_DIR = "build"
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")  # fullmatch: "name\n" is not a name
 
 
 class Language(enum.StrEnum):
@@ -58,7 +59,7 @@ def check_project_name(name: str) -> str:
     Raises:
         AuthoringError: saying what the rule is and what was given.
     """
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise AuthoringError(
             f"invalid plugin name {name!r}: it must match ^[a-z][a-z0-9_]{{0,62}}$ (a lowercase letter, then "
             "lowercase letters, digits or '_'; at most 63 characters), because it becomes the manifest name, "
@@ -137,7 +138,8 @@ def _manifest_name(root: Path) -> str:
     candidates = []
     for toml in sorted(root.glob("*.toml")):
         try:
-            data = tomllib.loads(toml.read_text(encoding="utf-8"))
+            raw, _ = read_capped(toml, MAX_TOML_BYTES)  # a regular file, bounded, parsed with the node's bounds
+            data = loads_toml(raw.decode("utf-8")) if len(raw) <= MAX_TOML_BYTES else {}
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             continue
         if isinstance(data.get("plugin"), dict):

@@ -23,12 +23,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from host.manifest import Manifest, load_manifest, parse_manifest
+from host.manifest import MAX_TOML_BYTES, Manifest, load_manifest, parse_manifest, read_capped
 from host.policy import Grant
-from host.sandbox import Auditor, HostFunctions, ModuleCache, Sandbox
-from sdk.errors import ManifestError, PluginInitError, PluginNotFoundError, SandboxError, SandbusError
+from host.sandbox import Auditor, HostFunctions, Limits, ModuleCache, Sandbox
+from sdk.errors import (
+    InvalidModuleError,
+    ManifestError,
+    PluginInitError,
+    PluginNotFoundError,
+    SandboxError,
+    SandbusError,
+    SecurityViolationError,
+)
 
 __all__ = [
+    "MAX_MODULE_FILE_BYTES",
     "RUNTIME_VERSION",
     "Fingerprint",
     "PluginFiles",
@@ -36,6 +45,7 @@ __all__ = [
     "build_version",
     "check_plugin_name",
     "parse_files",
+    "plugin_stem",
     "read_plugin_files",
     "scan_directory",
 ]
@@ -66,25 +76,50 @@ def check_plugin_name(name: str) -> str:
     Raises:
         PluginNotFoundError: the name could not be a plugin in the directory.
     """
-    if not name or name.startswith(".") or any(c in name for c in "/\\\x00"):
+    if not name or name.startswith(".") or any(c in name for c in "/\\\x00") or not _utf8(name):
         raise PluginNotFoundError(f"{name!r} is not a plugin name (a file stem in the plugin directory)",
                                   plugin=name)
     return name
+
+
+def _utf8(name: str) -> bool:
+    """Whether ``name`` is text: a file name that is not UTF-8 arrives with lone surrogates, which no
+    log line, listing or JSON reply can carry (each of them would fail on it, for every plugin)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def plugin_stem(file_name: str) -> str | None:
+    """The plugin a file of the directory belongs to (its stem), or ``None`` for any other file.
+
+    Other files are hidden ones (editor and copy temporaries), other suffixes, and names that are not
+    UTF-8: those are logged (escaped) and skipped, since nothing could report them.
+    """
+    stem, dot, suffix = file_name.rpartition(".")
+    if not dot or not stem or stem.startswith(".") or f".{suffix}" not in (WASM_SUFFIX, MANIFEST_SUFFIX):
+        return None
+    if not _utf8(stem):
+        log.warning("skipping %s: a plugin file name must be UTF-8",
+                    os.fsencode(file_name).decode("ascii", "backslashreplace"))
+        return None
+    return stem
 
 
 def scan_directory(directory: Path) -> list[str]:
     """Plugin names present in ``directory``: stems of ``*.wasm`` and ``*.toml`` files, sorted.
 
     A manifest without a module (or the reverse) is listed too, so it can be reported as broken
-    rather than silently ignored. Hidden files (editor and copy temporaries) are skipped.
+    rather than silently ignored. Hidden files (editor and copy temporaries) and names that are not
+    UTF-8 are skipped (:func:`plugin_stem`).
     """
     names: set[str] = set()
     with os.scandir(directory) as entries:
         for entry in entries:
-            stem, dot, suffix = entry.name.rpartition(".")
-            if not dot or not stem or stem.startswith(".") or f".{suffix}" not in (WASM_SUFFIX, MANIFEST_SUFFIX):
-                continue
-            if entry.is_file():
+            stem = plugin_stem(entry.name)
+            if stem is not None and entry.is_file():
                 names.add(stem)
     return sorted(names)
 
@@ -100,11 +135,29 @@ def _sha256(data: bytes | None) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 
-def _read(path: Path) -> bytes | None:
+def _read(path: Path, cap: int, directory: Path, plugin: str) -> bytes | None:
+    """The file's bytes (``None`` when absent), at most ``cap + 1`` of them: an oversized file is known to
+    be too large without ever being read whole.
+
+    Only a regular file inside ``directory`` is read (:func:`~host.manifest.read_capped`): a symlink is
+    followed (Kubernetes volumes, for one, are links into a ``..data`` folder beside the files) but must
+    end inside the plugin directory; checked on the descriptor that was read, so swapping the link
+    between the check and the read changes nothing.
+
+    Raises:
+        SecurityViolationError: the file is a link to a file outside ``directory``.
+        OSError: not a regular file, or unreadable.
+    """
     try:
-        return path.read_bytes()
+        data, real = read_capped(path, cap)
     except FileNotFoundError:
         return None
+    root = os.path.realpath(directory)
+    if os.path.commonpath([root, real]) != root:
+        raise SecurityViolationError(
+            f"{path.name} is a link to a file outside the plugin directory; only files in it are loaded",
+            plugin=plugin, path=str(path), target=real)
+    return data
 
 
 @dataclass(frozen=True)
@@ -126,19 +179,33 @@ class PluginFiles:
         return self.wasm is None and self.manifest is None
 
 
-def read_plugin_files(directory: Path, name: str) -> PluginFiles:
-    """Read ``<name>.wasm`` and ``<name>.toml`` from ``directory``.
+#: The largest module read from a plugin directory (the compiler's own default bound).
+MAX_MODULE_FILE_BYTES = Limits().max_module_bytes
+
+
+def read_plugin_files(directory: Path, name: str, *, max_module_bytes: int = MAX_MODULE_FILE_BYTES) -> PluginFiles:
+    """Read ``<name>.wasm`` and ``<name>.toml`` from ``directory``, never more than their caps.
 
     Raises:
         PluginNotFoundError: ``name`` is not a plain file stem.
-        SandboxError: a file exists but cannot be read (permissions, a directory in its place).
+        InvalidModuleError: the module is larger than ``max_module_bytes`` (it is not read whole).
+        SecurityViolationError: a file is a symlink to a file outside ``directory``.
+        SandboxError: a file exists but cannot be read (permissions; a directory, FIFO or device in its
+            place: never opened for reading, so a FIFO cannot block the node).
     """
     check_plugin_name(name)
     wasm_path, manifest_path = directory / f"{name}{WASM_SUFFIX}", directory / f"{name}{MANIFEST_SUFFIX}"
     try:
-        return PluginFiles(name, wasm_path, manifest_path, _read(wasm_path), _read(manifest_path))
+        wasm = _read(wasm_path, max_module_bytes, directory, name)
+        manifest = _read(manifest_path, MAX_TOML_BYTES, directory, name)  # oversized: refused by parse_files
+    except SecurityViolationError:  # a PermissionError, so an OSError: not to be taken for one
+        raise
     except OSError as e:
         raise SandboxError(f"cannot read {e.filename}: {e.strerror}", plugin=name, path=e.filename) from e
+    if wasm is not None and len(wasm) > max_module_bytes:
+        raise InvalidModuleError(f"{wasm_path.name} is larger than {max_module_bytes} bytes (max_module_bytes)",
+                                 plugin=name, path=str(wasm_path), bound="max_module_bytes", limit=max_module_bytes)
+    return PluginFiles(name, wasm_path, manifest_path, wasm, manifest)
 
 
 def parse_files(files: PluginFiles, runtime_version: str = RUNTIME_VERSION) -> Manifest:
@@ -152,6 +219,9 @@ def parse_files(files: PluginFiles, runtime_version: str = RUNTIME_VERSION) -> M
     source = str(files.manifest_path)
     if files.manifest is None:
         return load_manifest(files.manifest_path, expected_name=files.name)  # raises "manifest missing"
+    if len(files.manifest) > MAX_TOML_BYTES:
+        raise ManifestError(f"file is larger than {MAX_TOML_BYTES} bytes; a manifest is a few KiB",
+                            path=source, plugin=files.name)
     try:
         text = files.manifest.decode("utf-8")
     except UnicodeDecodeError as e:

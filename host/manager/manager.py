@@ -46,9 +46,11 @@ from host.sandbox import (
     Limits,
     ModuleCache,
     ModuleInfo,
+    Sandbox,
     shared_cache,
 )
 from sdk.errors import (
+    AbiViolationError,
     DependencyError,
     InstanceLimitError,
     PluginNotFoundError,
@@ -161,20 +163,27 @@ class PluginManager:
             raise SandbusError(f"request is not JSON-serialisable: {e}", plugin=name) from e
         return orjson.loads(self.execute(name, function, payload))
 
-    def execute_detailed(self, name: str, function: str, payload: bytes, *,
-                         budget_s: float | None = None) -> CallResult:
+    def execute_detailed(self, name: str, function: str, payload: bytes, *, budget_s: float | None = None,
+                         wait: bool = True, deadline: float | None = None) -> CallResult:
         """:meth:`execute`, returning the reply with its fuel, memory and duration.
 
         ``budget_s`` (shorter than the plugin's timeout) stops the call early with
-        :class:`~host.sandbox.BudgetExceeded` (not counted as an error: the caller retries it
-        elsewhere); see :meth:`Sandbox.call_detailed`.
+        :class:`~host.sandbox.BudgetExceeded`; ``wait=False`` raises
+        :class:`~host.sandbox.pool.NotInline` at once instead of waiting for or building an
+        instance (both: not counted, nothing ran, the caller runs it elsewhere). ``deadline`` (a
+        ``time.monotonic()`` value) bounds the wait for an instance and the call. See
+        :meth:`Sandbox.call_detailed`.
         """
         table = self._table
         for attempt in (1, 2):
             version, stats = table.checkout(name)
+            if function not in version.sandbox.functions and version.sandbox.kind == "module":
+                table.checkin(version)
+                raise self._no_function(version.sandbox, function)
             start = perf_counter()
             try:
-                result = version.sandbox.call_detailed(function, payload, budget_s=budget_s)
+                result = version.sandbox.call_detailed(function, payload, budget_s=budget_s, wait=wait,
+                                                       deadline=deadline)
             except InstanceLimitError as e:
                 # The table never closes a version under a running call, but should a retired
                 # version's pool be closed anyway (it is shutting down), the current one answers.
@@ -190,6 +199,13 @@ class PluginManager:
             stats.record_call(result.duration_s, result.fuel_used, result.memory_bytes)
             return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _no_function(self, sandbox: Sandbox, function: str) -> AbiViolationError:
+        """A call of a function the module does not export: the caller's mistake, not the plugin's
+        (anyone on the bus can name any function), so it is audited but not in the plugin's stats."""
+        message = f"no function {function[:64]!r}; exported functions: {', '.join(sandbox.functions)}"
+        self.auditor.emit(AuditLevel.WARNING, "call.unknown_function", sandbox.name, message, function=function[:64])
+        return AbiViolationError(message, plugin=sandbox.name, function=function[:64])
 
     def _checkout(self, name: str) -> tuple[PluginVersion, PluginStats]:
         return self._table.checkout(name)
@@ -418,6 +434,13 @@ class PluginManager:
         version, _ = self._checkout(name)
         self._checkin(version)
         return version.sandbox.info
+
+    def rerun_safe(self, name: str) -> bool:
+        """Whether a call of the serving version of ``name`` may be interrupted and run again
+        (see :func:`host.sandbox.sandbox.rerun_safe`)."""
+        version, _ = self._checkout(name)
+        self._checkin(version)
+        return version.sandbox.rerun_safe
 
     def limits(self, name: str) -> Limits:
         """The limits enforced on the serving version of ``name`` (``max_instances``: its concurrency)."""

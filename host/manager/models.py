@@ -44,7 +44,11 @@ class PluginInfo(BaseModel):
         sha256: digest of the serving module.
         description: from the manifest.
         functions: exported functions callable through ``execute``.
-        executions / errors: calls served (failed ones included) and calls that failed, across reloads.
+        executions / errors: calls served (failed ones included) and calls that failed through the
+            plugin's fault, across reloads.
+        host_errors: calls that failed because the bus or the network did (NATS down, a publish not
+            acknowledged...) or a host function failed (``HostError``): not the plugin's fault, so
+            neither in ``errors`` nor in ``last_error``.
         p50_ms / p99_ms: latency percentiles over the most recent calls (``None`` before the first).
         fuel_used: fuel burnt by all calls; ``last_fuel_used`` by the latest successful one.
         memory_bytes: linear memory held by the plugin's instances (largest memory a call has seen
@@ -67,6 +71,7 @@ class PluginInfo(BaseModel):
     functions: tuple[str, ...] = ()
     executions: int = 0
     errors: int = 0
+    host_errors: int = 0
     p50_ms: float | None = None
     p99_ms: float | None = None
     fuel_used: int = 0

@@ -16,9 +16,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sdk.errors import SandbusError
+from sdk.errors import BusError, HostError, SandbusError
 
-__all__ = ["LatencyWindow", "PluginStats", "StatsSnapshot"]
+__all__ = ["LatencyWindow", "PluginStats", "StatsSnapshot", "blames_plugin"]
+
+
+def blames_plugin(error: SandbusError) -> bool:
+    """Whether a failed call counts against the plugin (its ``errors`` and ``last_error``).
+
+    A :class:`~sdk.errors.BusError` (and its subclasses) means the bus or the network failed under
+    a host function -- NATS down or reconnecting, a publish never acknowledged, a granted server
+    unreachable -- and a :class:`~sdk.errors.HostError` that a host function itself failed (a bug
+    of the host); no plugin can cause or fix either: an operator reading ``last_error`` must not be
+    sent to the plugin's author. Such calls count in ``host_errors`` instead. Everything else
+    (traps, limits, denials, bad replies) is the plugin's.
+    """
+    return not isinstance(error, BusError | HostError)
 
 
 class LatencyWindow:
@@ -62,6 +75,7 @@ class StatsSnapshot:
 
     executions: int
     errors: int
+    host_errors: int
     p50_ms: float | None
     p99_ms: float | None
     fuel_used: int
@@ -85,6 +99,7 @@ class PluginStats:
         self._add_latency = self._latencies.add
         self.executions = 0
         self.errors = 0
+        self.host_errors = 0
         self.fuel_used = 0
         self.last_fuel_used = 0
         self.memory_bytes_per_instance = 0
@@ -104,12 +119,21 @@ class PluginStats:
                 self.memory_bytes_per_instance = memory_bytes
 
     def record_error(self, seconds: float, error: SandbusError) -> None:
-        """A call that failed (its latency counts too: a slow failure is still slow for the caller)."""
+        """A call that failed (its latency counts too: a slow failure is still slow for the caller).
+
+        Failures that are not the plugin's (see :func:`blames_plugin`) count in ``host_errors`` and
+        leave ``errors`` and ``last_error`` alone.
+        """
+        blame = blames_plugin(error)
         with self._lock:
             self.executions += 1
-            self.errors += 1
+            if blame:
+                self.errors += 1
+            else:
+                self.host_errors += 1
             self._latencies.add(seconds)
-        self.note_error(error)
+        if blame:
+            self.note_error(error)
 
     def note_error(self, error: SandbusError) -> None:
         """Remember ``error`` as the latest (a failed call, load or reload)."""
@@ -124,6 +148,7 @@ class PluginStats:
             return StatsSnapshot(
                 executions=self.executions,
                 errors=self.errors,
+                host_errors=self.host_errors,
                 p50_ms=None if p50 is None else p50 * 1000,
                 p99_ms=None if p99 is None else p99 * 1000,
                 fuel_used=self.fuel_used,

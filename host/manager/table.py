@@ -226,6 +226,7 @@ def _slot_info(slot: Slot) -> PluginInfo:
         name=slot.name, version=slot.declared_version, status=PluginStatus.FAILED, path=str(slot.path),
         description=slot.description, executions=snap.executions, errors=snap.errors, p50_ms=snap.p50_ms,
         p99_ms=snap.p99_ms, fuel_used=snap.fuel_used, last_fuel_used=snap.last_fuel_used, reloads=slot.reloads,
+        host_errors=snap.host_errors,
         last_error=snap.last_error, last_error_code=snap.last_error_code, last_error_at=snap.last_error_at,
     )
 
@@ -238,6 +239,7 @@ def _version_info(version: PluginVersion, stats: PluginStats, status: PluginStat
         name=version.name, version=version.version, status=status, path=str(version.path), sha256=version.sha256,
         description=version.manifest.plugin.description, functions=version.sandbox.functions,
         executions=snap.executions, errors=snap.errors, p50_ms=snap.p50_ms, p99_ms=snap.p99_ms,
+        host_errors=snap.host_errors,
         fuel_used=snap.fuel_used, last_fuel_used=snap.last_fuel_used, memory_bytes=per_instance * pool.size,
         instances=pool.size, in_flight=version.in_flight, reloads=reloads, last_loaded=version.loaded_at,
         last_error=snap.last_error, last_error_code=snap.last_error_code, last_error_at=snap.last_error_at,

@@ -42,7 +42,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from .loader import MANIFEST_SUFFIX, WASM_SUFFIX
+from .loader import plugin_stem
 
 if TYPE_CHECKING:
     from .manager import PluginManager
@@ -141,11 +141,9 @@ class PluginWatcher:
 
     def _plugin_of(self, path: str | bytes) -> str | None:
         p = Path(os.fsdecode(path))
-        if p.suffix not in (WASM_SUFFIX, MANIFEST_SUFFIX) or p.stem.startswith(".") or not p.stem:
-            return None
         if p.parent != self.directory:  # the watch is not recursive; this is belt and braces
             return None
-        return p.stem
+        return plugin_stem(p.name)  # the rule scan_directory applies: the same files are plugins
 
     def note(self, event: FileSystemEvent) -> None:
         """Record one file-system event (called on the observer's thread)."""

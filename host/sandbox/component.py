@@ -36,11 +36,20 @@ What is enforced for a component, compared with a core module (docs/abi.md):
   make every Python plugin fail. The bytes come from wasmtime's CSPRNG.
 * **Network**: none. ``wasi:sockets/instance-network`` (the only way to obtain the network handle that
   connect, bind and name lookup need) and socket creation fail the call with ``SecurityViolationError``.
-* **Files**: only granted directories are preopened, read-only unless granted writable; wasmtime's WASI
-  confines every path to them. Unlike core modules there is no decoy root and no wrapping of the
-  ``wasi:filesystem`` resource methods, so an attempt outside the grants is an ordinary ``ENOENT`` /
-  ``EPERM`` for the guest, not a ``SecurityViolationError`` and not audited.
-* **stdin** empty; **stdout / stderr** captured into the plugin log under the log cap, as for core modules.
+* **Files**: only granted directories are preopened, read-only unless granted writable, each one the
+  directory the sandbox opened once at load (:class:`~host.sandbox.grants.GrantSet`), never its path
+  resolved again: renaming, replacing or symlinking a granted directory's name changes nothing for a
+  later instance. wasmtime's WASI confines every path to the grants. Unlike core modules there is no
+  decoy root and no wrapping of the ``wasi:filesystem`` resource methods (wasmtime-py's component API
+  cannot wrap a method of a resource that wasmtime's own WASI defines, nor forward to it), so an
+  attempt outside the grants is an ordinary ``ENOENT`` / ``EPERM`` for the guest, not a
+  ``SecurityViolationError`` and not audited, and a symlink whose target leaves the grant can be
+  created (wasmtime refuses to follow it).
+* **stdin** empty; **stdout / stderr** captured into the plugin log under the log cap, as for core
+  modules: through pipes read after each call on the calling thread, never through Python callbacks on
+  wasmtime's threads (guest_output.py: those made the process abort at exit after a guest trapped).
+* **Errors** stay with their call: a linked host function's exception is kept on its own instance and
+  never reaches wasmtime-py's process-wide "last exception" slot (:func:`_guard`).
 * **Callable functions**: a component has one entry point that receives the function name, so every
   name reaches the guest (the SDK answers an unknown one with a plugin-level error); ``Sandbox.functions``
   lists ``handle_request`` only.
@@ -73,7 +82,10 @@ from sdk.errors import (
 from . import abi
 from .audit import Auditor
 from .config import Capabilities, Limits
+from .deadline import start as start_deadline
 from .engine import EngineHandle, ticks_for
+from .grants import GrantSet
+from .guest_output import GuestOutput
 from .hostfuncs import ABI_NAMESPACE, HostFunctions
 from .instance import (
     BudgetExceeded,
@@ -408,7 +420,9 @@ class ComponentInstance:
     """A single instantiated component. Not thread-safe: the pool hands it to one caller at a time.
 
     Parameters: as :class:`~host.sandbox.instance.PluginInstance`, with the compiled ``component`` and its
-    checked :class:`ComponentInfo` in place of the module and its ABI facts.
+    checked :class:`ComponentInfo` in place of the module and its ABI facts. ``grants``: the sandbox's
+    directories, opened once (:class:`~host.sandbox.grants.GrantSet`); every instance is given these same
+    directories, whatever a guest did to the tree since.
     """
 
     def __init__(
@@ -423,8 +437,14 @@ class ComponentInstance:
         auditor: Auditor,
         *,
         context_factory: Callable[[], dict[str, Any]] | None = None,
+        grants: GrantSet | None = None,
     ) -> None:
         self.plugin = plugin
+        # The directories as opened once by the Sandbox, shared by all its instances. Without them (an
+        # instance built on its own) they are opened here, for this instance only: instances that must
+        # share one identity are built through a Sandbox.
+        self._grants = grants if grants is not None else GrantSet(capabilities.dirs, plugin=plugin,
+                                                                    auditor=auditor)
         self.info = info
         self.limits = limits
         self.poisoned = False
@@ -456,8 +476,18 @@ class ComponentInstance:
                     host.add_func(name, _guard(adapters[name], self._state))
         self._linker = linker
         try:
-            instance = linker.instantiate(store, component)
-        except wasmtime.WasmtimeError as e:
+            try:
+                instance = linker.instantiate(store, component)
+            finally:
+                self._drain_output()
+        except Exception as e:  # as in `_run`: a linked function's error, or wasmtime's own
+            host_error, self._state.host_error = self._state.host_error, None
+            if host_error is not None:
+                if not isinstance(host_error, Exception):
+                    raise host_error from e
+                raise self._translate(host_error, "instantiation") from e
+            if not isinstance(e, wasmtime.WasmtimeError):
+                raise self._translate(_own_error(e, plugin, "instantiation"), "instantiation") from e
             text = str(e)
             if "exceeds memory limits" in text:
                 raise MemoryLimitError(
@@ -465,7 +495,7 @@ class ComponentInstance:
                     f"{_first_line(e)}", plugin=plugin, limit=limits.memory_bytes) from e
             if "resource limit exceeded" in text or "matching implementation was not found" in text:
                 raise InvalidModuleError(f"cannot instantiate: {_first_line(e)}", plugin=plugin) from e
-            raise self._translate(self._state.host_error or e, "instantiation") from e
+            raise self._translate(e, "instantiation") from e
         self._handle = self._export(instance, HANDLE_REQUEST)
         self._init = self._export(instance, INIT) if info.has_init else None
         self._health = self._export(instance, HEALTH) if info.has_health else None
@@ -483,11 +513,27 @@ class ComponentInstance:
         cfg = wasmtime.WasiConfig()
         cfg.argv = [self.plugin]
         cfg.env = list(caps.env.items())
-        for grant in caps.dirs:
-            cfg.preopen_dir(str(grant.host), grant.guest_path(), fs_mutable=grant.writable)
-        cfg.stdout_custom = _output_sink(self.ctx, self._state, "stdout", logging.INFO)
-        cfg.stderr_custom = _output_sink(self.ctx, self._state, "stderr", logging.WARNING)
+        self._grants.preopen(cfg)  # by identity (/proc/self/fd/N), never by the granted path's name
+        # Pipes, not Python callbacks: wasmtime writes a guest's output from its own threads (see
+        # guest_output.py); the host reads it on the calling thread after each call (`_drain_output`).
+        room = self.limits.log_bytes + 1  # one byte over the cap shows that the cap was exceeded
+        self._outputs = (
+            (GuestOutput(cfg, "stdout", room), _output_sink(self.ctx, self._state, "stdout", logging.INFO)),
+            (GuestOutput(cfg, "stderr", room), _output_sink(self.ctx, self._state, "stderr", logging.WARNING)),
+        )
         return cfg
+
+    def _drain_output(self) -> None:
+        """Log what the guest wrote to stdout / stderr (under the log cap) and keep stderr's tail.
+
+        A pipe found full means a guest write failed, and WASI closes a stream for good after a failed
+        write: the instance is poisoned, so that the next call gets a fresh one with working output."""
+        for pipe, sink in self._outputs:
+            data = pipe.drain()
+            if data:
+                sink(data)
+            if len(data) >= pipe.capacity:
+                self.poisoned = True
 
     def _shadow_wasi(self, root: wc.LinkerInstance) -> None:
         """Replace the WASI functions a plugin may not use with deniers (see the module docstring)."""
@@ -514,9 +560,10 @@ class ComponentInstance:
                 with root.add_instance(name) as inst:
                     for f in funcs:
                         if f == "now":
-                            inst.add_func(f, no_clock if not clock else lambda _s: time.monotonic_ns())
+                            inst.add_func(f, no_clock if not clock else
+                                          _guard(lambda _s: time.monotonic_ns(), state, with_store=True))
                         elif f == "resolution":
-                            inst.add_func(f, no_clock if not clock else lambda _s: 1)
+                            inst.add_func(f, no_clock if not clock else _guard(lambda _s: 1, state, with_store=True))
                         else:
                             inst.add_func(f, no_sleep)
             elif iface.startswith("wasi:clocks/") and not clock:
@@ -541,12 +588,17 @@ class ComponentInstance:
         state.host_error = None
         state.stderr_tail = b""
         try:
-            result = func(store, *args)
-            func.post_return(store)
+            try:
+                result = func(store, *args)
+                func.post_return(store)
+            finally:
+                self._drain_output()
         except Exception as e:  # wasmtime errors, our errors, and whatever a linked function raised
             self.poisoned = True
-            exc: BaseException = state.host_error or e
+            exc: BaseException = state.host_error or _own_error(e, self.plugin, what)
             state.host_error = None
+            if not isinstance(exc, Exception):  # KeyboardInterrupt / SystemExit in a host function
+                raise exc from e
             if (deadline < self._ticks and not isinstance(exc, SandbusError)
                     and _trap_code(exc) == wasmtime.TrapCode.INTERRUPT):
                 raise BudgetExceeded(what) from e
@@ -575,6 +627,7 @@ class ComponentInstance:
         stats.log_bytes = stats.log_dropped = 0
         stats.memory_bytes = 0
         self.ctx.log_overflow = False
+        start_deadline(self.ctx, budget_s)  # host functions share the call's deadline, the caller's if sooner
         ticks = self._ticks if budget_s is None else min(self._ticks, ticks_for(budget_s))
         result = self._run(self._handle, function, function, text, ticks=ticks)
         ok, value = _unwrap(result)
@@ -637,24 +690,43 @@ class ComponentInstance:
 
 
 def _guard(fn: Callable[..., Any], state: _CallState, *, with_store: bool = False) -> Callable[..., Any]:
-    """A linked host function: records what it raised on the instance's own state, because wasmtime-py
-    reports it through one process-wide slot that another thread's call may overwrite."""
+    """A linked host function whose failure stays with its own instance.
+
+    wasmtime-py keeps a Python exception raised by a linked function in one process-wide slot
+    (``wasmtime.component._enter.LAST_EXCEPTION``) and re-raises whatever that slot holds when *any*
+    thread's component call fails: under two threads, one plugin's caller got the other plugin's error.
+    So no exception leaves here: it is recorded on the instance's own state, and wasmtime gets a
+    ``WasmtimeError``, which it carries back to this call alone (it never touches the slot). ``_run``
+    then reports the recorded error."""
 
     def run(store: Any, *args: Any) -> Any:
         try:
             return fn(store, *args) if with_store else fn(*args)
-        except BaseException as e:
+        except BaseException as e:  # KeyboardInterrupt too: it must not pass through a ctypes callback
             state.host_error = e
-            raise
+            raise wasmtime.WasmtimeError(f"host function failed: {type(e).__name__}") from None
 
     return run
+
+
+def _own_error(exc: Exception, plugin: str, what: str) -> BaseException:
+    """The error of a failed call when no linked function of this instance raised.
+
+    wasmtime-py raises whatever its process-wide slot holds in place of wasmtime's own error. Our linked
+    functions never put anything there (see :func:`_guard`), so anything but a ``WasmtimeError`` is
+    someone else's exception (another component user in the process): it is not reported to this
+    caller, whose own error it replaced."""
+    if isinstance(exc, wasmtime.WasmtimeError):
+        return exc
+    return TrapError(f"{what} failed in wasm (wasmtime replaced its error with an unrelated "
+                     f"{type(exc).__name__})", plugin=plugin, function=what)
 
 
 def _output_sink(ctx: CallContext, state: _CallState, stream: str, level: int) -> Callable[[bytes], int]:
     def sink(data: bytes) -> int:
         if stream == "stderr":
             state.stderr_tail = (state.stderr_tail + data)[-_STDERR_TAIL:]
-        if not ctx.log(level, f"[{stream}] {data.decode(errors='replace')}"):
+        if not ctx.log(level, data.decode(errors="replace"), stream):
             return -5  # -EIO: tell a well-behaved guest to stop writing
         return len(data)
 

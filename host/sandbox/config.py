@@ -27,6 +27,14 @@ class Limits(BaseModel):
         max_instances: warm instances kept per plugin = calls that may run at once.
         log_bytes: captured stdout/stderr/log kept per call; the rest is dropped and counted.
         table_elements: cap on wasm table growth.
+        max_module_bytes / max_functions: the largest binary, and the most defined functions (summed
+            over the core modules of a component), accepted for compiling. Read from the section headers
+            before anything compiles: compile time and memory grow with both (~30 us and ~6 KB per tiny
+            function here). The defaults take a componentize-py guest (19 MB, ~13,400 functions) with room.
+        compile_timeout_s / compile_memory_bytes: a binary of 256 KiB or more, or of more than 4,096
+            functions, is compiled in a child process under this wall-clock time and address-space
+            limit (a small module of pathological code can still need seconds and a gigabyte); cached
+            compiled code is reused without either.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -40,10 +48,19 @@ class Limits(BaseModel):
     max_instances: int = Field(default=4, gt=0)
     log_bytes: int = Field(default=64 * 1024, ge=0)
     table_elements: int = Field(default=100_000, gt=0)
+    max_module_bytes: int = Field(default=64 * MIB, gt=0)
+    max_functions: int = Field(default=50_000, gt=0)
+    compile_timeout_s: float = Field(default=120.0, gt=0)
+    compile_memory_bytes: int = Field(default=2048 * MIB, ge=256 * MIB)
 
 
 class DirGrant(BaseModel):
-    """A host directory made visible to the guest at ``guest`` (default: the same path)."""
+    """A host directory made visible to the guest at ``guest`` (default: the same path).
+
+    ``host`` is resolved (symlinks followed) when the grant is made. A sandbox opens it once, with
+    no symlink in any component, and gives every instance that directory, not its name
+    (host/sandbox/grants.py): nothing a guest does to the tree changes what a later instance reaches.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

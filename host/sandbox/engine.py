@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import wasmtime
 
-__all__ = ["EPOCH_TICK_S", "EngineHandle", "WASMTIME_VERSION", "get_engine", "ticks_for"]
+__all__ = ["EPOCH_TICK_S", "EngineHandle", "PROPOSALS_OFF", "PROPOSALS_ON", "WASMTIME_VERSION", "get_engine",
+           "make_config", "ticks_for"]
 
 #: Epoch granularity. A timeout fires between ``timeout`` and ``timeout + tick``.
 EPOCH_TICK_S = 0.005
@@ -40,21 +41,62 @@ _lock = threading.Lock()
 _ticker: threading.Thread | None = None
 
 
-def _make_engine(stack_bytes: int, fuel: bool) -> EngineHandle:
+#: The wasm proposals a plugin may use: what clang (wasi-libc), AssemblyScript and componentize-py
+#: emit, and what our limits were written for. Everything else is turned off *explicitly*: wasmtime
+#: turns several proposals on by default (GC, memory64, multi-memory, tail calls, ...), and a default
+#: that changes in a wasmtime upgrade must not widen what a plugin can do.
+PROPOSALS_ON: tuple[str, ...] = (
+    "wasm_bulk_memory",        # memcpy/memset in clang and asc output
+    "wasm_multi_value",        # componentize-py's core modules
+    "wasm_reference_types",    # funcref tables (call_indirect) in modern toolchains
+    "wasm_simd",               # asc -O3 and clang auto-vectorisation
+    "wasm_component_model",    # Python plugins are components
+)
+#: Proposal -> the name an error uses for it. Off: the engine refuses a module that needs one at load.
+PROPOSALS_OFF: dict[str, str] = {
+    "wasm_threads": "threads (shared memory, atomics)",  # one call at a time per instance; limits assume it
+    "shared_memory": "shared memory",
+    "wasm_memory64": "memory64 (64-bit memories)",      # the guest ABI's pointers and lengths are 32-bit
+    "wasm_multi_memory": "multi-memory",                # limits and bounds checks cover one memory
+    "wasm_gc": "garbage collection (GC)",               # heap outside linear memory: not under memory_bytes
+    "wasm_function_references": "typed function references",
+    "wasm_exceptions": "exception handling",
+    "wasm_tail_call": "tail calls",
+    "wasm_stack_switching": "stack switching",
+    "wasm_relaxed_simd": "relaxed SIMD",                # results differ by CPU: replies must not
+    "wasm_wide_arithmetic": "wide arithmetic",
+    "wasm_custom_page_sizes": "custom page sizes",
+    "wasm_component_model_map": "component-model map types",
+    "wasm_component_model_implements": "component-model implements",
+}
+
+
+def make_config(stack_bytes: int, fuel: bool) -> wasmtime.Config:
+    """The engine configuration for this stack size and fuel setting.
+
+    Also used by the compile worker (host/sandbox/_compile_worker.py), which loads this file alone: code
+    it compiles must be valid for the engine that deserializes it, so keep this module free of imports
+    from the package.
+    """
     cfg = wasmtime.Config()
     cfg.consume_fuel = fuel
     cfg.epoch_interruption = True
     cfg.max_wasm_stack = stack_bytes
     cfg.cranelift_opt_level = "speed"
-    cfg.wasm_bulk_memory = True
-    cfg.wasm_multi_value = True
-    cfg.wasm_reference_types = True
-    cfg.wasm_simd = True
-    # Threads and shared memory stay off: a guest must not escape the
-    # one-call-at-a-time model our limits are written for.
-    cfg.wasm_threads = False
-    cfg.shared_memory = False
-    fp = f"wt{WASMTIME_VERSION}-{'fuel-' if fuel else ''}epoch-stack{stack_bytes}-speed"
+    for name in PROPOSALS_ON:
+        setattr(cfg, name, True)
+    for name in PROPOSALS_OFF:
+        if not hasattr(type(cfg), name):  # pragma: no cover - an older wasmtime-py without the switch
+            continue
+        setattr(cfg, name, False)
+    # No GC heap at all: with GC off, nothing may allocate one.
+    cfg.gc_support = False
+    return cfg
+
+
+def _make_engine(stack_bytes: int, fuel: bool) -> EngineHandle:
+    cfg = make_config(stack_bytes, fuel)
+    fp = f"wt{WASMTIME_VERSION}-{'fuel-' if fuel else ''}epoch-stack{stack_bytes}-speed-p1"
     return EngineHandle(wasmtime.Engine(cfg), stack_bytes, fuel, fp)
 
 

@@ -5,6 +5,10 @@ access to its memory, its capabilities, the auditor) and the raw wasm arguments.
 Raising inside a host function aborts the guest call with that exception
 (a :class:`SecurityViolationError` stays a security violation for the caller).
 The bus adds publish/request/kv by registering more functions here.
+
+Every (ptr, len) a guest passes is checked -- inside its memory, and within the cap of what it is
+for -- *before* a byte is copied (:func:`check_span`, :func:`read_bounded`): a guest with 4 GB of
+memory must not make the host copy and decode 4 GB to learn that it was too much.
 """
 
 from __future__ import annotations
@@ -15,14 +19,24 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sdk.errors import AbiViolationError, SecurityViolationError
+from sdk.errors import AbiViolationError, PayloadTooLargeError, SecurityViolationError
 
 from .audit import AuditLevel
 
 if TYPE_CHECKING:
     from .instance import CallContext
 
-__all__ = ["ABI_NAMESPACE", "HostFunction", "HostFunctions", "LOG_LEVELS", "builtin_host_functions"]
+__all__ = [
+    "ABI_NAMESPACE",
+    "LOG_LEVELS",
+    "MAX_ENV_NAME",
+    "HostFunction",
+    "HostFunctions",
+    "builtin_host_functions",
+    "check_span",
+    "read_bounded",
+    "read_str_bounded",
+]
 
 ABI_NAMESPACE = "sandbus_v1"
 
@@ -30,6 +44,9 @@ ABI_NAMESPACE = "sandbus_v1"
 LOG_LEVELS = {0: 5, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 
 HostImpl = Callable[..., Any]
+
+#: The longest environment variable name ``env_get`` reads (Linux allows far less in practice).
+MAX_ENV_NAME = 4096
 
 
 @dataclass(frozen=True)
@@ -94,7 +111,50 @@ class HostFunctions:
         return iter(self._funcs.values())
 
 
+def check_span(ctx: CallContext, ptr: int, length: int, what: str) -> None:
+    """Raise :class:`AbiViolationError` unless ``[ptr, ptr + length)`` lies in guest memory; copies nothing
+    (it reads the span's first and last byte positions with empty and one-byte reads)."""
+    try:
+        if length < 0:
+            raise AbiViolationError("negative length")
+        ctx.read(ptr, 0)
+        if length:
+            ctx.read(ptr + length - 1, 1)
+    except AbiViolationError:
+        raise AbiViolationError(f"{what}: range [{ptr}, {ptr + length}) is outside guest memory",
+                                plugin=ctx.plugin, ptr=ptr, length=length) from None
+
+
+def read_bounded(ctx: CallContext, ptr: int, length: int, cap: int, what: str) -> bytes:
+    """``length`` bytes at ``ptr``, once they are known to be in guest memory and at most ``cap``.
+
+    Raises:
+        AbiViolationError: the span is outside guest memory.
+        PayloadTooLargeError: ``length`` is above ``cap`` (nothing was copied).
+    """
+    check_span(ctx, ptr, length, what)
+    if length > cap:
+        raise PayloadTooLargeError(f"{what} of {length} bytes exceeds its {cap}-byte cap", plugin=ctx.plugin,
+                                   size=length, limit=cap)
+    return ctx.read(ptr, length)
+
+
+def read_str_bounded(ctx: CallContext, ptr: int, length: int, cap: int, what: str) -> str:
+    """:func:`read_bounded`, decoded as UTF-8 (:class:`AbiViolationError` if it is not)."""
+    data = read_bounded(ctx, ptr, length, cap, what)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise AbiViolationError(f"{what} is not valid UTF-8: {e}", plugin=ctx.plugin) from e
+
+
 def _log(ctx: CallContext, level: int, ptr: int, length: int) -> None:
+    check_span(ctx, ptr, length, "log message")
+    if ctx.stats.log_bytes + length > ctx.limits.log_bytes:
+        # Over the per-call cap: dropped unread, and the call fails with limit.log when it returns.
+        ctx.stats.log_dropped += length
+        ctx.log_overflow = True
+        return
     ctx.log(LOG_LEVELS.get(level, logging.INFO), ctx.read_str(ptr, length, "log message"))
 
 
@@ -103,7 +163,7 @@ def _time_now_ms(ctx: CallContext) -> int:
 
 
 def _env_get(ctx: CallContext, name_ptr: int, name_len: int, buf_ptr: int, buf_cap: int) -> int:
-    name = ctx.read_str(name_ptr, name_len, "env name")
+    name = read_str_bounded(ctx, name_ptr, name_len, MAX_ENV_NAME, "env name")
     if name in ctx.capabilities.env_unset:
         return -1
     if name not in ctx.capabilities.env:

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import posixpath
-import tempfile
-import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -22,13 +19,13 @@ import wasmtime
 from sdk.errors import (
     AbiViolationError,
     ExecutionTimeoutError,
+    HostError,
     InvalidModuleError,
     MemoryLimitError,
     OutOfFuelError,
     PayloadTooLargeError,
     PluginInitError,
     ResourceLimitError,
-    SandboxError,
     SandbusError,
     SecurityViolationError,
     StackLimitError,
@@ -38,7 +35,13 @@ from sdk.errors import (
 from . import abi
 from .audit import AuditLevel, Auditor
 from .config import Capabilities, Limits
+from .deadline import start as start_deadline
 from .engine import EngineHandle, ticks_for
+from .fsguard import FS_FUNCTIONS, PATH_FUNCTIONS, WASI_SIGNATURES, DirFd, FsGuard, check_signature
+from .grants import GrantSet, decoy_root
+from .guest_output import GuestOutput
+from .guest_text import guest_lines
+from .hostcall import LostTrapReport, RecordingLinker, install_last_exception_filter, take_failure, wasi_guest_error
 from .hostfuncs import HostFunction, HostFunctions
 from .invoke import GuestAllocFailed, Invoker, ReplyTooLarge, make_invoker
 
@@ -55,30 +58,7 @@ __all__ = [
 
 WASM_PAGE = 65536
 _WASI = abi.WASI_MODULE
-# WASI open flags and rights that mean "this open may write".
-_O_CREAT, _O_TRUNC = 1, 8
-_RIGHT_FD_WRITE = 1 << 6
-_FDFLAG_APPEND = 1
-_MUTATING_PATH_OPS = (
-    "path_create_directory", "path_remove_directory", "path_unlink_file", "path_rename",
-    "path_symlink", "path_link", "path_filestat_set_times",
-)
-_decoy_lock = threading.Lock()
-_decoy_dir: str | None = None
-
-
-def _decoy_root() -> str:
-    """An empty read-only directory preopened as "/" so that every ungranted path reaches the host.
-
-    Without it, wasi-libc refuses paths outside the preopens by itself and the host
-    never learns of the attempt: no audit event, no typed error.
-    """
-    global _decoy_dir
-    with _decoy_lock:
-        if _decoy_dir is None or not os.path.isdir(_decoy_dir):
-            _decoy_dir = tempfile.mkdtemp(prefix="sandbus-deny-")
-            os.chmod(_decoy_dir, 0o500)
-        return _decoy_dir
+install_last_exception_filter()
 
 
 class BudgetExceeded(Exception):
@@ -110,16 +90,38 @@ class CallContext:
         self.limits = limits
         self.auditor = auditor
         self.logger = logger
-        self.invoker: Invoker | None = None
+        self._invoker: weakref.ReferenceType[Invoker] | None = None
         self.stats = CallStats()
         self.log_overflow = False
+        #: The exception a host function raised in the current call (see host/sandbox/hostcall.py):
+        #: what the call raises, instead of wasmtime-py's process-wide LAST_EXCEPTION.
+        self.host_error: BaseException | None = None
         #: Free-form slot for the embedding layer (the bus puts its per-call state here).
         self.extra: dict[str, Any] = {}
+        #: When the current call must end (time.monotonic()); host functions that wait get what is left
+        #: of it (host/sandbox/deadline.py). None outside a call.
+        self.deadline: float | None = None
+
+    @property
+    def invoker(self) -> Invoker | None:
+        """The instance's call path; held weakly (see below), so ``None`` once the instance is gone.
+
+        Every function linked into a store is kept by wasmtime-py in a process-wide table until the store
+        is deleted, and those functions hold this context: a strong reference from here to the invoker,
+        which holds the store, would be a cycle through native code that Python never collects -- every
+        instance ever built, with its memory and its open directories, would stay alive for ever.
+        """
+        return None if self._invoker is None else self._invoker()
+
+    @invoker.setter
+    def invoker(self, invoker: Invoker | None) -> None:
+        self._invoker = None if invoker is None else weakref.ref(invoker)
 
     def _inv(self) -> Invoker:
-        if self.invoker is None:
-            raise AbiViolationError("host function called during instantiation", plugin=self.plugin)
-        return self.invoker
+        inv = self.invoker
+        if inv is None:
+            raise AbiViolationError("host function called outside a call of a live instance", plugin=self.plugin)
+        return inv
 
     def read(self, ptr: int, length: int) -> bytes:
         return self._inv().read(ptr, length)
@@ -133,15 +135,25 @@ class CallContext:
     def write(self, ptr: int, data: bytes) -> None:
         self._inv().write(ptr, data)
 
-    def log(self, level: int, text: str) -> bool:
-        """Log a line for the plugin; False once the per-call log cap is exhausted."""
+    def memory_size(self) -> int:
+        return self._inv().memory_size()
+
+    def log(self, level: int, text: str, stream: str | None = None) -> bool:
+        """Log guest text for the plugin; False once the per-call log cap is exhausted.
+
+        Every path of guest output (``log()``, stdout, stderr; core modules and components) comes
+        through here, so this is where it is made safe (:mod:`.guest_text`): one record per line, each
+        control character escaped, ``[stream]`` in front of every line when given.
+        """
         size = len(text.encode())
         if self.stats.log_bytes + size > self.limits.log_bytes:
             self.stats.log_dropped += size
             self.log_overflow = True
             return False
         self.stats.log_bytes += size
-        self.logger.log(level, "%s", text.rstrip("\n"))
+        prefix = f"[{stream}] " if stream else ""
+        for line in guest_lines(text):
+            self.logger.log(level, "%s%s", prefix, line)
         return True
 
 
@@ -157,6 +169,9 @@ class PluginInstance:
         auditor: where limit and security events go.
         fast: use the fast call path when available.
         native: on the fast path, the compiled round trip when it is built.
+        grants: the sandbox's granted directories, opened once (host/sandbox/grants.py), so that every
+            instance reaches the same directories whatever the guest did to their names; without
+            them the instance opens ``capabilities.dirs`` itself.
     """
 
     def __init__(
@@ -173,6 +188,7 @@ class PluginInstance:
         fast: bool = True,
         native: bool = True,
         context_factory: Callable[[], dict[str, Any]] | None = None,
+        grants: GrantSet | None = None,
     ) -> None:
         self.plugin = plugin
         self.info = info
@@ -193,23 +209,29 @@ class PluginInstance:
             store.set_fuel(limits.fuel)
         store.set_epoch_deadline(self._ticks)
         self._store = store
-        linker = wasmtime.Linker(handle.engine)
-        self._dir_grants: dict[int, tuple[str, bool]] = {}
+        linker = RecordingLinker(handle.engine, self.ctx)  # host-function failures stay per call
+        # What the store's functions hold must not lead back to the store (see CallContext.invoker):
+        # the context, and a deny that knows only the auditor and the plugin's name.
+        self._deny = functools.partial(deny, auditor, plugin)
+        self._fs = FsGuard(self.ctx, self._deny, plugin)
+        self._outputs: tuple[tuple[GuestOutput, str, int], ...] = ()
         if info.uses_wasi:
-            store.set_wasi(self._wasi_config())
+            store.set_wasi(self._wasi_config(grants))
             linker.define_wasi()
             linker.allow_shadowing = True
             self._shadow_wasi(linker, module)
         self._link_host_functions(linker, module, host_functions)
         try:
             instance = linker.instantiate(store, module)
-        except wasmtime.Trap as e:
-            raise self._translate(e, "instantiation") from e
+        except (wasmtime.Trap, SandbusError) as e:
+            raise self._translate(take_failure(self.ctx, e), "instantiation") from e
         except wasmtime.WasmtimeError as e:
             if "exceeds memory limits" in str(e):
                 raise MemoryLimitError(
                     f"the module's initial memory exceeds the {limits.memory_bytes}-byte limit: {_first_line(e)}",
                     plugin=plugin, limit=limits.memory_bytes) from e
+            if wasi_guest_error(e, None) is not None:  # the start function handed WASI a bad pointer
+                raise self._translate(e, "instantiation") from e
             raise InvalidModuleError(f"cannot instantiate: {_first_line(e)}", plugin=plugin) from e
         memory = instance.exports(store)["memory"]
         assert isinstance(memory, wasmtime.Memory)
@@ -228,46 +250,64 @@ class PluginInstance:
 
     # -- linking ---------------------------------------------------------------
 
-    def _wasi_config(self) -> wasmtime.WasiConfig:
+    def _wasi_config(self, grants: GrantSet | None) -> wasmtime.WasiConfig:
+        """WASI with the decoy "/" and the granted directories, preopened by identity (grants.py).
+
+        ``grants`` are the sandbox's directories, opened once for every instance it builds. Without
+        them (a PluginInstance built on its own) they are opened here, for this instance only.
+        """
         caps = self.ctx.capabilities
         cfg = wasmtime.WasiConfig()
         cfg.argv = [self.plugin]
         cfg.env = list(caps.env.items())
-        fd = 3
-        if _WASI in {m for m, _ in self.info.imports} and "path_open" in self.info.imports_of(_WASI):
-            cfg.preopen_dir(_decoy_root(), "/", fs_mutable=False)
-            self._decoy_fd: int | None = fd
+        fds = self._fs.fds
+        fd = 3  # WASI numbers the preopens from 3, in order
+        if self.info.imports_of(_WASI) & set(PATH_FUNCTIONS):
+            cfg.preopen_dir(decoy_root(), "/", fs_mutable=False)
+            fds[fd] = DirFd(None, "/", False)
             fd += 1
-        else:
-            self._decoy_fd = None
-        for grant in caps.dirs:
-            cfg.preopen_dir(str(grant.host), grant.guest_path(), fs_mutable=grant.writable)
-            self._dir_grants[fd] = (grant.guest_path(), grant.writable)
-            fd += 1
-        cfg.stdout_custom = self._output_sink("stdout", logging.INFO)
-        cfg.stderr_custom = self._output_sink("stderr", logging.WARNING)
+        opened = grants if grants is not None else GrantSet(caps.dirs, plugin=self.plugin, auditor=self._auditor)
+        try:
+            for g in opened.preopen(cfg):
+                fds[fd] = DirFd(g.guest_path, g.guest_path, g.writable)
+                fd += 1
+        finally:
+            if grants is None:
+                opened.close()  # wasmtime holds its own descriptors, opened in preopen_dir
+        # Pipes, not Python callbacks: wasmtime runs an output stream's callbacks on its own threads, at
+        # any time up to the store's end -- also during interpreter shutdown, where a Python callback
+        # aborts the process (guest_output.py). What the guest wrote is logged after each call.
+        room = self.limits.log_bytes + 1  # one byte over the cap shows that the cap was exceeded
+        self._outputs = ((GuestOutput(cfg, "stdout", room), "stdout", logging.INFO),
+                         (GuestOutput(cfg, "stderr", room), "stderr", logging.WARNING))
         return cfg
 
-    def _output_sink(self, stream: str, level: int) -> Callable[[bytes], int]:
-        def sink(data: bytes) -> int:
-            if not self.ctx.log(level, f"[{stream}] {data.decode(errors='replace')}"):
-                return -5  # -EIO: tell a well-behaved guest to stop writing
-            return len(data)
+    def _drain_output(self) -> None:
+        """Log what the guest wrote to stdout / stderr since the last call (under the log cap).
 
-        return sink
-
-    def _deny(self, kind: str, message: str, **details: Any) -> SecurityViolationError:
-        return deny(self._auditor, self.plugin, kind, message, **details)
+        A pipe found full means a guest write failed, and WASI closes a stream for good after a failed
+        write: the instance is poisoned, so that the next call gets a fresh one with working output."""
+        for pipe, stream, level in self._outputs:
+            data = pipe.drain()
+            if data:
+                self.ctx.log(level, data.decode(errors="replace"), stream)
+            if len(data) >= pipe.capacity:
+                self.poisoned = True
 
     def _shadow_wasi(self, linker: wasmtime.Linker, module: wasmtime.Module) -> None:
         caps = self.ctx.capabilities
         imported = {i.name: i.type for i in module.imports
                     if i.module == _WASI and isinstance(i.type, wasmtime.FuncType)}
+        for name, ty in imported.items():
+            if name in WASI_SIGNATURES:  # the host links its own code for these, under this type
+                check_signature(name, ty, self.plugin)
+
+        refuse = self._deny  # not self: the store keeps these functions (see CallContext.invoker)
 
         def denier(cap: str, what: str) -> Callable[..., int]:
             def deny(*_args: Any) -> int:
-                raise self._deny("security.capability_denied", f"{what} needs the {cap!r} capability",
-                                 capability=cap)
+                raise refuse("security.capability_denied", f"{what} needs the {cap!r} capability",
+                             capability=cap)
 
             return deny
 
@@ -282,11 +322,9 @@ class PluginInstance:
             # A blocking sleep happens outside wasm, where the epoch deadline cannot interrupt it.
             linker.define_func(_WASI, "poll_oneoff", imported["poll_oneoff"],
                                lambda *_a: 58)  # ENOTSUP
-        self._fs_wrapped = {n: imported[n] for n in ("path_open", *_MUTATING_PATH_OPS) if n in imported}
-        self._passthrough: dict[str, wasmtime.Func] = {}
+        self._fs_wrapped = {n: imported[n] for n in FS_FUNCTIONS if n in imported}
         for name, ty in self._fs_wrapped.items():
-            impl = self._path_open if name == "path_open" else self._mutating_op(name)
-            linker.define_func(_WASI, name, ty, impl, access_caller=True)
+            linker.define_func(_WASI, name, ty, self._fs.wrap(name), access_caller=True)
 
     def _link_passthrough(self, handle: EngineHandle, memory: wasmtime.Memory) -> None:
         """Reach wasmtime's own WASI file functions after our checks.
@@ -298,55 +336,21 @@ class PluginInstance:
         """
         if not self._fs_wrapped:
             return
-        wasm = _trampoline_wasm(tuple((n, _sig_text(t)) for n, t in sorted(self._fs_wrapped.items())))
-        module = _trampoline_modules.setdefault((id(handle.engine), wasm), wasmtime.Module(handle.engine, wasm))
+        names = sorted(set(self._fs_wrapped) | FsGuard.helpers_for(self._fs_wrapped))
+        # The guest's types were checked against these when it was linked (_shadow_wasi).
+        wasm = _trampoline_wasm(tuple((n, WASI_SIGNATURES[n]) for n in names))
+        compiled = _trampoline_modules.setdefault(handle.engine, {})
+        module = compiled.get(wasm)
+        if module is None:
+            module = compiled[wasm] = wasmtime.Module(handle.engine, wasm)
         linker = wasmtime.Linker(handle.engine)
         linker.define_wasi()
         linker.define(self._store, "guest", "memory", memory)
         exports = linker.instantiate(self._store, module).exports(self._store)
-        for name in self._fs_wrapped:
+        for name in names:
             func = exports[name]
             assert isinstance(func, wasmtime.Func)
-            self._passthrough[name] = func
-
-    def _grant_for(self, fd: int, path: str, write: bool, op: str) -> None:
-        """Raise a security violation unless ``path`` under dir ``fd`` is granted for this access."""
-        if fd == self._decoy_fd:
-            raise self._deny("security.fs_denied", f"{op} of /{path}: no directory containing it was granted",
-                             path="/" + path, write=write)
-        grant = self._dir_grants.get(fd)
-        if grant is None:
-            return  # a descriptor the guest opened inside a grant; wasmtime confines it to that grant
-        root, writable = grant
-        full = posixpath.normpath(posixpath.join(root, path))
-        if full != root and not full.startswith(root.rstrip("/") + "/"):
-            raise self._deny("security.fs_denied", f"{op} of {full}: outside the granted directory {root}",
-                             path=full, write=write)
-        if write and not writable:
-            raise self._deny("security.fs_denied", f"{op} of {full}: {root} was granted read-only",
-                             path=full, write=True)
-
-    def _path_open(self, caller: wasmtime.Caller, fd: int, dirflags: int, path_ptr: int, path_len: int,
-                   oflags: int, rights: int, rights_inh: int, fdflags: int, out: int) -> int:
-        path = self.ctx.read_str(path_ptr, path_len, "path")
-        write = bool(oflags & (_O_CREAT | _O_TRUNC) or rights & _RIGHT_FD_WRITE or fdflags & _FDFLAG_APPEND)
-        self._grant_for(fd, path, write, "open")
-        orig = self._passthrough["path_open"]
-        return int(orig(caller, fd, dirflags, path_ptr, path_len, oflags, rights, rights_inh, fdflags, out))
-
-    def _mutating_op(self, name: str) -> Callable[..., int]:
-        # Only the first (fd, path, len) triple is checked; the others are confined by wasmtime.
-        def op(caller: wasmtime.Caller, *args: int) -> int:
-            if name == "path_symlink":
-                fd, ptr, length = args[2], args[3], args[4]
-            elif name in ("path_link", "path_filestat_set_times"):
-                fd, ptr, length = args[0], args[2], args[3]
-            else:
-                fd, ptr, length = args[0], args[1], args[2]
-            self._grant_for(fd, self.ctx.read_str(ptr, length, "path"), True, name.removeprefix("path_"))
-            return int(self._passthrough[name](caller, *args))
-
-        return op
+            self._fs.passthrough[name] = func
 
     def _link_host_functions(self, linker: wasmtime.Linker, module: wasmtime.Module,
                              host_functions: HostFunctions) -> None:
@@ -378,13 +382,22 @@ class PluginInstance:
 
     def _guarded(self, thunk: Callable[[], int | None], what: str) -> int | None:
         inv = self._invoker
+        self.ctx.host_error = None
         inv.set_budget(self.limits.fuel, self._ticks)
+        start_deadline(self.ctx)  # init, health and shutdown: one deadline for their host functions too
         try:
             result = thunk()
-        except (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError) as e:
+        except BaseException as e:
+            err = take_failure(self.ctx, e)
+            # Whatever ended it (a KeyboardInterrupt in a host function too), the guest stopped midway.
             self.poisoned = True
-            raise self._translate(e, what) from e
+            if not isinstance(err, (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError, LostTrapReport)):
+                if err is e:
+                    raise
+                raise err from e
+            raise self._translate(err, what) from e
         finally:
+            self._drain_output()
             self.ctx.stats.fuel_used = _fuel_used(inv, self.limits.fuel)
         return result
 
@@ -406,11 +419,18 @@ class PluginInstance:
             )
         stats = self.ctx.stats
         stats.log_bytes = stats.log_dropped = 0
-        self.ctx.log_overflow = False
+        ctx = self.ctx
+        ctx.log_overflow = False
+        ctx.host_error = None
+        start_deadline(ctx, budget_s)  # host functions share the call's deadline, the caller's if sooner
         inv = self._invoker
         try:
             reply = inv.round_trip(function, payload, limits.max_output_bytes, limits.fuel, ticks)
-        except BaseException as e:
+        except BaseException as caught:
+            self._drain_output()
+            # What this call raised: a host function's exception from this call's own context, never
+            # one another thread's call left in a process-wide slot.
+            e = take_failure(ctx, caught)
             stats.fuel_used = _fuel_used(inv, limits.fuel)
             stats.memory_bytes = inv.memory_size()
             if isinstance(e, GuestAllocFailed):
@@ -421,9 +441,12 @@ class PluginInstance:
             if isinstance(e, ReplyTooLarge):
                 self.poisoned = True
                 raise size_limit_error(self._auditor, self.plugin, limits, "output", e.args[0]) from e
-            if not isinstance(e, (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError)):
-                raise
+            # Whatever ended it (a KeyboardInterrupt in a host function too), the guest stopped midway.
             self.poisoned = True
+            if not isinstance(e, (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError, LostTrapReport)):
+                if e is caught:
+                    raise
+                raise e from caught
             if (ticks < self._ticks and isinstance(e, wasmtime.Trap)
                     and e.trap_code == wasmtime.TrapCode.INTERRUPT):
                 raise BudgetExceeded(function) from e
@@ -431,6 +454,7 @@ class PluginInstance:
         # The round trip read both on its way out: no further calls into the store.
         stats.fuel_used = 0 if limits.fuel is None else limits.fuel - inv.fuel_left_after
         stats.memory_bytes = inv.memory_after
+        self._drain_output()
         if self.ctx.log_overflow:
             raise size_limit_error(self._auditor, self.plugin, limits, "log", stats.log_dropped)
         return reply
@@ -509,7 +533,10 @@ def deny(auditor: Auditor, plugin: str, kind: str, message: str, **details: Any)
 def bind_host_function(fn: HostFunction, ctx: CallContext, auditor: Auditor) -> Callable[..., Any]:
     """``fn.impl`` bound to ``ctx``: denied outright without ``fn.capability``, any non-sandbus failure typed.
 
-    The capability is checked once, here, not per call: an instance's capabilities never change.
+    The capability is checked once, here, not per call: an instance's capabilities never change. A core
+    instance links it through a :class:`~.hostcall.RecordingLinker`, which records every failure in
+    ``ctx.host_error`` for the call to take (never wasmtime-py's process-wide last exception); a component
+    keeps its own per-call record (component.py).
     """
     plugin = ctx.plugin
     if fn.capability is not None and not ctx.capabilities.allows(fn.capability):
@@ -529,9 +556,10 @@ def bind_host_function(fn: HostFunction, ctx: CallContext, auditor: Auditor) -> 
         except SandbusError:
             raise
         except Exception as e:
-            # A bug in a host function is the host's, but it must still end as a typed error.
-            raise SandboxError(f"host function {fn.module}.{fn.name} failed: {type(e).__name__}: {e}",
-                               plugin=plugin, function=fn.name) from e
+            # A bug in a host function is the host's: a typed error that does not blame the plugin.
+            logging.getLogger("sandbus.sandbox").exception("host function %s.%s failed", fn.module, fn.name)
+            raise HostError(f"host function {fn.module}.{fn.name} failed: {type(e).__name__}: {e}",
+                            plugin=plugin, function=fn.name) from e
 
     return bound
 
@@ -544,7 +572,11 @@ def translate_error(exc: BaseException, where: str, *, plugin: str, limits: Limi
     ``code`` is the trap code when the engine reported one (core modules: ``wasmtime.Trap.trap_code``;
     components report traps as text, see component.py), ``frames`` the wasm backtrace, and
     ``memory_exhausted`` tells whether the guest's memory is at its limit (a trap there is a memory limit).
+    A ``KeyboardInterrupt`` or ``SystemExit`` (from a host function, say) is not the guest's doing: it is
+    raised again, never turned into a guest error.
     """
+    if not isinstance(exc, Exception):
+        raise exc
     if isinstance(exc, SandbusError):
         if exc.plugin is None:
             exc.plugin = plugin
@@ -566,6 +598,13 @@ def translate_error(exc: BaseException, where: str, *, plugin: str, limits: Limi
         err = StackLimitError(f"{where} exhausted its {limits.stack_bytes}-byte wasm stack",
                               plugin=plugin, limit=limits.stack_bytes)
         kind = "limit.stack"
+    elif (refused := wasi_guest_error(exc, code)) is not None:
+        # wasmtime's WASI refused a pointer or value from the guest: an ABI violation, as from our own.
+        what, wasi_func = refused
+        details: dict[str, Any] = {"wasi_function": wasi_func.rsplit("::", 1)[-1]} if wasi_func else {}
+        abi_err = AbiViolationError(f"{where} passed WASI an unusable argument: {what}", plugin=plugin, **details)
+        auditor.emit(AuditLevel.WARNING, "abi.violation", plugin, abi_err.message, **details)
+        return abi_err
     elif memory_exhausted():
         err = MemoryLimitError(
             f"{where} failed at the {limits.memory_bytes}-byte memory limit: {_first_line(exc)}",
@@ -598,11 +637,10 @@ def size_limit_error(auditor: Auditor, plugin: str, limits: Limits, direction: s
                                 plugin=plugin, size=size, limit=limit, direction=direction)
 
 
-_trampoline_modules: dict[tuple[int, bytes], wasmtime.Module] = {}
-
-
-def _sig_text(ty: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results)
+#: Compiled trampolines, per engine (a module must never meet another engine's store) and per
+#: set of functions.
+_trampoline_modules: weakref.WeakKeyDictionary[wasmtime.Engine, dict[bytes, wasmtime.Module]] = (
+    weakref.WeakKeyDictionary())
 
 
 @functools.cache
@@ -634,7 +672,8 @@ def _first_line(exc: BaseException) -> str:
     """The cause of a wasmtime error, without the backtrace it starts with."""
     text = str(exc).strip()
     if "Caused by:" in text:
-        text = text.split("Caused by:", 1)[1].strip()
+        # The last one: the backtrace before it holds function names that the guest chose.
+        text = text.rsplit("Caused by:", 1)[1].strip()
         text = text.removeprefix("wasm trap: ")
     return text.splitlines()[0].strip() if text else type(exc).__name__
 

@@ -19,8 +19,10 @@ The unchecked call is only safe because:
   * every (ptr, len) is bounds-checked against a freshly read memory size
     before any ``memmove``/``string_at`` (a guest may grow or lie);
   * traps and errors are turned into exceptions and their handles freed.
-Both invokers raise the same things: a Python exception raised by a host
-function, ``wasmtime.Trap`` or ``wasmtime.WasmtimeError``.
+Both invokers raise ``wasmtime.Trap`` or ``wasmtime.WasmtimeError`` for a failed call (the
+public API may also raise a host function's exception itself). The exception a host function
+raised is taken from the calling instance's own ``CallContext`` (host/sandbox/hostcall.py), never
+from wasmtime-py's process-wide ``LAST_EXCEPTION``, which another thread may have filled.
 """
 
 from __future__ import annotations
@@ -108,7 +110,6 @@ def _check_bounds(ptr: int, length: int, size: int, what: str) -> None:
 FAST_PATH_REASON = ""
 try:
     from wasmtime import _ffi as _wffi
-    from wasmtime import _func as _wfunc
 
     _dll = _wffi.dll
     # Our own function pointers (not the bindings' cached ones) so we can use
@@ -136,8 +137,6 @@ try:
     _ErrPtr = ctypes.POINTER(_wffi.wasmtime_error_t)
     if ctypes.sizeof(_ValRaw) != 16:
         raise AttributeError(f"wasmtime_val_raw_t is {ctypes.sizeof(_ValRaw)} bytes, expected 16")
-    if not hasattr(_wfunc, "LAST_EXCEPTION"):
-        raise AttributeError("wasmtime._func.LAST_EXCEPTION is gone")
 except (ImportError, AttributeError) as _e:  # pragma: no cover - depends on the installed wasmtime
     FAST_PATH_REASON = f"wasmtime-py internals changed: {_e}"
 
@@ -229,14 +228,15 @@ class _RawFunc:
 
 
 def _raise_failure(err: int | None, trap_addr: int | None) -> NoReturn:
-    """Raise what a failed unchecked call left: a host function's exception, the trap, or the error."""
-    host_exc = _wfunc.LAST_EXCEPTION
-    _wfunc.LAST_EXCEPTION = None
-    # Take ownership of the handles first so they are freed whatever we raise.
+    """Raise what a failed unchecked call left: the trap, or the error.
+
+    A host function's exception is not ours to find here: it is in the calling instance's
+    ``CallContext.host_error`` (host/sandbox/hostcall.py), which the instance prefers to this trap.
+    wasmtime-py's process-wide ``LAST_EXCEPTION`` may hold another thread's exception at any time.
+    """
+    # Take ownership of both handles so they are freed whatever we raise.
     trap = wasmtime.Trap._from_ptr(ctypes.cast(trap_addr, _TrapPtr)) if trap_addr else None
     error = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _ErrPtr)) if err else None
-    if host_exc is not None:
-        raise host_exc
     if trap is not None:
         raise trap
     assert error is not None

@@ -4,19 +4,70 @@ Creating an instance costs tens of microseconds to milliseconds; calling a warm
 one costs a few. The pool keeps up to ``max_instances`` (the plugin's
 concurrency limit), hands each to one caller at a time, and replaces any
 instance that failed inside the guest.
+
+Building an instance runs guest code (instantiation, ``_initialize``, ``sandbus_init``) under
+the plugin's full timeout, and so does ``sandbus_shutdown``. Neither may run on a thread that
+runs an asyncio event loop, where it would stall every other plugin's replies: an event loop
+takes instances with :meth:`InstancePool.try_acquire`, which never builds nor waits, and the
+shutdowns a release or a close starts there are handed to a background thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from sdk.errors import InstanceLimitError
 
 from .instance import PluginInstance
 
-__all__ = ["InstancePool"]
+__all__ = ["InstancePool", "NotInline", "on_event_loop"]
+
+log = logging.getLogger("sandbus.sandbox")
+
+_background_lock = threading.Lock()
+_background: ThreadPoolExecutor | None = None
+
+
+class NotInline(Exception):
+    """A call asked to run inline on an event loop cannot: nothing ran, run it in a worker thread.
+
+    Raised when no instance is idle (the loop may neither wait for one nor build one), and for a
+    plugin whose calls must not be re-run (see :func:`host.sandbox.sandbox.rerun_safe`).
+    """
+
+
+def on_event_loop() -> bool:
+    """Whether the calling thread is running an asyncio event loop (where guest code must not run long)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _off_loop(work: Callable[[], None]) -> None:
+    """Run ``work`` now, or on a background thread when the caller runs an event loop."""
+    if not on_event_loop():
+        work()
+        return
+    global _background
+    with _background_lock:
+        if _background is None:
+            _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbus-pool")
+        executor = _background
+    executor.submit(_logged, work)
+
+
+def _logged(work: Callable[[], None]) -> None:
+    try:
+        work()
+    except Exception:  # a background shutdown has no caller to report to
+        log.exception("background instance work failed")
 
 
 class InstancePool:
@@ -44,24 +95,43 @@ class InstancePool:
         return self._created
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def in_use(self) -> int:
         with self._cond:
             return self._created - len(self._idle)
 
     def warm(self, count: int) -> None:
-        """Create instances ahead of the first calls."""
+        """Create instances ahead of the first calls (on the calling thread: never call it on an event loop)."""
         fresh = [self.acquire() for _ in range(min(count, self.max_instances))]
         for inst in fresh:
             self.release(inst)
 
-    def acquire(self) -> PluginInstance:
+    def try_acquire(self) -> PluginInstance | None:
+        """An idle instance, or None at once: never builds one and never waits (for event loops).
+
+        The caller that gets None runs the call where it may block (a worker thread calling
+        :meth:`acquire`), which also builds the replacement of an instance that failed.
+        """
+        try:
+            return self._idle.pop()  # atomic; a closed pool's idle list is empty
+        except IndexError:
+            return None
+
+    def acquire(self, timeout_s: float | None = None) -> PluginInstance:
+        """An idle instance, a new one while fewer than ``max_instances`` live, else wait for one
+        (up to ``timeout_s``, default ``acquire_timeout_s``, then :class:`InstanceLimitError`).
+        May build: not for event loops."""
         # Fast path without the condition's lock: list.pop is atomic, and a pool that is
         # closed has an empty idle list, so what we pop is always a live instance.
         try:
             return self._idle.pop()
         except IndexError:
             pass
-        deadline = time.monotonic() + self._timeout
+        wait_s = self._timeout if timeout_s is None else timeout_s
+        deadline = time.monotonic() + wait_s
         with self._cond:
             while True:
                 if self._closed:
@@ -74,7 +144,7 @@ class InstancePool:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise InstanceLimitError(
-                        f"all {self.max_instances} instances stayed busy for {self._timeout:g} s",
+                        f"all {self.max_instances} instances stayed busy for {max(0.0, wait_s):.3g} s",
                         plugin=self.plugin, limit=self.max_instances,
                     )
                 # Short slices: release() skips the lock when nobody was waiting, so an instance
@@ -111,7 +181,7 @@ class InstancePool:
                 self._idle.append(inst)
             self._cond.notify()
         if retire:
-            inst.shutdown()  # it was busy when the pool closed: its sandbus_shutdown runs now
+            _off_loop(inst.shutdown)  # it was busy when the pool closed: its sandbus_shutdown runs now
 
     def close(self) -> None:
         """Shut down idle instances now, busy ones when their call returns."""
@@ -126,5 +196,10 @@ class InstancePool:
             while self._idle:
                 idle.append(self._idle.pop())
             self._created -= len(idle)
-        for inst in idle:
-            inst.shutdown()
+        if idle:
+            _off_loop(lambda: _shutdown_all(idle))
+
+
+def _shutdown_all(instances: list[PluginInstance]) -> None:
+    for inst in instances:
+        inst.shutdown()

@@ -13,26 +13,40 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any, Literal, NamedTuple, Self, cast
 
 import orjson
 import wasmtime
 from orjson import loads
 
-from sdk.errors import AbiViolationError, InvalidModuleError, PluginNotFoundError, SandbusError
+from sdk.errors import (
+    AbiViolationError,
+    ExecutionTimeoutError,
+    InstanceLimitError,
+    InvalidModuleError,
+    PluginNotFoundError,
+    SandbusError,
+)
 
 from . import abi
 from .audit import AuditLevel, Auditor, AuditSink
 from .cache import ModuleCache, default_cache_dir, is_component, wasm_digest
+from .compiler import read_wasm
 from .component import ComponentInfo, ComponentInstance, inspect_component
 from .config import MIB, Capabilities, DirGrant, Limits
 from .engine import get_engine
-from .hostfuncs import HostFunctions, builtin_host_functions
-from .instance import PluginInstance
-from .pool import InstancePool
+from .grants import GrantSet
+from .hostfuncs import ABI_NAMESPACE, HostFunctions, builtin_host_functions
+from .instance import BudgetExceeded, PluginInstance
+from .pool import InstancePool, NotInline
 
-__all__ = ["CallResult", "Sandbox", "SandboxBuilder", "run_plugin", "shared_cache"]
+__all__ = ["PURE_HOST_FUNCTIONS", "CallResult", "Sandbox", "SandboxBuilder", "rerun_safe", "run_plugin",
+           "shared_cache"]
+
+#: Host functions whose calls leave nothing behind outside the call (``log`` output aside): a call
+#: that can have used only these may be interrupted and run again from the start.
+PURE_HOST_FUNCTIONS = frozenset({"log", "time_now_ms", "env_get", "take_result"})
 
 _cache_lock = threading.Lock()
 _shared_cache: ModuleCache | None = None
@@ -45,6 +59,37 @@ def shared_cache() -> ModuleCache:
         if _shared_cache is None:
             _shared_cache = ModuleCache(default_cache_dir())
         return _shared_cache
+
+
+def rerun_safe(info: abi.ModuleInfo, capabilities: Capabilities, host_functions: HostFunctions | None = None) -> bool:
+    """Whether a call of this plugin may run twice: the one rule for "this call has no side effect".
+
+    A node runs calls inline on its event loop under a short budget, and re-runs one that overruns it
+    from the start in a worker thread (host/node.py). Running twice is only correct when the first,
+    interrupted run cannot have changed anything outside its instance, so a plugin qualifies only if
+    nothing it was granted lets a call leave a trace:
+
+    - no writable directory (an appended line would be appended twice);
+    - no imported host function besides :data:`PURE_HOST_FUNCTIONS`: ``publish``, ``request``,
+      ``kv_put``, ``kv_delete`` and ``http_request`` act on the bus or the network (and they, like
+      ``kv_get``, wait on the event loop, so they cannot run on it at all); host functions an embedder
+      adds are unknown, so they count as effects too.
+
+    With ``host_functions`` (what the instance will be linked with), an import that cannot act is no
+    effect: one whose capability the plugin was not granted is bound to a denial, and one the host does
+    not provide fails the call (a component's world imports every host function, used or not).
+
+    Decided from the grant and the imports, not from what a call did: an interrupted call cannot tell.
+    """
+    if any(d.writable for d in capabilities.dirs):
+        return False
+    for name in info.imports_of(ABI_NAMESPACE) - PURE_HOST_FUNCTIONS:
+        if host_functions is None:
+            return False
+        fn = host_functions.get(ABI_NAMESPACE, name)
+        if fn is not None and (fn.capability is None or capabilities.allows(fn.capability)):
+            return False
+    return True
 
 
 class CallResult(NamedTuple):
@@ -103,7 +148,7 @@ class Sandbox:
             path = Path(wasm)
             name = name or path.stem
             try:
-                wasm = path.read_bytes()
+                wasm = read_wasm(path, limits or Limits())  # at most the size bound + 1 byte
             except FileNotFoundError as e:
                 raise PluginNotFoundError(f"no plugin file at {path}", plugin=name, path=str(path)) from e
             except OSError as e:
@@ -120,17 +165,26 @@ class Sandbox:
         self._handle = get_engine(self.limits.stack_bytes, fuel=self.limits.fuel is not None)
         cache = cache or shared_cache()
         self.kind: Literal["module", "component"]
-        if is_component(wasm):
-            self.kind = "component"
-            self._component = cache.load_component(self._handle, wasm, name=self.name)
+        try:  # bounded before it compiles (host/sandbox/compiler.py); a refusal is audited
+            if is_component(wasm):
+                self.kind = "component"
+                self._component = cache.load_component(self._handle, wasm, name=self.name, limits=self.limits)
+            else:
+                self.kind = "module"
+                self._module = cache.load(self._handle, wasm, name=self.name, limits=self.limits)
+        except InvalidModuleError as e:
+            self.auditor.emit(AuditLevel.WARNING, "module.refused", self.name, e.message, **e.details)
+            raise
+        if self.kind == "component":
             self.component_info: ComponentInfo | None = inspect_component(self._component, self._handle,
                                                                           self.name)
             self.info = self.component_info.module_info()
         else:
-            self.kind = "module"
-            self._module = cache.load(self._handle, wasm, name=self.name)
             self.component_info = None
             self.info = abi.inspect_module(self._module, self.name)
+        #: Whether a call may be interrupted and run again (see :func:`rerun_safe`): a call with a
+        #: ``budget_s`` is refused (``NotInline``) when it may not.
+        self.rerun_safe = rerun_safe(self.info, self.capabilities, self._host_functions)
         self._fast = fast
         self._native = native
         self._context_factory = context_factory
@@ -144,9 +198,16 @@ class Sandbox:
         # The pool is typed for PluginInstance; ComponentInstance offers the same surface (call, init,
         # health, shutdown, poisoned, ctx.stats), which is all the pool and this class use.
         factory = cast(Callable[[], PluginInstance], self._new_instance)
+        #: The granted directories, opened once: every instance gets these, never their names again.
+        self._grants = GrantSet(self.capabilities.dirs, plugin=self.name, auditor=self.auditor)
         self._pool = InstancePool(self.name, factory, self.limits.max_instances,
                                   acquire_timeout_s if acquire_timeout_s is not None else self.limits.timeout_s)
-        self._pool.warm(max(1, warm_instances))
+        try:
+            self._pool.warm(max(1, warm_instances))
+        except BaseException:
+            self._pool.close()
+            self._grants.close()
+            raise
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Sandbox:
@@ -157,11 +218,12 @@ class Sandbox:
         if self.component_info is not None:
             inst = ComponentInstance(self.name, self._handle, self._component, self.component_info, self.limits,
                                      self.capabilities, self._host_functions, self.auditor,
-                                     context_factory=self._context_factory)
+                                     context_factory=self._context_factory, grants=self._grants)
         else:
             inst = PluginInstance(self.name, self._handle, self._module, self.info, self.limits,
                                   self.capabilities, self._host_functions, self.auditor, fast=self._fast,
-                                  native=self._native, context_factory=self._context_factory)
+                                  native=self._native, context_factory=self._context_factory,
+                                  grants=self._grants)
         inst.init(self._config)
         return inst
 
@@ -176,13 +238,27 @@ class Sandbox:
         return self._pool
 
     def call_detailed(self, function: str, payload: bytes, *, validate: bool = True,
-                      budget_s: float | None = None) -> CallResult:
+                      budget_s: float | None = None, wait: bool = True,
+                      deadline: float | None = None) -> CallResult:
         """Call with raw JSON bytes; the reply is checked to be JSON unless ``validate`` is False.
 
-        ``budget_s``: see :meth:`PluginInstance.call` (raises ``BudgetExceeded`` past it).
+        ``budget_s``: see :meth:`PluginInstance.call` (raises ``BudgetExceeded`` past it, after which
+        the caller runs the call again; so a plugin that is not :attr:`rerun_safe` raises
+        :class:`~host.sandbox.pool.NotInline` instead, before running anything).
+        ``wait=False``: take an idle instance or raise :class:`~host.sandbox.pool.NotInline` at
+        once, never building one (for callers on an event loop).
+        ``deadline`` (a ``time.monotonic()`` value): when the call's caller stops waiting. Waiting for
+        an instance ends there with an :class:`InstanceLimitError`, and the call itself is stopped
+        there with an :class:`ExecutionTimeoutError` (and never runs longer than the plugin's timeout).
         """
         pool = self._pool
-        inst = pool.acquire()
+        if deadline is not None:
+            return self._call_by(function, payload, deadline, validate)
+        if budget_s is not None and not self.rerun_safe:
+            raise NotInline(self.name)  # interrupted at the budget, it would have to run twice
+        inst = pool.acquire() if wait else pool.try_acquire()
+        if inst is None:
+            raise NotInline(self.name)
         start = perf_counter()
         try:
             reply = inst.call(function, payload, budget_s=budget_s)
@@ -195,6 +271,44 @@ class Sandbox:
         if validate:
             self.check_reply(function, reply)
         return CallResult(reply, fuel, memory, elapsed)
+
+    def _call_by(self, function: str, payload: bytes, deadline: float, validate: bool) -> CallResult:
+        """:meth:`call_detailed` for a caller who waits until ``deadline`` and no longer."""
+        pool = self._pool
+        timeout_s = self.limits.timeout_s
+        try:
+            inst = pool.acquire(timeout_s=min(timeout_s, deadline - monotonic()))
+        except InstanceLimitError as e:
+            if not pool.closed:  # a closed pool is a retired version: the caller retries on the new one
+                self.auditor.emit(AuditLevel.WARNING, e.code, self.name, e.message, **e.details)
+            raise
+        start = perf_counter()
+        try:
+            remaining = deadline - monotonic()
+            if remaining <= 0:  # acquiring built a new instance, and that took the rest of the time
+                raise self._deadline_error(InstanceLimitError, f"no instance was ready before the call's deadline "
+                                           f"({timeout_s:g} s after it arrived)", limit=self.limits.max_instances)
+            try:
+                # A budget as long as the timeout (or longer) is the timeout itself, with its own error.
+                reply = inst.call(function, payload, budget_s=remaining if remaining < timeout_s else None)
+            except BudgetExceeded:
+                raise self._deadline_error(ExecutionTimeoutError, f"{function} exceeded its {timeout_s:g} s timeout, "
+                                           "counted from the call's arrival (waiting for an instance included)",
+                                           limit=timeout_s) from None
+            stats = inst.ctx.stats
+            fuel, memory = stats.fuel_used, stats.memory_bytes
+        finally:
+            elapsed = perf_counter() - start
+            pool.release(inst)
+        if validate:
+            self.check_reply(function, reply)
+        return CallResult(reply, fuel, memory, elapsed)
+
+    def _deadline_error(self, cls: type[SandbusError], message: str, **details: object) -> SandbusError:
+        """An audited limit error for a call whose caller's deadline passed."""
+        err = cls(message, plugin=self.name, **details)
+        self.auditor.emit(AuditLevel.WARNING, err.code, self.name, message, **details)
+        return err
 
     def check_reply(self, function: str, reply: bytes) -> None:
         """A plugin's reply must be JSON: an AbiViolationError (and an audit event) otherwise."""
@@ -218,6 +332,7 @@ class Sandbox:
         return orjson.loads(self.call_bytes(function, payload))
 
     def health(self) -> bool:
+        """``sandbus_health`` on a pooled instance. May wait for or build one: not for an event loop."""
         inst = self._pool.acquire()
         try:
             return inst.health()
@@ -226,6 +341,7 @@ class Sandbox:
 
     def close(self) -> None:
         self._pool.close()
+        self._grants.close()
 
     def __enter__(self) -> Self:
         return self

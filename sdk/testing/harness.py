@@ -13,8 +13,8 @@ so the limits, capabilities and ``[config]`` a test runs under are the ones a de
 
 Everything the sandbox reports is collected: audit events (limit hits, denied permissions) in
 :attr:`PluginHarness.audit`, the plugin's log lines in :attr:`PluginHarness.logs`, and topics it
-published (through a recording ``publish`` host function, checked against the manifest's
-``publish_topics`` as on a node) in :attr:`PluginHarness.published`.
+published (through a recording ``publish`` host function, checked against the granted
+``publish_topics`` and bounded by :data:`HARNESS_MAX_PAYLOAD`, as on a node) in :attr:`PluginHarness.published`.
 
 Requests the plugin makes to other plugins (the ``request`` host function) never leave the test:
 :meth:`PluginHarness.on_request` stubs the target plugins' replies, every request is recorded in
@@ -60,6 +60,11 @@ if TYPE_CHECKING:
 __all__ = ["AuditLog", "LogLine", "PluginFactory", "PluginHarness", "Published", "Requested"]
 
 E = TypeVar("E", bound=BaseException)
+
+#: The largest ``publish`` payload and ``request`` body the harness reads from the guest: a node's
+#: limit is its NATS server's ``max_payload``, 1 MiB unless the server is configured otherwise. The
+#: length is checked before a byte is copied, as on a node.
+HARNESS_MAX_PAYLOAD = 1024 * 1024
 
 
 class AuditLog(list["AuditEvent"]):
@@ -182,8 +187,9 @@ class PluginHarness:
     ) -> None:
         from host.bus_hostfuncs import BusBridge
         from host.manifest import load_manifest
-        from host.policy import Policy, load_policy, resolve
+        from host.policy import Policy, SendLimits, load_policy, resolve
         from host.sandbox import Capabilities, HostFunction, Limits, Sandbox
+        from host.sendlimit import SendLimiter
 
         self.path, found = locate_plugin(plugin, build=build)
         if manifest is True:
@@ -196,6 +202,9 @@ class PluginHarness:
         self.manifest: Manifest | None = None
         self.publish_topics: tuple[str, ...] = ()
         self.request_plugins: tuple[str, ...] = ()
+        #: What a node would let the plugin send (publish + request), per second and per call.
+        self.send_limits = SendLimits()
+        self._sends = SendLimiter()
         base_limits, base_caps, base_config = Limits(), Capabilities(), {}
         if manifest_path is not None:
             self.manifest = load_manifest(manifest_path, expected_name=name or self.path.stem)
@@ -209,6 +218,7 @@ class PluginHarness:
             base_limits, base_caps, base_config = grant.limits, grant.capabilities, dict(self.manifest.config)
             self.publish_topics = grant.publish_topics
             self.request_plugins = grant.request_plugins
+            self.send_limits = grant.send_limits
         elif policy is not None:
             raise ValueError(f"a policy is resolved against a manifest, and {self.path} has none "
                              f"(put {self.path.stem}.toml beside it, or pass manifest=PATH)")
@@ -319,15 +329,22 @@ class PluginHarness:
     def _publish(self, ctx: CallContext, topic_ptr: int, topic_len: int, data_ptr: int, data_len: int) -> int:
         from host.manifest import subject_matches
         from host.sandbox import AuditLevel
+        from host.sandbox.hostfuncs import read_bounded, read_str_bounded
+        from sdk.subjects import MAX_TOPIC_LENGTH, check_topic
 
-        topic = ctx.read_str(topic_ptr, topic_len, "topic")
+        topic = read_str_bounded(ctx, topic_ptr, topic_len, MAX_TOPIC_LENGTH, "publish topic")
+        try:
+            check_topic(topic)
+        except ValueError as e:
+            raise AbiViolationError(f"publish: {e}", plugin=ctx.plugin) from e
         if not any(subject_matches(p, topic) for p in self.publish_topics):
             ctx.auditor.emit(AuditLevel.CRITICAL, "security.publish_denied", ctx.plugin,
                              f"publish to {topic!r} denied (granted: {list(self.publish_topics)})", topic=topic)
             raise SecurityViolationError(
                 f"publishing to {topic!r} was not granted (manifest [permissions] publish_topics: "
                 f"{list(self.publish_topics)})", plugin=ctx.plugin, topic=topic)
-        data = ctx.read(data_ptr, data_len)
+        self._sends.check(ctx, self.send_limits, f"publish to {topic!r}", topic=topic)
+        data = read_bounded(ctx, data_ptr, data_len, HARNESS_MAX_PAYLOAD, "publish payload")
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError as e:
@@ -365,6 +382,7 @@ class PluginHarness:
     def _request(self, ctx: CallContext, target_ptr: int, target_len: int, json_ptr: int, json_len: int,
                  buf_ptr: int, buf_cap: int) -> int:
         from host.bus_hostfuncs import (
+            MAX_TARGET,
             REQUEST_ENOTFOUND,
             REQUEST_EREMOTE,
             REQUEST_ETIMEOUT,
@@ -374,9 +392,11 @@ class PluginHarness:
         )
         from host.manifest import request_matches
         from host.sandbox import AuditLevel
+        from host.sandbox.hostfuncs import read_bounded, read_str_bounded
 
         try:
-            plugin, function = parse_target(ctx.read_str(target_ptr, target_len, "request target"))
+            plugin, function = parse_target(read_str_bounded(ctx, target_ptr, target_len, MAX_TARGET,
+                                                             "request target"))
         except ValueError as e:
             raise AbiViolationError(f"request: {e}", plugin=ctx.plugin) from e
         target = f"{plugin}.{function}"
@@ -387,8 +407,10 @@ class PluginHarness:
             raise SecurityViolationError(
                 f"requesting {target!r} was not granted (manifest [permissions] request_plugins: {granted})",
                 plugin=ctx.plugin, target=target)
+        self._sends.check(ctx, self.send_limits, f"request to {target!r}", target=target)
         try:
-            payload = orjson.loads(ctx.read(json_ptr, json_len))
+            payload = orjson.loads(read_bounded(ctx, json_ptr, json_len, HARNESS_MAX_PAYLOAD,
+                                                f"request to {target!r}"))
         except orjson.JSONDecodeError as e:
             raise AbiViolationError(f"request to {target!r}: body is not valid JSON: {e}",
                                     plugin=ctx.plugin) from e

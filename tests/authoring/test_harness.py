@@ -21,7 +21,8 @@ from sdk.errors import (
 )
 from sdk.testing import PluginFactory, PluginHarness
 
-CLOCK_AND_MESSAGING = Policy.model_validate({"capabilities": {"allowed": ["compute", "clock", "messaging"]}})
+CLOCK_AND_MESSAGING = Policy.model_validate({"capabilities": {"allowed": ["compute", "clock", "messaging"]},
+                                             "messaging": {"publish_topics": ["probe.>"]}})
 
 
 def test_calls_and_envelope(sandbus_plugin: PluginFactory, probe_project: Path) -> None:

@@ -32,6 +32,8 @@ request_plugins = ["text_processor.handle_request", "pricing", "audit.*"]
 POLICY = """
 [capabilities]
 allowed = ["compute", "messaging"]
+[messaging]
+request_plugins = ["text_processor", "pricing", "audit"]
 """
 
 

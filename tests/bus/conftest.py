@@ -57,6 +57,10 @@ max_instances = 2
 POLICY = """
 [capabilities]
 allowed = ["compute", "messaging"]
+[messaging]     # test plugins publish and request freely; the ceilings are tested in tests/host
+publish_topics = [">"]
+request_plugins = ["*"]
+subscribe_topics = [">"]
 [limits]
 max_fuel = 10000000000000
 """

@@ -36,6 +36,7 @@ POLICY = """
 allowed = ["compute", "storage", "network"]
 [network]
 allowed_hosts = ["127.0.0.1"]
+allow_addresses = ["127.0.0.1"]   # the test servers listen on loopback
 """
 
 

@@ -32,6 +32,8 @@ from tests.conftest import AuditLog
 POLICY = """
 [capabilities]
 allowed = ["compute", "messaging"]
+[messaging]
+request_plugins = ["*"]
 """
 
 MANIFEST = """

@@ -55,7 +55,8 @@ def requester(plugins_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     (d / "requester.toml").write_text('[plugin]\nname = "requester"\nversion = "1.0.0"\n'
                                       '[capabilities]\nrequired = ["compute", "messaging"]\n'
                                       '[permissions]\nrequest_plugins = ["pricing"]\n')
-    (d / "policy.toml").write_text('[capabilities]\nallowed = ["compute", "messaging"]\n')
+    (d / "policy.toml").write_text('[capabilities]\nallowed = ["compute", "messaging"]\n'
+                                   '[messaging]\nrequest_plugins = ["pricing"]\n')
     return out
 
 

@@ -6,7 +6,7 @@ import pytest
 import wasmtime
 
 from host.sandbox import CallContext, HostFunctions, Sandbox, SandboxBuilder
-from sdk.errors import InvalidModuleError, SandboxError, SecurityViolationError
+from sdk.errors import HostError, InvalidModuleError, SecurityViolationError
 from tests.conftest import AuditLog
 
 GUEST = """
@@ -56,7 +56,7 @@ def test_capability_gated_host_function(audit: AuditLog) -> None:
 
 def test_failing_host_function_fails_the_call_not_the_host() -> None:
     sb = Sandbox(bytes(wasmtime.wat2wasm(GUEST)), name="shouter", host_functions=shouting(fail=True))
-    with pytest.raises(SandboxError, match=r"acme_v1.shout failed: RuntimeError: the host function broke"):
+    with pytest.raises(HostError, match=r"acme_v1.shout failed: RuntimeError: the host function broke"):
         sb.call("handle_request", "x")
     assert sb.pool.replaced == 1
     assert Sandbox(bytes(wasmtime.wat2wasm(GUEST)), name="ok", host_functions=shouting()).call(

@@ -110,8 +110,11 @@ int32_t sandbus_host_env_get(const void *name, uint32_t name_len, void *buf, uin
 /* publish(topic_ptr, topic_len, json_ptr, json_len): publish the JSON payload
  * onto `topic` (e.g. "orders.created") as a PluginMessage from this plugin.
  * Returns 0. Needs the messaging capability and a manifest
- * [permissions] publish_topics entry matching the topic: otherwise the host
- * stops the call with a security violation. Only linked when used. */
+ * [permissions] publish_topics entry matching the topic, which the node's
+ * operator policy ([messaging] publish_topics) must also allow (a plugin asking
+ * for more does not load): otherwise the host stops the call with a security
+ * violation. A chain of more than 8 (the node's limit) plugin-to-plugin
+ * requests and publishes stops the call too. Only linked when used. */
 SANDBUS_IMPORT(publish)
 int32_t sandbus_host_publish(const void *topic, uint32_t topic_len, const void *json, uint32_t json_len);
 
@@ -141,8 +144,9 @@ int32_t sandbus_host_http_request(const void *req, uint32_t req_len, void *buf, 
  * function and wait for its reply, like a client request (any node serving the
  * target may answer). `target` is "plugin.function", or "plugin" for its
  * handle_request. Needs the messaging capability and a manifest
- * [permissions] request_plugins entry allowing the target: otherwise the host
- * stops the call with a security violation. A malformed target or body, a
+ * [permissions] request_plugins entry allowing the target, which the node's
+ * operator policy ([messaging] request_plugins) must also allow: otherwise the
+ * host stops the call with a security violation. A malformed target or body, a
  * body above the NATS max payload and a chain of more than 8 (the node's
  * limit) plugin-to-plugin requests stop the call too, with their own errors.
  * Returns the reply's full length (writing min(len, cap) bytes; take_result()

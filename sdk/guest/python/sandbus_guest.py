@@ -109,7 +109,8 @@ def getenv(name: str) -> str | None:
 
 
 def publish(topic: str, payload: Any) -> None:
-    """Publish ``payload`` (JSON-able) onto ``topic``. Needs ``messaging`` and a matching ``publish_topics``."""
+    """Publish ``payload`` (JSON-able) onto ``topic``. Needs ``messaging`` and a matching ``publish_topics``
+    entry, which the operator policy's ``[messaging] publish_topics`` must allow too."""
     _host.publish(topic, json.dumps(payload, separators=(",", ":")))
 
 
@@ -164,7 +165,8 @@ class RequestFailed(PluginError):
 def request(target: str, payload: Any = None) -> Any:
     """Call another plugin's function (``"plugin.function"``, or ``"plugin"`` for handle_request) with a
     JSON-able payload; returns its decoded reply. Needs ``messaging`` and a matching
-    ``[permissions] request_plugins`` entry. Raises :class:`RequestFailed` when no reply comes."""
+    ``[permissions] request_plugins`` entry, within the operator policy's ``[messaging] request_plugins``.
+    Raises :class:`RequestFailed` when no reply comes."""
     try:
         # componentize-py: an imported function returning result<T, E> returns T or raises Err(E)
         reply = _host.request(target, json.dumps(payload, separators=(",", ":")))

@@ -23,7 +23,7 @@ def check(*args: str) -> subprocess.CompletedProcess[str]:
 def test_all_valid_exits_0(plugins_dir: Path, pdir: Path) -> None:
     for f in plugins_dir.iterdir():
         shutil.copy(f, pdir / f.name)
-    r = check(str(pdir))
+    r = check(str(pdir), "--policy", str(plugins_dir.parent / "policy.toml"))  # the examples' policy
     assert r.returncode == 0, r.stdout + r.stderr
     assert "echo" in r.stdout
     assert "text_processor" in r.stdout

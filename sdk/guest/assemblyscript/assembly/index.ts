@@ -82,7 +82,8 @@ export declare function host_time_now_ms(): i64;
 @external("sandbus_v1", "env_get")
 export declare function host_env_get(name: usize, nameLen: u32, buf: usize, cap: u32): i32;
 
-/** publish(topic, topic_len, json, json_len): 0. Needs messaging + a matching publish_topics entry. */
+/** publish(topic, topic_len, json, json_len): 0. Needs messaging + a matching publish_topics entry (that the
+ * operator policy's [messaging] publish_topics allows too). */
 // @ts-ignore: decorator
 @external("sandbus_v1", "publish")
 export declare function host_publish(topic: usize, topicLen: u32, json: usize, jsonLen: u32): i32;
@@ -111,7 +112,8 @@ export declare function host_http_request(req: usize, reqLen: u32, buf: usize, c
  * request(target, target_len, json, json_len, buf, cap): call "plugin.function" (or "plugin": its
  * handle_request) and wait for the reply. Returns the reply's full length (writes min(len, cap)
  * bytes) or a negative REQUEST_E* code, the error JSON then being in take_result. Needs messaging
- * and a matching request_plugins entry (else the call fails). Prefer request().
+ * and a matching request_plugins entry that the operator policy's [messaging] request_plugins allows too
+ * (else the call fails). Prefer request().
  */
 // @ts-ignore: decorator
 @external("sandbus_v1", "request")
@@ -279,7 +281,8 @@ export function getenv(name: string): string | null {
   return null; // not reached (the compiler wants a return after an endless loop)
 }
 
-/** Publish JSON onto `topic` as a PluginMessage. Needs the messaging capability and a matching publish_topics entry. */
+/** Publish JSON onto `topic` as a PluginMessage. Needs the messaging capability and a matching publish_topics entry,
+ * within the operator policy's [messaging] publish_topics. */
 export function publish(topic: string, json: string): i32 {
   const t = String.UTF8.encode(topic);
   const j = String.UTF8.encode(json, false, String.UTF8.ErrorMode.REPLACE);
@@ -323,7 +326,8 @@ export class Reply {
 /**
  * Call `target` ("plugin.function", or "plugin" for its handle_request) with `json` and wait for
  * the reply, as a client would (any node serving the target may answer; the wait is bounded).
- * Needs the messaging capability and a manifest request_plugins entry allowing the target: a
+ * Needs the messaging capability and a manifest request_plugins entry allowing the target (within the
+ * operator policy's [messaging] request_plugins): a
  * target that is not granted fails the whole call (security violation), as does a malformed one.
  */
 export function request(target: string, json: string): Reply {

@@ -1,0 +1,141 @@
+"""Publishing a node's audit events to NATS, with repeats folded into one event with a count.
+
+Why: a plugin (or a client sending it bad requests) can raise the same refusal thousands of times a
+second. Each event used to become one message in the ``SANDBUS_AUDIT`` stream, so the trail grew
+with the attacker's rate. Here the first event of a kind is published at once (an operator sees it
+immediately); identical events (same level, kind, plugin and message) that follow within
+``window_s`` are only counted, and when the window closes one more event goes out carrying
+``count`` (how many it stands for) and ``first_timestamp`` / ``last_timestamp``. Every event is
+accounted for: the counts of the published events add up to the events raised.
+
+The number of distinct events held open at once is bounded (``max_keys``): past it, the open
+windows are closed early, and an event's text counts only up to :data:`MAX_AUDIT_MESSAGE`
+characters (in the key as in the published event), so memory stays bounded whatever the event
+mix; a published event is at most :data:`MAX_AUDIT_EVENT` bytes (details dropped past it). On stop
+the node calls :meth:`AuditPublisher.close`, which publishes the counts still open. The stream
+itself is capped by bytes, messages and age (host/delivery.py, ``StreamLimits``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from sdk.envelope import JSON
+
+from .sandbox import AuditEvent
+
+__all__ = ["MAX_AUDIT_EVENT", "MAX_AUDIT_MESSAGE", "AuditPublisher"]
+
+log = logging.getLogger("sandbus.audit")
+
+#: characters of an event's message kept in the published event (guest-influenced text is bounded)
+MAX_AUDIT_MESSAGE = 4096
+#: bytes of one published event; past it the details are dropped (the message and counts stay)
+MAX_AUDIT_EVENT = 16 * 1024
+
+#: ``async (subject, data, headers=...)``: a NATS client's ``publish``
+Publish = Callable[..., Awaitable[None]]
+_Key = tuple[str, str, str, str]
+
+
+class _Window:
+    __slots__ = ("count", "first", "last")
+
+    def __init__(self, first: AuditEvent) -> None:
+        self.first = first
+        self.last = first
+        #: events after the first one (already published) seen in this window
+        self.count = 0
+
+
+class AuditPublisher:
+    """Folds repeated audit events and publishes them on ``subject``.
+
+    Parameters:
+        publish: a NATS client's ``publish`` (called as ``publish(subject, data, headers=...)``).
+        subject: where events go (``sandbus.audit.<node>``, kept by the SANDBUS_AUDIT stream).
+        window_s: how long identical events are folded into one.
+        max_keys: distinct events held open at once before the windows are closed early.
+        connected: whether publishing can work now (events raised while disconnected are dropped).
+    """
+
+    def __init__(self, publish: Publish, subject: str, *, window_s: float = 1.0, max_keys: int = 1024,
+                 connected: Callable[[], bool] = lambda: True) -> None:
+        self._publish = publish
+        self.subject = subject
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._connected = connected
+        self._open: dict[_Key, _Window] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: events handed to :meth:`offer`, and messages published (for stats and tests)
+        self.offered = 0
+        self.published = 0
+
+    def offer(self, event: AuditEvent) -> None:
+        """Publish ``event`` now, or count it into an open window of identical events (loop thread only)."""
+        self.offered += 1
+        key = (event.level.value, event.kind, event.plugin, event.message[:MAX_AUDIT_MESSAGE])
+        window = self._open.get(key)
+        if window is not None:
+            window.count += 1
+            window.last = event
+            return
+        if len(self._open) >= self.max_keys:
+            self.flush()
+        self._open[key] = _Window(event)
+        self._send(event.to_dict())
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.window_s, self.flush)
+
+    def flush(self) -> None:
+        """Close every open window: each one that folded repeats publishes one event with its count."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        windows, self._open = self._open, {}
+        for window in windows.values():
+            if window.count:
+                body = window.last.to_dict()
+                body.update(count=window.count, first_timestamp=window.first.timestamp,
+                            last_timestamp=window.last.timestamp)
+                self._send(body)
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Publish the counts of the windows still open, and wait (bounded) for what is being published."""
+        self.flush()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    def _send(self, body: dict[str, Any]) -> None:
+        if not self._connected():
+            return
+        message = body.get("message")
+        if isinstance(message, str) and len(message) > MAX_AUDIT_MESSAGE:
+            body["message"] = message[:MAX_AUDIT_MESSAGE] + "..."
+        body.setdefault("count", 1)
+        try:
+            data = orjson.dumps(body, default=str)
+        except (TypeError, ValueError) as e:  # odd details must not lose the event
+            log.warning("audit event %s could not be encoded whole: %s", body.get("kind"), e)
+            data = b""
+        if not data or len(data) > MAX_AUDIT_EVENT:
+            data = orjson.dumps({**{k: body.get(k) for k in ("level", "kind", "plugin", "message", "timestamp",
+                                                              "count", "first_timestamp", "last_timestamp")
+                                    if k in body}, "details_dropped": True}, default=str)
+        task = asyncio.ensure_future(self._publish_one(data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish_one(self, data: bytes) -> None:
+        try:
+            await self._publish(self.subject, data, headers=dict(JSON))
+            self.published += 1
+        except Exception as e:  # disconnected: the event is lost, not the node
+            log.debug("audit publish failed: %r", e)

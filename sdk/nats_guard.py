@@ -1,0 +1,142 @@
+"""nats-py's client, hardened so that no message a peer publishes can stop it from reading.
+
+Why: nats-py 2.16 decodes a message's subject, reply subject and header status line as strict UTF-8
+inside its read loop (``Client._build_message`` / ``Client._process_headers``). nats-server relays
+subjects byte for byte, so any client on the account can publish ``PUB sandbus.req.x.\\xff``; every
+subscriber whose wildcard or queue subscription matches then gets a ``UnicodeDecodeError`` in its
+read loop, which nats-py logs and ends *without* reconnecting (``Client._read_loop``'s last
+``except Exception``). The connection stays "connected" but deaf until the stale-ping check
+notices, about 6 minutes with nats-py's default pings (120 s x 2).
+
+:class:`GuardedNatsClient` fixes both halves:
+
+* a message the client cannot turn into a ``Msg`` is dropped and reported to the error callback
+  (counted in :attr:`GuardedNatsClient.dropped_messages`); the parser has already consumed its
+  bytes, so reading goes on with the next message and nothing else is lost;
+* if the read loop ends for any other reason while the connection is up, the client reconnects at
+  once instead of waiting for pings;
+* pings default to every :data:`PING_INTERVAL_S` seconds, :data:`MAX_OUTSTANDING_PINGS` unanswered
+  meaning a stale connection, so a dead peer is noticed within ~20 s;
+* the fields of a ``MSG``/``HMSG`` line are split the way nats-server writes them (see
+  :class:`StrictParser`), so no byte a publisher puts in a subject can move the line's fields.
+
+It relies on nats-py internals (``_process_msg``, ``_read_loop``, ``_process_op_err``, ``_status``,
+``_ps`` and the ``MSG_RE``/``HMSG_RE`` globals of ``Parser.parse``), which is why nats-py's major is
+pinned; tests/bus/test_hardening_bus.py sends the raw messages through a real nats-server and fails if
+the library moves under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import types
+from typing import Any
+
+from nats import errors as nats_errors
+from nats.aio.client import Client as NatsClient
+from nats.protocol import parser as nats_parser
+
+__all__ = ["MAX_OUTSTANDING_PINGS", "PING_INTERVAL_S", "REPORT_EVERY_S", "GuardedNatsClient", "StrictParser",
+           "UndeliverableMessage"]
+
+log = logging.getLogger("sandbus.bus")
+
+#: seconds between client PINGs (nats-py's default is 120)
+PING_INTERVAL_S = 5
+#: unanswered PINGs after which the connection is stale and replaced
+MAX_OUTSTANDING_PINGS = 3
+#: bytes of a bad subject quoted in a report
+_QUOTE = 64
+#: at most one report of dropped messages per this many seconds (a flood of them is one line a second)
+REPORT_EVERY_S = 1.0
+
+
+class UndeliverableMessage(nats_errors.Error):
+    """A message the client could not decode (handed to the error callback, then dropped)."""
+
+
+# nats-server ends a subject at ' ', '\t', '\r' or '\n' (its ``splitArg``) and relays every other byte,
+# \x0b and \x0c included, then writes "MSG <subject> <sid> [<reply>] <size>" with single spaces.
+# nats-py splits that line on ``\s``, which also matches \x0b and \x0c: a publisher choosing the
+# subject ``public.x\x0b7`` had its message handed to the subscriber's subscription 7 (whatever that
+# is: a control endpoint, a JetStream pull inbox), and other such subjects made the parser raise
+# (a reconnect per message) or never match (deaf until the stale-ping check, ~20 s). Fields here are
+# split on exactly what the server splits on.
+_FIELD = rb"([^ \t\r\n]+)"
+_SEP = rb"[ \t]+"
+STRICT_MSG_RE = re.compile(rb"\AMSG" + _SEP + _FIELD + _SEP + _FIELD + _SEP + rb"(" + _FIELD + _SEP + rb")?(\d+)\r\n")
+STRICT_HMSG_RE = re.compile(rb"\AHMSG" + _SEP + _FIELD + _SEP + _FIELD + _SEP + rb"(" + _FIELD + _SEP + rb")?(\d+)"
+                            + _SEP + rb"(\d+)\r\n")
+
+
+def _strict_parse() -> Any:
+    """nats-py's own ``Parser.parse``, reading ``MSG_RE``/``HMSG_RE`` from globals where they are strict.
+
+    Reusing the library's code (not a copy of its text) keeps every other part of the protocol as the
+    pinned nats-py has it; the names it must read are checked, and tests/bus/test_hardening_bus.py
+    sends the hostile subjects through a real nats-server.
+    """
+    parse = nats_parser.Parser.parse
+    code = parse.__code__
+    if not {"MSG_RE", "HMSG_RE"} <= set(code.co_names) or parse.__closure__:
+        log.warning("nats-py's parser changed: subjects with \\x0b/\\x0c are parsed by the library's rules")
+        return parse
+    scope = {**vars(nats_parser), "MSG_RE": STRICT_MSG_RE, "HMSG_RE": STRICT_HMSG_RE}
+    return types.FunctionType(code, scope, parse.__name__, parse.__defaults__)
+
+
+class StrictParser(nats_parser.Parser):
+    """nats-py's protocol parser with ``MSG``/``HMSG`` fields split as nats-server separates them."""
+
+    parse = _strict_parse()
+
+
+class GuardedNatsClient(NatsClient):
+    """A nats-py ``Client`` whose read loop no published message can end (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = StrictParser(self)
+        #: messages dropped because the client could not decode them
+        self.dropped_messages = 0
+        #: times the read loop ended unexpectedly and a reconnect was forced
+        self.read_loop_restarts = 0
+        self._reported_at = -REPORT_EVERY_S
+        self._reported_drops = 0
+
+    async def connect(self, *args: Any, **options: Any) -> None:
+        """``nats-py``'s ``connect``, with sandbus's ping defaults unless the caller sets its own."""
+        options.setdefault("ping_interval", PING_INTERVAL_S)
+        options.setdefault("max_outstanding_pings", MAX_OUTSTANDING_PINGS)
+        await super().connect(*args, **options)
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        try:
+            await super()._process_msg(sid, subject, reply, data, headers)
+        except Exception as e:
+            # The parser consumed the message before handing it over: dropping it loses nothing else.
+            self.dropped_messages += 1
+            now = time.monotonic()
+            if now - self._reported_at < REPORT_EVERY_S:
+                return  # counted; reported with the next report
+            unreported = self.dropped_messages - self._reported_drops - 1
+            self._reported_at, self._reported_drops = now, self.dropped_messages
+            report = UndeliverableMessage(
+                f"dropped a message on {bytes(subject[:_QUOTE])!r} that nats-py could not decode: {e!r}"
+                + (f" ({unreported} more dropped since the last report)" if unreported else ""))
+            try:
+                await self._error_cb(report)
+            except Exception:  # the application's callback must not end the read loop either
+                log.warning("%s", report)
+
+    async def _read_loop(self) -> None:
+        await super()._read_loop()
+        # nats-py's loop returns after a cancel (reconnect, close: the status says so), after an error
+        # it handed to _process_op_err (reconnecting already), or after an exception it only logged:
+        # then the connection looks up but nobody reads it. Reconnect at once.
+        if self.is_connected and not self.is_reconnecting and not self.is_closed:
+            self.read_loop_restarts += 1
+            log.error("NATS read loop ended unexpectedly on %s: reconnecting now", self.connected_url)
+            await self._process_op_err(nats_errors.ProtocolError())

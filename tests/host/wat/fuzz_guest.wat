@@ -1,0 +1,66 @@
+;; A guest whose answers and host-function arguments are chosen by the caller, for fuzzing the
+;; guest boundary (tests/host/test_fuzz_guest.py). A request is a JSON string of 8-digit lowercase
+;; hex fields: "ffffffff00000010..." -> field 0 = 0xffffffff, field 1 = 0x10, ...
+;;   reply_with  returns the packed (field 0, field 1) as its reply pointer and length
+;;   call_host   calls host function number field 0 with fields 1.. as arguments, then replies {"ok":true}
+;;   echo        replies with its request
+(module
+  (import "sandbus_v1" "log" (func $log (param i32 i32 i32)))
+  (import "sandbus_v1" "env_get" (func $env_get (param i32 i32 i32 i32) (result i32)))
+  (import "sandbus_v1" "time_now_ms" (func $time_now_ms (result i64)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock_time_get (param i32 i64 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "{\"ok\":true}")     ;; 11 bytes: a valid reply at a known place
+  (data (i32.const 80) "HOME")              ;; 4 bytes: a variable name at a known place
+  (data (i32.const 96) "\ff\fe not utf-8")  ;; 13 bytes
+  (global $heap (mut i32) (i32.const 4096))
+  (func $pack (param $p i32) (param $n i32) (result i64)
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32)) (i64.extend_i32_u (local.get $n))))
+  (func (export "sandbus_abi_version") (result i32) (i32.const 1))
+  (func (export "sandbus_alloc") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "sandbus_dealloc") (param i32 i32) (global.set $heap (i32.const 4096)))
+  (func (export "echo") (param $p i32) (param $n i32) (result i64)
+    (call $pack (local.get $p) (local.get $n)))
+  (func $nibble (param $c i32) (result i32)
+    (if (result i32) (i32.le_u (local.get $c) (i32.const 57))
+      (then (i32.sub (local.get $c) (i32.const 48)))
+      (else (i32.sub (local.get $c) (i32.const 87)))))
+  ;; field $i of the request at $p: 8 hex digits after the opening quote
+  (func $field (param $p i32) (param $i i32) (result i32)
+    (local $v i32) (local $k i32) (local $q i32)
+    (local.set $q (i32.add (i32.add (local.get $p) (i32.const 1)) (i32.mul (local.get $i) (i32.const 8))))
+    (loop $l
+      (local.set $v (i32.or (i32.shl (local.get $v) (i32.const 4))
+                            (call $nibble (i32.load8_u (i32.add (local.get $q) (local.get $k))))))
+      (local.set $k (i32.add (local.get $k) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $k) (i32.const 8))))
+    (local.get $v))
+  (func (export "reply_with") (param $p i32) (param $n i32) (result i64)
+    (call $pack (call $field (local.get $p) (i32.const 0)) (call $field (local.get $p) (i32.const 1))))
+  (func (export "call_host") (param $p i32) (param $n i32) (result i64)
+    (local $sel i32)
+    (local.set $sel (call $field (local.get $p) (i32.const 0)))
+    (if (i32.eq (local.get $sel) (i32.const 0))
+      (then (call $log (call $field (local.get $p) (i32.const 1)) (call $field (local.get $p) (i32.const 2))
+                       (call $field (local.get $p) (i32.const 3)))))
+    (if (i32.eq (local.get $sel) (i32.const 1))
+      (then (drop (call $env_get (call $field (local.get $p) (i32.const 1)) (call $field (local.get $p) (i32.const 2))
+                                 (call $field (local.get $p) (i32.const 3)) (call $field (local.get $p) (i32.const 4))))))
+    (if (i32.eq (local.get $sel) (i32.const 2))
+      (then (drop (call $time_now_ms))))
+    (if (i32.eq (local.get $sel) (i32.const 3))
+      (then (drop (call $fd_write (call $field (local.get $p) (i32.const 1)) (call $field (local.get $p) (i32.const 2))
+                                  (call $field (local.get $p) (i32.const 3)) (call $field (local.get $p) (i32.const 4))))))
+    (if (i32.eq (local.get $sel) (i32.const 4))
+      (then (drop (call $random_get (call $field (local.get $p) (i32.const 1)) (call $field (local.get $p) (i32.const 2))))))
+    (if (i32.eq (local.get $sel) (i32.const 5))
+      (then (drop (call $clock_time_get (call $field (local.get $p) (i32.const 1)) (i64.const 1)
+                                        (call $field (local.get $p) (i32.const 2))))))
+    (call $pack (i32.const 64) (i32.const 11)))
+)
