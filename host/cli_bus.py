@@ -139,7 +139,9 @@ async def _serve(n: Any, watch: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    watcher = n.manager.watch() if watch else None
+    # Watching syncs every plugin once, and stopping waits for a reload in progress: both off the loop,
+    # which must stay free to answer requests and drain.
+    watcher = await asyncio.to_thread(n.manager.watch) if watch else None
     # Starting retries the connection for as long as NATS is unreachable: a signal in the meantime stops
     # the node (the operator's Ctrl-C or a container stop is never ignored).
     starting = asyncio.ensure_future(n.start())
@@ -150,7 +152,7 @@ async def _serve(n: Any, watch: bool) -> None:
         with contextlib.suppress(asyncio.CancelledError, SandbusError):
             await starting
         if watcher is not None:
-            watcher.stop()
+            await asyncio.to_thread(watcher.stop)
         n.manager.close()
         typer.echo(f"node {n.node_id} stopped before it connected", err=True)
         return
@@ -162,7 +164,7 @@ async def _serve(n: Any, watch: bool) -> None:
     finally:
         typer.echo(f"node {n.node_id} draining")
         if watcher is not None:
-            watcher.stop()
+            await asyncio.to_thread(watcher.stop)
         await n.stop()
         n.manager.close()
 

@@ -133,7 +133,7 @@ def _check_semver(value: str, what: str) -> str:
         raise ValueError(f"{what} must be a semantic version like '1.2.3' (MAJOR.MINOR.PATCH), found {value!r}")
     try:
         semantic_version.Version(value)
-    except ValueError:
+    except Exception:  # any error of the parser on odd input is a refusal, never a crash of the loader
         raise ValueError(
             f"{what} must be a semantic version like '1.2.3' (MAJOR.MINOR.PATCH), found {value!r}"
         ) from None
@@ -283,6 +283,8 @@ def _check_relative_path(value: str) -> str:
     if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
         raise ValueError(f"expected a path relative to the plugin's data root, found absolute path {value!r}")
     parts = PurePosixPath(value.replace("\\", "/")).parts
+    if len(value) > 1024 or any(len(part.encode()) > 255 for part in parts):  # what file systems take: NAME_MAX
+        raise ValueError(f"path {value[:40]!r}... is too long (at most 1024 characters, 255 bytes a name)")
     if ".." in parts:
         raise ValueError(f"path {value!r} contains a '..' component; paths must stay under the data root")
     if not parts:
@@ -480,7 +482,7 @@ class DependencySpec(_Section):
                 f"expected an npm-style version requirement like '^1.2', '~1.2.3' or '>=1.0 <2', found {v!r}")
         try:
             semantic_version.NpmSpec(v)
-        except ValueError:
+        except Exception:  # the library raises AttributeError on some ranges ("1 - ^"): all are refusals
             raise ValueError(
                 f"expected an npm-style version requirement like '^1.2', '~1.2.3' or '>=1.0 <2', found {v!r}"
             ) from None
@@ -685,9 +687,12 @@ def read_capped(path: Path, cap: int) -> tuple[bytes, str]:
 MAX_TOML_NESTING = 32
 MAX_TOML_DOTS = 8192
 _TOML_SKIP = re.compile(
-    # A multi-line string may end in up to two extra quotes (TOML 1.0: ``"""a""""`` is ``a"``).
-    r'"""(?:[^"\\]|\\.|"(?!""))*"{3,5}|\'\'\'(?:[^\']|\'(?!\'\'))*\'{3,5}|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*',
-    re.DOTALL,
+    # A multi-line string may end in up to two extra quotes (TOML 1.0: ``"""a""""`` is ``a"``). A string
+    # left open runs to the end of its line (or of the text): every match succeeds where it starts, so
+    # the scan is linear (an open string that failed would be tried again from every quote inside it).
+    r'"""(?:[^"\\]|\\.|"(?!""))*(?:"{3,5}|\Z)|\'\'\'(?:[^\']|\'(?!\'\'))*(?:\'{3,5}|\Z)'
+    r'|"(?:[^"\\\n]|\\[^\n])*(?:"|$)|\'[^\'\n]*(?:\'|$)|#[^\n]*',
+    re.DOTALL | re.MULTILINE,
 )
 _TOML_KEY = r'(?:[A-Za-z0-9_+-]+|"")'
 _TOML_LONG_KEY = re.compile(rf"(?<![A-Za-z0-9_+-]){_TOML_KEY}(?:[ \t]*\.[ \t]*{_TOML_KEY}){{{MAX_TOML_NESTING},}}")

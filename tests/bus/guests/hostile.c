@@ -6,6 +6,7 @@
  *   request_twice  {"target": T, "payload": P}: two requests one after the other -> {"first": S1, "second": S2}
  *   publish_one    publishes {} onto big.t -> {"returned": S}
  *   request_loop   requests spinner.loop_forever again and again, for ever (each one times out)
+ *   publish_deep   {"depth": N}: publishes an array nested N levels deep onto big.t -> {"returned": S}
  */
 #include "sandbus.h"
 #include <stdlib.h>
@@ -16,6 +17,17 @@ static long long num(const uint8_t *in, uint32_t len, const char *key)
     if (sandbus_json_get(in, len, key, &v) != SANDBUS_JSON_OK)
         return 0;
     return strtoll((const char *)v.ptr, NULL, 10);
+}
+
+/* {"returned": r}: what a host function returned, for the test to check. */
+static uint64_t reply_returned(int64_t r)
+{
+    sandbus_buf b;
+    sandbus_buf_init(&b);
+    sandbus_buf_cstr(&b, "{\"returned\":");
+    sandbus_buf_i64(&b, r);
+    sandbus_buf_cstr(&b, "}");
+    return sandbus_buf_reply(&b);
 }
 
 SANDBUS_EXPORT(http_raw)
@@ -63,12 +75,7 @@ uint64_t oversize(const uint8_t *in, uint32_t len)
         r = sandbus_host_env_get(p, n, out, sizeof out);
     free(what);
     free(p);
-    sandbus_buf b;
-    sandbus_buf_init(&b);
-    sandbus_buf_cstr(&b, "{\"returned\":");
-    sandbus_buf_i64(&b, r);
-    sandbus_buf_cstr(&b, "}");
-    return sandbus_buf_reply(&b);
+    return reply_returned(r);
 }
 
 SANDBUS_EXPORT(request_twice)
@@ -108,12 +115,7 @@ uint64_t publish_one(const uint8_t *in, uint32_t len)
     (void)in;
     (void)len;
     int32_t r = sandbus_host_publish("big.t", 5, "{}", 2);
-    sandbus_buf b;
-    sandbus_buf_init(&b);
-    sandbus_buf_cstr(&b, "{\"returned\":");
-    sandbus_buf_i64(&b, r);
-    sandbus_buf_cstr(&b, "}");
-    return sandbus_buf_reply(&b);
+    return reply_returned(r);
 }
 
 SANDBUS_EXPORT(request_loop)
@@ -126,7 +128,6 @@ uint64_t request_loop(const uint8_t *in, uint32_t len)
         sandbus_host_request("spinner.loop_forever", 20, "{}", 2, out, sizeof out);
 }
 
-/* Publishes a JSON array nested "depth" levels deep onto big.t. */
 SANDBUS_EXPORT(publish_deep)
 uint64_t publish_deep(const uint8_t *in, uint32_t len)
 {
@@ -138,10 +139,5 @@ uint64_t publish_deep(const uint8_t *in, uint32_t len)
     memset(p + depth, ']', depth);
     int32_t r = sandbus_host_publish("big.t", 5, p, depth * 2);
     free(p);
-    sandbus_buf b;
-    sandbus_buf_init(&b);
-    sandbus_buf_cstr(&b, "{\"returned\":");
-    sandbus_buf_i64(&b, r);
-    sandbus_buf_cstr(&b, "}");
-    return sandbus_buf_reply(&b);
+    return reply_returned(r);
 }

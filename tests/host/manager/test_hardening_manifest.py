@@ -4,6 +4,7 @@ everywhere: by ``sandbus plugins check``, at node start and when dropped into a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -455,3 +456,48 @@ def test_f12_file_names_that_are_not_utf8_are_skipped(tmp_path: Path, plugins_di
     assert r.returncode == 0, r.stderr
     assert b"Traceback" not in r.stderr
     assert [i["name"] for i in json.loads(r.stdout)] == ["echo"]
+
+
+@pytest.mark.parametrize("requirement", ["1 - ^", "^ - 1", "1 - 2=", "7 ^ <~-25= - 756=7*"])
+def test_f22_odd_version_ranges_are_manifest_errors_not_crashes(requirement: str, pdir: Path,
+                                                                make_manager: Callable[..., object]) -> None:
+    """semantic_version raised AttributeError on these ranges: out of parse_manifest, and out of a node's
+    discover_and_load (which only catches sandbus errors), so one manifest stopped the node starting."""
+    from host.manager import PluginManager
+    from tests.host.manager.factory import write_plugin
+
+    with pytest.raises(ManifestError, match="npm-style version requirement"):
+        parse_manifest(HEADER + f'[dependencies]\npricing = "{requirement}"\n')
+    write_plugin(pdir, "good")
+    write_plugin(pdir, "odd", extra=f'[dependencies]\ngood = "{requirement}"\n')
+    manager = make_manager(pdir)
+    assert isinstance(manager, PluginManager)
+    report = manager.discover_and_load()
+    assert report.loaded == ("good",)
+    assert "npm-style version requirement" in report.failed["odd"]
+
+
+@pytest.mark.parametrize("path", ["../x", "a/../../x", "/etc", "\\\\etc", "a\\\\..\\\\..\\\\x", "C:/x", "a\\u0000b",
+                                  "a\\u001b[2J", "a\\u0085b", "x" * 256, "a/" * 600])
+def test_f12_grant_paths_stay_relative_and_bounded(path: str) -> None:
+    section = '[capabilities]\nrequired = ["filesystem"]\n[permissions]\nread_files = ["{p}"]\n'
+    parse_manifest(HEADER + section.format(p="data/~/x"))  # '~' is a plain name: nothing expands it
+    with pytest.raises(ManifestError, match="read_files"):
+        parse_manifest(HEADER + section.format(p=path))
+
+
+@pytest.mark.parametrize("text", ['x = "' + '\\"' * 65536, "x = '''" + "'" * 131072, '"' * 131072, "[]" * 65536,
+                                  '"a".' * 2000, 'x = """' + '\\"' * 65536],
+                         ids=["open string of escaped quotes", "open literal", "quotes", "brackets", "quoted keys",
+                              "open multi-line string"])
+def test_f12_toml_shape_check_is_linear(text: str) -> None:
+    """The check that guards tomllib must not be the bomb: an open string of ``\\"`` was rescanned from
+    every quote in it (minutes for 1 MiB)."""
+    import time
+
+    from host.manifest import check_toml_shape
+
+    start = time.monotonic()
+    with contextlib.suppress(ValueError):
+        check_toml_shape(text)
+    assert time.monotonic() - start < 0.5
