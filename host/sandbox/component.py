@@ -299,6 +299,9 @@ class ComponentCallContext(CallContext):
         _check_bounds(ptr, len(data), len(self.scratch), "write")
         self.scratch[ptr:ptr + len(data)] = data
 
+    def memory_size(self) -> int:
+        return len(self.scratch)
+
 
 class _CallState:
     """Per-instance facts the linked closures record. Kept apart from the instance on purpose: wasmtime-py

@@ -74,6 +74,10 @@ class GuestOutput:
         # After this call the write end belongs to wasmtime: never close it here.
         setter(config.ptr(), _WRITE, ctypes.c_void_p(write_fd), _CLOSE)
 
+    def fileno(self) -> int:
+        """The read end (for ``select.poll``); -1 once closed."""
+        return -1 if self._fd is None else self._fd
+
     def drain(self) -> bytes:
         """Everything the guest wrote since the last drain (at most the pipe's capacity)."""
         fd = self._fd

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import select
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -280,6 +281,11 @@ class PluginInstance:
         room = self.limits.log_bytes + 1  # one byte over the cap shows that the cap was exceeded
         self._outputs = ((GuestOutput(cfg, "stdout", room), "stdout", logging.INFO),
                          (GuestOutput(cfg, "stderr", room), "stderr", logging.WARNING))
+        # Most calls write nothing: one poll of both pipes (~0.3 us) tells, where reading each until it
+        # would block costs ~2 us a call (an exception per pipe).
+        self._output_poll = select.poll()
+        for pipe, _, _ in self._outputs:
+            self._output_poll.register(pipe.fileno(), select.POLLIN)
         return cfg
 
     def _drain_output(self) -> None:
@@ -287,6 +293,8 @@ class PluginInstance:
 
         A pipe found full means a guest write failed, and WASI closes a stream for good after a failed
         write: the instance is poisoned, so that the next call gets a fresh one with working output."""
+        if not self._outputs or not self._output_poll.poll(0):
+            return
         for pipe, stream, level in self._outputs:
             data = pipe.drain()
             if data:
