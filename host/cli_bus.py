@@ -64,6 +64,9 @@ def node(
     workers: Annotated[int, typer.Option(help="Worker processes (each its own NATS connection).", min=1)] = 1,
     watch: Annotated[bool, typer.Option(help="Hot-reload plugins when their files change.")] = True,
     durable: Annotated[bool, typer.Option(help="Durable topics through JetStream when available.")] = True,
+    max_waiting: Annotated[int, typer.Option(
+        help="Requests that may wait for one plugin's instances on this node; beyond it they are refused "
+             "at once (limit.instances).", min=1, max=100_000)] = 64,
     user: Annotated[str | None, typer.Option(help="NATS user (with --password).")] = None,
     password: Annotated[str | None, typer.Option(help="NATS password [env SANDBUS_NATS_PASSWORD].",
                                                  envvar="SANDBUS_NATS_PASSWORD")] = None,
@@ -100,7 +103,7 @@ def node(
         options = ConnectOptions.from_urls(url, name=f"sandbus-node-{base_id}", user=user, password=password,
                                            token=token, creds=creds, nkey_seed=nkey_seed, tls_ca=tls_ca,
                                            tls_cert=tls_cert, tls_key=tls_key)
-        n = Node.create(plugins, options, policy=pol, node_id=base_id, durable=durable)
+        n = Node.create(plugins, options, policy=pol, node_id=base_id, durable=durable, max_waiting=max_waiting)
         manager = n.manager
         manager.discover_and_load()
         for info in manager.list_plugins():  # a failed plugin's name is a file stem: any characters
@@ -109,7 +112,7 @@ def node(
         for i in range(1, workers):
             args = [sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", url,
                     "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch",
-                    "--durable" if durable else "--no-durable"]
+                    "--durable" if durable else "--no-durable", "--max-waiting", str(max_waiting)]
             for flag, value in (("--policy", policy), ("--user", user), ("--creds", creds),
                                 ("--nkey-seed", nkey_seed), ("--tls-ca", tls_ca), ("--tls-cert", tls_cert),
                                 ("--tls-key", tls_key)):

@@ -86,8 +86,11 @@ from .deadline import start as start_deadline
 from .engine import EngineHandle, ticks_for
 from .grants import GrantSet
 from .guest_output import GuestOutput
+from .guest_text import escape_controls
 from .hostfuncs import ABI_NAMESPACE, HostFunctions
 from .instance import (
+    MAX_FRAME_NAME,
+    MAX_FRAMES,
     BudgetExceeded,
     CallContext,
     _first_line,
@@ -761,9 +764,9 @@ def _frames(exc: BaseException) -> list[str]:
     frames = []
     for line in str(exc).splitlines():
         m = _FRAME.match(line)
-        if m:
-            frames.append(m.group(1))
-        if len(frames) >= 32:
+        if m:  # names come from the guest: escaped and cut, like core modules' (instance._frames)
+            frames.append(escape_controls(m.group(1)[:MAX_FRAME_NAME]))
+        if len(frames) >= MAX_FRAMES:
             break
     return frames
 

@@ -41,7 +41,7 @@ from .engine import EngineHandle, ticks_for
 from .fsguard import FS_FUNCTIONS, PATH_FUNCTIONS, WASI_SIGNATURES, DirFd, FsGuard, check_signature
 from .grants import GrantSet, decoy_root
 from .guest_output import GuestOutput
-from .guest_text import guest_lines
+from .guest_text import escape_controls, guest_lines
 from .hostcall import LostTrapReport, RecordingLinker, install_last_exception_filter, take_failure, wasi_guest_error
 from .hostfuncs import HostFunction, HostFunctions
 from .invoke import GuestAllocFailed, Invoker, ReplyTooLarge, make_invoker
@@ -686,10 +686,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
+#: Frames of a trap's backtrace kept in its error (the innermost ones), and characters of each name.
+MAX_FRAMES, MAX_FRAME_NAME = 32, 128
+
+
 def _frames(exc: BaseException) -> list[str]:
+    """The wasm backtrace of a trap, bounded and escaped: the names come from the guest's name section,
+    so they may hold anything (newlines, escape sequences, megabytes) and end up in replies and logs."""
     if not isinstance(exc, wasmtime.Trap):
         return []
     out = []
-    for f in exc.frames:
-        out.append(f"{f.module_name or '?'}!{f.func_name or f'func[{f.func_index}]'}+{f.module_offset:#x}")
+    for f in exc.frames[:MAX_FRAMES]:
+        module = escape_controls((f.module_name or "?")[:MAX_FRAME_NAME])
+        func = escape_controls((f.func_name or f"func[{f.func_index}]")[:MAX_FRAME_NAME])
+        out.append(f"{module}!{func}+{f.module_offset:#x}")
     return out

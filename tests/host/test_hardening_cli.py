@@ -360,6 +360,7 @@ def test_f12_ls_and_trace_survive_a_hostile_peer() -> None:
     ["ls", "--timeout", "-5"],
     ["trace", "echo", "--timeout", "inf"],
     ["node", "--plugins", "{dir}", "--workers", "-3"],
+    ["node", "--plugins", "{dir}", "--max-waiting", "0"],
 ])
 def test_f12_numeric_options_are_usage_errors(plugins_dir: Path, args: list[str]) -> None:
     r = sandbus(*[a.replace("{echo}", str(plugins_dir / "echo.wasm")).replace("{dir}", str(plugins_dir))

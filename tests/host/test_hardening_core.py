@@ -420,6 +420,31 @@ def test_f07_wasi_out_of_bounds_pointer_in_a_start_function(audit: AuditLog, pat
 
 
 @pytest.mark.parametrize("path", list(PATHS))
+def test_f11_backtrace_names_are_escaped_and_bounded(path: str) -> None:
+    """A trap's backtrace names come from the guest's name section: in the error they are escaped,
+    cut, and at most 32 frames deep, whatever the guest named its functions or how deep it trapped."""
+    chain = "\n".join(
+        f'(func $c{i} (@name "evil\\0a\\1b[2J{"x" * 300}{i}") (call $c{i + 1}))' for i in range(40))
+    funcs = f"""{chain}
+  (func $c40 unreachable)
+  (func (export "deep") (param i32 i32) (result i64) (call $c0) (i64.const 0))"""
+    sb = Sandbox(bytes(wasmtime.wat2wasm(TENANT_WAT % funcs)), name="names", fast=PATHS[path][0],
+                 native=PATHS[path][1])
+    try:
+        with pytest.raises(TrapError) as info:
+            sb.call_bytes("deep", b"{}")
+    finally:
+        sb.close()
+    frames = info.value.details["backtrace"]
+    assert 0 < len(frames) <= 32
+    assert any("evil" in f for f in frames), frames
+    for frame in frames:
+        assert all(0x20 <= ord(c) < 0x7F for c in frame), frame
+        assert len(frame) < 2 * 128 + 32
+
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 def test_f07_guest_out_of_bounds_access_stays_a_trap(path: str, audit: AuditLog) -> None:
     """The guest's own out-of-bounds load is a trap of the guest (TrapError), not an ABI violation -- even
     when its function's name (the guest chooses it, newlines included) reads like wasmtime's WASI refusal;
