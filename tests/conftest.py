@@ -20,6 +20,18 @@ GUESTS = ROOT / "tests" / "host" / "guests"
 WAT = ROOT / "tests" / "host" / "wat"
 
 
+#: The guest ABI v1 exports of a hand-written WAT test guest: its memory and a bump allocator that
+#: starts over at every dealloc. Put inside ``(module ...)`` after the imports.
+ABI_PRELUDE = """  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "sandbus_abi_version") (result i32) (i32.const 1))
+  (func (export "sandbus_alloc") (param $n i32) (result i32)
+    (local $p i32) (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n))) (local.get $p))
+  (func (export "sandbus_dealloc") (param i32 i32) (global.set $heap (i32.const 1024)))
+"""
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Every test session gets its own module cache, so no test depends on what an earlier run left."""

@@ -39,7 +39,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from bus.server import NatsServer
 from sdk.envelope import H_ERROR_CODE, error_from_reply
 from sdk.errors import SandbusError
-from tests.bus.conftest import NodeProcess
+from tests.bus.conftest import RECORDER_TOML, NodeProcess
 
 T = TypeVar("T")
 
@@ -62,25 +62,6 @@ publish_topics = ["seen.*"]
 subscribe_topics = ["orders.*"]
 [limits]
 max_fuel = 10000000000000
-"""
-RECORDER_TOML = """
-[plugin]
-name = "rec_a"
-version = "1.0.0"
-description = "records what it handles"
-author = "tests"
-license = "Apache-2.0"
-min_runtime_version = "0.1.0"
-[capabilities]
-required = ["compute", "messaging"]
-[permissions]
-publish_topics = ["seen.*"]
-[resources]
-timeout_seconds = 1
-max_instances = 2
-[subscriptions]
-topics = ["orders.*"]
-durable = true
 """
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None, report_multiple_bugs=False,
@@ -231,7 +212,7 @@ def bus(tmp_path_factory: pytest.TempPathFactory, plugins_dir: Path,
     for ext in ("wasm", "toml"):
         shutil.copy(plugins_dir / f"echo.{ext}", plugins / f"echo.{ext}")
     shutil.copy(c_guest_flags("recorder", "rec_a", '-DPLUGIN_NAME="rec_a"'), plugins / "rec_a.wasm")
-    (plugins / "rec_a.toml").write_text(RECORDER_TOML)
+    (plugins / "rec_a.toml").write_text(RECORDER_TOML.format(name="rec_a", durable="true"))
     (root / "policy.toml").write_text(POLICY)
     server = NatsServer(jetstream=True).start()
     logs = iter(range(100))

@@ -43,7 +43,7 @@ from sdk.errors import (
     TrapError,
 )
 from sdk.subjects import topic_subject
-from tests.conftest import AuditLog
+from tests.conftest import ABI_PRELUDE, AuditLog
 
 HOSTILE = """
 [plugin]
@@ -291,13 +291,7 @@ async def test_f04_a_second_request_gets_what_is_left_of_the_deadline(make_node:
 WAITER = """
 (module
   (import "probe_v1" "wait" (func $wait))
-  (memory (export "memory") 1)
-  (global $heap (mut i32) (i32.const 1024))
-  (func (export "sandbus_abi_version") (result i32) (i32.const 1))
-  (func (export "sandbus_alloc") (param $n i32) (result i32)
-    (local $p i32) (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $n))) (local.get $p))
-  (func (export "sandbus_dealloc") (param i32 i32) (global.set $heap (i32.const 1024)))
+""" + ABI_PRELUDE + """
   (func (export "sandbus_init") (param i32 i32) (result i32) {init} (i32.const 0))
   (func (export "sandbus_health") (result i32) (call $wait) (i32.const 0))
   (func (export "handle_request") (param $p i32) (param $n i32) (result i64)

@@ -36,6 +36,7 @@ from sdk.errors import (
 )
 from sdk.subjects import control_subject, request_subject
 from tests.bus.conftest import NodeProcess
+from tests.conftest import ABI_PRELUDE
 
 CBuild = Callable[..., Path]
 
@@ -520,13 +521,7 @@ async def test_f21_one_plugins_flood_does_not_delay_another_plugins_threaded_cal
 BOOM_WAT = """
 (module
   (import "sandbus_v1" "boom" (func $boom (result i32)))
-  (memory (export "memory") 1)
-  (global $heap (mut i32) (i32.const 1024))
-  (func (export "sandbus_abi_version") (result i32) (i32.const 1))
-  (func (export "sandbus_alloc") (param $n i32) (result i32)
-    (local $p i32) (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $n))) (local.get $p))
-  (func (export "sandbus_dealloc") (param i32 i32))
+""" + ABI_PRELUDE + """
   (func (export "handle_request") (param $p i32) (param $n i32) (result i64)
     (drop (call $boom))
     (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32)) (i64.extend_i32_u (local.get $n)))))
@@ -579,13 +574,7 @@ async def test_f21_a_publish_at_max_payload_is_refused_and_keeps_the_connection(
 SLEEPER_WAT = """
 (module
   (import "sandbus_v1" "time_now_ms" (func $now (result i64)))
-  (memory (export "memory") 1)
-  (global $heap (mut i32) (i32.const 1024))
-  (func (export "sandbus_abi_version") (result i32) (i32.const 1))
-  (func (export "sandbus_alloc") (param $n i32) (result i32)
-    (local $p i32) (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $n))) (local.get $p))
-  (func (export "sandbus_dealloc") (param i32 i32) (global.set $heap (i32.const 1024)))
+""" + ABI_PRELUDE + """
   ;; returns its input after {ms} ms of busy waiting (no side effect: it may be re-run)
   (func (export "handle_request") (param $p i32) (param $n i32) (result i64)
     (local $until i64)

@@ -7,18 +7,12 @@ import wasmtime
 
 from host.sandbox import CallContext, HostFunctions, Sandbox, SandboxBuilder
 from sdk.errors import HostError, InvalidModuleError, SecurityViolationError
-from tests.conftest import AuditLog
+from tests.conftest import ABI_PRELUDE, AuditLog
 
 GUEST = """
 (module
   (import "acme_v1" "shout" (func $shout (param i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (global $heap (mut i32) (i32.const 1024))
-  (func (export "sandbus_abi_version") (result i32) (i32.const 1))
-  (func (export "sandbus_alloc") (param $n i32) (result i32)
-    (local $p i32) (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $n))) (local.get $p))
-  (func (export "sandbus_dealloc") (param i32 i32) (global.set $heap (i32.const 1024)))
+""" + ABI_PRELUDE + """
   ;; upper-cases the request in place through the host, returns it
   (func (export "handle_request") (param $p i32) (param $n i32) (result i64)
     (drop (call $shout (local.get $p) (local.get $n)))
