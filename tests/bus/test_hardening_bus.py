@@ -16,6 +16,7 @@ import orjson
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 
 from bus.connection import ConnectOptions
@@ -50,7 +51,9 @@ def raw_publish(port: int, *protocol: bytes) -> None:
         s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n' + b"".join(protocol)
                   + b"PING\r\n")
         got = b""
+        deadline = time.monotonic() + 5
         while b"PONG" not in got:  # the server has processed everything before our PING
+            assert time.monotonic() < deadline, f"no PONG within 5 s: {got!r}"
             chunk = s.recv(4096)
             if not chunk:
                 raise AssertionError(f"the server closed the raw connection: {got!r}")
@@ -152,20 +155,21 @@ async def test_f13_a_flood_of_undecodable_messages_is_dropped_quietly(
 
 async def test_f13_client_keeps_reading_after_a_non_utf8_subject(nats_server: NatsServer) -> None:
     async with await Client.connect(nats_server.url) as c:
-        responder = await NatsClient().__aenter__()
+        responder = NatsClient()
         await responder.connect(nats_server.url)
+        try:
+            async def answer(msg: Msg) -> None:
+                await responder.publish(msg.reply, b"[1]")
 
-        async def answer(msg: Msg) -> None:
-            await responder.publish(msg.reply, b"[1]")
-
-        await responder.subscribe("sandbus.req.p.f", cb=answer)
-        await responder.flush()
-        await c.nc.subscribe("evil.*", cb=ignore)
-        await c.nc.flush()
-        raw_publish(nats_server.port, b"PUB evil.\xff 1\r\nx\r\n")
-        assert await c.request("p", "f", None, timeout=2) == [1]
-        assert c.nc.dropped_messages == 1
-        await responder.close()
+            await responder.subscribe("sandbus.req.p.f", cb=answer)
+            await responder.flush()
+            await c.nc.subscribe("evil.*", cb=ignore)
+            await c.nc.flush()
+            raw_publish(nats_server.port, b"PUB evil.\xff 1\r\nx\r\n")
+            assert await c.request("p", "f", None, timeout=2) == [1]
+            assert c.nc.dropped_messages == 1
+        finally:
+            await responder.close()
 
 
 async def test_f13_a_vertical_tab_in_a_subject_cannot_redirect_a_message_to_another_subscription(
@@ -498,7 +502,7 @@ async def test_f23_deleted_consumer_or_stream_is_recreated_and_delivery_resumes(
             try:
                 await c.publish("orders.after", {"n": 1})
                 break
-            except Exception:
+            except (NatsError, TimeoutError):  # no stream (yet), no JetStream responder, or no answer in time
                 assert loop.time() < deadline, "the stream was never recreated"
                 await asyncio.sleep(0.05)  # the node is recreating the stream
         await until(lambda: {"n": 1} in seen_payloads(seen), 8, f"delivery after the {what} was deleted")
@@ -533,4 +537,5 @@ async def test_f23_delivery_resumes_after_the_nats_server_restarts_on_its_store(
         await n.stop()
         n.manager.close()
         server.stop()
-    assert n._durable is None or n._durable.restarts.get("rec_a", 0) == 0
+    assert n._durable is not None  # JetStream is on: delivery is durable
+    assert n._durable.restarts.get("rec_a", 0) == 0

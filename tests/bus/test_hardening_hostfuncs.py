@@ -476,6 +476,7 @@ async def test_f19_https_verifies_the_granted_name_at_the_checked_address(
     names: list[str | None] = []
     server_ctx.sni_callback = lambda _sock, name, _ctx: names.append(name)
     listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)  # the server thread never outlives a node that did not connect
     port = listener.getsockname()[1]
     heads: list[bytes] = []
 
@@ -892,6 +893,8 @@ async def test_f14_a_publish_nested_too_deeply_is_an_abi_error(make_node: NodeFa
         assert orjson.loads((await seen.next_msg(timeout=5)).data)["payload"] is not None
         with pytest.raises(AbiViolationError, match="nested too deeply"):
             await c.request("hostile", "publish_deep", {"depth": 300}, timeout=10)
+        # Nothing was published: a short bounded wait shows that nothing arrives (the publish of depth
+        # 200 above, on the same path, arrived at once).
         with pytest.raises(nats.errors.TimeoutError):
             await seen.next_msg(timeout=0.3)
     await _still_serving(nats_server.url)

@@ -347,7 +347,10 @@ async def test_f24_drain_under_load_answers_every_request(plugin_dir: Path, plug
             results: list[BaseException | bytes] = []
             stop = asyncio.Event()
             load = asyncio.ensure_future(_load(nc, stop, results))
-            await asyncio.sleep(0.1)  # under load for a while before the signal
+            for _ in range(500):  # under load: the draining node has served some of it
+                if draining.manager.info("echo").executions > 0:
+                    break
+                await asyncio.sleep(0.01)
             served_before = draining.manager.info("echo").executions
             await draining.stop()
             draining.manager.close()
@@ -364,8 +367,10 @@ async def test_f24_sigterm_drain_of_a_node_process(nats_server: NatsServer, plug
                                                    tmp_path: Path) -> None:
     """The same through ``sandbus node`` processes and SIGTERM."""
     add_plugin(plugin_dir, "echo", plugins_dir / "echo.wasm")
-    procs = [NodeProcess(f"p{i}", plugin_dir, nats_server.url, tmp_path / f"p{i}.log") for i in range(3)]
+    procs: list[NodeProcess] = []
     try:
+        for i in range(3):  # each one started inside the try: a failed start still stops the others
+            procs.append(NodeProcess(f"p{i}", plugin_dir, nats_server.url, tmp_path / f"p{i}.log"))
         for p in procs:
             p.wait_ready()
         nc = await nats.connect(nats_server.url)
@@ -374,7 +379,11 @@ async def test_f24_sigterm_drain_of_a_node_process(nats_server: NatsServer, plug
                 results: list[BaseException | bytes] = []
                 stop = asyncio.Event()
                 load = asyncio.ensure_future(_load(nc, stop, results))
-                await asyncio.sleep(0.2)  # under load for a while before the signal
+                for _ in range(500):  # under load before the signal
+                    if sum(isinstance(r, bytes) for r in results) >= 20:
+                        break
+                    await asyncio.sleep(0.01)
+                assert sum(isinstance(r, bytes) for r in results) >= 20, "the load never got going"
                 p.proc.send_signal(signal.SIGTERM)
                 await asyncio.get_running_loop().run_in_executor(None, p.proc.wait, 20)
                 stop.set()
@@ -648,6 +657,7 @@ async def test_f25_concurrent_load_unload_reload_of_one_plugin_end_consistent(
                 if "echo" not in node._subs:
                     break
                 await asyncio.sleep(0.01)
+            assert "echo" not in node._subs
             data, headers = await raw_request(nc, control_subject("racy", "load"), bodies["load"])
             assert error_from_reply(data, headers) is None, data
             data, _ = await raw_request(nc, request_subject("echo", "handle_request"), b"[%d]" % round_, timeout=2.0)
@@ -671,7 +681,10 @@ async def test_f21_an_inline_flood_does_not_delay_another_plugin(
         flood = [asyncio.ensure_future(raw_request(nc, request_subject("busy", "handle_request"), b"[%d]" % i))
                  for i in range(200)]
         await nc.flush()
-        await asyncio.sleep(0.05)  # let the flood reach the node before the echo request
+        for _ in range(500):  # the flood has reached the node before the echo request is sent
+            if node.manager.info("busy").executions >= 1:
+                break
+            await asyncio.sleep(0.01)
         t = time.monotonic()
         data, _ = await raw_request(nc, request_subject("echo", "handle_request"), b"[1]")
         took = time.monotonic() - t

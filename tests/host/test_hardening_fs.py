@@ -714,6 +714,7 @@ def test_f07_concurrent_tree_changes_never_escape(raw_guest: Path, trees: tuple[
     done.set()
     swapper.join(timeout=10)
     sb.close()
+    assert not any(t.is_alive() for t in (*readers, swapper)), "a reader or the swapper never finished"
     assert "not for plugins" not in seen
     assert "inside" in seen or "refused" in seen
     assert all(e.kind == "security.fs_denied" for e in audit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import struct
@@ -185,7 +186,8 @@ async def test_f15_a_node_traces_a_request_with_a_huge_tracestate_without_keepin
     deadline = time.monotonic() + 5
     while len(process_spans()) < 2:
         assert time.monotonic() < deadline, "the node did not trace both requests"
-        time.sleep(0.01)  # SimpleSpanProcessor exports as each span ends, from the node's threads
+        # Polls without blocking the loop: a span may end in a callback on this loop or in a node thread.
+        await asyncio.sleep(0.01)
     huge, normal = process_spans()
     for span in (huge, normal):
         assert span.parent is not None
