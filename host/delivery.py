@@ -186,6 +186,11 @@ RESTORE_DELAY_MAX_S = 5.0
 RESTORE_MARGIN_S = 2.0
 
 
+def _backoff(attempt: int) -> float:
+    """How long a message that failed its ``attempt``-th delivery waits before the next one."""
+    return BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)]
+
+
 class _Pull:
     """One delivery loop's pull request, shared with the callback that receives its messages."""
 
@@ -473,7 +478,7 @@ class DurableTopics:
         if attempt >= self.max_deliver:
             await self._dead_letter(plugin, msg, err, attempt)
             return
-        await msg.nak(delay=BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)])
+        await msg.nak(delay=_backoff(attempt))
 
     async def _dead_letter(self, plugin: str, msg: Msg, err: SandbusError, attempt: int) -> None:
         """Publish ``msg`` with its error to the plugin's dead-letter subject, bounded; then terminate it.
@@ -503,7 +508,7 @@ class DurableTopics:
                         error=repr(e)[:512], deliveries=attempt,
                         sequence=headers.get("Sandbus-Original-Sequence"))
             if retry:
-                await msg.nak(delay=BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)])
+                await msg.nak(delay=_backoff(attempt))
             else:
                 await msg.term()
             return

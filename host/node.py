@@ -3,9 +3,10 @@
 The request path, top to bottom:
 
     NATS message on sandbus.req.<plugin>.<function>  (queue group sandbus.<plugin>)
-      -> Node._on_request        (subscription callback: spawn a task, return at once)
-      -> Node._serve             (per-plugin concurrency gate)
-      -> the plugin's own worker threads, or inline under a short budget (see below)
+      -> Node._on_request        (subscription callback: check the body, run the call inline if it may)
+      -> Node._serve_request     (a task, when it may not: the callback returns at once)
+      -> Node._call              (per-plugin gate: a bounded wait for one of the plugin's instances)
+      -> the plugin's own worker threads (see below)
       -> PluginManager.execute_detailed -> Sandbox pool -> wasm
       -> reply published with its own headers (never Msg.respond, which echoes the request's)
 
@@ -33,13 +34,13 @@ one of the plugin's instances on the loop, in a queue of at most ``max_waiting``
 (beyond it: an ``InstanceLimitError`` at once; durable deliveries just wait their turn, JetStream
 redelivers them). Each plugin has its own worker threads, as many as its instances: a call that
 got its turn starts at once, never behind another plugin's calls running to their timeouts. Its
-deadline is its arrival plus the plugin's
-timeout: waiting ends there with an ``InstanceLimitError``, and the call itself is stopped there
-with an ``ExecutionTimeoutError``. So every request is answered within its plugin's timeout plus a
-margin (the inline budget it may have used first, two epoch ticks, and publishing the reply), and no
-work goes on for a caller that has stopped waiting. Every message the node sends (replies, and the
-publishes and requests of plugins) is measured against the server's max payload with its headers
-first: the server would answer a larger one by closing the node's connection.
+deadline is its arrival plus the plugin's timeout: waiting ends there with an ``InstanceLimitError``,
+and the call itself is stopped there with an ``ExecutionTimeoutError``. So every request is answered
+within its plugin's timeout plus a margin (the inline budget it may have used first, two epoch
+ticks, and publishing the reply), and no work goes on for a caller that has stopped waiting. Every
+message the node sends (replies, and the publishes and requests of plugins) is measured against the
+server's max payload with its headers first: the server would answer a larger one by closing the
+node's connection.
 
 Stopping drains: the subscriptions are drained (the server stops routing to this node, and every
 message it had already sent is handled), then the calls in flight finish and their replies are
@@ -148,6 +149,12 @@ async def _drain(sub: Subscription) -> None:
         await sub.drain()  # type: ignore[no-untyped-call]
     except Exception as e:  # already closed, or the connection is gone: nothing left to handle
         log.debug("draining %s: %s", sub.subject, e)
+
+
+async def _drain_all(subs: list[Subscription], timeout: float) -> None:
+    """:func:`_drain` every one of ``subs`` at once, waiting at most ``timeout`` seconds."""
+    if subs:
+        await asyncio.wait([asyncio.ensure_future(_drain(sub)) for sub in subs], timeout=timeout)
 
 
 def nats_size(data: bytes, headers: dict[str, str] | None) -> int:
@@ -306,8 +313,7 @@ class Node:
         async with self._sync_lock:
             subs = [sub for subs in self._subs.values() for sub in subs]
             self._subs.clear()
-        if subs:
-            await asyncio.wait([asyncio.ensure_future(_drain(sub)) for sub in subs], timeout=timeout)
+        await _drain_all(subs, timeout)
         if self._durable is not None:
             await self._durable.stop()
         # Handling drained messages spawns tasks: wait until none is left. Each ends by its call's
@@ -430,9 +436,8 @@ class Node:
                  "durable" if durable and topics else "core")
 
     async def _unsubscribe(self, name: str) -> None:
-        subs = self._subs.pop(name, [])
-        if subs:  # drained: the messages already received are answered (PluginNotFoundError if unloaded)
-            await asyncio.wait([asyncio.ensure_future(_drain(sub)) for sub in subs], timeout=10.0)
+        # Drained: the messages already received are answered (PluginNotFoundError if unloaded).
+        await _drain_all(self._subs.pop(name, []), 10.0)
         self._topics.pop(name, None)
         if self._durable is not None:
             await self._durable.stop_plugin(name)
@@ -545,7 +550,7 @@ class Node:
             tel.finish_call(span, plugin, result, None)
             return result
 
-    async def _call(self, plugin: str, function: str, payload: bytes, arrival: float | None = None) -> CallResult:
+    async def _call(self, plugin: str, function: str, payload: bytes, arrival: float | None) -> CallResult:
         result = self.try_inline(plugin, function, payload)
         if result is not None:
             return result
@@ -620,7 +625,7 @@ class Node:
         if tel.enabled or (headers and H_TRACE_DEBUG in headers):
             fast = tel.fast
             if fast is None or (headers and H_TRACE_DEBUG in headers):
-                self._spawn(self._serve_request(msg, plugin, function))
+                self._spawn(self._serve_request(msg, plugin, function, time.monotonic()))
                 return
             rt = fast.begin(headers)
             if rt is not None:
@@ -641,7 +646,7 @@ class Node:
             await self._reply(msg, *error_reply(SandbusError(f"internal error: {e}", plugin=plugin)))
             return
         if result is None:
-            self._spawn(self._serve_request(msg, plugin, function, time.monotonic()))
+            self._spawn(self._serve_request(msg, plugin, function, time.monotonic(), checked=True))
             return
         if latency is not None:
             latency.latency(plugin, result.duration_s)
@@ -674,7 +679,7 @@ class Node:
             fast.current = None
         exec_end = time.time_ns()
         if result is None and error is None:
-            self._spawn(self._serve_request(msg, plugin, function, time.monotonic()))
+            self._spawn(self._serve_request(msg, plugin, function, time.monotonic(), checked=True))
             return
         if result is not None:
             await self._reply(msg, result.reply, None)
@@ -687,14 +692,15 @@ class Node:
                     None if result is None else (result.fuel_used, result.memory_bytes, result.duration_s),
                     None if error is None else (str(error.code or type(error).__name__), str(error)))
 
-    async def _serve_request(self, msg: Msg, plugin: str, function: str, arrival: float | None = None) -> None:
-        if arrival is None:
-            arrival = time.monotonic()
+    async def _serve_request(self, msg: Msg, plugin: str, function: str, arrival: float, *,
+                             checked: bool = False) -> None:
+        """Serve a request that did not run inline (``checked``: its body was already found valid JSON)."""
         if msg.headers and msg.headers.get(H_TRACE_DEBUG):
             await self._serve_traced_debug(msg, plugin, function, arrival)
             return
         try:
-            _check_json(msg.data, plugin)
+            if not checked:
+                _check_json(msg.data, plugin)
             result = await self.call(plugin, function, msg.data, msg=msg, arrival=arrival)
         except SandbusError as e:
             await self._reply(msg, *error_reply(e))
@@ -715,6 +721,7 @@ class Node:
         parent = trace.get_current_span(extract(msg.headers)).get_span_context()
         tel.collector.watch(parent.trace_id)
         try:
+            _check_json(msg.data, plugin)  # traced on request or not, a body is checked before it is used
             data: bytes = (await self.call(plugin, function, msg.data, msg=msg, telemetry=tel,
                                            arrival=arrival)).reply
             headers: dict[str, str] = {}

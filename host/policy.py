@@ -625,8 +625,8 @@ def resolve(manifest: Manifest, policy: Policy, *, data_root: Path, host_env: Ma
 
     topics: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
+    ceilings = policy.messaging
     if "messaging" in granted:
-        ceilings = policy.messaging
         for topic in perms.publish_topics:
             if not any(subject_covers(c, topic) for c in ceilings.publish_topics):
                 raise _refuse_entry(manifest, policy, "publish_topics", topic, "[messaging] publish_topics",
@@ -639,11 +639,10 @@ def resolve(manifest: Manifest, policy: Policy, *, data_root: Path, host_env: Ma
 
     # Subscriptions need no capability (receiving is computing), but what a plugin hears is a grant too.
     for topic in manifest.subscriptions.topics:
-        if not any(subject_covers(c, topic) for c in policy.messaging.subscribe_topics):
+        if not any(subject_covers(c, topic) for c in ceilings.subscribe_topics):
             raise _refuse_entry(manifest, policy, "topics", topic, "[messaging] subscribe_topics",
-                                policy.messaging.subscribe_topics, "is not covered by a pattern of",
+                                ceilings.subscribe_topics, "is not covered by a pattern of",
                                 section="subscriptions")
-    m = policy.messaging
     return Grant(
         manifest=manifest,
         limits=limits,
@@ -661,6 +660,6 @@ def resolve(manifest: Manifest, policy: Policy, *, data_root: Path, host_env: Ma
         publish_topics=topics,
         request_plugins=targets,
         subscribe_topics=manifest.subscriptions.topics,
-        send_limits=SendLimits(m.max_sends_per_second, m.send_burst, m.max_sends_per_call),
+        send_limits=SendLimits(ceilings.max_sends_per_second, ceilings.send_burst, ceilings.max_sends_per_call),
         denied_optional=tuple(denied),
     )

@@ -28,6 +28,7 @@ from sdk.client import Client
 from sdk.envelope import H_ERROR, H_ERROR_CODE
 from sdk.errors import AbiViolationError, SandbusError, SecurityViolationError
 from sdk.nats_guard import GuardedNatsClient
+from sdk.tracing import H_TRACE_DEBUG
 from tests.conftest import AuditLog
 
 DEEP = b"[" * 300 + b"]" * 300  # orjson reads it (depth <= 1024) but cannot write it back (254)
@@ -327,6 +328,12 @@ async def test_f14_deep_json_to_direct_messages_and_requests_is_answered(node: N
         assert reply.headers is not None
         assert reply.headers[H_ERROR_CODE] == "sandbox.abi_violation"
         assert "nested too deeply" in orjson.loads(reply.data)["error"]["message"]
+        # So is a request traced on demand (``sandbus trace``), and a body that is not JSON at all.
+        for body in (DEEP, b"[1"):
+            reply = await c.nc.request("sandbus.req.echo.handle_request", body, timeout=2,
+                                       headers={H_TRACE_DEBUG: "1"})
+            assert reply.headers is not None
+            assert reply.headers[H_ERROR_CODE] == "sandbox.abi_violation", reply.data
         # 254 levels is within the bound, and answered by the plugin.
         ok = b"[" * 254 + b"]" * 254
         reply = await c.nc.request("sandbus.req.echo.handle_request", ok, timeout=2)
