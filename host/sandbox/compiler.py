@@ -21,8 +21,10 @@ feature (``details["feature"]``) that refused it.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -77,9 +79,6 @@ def read_wasm(path: Path, limits: Limits) -> bytes:
     refused by :func:`check_bounds` without ever being held in memory whole. ``OSError`` passes through,
     and anything but a regular file is one: a FIFO would block the open and the read forever, so the file is
     opened non-blocking and checked on its descriptor."""
-    import os
-    import stat
-
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -584,12 +584,16 @@ class ComponentInstance:
 
     # -- calls -----------------------------------------------------------------------------------
 
-    def _run(self, func: wc.Func, what: str, *args: Any, ticks: int | None = None) -> Any:
-        """Call an export under a fresh budget; errors are typed and poison the instance."""
+    def _run(self, func: wc.Func, what: str, *args: Any, budget_s: float | None = None) -> Any:
+        """Call an export under a fresh budget; errors are typed and poison the instance.
+
+        Every export (``init`` and ``health`` too) starts its own deadline for the host functions it
+        reaches, as core modules do: a stale one from the previous call would refuse them at once."""
         store, state, limits = self._store, self._state, self.limits
         if limits.fuel is not None:
             store.set_fuel(limits.fuel)
-        deadline = self._ticks if ticks is None else ticks
+        start_deadline(self.ctx, budget_s)  # host functions share the call's deadline, the caller's if sooner
+        deadline = self._ticks if budget_s is None else min(self._ticks, ticks_for(budget_s))
         store.set_epoch_deadline(deadline)
         state.host_error = None
         state.stderr_tail = b""
@@ -633,9 +637,7 @@ class ComponentInstance:
         stats.log_bytes = stats.log_dropped = 0
         stats.memory_bytes = 0
         self.ctx.log_overflow = False
-        start_deadline(self.ctx, budget_s)  # host functions share the call's deadline, the caller's if sooner
-        ticks = self._ticks if budget_s is None else min(self._ticks, ticks_for(budget_s))
-        result = self._run(self._handle, function, function, text, ticks=ticks)
+        result = self._run(self._handle, function, function, text, budget_s=budget_s)
         ok, value = _unwrap(result)
         reply = value.encode() if ok else orjson.dumps({"success": False, "result": None, "error": value})
         if len(reply) > limits.max_output_bytes:
@@ -729,11 +731,16 @@ def _own_error(exc: Exception, plugin: str, what: str) -> BaseException:
 
 
 def _output_sink(ctx: CallContext, state: _CallState, stream: str, level: int) -> Callable[[bytes], int]:
+    """What ``_drain_output`` does with one stream's bytes: keep stderr's tail and log them under the cap.
+
+    Returns the bytes taken, or -5 (EIO) when they were dropped over the cap; ``_drain_output`` ignores it
+    (an overrun is counted by ``ctx.log`` and reported when the call returns)."""
+
     def sink(data: bytes) -> int:
         if stream == "stderr":
             state.stderr_tail = (state.stderr_tail + data)[-_STDERR_TAIL:]
         if not ctx.log(level, data.decode(errors="replace"), stream):
-            return -5  # -EIO: tell a well-behaved guest to stop writing
+            return -5
         return len(data)
 
     return sink

@@ -34,7 +34,8 @@ def start(ctx: CallContext, budget_s: float | None = None) -> None:
 def remaining(ctx: CallContext, what: str) -> float:
     """Seconds left of the current call's deadline for ``what`` (a host function's operation).
 
-    Outside a call (a host function reached from ``sandbus_init``), the budget is a whole timeout from now.
+    Before the instance's first call (a host function reached from a start function, during
+    instantiation), the budget is a whole timeout from now.
 
     Raises:
         ExecutionTimeoutError: the deadline has passed; ``what`` must not start.

@@ -245,8 +245,7 @@ class FsGuard:
         raise self._deny("security.fs_denied", f"{op} of {shown}: {why}", path=full, write=write)
 
     def _check_symlink_target(self, target: str, link: str | None) -> None:
-        parts = target.split("/")
-        if target and not target.startswith("/") and ".." not in parts:
+        if _safe_target(target.encode()):
             return
         where = link or "a symlink"
         raise self._deny("security.fs_denied",

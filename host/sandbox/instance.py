@@ -100,7 +100,8 @@ class CallContext:
         #: Free-form slot for the embedding layer (the bus puts its per-call state here).
         self.extra: dict[str, Any] = {}
         #: When the current call must end (time.monotonic()); host functions that wait get what is left
-        #: of it (host/sandbox/deadline.py). None outside a call.
+        #: of it (host/sandbox/deadline.py). None until the first call (init included); then the last
+        #: call's, which also tells one call from the next (host/sendlimit.py).
         self.deadline: float | None = None
 
     @property
@@ -119,7 +120,8 @@ class CallContext:
         self._invoker = None if invoker is None else weakref.ref(invoker)
 
     def _inv(self) -> Invoker:
-        inv = self.invoker
+        ref = self._invoker  # not the property: every guest-memory access of a host function comes here
+        inv = None if ref is None else ref()
         if inv is None:
             raise AbiViolationError("host function called outside a call of a live instance", plugin=self.plugin)
         return inv
@@ -425,9 +427,9 @@ class PluginInstance:
                 f"no function {function!r}; exported functions: {', '.join(self.info.functions)}",
                 plugin=self.plugin, function=function,
             )
-        stats = self.ctx.stats
-        stats.log_bytes = stats.log_dropped = 0
         ctx = self.ctx
+        stats = ctx.stats
+        stats.log_bytes = stats.log_dropped = 0
         ctx.log_overflow = False
         ctx.host_error = None
         start_deadline(ctx, budget_s)  # host functions share the call's deadline, the caller's if sooner
@@ -441,16 +443,14 @@ class PluginInstance:
             e = take_failure(ctx, caught)
             stats.fuel_used = _fuel_used(inv, limits.fuel)
             stats.memory_bytes = inv.memory_size()
+            # Whatever ended it (a KeyboardInterrupt in a host function too), the guest stopped midway.
+            self.poisoned = True
             if isinstance(e, GuestAllocFailed):
-                self.poisoned = True
                 raise self._translate(MemoryLimitError(
                     f"sandbus_alloc({e.args[0]}) returned 0: the guest is out of memory",
                     plugin=self.plugin, limit=limits.memory_bytes), function) from e
             if isinstance(e, ReplyTooLarge):
-                self.poisoned = True
                 raise size_limit_error(self._auditor, self.plugin, limits, "output", e.args[0]) from e
-            # Whatever ended it (a KeyboardInterrupt in a host function too), the guest stopped midway.
-            self.poisoned = True
             if not isinstance(e, (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError, LostTrapReport)):
                 if e is caught:
                     raise
@@ -463,7 +463,7 @@ class PluginInstance:
         stats.fuel_used = 0 if limits.fuel is None else limits.fuel - inv.fuel_left_after
         stats.memory_bytes = inv.memory_after
         self._drain_output()
-        if self.ctx.log_overflow:
+        if ctx.log_overflow:
             raise size_limit_error(self._auditor, self.plugin, limits, "log", stats.log_dropped)
         return reply
 

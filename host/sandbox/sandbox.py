@@ -256,8 +256,11 @@ class Sandbox:
             return self._call_by(function, payload, deadline, validate)
         if budget_s is not None and not self.rerun_safe:
             raise NotInline(self.name)  # interrupted at the budget, it would have to run twice
-        inst = pool.acquire() if wait else pool.try_acquire()
-        if inst is None:
+        if wait:
+            inst = pool.acquire()
+        elif (idle := pool.try_acquire()) is not None:
+            inst = idle
+        else:
             raise NotInline(self.name)
         start = perf_counter()
         try:

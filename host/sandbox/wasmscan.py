@@ -18,7 +18,7 @@ _MAGIC = b"\0asm"
 _CORE_VERSION = b"\x01\x00\x00\x00"
 _COMPONENT_VERSION = b"\x0d\x00\x01\x00"
 #: Core section ids.
-_FUNCTION, _MEMORY, _CODE = 3, 5, 10
+_FUNCTION, _MEMORY = 3, 5
 #: Component section ids that hold a core module / a nested component.
 _CORE_MODULE, _COMPONENT = 1, 4
 #: More nesting than any toolchain emits; bounds the recursion.
