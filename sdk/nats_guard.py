@@ -18,16 +18,21 @@ notices, about 6 minutes with nats-py's default pings (120 s x 2).
 * pings default to every :data:`PING_INTERVAL_S` seconds, :data:`MAX_OUTSTANDING_PINGS` unanswered
   meaning a stale connection, so a dead peer is noticed within ~20 s;
 * the fields of a ``MSG``/``HMSG`` line are split the way nats-server writes them (see
-  :class:`StrictParser`), so no byte a publisher puts in a subject can move the line's fields.
+  :class:`StrictParser`), so no byte a publisher puts in a subject can move the line's fields;
+* ``flush()`` is a barrier again: nats-py 2.16 writes a flush's PING straight to the socket while
+  commands queued before it (a ``SUB``, a ``PUB``) still wait for the flusher task, so the PONG could
+  come back before the server had seen the subscription, and a request sent next got "no responders".
+  Here the PING is queued behind them.
 
 It relies on nats-py internals (``_process_msg``, ``_read_loop``, ``_process_op_err``, ``_status``,
-``_ps`` and the ``MSG_RE``/``HMSG_RE`` globals of ``Parser.parse``), which is why nats-py's major is
-pinned; tests/bus/test_hardening_bus.py sends the raw messages through a real nats-server and fails if
-the library moves under it.
+``_send_ping``, ``_pongs``, ``_send_command``, ``_flush_pending``, ``_ps`` and the ``MSG_RE``/``HMSG_RE``
+globals of ``Parser.parse``), which is why nats-py's major is pinned; tests/bus/test_hardening_bus.py
+sends the raw messages through a real nats-server and fails if the library moves under it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -35,6 +40,7 @@ import types
 from typing import Any
 
 from nats import errors as nats_errors
+from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as NatsClient
 from nats.protocol import parser as nats_parser
 
@@ -111,6 +117,11 @@ class GuardedNatsClient(NatsClient):
         options.setdefault("ping_interval", PING_INTERVAL_S)
         options.setdefault("max_outstanding_pings", MAX_OUTSTANDING_PINGS)
         await super().connect(*args, **options)
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        self._pongs.append(future if future is not None else asyncio.Future())
+        await self._send_command(PING_PROTO)  # in order, after whatever was queued before the flush
+        await self._flush_pending()
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         try:

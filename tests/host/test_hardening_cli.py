@@ -225,11 +225,13 @@ def test_f11_replies_from_the_bus_reach_the_terminal_as_data() -> None:
     import nats
 
     from bus.server import NatsServer
+    from sdk.nats_guard import GuardedNatsClient
 
     replies = [b'\x1b[2J\x1b]0;pwned\x07{"a": 1}', '{"say": "\u009b31m red \u202eevil"}'.encode()]
 
     async def go(url: str) -> list[tuple[int | None, bytes, bytes]]:
-        nc = await nats.connect(url)
+        nc = GuardedNatsClient()  # its flush() is a barrier: the subscriptions are in place after it
+        await nc.connect(url)
         answers = iter(replies)
 
         async def respond(msg: nats.aio.msg.Msg) -> None:
@@ -302,10 +304,12 @@ def test_f12_ls_and_trace_survive_a_hostile_peer() -> None:
     import nats
 
     from bus.server import NatsServer
+    from sdk.nats_guard import GuardedNatsClient
 
     async def case(url: str, ping: list[str], listing: str, spans: str | None,
                    cmd: list[str]) -> tuple[int | None, bytes, bytes]:
-        nc = await nats.connect(url)
+        nc = GuardedNatsClient()  # its flush() is a barrier: the subscriptions are in place after it
+        await nc.connect(url)
 
         async def on_ping(msg: nats.aio.msg.Msg) -> None:
             for answer in ping:
