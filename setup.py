@@ -6,5 +6,5 @@ path (host/sandbox/invoke.py says which one runs, and why).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("host.sandbox._native", ["host/sandbox/_native.c"], optional=True,
+setup(ext_modules=[Extension("sandbus.host.sandbox._native", ["host/sandbox/_native.c"], optional=True,
                              extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"])])

@@ -29,9 +29,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bus.server import NatsServer  # noqa: E402
-from sdk.client import Client  # noqa: E402
-from sdk.envelope import PluginMessage  # noqa: E402
+from sandbus.bus.server import NatsServer  # noqa: E402
+from sandbus.sdk.client import Client  # noqa: E402
+from sandbus.sdk.envelope import PluginMessage  # noqa: E402
 
 BARE = """
 import asyncio, sys, nats
@@ -235,7 +235,7 @@ def main() -> None:
         # The collector is a process of its own, as in production: it must not slow the client down.
         sink = start([sys.executable, "-c", OTLP_SINK], "sink", work / "sink.log")
         sink_port = int((work / "sink.log").read_text().split()[1])
-        node = start([sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", server.url,
+        node = start([sys.executable, "-m", "sandbus", "node", "--plugins", str(plugins), "--nats", server.url,
                       "--node-id", "bench", "--no-watch"], "node bench ready", work / "node.log")
         try:
             table = Table(title=f"request/reply, 100 B payloads, {rounds} alternating {duration:g} s runs per cell "
@@ -252,7 +252,7 @@ def main() -> None:
                 console.print(table)
                 console.print("targets: throughput ≥ 0.85× bare at c=64 and c=256; p99 ≤ 1.5× bare")
             if "tracing" in parts:
-                traced_node = start([sys.executable, "-m", "host.cli", "node", "--plugins", str(traced), "--nats",
+                traced_node = start([sys.executable, "-m", "sandbus", "node", "--plugins", str(traced), "--nats",
                                      server.url, "--node-id", "bench-traced", "--no-watch", "--no-durable"],
                                     "node bench-traced ready", work / "traced.log",
                                     env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"})

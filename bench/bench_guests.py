@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_sandbox import per_call_us  # noqa: E402 - same measurement as the sandbox table
 
-from host.sandbox import ModuleCache, Sandbox  # noqa: E402
+from sandbus.host.sandbox import ModuleCache, Sandbox  # noqa: E402
 
 PLUGINS = ROOT / "plugins" / "build"
 REQUEST = b'{"action":"process_data","data":{"input":"' + b"x" * 55 + b'"}}'  # 100 bytes

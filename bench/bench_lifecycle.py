@@ -35,8 +35,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from host.manager import PluginManager  # noqa: E402
-from host.sandbox import ModuleCache  # noqa: E402
+from sandbus.host.lifecycle import PluginManager  # noqa: E402
+from sandbus.host.sandbox import ModuleCache  # noqa: E402
 
 PLUGINS = ROOT / "plugins" / "build"
 MIB = 1024 * 1024

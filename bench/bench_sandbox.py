@@ -28,8 +28,8 @@ from wasmtime import _ffi as wffi
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from host.sandbox import ModuleCache, Sandbox  # noqa: E402
-from host.sandbox.engine import get_engine  # noqa: E402
+from sandbus.host.sandbox import ModuleCache, Sandbox  # noqa: E402
+from sandbus.host.sandbox.engine import get_engine  # noqa: E402
 
 PLUGINS = ROOT / "plugins" / "build"
 

@@ -12,8 +12,8 @@ from typing import Any
 from nats.aio.client import Client
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdk.errors import BusError
-from sdk.nats_guard import MAX_OUTSTANDING_PINGS, PING_INTERVAL_S, GuardedNatsClient
+from sandbus.sdk.errors import BusError
+from sandbus.sdk.nats_guard import MAX_OUTSTANDING_PINGS, PING_INTERVAL_S, GuardedNatsClient
 
 __all__ = ["ConnectOptions", "connect"]
 
@@ -103,7 +103,7 @@ async def connect(options: ConnectOptions, *,
                   on_disconnect: Callable[[], Awaitable[None]] | None = None) -> Client:
     """Connect, turning failures into a BusError that names the servers tried.
 
-    The client is a :class:`~sdk.nats_guard.GuardedNatsClient`: a message nats-py cannot decode is
+    The client is a :class:`~sandbus.sdk.nats_guard.GuardedNatsClient`: a message nats-py cannot decode is
     dropped and logged, and a read loop that ends anyway is replaced by an immediate reconnect.
     """
     kw = options.kwargs()

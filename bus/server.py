@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Self
 
-from sdk.errors import BusError
+from sandbus.sdk.errors import BusError
 
 __all__ = ["NatsServer", "nats_server_binary", "stop_process"]
 

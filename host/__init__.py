@@ -1,7 +1,7 @@
 """The sandbus host: sandbox, plugin lifecycle, node, CLI."""
 
-from .manager import DiscoveryReport, PluginInfo, PluginManager, PluginStatus, PluginWatcher
-from .sandbox import (
+from sandbus.host.lifecycle import DiscoveryReport, PluginInfo, PluginManager, PluginStatus, PluginWatcher
+from sandbus.host.sandbox import (
     AuditEvent,
     AuditLevel,
     Capabilities,

@@ -1,6 +1,6 @@
 """The contract every side of sandbus shares: errors, envelopes, subjects, the client."""
 
-from . import errors
-from .errors import SandbusError
+from sandbus.sdk import errors
+from sandbus.sdk.errors import SandbusError
 
 __all__ = ["SandbusError", "errors"]

@@ -19,8 +19,8 @@ from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from .envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_from_reply, new_message_id
-from .errors import (
+from sandbus.sdk.envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_from_reply, new_message_id
+from sandbus.sdk.errors import (
     AbiViolationError,
     BusError,
     PayloadTooLargeError,
@@ -28,9 +28,9 @@ from .errors import (
     RequestTimeoutError,
     SandbusError,
 )
-from .nats_guard import GuardedNatsClient
-from .subjects import NODE_SERVICE, control_subject, msg_subject, request_subject, topic_subject
-from .tracing import H_TRACE_DEBUG, H_TRACE_SPANS, record_error, send_span
+from sandbus.sdk.nats_guard import GuardedNatsClient
+from sandbus.sdk.subjects import NODE_SERVICE, control_subject, msg_subject, request_subject, topic_subject
+from sandbus.sdk.tracing import H_TRACE_DEBUG, H_TRACE_SPANS, record_error, send_span
 
 __all__ = ["Client"]
 

@@ -6,7 +6,7 @@ plugin with a plain NATS request. What sandbus adds travels in headers:
     Sandbus-Msg-Id        message id (dedupe; JetStream's Nats-Msg-Id is set to the same value)
     Sandbus-From          sender (a plugin name, or "client")
     Content-Type          application/json
-    Sandbus-Error-Code    on a failed reply: a stable error code (sdk.errors), e.g. "limit.timeout"
+    Sandbus-Error-Code    on a failed reply: a stable error code (sandbus.sdk.errors), e.g. "limit.timeout"
     Sandbus-Error         on a failed reply: the message; the body is then a JSON error object
     Sandbus-Hops          on a request or topic message a plugin sent (host functions ``request``,
                           ``publish``): how many plugin requests and messages led to it (1 for a plugin
@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import SandbusError, error_from_dict
+from sandbus.sdk.errors import SandbusError, error_from_dict
 
 __all__ = [
     "CONTENT_TYPE",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from host.sandbox import AuditEvent
+from sandbus.host.sandbox import AuditEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS_BUILD = ROOT / "plugins" / "build"

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from sdk.envelope import PluginMessage
+from sandbus.sdk.envelope import PluginMessage
 
 
 @pytest.mark.parametrize("payload", [None, 0, "é", [1, 2.5, True], {"nested": {"a": [None]}}])
@@ -33,8 +33,8 @@ def test_encode_refuses_what_json_cannot_carry() -> None:
 
 def test_error_reply_headers_cannot_be_forged_by_the_message() -> None:
     """An error message quotes untrusted text; in a header it must not end the line or the header block."""
-    from sdk.envelope import H_ERROR, error_from_reply, error_reply
-    from sdk.errors import TrapError
+    from sandbus.sdk.envelope import H_ERROR, error_from_reply, error_reply
+    from sandbus.sdk.errors import TrapError
 
     err = TrapError("bad\r\nSandbus-Error-Code: ok\r\n\r\n{}\x1b[2J é" + "x" * 5000, plugin="p")
     body, headers = error_reply(err)

@@ -7,7 +7,8 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["sdk", "sdk.errors", "bus", "host", "host.sandbox"])
+@pytest.mark.parametrize("name", ["sandbus", "sandbus.sdk", "sandbus.sdk.errors", "sandbus.bus", "sandbus.host",
+                                  "sandbus.host.sandbox", "sandbus.host.lifecycle"])
 def test_all_is_sorted_and_resolvable(name: str) -> None:
     module = importlib.import_module(name)
     exported = list(module.__all__)
@@ -17,7 +18,7 @@ def test_all_is_sorted_and_resolvable(name: str) -> None:
 
 
 def test_error_tree_has_one_root_and_unique_codes() -> None:
-    from sdk import errors
+    from sandbus.sdk import errors
 
     classes = [getattr(errors, n) for n in errors.__all__ if isinstance(getattr(errors, n), type)]
     assert all(issubclass(c, errors.SandbusError) for c in classes)

@@ -42,10 +42,9 @@ from pathlib import Path
 
 import wasmtime
 
-from host.manifest import load_manifest
-
-from .errors import AuthoringError, BuildError, ToolchainMissingError
-from .project import Language, Project, detect_project, guest_sdk_dir
+from sandbus.host.authoring.errors import AuthoringError, BuildError, ToolchainMissingError
+from sandbus.host.authoring.project import Language, Project, detect_project, guest_sdk_dir
+from sandbus.host.lifecycle.manifest import load_manifest
 
 __all__ = [
     "APT_C_TOOLCHAIN",
@@ -134,7 +133,7 @@ def build_project(directory: str | Path, *, force: bool = False, progress: Progr
     """Build the project in ``directory`` into ``directory/build``.
 
     Parameters:
-        directory: the project (see :mod:`host.authoring.project` for how it is recognised).
+        directory: the project (see :mod:`sandbus.host.authoring.project` for how it is recognised).
         force: compile even when the module is up to date.
         progress: called with a line as each step starts.
 
@@ -183,9 +182,9 @@ def _result(project: Project, built: bool, tool: str, started: float, output: st
 
 def _check_abi(project: Project, wasm: bytes) -> None:
     """Compile with the host's engine and run the host's ABI check: the same verdict a node gives."""
-    from host.sandbox import Limits, inspect_module, shared_cache
-    from host.sandbox.engine import get_engine
-    from sdk.errors import SandbusError
+    from sandbus.host.sandbox import Limits, inspect_module, shared_cache
+    from sandbus.host.sandbox.engine import get_engine
+    from sandbus.sdk.errors import SandbusError
 
     try:
         module = shared_cache().load(get_engine(Limits().stack_bytes), wasm, name=project.name)

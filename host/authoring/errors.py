@@ -5,7 +5,7 @@
         └── BuildError        the toolchain ran and failed (compiler output in ``details["output"]``)
             └── ToolchainMissingError   a compiler is not installed: names it and how to install it
 
-They live here rather than in ``sdk.errors`` because they never travel on the wire: only the
+They live here rather than in ``sandbus.sdk.errors`` because they never travel on the wire: only the
 author's own command line sees them.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdk.errors import SandbusError
+from sandbus.sdk.errors import SandbusError
 
 __all__ = ["AuthoringError", "BuildError", "ToolchainMissingError"]
 

@@ -1,8 +1,9 @@
 """``sandbus inspect FILE.wasm``: what a module is, what it exports and imports, whether it speaks our ABI.
 
 The verdicts come from the host's own code, not a re-implementation: the ABI check is
-:func:`host.sandbox.inspect_module`, the ABI version is what ``sandbus_abi_version`` returns inside a
-real :class:`~host.sandbox.Sandbox`, and the manifest check is :func:`host.manifest.load_manifest`.
+:func:`sandbus.host.sandbox.inspect_module`, the ABI version is what ``sandbus_abi_version`` returns inside a
+real :class:`~sandbus.host.sandbox.Sandbox`, and the manifest check is
+:func:`sandbus.host.lifecycle.manifest.load_manifest`.
 So "inspect says fine" means "a node will accept it" as far as the module and manifest go (the
 operator's policy is the one thing it cannot know; ``sandbus plugins check`` resolves that).
 """
@@ -16,9 +17,8 @@ from typing import Any
 
 import wasmtime
 
-from sdk.errors import InvalidModuleError, SandbusError
-
-from .errors import AuthoringError
+from sandbus.host.authoring.errors import AuthoringError
+from sandbus.sdk.errors import InvalidModuleError, SandbusError
 
 __all__ = ["ExportInfo", "ImportInfo", "ManifestCheck", "WasmReport", "inspect_wasm"]
 
@@ -159,8 +159,8 @@ def inspect_wasm(path: str | Path) -> WasmReport:
     Raises:
         AuthoringError: the file cannot be read or is not a WebAssembly binary at all.
     """
-    from host.sandbox import Limits
-    from host.sandbox.compiler import read_wasm
+    from sandbus.host.sandbox import Limits
+    from sandbus.host.sandbox.compiler import read_wasm
 
     path = Path(path)
     try:
@@ -180,7 +180,7 @@ def inspect_wasm(path: str | Path) -> WasmReport:
 
 
 def _manifest_check(path: Path, wasm: bytes) -> tuple[ManifestCheck | None, dict[str, Any]]:
-    from host.manifest import load_manifest
+    from sandbus.host.lifecycle.manifest import load_manifest
 
     toml = path.with_suffix(".toml")
     if not toml.exists():
@@ -194,10 +194,10 @@ def _manifest_check(path: Path, wasm: bytes) -> tuple[ManifestCheck | None, dict
 
 
 def _inspect_core(path: Path, wasm: bytes, config: dict[str, Any], common: dict[str, Any]) -> WasmReport:
-    from host.bus_hostfuncs import BusBridge
-    from host.sandbox import Capabilities, Limits, Sandbox, inspect_module, shared_cache
-    from host.sandbox.abi import DEALLOC, HEALTH, INIT, INITIALIZE, SHUTDOWN
-    from host.sandbox.engine import get_engine
+    from sandbus.host.node.hostfuncs import BusBridge
+    from sandbus.host.sandbox import Capabilities, Limits, Sandbox, inspect_module, shared_cache
+    from sandbus.host.sandbox.abi import DEALLOC, HEALTH, INIT, INITIALIZE, SHUTDOWN
+    from sandbus.host.sandbox.engine import get_engine
 
     name = path.stem
     try:
@@ -261,8 +261,8 @@ def _inspect_component(wasm: bytes, common: dict[str, Any], config: dict[str, An
     our world (exports ``handle-request``)."""
     from wasmtime import component
 
-    from host.sandbox import Limits, shared_cache
-    from host.sandbox.engine import get_engine
+    from sandbus.host.sandbox import Limits, shared_cache
+    from sandbus.host.sandbox.engine import get_engine
 
     # The node's own engine (its wasm features, its bounds) through the node's cache: a verdict from any
     # other engine would not be the node's, and a componentize-py guest compiles for seconds.
@@ -306,8 +306,8 @@ def _inspect_component(wasm: bytes, common: dict[str, Any], config: dict[str, An
 def _load_error(wasm: bytes, common: dict[str, Any], config: dict[str, Any]) -> str | None:
     """Whether a real sandbox (default limits, nothing granted) starts the plugin: the last word on
     whether this host can run it at all."""
-    from host.bus_hostfuncs import BusBridge
-    from host.sandbox import Capabilities, Limits, Sandbox
+    from sandbus.host.node.hostfuncs import BusBridge
+    from sandbus.host.sandbox import Capabilities, Limits, Sandbox
 
     try:
         with Sandbox(wasm, name=Path(common["path"]).stem, limits=Limits(), capabilities=Capabilities(),

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import templates as t
-from .project import Language, guest_sdk_dir
+from sandbus.host.authoring import templates as t
+from sandbus.host.authoring.project import Language, guest_sdk_dir
 
 __all__ = ["ASC_VERSION", "assemblyscript_files", "python_files"]
 

@@ -24,10 +24,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import sdk
-from host.manifest import MAX_TOML_BYTES, loads_toml, read_capped
-
-from .errors import AuthoringError
+import sandbus.sdk
+from sandbus.host.authoring.errors import AuthoringError
+from sandbus.host.lifecycle.manifest import MAX_TOML_BYTES, loads_toml, read_capped
 
 __all__ = [
     "BUILD_DIR",
@@ -73,7 +72,7 @@ def guest_sdk_dir(language: Language) -> Path:
     every language: the builder says so when it needs it)."""
     sub = {Language.C: "c", Language.ASSEMBLYSCRIPT: "assemblyscript", Language.PYTHON: "python",
            Language.WAT: "wat"}[language]
-    return Path(sdk.__file__).resolve().parent / "guest" / sub
+    return Path(sandbus.sdk.__file__).resolve().parent / "guest" / sub
 
 
 @dataclass(frozen=True)

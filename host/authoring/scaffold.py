@@ -7,7 +7,7 @@ whatever the language (``sandbus build DIR``, ``python -m pytest DIR``):
       <source>          NAME.c | NAME.wat | assembly/index.ts + package.json | app.py
       NAME.toml         the manifest (validated with the node's loader before it is written)
       Makefile          make / make test / make run
-      test_NAME.py      pytest, through the sdk.testing fixture
+      test_NAME.py      pytest, through the sandbus.sdk.testing fixture
       conftest.py       loads that fixture (pytest.ini: its settings)
       README.md, .gitignore
 """
@@ -19,11 +19,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from host.manifest import parse_manifest
-
-from . import templates as t
-from .errors import AuthoringError
-from .project import Language, Project, check_project_name
+from sandbus.host.authoring import templates as t
+from sandbus.host.authoring.errors import AuthoringError
+from sandbus.host.authoring.project import Language, Project, check_project_name
+from sandbus.host.lifecycle.manifest import parse_manifest
 
 __all__ = ["scaffold"]
 
@@ -44,10 +43,10 @@ def _sources(name: str, language: Language) -> dict[str, str]:
     if language is Language.WAT:
         return {f"{name}.wat": t.render(t.WAT_SOURCE, name=name)}
     if language is Language.ASSEMBLYSCRIPT:
-        from .langs import assemblyscript_files
+        from sandbus.host.authoring.langs import assemblyscript_files
 
         return assemblyscript_files(name)
-    from .langs import python_files
+    from sandbus.host.authoring.langs import python_files
 
     return python_files(name)
 

@@ -104,13 +104,13 @@ asyncio_default_fixture_loop_scope = function
 CONFTEST = '''\
 """Loads the sandbus pytest plugin, which provides the ``sandbus_plugin`` fixture."""
 
-pytest_plugins = ["sdk.testing.pytest_plugin"]
+pytest_plugins = ["sandbus.sdk.testing.pytest_plugin"]
 '''
 
 TEST = '''\
 """Tests of the {{name}} plugin. Run them with `python -m pytest` in this directory.
 
-The ``sandbus_plugin`` fixture (from ``sdk.testing``) builds the project when its sources are newer
+The ``sandbus_plugin`` fixture (from ``sandbus.sdk.testing``) builds the project when its sources are newer
 than ``build/{{name}}.wasm``, loads it the way a node would (the manifest resolved against the
 default operator policy: nothing but compute is granted), and closes it after the test.
 """
@@ -121,8 +121,8 @@ from pathlib import Path
 
 import pytest
 
-from sdk.errors import PayloadTooLargeError
-from sdk.testing import PluginFactory, PluginHarness
+from sandbus.sdk.errors import PayloadTooLargeError
+from sandbus.sdk.testing import PluginFactory, PluginHarness
 
 PROJECT = Path(__file__).resolve().parent
 

@@ -95,7 +95,7 @@ static PyObject *native_round_trip(PyObject *self, PyObject *args) {
                           &max_output, &fuel, &ticks))
         return NULL;
     if (p_call == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "host.sandbox._native.bind() was not called");
+        PyErr_SetString(PyExc_RuntimeError, "sandbus.host.sandbox._native.bind() was not called");
         return NULL;
     }
     void *ctx = (void *)(uintptr_t)ctx_a, *mem = (void *)(uintptr_t)mem_a;
@@ -214,7 +214,7 @@ static PyObject *native_round_trip(PyObject *self, PyObject *args) {
 }
 
 /* ---------------------------------------------------------------------------------------------
- * OTLP encoding of a request's two spans (host/span_export.py): the common case only (no audit
+ * OTLP encoding of a request's two spans (host/telemetry/export.py): the common case only (no audit
  * events, no error); anything else returns None and the Python encoder does it. The byte layout is
  * exactly otlp_wire.encode_span's (tests/telemetry/test_fast_spans.py compares the two).
  * ------------------------------------------------------------------------------------------- */
@@ -393,7 +393,7 @@ static PyObject *native_encode_request(PyObject *self, PyObject *args) {
         put(&s, trace, 16);
         put(&s, "\x12\x08", 2);
         put_be64(&s, which == 0 ? pid : eid);
-        /* The field order of host/otlp_wire.py's encode_span. */
+        /* The field order of host/telemetry/otlp_wire.py's encode_span. */
         if (which == 0) {
             if (parent != Py_None) {
                 put(&s, "\x22\x08", 2);
@@ -443,6 +443,6 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "host.sandbox._native", NULL, -1, methods, NULL, NULL, NULL, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "sandbus.host.sandbox._native", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

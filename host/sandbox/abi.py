@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import wasmtime
 
-from sdk.errors import AbiViolationError, InvalidModuleError
-
-from .invoke import Signature
+from sandbus.host.sandbox.invoke import Signature
+from sandbus.sdk.errors import AbiViolationError, InvalidModuleError
 
 __all__ = [
     "ABI_VERSION",

@@ -15,7 +15,7 @@ trusts a directory only when nobody but this user (and root) can change it:
   and must be a regular file owned by this user, not writable by group or
   others; it is deserialized from that open file, not from its path again.
 
-A directory that fails is refused: :class:`~sdk.errors.SecurityViolationError`
+A directory that fails is refused: :class:`~sandbus.sdk.errors.SecurityViolationError`
 (a ``PermissionError``) naming the path and what is wrong, with a critical audit
 event ``security.cache_untrusted``; nothing in it is used and nothing is written
 to it. An entry that fails is not loaded (audited the same way), removed, and
@@ -41,12 +41,11 @@ from typing import TypeVar
 import wasmtime
 from wasmtime.component import Component
 
-from sdk.errors import InvalidModuleError, SecurityViolationError
-
-from .audit import AuditLevel, Auditor
-from .compiler import check_bounds, compile_bounded
-from .config import MIB, Limits
-from .engine import EngineHandle
+from sandbus.host.sandbox.audit import AuditLevel, Auditor
+from sandbus.host.sandbox.compiler import check_bounds, compile_bounded
+from sandbus.host.sandbox.config import MIB, Limits
+from sandbus.host.sandbox.engine import EngineHandle
+from sandbus.sdk.errors import InvalidModuleError, SecurityViolationError
 
 __all__ = ["MAX_ENTRY_BYTES", "ModuleCache", "check_private_dir", "default_cache_dir", "is_component",
            "wasm_digest"]

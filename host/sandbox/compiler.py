@@ -33,11 +33,10 @@ from typing import TypeVar
 import wasmtime
 from wasmtime.component import Component
 
-from sdk.errors import InvalidModuleError, SandboxError
-
-from .config import Limits
-from .engine import EngineHandle
-from .wasmscan import MalformedWasm, WasmFacts, scan_wasm
+from sandbus.host.sandbox.config import Limits
+from sandbus.host.sandbox.engine import EngineHandle
+from sandbus.host.sandbox.wasmscan import MalformedWasm, WasmFacts, scan_wasm
+from sandbus.sdk.errors import InvalidModuleError, SandboxError
 
 __all__ = ["IN_PROCESS_BELOW", "IN_PROCESS_FUNCTIONS", "MAX_SECTIONS", "check_bounds", "compile_bounded",
            "describe_error", "read_wasm"]

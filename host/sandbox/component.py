@@ -37,7 +37,7 @@ What is enforced for a component, compared with a core module (docs/abi.md):
 * **Network**: none. ``wasi:sockets/instance-network`` (the only way to obtain the network handle that
   connect, bind and name lookup need) and socket creation fail the call with ``SecurityViolationError``.
 * **Files**: only granted directories are preopened, read-only unless granted writable, each one the
-  directory the sandbox opened once at load (:class:`~host.sandbox.grants.GrantSet`), never its path
+  directory the sandbox opened once at load (:class:`~sandbus.host.sandbox.grants.GrantSet`), never its path
   resolved again: renaming, replacing or symlinking a granted directory's name changes nothing for a
   later instance. wasmtime's WASI confines every path to the grants. Unlike core modules there is no
   decoy root and no wrapping of the ``wasi:filesystem`` resource methods (wasmtime-py's component API
@@ -69,26 +69,16 @@ import orjson
 import wasmtime
 from wasmtime import component as wc
 
-from sdk.errors import (
-    AbiViolationError,
-    InvalidModuleError,
-    MemoryLimitError,
-    PluginInitError,
-    SandboxError,
-    SandbusError,
-    TrapError,
-)
-
-from . import abi
-from .audit import Auditor
-from .config import Capabilities, Limits
-from .deadline import start as start_deadline
-from .engine import EngineHandle, ticks_for
-from .grants import GrantSet
-from .guest_output import GuestOutput
-from .guest_text import escape_controls
-from .hostfuncs import ABI_NAMESPACE, HostFunctions
-from .instance import (
+from sandbus.host.sandbox import abi
+from sandbus.host.sandbox.audit import Auditor
+from sandbus.host.sandbox.config import Capabilities, Limits
+from sandbus.host.sandbox.deadline import start as start_deadline
+from sandbus.host.sandbox.engine import EngineHandle, ticks_for
+from sandbus.host.sandbox.grants import GrantSet
+from sandbus.host.sandbox.guest_output import GuestOutput
+from sandbus.host.sandbox.guest_text import escape_controls
+from sandbus.host.sandbox.hostfuncs import ABI_NAMESPACE, HostFunctions
+from sandbus.host.sandbox.instance import (
     MAX_FRAME_NAME,
     MAX_FRAMES,
     BudgetExceeded,
@@ -99,7 +89,16 @@ from .instance import (
     size_limit_error,
     translate_error,
 )
-from .invoke import _check_bounds
+from sandbus.host.sandbox.invoke import _check_bounds
+from sandbus.sdk.errors import (
+    AbiViolationError,
+    InvalidModuleError,
+    MemoryLimitError,
+    PluginInitError,
+    SandboxError,
+    SandbusError,
+    TrapError,
+)
 
 __all__ = [
     "COMPONENT_MAX_CORE_INSTANCES",
@@ -425,9 +424,9 @@ def _host_adapters(ctx: ComponentCallContext, host_functions: HostFunctions, aud
 class ComponentInstance:
     """A single instantiated component. Not thread-safe: the pool hands it to one caller at a time.
 
-    Parameters: as :class:`~host.sandbox.instance.PluginInstance`, with the compiled ``component`` and its
+    Parameters: as :class:`~sandbus.host.sandbox.instance.PluginInstance`, with the compiled ``component`` and its
     checked :class:`ComponentInfo` in place of the module and its ABI facts. ``grants``: the sandbox's
-    directories, opened once (:class:`~host.sandbox.grants.GrantSet`); every instance is given these same
+    directories, opened once (:class:`~sandbus.host.sandbox.grants.GrantSet`); every instance is given these same
     directories, whatever a guest did to the tree since.
     """
 

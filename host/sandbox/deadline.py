@@ -6,7 +6,7 @@ the host function returns. So the call records when it must end (:func:`start`, 
 call and of ``sandbus_init`` / ``sandbus_health`` / ``sandbus_shutdown``; the same moment its epoch
 deadline is set for), and each waiting host function asks :func:`remaining` for what is left: it uses that as its
 *total* budget -- not per socket operation, not per retry -- and is refused at once when nothing is
-left, with the same :class:`~sdk.errors.ExecutionTimeoutError` (and ``limit.timeout`` audit event) the
+left, with the same :class:`~sandbus.sdk.errors.ExecutionTimeoutError` (and ``limit.timeout`` audit event) the
 call itself would have ended with.
 """
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from sdk.errors import ExecutionTimeoutError
+from sandbus.sdk.errors import ExecutionTimeoutError
 
 if TYPE_CHECKING:
-    from .instance import CallContext
+    from sandbus.host.sandbox.instance import CallContext
 
 __all__ = ["expired", "remaining", "start"]
 

@@ -52,9 +52,8 @@ from typing import NamedTuple, Protocol
 
 import wasmtime
 
-from sdk.errors import AbiViolationError, InvalidModuleError, ResourceLimitError, SecurityViolationError
-
-from .guest_text import escape_controls
+from sandbus.host.sandbox.guest_text import escape_controls
+from sandbus.sdk.errors import AbiViolationError, InvalidModuleError, ResourceLimitError, SecurityViolationError
 
 __all__ = [
     "FD_CHANGES",
@@ -160,7 +159,7 @@ class DirFd(NamedTuple):
 
 
 class Memory(Protocol):
-    """The guest-memory access FsGuard needs (a :class:`~host.sandbox.instance.CallContext`)."""
+    """The guest-memory access FsGuard needs (a :class:`~sandbus.host.sandbox.instance.CallContext`)."""
 
     def read(self, ptr: int, length: int) -> bytes: ...
 

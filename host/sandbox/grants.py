@@ -49,10 +49,9 @@ from pathlib import PurePosixPath
 
 import wasmtime
 
-from sdk.errors import SandboxError, SecurityViolationError
-
-from .audit import AuditLevel, Auditor
-from .config import DirGrant
+from sandbus.host.sandbox.audit import AuditLevel, Auditor
+from sandbus.host.sandbox.config import DirGrant
+from sandbus.sdk.errors import SandboxError, SecurityViolationError
 
 __all__ = ["GrantSet", "OpenGrant", "decoy_root", "open_beneath_root", "open_no_symlinks"]
 

@@ -26,7 +26,7 @@ __all__ = ["INVISIBLE_CHARS", "escape_controls", "guest_lines"]
 #: format character (Unicode category Cf: bidirectional controls, zero-width spaces and joiners, the
 #: soft hyphen, the BOM, invisible operators, tags...), the line and paragraph separators (Zl, Zp)
 #: and lone surrogates (Cs: what a file name that is not UTF-8 decodes to; printing one raises).
-#: A regex character class body, shared with :func:`host.cli_output.terminal_json`.
+#: A regex character class body, shared with :func:`sandbus.host.cli.output.terminal_json`.
 INVISIBLE_CHARS = (
     "\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u2028-\u202e"
     "\u2060-\u2064\u2066-\u206f\ud800-\udfff\ufeff\ufff9-\ufffb\U000110bd\U000110cd"

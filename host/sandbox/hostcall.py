@@ -49,7 +49,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class FailureSlot(Protocol):
-    """What holds a call's host-function failure: a :class:`~host.sandbox.instance.CallContext`."""
+    """What holds a call's host-function failure: a :class:`~sandbus.host.sandbox.instance.CallContext`."""
 
     host_error: BaseException | None
 

@@ -19,12 +19,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sdk.errors import AbiViolationError, PayloadTooLargeError, SecurityViolationError
-
-from .audit import AuditLevel
+from sandbus.host.sandbox.audit import AuditLevel
+from sandbus.sdk.errors import AbiViolationError, PayloadTooLargeError, SecurityViolationError
 
 if TYPE_CHECKING:
-    from .instance import CallContext
+    from sandbus.host.sandbox.instance import CallContext
 
 __all__ = [
     "ABI_NAMESPACE",

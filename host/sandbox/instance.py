@@ -17,7 +17,25 @@ from typing import Any
 
 import wasmtime
 
-from sdk.errors import (
+from sandbus.host.sandbox import abi
+from sandbus.host.sandbox.audit import AuditLevel, Auditor
+from sandbus.host.sandbox.config import Capabilities, Limits
+from sandbus.host.sandbox.deadline import start as start_deadline
+from sandbus.host.sandbox.engine import EngineHandle, ticks_for
+from sandbus.host.sandbox.fsguard import FS_FUNCTIONS, PATH_FUNCTIONS, WASI_SIGNATURES, DirFd, FsGuard, check_signature
+from sandbus.host.sandbox.grants import GrantSet, decoy_root
+from sandbus.host.sandbox.guest_output import GuestOutput
+from sandbus.host.sandbox.guest_text import escape_controls, guest_lines
+from sandbus.host.sandbox.hostcall import (
+    LostTrapReport,
+    RecordingLinker,
+    install_last_exception_filter,
+    take_failure,
+    wasi_guest_error,
+)
+from sandbus.host.sandbox.hostfuncs import HostFunction, HostFunctions
+from sandbus.host.sandbox.invoke import GuestAllocFailed, Invoker, ReplyTooLarge, make_invoker
+from sandbus.sdk.errors import (
     AbiViolationError,
     ExecutionTimeoutError,
     HostError,
@@ -32,19 +50,6 @@ from sdk.errors import (
     StackLimitError,
     TrapError,
 )
-
-from . import abi
-from .audit import AuditLevel, Auditor
-from .config import Capabilities, Limits
-from .deadline import start as start_deadline
-from .engine import EngineHandle, ticks_for
-from .fsguard import FS_FUNCTIONS, PATH_FUNCTIONS, WASI_SIGNATURES, DirFd, FsGuard, check_signature
-from .grants import GrantSet, decoy_root
-from .guest_output import GuestOutput
-from .guest_text import escape_controls, guest_lines
-from .hostcall import LostTrapReport, RecordingLinker, install_last_exception_filter, take_failure, wasi_guest_error
-from .hostfuncs import HostFunction, HostFunctions
-from .invoke import GuestAllocFailed, Invoker, ReplyTooLarge, make_invoker
 
 __all__ = [
     "BudgetExceeded",
@@ -101,7 +106,7 @@ class CallContext:
         self.extra: dict[str, Any] = {}
         #: When the current call must end (time.monotonic()); host functions that wait get what is left
         #: of it (host/sandbox/deadline.py). None until the first call (init included); then the last
-        #: call's, which also tells one call from the next (host/sendlimit.py).
+        #: call's, which also tells one call from the next (host/node/sendlimit.py).
         self.deadline: float | None = None
 
     @property
@@ -416,7 +421,7 @@ class PluginInstance:
 
         ``budget_s`` (shorter than the plugin's timeout) interrupts the call early with
         :class:`BudgetExceeded` instead of a timeout error: the node uses it to run calls on its event
-        loop without letting one stall the loop (see host/node.py).
+        loop without letting one stall the loop (see host/node/node.py).
         """
         limits = self.limits
         ticks = self._ticks if budget_s is None else min(self._ticks, ticks_for(budget_s))

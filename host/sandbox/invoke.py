@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import wasmtime
 
-from sdk.errors import AbiViolationError
+from sandbus.sdk.errors import AbiViolationError
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -152,7 +152,7 @@ def _bind_native() -> tuple[ModuleType | None, str]:  # the module is host/sandb
     if os.environ.get("SANDBUS_NATIVE", "1") == "0":
         return None, "turned off by SANDBUS_NATIVE=0"
     try:
-        from . import _native as mod
+        from sandbus.host.sandbox import _native as mod
     except ImportError as e:
         return None, f"host/sandbox/_native.c is not built ({e}); pip install -e . builds it"
     addrs = [ctypes.cast(f, ctypes.c_void_p).value

@@ -21,9 +21,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from sdk.errors import InstanceLimitError
-
-from .instance import PluginInstance
+from sandbus.host.sandbox.instance import PluginInstance
+from sandbus.sdk.errors import InstanceLimitError
 
 __all__ = ["InstancePool", "NotInline", "on_event_loop"]
 
@@ -37,7 +36,7 @@ class NotInline(Exception):
     """A call asked to run inline on an event loop cannot: nothing ran, run it in a worker thread.
 
     Raised when no instance is idle (the loop may neither wait for one nor build one), and for a
-    plugin whose calls must not be re-run (see :func:`host.sandbox.sandbox.rerun_safe`).
+    plugin whose calls must not be re-run (see :func:`sandbus.host.sandbox.sandbox.rerun_safe`).
     """
 
 

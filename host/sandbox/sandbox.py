@@ -20,7 +20,18 @@ import orjson
 import wasmtime
 from orjson import loads
 
-from sdk.errors import (
+from sandbus.host.sandbox import abi
+from sandbus.host.sandbox.audit import AuditLevel, Auditor, AuditSink
+from sandbus.host.sandbox.cache import ModuleCache, default_cache_dir, is_component, wasm_digest
+from sandbus.host.sandbox.compiler import read_wasm
+from sandbus.host.sandbox.component import ComponentInfo, ComponentInstance, inspect_component
+from sandbus.host.sandbox.config import MIB, Capabilities, DirGrant, Limits
+from sandbus.host.sandbox.engine import get_engine
+from sandbus.host.sandbox.grants import GrantSet
+from sandbus.host.sandbox.hostfuncs import ABI_NAMESPACE, HostFunctions, builtin_host_functions
+from sandbus.host.sandbox.instance import BudgetExceeded, PluginInstance
+from sandbus.host.sandbox.pool import InstancePool, NotInline
+from sandbus.sdk.errors import (
     AbiViolationError,
     ExecutionTimeoutError,
     InstanceLimitError,
@@ -28,18 +39,6 @@ from sdk.errors import (
     PluginNotFoundError,
     SandbusError,
 )
-
-from . import abi
-from .audit import AuditLevel, Auditor, AuditSink
-from .cache import ModuleCache, default_cache_dir, is_component, wasm_digest
-from .compiler import read_wasm
-from .component import ComponentInfo, ComponentInstance, inspect_component
-from .config import MIB, Capabilities, DirGrant, Limits
-from .engine import get_engine
-from .grants import GrantSet
-from .hostfuncs import ABI_NAMESPACE, HostFunctions, builtin_host_functions
-from .instance import BudgetExceeded, PluginInstance
-from .pool import InstancePool, NotInline
 
 __all__ = ["PURE_HOST_FUNCTIONS", "CallResult", "Sandbox", "SandboxBuilder", "rerun_safe", "run_plugin",
            "shared_cache"]
@@ -65,7 +64,7 @@ def rerun_safe(info: abi.ModuleInfo, capabilities: Capabilities, host_functions:
     """Whether a call of this plugin may run twice: the one rule for "this call has no side effect".
 
     A node runs calls inline on its event loop under a short budget, and re-runs one that overruns it
-    from the start in a worker thread (host/node.py). Running twice is only correct when the first,
+    from the start in a worker thread (host/node/node.py). Running twice is only correct when the first,
     interrupted run cannot have changed anything outside its instance, so a plugin qualifies only if
     nothing it was granted lets a call leave a trace:
 
@@ -244,8 +243,8 @@ class Sandbox:
 
         ``budget_s``: see :meth:`PluginInstance.call` (raises ``BudgetExceeded`` past it, after which
         the caller runs the call again; so a plugin that is not :attr:`rerun_safe` raises
-        :class:`~host.sandbox.pool.NotInline` instead, before running anything).
-        ``wait=False``: take an idle instance or raise :class:`~host.sandbox.pool.NotInline` at
+        :class:`~sandbus.host.sandbox.pool.NotInline` instead, before running anything).
+        ``wait=False``: take an idle instance or raise :class:`~sandbus.host.sandbox.pool.NotInline` at
         once, never building one (for callers on an event loop).
         ``deadline`` (a ``time.monotonic()`` value): when the call's caller stops waiting. Waiting for
         an instance ends there with an :class:`InstanceLimitError`, and the call itself is stopped

@@ -4,14 +4,15 @@
   against a policy), with typed errors, audit events, logs, published messages and requests to other
   plugins (answered by stubs) to assert on.
 * :class:`BusHarness` -- an embedded nats-server, host nodes in this process and a connected
-  :class:`sdk.client.Client`, for integration tests.
-* :mod:`sdk.testing.pytest_plugin` -- the ``sandbus_plugin`` and ``sandbus_bus`` fixtures.
+  :class:`sandbus.sdk.client.Client`, for integration tests.
+* :mod:`sandbus.sdk.testing.pytest_plugin` -- the ``sandbus_plugin`` and ``sandbus_bus`` fixtures.
 
-wasmtime is imported when a harness is created, never by ``import sdk`` or ``import sdk.testing``.
+wasmtime is imported when a harness is created, never by ``import sandbus``, ``import sandbus.sdk`` or
+``import sandbus.sdk.testing``.
 """
 
-from .bus import BusFactory, BusHarness
-from .harness import AuditLog, LogLine, PluginFactory, PluginHarness, Published, Requested
+from sandbus.sdk.testing.bus import BusFactory, BusHarness
+from sandbus.sdk.testing.harness import AuditLog, LogLine, PluginFactory, PluginHarness, Published, Requested
 
 __all__ = ["AuditLog", "BusFactory", "BusHarness", "LogLine", "PluginFactory", "PluginHarness", "Published",
            "Requested"]

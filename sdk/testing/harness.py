@@ -7,7 +7,7 @@
 
 What "the way a node would" means: when the plugin has a manifest (``NAME.toml`` beside the
 module, or the project's), the manifest is validated and resolved against an operator policy --
-:meth:`host.policy.Policy.default` unless the test passes one -- exactly as the plugin manager does,
+:meth:`sandbus.host.lifecycle.policy.Policy.default` unless the test passes one -- exactly as the plugin manager does,
 so the limits, capabilities and ``[config]`` a test runs under are the ones a default node grants.
 ``limits``, ``capabilities`` and ``config`` then override parts of that for the test at hand.
 
@@ -25,7 +25,7 @@ Requests the plugin makes to other plugins (the ``request`` host function) never
         plugin.call_ok("handle_request", {"text": "..."})
         assert plugin.requested[0].target == "text_processor.handle_request"
 
-The host runtime (wasmtime) is imported when a harness is created, not when ``sdk.testing`` is
+The host runtime (wasmtime) is imported when a harness is created, not when ``sandbus.sdk.testing`` is
 imported: client applications import ``sdk`` without ever loading wasmtime.
 """
 
@@ -42,20 +42,19 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 import orjson
 
-from sdk.errors import (
+from sandbus.sdk.errors import (
     AbiViolationError,
     PluginNotFoundError,
     RequestTimeoutError,
     SandbusError,
     SecurityViolationError,
 )
-
-from ._locate import locate_plugin
+from sandbus.sdk.testing._locate import locate_plugin
 
 if TYPE_CHECKING:
-    from host.manifest import Manifest
-    from host.policy import Policy
-    from host.sandbox import AuditEvent, CallContext, CallResult, Capabilities, HostFunctions, Limits, Sandbox
+    from sandbus.host.lifecycle.manifest import Manifest
+    from sandbus.host.lifecycle.policy import Policy
+    from sandbus.host.sandbox import AuditEvent, CallContext, CallResult, Capabilities, HostFunctions, Limits, Sandbox
 
 __all__ = ["AuditLog", "LogLine", "PluginFactory", "PluginHarness", "Published", "Requested"]
 
@@ -149,12 +148,12 @@ class PluginHarness:
     Parameters:
         plugin: a ``.wasm`` file, a plugin project directory (built first when its sources are
             newer than ``build/NAME.wasm``) or a directory holding one ``.wasm``.
-        policy: the operator policy the manifest is resolved against: a :class:`host.policy.Policy`
+        policy: the operator policy the manifest is resolved against: a :class:`sandbus.host.lifecycle.policy.Policy`
             or the path of a policy TOML file (default: :meth:`Policy.default`, deny all but compute).
             Needs a manifest.
-        limits: a :class:`host.sandbox.Limits` replacing the resolved limits, or a mapping of
+        limits: a :class:`sandbus.host.sandbox.Limits` replacing the resolved limits, or a mapping of
             ``Limits`` fields overriding some of them (``{"fuel": 10_000, "timeout_s": 0.5}``).
-        capabilities: a :class:`host.sandbox.Capabilities` replacing the resolved grant.
+        capabilities: a :class:`sandbus.host.sandbox.Capabilities` replacing the resolved grant.
         config: replaces the manifest's ``[config]`` (what ``sandbus_init`` receives).
         manifest: the manifest to use (default: found beside the module); ``False`` ignores any
             manifest, so defaults apply (``Limits()``, nothing granted).
@@ -185,11 +184,11 @@ class PluginHarness:
         name: str | None = None,
         data_root: str | Path | None = None,
     ) -> None:
-        from host.bus_hostfuncs import BusBridge
-        from host.manifest import load_manifest
-        from host.policy import Policy, SendLimits, load_policy, resolve
-        from host.sandbox import Capabilities, HostFunction, Limits, Sandbox
-        from host.sendlimit import SendLimiter
+        from sandbus.host.lifecycle.manifest import load_manifest
+        from sandbus.host.lifecycle.policy import Policy, SendLimits, load_policy, resolve
+        from sandbus.host.node.hostfuncs import BusBridge
+        from sandbus.host.node.sendlimit import SendLimiter
+        from sandbus.host.sandbox import Capabilities, HostFunction, Limits, Sandbox
 
         self.path, found = locate_plugin(plugin, build=build)
         if manifest is True:
@@ -327,10 +326,10 @@ class PluginHarness:
     # -- the recording publish host function -------------------------------------------------------
 
     def _publish(self, ctx: CallContext, topic_ptr: int, topic_len: int, data_ptr: int, data_len: int) -> int:
-        from host.manifest import subject_matches
-        from host.sandbox import AuditLevel
-        from host.sandbox.hostfuncs import read_bounded, read_str_bounded
-        from sdk.subjects import MAX_TOPIC_LENGTH, check_topic
+        from sandbus.host.lifecycle.manifest import subject_matches
+        from sandbus.host.sandbox import AuditLevel
+        from sandbus.host.sandbox.hostfuncs import read_bounded, read_str_bounded
+        from sandbus.sdk.subjects import MAX_TOPIC_LENGTH, check_topic
 
         topic = read_str_bounded(ctx, topic_ptr, topic_len, MAX_TOPIC_LENGTH, "publish topic")
         try:
@@ -362,14 +361,14 @@ class PluginHarness:
         ``reply`` is called with the decoded request and returns the reply: a JSON-able value, or
         ``bytes`` sent as they are. A value that is not callable is the reply to every request.
 
-        What the plugin then sees, as from a node: the reply; a :class:`~sdk.errors.SandbusError` the
+        What the plugin then sees, as from a node: the reply; a :class:`~sandbus.sdk.errors.SandbusError` the
         stub raises arrives as the target's error reply (``REQUEST_EREMOTE``), except
-        :class:`~sdk.errors.PluginNotFoundError` (``REQUEST_ENOTFOUND``) and
-        :class:`~sdk.errors.RequestTimeoutError` (``REQUEST_ETIMEOUT``). A target without a stub is
+        :class:`~sandbus.sdk.errors.PluginNotFoundError` (``REQUEST_ENOTFOUND``) and
+        :class:`~sandbus.sdk.errors.RequestTimeoutError` (``REQUEST_ETIMEOUT``). A target without a stub is
         one that no node serves (``REQUEST_ENOTFOUND``). Stubs do not bypass permissions: a target
         the manifest's ``request_plugins`` does not allow is a security violation, as on a node.
         """
-        from host.bus_hostfuncs import parse_target
+        from sandbus.host.node.hostfuncs import parse_target
 
         if target != "*" and not target.endswith(".*"):
             try:
@@ -381,7 +380,8 @@ class PluginHarness:
 
     def _request(self, ctx: CallContext, target_ptr: int, target_len: int, json_ptr: int, json_len: int,
                  buf_ptr: int, buf_cap: int) -> int:
-        from host.bus_hostfuncs import (
+        from sandbus.host.lifecycle.manifest import request_matches
+        from sandbus.host.node.hostfuncs import (
             MAX_TARGET,
             REQUEST_ENOTFOUND,
             REQUEST_EREMOTE,
@@ -390,9 +390,8 @@ class PluginHarness:
             keep_result,
             parse_target,
         )
-        from host.manifest import request_matches
-        from host.sandbox import AuditLevel
-        from host.sandbox.hostfuncs import read_bounded, read_str_bounded
+        from sandbus.host.sandbox import AuditLevel
+        from sandbus.host.sandbox.hostfuncs import read_bounded, read_str_bounded
 
         try:
             plugin, function = parse_target(read_str_bounded(ctx, target_ptr, target_len, MAX_TARGET,

@@ -1,6 +1,6 @@
 """pytest fixtures for plugin tests. Enable them in a ``conftest.py``::
 
-    pytest_plugins = ["sdk.testing.pytest_plugin"]
+    pytest_plugins = ["sandbus.sdk.testing.pytest_plugin"]
 
 (``sandbus new`` writes that conftest.py.) Then::
 
@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from .bus import BusFactory, BusHarness
-from .harness import PluginFactory, PluginHarness
+from sandbus.sdk.testing.bus import BusFactory, BusHarness
+from sandbus.sdk.testing.harness import PluginFactory, PluginHarness
 
 __all__ = ["sandbus_bus", "sandbus_plugin"]
 

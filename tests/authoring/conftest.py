@@ -1,5 +1,5 @@
-"""Fixtures of the authoring tests: the sdk.testing fixtures (dogfooded), the CLI, and a probe plugin
-project built by host.authoring itself."""
+"""Fixtures of the authoring tests: the sandbus.sdk.testing fixtures (dogfooded), the CLI, and a probe plugin
+project built by sandbus.host.authoring itself."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sdk.testing.pytest_plugin import sandbus_bus, sandbus_plugin
+from sandbus.sdk.testing.pytest_plugin import sandbus_bus, sandbus_plugin
 
 __all__ = ["sandbus_bus", "sandbus_plugin"]
 

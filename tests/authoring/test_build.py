@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from host.authoring import (
+from sandbus.host.authoring import (
     AuthoringError,
     BuildError,
     Language,
@@ -20,8 +20,8 @@ from host.authoring import (
     is_stale,
     scaffold,
 )
-from host.authoring import build as build_module
-from sdk.errors import ManifestError
+from sandbus.host.authoring import build as build_module
+from sandbus.sdk.errors import ManifestError
 from tests.authoring.conftest import sandbus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,11 +92,11 @@ def test_missing_componentize_py(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_missing_assemblyscript(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     project = scaffold("noas", Language.ASSEMBLYSCRIPT, tmp_path)
     monkeypatch.setattr(build_module, "find_tool", lambda *_a: None)
-    monkeypatch.setattr("host.authoring.build.shutil.which", lambda _name: None)
+    monkeypatch.setattr("sandbus.host.authoring.build.shutil.which", lambda _name: None)
     with pytest.raises(ToolchainMissingError, match=r"Node\.js") as info:
         build_project(project.root)
     assert "apt-get install nodejs npm" in info.value.install
-    monkeypatch.setattr("host.authoring.build.shutil.which",
+    monkeypatch.setattr("sandbus.host.authoring.build.shutil.which",
                         lambda name: "/usr/bin/node" if name == "node" else None)
     with pytest.raises(ToolchainMissingError, match=r"\(asc\) is not installed") as info:
         build_project(project.root)

@@ -1,4 +1,4 @@
-"""sdk.testing.BusHarness: an embedded nats-server, in-process nodes and a client, stopped by PID."""
+"""sandbus.sdk.testing.BusHarness: an embedded nats-server, in-process nodes and a client, stopped by PID."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sdk.errors import OutOfFuelError, PluginNotFoundError, SandbusError
-from sdk.testing import BusFactory, BusHarness
+from sandbus.sdk.errors import OutOfFuelError, PluginNotFoundError, SandbusError
+from sandbus.sdk.testing import BusFactory, BusHarness
 
 
 def _alive(pid: int) -> bool:

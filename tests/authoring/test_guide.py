@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from bus.server import NatsServer
-from host.manifest import parse_manifest
-from host.policy import Policy
+from sandbus.bus.server import NatsServer
+from sandbus.host.lifecycle.manifest import parse_manifest
+from sandbus.host.lifecycle.policy import Policy
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide.md"
 _FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)

@@ -1,4 +1,4 @@
-"""sdk.testing.PluginHarness, tested with its own fixture: typed errors, audit, logs, policy, publish."""
+"""sandbus.sdk.testing.PluginHarness, tested with its own fixture: typed errors, audit, logs, policy, publish."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from host.policy import Policy
-from host.sandbox import Capabilities, Limits
-from sdk.errors import (
+from sandbus.host.lifecycle.policy import Policy
+from sandbus.host.sandbox import Capabilities, Limits
+from sandbus.sdk.errors import (
     ExecutionTimeoutError,
     ManifestError,
     OutOfFuelError,
@@ -19,7 +19,7 @@ from sdk.errors import (
     PluginNotFoundError,
     SecurityViolationError,
 )
-from sdk.testing import PluginFactory, PluginHarness
+from sandbus.sdk.testing import PluginFactory, PluginHarness
 
 CLOCK_AND_MESSAGING = Policy.model_validate({"capabilities": {"allowed": ["compute", "clock", "messaging"]},
                                              "messaging": {"publish_topics": ["probe.>"]}})
@@ -194,6 +194,6 @@ def test_context_manager_closes(probe_project: Path) -> None:
 
 
 def test_importing_sdk_testing_does_not_load_wasmtime() -> None:
-    code = ("import sys, sdk, sdk.testing, sdk.testing.pytest_plugin; "
-            "assert 'wasmtime' not in sys.modules and 'host' not in sys.modules, sorted(sys.modules)")
+    code = ("import sys, sandbus, sandbus.sdk, sandbus.sdk.testing, sandbus.sdk.testing.pytest_plugin; "
+            "assert 'wasmtime' not in sys.modules and 'sandbus.host' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 
-from host.bus_hostfuncs import REQUEST_ENOTFOUND, REQUEST_EREMOTE, REQUEST_ETIMEOUT
-from sdk.errors import (
+from sandbus.host.node.hostfuncs import REQUEST_ENOTFOUND, REQUEST_EREMOTE, REQUEST_ETIMEOUT
+from sandbus.sdk.errors import (
     AbiViolationError,
     OutOfFuelError,
     PluginNotFoundError,
     RequestTimeoutError,
     SecurityViolationError,
 )
-from sdk.testing import PluginFactory, PluginHarness, Requested
+from sandbus.sdk.testing import PluginFactory, PluginHarness, Requested
 
 MANIFEST = """
 [plugin]

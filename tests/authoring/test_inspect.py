@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from host.authoring import AuthoringError, inspect_wasm
+from sandbus.host.authoring import AuthoringError, inspect_wasm
 from tests.authoring.conftest import sandbus
 
 WAT_V2 = """(module

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from host.authoring import AuthoringError, Language, detect_project, guest_sdk_dir, scaffold
-from host.authoring.build import find_tool
-from host.manifest import load_manifest
+from sandbus.host.authoring import AuthoringError, Language, detect_project, guest_sdk_dir, scaffold
+from sandbus.host.authoring.build import find_tool
+from sandbus.host.lifecycle.manifest import load_manifest
 from tests.authoring.conftest import sandbus
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bus.server import NatsServer, stop_process
-from sdk.client import Client
+from sandbus.bus.server import NatsServer, stop_process
+from sandbus.sdk.client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,7 +102,7 @@ class NodeProcess:
         self.log = log
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", url,
+            [sys.executable, "-m", "sandbus", "node", "--plugins", str(plugins), "--nats", url,
              "--node-id", node_id, "--policy", str(plugins.parent / "policy.toml"), "--no-watch", *extra],
             stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from bus.server import NatsServer
-from sdk.client import Client
-from sdk.errors import AbiViolationError, BusError, PluginNotFoundError, SecurityViolationError
+from sandbus.bus.server import NatsServer
+from sandbus.sdk.client import Client
+from sandbus.sdk.errors import AbiViolationError, BusError, PluginNotFoundError, SecurityViolationError
 from tests.bus.conftest import NodeProcess
 
 StartNode = Callable[[str, str], NodeProcess]

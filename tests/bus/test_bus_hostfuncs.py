@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from bus.connection import ConnectOptions
-from bus.server import NatsServer
-from host.node import Node
-from host.policy import load_policy
-from sdk.client import Client
-from sdk.errors import SecurityViolationError
+from sandbus.bus.connection import ConnectOptions
+from sandbus.bus.server import NatsServer
+from sandbus.host.lifecycle.policy import load_policy
+from sandbus.host.node.node import Node
+from sandbus.sdk.client import Client
+from sandbus.sdk.errors import SecurityViolationError
 from tests.conftest import AuditLog
 
 MANIFEST = """

@@ -16,16 +16,16 @@ from typing import Any
 import orjson
 import pytest
 
-from bus.connection import ConnectOptions
-from bus.server import NatsServer
-from host.bus_hostfuncs import MAX_HOPS, REQUEST_ENOTFOUND, REQUEST_EREMOTE, REQUEST_ETIMEOUT
-from host.node import Node
-from host.policy import load_policy
-from host.sandbox import AuditLevel
-from sdk.client import Client
-from sdk.envelope import H_HOPS, error_from_reply
-from sdk.errors import HopLimitError, SecurityViolationError
-from sdk.subjects import request_subject
+from sandbus.bus.connection import ConnectOptions
+from sandbus.bus.server import NatsServer
+from sandbus.host.lifecycle.policy import load_policy
+from sandbus.host.node.hostfuncs import MAX_HOPS, REQUEST_ENOTFOUND, REQUEST_EREMOTE, REQUEST_ETIMEOUT
+from sandbus.host.node.node import Node
+from sandbus.host.sandbox import AuditLevel
+from sandbus.sdk.client import Client
+from sandbus.sdk.envelope import H_HOPS, error_from_reply
+from sandbus.sdk.errors import HopLimitError, SecurityViolationError
+from sandbus.sdk.subjects import request_subject
 from tests.bus.conftest import NodeProcess
 from tests.conftest import AuditLog
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bus.server import NatsServer
-from sdk.client import Client
-from sdk.errors import PluginNotFoundError, RequestTimeoutError
+from sandbus.bus.server import NatsServer
+from sandbus.sdk.client import Client
+from sandbus.sdk.errors import PluginNotFoundError, RequestTimeoutError
 from tests.bus.conftest import NodeProcess
 
 ROOT = Path(__file__).resolve().parents[2]

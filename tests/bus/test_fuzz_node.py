@@ -36,9 +36,9 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from bus.server import NatsServer
-from sdk.envelope import H_ERROR_CODE, error_from_reply
-from sdk.errors import SandbusError
+from sandbus.bus.server import NatsServer
+from sandbus.sdk.envelope import H_ERROR_CODE, error_from_reply
+from sandbus.sdk.errors import SandbusError
 from tests.bus.conftest import RECORDER_TOML, NodeProcess
 
 T = TypeVar("T")

@@ -19,16 +19,16 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 
-from bus.connection import ConnectOptions
-from bus.server import NatsServer
-from host.delivery import AUDIT_STREAM, DLQ_STREAM, TOPIC_STREAM, DurableTopics
-from host.node import Node
-from host.policy import load_policy
-from sdk.client import Client
-from sdk.envelope import H_ERROR, H_ERROR_CODE
-from sdk.errors import AbiViolationError, SandbusError, SecurityViolationError
-from sdk.nats_guard import GuardedNatsClient
-from sdk.tracing import H_TRACE_DEBUG
+from sandbus.bus.connection import ConnectOptions
+from sandbus.bus.server import NatsServer
+from sandbus.host.lifecycle.policy import load_policy
+from sandbus.host.node.delivery import AUDIT_STREAM, DLQ_STREAM, TOPIC_STREAM, DurableTopics
+from sandbus.host.node.node import Node
+from sandbus.sdk.client import Client
+from sandbus.sdk.envelope import H_ERROR, H_ERROR_CODE
+from sandbus.sdk.errors import AbiViolationError, SandbusError, SecurityViolationError
+from sandbus.sdk.nats_guard import GuardedNatsClient
+from sandbus.sdk.tracing import H_TRACE_DEBUG
 from tests.conftest import AuditLog
 
 DEEP = b"[" * 300 + b"]" * 300  # orjson reads it (depth <= 1024) but cannot write it back (254)
@@ -494,8 +494,8 @@ async def test_f16_repeats_still_being_counted_are_published_at_stop(
 
 
 def test_f16_the_aggregation_table_is_bounded_whatever_the_event_mix() -> None:
-    from host.audit_publish import MAX_AUDIT_MESSAGE, AuditPublisher
-    from host.sandbox import AuditEvent, AuditLevel
+    from sandbus.host.node.audit_publish import MAX_AUDIT_MESSAGE, AuditPublisher
+    from sandbus.host.sandbox import AuditEvent, AuditLevel
 
     sent: list[bytes] = []
 

@@ -25,15 +25,15 @@ import nats.errors
 import orjson
 import pytest
 
-from bus.connection import ConnectOptions
-from bus.server import NatsServer
-from host.bus_hostfuncs import MAX_HOPS
-from host.netguard import refused_address
-from host.node import Node
-from host.policy import load_policy
-from sdk.client import Client
-from sdk.envelope import H_HOPS
-from sdk.errors import (
+from sandbus.bus.connection import ConnectOptions
+from sandbus.bus.server import NatsServer
+from sandbus.host.lifecycle.policy import load_policy
+from sandbus.host.node.hostfuncs import MAX_HOPS
+from sandbus.host.node.netguard import refused_address
+from sandbus.host.node.node import Node
+from sandbus.sdk.client import Client
+from sandbus.sdk.envelope import H_HOPS
+from sandbus.sdk.errors import (
     AbiViolationError,
     BusError,
     ExecutionTimeoutError,
@@ -42,7 +42,7 @@ from sdk.errors import (
     SecurityViolationError,
     TrapError,
 )
-from sdk.subjects import topic_subject
+from sandbus.sdk.subjects import topic_subject
 from tests.conftest import ABI_PRELUDE, AuditLog
 
 HOSTILE = """
@@ -305,8 +305,8 @@ def _waiter(waits: int, timeout_s: float = 0.3, first_wait: float | None = None,
     """A sandbox whose host function ``probe_v1.wait`` waits for all that is left of the deadline, as a
     host function waiting for a silent peer does; ``waits``: how many waits sandbus_init makes;
     ``first_wait``: the first wait of a call lasts this long instead (``holding`` is set when it begins)."""
-    from host.sandbox import CallContext, HostFunctions, Limits, Sandbox
-    from host.sandbox.deadline import remaining
+    from sandbus.host.sandbox import CallContext, HostFunctions, Limits, Sandbox
+    from sandbus.host.sandbox.deadline import remaining
 
     funcs = HostFunctions()
     short = [first_wait] if first_wait is not None else []
@@ -399,7 +399,7 @@ async def test_f07_length_above_the_cap_is_refused_without_a_copy(make_node: Nod
 @pytest.mark.parametrize("what", ["publish", "request"])
 def test_f07_the_test_harness_bounds_guest_buffers_like_a_node(tmp_path: Path, c_guest_flags: Callable[..., Path],
                                                                what: str) -> None:
-    from sdk.testing import PluginHarness
+    from sandbus.sdk.testing import PluginHarness
 
     shutil.copy(c_guest_flags("hostile", "hostile"), tmp_path / "hostile.wasm")
     (tmp_path / "hostile.toml").write_text(HOSTILE.format(hosts="[]"))
@@ -555,7 +555,7 @@ async def test_f19_other_spellings_of_a_granted_host_are_not_granted(
 
 def test_f19_slow_lookups_of_one_plugin_do_not_starve_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
     # No resolver here is slow, so getaddrinfo stands in for one: "slow.example" answers only when released.
-    from host import netguard
+    from sandbus.host.node import netguard
 
     release = threading.Event()
     real = socket.getaddrinfo

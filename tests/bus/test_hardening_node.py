@@ -16,16 +16,16 @@ import orjson
 import pytest
 import wasmtime
 
-from bus.connection import ConnectOptions
-from bus.server import NatsServer
-from host.node import Node
-from host.policy import load_policy
-from host.sandbox import AuditEvent, Capabilities, DirGrant, Limits, ModuleInfo, Sandbox
-from host.sandbox.pool import NotInline
-from host.sandbox.sandbox import rerun_safe
-from sdk.client import Client
-from sdk.envelope import H_ERROR_CODE, error_from_reply, error_reply
-from sdk.errors import (
+from sandbus.bus.connection import ConnectOptions
+from sandbus.bus.server import NatsServer
+from sandbus.host.lifecycle.policy import load_policy
+from sandbus.host.node.node import Node
+from sandbus.host.sandbox import AuditEvent, Capabilities, DirGrant, Limits, ModuleInfo, Sandbox
+from sandbus.host.sandbox.pool import NotInline
+from sandbus.host.sandbox.sandbox import rerun_safe
+from sandbus.sdk.client import Client
+from sandbus.sdk.envelope import H_ERROR_CODE, error_from_reply, error_reply
+from sandbus.sdk.errors import (
     AbiViolationError,
     BusError,
     ExecutionTimeoutError,
@@ -34,7 +34,7 @@ from sdk.errors import (
     SandbusError,
     TrapError,
 )
-from sdk.subjects import control_subject, request_subject
+from sandbus.sdk.subjects import control_subject, request_subject
 from tests.bus.conftest import NodeProcess
 from tests.conftest import ABI_PRELUDE
 
@@ -222,7 +222,7 @@ def test_f05_rerun_rule_follows_the_grant_and_the_imports(tmp_path: Path, append
     with Sandbox(appender, name="appender", capabilities=readonly) as sandbox:
         assert rerun_safe(sandbox.info, readonly)
     publisher = c_guest_flags("recorder", "rec_f05", '-DPLUGIN_NAME="rec_f05"')
-    from host.bus_hostfuncs import BusBridge
+    from sandbus.host.node.hostfuncs import BusBridge
 
     messaging = Capabilities(extra=frozenset({"messaging"}))
     with Sandbox(publisher, name="rec_f05", capabilities=messaging,
@@ -540,9 +540,9 @@ BOOM_WAT = """
 def test_f25_a_host_function_bug_is_the_hosts_error(plugin_dir: Path) -> None:
     """A host function that raises an unexpected Python exception fails the call with a HostError
     (``host.error``), counted in ``host_errors``: the plugin's ``errors`` and ``last_error`` stay clean."""
-    from host.manager import PluginManager
-    from host.sandbox import HostFunctions
-    from sdk.errors import HostError
+    from sandbus.host.lifecycle import PluginManager
+    from sandbus.host.sandbox import HostFunctions
+    from sandbus.sdk.errors import HostError
 
     broken = HostFunctions()
 

@@ -16,9 +16,9 @@ from typing import Any
 import orjson
 import pytest
 
-from bus.server import NatsServer
-from sdk.client import Client
-from sdk.errors import BusError, PluginNotFoundError, RequestTimeoutError, SecurityViolationError
+from sandbus.bus.server import NatsServer
+from sandbus.sdk.client import Client
+from sandbus.sdk.errors import BusError, PluginNotFoundError, RequestTimeoutError, SecurityViolationError
 from tests.bus.conftest import NodeProcess
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from host.sandbox import Limits, Sandbox
-from sdk.errors import MemoryLimitError, StackLimitError, TrapError
+from sandbus.host.sandbox import Limits, Sandbox
+from sandbus.sdk.errors import MemoryLimitError, StackLimitError, TrapError
 
 
 def main() -> int:

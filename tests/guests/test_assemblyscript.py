@@ -11,15 +11,15 @@ import orjson
 import pytest
 import wasmtime
 
-from host.sandbox import Limits, Sandbox, SandboxBuilder
-from sdk.errors import (
+from sandbus.host.sandbox import Limits, Sandbox, SandboxBuilder
+from sandbus.sdk.errors import (
     ExecutionTimeoutError,
     MemoryLimitError,
     OutOfFuelError,
     SecurityViolationError,
     TrapError,
 )
-from sdk.testing import PluginHarness
+from sandbus.sdk.testing import PluginHarness
 from tests.conftest import ROOT, AuditLog
 
 ASC = ROOT / "sdk" / "guest" / "assemblyscript" / "node_modules" / ".bin" / "asc"

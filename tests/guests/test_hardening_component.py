@@ -23,8 +23,8 @@ import pytest
 import wasmtime.component._enter as component_enter
 from wasmtime._wasi import CUSTOM_OUTPUTS as wasi_callbacks
 
-from host.sandbox import Limits, Sandbox, SandboxBuilder
-from sdk.errors import MemoryLimitError, PayloadTooLargeError, SandbusError, SecurityViolationError, TrapError
+from sandbus.host.sandbox import Limits, Sandbox, SandboxBuilder
+from sandbus.sdk.errors import MemoryLimitError, PayloadTooLargeError, SandbusError, SecurityViolationError, TrapError
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST = Path(__file__).resolve().parent / "py_adversary"
@@ -114,7 +114,7 @@ def test_f09_cli_exit_codes_after_a_trap(adversary: Path) -> None:
     """`sandbus run` on a component that runs out of memory or of wasm stack exits 3 (a limit), one that
     traps (CPython's own RecursionError) exits 1, and none aborts."""
     for function, request, code in (("hoard", "{}", 3), ("recurse", '{"limit": 1000000}', 3), ("recurse", "{}", 1)):
-        proc = subprocess.run([sys.executable, "-m", "host.cli", "run", str(adversary), "--function", function,
+        proc = subprocess.run([sys.executable, "-m", "sandbus", "run", str(adversary), "--function", function,
                                "--input", request, "--memory-mb", "32"],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert (function, request, proc.returncode) == (function, request, code), proc.stderr[-600:]

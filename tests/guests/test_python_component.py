@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from host.sandbox import (
+from sandbus.host.sandbox import (
     BudgetExceeded,
     CallContext,
     HostFunction,
@@ -25,8 +25,8 @@ from host.sandbox import (
     SandboxBuilder,
     shared_cache,
 )
-from host.sandbox.component import ComponentInstance
-from sdk.errors import (
+from sandbus.host.sandbox.component import ComponentInstance
+from sandbus.sdk.errors import (
     AbiViolationError,
     ExecutionTimeoutError,
     MemoryLimitError,
@@ -179,7 +179,7 @@ def test_files_only_in_granted_directories(py_echo: Path, tmp_path: Path) -> Non
 
 
 def _fake_store() -> HostFunctions:
-    """kv_get / kv_put / take_result over a dict, written against the core ABI like host/bus_hostfuncs.py."""
+    """kv_get / kv_put / take_result over a dict, written against the core ABI like host/node/hostfuncs.py."""
     store: dict[str, bytes] = {}
 
     def kv_get(ctx: CallContext, kptr: int, klen: int, buf: int, cap: int) -> int:
@@ -220,7 +220,7 @@ def test_registered_host_functions_serve_components(py_echo: Path, audit: AuditL
 
 
 def _fake_peers() -> HostFunctions:
-    """``request`` + ``take_result`` written against the core ABI like host/bus_hostfuncs.py: "echo"
+    """``request`` + ``take_result`` written against the core ABI like host/node/hostfuncs.py: "echo"
     answers with its request, anything else has no node (-2, with the error JSON in take_result)."""
 
     def request(ctx: CallContext, tptr: int, tlen: int, jptr: int, jlen: int, buf: int, cap: int) -> int:
@@ -277,8 +277,8 @@ def test_second_load_comes_from_the_disk_cache(py_echo: Path, sandbox: Sandbox) 
 
 
 def test_module_cache_refuses_a_component_as_a_core_module(py_echo: Path, tmp_path: Path) -> None:
-    from host.sandbox.engine import get_engine
-    from sdk.errors import InvalidModuleError
+    from sandbus.host.sandbox.engine import get_engine
+    from sandbus.sdk.errors import InvalidModuleError
 
     with pytest.raises(InvalidModuleError, match="component"):
         ModuleCache(tmp_path).load(get_engine(Limits().stack_bytes), py_echo.read_bytes())

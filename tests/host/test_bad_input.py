@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from host.sandbox import MIB, AuditLevel, Limits, Sandbox
-from sdk.errors import (
+from sandbus.host.sandbox import MIB, AuditLevel, Limits, Sandbox
+from sandbus.sdk.errors import (
     AbiViolationError,
     ExecutionTimeoutError,
     InvalidModuleError,

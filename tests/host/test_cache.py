@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from host.sandbox import ModuleCache, Sandbox
-from host.sandbox.engine import get_engine
+from sandbus.host.sandbox import ModuleCache, Sandbox
+from sandbus.host.sandbox.engine import get_engine
 
 
 def test_second_cache_loads_from_disk_without_compiling(tmp_path: Path, plugins_dir: Path) -> None:
@@ -46,7 +46,7 @@ def test_damaged_entry_is_recompiled(tmp_path: Path, plugins_dir: Path) -> None:
 
 def test_cache_shared_between_processes(tmp_path: Path, plugins_dir: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; from host.sandbox import ModuleCache, Sandbox;"
+        "import sys; from pathlib import Path; from sandbus.host.sandbox import ModuleCache, Sandbox;"
         "c = ModuleCache(Path(sys.argv[1])); Sandbox(Path(sys.argv[2]), cache=c).close();"
         "print(c.compiles, c.hits_disk)"
     )

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from host.sandbox import SandboxBuilder
-from sdk.errors import SecurityViolationError
+from sandbus.host.sandbox import SandboxBuilder
+from sandbus.sdk.errors import SecurityViolationError
 from tests.conftest import AuditLog
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from host.deps import LoadPlan, check_unload, dependents, load_order
-from host.manifest import Manifest, load_manifest
-from sdk.errors import DependencyError
+from sandbus.host.lifecycle.deps import LoadPlan, check_unload, dependents, load_order
+from sandbus.host.lifecycle.manifest import Manifest, load_manifest
+from sandbus.sdk.errors import DependencyError
 
 
 def plugin(tmp_path: Path, name: str, version: str = "1.0.0", **deps: str | tuple[str, bool]) -> Manifest:

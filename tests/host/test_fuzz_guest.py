@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from host.sandbox import Limits, Sandbox
-from host.sandbox.config import Capabilities
-from sdk.errors import AbiViolationError, PayloadTooLargeError, SandbusError
+from sandbus.host.sandbox import Limits, Sandbox
+from sandbus.host.sandbox.config import Capabilities
+from sandbus.sdk.errors import AbiViolationError, PayloadTooLargeError, SandbusError
 
 #: (fast, native), as in tests/host/test_invoke.py
 PATHS = {"native": (True, True), "ctypes": (True, False), "plain": (False, False)}

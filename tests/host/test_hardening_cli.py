@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from host.sandbox import Capabilities, Limits, Sandbox
-from host.sandbox.audit import Auditor
-from host.sandbox.component import ComponentCallContext, _CallState, _output_sink
-from host.sandbox.guest_text import escape_controls, guest_lines
+from sandbus.host.sandbox import Capabilities, Limits, Sandbox
+from sandbus.host.sandbox.audit import Auditor
+from sandbus.host.sandbox.component import ComponentCallContext, _CallState, _output_sink
+from sandbus.host.sandbox.guest_text import escape_controls, guest_lines
 
 SANDBUS = Path(sys.executable).parent / "sandbus"
 
@@ -224,8 +224,8 @@ def test_f11_replies_from_the_bus_reach_the_terminal_as_data() -> None:
 
     import nats
 
-    from bus.server import NatsServer
-    from sdk.nats_guard import GuardedNatsClient
+    from sandbus.bus.server import NatsServer
+    from sandbus.sdk.nats_guard import GuardedNatsClient
 
     replies = [b'\x1b[2J\x1b]0;pwned\x07{"a": 1}', '{"say": "\u009b31m red \u202eevil"}'.encode()]
 
@@ -303,8 +303,8 @@ def test_f12_ls_and_trace_survive_a_hostile_peer() -> None:
 
     import nats
 
-    from bus.server import NatsServer
-    from sdk.nats_guard import GuardedNatsClient
+    from sandbus.bus.server import NatsServer
+    from sandbus.sdk.nats_guard import GuardedNatsClient
 
     async def case(url: str, ping: list[str], listing: str, spans: str | None,
                    cmd: list[str]) -> tuple[int | None, bytes, bytes]:
@@ -424,7 +424,7 @@ def test_f11_escape_controls_leaves_no_invisible_character() -> None:
     import sys as _sys
     import unicodedata
 
-    from host.cli_output import terminal_json
+    from sandbus.host.cli.output import terminal_json
 
     invisible = "".join(chr(c) for c in range(_sys.maxunicode + 1)
                         if unicodedata.category(chr(c)) in ("Cc", "Cf", "Zl", "Zp", "Cs"))

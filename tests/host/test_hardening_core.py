@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from host.authoring import inspect_wasm
-from host.sandbox import Auditor, Limits, ModuleCache, Sandbox
-from host.sandbox.cache import wasm_digest
-from host.sandbox.compiler import IN_PROCESS_BELOW, IN_PROCESS_FUNCTIONS, check_bounds
-from host.sandbox.config import Capabilities
-from host.sandbox.engine import get_engine
-from host.sandbox.hostfuncs import HostFunction, HostFunctions
-from host.sandbox.instance import PluginInstance
-from sdk.errors import AbiViolationError, InvalidModuleError, SandbusError, SecurityViolationError, TrapError
+from sandbus.host.authoring import inspect_wasm
+from sandbus.host.sandbox import Auditor, Limits, ModuleCache, Sandbox
+from sandbus.host.sandbox.cache import wasm_digest
+from sandbus.host.sandbox.compiler import IN_PROCESS_BELOW, IN_PROCESS_FUNCTIONS, check_bounds
+from sandbus.host.sandbox.config import Capabilities
+from sandbus.host.sandbox.engine import get_engine
+from sandbus.host.sandbox.hostfuncs import HostFunction, HostFunctions
+from sandbus.host.sandbox.instance import PluginInstance
+from sandbus.sdk.errors import AbiViolationError, InvalidModuleError, SandbusError, SecurityViolationError, TrapError
 from tests.conftest import AuditLog
 
 #: (fast, native) of each core-module call path, as in tests/host/test_invoke.py.
@@ -120,7 +120,7 @@ def test_f02_without_the_library_filter_errors_still_never_cross(monkeypatch: py
     call's exception: the call context still keeps it out (the call is reported as a plain trap)."""
     from wasmtime import _func
 
-    from host.sandbox import hostcall
+    from sandbus.host.sandbox import hostcall
 
     assert hostcall.last_exception_filtered()
     assert hostcall.library_maybe_raise is not None
@@ -272,7 +272,7 @@ def test_f06_cache_owned_by_another_user_is_refused(tmp_path: Path, plugins_dir:
     assert info.value.details["path"] == str(cache_dir)
     assert audit.kinds() == ["security.cache_untrusted"]
     # The shared cache (what every Sandbox uses by default) refuses it the same way, and runs nothing.
-    from host.sandbox import sandbox as sandbox_mod
+    from sandbus.host.sandbox import sandbox as sandbox_mod
 
     saved, before = sandbox_mod._shared_cache, os.environ.get("SANDBUS_CACHE_DIR")
     sandbox_mod._shared_cache = None
@@ -640,7 +640,7 @@ def test_f10_scan_never_crashes_and_never_refuses_a_valid_binary() -> None:
     from hypothesis import strategies as st
     from wasmtime.component import Component
 
-    from host.sandbox.wasmscan import MalformedWasm, scan_wasm
+    from sandbus.host.sandbox.wasmscan import MalformedWasm, scan_wasm
 
     engine = get_engine(Limits().stack_bytes).engine
     seeds = {k: bytes(wasmtime.wat2wasm(v)) for k, v in SCAN_SEEDS.items()}

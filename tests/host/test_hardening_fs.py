@@ -24,13 +24,13 @@ from typing import Any
 import pytest
 import wasmtime
 
-from host.manager import PluginManager
-from host.policy import Policy
-from host.sandbox import AuditLevel, Capabilities, ModuleCache, Sandbox, SandboxBuilder
-from host.sandbox.config import DirGrant
-from host.sandbox.fsguard import MAX_OPEN_FILES, WASI_SIGNATURES
-from host.sandbox.grants import GrantSet, decoy_root, open_no_symlinks
-from sdk.errors import InvalidModuleError, ResourceLimitError, SandboxError, SecurityViolationError, TrapError
+from sandbus.host.lifecycle import PluginManager
+from sandbus.host.lifecycle.policy import Policy
+from sandbus.host.sandbox import AuditLevel, Capabilities, ModuleCache, Sandbox, SandboxBuilder
+from sandbus.host.sandbox.config import DirGrant
+from sandbus.host.sandbox.fsguard import MAX_OPEN_FILES, WASI_SIGNATURES
+from sandbus.host.sandbox.grants import GrantSet, decoy_root, open_no_symlinks
+from sandbus.sdk.errors import InvalidModuleError, ResourceLimitError, SandboxError, SecurityViolationError, TrapError
 from tests.conftest import AuditLog
 
 
@@ -641,8 +641,8 @@ def test_f07_instances_are_freed_with_their_descriptors(raw_guest: Path, trees: 
 
 EXIT_SCRIPT = """
 import sys, threading
-from host.sandbox import SandboxBuilder
-from sdk.errors import TrapError
+from sandbus.host.sandbox import SandboxBuilder
+from sandbus.sdk.errors import TrapError
 sb = SandboxBuilder(sys.argv[1], name="exit").allow_write(sys.argv[2]).instances(2).build()
 def work():
     for i in range(40):

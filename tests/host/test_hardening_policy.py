@@ -1,7 +1,7 @@
 """The operator policy has the last word on every grant, and says so: messaging ceilings (deny by default,
 sound intersection) and no silent clamping of anything a granted capability lists.
 
-Resolution is tested directly (host.policy.resolve) and through a real PluginManager loading the echo
+Resolution is tested directly (sandbus.host.lifecycle.policy.resolve) and through a real PluginManager loading the echo
 plugin, so what an operator sees (the plugin refused with the reason, a ``policy.refused`` audit event,
 the other plugins serving) is pinned too.
 """
@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host.manager import PluginManager, PluginStatus
-from host.manifest import (
+from sandbus.host.lifecycle import PluginManager, PluginStatus
+from sandbus.host.lifecycle.manifest import (
     Manifest,
     check_request_pattern,
     check_subject,
@@ -29,9 +29,9 @@ from host.manifest import (
     request_matches,
     subject_matches,
 )
-from host.policy import Policy, load_policy, request_covers, resolve, subject_covers
-from host.sandbox import ModuleCache
-from sdk.errors import ManifestError, PolicyError, SecurityViolationError
+from sandbus.host.lifecycle.policy import Policy, load_policy, request_covers, resolve, subject_covers
+from sandbus.host.sandbox import ModuleCache
+from sandbus.sdk.errors import ManifestError, PolicyError, SecurityViolationError
 from tests.conftest import AuditLog
 
 HEADER = '[plugin]\nname = "orders"\nversion = "1.0.0"\n'
@@ -222,7 +222,7 @@ _MAX_PATTERN = 4
 
 
 def _brute_match(pattern: str, subject: str) -> bool:
-    """NATS matching written independently of host.manifest: '*' one token, '>' one or more at the end."""
+    """NATS matching written apart from sandbus.host.lifecycle.manifest: '*' one token, '>' one or more at the end."""
     regex = r"\.".join("[^.]+" if t == "*" else ".+" if t == ">" else re.escape(t) for t in pattern.split("."))
     return re.fullmatch(regex, subject) is not None
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import wasmtime
 
-from host.sandbox import CallContext, HostFunctions, Sandbox, SandboxBuilder
-from sdk.errors import HostError, InvalidModuleError, SecurityViolationError
+from sandbus.host.sandbox import CallContext, HostFunctions, Sandbox, SandboxBuilder
+from sandbus.sdk.errors import HostError, InvalidModuleError, SecurityViolationError
 from tests.conftest import ABI_PRELUDE, AuditLog
 
 GUEST = """

@@ -10,8 +10,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from host.sandbox import Limits, Sandbox
-from host.sandbox.invoke import (
+from sandbus.host.sandbox import Limits, Sandbox
+from sandbus.host.sandbox.invoke import (
     FAST_PATH_REASON,
     NATIVE_REASON,
     FastInvoker,
@@ -19,7 +19,7 @@ from host.sandbox.invoke import (
     fast_path_available,
     native_available,
 )
-from sdk.errors import (
+from sandbus.sdk.errors import (
     AbiViolationError,
     ExecutionTimeoutError,
     MemoryLimitError,

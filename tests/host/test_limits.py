@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from host.sandbox import MIB, Limits, Sandbox
-from sdk.errors import ExecutionTimeoutError, InstanceLimitError, StackLimitError
+from sandbus.host.sandbox import MIB, Limits, Sandbox
+from sandbus.sdk.errors import ExecutionTimeoutError, InstanceLimitError, StackLimitError
 from tests.conftest import AuditLog
 
 
@@ -103,7 +103,7 @@ def test_fuel_metering_can_be_turned_off_and_the_timeout_still_holds(wat: Callab
 
 
 def test_a_short_budget_interrupts_without_a_timeout_error(wat: Callable[[str], bytes], audit: AuditLog) -> None:
-    from host.sandbox import BudgetExceeded
+    from sandbus.host.sandbox import BudgetExceeded
 
     sb = Sandbox(wat("adversary"), name="adv", limits=Limits(timeout_s=5, fuel=10**15), on_audit=audit)
     start = time.monotonic()

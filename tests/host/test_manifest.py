@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from host.manifest import (
+from sandbus.host.lifecycle.manifest import (
     CAPABILITY_NAMES,
     Manifest,
     check_subject,
@@ -19,7 +19,7 @@ from host.manifest import (
     request_matches,
     subject_matches,
 )
-from sdk.errors import ManifestError, SecurityViolationError
+from sandbus.sdk.errors import ManifestError, SecurityViolationError
 
 HEADER = """
 [plugin]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from host.manifest import Manifest, parse_manifest
-from host.policy import Denial, Policy, load_policy, resolve
-from host.sandbox.config import MIB, DirGrant
-from sdk.errors import PolicyError, SecurityViolationError
+from sandbus.host.lifecycle.manifest import Manifest, parse_manifest
+from sandbus.host.lifecycle.policy import Denial, Policy, load_policy, resolve
+from sandbus.host.sandbox.config import MIB, DirGrant
+from sandbus.sdk.errors import PolicyError, SecurityViolationError
 
 HEADER = '[plugin]\nname = "orders"\nversion = "1.0.0"\n'
 

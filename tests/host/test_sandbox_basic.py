@@ -8,8 +8,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from host.sandbox import Limits, Sandbox, SandboxBuilder, run_plugin
-from sdk.errors import AbiViolationError, PluginNotFoundError
+from sandbus.host.sandbox import Limits, Sandbox, SandboxBuilder, run_plugin
+from sandbus.sdk.errors import AbiViolationError, PluginNotFoundError
 
 
 def test_one_liner_runs_text_processor(plugins_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""The node's request spans without the SDK: what host/otlp_wire.py writes must decode, with the
+"""The node's request spans without the SDK: what host/telemetry/otlp_wire.py writes must decode, with the
 official opentelemetry-proto classes, to exactly the spans the SDK path produces."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
-from host import otlp_wire as wire
-from host.fast_spans import FastSpans, parse_traceparent, sampler_from_env
-from host.span_export import SpanEncoder, serve
+from sandbus.host.telemetry import otlp_wire as wire
+from sandbus.host.telemetry.export import SpanEncoder, serve
+from sandbus.host.telemetry.fast_spans import FastSpans, parse_traceparent, sampler_from_env
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT = "b7ad6b7169203331"
@@ -34,7 +34,7 @@ def _attrs(kvs: Any) -> dict[str, Any]:
 
 
 def test_the_sdk_exporter_still_has_the_client_we_send_through() -> None:
-    # host/fast_spans.py posts through OTLPSpanExporter()._client.export (the exporter's own
+    # host/telemetry/fast_spans.py posts through OTLPSpanExporter()._client.export (the exporter's own
     # endpoint, headers, TLS, compression and retries); the major version is pinned for it.
     exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces")
     try:
@@ -252,7 +252,7 @@ def test_the_latency_histogram_exports_every_call_in_its_bucket() -> None:
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-    from host.span_export import LATENCY_BOUNDS, LatencyHistogram
+    from sandbus.host.telemetry.export import LATENCY_BOUNDS, LatencyHistogram
 
     exporter = OTLPMetricExporter(endpoint="http://127.0.0.1:9/v1/metrics")
     assert callable(exporter._client.export)  # what the exporter process posts through
@@ -285,7 +285,7 @@ def test_the_latency_histogram_exports_every_call_in_its_bucket() -> None:
 
 
 def test_the_compiled_encoder_writes_the_same_bytes_as_the_python_one() -> None:
-    from host.span_export import _encode_native
+    from sandbus.host.telemetry.export import _encode_native
 
     assert _encode_native is not None, "host/sandbox/_native.c is not built"
     rng = random.Random(11)

@@ -18,15 +18,15 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from bus.connection import ConnectOptions
-from bus.server import NatsServer
-from host.fast_spans import MAX_MESSAGE_ID, FastSpans, parse_traceparent, sampler_from_env
-from host.node import Node
-from host.policy import load_policy
-from host.span_export import SpanEncoder, serve
-from host.telemetry import Telemetry
-from sdk.client import Client
-from sdk.tracing import MAX_TRACESTATE, MAX_TRACESTATE_MEMBERS, extract, valid_tracestate
+from sandbus.bus.connection import ConnectOptions
+from sandbus.bus.server import NatsServer
+from sandbus.host.lifecycle.policy import load_policy
+from sandbus.host.node.node import Node
+from sandbus.host.telemetry.export import SpanEncoder, serve
+from sandbus.host.telemetry.fast_spans import MAX_MESSAGE_ID, FastSpans, parse_traceparent, sampler_from_env
+from sandbus.host.telemetry.otel import Telemetry
+from sandbus.sdk.client import Client
+from sandbus.sdk.tracing import MAX_TRACESTATE, MAX_TRACESTATE_MEMBERS, extract, valid_tracestate
 from tests.bus.conftest import POLICY
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"

@@ -22,9 +22,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from bus.server import NatsServer
-from sdk.client import Client
-from sdk.errors import ExecutionTimeoutError, SecurityViolationError
+from sandbus.bus.server import NatsServer
+from sandbus.sdk.client import Client
+from sandbus.sdk.errors import ExecutionTimeoutError, SecurityViolationError
 from tests.bus.conftest import POLICY, RECORDER_TOML, SPINNER_TOML, NodeProcess
 
 WATCHER_TOML = """
@@ -294,7 +294,7 @@ async def test_metrics_are_exported_per_plugin(two_nodes: tuple[NatsServer, Any,
 
 async def test_inline_requests_are_traced_without_the_sdk(two_nodes: tuple[NatsServer, Any, Any],
                                                          receiver: Receiver) -> None:
-    """spinner runs inline (no bus host functions): its request spans come from host/fast_spans.py,
+    """spinner runs inline (no bus host functions): its request spans come from host/telemetry/fast_spans.py,
     and must look exactly like the SDK's, audit events and latency histogram included."""
     server, _, _ = two_nodes
     tracer = trace.get_tracer("test")
@@ -389,7 +389,7 @@ def test_sandbus_trace_shows_node_spans_without_a_collector(tmp_path: Path, plug
         node = NodeProcess("node-t", d, server.url, tmp_path / "t.log")  # no OTEL_* set: tracing off
         try:
             node.wait_ready()
-            r = subprocess.run([sys.executable, "-m", "host.cli", "trace", "echo", "handle_request", '{"x": 1}',
+            r = subprocess.run([sys.executable, "-m", "sandbus", "trace", "echo", "handle_request", '{"x": 1}',
                                 "--nats", server.url], capture_output=True, text=True, timeout=60, env=env)
         finally:
             node.terminate()
@@ -427,7 +427,7 @@ def test_the_span_exporter_process_ends_with_its_node(tmp_path: Path, receiver: 
         try:
             node.wait_ready()
             exporters = [p for p in _children(node.proc.pid)
-                         if "host.span_export" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+                         if "sandbus.host.telemetry.export" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
             assert len(exporters) == 1, "a traced node runs one span exporter process"
             node.kill9()  # no shutdown: the exporter only sees its stdin close
 

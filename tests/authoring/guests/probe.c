@@ -1,5 +1,5 @@
-/* probe: a C guest exercising what sdk.testing collects -- replies, logs, the clock capability,
- * fuel, publishing -- built by host.authoring (the same path as `sandbus build`). */
+/* probe: a C guest exercising what sandbus.sdk.testing collects -- replies, logs, the clock capability,
+ * fuel, publishing -- built by sandbus.host.authoring (the same path as `sandbus build`). */
 #include "sandbus.h"
 
 static uint64_t ok(const char *result_json)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from host.manager import PluginManager
-from host.sandbox import ModuleCache
+from sandbus.host.lifecycle import PluginManager
+from sandbus.host.sandbox import ModuleCache
 from tests.conftest import AuditLog
 from tests.host.manager.factory import Gate
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from host.sandbox import HostFunction, HostFunctions
+from sandbus.host.sandbox import HostFunction, HostFunctions
 
 __all__ = ["Gate", "plugin_manifest", "plugin_wasm", "replace_atomically", "wait_until", "wasm_reply", "write_plugin"]
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from bus.server import NatsServer
-from host.authoring import AuthoringError
-from host.authoring.project import check_project_name
-from host.manifest import (
+from sandbus.bus.server import NatsServer
+from sandbus.host.authoring import AuthoringError
+from sandbus.host.authoring.project import check_project_name
+from sandbus.host.lifecycle.manifest import (
     MAX_TOML_BYTES,
     check_env_name,
     check_request_pattern,
@@ -26,10 +26,10 @@ from host.manifest import (
     parse_host,
     parse_manifest,
 )
-from host.policy import load_policy
-from sdk.client import Client
-from sdk.errors import InvalidModuleError, ManifestError, PolicyError
-from sdk.subjects import (
+from sandbus.host.lifecycle.policy import load_policy
+from sandbus.sdk.client import Client
+from sandbus.sdk.errors import InvalidModuleError, ManifestError, PolicyError
+from sandbus.sdk.subjects import (
     audit_subject,
     check_token,
     check_topic,
@@ -151,7 +151,7 @@ def test_f08_policy_validators_refuse_a_trailing_newline(tmp_path: Path, section
 
 
 def test_f08_oversized_manifest_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
-    from host.manifest import load_manifest
+    from sandbus.host.lifecycle.manifest import load_manifest
 
     path = tmp_path / "probe.toml"
     path.write_bytes(HEADER.encode() + b"#" * (MAX_TOML_BYTES + 10) + b"\n")
@@ -161,7 +161,7 @@ def test_f08_oversized_manifest_is_refused_without_reading_it_whole(tmp_path: Pa
 
 def test_f12_plugin_files_are_read_within_their_caps(tmp_path: Path) -> None:
     """A module or manifest far above its cap (sparse files: no disk used) is refused, never read whole."""
-    from host.manager.loader import parse_files, read_plugin_files
+    from sandbus.host.lifecycle.loader import parse_files, read_plugin_files
 
     with (tmp_path / "big.wasm").open("wb") as f:
         f.truncate(1 << 30)
@@ -318,7 +318,7 @@ def test_f12_toml_bombs_are_refused_before_parsing(bomb: str, tmp_path: Path) ->
         parse_manifest(text)
     path = tmp_path / "probe.toml"  # the file path (node, `plugins check`) and the policy share the rule
     path.write_text(text, encoding="utf-8")
-    from host.manifest import load_manifest
+    from sandbus.host.lifecycle.manifest import load_manifest
 
     with pytest.raises(ManifestError, match="not valid TOML"):
         load_manifest(path)
@@ -364,8 +364,8 @@ def _in_thread(fn: Callable[[], object], timeout: float = 10.0) -> object:
 @pytest.mark.parametrize("kind", ["fifo", "directory", "/dev/zero", "/dev/stdin"])
 def test_f12_plugin_files_must_be_regular_files(tmp_path: Path, which: str, kind: str) -> None:
     """A FIFO named x.wasm blocked open() forever (the node never started; `plugins check` hung)."""
-    from host.manager.loader import read_plugin_files
-    from sdk.errors import SandboxError
+    from sandbus.host.lifecycle.loader import read_plugin_files
+    from sandbus.sdk.errors import SandboxError
 
     (tmp_path / "x.wasm").write_bytes(b"\0asm\1\0\0\0")
     (tmp_path / "x.toml").write_text(HEADER.replace("probe", "x"), encoding="utf-8")
@@ -383,7 +383,7 @@ def test_f12_plugin_files_must_be_regular_files(tmp_path: Path, which: str, kind
 
 def test_f12_fifo_in_plugin_dir_does_not_stop_the_node_loading(pdir: Path, make_manager: Callable[..., object],
                                                                audit: object) -> None:
-    from host.manager import PluginManager
+    from sandbus.host.lifecycle import PluginManager
     from tests.host.manager.factory import write_plugin
 
     write_plugin(pdir, "good")
@@ -403,7 +403,7 @@ def test_f12_symlinks_are_followed_only_inside_the_plugin_directory(
         tmp_path: Path, pdir: Path, make_manager: Callable[..., object], audit: list[object]) -> None:
     """A link is followed when it ends inside the directory (Kubernetes volumes: files are links into
     ``..data/``); a link to a file anywhere else is refused as a security violation, and audited."""
-    from host.manager import PluginManager
+    from sandbus.host.lifecycle import PluginManager
     from tests.host.manager.factory import write_plugin
 
     data = pdir / "..data"
@@ -438,9 +438,9 @@ def test_f12_file_names_that_are_not_utf8_are_skipped(tmp_path: Path, plugins_di
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """``\\xff.toml`` became a plugin named '\\udcff' that no JSON listing could encode: `plugins check
     --json` died with a traceback, and a node's `list` reply could not be written."""
-    from host.manager import scan_directory
-    from host.manager.loader import check_plugin_name
-    from sdk.errors import PluginNotFoundError
+    from sandbus.host.lifecycle import scan_directory
+    from sandbus.host.lifecycle.loader import check_plugin_name
+    from sandbus.sdk.errors import PluginNotFoundError
 
     d = tmp_path / "plugins"
     d.mkdir()
@@ -463,7 +463,7 @@ def test_f22_odd_version_ranges_are_manifest_errors_not_crashes(requirement: str
                                                                 make_manager: Callable[..., object]) -> None:
     """semantic_version raised AttributeError on these ranges: out of parse_manifest, and out of a node's
     discover_and_load (which only catches sandbus errors), so one manifest stopped the node starting."""
-    from host.manager import PluginManager
+    from sandbus.host.lifecycle import PluginManager
     from tests.host.manager.factory import write_plugin
 
     with pytest.raises(ManifestError, match="npm-style version requirement"):
@@ -495,7 +495,7 @@ def test_f12_toml_shape_check_is_linear(text: str) -> None:
     every quote in it (minutes for 1 MiB)."""
     import time
 
-    from host.manifest import check_toml_shape
+    from sandbus.host.lifecycle.manifest import check_toml_shape
 
     start = time.monotonic()
     with contextlib.suppress(ValueError):

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from host.manager import PluginManager, PluginStatus, PluginWatcher
-from sdk.errors import PluginNotFoundError
+from sandbus.host.lifecycle import PluginManager, PluginStatus, PluginWatcher
+from sandbus.sdk.errors import PluginNotFoundError
 from tests.conftest import AuditLog
 from tests.host.manager.factory import (
     Gate,

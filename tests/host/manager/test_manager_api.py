@@ -1,4 +1,4 @@
-"""host.manager exports its API from __init__ with a sorted __all__; host re-exports the manager."""
+"""sandbus.host.lifecycle exports its API from __init__ with a sorted __all__; host re-exports the manager."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["host.manager", "host"])
+@pytest.mark.parametrize("name", ["sandbus.host.lifecycle", "sandbus.host"])
 def test_all_is_sorted_and_resolvable(name: str) -> None:
     module = importlib.import_module(name)
     exported = list(module.__all__)
@@ -17,8 +17,7 @@ def test_all_is_sorted_and_resolvable(name: str) -> None:
 
 
 def test_host_reexports_the_manager() -> None:
-    import host
-    import host.manager
-
+    import sandbus.host
+    import sandbus.host.lifecycle
     for attr in ("DiscoveryReport", "PluginInfo", "PluginManager", "PluginStatus", "PluginWatcher"):
-        assert getattr(host, attr) is getattr(host.manager, attr)
+        assert getattr(sandbus.host, attr) is getattr(sandbus.host.lifecycle, attr)

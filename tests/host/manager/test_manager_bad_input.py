@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from host.manager import PluginManager, PluginStatus
-from host.policy import Policy
-from sdk.errors import (
+from sandbus.host.lifecycle import PluginManager, PluginStatus
+from sandbus.host.lifecycle.policy import Policy
+from sandbus.sdk.errors import (
     DependencyError,
     InvalidModuleError,
     ManifestError,

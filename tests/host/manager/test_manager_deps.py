@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from host.manager import PluginManager, PluginStatus
-from sdk.errors import DependencyError
+from sandbus.host.lifecycle import PluginManager, PluginStatus
+from sandbus.sdk.errors import DependencyError
 from tests.conftest import AuditLog
 from tests.host.manager.factory import wasm_reply, write_plugin
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from host.manager import PluginInfo, PluginManager, PluginStatus
-from host.policy import Policy, load_policy
-from host.sandbox import ModuleCache
-from sdk.errors import AbiViolationError, PluginInitError, PluginNotFoundError, ResourceLimitError, SandbusError
+from sandbus.host.lifecycle import PluginInfo, PluginManager, PluginStatus
+from sandbus.host.lifecycle.policy import Policy, load_policy
+from sandbus.host.sandbox import ModuleCache
+from sandbus.sdk.errors import AbiViolationError, PluginInitError, PluginNotFoundError, ResourceLimitError, SandbusError
 from tests.conftest import AuditLog
 from tests.host.manager.factory import Gate, plugin_wasm, wasm_reply, write_plugin
 

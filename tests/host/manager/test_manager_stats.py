@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from host.manager import LatencyWindow, PluginStats
-from sdk.errors import TrapError
+from sandbus.host.lifecycle import LatencyWindow, PluginStats
+from sandbus.sdk.errors import TrapError
 
 
 def test_percentiles_nearest_rank() -> None:

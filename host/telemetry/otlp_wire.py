@@ -5,7 +5,7 @@ OpenTelemetry SDK costs ~28 us and encoding it for OTLP another ~100 us (bench/b
 tracing every request would cost several times the request itself. The node's request spans have a
 fixed shape (``process`` + ``execute``, docs/protocol.md), so their constant parts (names, static
 attributes, resource, scope) are encoded once and cached, and each span only adds its ids, times
-and a few numbers. The transport stays the SDK's (host/fast_spans.py); tests decode what this module
+and a few numbers. The transport stays the SDK's (host/telemetry/fast_spans.py); tests decode what this module
 writes with the official ``opentelemetry-proto`` classes (tests/telemetry/test_otlp_wire.py).
 
 Field numbers: opentelemetry/proto/trace/v1/trace.proto, common/v1/common.proto,

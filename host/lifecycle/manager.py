@@ -5,7 +5,7 @@
     manager.watch()                      # hot reload: create / modify / replace / delete
     manager.execute("echo", "handle_request", b'{"hi": 1}')
 
-Two locks, two jobs. The routing table's lock (:mod:`host.manager.table`) guards who serves each
+Two locks, two jobs. The routing table's lock (:mod:`sandbus.host.lifecycle.table`) guards who serves each
 name and the in-flight counts; it is held for a few dictionary operations, so ``execute`` (called
 from many threads at once) never waits behind a compile. ``_lifecycle`` serialises loads, reloads
 and unloads, which are slow (they compile and initialise) and must not interleave.
@@ -34,10 +34,25 @@ from typing import TYPE_CHECKING, Any, Self
 
 import orjson
 
-from host.deps import check_unload, load_order
-from host.manifest import Manifest
-from host.policy import Grant, Policy, resolve
-from host.sandbox import (
+from sandbus.host.lifecycle.depcheck import check_dependencies, explain_refusal
+from sandbus.host.lifecycle.deps import check_unload, load_order
+from sandbus.host.lifecycle.loader import (
+    RUNTIME_VERSION,
+    Fingerprint,
+    PluginFiles,
+    PluginVersion,
+    build_version,
+    check_plugin_name,
+    parse_files,
+    read_plugin_files,
+    scan_directory,
+)
+from sandbus.host.lifecycle.manifest import Manifest
+from sandbus.host.lifecycle.models import DiscoveryReport, PluginInfo
+from sandbus.host.lifecycle.policy import Grant, Policy, resolve
+from sandbus.host.lifecycle.stats import PluginStats
+from sandbus.host.lifecycle.table import RoutingTable
+from sandbus.host.sandbox import (
     AuditLevel,
     Auditor,
     AuditSink,
@@ -49,7 +64,7 @@ from host.sandbox import (
     Sandbox,
     shared_cache,
 )
-from sdk.errors import (
+from sandbus.sdk.errors import (
     AbiViolationError,
     DependencyError,
     InstanceLimitError,
@@ -59,24 +74,8 @@ from sdk.errors import (
     SecurityViolationError,
 )
 
-from .depcheck import check_dependencies, explain_refusal
-from .loader import (
-    RUNTIME_VERSION,
-    Fingerprint,
-    PluginFiles,
-    PluginVersion,
-    build_version,
-    check_plugin_name,
-    parse_files,
-    read_plugin_files,
-    scan_directory,
-)
-from .models import DiscoveryReport, PluginInfo
-from .stats import PluginStats
-from .table import RoutingTable
-
 if TYPE_CHECKING:
-    from .watcher import PluginWatcher
+    from sandbus.host.lifecycle.watcher import PluginWatcher
 
 __all__ = ["DEFAULT_MAX_PLUGINS", "PluginManager"]
 
@@ -168,8 +167,8 @@ class PluginManager:
         """:meth:`execute`, returning the reply with its fuel, memory and duration.
 
         ``budget_s`` (shorter than the plugin's timeout) stops the call early with
-        :class:`~host.sandbox.BudgetExceeded`; ``wait=False`` raises
-        :class:`~host.sandbox.pool.NotInline` at once instead of waiting for or building an
+        :class:`~sandbus.host.sandbox.BudgetExceeded`; ``wait=False`` raises
+        :class:`~sandbus.host.sandbox.pool.NotInline` at once instead of waiting for or building an
         instance (both: not counted, nothing ran, the caller runs it elsewhere). ``deadline`` (a
         ``time.monotonic()`` value) bounds the wait for an instance and the call. See
         :meth:`Sandbox.call_detailed`.
@@ -364,12 +363,12 @@ class PluginManager:
                 self.sync(name)
 
     def watch(self, *, debounce_s: float = 0.1, max_wait_s: float = 2.0) -> PluginWatcher:
-        """Start hot reload (see :class:`~host.manager.watcher.PluginWatcher`); stopped by :meth:`close`.
+        """Start hot reload (see :class:`~sandbus.host.lifecycle.watcher.PluginWatcher`); stopped by :meth:`close`.
 
         After the watcher starts, every plugin is synced once, so nothing that changed between the
         initial load and the start of watching is missed.
         """
-        from .watcher import PluginWatcher
+        from sandbus.host.lifecycle.watcher import PluginWatcher
 
         self._check_open()
         if self._watcher is None:
@@ -437,7 +436,7 @@ class PluginManager:
 
     def rerun_safe(self, name: str) -> bool:
         """Whether a call of the serving version of ``name`` may be interrupted and run again
-        (see :func:`host.sandbox.sandbox.rerun_safe`)."""
+        (see :func:`sandbus.host.sandbox.sandbox.rerun_safe`)."""
         version, _ = self._checkout(name)
         self._checkin(version)
         return version.sandbox.rerun_safe

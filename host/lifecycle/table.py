@@ -19,13 +19,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from host.manifest import Manifest
-from host.sandbox import ModuleCache
-from sdk.errors import PluginNotFoundError, SandbusError
-
-from .loader import Fingerprint, PluginVersion
-from .models import PluginInfo, PluginStatus
-from .stats import PluginStats
+from sandbus.host.lifecycle.loader import Fingerprint, PluginVersion
+from sandbus.host.lifecycle.manifest import Manifest
+from sandbus.host.lifecycle.models import PluginInfo, PluginStatus
+from sandbus.host.lifecycle.stats import PluginStats
+from sandbus.host.sandbox import ModuleCache
+from sandbus.sdk.errors import PluginNotFoundError, SandbusError
 
 __all__ = ["RoutingTable", "Slot"]
 

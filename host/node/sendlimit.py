@@ -3,13 +3,13 @@
 The hop limit bounds how *deep* a chain of plugin messages goes, not how *wide*: a plugin that
 publishes K messages for each message it receives on a topic it subscribes to sends K + K^2 + ... +
 K^hops messages from one request (K = 3: almost 10,000). Two bounds close that, both from the
-operator policy (``[messaging]``, see host/policy.py):
+operator policy (``[messaging]``, see host/lifecycle/policy.py):
 
 * a token bucket per plugin (per node process): ``per_second`` tokens a second, at most ``burst``
   banked; every send takes one, and a send with none left is refused;
 * a cap per call, so one call cannot fire its whole burst (or loop on ``publish``) at once.
 
-A refused send fails the call with :class:`~sdk.errors.RateLimitError` (``limit.rate``), which the call
+A refused send fails the call with :class:`~sandbus.sdk.errors.RateLimitError` (``limit.rate``), which the call
 path audits like every other limit.
 """
 
@@ -19,11 +19,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from sdk.errors import RateLimitError
+from sandbus.sdk.errors import RateLimitError
 
 if TYPE_CHECKING:
-    from .policy import SendLimits
-    from .sandbox import CallContext
+    from sandbus.host.lifecycle.policy import SendLimits
+    from sandbus.host.sandbox import CallContext
 
 __all__ = ["SendLimiter", "TokenBucket"]
 
@@ -54,8 +54,8 @@ class TokenBucket:
 
 
 class SendLimiter:
-    """One bucket per plugin name, built from that plugin's :class:`~host.policy.SendLimits` (rebuilt when
-    they change, e.g. after a reload under another policy)."""
+    """One bucket per plugin name, built from that plugin's :class:`~sandbus.host.lifecycle.policy.SendLimits`
+    (rebuilt when they change, e.g. after a reload under another policy)."""
 
     def __init__(self) -> None:
         self._buckets: dict[str, TokenBucket] = {}

@@ -2,7 +2,7 @@
 
 A plugin's log lines and error texts, and whatever a node (or anything answering on the bus) puts in
 a listing, reach an operator's terminal. Here they are shown as text: control characters escaped
-(:mod:`host.sandbox.guest_text`), rich markup never interpreted in data (``[x]`` stays ``[x]``), and a
+(:mod:`sandbus.host.sandbox.guest_text`), rich markup never interpreted in data (``[x]`` stays ``[x]``), and a
 message's own line breaks indented, so no line of it can pass for a line of sandbus's own.
 """
 
@@ -15,7 +15,7 @@ import sys
 from rich.markup import escape as escape_markup
 from rich.text import Text
 
-from .sandbox.guest_text import INVISIBLE_CHARS, escape_controls
+from sandbus.host.sandbox.guest_text import INVISIBLE_CHARS, escape_controls
 
 __all__ = [
     "MAX_CELL_CHARS",

@@ -1,7 +1,7 @@
 """Host functions that reach beyond the sandbox: publish and request (messaging), kv_* (storage),
 http_request (network).
 
-Calls of plugins that import these run in worker threads (host/node.py); NATS lives on the node's
+Calls of plugins that import these run in worker threads (host/node/node.py); NATS lives on the node's
 event loop, so a host function hands its coroutine to the loop and waits for it, bounded.
 
 Results of unknown size (kv_get, http_request, request) follow one pattern: the function returns the
@@ -26,7 +26,7 @@ Chains: every message a plugin sends while serving one -- a ``request`` or a ``p
 cycle through requests, publishes and topic subscriptions (a plugin that publishes onto a topic it
 is subscribed to) ends at the hop limit with ``HopLimitError`` and a ``limit.hops`` audit event.
 The hop limit bounds how deep a chain goes; how wide it fans out (a plugin that publishes several
-messages per message it receives) is bounded by the policy's send limits (host/sendlimit.py): a
+messages per message it receives) is bounded by the policy's send limits (host/node/sendlimit.py): a
 token bucket per plugin and a cap per call, beyond which a send fails the call with
 ``RateLimitError`` and a ``limit.rate`` audit event.
 """
@@ -52,8 +52,13 @@ import orjson
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from sdk.envelope import H_FROM, H_HOPS, H_MSG_ID, JSON, error_from_reply, hops_of, new_message_id
-from sdk.errors import (
+from sandbus.host.node.netguard import NameNotResolved, NotPermitted, resolve_checked
+from sandbus.host.node.sendlimit import SendLimiter
+from sandbus.host.sandbox import DEFAULT_FUNCTION, AuditLevel, CallContext, HostFunction, HostFunctions
+from sandbus.host.sandbox.deadline import expired, remaining
+from sandbus.host.sandbox.hostfuncs import read_bounded, read_str_bounded
+from sandbus.sdk.envelope import H_FROM, H_HOPS, H_MSG_ID, JSON, error_from_reply, hops_of, new_message_id
+from sandbus.sdk.errors import (
     AbiViolationError,
     BusError,
     HopLimitError,
@@ -64,18 +69,12 @@ from sdk.errors import (
     SandbusError,
     SecurityViolationError,
 )
-from sdk.jsonbound import MAX_JSON_DEPTH, too_deep
-from sdk.subjects import MAX_TOPIC_LENGTH, check_token, check_topic, request_subject
-from sdk.tracing import record_error, send_span
-
-from .netguard import NameNotResolved, NotPermitted, resolve_checked
-from .sandbox import DEFAULT_FUNCTION, AuditLevel, CallContext, HostFunction, HostFunctions
-from .sandbox.deadline import expired, remaining
-from .sandbox.hostfuncs import read_bounded, read_str_bounded
-from .sendlimit import SendLimiter
+from sandbus.sdk.jsonbound import MAX_JSON_DEPTH, too_deep
+from sandbus.sdk.subjects import MAX_TOPIC_LENGTH, check_token, check_topic, request_subject
+from sandbus.sdk.tracing import record_error, send_span
 
 if TYPE_CHECKING:
-    from .node import Node
+    from sandbus.host.node.node import Node
 
 __all__ = [
     "BusBridge",
@@ -213,7 +212,7 @@ class BusBridge:
         self._conn_gates: dict[str, threading.BoundedSemaphore] = {}
         self._gates_lock = threading.Lock()
         self._buckets: dict[str, Any] = {}
-        #: What each plugin may send, how fast and how many per call (host/sendlimit.py).
+        #: What each plugin may send, how fast and how many per call (host/node/sendlimit.py).
         self.sends = SendLimiter()
 
     def host_functions(self) -> HostFunctions:

@@ -42,10 +42,10 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from .loader import plugin_stem
+from sandbus.host.lifecycle.loader import plugin_stem
 
 if TYPE_CHECKING:
-    from .manager import PluginManager
+    from sandbus.host.lifecycle.manager import PluginManager
 
 __all__ = ["PluginWatcher"]
 

@@ -1,6 +1,6 @@
-"""Can this manifest join the plugins already serving? The run-time side of :mod:`host.deps`.
+"""Can this manifest join the plugins already serving? The run-time side of :mod:`sandbus.host.lifecycle.deps`.
 
-:func:`host.deps.load_order` plans a whole directory at once; a running node also needs the
+:func:`sandbus.host.lifecycle.deps.load_order` plans a whole directory at once; a running node also needs the
 question for one plugin at a time (a file appears, a new version lands): are its dependencies
 serving at compatible versions, and would a new version break a plugin that depends on the old one?
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from host.deps import load_order
-from host.manifest import Manifest
-from sdk.errors import DependencyError, SandbusError
+from sandbus.host.lifecycle.deps import load_order
+from sandbus.host.lifecycle.manifest import Manifest
+from sandbus.sdk.errors import DependencyError, SandbusError
 
 __all__ = ["check_dependencies", "explain_refusal"]
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sdk.errors import BusError, HostError, SandbusError
+from sandbus.sdk.errors import BusError, HostError, SandbusError
 
 __all__ = ["LatencyWindow", "PluginStats", "StatsSnapshot", "blames_plugin"]
 
@@ -24,9 +24,9 @@ __all__ = ["LatencyWindow", "PluginStats", "StatsSnapshot", "blames_plugin"]
 def blames_plugin(error: SandbusError) -> bool:
     """Whether a failed call counts against the plugin (its ``errors`` and ``last_error``).
 
-    A :class:`~sdk.errors.BusError` (and its subclasses) means the bus or the network failed under
+    A :class:`~sandbus.sdk.errors.BusError` (and its subclasses) means the bus or the network failed under
     a host function -- NATS down or reconnecting, a publish never acknowledged, a granted server
-    unreachable -- and a :class:`~sdk.errors.HostError` that a host function itself failed (a bug
+    unreachable -- and a :class:`~sandbus.sdk.errors.HostError` that a host function itself failed (a bug
     of the host); no plugin can cause or fix either: an operator reading ``last_error`` must not be
     sent to the plugin's author. Such calls count in ``host_errors`` instead. Everything else
     (traps, limits, denials, bad replies) is the plugin's.

@@ -18,7 +18,11 @@ from typing import Annotated, Any, NoReturn
 import orjson
 import typer
 
-from sdk.errors import (
+from sandbus.host.cli.output import TerminalFormatter, setup_logging, terminal_json, terminal_text
+from sandbus.host.cli.plugins import plugins_app
+from sandbus.host.lifecycle.manifest import check_env_name
+from sandbus.host.sandbox import MIB, Capabilities, DirGrant, Limits, Sandbox
+from sandbus.sdk.errors import (
     AbiViolationError,
     InvalidModuleError,
     ManifestError,
@@ -28,11 +32,6 @@ from sdk.errors import (
     SandbusError,
     SecurityViolationError,
 )
-
-from .cli_output import TerminalFormatter, setup_logging, terminal_json, terminal_text
-from .cli_plugins import plugins_app
-from .manifest import check_env_name
-from .sandbox import MIB, Capabilities, DirGrant, Limits, Sandbox
 
 __all__ = [
     "EXIT_LIMIT",
@@ -188,8 +187,8 @@ def _root() -> None:
 
 
 def main() -> None:
-    from .cli_author import register as register_author
-    from .cli_bus import register
+    from sandbus.host.cli.author import register as register_author
+    from sandbus.host.cli.bus import register
 
     register(app)
     register_author(app)

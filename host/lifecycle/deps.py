@@ -2,7 +2,7 @@
 
 One broken plugin must not keep a node from starting, so :func:`load_order` does not stop at the
 first problem: a plugin whose dependency is missing, has an incompatible version, or sits in a cycle
-is *refused* (with a :class:`~sdk.errors.DependencyError` saying why), every plugin that needs a
+is *refused* (with a :class:`~sandbus.sdk.errors.DependencyError` saying why), every plugin that needs a
 refused plugin is refused in turn, and the rest load, dependencies first. An absent optional dependency
 is not an error; it is reported in :attr:`LoadPlan.skipped_optional`.
 
@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 
-from host.manifest import DependencySpec, Manifest
-from sdk.errors import DependencyError
+from sandbus.host.lifecycle.manifest import DependencySpec, Manifest
+from sandbus.sdk.errors import DependencyError
 
 __all__ = ["LoadPlan", "check_unload", "dependents", "load_order"]
 

@@ -1,4 +1,4 @@
-"""The exporter process of a node's request spans (see host/fast_spans.py for why it exists).
+"""The exporter process of a node's request spans (see host/telemetry/fast_spans.py for why it exists).
 
 The node writes batches to the process's stdin, each framed as a 4-byte big-endian length and an
 orjson document ``{"requests": [record...], "latencies": [[plugin, seconds]...]}``. A record is:
@@ -10,12 +10,12 @@ orjson document ``{"requests": [record...], "latencies": [[plugin, seconds]...]}
      [error_type, message] | null, [[time_ns, event_name, {attributes}]...] | null]
 
 The process encodes each record as a ``process`` CONSUMER span and an ``execute`` INTERNAL span
-(host/otlp_wire.py), posts them with the OTLP/HTTP exporter client the ``OTEL_*`` variables
+(host/telemetry/otlp_wire.py), posts them with the OTLP/HTTP exporter client the ``OTEL_*`` variables
 configure, and keeps ``sandbus.call.duration`` (the node's latency histogram: it sees every call's
 latency), exported as OTLP metrics every ``OTEL_METRIC_EXPORT_INTERVAL``. It exits when stdin
 closes, after exporting what it has: the node closing the pipe, or dying, ends it.
 
-    python -m host.span_export '<resource attributes as JSON>'
+    python -m sandbus.host.telemetry.export '<resource attributes as JSON>'
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ from typing import IO, Any
 
 import orjson
 
-from sdk.tracing import MAX_TRACESTATE, TRACER_NAME
-
-from . import otlp_wire as wire
+from sandbus.host.telemetry import otlp_wire as wire
+from sandbus.sdk.tracing import MAX_TRACESTATE, TRACER_NAME
 
 __all__ = ["LATENCY_BOUNDS", "ExporterProcess", "LatencyHistogram", "SpanEncoder", "main"]
 
@@ -56,7 +55,7 @@ _RESTART_EVERY_S = 10.0
 
 _encode_native: Callable[[list[Any], bytes, bytes, float], bytes | None] | None
 try:
-    from .sandbox._native import encode_request as _encode_native
+    from sandbus.host.sandbox._native import encode_request as _encode_native
 except ImportError:  # not built: the Python encoder does every span (~8 us a request instead of ~1)
     _encode_native = None
 
@@ -142,14 +141,15 @@ class SpanEncoder:
 
 
 class ExporterProcess:
-    """The node's side: starts ``python -m host.span_export`` and writes batches to it.
+    """The node's side: starts ``python -m sandbus.host.telemetry.export`` and writes batches to it.
 
     A dead process is restarted (at most every 10 s); batches offered while it is down are refused,
     and the caller counts them as dropped.
     """
 
     def __init__(self, resource_attrs: Mapping[str, Any]) -> None:
-        self._args = [sys.executable, "-m", "host.span_export", orjson.dumps(dict(resource_attrs)).decode()]
+        self._args = [sys.executable, "-m", "sandbus.host.telemetry.export",
+                      orjson.dumps(dict(resource_attrs)).decode()]
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_at = 0.0
@@ -202,7 +202,7 @@ class ExporterProcess:
 
 
 #: Call latency buckets, in seconds: plugin calls take microseconds to seconds (shared with the SDK
-#: path's histogram in host/telemetry.py, so both report the same buckets).
+#: path's histogram in host/telemetry/otel.py, so both report the same buckets).
 LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                   5.0, 10.0)
 

@@ -8,8 +8,8 @@ GIL in bursts and every syscall of the event loop then waits for it. So:
 * on the request path, a request served inline is one flat record (ids, times, a few numbers:
   a few microseconds), queued;
 * a shipper thread sends the queue, as one ``orjson`` document per batch (one C call, one pipe
-  write), to an exporter process (host/span_export.py);
-* the exporter process encodes the spans (host/otlp_wire.py), posts them through the SDK's own
+  write), to an exporter process (host/telemetry/export.py);
+* the exporter process encodes the spans (host/telemetry/otlp_wire.py), posts them through the SDK's own
   OTLP/HTTP exporter client -- the endpoint, headers, TLS, compression, timeout and retries that
   the ``OTEL_*`` variables configure -- and keeps the ``sandbus.call.duration`` histogram.
 
@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-from sdk.tracing import MAX_TRACEPARENT, valid_tracestate
+from sandbus.sdk.tracing import MAX_TRACEPARENT, valid_tracestate
 
 __all__ = ["FastSpans", "RequestTrace", "parse_traceparent", "sampler_from_env"]
 
@@ -185,7 +185,7 @@ class FastSpans:
         sample, why = sampler_from_env(env)
         if sample is None:
             return None, why
-        from .span_export import ExporterProcess
+        from sandbus.host.telemetry.export import ExporterProcess
 
         process = ExporterProcess(resource_attrs)
 
@@ -286,7 +286,7 @@ class FastSpans:
     def batch_document(records: list[tuple[Any, ...]], latencies: list[tuple[str, float]]) -> bytes:
         """One batch as JSON: ``{"requests": [record...], "latencies": [[plugin, seconds]...]}``.
 
-        A record is the tuple :meth:`finish` queued (see host/span_export.py for its fields); orjson
+        A record is the tuple :meth:`finish` queued (see host/telemetry/export.py for its fields); orjson
         writes it in one C call, holding the GIL once per batch.
         """
         return orjson.dumps({"requests": records, "latencies": latencies})

@@ -18,15 +18,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bus.connection import ConnectOptions
-from bus.server import NatsServer
-from sdk.client import Client
-from sdk.errors import SandbusError
-from sdk.subjects import check_token, check_topic
-
-from .cli import EXIT_USAGE, exit_code_for, fail, finite_positive, read_json_arg
-from .cli_output import cell, markup_safe, setup_logging, terminal_json
-from .sandbox.guest_text import escape_controls
+from sandbus.bus.connection import ConnectOptions
+from sandbus.bus.server import NatsServer
+from sandbus.host.cli.main import EXIT_USAGE, exit_code_for, fail, finite_positive, read_json_arg
+from sandbus.host.cli.output import cell, markup_safe, setup_logging, terminal_json
+from sandbus.host.sandbox.guest_text import escape_controls
+from sandbus.sdk.client import Client
+from sandbus.sdk.errors import SandbusError
+from sandbus.sdk.subjects import check_token, check_topic
 
 __all__ = ["DEFAULT_NATS", "register"]
 
@@ -81,8 +80,8 @@ def node(
 ) -> None:
     """Run a host node serving PLUGINS over NATS (an embedded nats-server when --nats is not given)."""
     setup_logging(max(verbose, 1))
-    from .node import Node, default_node_id
-    from .policy import Policy, load_policy
+    from sandbus.host.lifecycle.policy import Policy, load_policy
+    from sandbus.host.node.node import Node, default_node_id
 
     server: NatsServer | None = None
     url = nats_url or os.environ.get("SANDBUS_NATS")
@@ -110,7 +109,7 @@ def node(
             typer.echo(f"  {escape_controls(info.name):20s} {escape_controls(info.version or '-'):10s} "
                        f"{info.status.value}" + (f"  ({escape_controls(info.last_error)})" if info.last_error else ""))
         for i in range(1, workers):
-            args = [sys.executable, "-m", "host.cli", "node", "--plugins", str(plugins), "--nats", url,
+            args = [sys.executable, "-m", "sandbus", "node", "--plugins", str(plugins), "--nats", url,
                     "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch",
                     "--durable" if durable else "--no-durable", "--max-waiting", str(max_waiting)]
             for flag, value in (("--policy", policy), ("--user", user), ("--creds", creds),
@@ -282,7 +281,7 @@ def trace_cmd(
     from opentelemetry.sdk.trace import TracerProvider
     from rich.tree import Tree
 
-    from .telemetry import SpanCollector
+    from sandbus.host.telemetry.otel import SpanCollector
 
     data = read_json_arg(payload, "payload")
     provider = TracerProvider(resource=Resource.create({"service.name": "sandbus-cli",

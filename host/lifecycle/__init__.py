@@ -4,11 +4,11 @@
 file-system events into reloads; ``PluginInfo`` is what ``list_plugins`` reports.
 """
 
-from .loader import RUNTIME_VERSION, PluginVersion, check_plugin_name, scan_directory
-from .manager import DEFAULT_MAX_PLUGINS, PluginManager
-from .models import DiscoveryReport, PluginInfo, PluginStatus
-from .stats import LatencyWindow, PluginStats, StatsSnapshot
-from .watcher import PluginWatcher
+from sandbus.host.lifecycle.loader import RUNTIME_VERSION, PluginVersion, check_plugin_name, scan_directory
+from sandbus.host.lifecycle.manager import DEFAULT_MAX_PLUGINS, PluginManager
+from sandbus.host.lifecycle.models import DiscoveryReport, PluginInfo, PluginStatus
+from sandbus.host.lifecycle.stats import LatencyWindow, PluginStats, StatsSnapshot
+from sandbus.host.lifecycle.watcher import PluginWatcher
 
 __all__ = [
     "DEFAULT_MAX_PLUGINS",

@@ -40,14 +40,13 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from sdk.envelope import H_ERROR, H_ERROR_CODE, H_MSG_ID, error_reply, header_value
-from sdk.errors import AbiViolationError, SandbusError
-from sdk.subjects import AUDIT_PREFIX, DLQ_PREFIX, TOPIC_PREFIX, dlq_subject, topic_subject
-
-from .sandbox import AuditLevel
+from sandbus.host.sandbox import AuditLevel
+from sandbus.sdk.envelope import H_ERROR, H_ERROR_CODE, H_MSG_ID, error_reply, header_value
+from sandbus.sdk.errors import AbiViolationError, SandbusError
+from sandbus.sdk.subjects import AUDIT_PREFIX, DLQ_PREFIX, TOPIC_PREFIX, dlq_subject, topic_subject
 
 if TYPE_CHECKING:
-    from .node import Node
+    from sandbus.host.node.node import Node
 
 __all__ = ["AUDIT_STREAM", "DLQ_STREAM", "TOPIC_STREAM", "DurableTopics", "StreamLimits", "ensure_streams"]
 

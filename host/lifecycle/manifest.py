@@ -1,9 +1,10 @@
 """Plugin manifests: ``<name>.toml`` beside ``<name>.wasm``.
 
-A manifest is what a plugin *asks for*; the operator policy (:mod:`host.policy`) decides what it *gets*.
+A manifest is what a plugin *asks for*; the operator policy (:mod:`sandbus.host.lifecycle.policy`) decides what
+it *gets*.
 Keeping the two apart means an untrusted author can never grant themselves anything: the worst a
 manifest can do is be refused. Because manifests are written by hand, every mistake is reported as a
-:class:`~sdk.errors.ManifestError` naming the file, the dotted key, what was expected and what was
+:class:`~sandbus.sdk.errors.ManifestError` naming the file, the dotted key, what was expected and what was
 found -- and, for a misspelt key, the key that was probably meant.
 
 Example::
@@ -60,8 +61,8 @@ from pydantic import (
     model_validator,
 )
 
-from sdk.errors import ManifestError, SecurityViolationError
-from sdk.subjects import check_token, check_topic
+from sandbus.sdk.errors import ManifestError, SecurityViolationError
+from sandbus.sdk.subjects import check_token, check_topic
 
 __all__ = [
     "CAPABILITY_NAMES",
@@ -109,7 +110,7 @@ _TOML_POS_RE = re.compile(r"at line (\d+), column (\d+)")
 
 
 # --------------------------------------------------------------------------------------------------
-# Shared validation helpers (also used by host.policy)
+# Shared validation helpers (also used by sandbus.host.lifecycle.policy)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -168,7 +169,7 @@ def _dedupe(values: typing.Iterable[str]) -> tuple[str, ...]:
 def check_subject(subject: str) -> str:
     """Validate a topic pattern (``[subscriptions] topics``, ``publish_topics``) and return it unchanged.
 
-    This is :func:`sdk.subjects.check_topic` with wildcards: the one rule the node, the client and
+    This is :func:`sandbus.sdk.subjects.check_topic` with wildcards: the one rule the node, the client and
     ``sandbus plugins check`` share, so a manifest that validates is one a node can subscribe to.
     Tokens are ``[A-Za-z0-9_-]+`` separated by ``.``; ``*`` matches exactly one token and must be a
     whole token; ``>`` matches one or more trailing tokens and may only be the last token.
@@ -630,7 +631,7 @@ class Manifest(_Section):
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading and error translation (shared with host.policy)
+# Loading and error translation (shared with sandbus.host.lifecycle.policy)
 # --------------------------------------------------------------------------------------------------
 
 _ErrorFactory = Callable[[str, str | None], Exception]

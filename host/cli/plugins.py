@@ -3,7 +3,7 @@
 ``sandbus plugins check DIR`` loads the directory exactly as a node would -- manifests, sha256,
 dependencies, the operator policy, compile, instantiate, ``sandbus_init``, ``sandbus_health`` --
 prints one row per plugin, and exits 1 when any plugin is invalid, so it can gate a deploy.
-Exit codes follow ``host.cli``: 0 all valid, 1 some plugin invalid, 2 bad usage (no such
+Exit codes follow ``sandbus.host.cli.main``: 0 all valid, 1 some plugin invalid, 2 bad usage (no such
 directory, invalid policy file).
 """
 
@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from host.cli_output import cell, markup_safe, setup_logging, terminal_json, terminal_text
-from host.manager import DEFAULT_MAX_PLUGINS, PluginInfo, PluginManager, scan_directory
-from host.policy import Policy, load_policy
-from sdk.errors import PolicyError
+from sandbus.host.cli.output import cell, markup_safe, setup_logging, terminal_json, terminal_text
+from sandbus.host.lifecycle import DEFAULT_MAX_PLUGINS, PluginInfo, PluginManager, scan_directory
+from sandbus.host.lifecycle.policy import Policy, load_policy
+from sandbus.sdk.errors import PolicyError
 
 __all__ = ["plugins_app"]
 

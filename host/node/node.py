@@ -20,7 +20,7 @@ A call that does not is interrupted (its instance is discarded, nothing was retu
 again from the start in a worker thread under the plugin's full limits, and the plugin is kept on
 threads for a while. Re-running is only correct for a call that can have had no side effect, so a
 plugin with a writable directory or a host function that acts on the bus or the network never runs
-inline (one rule, :func:`host.sandbox.sandbox.rerun_safe`, enforced by the sandbox itself).
+inline (one rule, :func:`sandbus.host.sandbox.sandbox.rerun_safe`, enforced by the sandbox itself).
 
 An inline call only takes an instance that is idle (``wait=False``): building one runs guest code
 (instantiation, ``_initialize``, ``sandbus_init``) under the plugin's full timeout, so when none is
@@ -48,7 +48,7 @@ flushed, so a request the node accepted is answered, whichever moment the signal
 waits for a call up to its plugin's timeout). Conversely :meth:`Node.start` returns, and a ``load``
 or ``reload`` control request is answered, only once the server has the new subscriptions.
 
-Tracing follows the same split. A request served inline is traced by host/fast_spans.py: its
+Tracing follows the same split. A request served inline is traced by host/telemetry/fast_spans.py: its
 ``process`` and ``execute`` spans are one tuple on the request path and are encoded and exported
 in batches by a background thread, because the OpenTelemetry SDK's span objects and encoder cost
 several times the request itself. Everything else (threaded calls, whose host functions need the
@@ -82,17 +82,26 @@ from nats.micro.service import Service
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from bus.connection import ConnectOptions, connect
-from sdk.envelope import H_FROM, H_HOPS, H_MSG_ID, JSON, PluginMessage, error_reply, new_message_id
-from sdk.errors import (
+from sandbus.bus.connection import ConnectOptions, connect
+from sandbus.host.lifecycle import PluginManager
+from sandbus.host.lifecycle.policy import Policy
+from sandbus.host.node.audit_publish import AuditPublisher
+from sandbus.host.node.delivery import DurableTopics
+from sandbus.host.node.hostfuncs import BusBridge, note_incoming_hops
+from sandbus.host.sandbox import AuditEvent, AuditLevel, BudgetExceeded, CallResult
+from sandbus.host.sandbox.pool import NotInline
+from sandbus.host.telemetry.fast_spans import FastSpans, RequestTrace
+from sandbus.host.telemetry.otel import Telemetry
+from sandbus.sdk.envelope import H_FROM, H_HOPS, H_MSG_ID, JSON, PluginMessage, error_reply, new_message_id
+from sandbus.sdk.errors import (
     AbiViolationError,
     InstanceLimitError,
     PayloadTooLargeError,
     PluginNotFoundError,
     SandbusError,
 )
-from sdk.jsonbound import MAX_JSON_DEPTH, too_deep
-from sdk.subjects import (
+from sandbus.sdk.jsonbound import MAX_JSON_DEPTH, too_deep
+from sandbus.sdk.subjects import (
     MSG_PREFIX,
     NODE_SERVICE,
     REQ_PREFIX,
@@ -101,17 +110,7 @@ from sdk.subjects import (
     plugin_queue,
     topic_subject,
 )
-from sdk.tracing import H_TRACE_DEBUG, H_TRACE_SPANS, extract, send_span
-
-from .audit_publish import AuditPublisher
-from .bus_hostfuncs import BusBridge, note_incoming_hops
-from .delivery import DurableTopics
-from .fast_spans import FastSpans, RequestTrace
-from .manager import PluginManager
-from .policy import Policy
-from .sandbox import AuditEvent, AuditLevel, BudgetExceeded, CallResult
-from .sandbox.pool import NotInline
-from .telemetry import Telemetry
+from sandbus.sdk.tracing import H_TRACE_DEBUG, H_TRACE_SPANS, extract, send_span
 
 __all__ = ["Node", "default_node_id"]
 
@@ -840,7 +839,7 @@ class Node:
             "version": self.version,
             "durable_topics": self._durable is not None,
             "inline_budget_ms": None if self.inline_budget_s is None else self.inline_budget_s * 1e3,
-            # How requests served inline are traced: "fast" (host/fast_spans.py), "sdk", or "off".
+            # How requests served inline are traced: "fast" (host/telemetry/fast_spans.py), "sdk", or "off".
             "request_spans": "off" if not self.telemetry.enabled else ("fast" if self.telemetry.fast else "sdk"),
             # Spans the fast path could not hand to its exporter (queue full, exporter down): 0 means every
             # traced request reached the exporter process.

@@ -7,9 +7,9 @@ Tracing is on when an exporter is configured: ``OTEL_TRACES_EXPORTER`` (``otlp``
 ``OTEL_TRACES_SAMPLER_ARG`` (default ``parentbased_always_on``). ``OTEL_SDK_DISABLED=true`` turns it
 all off. With tracing off the node takes no span path at all: a flag check per request.
 
-Requests served inline are traced without the SDK's per-span cost (host/fast_spans.py): same
+Requests served inline are traced without the SDK's per-span cost (host/telemetry/fast_spans.py): same
 spans, same exporter settings, encoded and sent by an exporter process of the node's
-(host/span_export.py), which also keeps the latency histogram. ``SANDBUS_FAST_SPANS=0`` sends
+(host/telemetry/export.py), which also keeps the latency histogram. ``SANDBUS_FAST_SPANS=0`` sends
 everything through the SDK, in the node's process.
 
 Audit events become span events (``audit.<kind>``, with their level) on the span that is current
@@ -35,11 +35,10 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Link, Span, SpanKind
 
-from sdk.tracing import TRACER_NAME, extract, messaging_attributes, record_error
-
-from .fast_spans import MAX_MESSAGE_ID, FastSpans
-from .sandbox import AuditEvent, AuditLevel, CallResult
-from .span_export import LATENCY_BOUNDS
+from sandbus.host.sandbox import AuditEvent, AuditLevel, CallResult
+from sandbus.host.telemetry.export import LATENCY_BOUNDS
+from sandbus.host.telemetry.fast_spans import MAX_MESSAGE_ID, FastSpans
+from sandbus.sdk.tracing import TRACER_NAME, extract, messaging_attributes, record_error
 
 __all__ = ["SpanCollector", "Telemetry", "tracing_configured"]
 
@@ -158,7 +157,7 @@ class Telemetry:
         self._latency = meter.create_histogram("sandbus.call.duration", unit="s",
                                                description="plugin call latency",
                                                explicit_bucket_boundaries_advisory=list(LATENCY_BOUNDS))
-        #: request spans of inline calls, recorded without the SDK (host/fast_spans.py); None: all SDK
+        #: request spans of inline calls, recorded without the SDK (host/telemetry/fast_spans.py); None: all SDK
         self.fast: FastSpans | None = None
         if self.enabled and export and tracing_configured() and not extra_processors and \
                 os.environ.get("SANDBUS_FAST_SPANS", "1") != "0":

@@ -23,10 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from host.manifest import MAX_TOML_BYTES, Manifest, load_manifest, parse_manifest, read_capped
-from host.policy import Grant
-from host.sandbox import Auditor, HostFunctions, Limits, ModuleCache, Sandbox
-from sdk.errors import (
+from sandbus.host.lifecycle.manifest import MAX_TOML_BYTES, Manifest, load_manifest, parse_manifest, read_capped
+from sandbus.host.lifecycle.policy import Grant
+from sandbus.host.sandbox import Auditor, HostFunctions, Limits, ModuleCache, Sandbox
+from sandbus.sdk.errors import (
     InvalidModuleError,
     ManifestError,
     PluginInitError,
@@ -139,9 +139,9 @@ def _read(path: Path, cap: int, directory: Path, plugin: str) -> bytes | None:
     """The file's bytes (``None`` when absent), at most ``cap + 1`` of them: an oversized file is known to
     be too large without ever being read whole.
 
-    Only a regular file inside ``directory`` is read (:func:`~host.manifest.read_capped`): a symlink is
-    followed (Kubernetes volumes, for one, are links into a ``..data`` folder beside the files) but must
-    end inside the plugin directory; checked on the descriptor that was read, so swapping the link
+    Only a regular file inside ``directory`` is read (:func:`~sandbus.host.lifecycle.manifest.read_capped`): a
+    symlink is followed (Kubernetes volumes, for one, are links into a ``..data`` folder beside the files) but
+    must end inside the plugin directory; checked on the descriptor that was read, so swapping the link
     between the check and the read changes nothing.
 
     Raises:

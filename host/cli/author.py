@@ -6,7 +6,7 @@ From nothing to a plugin served by two nodes::
     sandbus build greeter                # -> greeter/build/greeter.wasm + greeter.toml
     sandbus node --plugins greeter/build # (twice, for two nodes on one NATS)
 
-Exit codes follow :mod:`host.cli`: 0 success; 1 the build failed (compiler errors) or the inspected
+Exit codes follow :mod:`sandbus.host.cli.main`: 0 success; 1 the build failed (compiler errors) or the inspected
 module would be refused by a node; 2 bad usage or input (invalid name, existing directory, not a
 project, invalid manifest, not a wasm file) and a missing toolchain, whose message names the tool
 and the command that installs it.
@@ -24,9 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sdk.errors import ManifestError
-
-from .authoring import (
+from sandbus.host.authoring import (
     AuthoringError,
     BuildError,
     Language,
@@ -36,9 +34,10 @@ from .authoring import (
     inspect_wasm,
     scaffold,
 )
-from .cli import EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, fail
-from .cli_output import cell, markup_safe, terminal_json
-from .sandbox.guest_text import escape_controls
+from sandbus.host.cli.main import EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, fail
+from sandbus.host.cli.output import cell, markup_safe, terminal_json
+from sandbus.host.sandbox.guest_text import escape_controls
+from sandbus.sdk.errors import ManifestError
 
 __all__ = ["build", "inspect", "new", "register"]
 

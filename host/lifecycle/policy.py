@@ -5,7 +5,7 @@ resolution is deliberately simple to audit:
 
 * a plugin gets what it asks for *and* the policy allows -- never more, and nothing it did not ask for;
 * a **required** capability the policy refuses, or a resource above a ceiling, refuses the plugin
-  (:class:`~sdk.errors.SecurityViolationError`), because running it crippled would fail later and
+  (:class:`~sandbus.sdk.errors.SecurityViolationError`), because running it crippled would fail later and
   less clearly; ceilings are never silently clamped for the same reason;
 * an **optional** capability the policy refuses is simply not granted (nor anything the manifest
   lists under it), and recorded in :attr:`Grant.denied_optional` so the operator can see why a
@@ -26,7 +26,7 @@ resolution is deliberately simple to audit:
   the hop limit bounds how deep a chain of messages goes, these bound how wide it fans out;
 * a network host names where a plugin may connect, and ``[network] allow_addresses`` which
   addresses a granted name may resolve to beyond the public internet: private, loopback,
-  link-local and other special ranges are refused unless listed there (see host/netguard.py).
+  link-local and other special ranges are refused unless listed there (see host/node/netguard.py).
 
 Example policy::
 
@@ -80,7 +80,7 @@ from pydantic import (
     model_validator,
 )
 
-from host.manifest import (
+from sandbus.host.lifecycle.manifest import (
     CAPABILITY_NAMES,
     CapabilityName,
     Manifest,
@@ -95,9 +95,9 @@ from host.manifest import (
     request_matches,
     subject_matches,
 )
-from host.netguard import IPNetwork
-from host.sandbox.config import MIB, Capabilities, DirGrant, Limits
-from sdk.errors import PolicyError, SecurityViolationError
+from sandbus.host.node.netguard import IPNetwork
+from sandbus.host.sandbox.config import MIB, Capabilities, DirGrant, Limits
+from sandbus.sdk.errors import PolicyError, SecurityViolationError
 
 __all__ = [
     "RESOURCE_KEYS",

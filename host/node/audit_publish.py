@@ -13,7 +13,7 @@ windows are closed early, and an event's text counts only up to :data:`MAX_AUDIT
 characters (in the key as in the published event), so memory stays bounded whatever the event
 mix; a published event is at most :data:`MAX_AUDIT_EVENT` bytes (details dropped past it). On stop
 the node calls :meth:`AuditPublisher.close`, which publishes the counts still open. The stream
-itself is capped by bytes, messages and age (host/delivery.py, ``StreamLimits``).
+itself is capped by bytes, messages and age (host/node/delivery.py, ``StreamLimits``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from typing import Any
 
 import orjson
 
-from sdk.envelope import JSON
-
-from .sandbox import AuditEvent
+from sandbus.host.sandbox import AuditEvent
+from sandbus.sdk.envelope import JSON
 
 __all__ = ["MAX_AUDIT_EVENT", "MAX_AUDIT_MESSAGE", "AuditPublisher"]
 

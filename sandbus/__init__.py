@@ -1,0 +1,88 @@
+"""sandbus: untrusted WebAssembly plugins in wasmtime sandboxes on host nodes that talk over NATS.
+
+``import sandbus`` is the public API. Names are loaded when first used, so a client-only install (no
+wasmtime, no watchdog, no nats-server binary) can ``from sandbus import Client, PluginMessage`` without
+the host side being importable; a host name needs the ``host`` extra (``pip install 'sandbus[host]'``).
+
+Below it: :mod:`sandbus.sdk` (the contract: envelopes, errors, subjects, tracing, the client, guest SDKs,
+the test harness), :mod:`sandbus.bus` (the PluginBus over NATS) and :mod:`sandbus.host` (the sandbox, the
+plugin lifecycle, the node, telemetry, the CLI).
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sandbus.bus.connection import ConnectOptions
+    from sandbus.bus.server import NatsServer
+    from sandbus.host.lifecycle import DiscoveryReport, PluginInfo, PluginManager, PluginStatus, PluginWatcher
+    from sandbus.host.node.node import Node
+    from sandbus.host.sandbox import (
+        AuditEvent,
+        AuditLevel,
+        Capabilities,
+        DirGrant,
+        HostFunction,
+        HostFunctions,
+        Limits,
+        Sandbox,
+        SandboxBuilder,
+        run_plugin,
+    )
+    from sandbus.sdk import errors
+    from sandbus.sdk.client import Client
+    from sandbus.sdk.envelope import PluginMessage
+    from sandbus.sdk.errors import SandbusError
+
+try:
+    __version__ = version("sandbus")
+except PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "0.0.0"
+
+#: public name -> the module that defines it
+_WHERE = {
+    "AuditEvent": "sandbus.host.sandbox",
+    "AuditLevel": "sandbus.host.sandbox",
+    "Capabilities": "sandbus.host.sandbox",
+    "Client": "sandbus.sdk.client",
+    "ConnectOptions": "sandbus.bus.connection",
+    "DirGrant": "sandbus.host.sandbox",
+    "DiscoveryReport": "sandbus.host.lifecycle",
+    "HostFunction": "sandbus.host.sandbox",
+    "HostFunctions": "sandbus.host.sandbox",
+    "Limits": "sandbus.host.sandbox",
+    "NatsServer": "sandbus.bus.server",
+    "Node": "sandbus.host.node.node",
+    "PluginInfo": "sandbus.host.lifecycle",
+    "PluginManager": "sandbus.host.lifecycle",
+    "PluginMessage": "sandbus.sdk.envelope",
+    "PluginStatus": "sandbus.host.lifecycle",
+    "PluginWatcher": "sandbus.host.lifecycle",
+    "Sandbox": "sandbus.host.sandbox",
+    "SandboxBuilder": "sandbus.host.sandbox",
+    "SandbusError": "sandbus.sdk.errors",
+    "run_plugin": "sandbus.host.sandbox",
+}
+
+__all__ = ["AuditEvent", "AuditLevel", "Capabilities", "Client", "ConnectOptions", "DirGrant", "DiscoveryReport",
+    "HostFunction", "HostFunctions", "Limits", "NatsServer", "Node", "PluginInfo", "PluginManager", "PluginMessage",
+    "PluginStatus", "PluginWatcher", "Sandbox", "SandboxBuilder", "SandbusError", "__version__", "errors",
+    "run_plugin"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "errors":
+        return importlib.import_module("sandbus.sdk.errors")
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'sandbus' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # the next lookup is an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
