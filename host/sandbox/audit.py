@@ -1,57 +1,22 @@
 """Audit events: every limit hit, permission denial and lifecycle change, delivered to a callback.
 
 The callback is the embedding app's; a failing callback must not break the
-call being audited, so its exceptions are logged and swallowed.
+call being audited, so its exceptions are logged and swallowed. The records themselves
+(:class:`AuditEvent`, :class:`AuditLevel`) are defined in :mod:`sandbus.sdk.audit`, shared with the
+PluginBus, and re-exported here under the same names.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
+
+from sandbus.sdk.audit import AuditEvent, AuditLevel
 
 __all__ = ["AuditEvent", "AuditLevel", "AuditSink", "Auditor"]
 
 log = logging.getLogger("sandbus.audit")
-
-
-class AuditLevel(enum.StrEnum):
-    INFO = "info"
-    WARNING = "warning"
-    CRITICAL = "critical"
-
-
-@dataclass(frozen=True)
-class AuditEvent:
-    """One audited fact.
-
-    Parameters:
-        level: info (lifecycle), warning (a limit held), critical (a security violation).
-        kind: a stable dotted name, e.g. ``limit.fuel`` or ``security.fs_denied``.
-        plugin: the plugin involved.
-        message: a sentence for humans.
-        details: machine-readable facts.
-    """
-
-    level: AuditLevel
-    kind: str
-    plugin: str
-    message: str
-    details: dict[str, Any] = field(default_factory=dict)
-    timestamp: float = field(default_factory=time.time)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "level": self.level.value,
-            "kind": self.kind,
-            "plugin": self.plugin,
-            "message": self.message,
-            "details": self.details,
-            "timestamp": self.timestamp,
-        }
 
 
 AuditSink = Callable[[AuditEvent], None]
@@ -61,7 +26,7 @@ _LOG_LEVELS = {AuditLevel.INFO: logging.INFO, AuditLevel.WARNING: logging.WARNIN
 
 
 class Auditor:
-    """Fans events out to sinks (the app's callback; later the bus and telemetry)."""
+    """Fans events out to sinks (the app's callback; on a node also the PluginBus's publisher and telemetry)."""
 
     def __init__(self, *sinks: AuditSink) -> None:
         self._sinks: list[AuditSink] = [s for s in sinks if s is not None]

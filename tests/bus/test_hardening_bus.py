@@ -20,9 +20,9 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 
 from sandbus.bus.connection import ConnectOptions
+from sandbus.bus.delivery import AUDIT_STREAM, DLQ_STREAM, TOPIC_STREAM, DurableTopics
 from sandbus.bus.server import NatsServer
 from sandbus.host.lifecycle.policy import load_policy
-from sandbus.host.node.delivery import AUDIT_STREAM, DLQ_STREAM, TOPIC_STREAM, DurableTopics
 from sandbus.host.node.node import Node
 from sandbus.sdk.client import Client
 from sandbus.sdk.envelope import H_ERROR, H_ERROR_CODE
@@ -343,8 +343,8 @@ async def test_f14_deep_json_on_a_durable_topic_is_dead_lettered_and_delivery_go
         assert "re-encoded" in dead[0].message
         await c.publish("orders.ok", {"n": 2})
         await until(lambda: {"n": 2} in seen_payloads(seen), 10, "a later message")
-    assert node._durable is not None
-    assert node._durable.restarts.get("rec_a") == 0
+    assert node.bus._durable is not None
+    assert node.bus._durable.restarts.get("rec_a") == 0
 
 
 async def test_f14_a_dead_letter_of_a_max_size_message_is_bounded_and_costs_no_reconnect(
@@ -402,7 +402,7 @@ class _Boom(BaseException):
 
 async def test_f14_a_delivery_loop_that_dies_anyway_is_restarted_and_audited(
         node: Node, nats_server: NatsServer, audit: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
-    durable = node._durable
+    durable = node.bus._durable
     assert durable is not None
     real_turn = DurableTopics._turn
     failures = {"exception": 0, "base": 0}
@@ -468,8 +468,8 @@ async def test_f16_audit_stream_is_capped_and_repeated_denials_are_aggregated(
 async def test_f16_repeats_still_being_counted_are_published_at_stop(
         bus_plugins: Path, nats_server: NatsServer, audit: AuditLog) -> None:
     n = await start_node(bus_plugins, nats_server.url, audit)
-    assert n._audit_out is not None
-    n._audit_out.window_s = 60.0  # only the stop can publish the repeats' count
+    assert n.bus._audit_out is not None
+    n.bus._audit_out.window_s = 60.0  # only the stop can publish the repeats' count
     stopped = False
     try:
         async with await Client.connect(nats_server.url) as c:
@@ -494,7 +494,7 @@ async def test_f16_repeats_still_being_counted_are_published_at_stop(
 
 
 def test_f16_the_aggregation_table_is_bounded_whatever_the_event_mix() -> None:
-    from sandbus.host.node.audit_publish import MAX_AUDIT_MESSAGE, AuditPublisher
+    from sandbus.bus.audit import MAX_AUDIT_MESSAGE, AuditPublisher
     from sandbus.host.sandbox import AuditEvent, AuditLevel
 
     sent: list[bytes] = []
@@ -573,8 +573,8 @@ async def test_f23_deleted_consumer_or_stream_is_recreated_and_delivery_resumes(
     recreated = [e for e in audit if e.kind == "delivery.recreated" and e.plugin == "rec_a"]
     assert recreated, audit.kinds()
     assert recreated[0].details["stream_deleted"] is (what == "stream")
-    assert node._durable is not None
-    assert node._durable.recreated["rec_a"] >= 1
+    assert node.bus._durable is not None
+    assert node.bus._durable.recreated["rec_a"] >= 1
 
 
 
@@ -599,5 +599,5 @@ async def test_f23_delivery_resumes_after_the_nats_server_restarts_on_its_store(
         await n.stop()
         n.manager.close()
         server.stop()
-    assert n._durable is not None  # JetStream is on: delivery is durable
-    assert n._durable.restarts.get("rec_a", 0) == 0
+    assert n.bus._durable is not None  # JetStream is on: delivery is durable
+    assert n.bus._durable.restarts.get("rec_a", 0) == 0

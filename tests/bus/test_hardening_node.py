@@ -104,7 +104,7 @@ async def make_node(nats_server: NatsServer) -> AsyncIterator[Callable[..., Awai
 
     yield make
     for node in nodes:
-        if not node._stopping:
+        if not node.bus.stopping:
             await node.stop()
         node.manager.close()
 
@@ -484,11 +484,11 @@ async def test_f21_a_traced_reply_at_max_payload_is_answered_and_keeps_the_conne
     assert node.nc is not None
     nc = await nats.connect(nats_server.url)
     try:
-        body = b'"' + b"x" * (node.max_payload - 150) + b'"'
+        body = b'"' + b"x" * (node.bus.max_payload - 150) + b'"'
         msg = await nc.request(request_subject("echo", "handle_request"), body, timeout=5.0,
                                headers={"Sandbus-Trace-Debug": "1",
                                         "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
-        assert len(msg.data) + sum(len(k) + len(v) + 4 for k, v in (msg.headers or {}).items()) <= node.max_payload
+        assert len(msg.data) + sum(len(k) + len(v) + 4 for k, v in (msg.headers or {}).items()) <= node.bus.max_payload
         assert msg.data == body or isinstance(error_from_reply(msg.data, msg.headers), SandbusError)
         # The node's connection survived: the next request is served on it, with no reconnect.
         data, _ = await raw_request(nc, request_subject("echo", "handle_request"), b"[7]")
@@ -573,7 +573,7 @@ async def test_f21_a_publish_at_max_payload_is_refused_and_keeps_the_connection(
     node = await make_node(plugin_dir)
     assert node.nc is not None
     with pytest.raises(PayloadTooLargeError, match="headers included"):
-        await node.publish("seen.big", "x" * (node.max_payload - 250), sender="echo")
+        await node.bus.publish("seen.big", "x" * (node.bus.max_payload - 250), sender="echo")
     await node.nc.flush(timeout=2)
     assert node.nc.is_connected
     assert node.nc.stats["reconnects"] == 0
@@ -646,18 +646,18 @@ async def test_f25_concurrent_load_unload_reload_of_one_plugin_end_consistent(
             assert isinstance(error_from_reply(data, headers), AbiViolationError), data
         # Let the lifecycle events' syncs settle (bounded), then compare both views.
         for _ in range(200):
-            if ("echo" in node.manager) == ("echo" in node._subs):
+            if ("echo" in node.manager) == ("echo" in node.bus._subs):
                 break
             await asyncio.sleep(0.01)
-        assert ("echo" in node.manager) == ("echo" in node._subs)
+        assert ("echo" in node.manager) == ("echo" in node.bus._subs)
         for round_ in range(5):  # unloaded, then loaded: the answer to load means "routed here now"
             if "echo" in node.manager:
                 await raw_request(nc, control_subject("racy", "unload"), bodies["unload"])
             for _ in range(200):
-                if "echo" not in node._subs:
+                if "echo" not in node.bus._subs:
                     break
                 await asyncio.sleep(0.01)
-            assert "echo" not in node._subs
+            assert "echo" not in node.bus._subs
             data, headers = await raw_request(nc, control_subject("racy", "load"), bodies["load"])
             assert error_from_reply(data, headers) is None, data
             data, _ = await raw_request(nc, request_subject("echo", "handle_request"), b"[%d]" % round_, timeout=2.0)

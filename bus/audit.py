@@ -12,8 +12,8 @@ The number of distinct events held open at once is bounded (``max_keys``): past 
 windows are closed early, and an event's text counts only up to :data:`MAX_AUDIT_MESSAGE`
 characters (in the key as in the published event), so memory stays bounded whatever the event
 mix; a published event is at most :data:`MAX_AUDIT_EVENT` bytes (details dropped past it). On stop
-the node calls :meth:`AuditPublisher.close`, which publishes the counts still open. The stream
-itself is capped by bytes, messages and age (host/node/delivery.py, ``StreamLimits``).
+the PluginBus calls :meth:`AuditPublisher.close`, which publishes the counts still open. The stream
+itself is capped by bytes, messages and age (bus/delivery.py, ``StreamLimits``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from sandbus.host.sandbox import AuditEvent
+from sandbus.sdk.audit import AuditEvent
 from sandbus.sdk.envelope import JSON
 
 __all__ = ["MAX_AUDIT_EVENT", "MAX_AUDIT_MESSAGE", "AuditPublisher"]

@@ -2,7 +2,8 @@
 
 One stream holds every topic (``SANDBUS_TOPICS`` on ``sandbus.topic.>``); each subscribing plugin has
 one durable pull consumer (``plugin-<name>``), shared by every node that serves the plugin, so each
-message reaches the plugin once whichever nodes hold it. A message is acked after the plugin returns;
+message reaches the plugin once whichever nodes hold it. Each message goes, as a PluginMessage envelope,
+to the bus's handler (``BusHandler.serve``; on a node, the plugin's call); it is acked after that returns;
 on failure it is nak'ed with a growing delay; after ``max_deliver`` attempts it goes to the dead-letter
 subject ``sandbus.dlq.<plugin>`` (kept by the ``SANDBUS_DLQ`` stream) with the error in its headers,
 and is terminated. A message that cannot even be turned into a PluginMessage (not JSON, nested deeper
@@ -40,13 +41,15 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from sandbus.host.sandbox import AuditLevel
+from sandbus.bus.handler import DEFAULT_FUNCTION, BusHandler, Served
+from sandbus.bus.requests import envelope_for
+from sandbus.sdk.audit import AuditLevel
 from sandbus.sdk.envelope import H_ERROR, H_ERROR_CODE, H_MSG_ID, error_reply, header_value
 from sandbus.sdk.errors import AbiViolationError, SandbusError
 from sandbus.sdk.subjects import AUDIT_PREFIX, DLQ_PREFIX, TOPIC_PREFIX, dlq_subject, topic_subject
 
 if TYPE_CHECKING:
-    from sandbus.host.node.node import Node
+    from sandbus.bus.plugin_bus import PluginBus
 
 __all__ = ["AUDIT_STREAM", "DLQ_STREAM", "TOPIC_STREAM", "DurableTopics", "StreamLimits", "ensure_streams"]
 
@@ -204,13 +207,15 @@ class _Pull:
 
 
 class DurableTopics:
-    """The durable consumers of one node."""
+    """The durable consumers of one bus: one delivery loop per subscribing plugin, calling the handler."""
 
-    def __init__(self, nc: Client, node: Node, *, max_deliver: int = MAX_DELIVER, linger_s: float = LINGER_S) -> None:
+    def __init__(self, nc: Client, bus: PluginBus, handler: BusHandler, *, max_deliver: int = MAX_DELIVER,
+                 linger_s: float = LINGER_S) -> None:
         self.nc = nc
         self.linger_s = linger_s
         self.js = nc.jetstream()
-        self.node = node
+        self.bus = bus
+        self.handler = handler
         self.max_deliver = max_deliver
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._psubs: dict[str, Any] = {}
@@ -233,12 +238,13 @@ class DurableTopics:
     def durable_name(plugin: str) -> str:
         return f"plugin-{plugin}"
 
-    async def consume(self, plugin: str, topics: tuple[str, ...]) -> None:
+    async def consume(self, served: Served) -> None:
+        plugin = served.name
         durable = self.durable_name(plugin)
-        timeout = self.node.manager.limits(plugin).timeout_s
+        timeout = served.timeout_s
         config = api.ConsumerConfig(
             durable_name=durable,
-            filter_subjects=[topic_subject(t, wildcards=True) for t in topics],
+            filter_subjects=[topic_subject(t, wildcards=True) for t in served.topics],
             ack_policy=api.AckPolicy.EXPLICIT,
             # Redelivery after a node dies mid-call: the call's timeout plus a margin.
             ack_wait=timeout + 2.0,
@@ -286,7 +292,7 @@ class DurableTopics:
 
     def _audit(self, level: AuditLevel, kind: str, plugin: str, message: str, **details: Any) -> None:
         try:
-            self.node.manager.auditor.emit(level, kind, plugin, message, **details)
+            self.handler.audit(level, kind, plugin, message, **details)
         except Exception:  # auditing must not be what stops delivery
             log.exception("could not audit %s for %s", kind, plugin)
 
@@ -343,7 +349,8 @@ class DurableTopics:
         loop runs what has arrived. A new request goes out when the last one is used up or ended.
         Each turn runs under a catch-all: what goes wrong is logged and the loop goes on.
         """
-        instances = max(1, self.node.manager.limits(plugin).max_instances)
+        served = self.bus.served(plugin)
+        instances = max(1, served.instances if served is not None else 1)
         pull = _Pull(self._wakes.setdefault(plugin, asyncio.Event()))
 
         async def on_message(msg: Msg) -> None:
@@ -403,7 +410,7 @@ class DurableTopics:
             # A plugin served inline takes microseconds a message: ask for many. One on threads
             # asks for what its instances can start at once, so nothing it was sent waits in
             # line long enough for its ack deadline to pass and be redelivered elsewhere.
-            pull.open = INLINE_FETCH if self.node.runs_inline(plugin) else instances
+            pull.open = INLINE_FETCH if self.handler.runs_inline(plugin) else instances
             try:
                 await self.nc.publish(next_subject, orjson.dumps(
                     {"batch": pull.open, "expires": int(PULL_EXPIRES_S * 1e9)}), reply=pull.inbox)
@@ -427,7 +434,7 @@ class DurableTopics:
             await asyncio.sleep(self.linger_s)
         msgs = list(pull.arrived)
         pull.arrived.clear()
-        if self.node.runs_inline(plugin):
+        if self.handler.runs_inline(plugin):
             # Inline calls run one at a time on the loop anyway: no task per message.
             for m in msgs:
                 await self._deliver(plugin, m)
@@ -447,15 +454,16 @@ class DurableTopics:
     async def _handle(self, plugin: str, msg: Msg) -> None:
         try:
             topic = msg.subject.split(".", 2)[2]
-            envelope = self.node.envelope_for(msg.data, msg.headers, topic=topic, to=None)
+            envelope = envelope_for(msg.data, msg.headers, topic=topic, to=None)
         except Exception as e:  # the message itself is bad: every delivery would fail the same way
             err = e if isinstance(e, SandbusError) else AbiViolationError(f"undeliverable message: {e!r}",
                                                                           plugin=plugin)
             await self._dead_letter(plugin, msg, err, self._attempt(msg))
             return
         try:
-            await self.node.call(plugin, self.node.message_function(plugin), envelope, msg=msg,
-                                 delivery=self._attempt(msg))
+            served = self.bus.served(plugin)
+            function = served.message_function if served is not None else DEFAULT_FUNCTION
+            await self.handler.serve(plugin, function, envelope, msg, arrival=None, delivery=self._attempt(msg))
         except SandbusError as e:
             await self._failed(plugin, msg, e)
             return

@@ -1,0 +1,89 @@
+"""What the PluginBus calls: the handler interface a host node implements.
+
+The bus knows subjects, subscriptions, delivery guarantees and replies; what a call *is* (a wasm
+sandbox, an instance pool, threads, spans) is the handler's business. So the interface is a handful
+of methods, small enough that a test can implement it with a plain Python object and run a real
+bus with no wasm at all.
+
+Every input the bus hands over has been bounded and checked first: a request's function is one
+subject token and its body valid JSON no deeper than :data:`sandbus.sdk.jsonbound.MAX_JSON_DEPTH`;
+a direct or topic message has been turned into a valid PluginMessage envelope. What a handler
+raises as a :class:`~sandbus.sdk.errors.SandbusError` becomes the typed error reply (and, for a
+durable message, a nak and finally a dead letter); anything else is answered as an internal error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nats.aio.msg import Msg
+
+from sandbus.sdk.audit import AuditLevel
+
+__all__ = ["DEFAULT_FUNCTION", "BusHandler", "Reply", "Served"]
+
+#: the function a direct or topic message goes to when a plugin names no other
+DEFAULT_FUNCTION = "handle_request"
+
+#: a reply body and its headers (None: a successful reply, whose body is the plugin's JSON)
+Reply = tuple[bytes, dict[str, str] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One plugin as the bus serves it.
+
+    Parameters:
+        name: the plugin (one subject token): ``sandbus.req.<name>.*`` and ``sandbus.msg.<name>``.
+        topics: topic patterns it subscribes to (``*`` and ``>`` allowed).
+        durable: deliver its topics through JetStream (at least once) when the server has it.
+        message_function: the function direct and topic messages go to.
+        timeout_s: a call's longest run; a durable message is redelivered after this plus a margin.
+        instances: calls that can run at once; a durable pull asks for this many messages.
+    """
+
+    name: str
+    topics: tuple[str, ...] = ()
+    durable: bool = False
+    message_function: str = DEFAULT_FUNCTION
+    timeout_s: float = 30.0
+    instances: int = 1
+
+
+class BusHandler(Protocol):
+    """What serves the plugins a :class:`~sandbus.bus.PluginBus` routes to (a node, or a test's object)."""
+
+    def serving(self) -> Sequence[Served]:
+        """The plugins to serve now; the bus makes its subscriptions match (on start, and on ``sync``)."""
+        ...
+
+    def request_now(self, plugin: str, function: str, msg: Msg) -> bytes | None:
+        """The hot path, on the event loop: a successful reply at once, or None to be served by :meth:`serve`
+        in a task. Must not block the loop; raises :class:`SandbusError` for an error reply."""
+        ...
+
+    async def serve(self, plugin: str, function: str, payload: bytes, msg: Msg, *, arrival: float | None,
+                    delivery: int | None = None) -> Reply:
+        """Run one call. ``payload``: the request body, or the PluginMessage envelope of a message.
+        ``arrival``: ``time.monotonic()`` when its sender started waiting (None for a durable delivery,
+        which JetStream redelivers). ``delivery``: the JetStream delivery attempt, for a durable message."""
+        ...
+
+    def runs_inline(self, plugin: str) -> bool:
+        """Whether the plugin's calls finish on the loop now (a durable pull then asks for larger batches)."""
+        ...
+
+    def control(self, verb: str, plugin: str, force: bool) -> Any:
+        """``load`` / ``reload`` / ``unload`` a plugin (run in a worker thread); returns the JSON-able answer."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """This node's view for ``list`` and ``stats`` (run in a worker thread): at least ``plugins``."""
+        ...
+
+    def audit(self, level: AuditLevel, kind: str, plugin: str, message: str, **details: Any) -> None:
+        """Record an audit event the bus raised (dead letters, refused control requests, restarted loops);
+        the handler passes it back to :meth:`PluginBus.publish_audit` with its own."""
+        ...
