@@ -11,11 +11,13 @@ plugin lifecycle, the node, telemetry, the CLI).
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sandbus._lazy import lazy_attributes
 
 if TYPE_CHECKING:
+    from sandbus.bus import BusHandler, PluginBus
     from sandbus.bus.connection import ConnectOptions
     from sandbus.bus.server import NatsServer
     from sandbus.host.lifecycle import DiscoveryReport, PluginInfo, PluginManager, PluginStatus, PluginWatcher
@@ -46,6 +48,7 @@ except PackageNotFoundError:  # run from a checkout that was never installed
 _WHERE = {
     "AuditEvent": "sandbus.host.sandbox",
     "AuditLevel": "sandbus.host.sandbox",
+    "BusHandler": "sandbus.bus",
     "Capabilities": "sandbus.host.sandbox",
     "Client": "sandbus.sdk.client",
     "ConnectOptions": "sandbus.bus.connection",
@@ -56,6 +59,7 @@ _WHERE = {
     "Limits": "sandbus.host.sandbox",
     "NatsServer": "sandbus.bus.server",
     "Node": "sandbus.host.node.node",
+    "PluginBus": "sandbus.bus",
     "PluginInfo": "sandbus.host.lifecycle",
     "PluginManager": "sandbus.host.lifecycle",
     "PluginMessage": "sandbus.sdk.envelope",
@@ -64,25 +68,37 @@ _WHERE = {
     "Sandbox": "sandbus.host.sandbox",
     "SandboxBuilder": "sandbus.host.sandbox",
     "SandbusError": "sandbus.sdk.errors",
+    "errors": "sandbus.sdk",
     "run_plugin": "sandbus.host.sandbox",
 }
 
-__all__ = ["AuditEvent", "AuditLevel", "Capabilities", "Client", "ConnectOptions", "DirGrant", "DiscoveryReport",
-    "HostFunction", "HostFunctions", "Limits", "NatsServer", "Node", "PluginInfo", "PluginManager", "PluginMessage",
-    "PluginStatus", "PluginWatcher", "Sandbox", "SandboxBuilder", "SandbusError", "__version__", "errors",
-    "run_plugin"]
+__all__ = [
+    "AuditEvent",
+    "AuditLevel",
+    "BusHandler",
+    "Capabilities",
+    "Client",
+    "ConnectOptions",
+    "DirGrant",
+    "DiscoveryReport",
+    "HostFunction",
+    "HostFunctions",
+    "Limits",
+    "NatsServer",
+    "Node",
+    "PluginBus",
+    "PluginInfo",
+    "PluginManager",
+    "PluginMessage",
+    "PluginStatus",
+    "PluginWatcher",
+    "Sandbox",
+    "SandboxBuilder",
+    "SandbusError",
+    "__version__",
+    "errors",
+    "run_plugin",
+]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "errors":
-        return importlib.import_module("sandbus.sdk.errors")
-    where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module 'sandbus' has no attribute {name!r}")
-    value = getattr(importlib.import_module(where), name)
-    globals()[name] = value  # the next lookup is an ordinary attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+if not TYPE_CHECKING:  # type checkers see the imports above, and an unknown name is an error to them
+    __getattr__, __dir__ = lazy_attributes(__name__, _WHERE)

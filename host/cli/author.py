@@ -9,14 +9,15 @@ From nothing to a plugin served by two nodes::
 Exit codes follow :mod:`sandbus.host.cli.main`: 0 success; 1 the build failed (compiler errors) or the inspected
 module would be refused by a node; 2 bad usage or input (invalid name, existing directory, not a
 project, invalid manifest, not a wasm file) and a missing toolchain, whose message names the tool
-and the command that installs it.
+and the command that installs it. All three need the host extra (they load the manifest and the module as
+a node would); they import :mod:`sandbus.host.authoring` only after checking it is installed.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import orjson
 import typer
@@ -24,39 +25,41 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sandbus.host.authoring import (
-    AuthoringError,
-    BuildError,
-    Language,
-    ToolchainMissingError,
-    WasmReport,
-    build_project,
-    inspect_wasm,
-    scaffold,
-)
+from sandbus.host.cli.extras import require_host
 from sandbus.host.cli.main import EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, fail
 from sandbus.host.cli.output import cell, markup_safe, terminal_json
 from sandbus.host.sandbox.guest_text import escape_controls
 from sandbus.sdk.errors import ManifestError
 
-__all__ = ["build", "inspect", "new", "register"]
+if TYPE_CHECKING:
+    from sandbus.host.authoring import WasmReport
+
+__all__ = ["LanguageName", "build", "inspect", "new", "register"]
+
+#: The values of :class:`sandbus.host.authoring.Language`, spelled here so that registering ``new`` imports
+#: nothing of the host side (tests/host/test_cli.py checks the two agree).
+LanguageName = Literal["c", "assemblyscript", "python", "wat"]
 
 
 def new(
     name: Annotated[str, typer.Argument(help="Plugin name: lowercase letters, digits and _ (a NATS token).")],
-    lang: Annotated[Language, typer.Option("--lang", "-l", help="Guest language.", case_sensitive=False)]
-    = Language.C,
+    lang: Annotated[LanguageName, typer.Option("--lang", "-l", help="Guest language.", case_sensitive=False)]
+    = "c",
     directory: Annotated[Path, typer.Option("--dir", "-d", help="Parent directory of the new project.")]
     = Path("."),
     description: Annotated[str | None, typer.Option(help="One line for the manifest.")] = None,
 ) -> None:
     """Create NAME/ with a working plugin: source, manifest, Makefile and a pytest test."""
+    require_host("new")
+    from sandbus.host.authoring import AuthoringError, Language, scaffold
+
+    language = Language(lang)
     try:
-        project = scaffold(name, lang, directory, description=description)
+        project = scaffold(name, language, directory, description=description)
     except AuthoringError as e:
         fail(str(e), EXIT_USAGE)
     console = Console(soft_wrap=True)  # lines are commands to copy: never wrapped
-    console.print(f"created [bold]{markup_safe(project.root)}[/bold] ({lang.value}):")
+    console.print(f"created [bold]{markup_safe(project.root)}[/bold] ({language.value}):")
     for path in sorted(p for p in project.root.rglob("*") if p.is_file()):
         console.print(f"  {markup_safe(path.relative_to(project.root))}")
     shown = _shown(project.root)
@@ -80,6 +83,9 @@ def build(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the result line.")] = False,
 ) -> None:
     """Compile the project with its language's toolchain into DIR/build/ (NAME.wasm + NAME.toml)."""
+    require_host("build")
+    from sandbus.host.authoring import AuthoringError, BuildError, ToolchainMissingError, build_project
+
     err = Console(stderr=True, soft_wrap=True)
     out = Console(soft_wrap=True)
     try:
@@ -113,6 +119,9 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Kind, size, exports, imports, ABI version and manifest of a module; exit 1 if a node would refuse it."""
+    require_host("inspect")
+    from sandbus.host.authoring import AuthoringError, inspect_wasm
+
     try:
         report = inspect_wasm(wasm)
     except AuthoringError as e:
@@ -165,6 +174,8 @@ def _print_report(r: WasmReport) -> None:
         facts.add_row("manifest", _verdict(True, f"valid: {r.manifest.name} {r.manifest.version}{pinned}"))
     else:
         facts.add_row("manifest", _verdict(False, f"invalid: {r.manifest.error}"))
+    for label, value in r.manifest.facts() if r.manifest is not None else ():
+        facts.add_row(label, cell(value))
     console.print(facts)
 
     exports = Table(title="exports", title_justify="left")

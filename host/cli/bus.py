@@ -1,4 +1,8 @@
-"""CLI commands on the bus: ``node``, ``request``, ``pub``, ``ls``."""
+"""CLI commands on the bus: ``node``, ``request``, ``pub``, ``ls``, ``trace``.
+
+``request``, ``pub``, ``ls`` and ``trace`` are clients: they need only what ``pip install sandbus`` brings.
+``node`` runs plugins: it needs the host extra, and imports the host side only once it knows it is there.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sandbus.bus.connection import ConnectOptions
-from sandbus.bus.server import NatsServer
+from sandbus.host.cli.extras import require_host, require_nats_server
 from sandbus.host.cli.main import EXIT_USAGE, exit_code_for, fail, finite_positive, read_json_arg
 from sandbus.host.cli.output import cell, markup_safe, setup_logging, terminal_json
 from sandbus.host.sandbox.guest_text import escape_controls
@@ -79,12 +82,17 @@ def node(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
 ) -> None:
     """Run a host node serving PLUGINS over NATS (an embedded nats-server when --nats is not given)."""
-    setup_logging(max(verbose, 1))
+    require_host("node")
+    url = nats_url or os.environ.get("SANDBUS_NATS")
+    if url is None:
+        require_nats_server("node")
+    from sandbus.bus.connection import ConnectOptions
+    from sandbus.bus.server import NatsServer
     from sandbus.host.lifecycle.policy import Policy, load_policy
     from sandbus.host.node.node import Node, default_node_id
 
+    setup_logging(max(verbose, 1))
     server: NatsServer | None = None
-    url = nats_url or os.environ.get("SANDBUS_NATS")
     if url is None:
         data_dir.mkdir(parents=True, exist_ok=True)
         try:

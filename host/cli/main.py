@@ -5,6 +5,11 @@ Exit codes are part of the interface (scripts branch on them):
 (unreadable file, invalid JSON, invalid module, a function the module does not export, an input
 above its cap); 3 a resource limit was hit;
 4 a security violation.
+
+Commands import the host side (wasmtime, the lifecycle) inside their functions, after
+:func:`~sandbus.host.cli.extras.require_host`: registering every command, and running the ones that only
+talk to NATS, needs nothing beyond ``pip install sandbus``; a command that runs plugins, on an install
+without the ``host`` extra, exits 2 with one line naming it.
 """
 
 from __future__ import annotations
@@ -18,10 +23,9 @@ from typing import Annotated, Any, NoReturn
 import orjson
 import typer
 
+from sandbus.host.cli.extras import require_host
 from sandbus.host.cli.output import TerminalFormatter, setup_logging, terminal_json, terminal_text
 from sandbus.host.cli.plugins import plugins_app
-from sandbus.host.lifecycle.manifest import check_env_name
-from sandbus.host.sandbox import MIB, Capabilities, DirGrant, Limits, Sandbox
 from sandbus.sdk.errors import (
     AbiViolationError,
     InvalidModuleError,
@@ -125,6 +129,10 @@ def run(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show plugin logs (-vv: debug).")] = 0,
 ) -> None:
     """Load PLUGIN, call FUNCTION with the input JSON, print the reply JSON."""
+    require_host("run")
+    from sandbus.host.lifecycle.manifest import check_env_name
+    from sandbus.host.sandbox import MIB, Capabilities, DirGrant, Limits, Sandbox
+
     setup_logging(verbose)
     settings: Any = orjson.loads(read_json_arg(config, "--config", stdin=False))
     if not isinstance(settings, dict):

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from sandbus.host.cli.extras import require_host
 from sandbus.host.cli.output import cell, markup_safe, setup_logging, terminal_json, terminal_text
-from sandbus.host.lifecycle import DEFAULT_MAX_PLUGINS, PluginInfo, PluginManager, scan_directory
-from sandbus.host.lifecycle.policy import Policy, load_policy
 from sandbus.sdk.errors import PolicyError
+
+if TYPE_CHECKING:
+    from sandbus.host.lifecycle import PluginInfo
 
 __all__ = ["plugins_app"]
 
@@ -64,6 +66,10 @@ def check(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show lifecycle events.")] = 0,
 ) -> None:
     """Validate every manifest and module in DIRECTORY; exit 1 if any plugin is invalid."""
+    require_host("plugins check")
+    from sandbus.host.lifecycle import DEFAULT_MAX_PLUGINS, PluginManager, scan_directory
+    from sandbus.host.lifecycle.policy import Policy, load_policy
+
     setup_logging(verbose, quiet_level=logging.ERROR)
     if not directory.is_dir():
         raise _usage(f"{directory} is not a directory")

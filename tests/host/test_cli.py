@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -100,3 +101,18 @@ def test_module_without_the_abi_exits_2(tmp_path: Path) -> None:
     r = run(str(p))
     assert r.returncode == 2
     assert "does not export a memory" in r.stderr
+
+
+def test_new_offers_exactly_the_languages_authoring_knows() -> None:
+    """`sandbus new --lang` spells its choices out so that registering it imports no host module: they must
+    stay the values of the Language enum the scaffolder takes."""
+    import typing
+
+    from sandbus.host.authoring import Language
+    from sandbus.host.cli.author import LanguageName
+
+    assert typing.get_args(LanguageName) == tuple(lang.value for lang in Language)
+    r = subprocess.run([str(SANDBUS), "new", "x", "--lang", "cobol"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "COLUMNS": "200"})  # the error box on one line
+    assert r.returncode == 2
+    assert "'cobol' is not one of 'c', 'assemblyscript', 'python', 'wat'" in r.stderr
