@@ -1,4 +1,4 @@
-"""The compiled ABI round trip (host/sandbox/_native.c)."""
+"""The compiled ABI round trip, and the OTLP encoder of a request's two spans (host/sandbox/_native.c)."""
 
 def bind(call: int | None, data: int | None, size: int | None, set_fuel: int | None, get_fuel: int | None,
          set_deadline: int | None, /) -> None: ...

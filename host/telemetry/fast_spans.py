@@ -1,17 +1,20 @@
 """The node's request spans (``process`` + ``execute``) recorded without the OpenTelemetry SDK.
 
-Why: with the SDK, a span costs ~28 us to build and ~100 us to encode on this project's reference
-machine, so a node tracing every request served a seventh of its untraced rate
-(bench/bench_bus.py). Encoding in a thread of the node does not help either: the thread holds the
-GIL in bursts and every syscall of the event loop then waits for it. So:
+Why: with the SDK, a span is built through the tracer and its processors and then encoded for OTLP
+in the node's own process: a node tracing every request that way served 0.12x of its untraced rate
+(bench/bench_tracing.py, c=64 on a 2-core machine; 0.75-0.87x with this module). Encoding in a
+thread of the node does not help either: the thread holds the GIL in bursts and every syscall of
+the event loop then waits for it. So:
 
 * on the request path, a request served inline is one flat record (ids, times, a few numbers:
   a few microseconds), queued;
 * a shipper thread sends the queue, as one ``orjson`` document per batch (one C call, one pipe
   write), to an exporter process (host/telemetry/export.py);
-* the exporter process encodes the spans (host/telemetry/otlp_wire.py), posts them through the SDK's own
-  OTLP/HTTP exporter client -- the endpoint, headers, TLS, compression, timeout and retries that
-  the ``OTEL_*`` variables configure -- and keeps the ``sandbus.call.duration`` histogram.
+* the exporter process encodes the spans (by hand: host/telemetry/otlp_wire.py and
+  host/sandbox/_native.c; export.py gives the numbers against the official encoder), posts them
+  through the SDK's own OTLP/HTTP exporter client -- the endpoint, headers, TLS, compression, timeout
+  and retries that the ``OTEL_*`` variables configure -- and keeps the ``sandbus.call.duration``
+  histogram.
 
 What stays on the SDK: calls that run in worker threads (their host functions publish and need
 the current span), JetStream deliveries (links to the original message), ``sandbus trace``,

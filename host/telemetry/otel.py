@@ -24,7 +24,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -35,10 +35,13 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Link, Span, SpanKind
 
-from sandbus.host.sandbox import AuditEvent, AuditLevel, CallResult
+from sandbus.host.sandbox import AuditEvent, AuditLevel
 from sandbus.host.telemetry.export import LATENCY_BOUNDS
 from sandbus.host.telemetry.fast_spans import MAX_MESSAGE_ID, FastSpans
 from sandbus.sdk.tracing import TRACER_NAME, extract, messaging_attributes, record_error
+
+if TYPE_CHECKING:  # `sandbus trace` (a client command) uses SpanCollector without loading wasmtime
+    from sandbus.host.sandbox import CallResult
 
 __all__ = ["SpanCollector", "Telemetry", "tracing_configured"]
 

@@ -1,12 +1,14 @@
-"""OTLP trace protobuf, encoded directly for the node's request spans.
+"""OTLP trace protobuf, written directly: the Python half of the exporter process's span encoder.
 
-Why not the SDK's encoder: on this project's reference machine, building a span with the
-OpenTelemetry SDK costs ~28 us and encoding it for OTLP another ~100 us (bench/bench_bus.py), so
-tracing every request would cost several times the request itself. The node's request spans have a
-fixed shape (``process`` + ``execute``, docs/protocol.md), so their constant parts (names, static
-attributes, resource, scope) are encoded once and cached, and each span only adds its ids, times
-and a few numbers. The transport stays the SDK's (host/telemetry/fast_spans.py); tests decode what this module
-writes with the official ``opentelemetry-proto`` classes (tests/telemetry/test_otlp_wire.py).
+The node's request spans have a fixed shape (``process`` + ``execute``, docs/protocol.md), so their
+constant parts (names, static attributes, resource, scope) are encoded once and cached by
+:class:`~sandbus.host.telemetry.export.SpanEncoder`, and each span only adds its ids, times and a few
+numbers. host/sandbox/_native.c writes the common shape (a reply, no error, no audit event, no
+tracestate) in the same field order, byte for byte; this module writes every other shape. Why not the
+official encoder: it costs over ten times the CPU a request, measured in host/telemetry/export.py's
+docstring. The tests decode what this module writes with the official ``opentelemetry-proto`` classes
+and compare it with what the official encoder writes for the same records
+(tests/telemetry/test_fast_spans.py, tests/telemetry/test_export.py).
 
 Field numbers: opentelemetry/proto/trace/v1/trace.proto, common/v1/common.proto,
 resource/v1/resource.proto, collector/trace/v1/trace_service.proto.

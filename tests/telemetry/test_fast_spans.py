@@ -7,6 +7,7 @@ import io
 import random
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,6 +32,16 @@ def _decode(data: bytes) -> ExportTraceServiceRequest:
 
 def _attrs(kvs: Any) -> dict[str, Any]:
     return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in kvs}
+
+
+def _keep(posted: list[bytes]) -> Callable[[bytes], bool]:
+    """A ``send`` for serve() that keeps what it is given and reports it taken."""
+
+    def send(data: bytes) -> bool:
+        posted.append(data)
+        return True
+
+    return send
 
 
 def test_the_sdk_exporter_still_has_the_client_we_send_through() -> None:
@@ -94,8 +105,8 @@ def _spans(fast: FastSpans, shipped: list[bytes]) -> list[tuple[dict[str, Any], 
     stream = io.BytesIO(b"".join(struct.pack(">I", len(d)) + d for d in shipped))
     posted: list[bytes] = []
     latencies: list[tuple[str, float]] = []
-    serve(stream, SpanEncoder(RESOURCE), lambda data: posted.append(data) is None, latencies.extend)
-    out = []
+    serve(stream, SpanEncoder(RESOURCE), _keep(posted), latencies.extend)
+    out: list[tuple[dict[str, Any], Span]] = []
     for data in posted:
         for rs in _decode(data).resource_spans:
             resource = _attrs(rs.resource.attributes)
@@ -228,7 +239,7 @@ def test_ratio_sampling_agrees_with_the_sdk(ratio: float) -> None:
     rng = random.Random(7)
     for _ in range(2000):
         tid = rng.getrandbits(128) or 1
-        expected = sdk.should_sample(None, tid, "x").decision.is_sampled()
+        expected = sdk.should_sample(None, tid, "x").decision.is_sampled()  # type: ignore[no-untyped-call]
         assert ours(None, format(tid, "032x")) == expected
 
 

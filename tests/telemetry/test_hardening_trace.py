@@ -7,7 +7,7 @@ import io
 import shutil
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +130,8 @@ def test_f15_fast_spans_hold_no_unbounded_header(fast: tuple[FastSpans, list[byt
     assert sum(len(d) for d in shipped) < 201 * (MAX_MESSAGE_ID + 1024)
     posted: list[bytes] = []
     stream = io.BytesIO(b"".join(struct.pack(">I", len(d)) + d for d in shipped))
-    serve(stream, SpanEncoder({"service.name": "n"}), lambda data: posted.append(data) is None, lambda _: None)
-    states = set()
+    serve(stream, SpanEncoder({"service.name": "n"}), _keep(posted), lambda _: None)
+    states: set[str] = set()
     for data in posted:
         req = ExportTraceServiceRequest()
         req.ParseFromString(data)
@@ -140,6 +140,16 @@ def test_f15_fast_spans_hold_no_unbounded_header(fast: tuple[FastSpans, list[byt
                 states.update(s.trace_state for s in ss.spans)
                 assert all(len(s.trace_state) <= MAX_TRACESTATE for s in ss.spans)
     assert states == {"", "a=1,b=2"}
+
+
+def _keep(posted: list[bytes]) -> Callable[[bytes], bool]:
+    """A ``send`` for serve() that keeps what it is given and reports it taken."""
+
+    def send(data: bytes) -> bool:
+        posted.append(data)
+        return True
+
+    return send
 
 
 def test_f15_exporter_process_drops_an_oversized_tracestate() -> None:

@@ -4,6 +4,7 @@ real OTLP/HTTP exporter to a receiver in the test that decodes opentelemetry-pro
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import shutil
 import threading
@@ -124,6 +125,11 @@ class Receiver:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
+
+
+def _has_names(receiver: Receiver, trace_id: str, names: set[str]) -> bool:
+    """Whether the receiver has spans of every name in ``names`` in the trace."""
+    return names <= {s["name"] for s in receiver.trace(trace_id)}
 
 
 def _value(v: Any) -> Any:
@@ -311,7 +317,7 @@ async def test_inline_requests_are_traced_without_the_sdk(two_nodes: tuple[NatsS
         trace_id = format(root.get_span_context().trace_id, "032x")
         names = {f"send sandbus.req.spinner.{function}", f"process sandbus.req.spinner.{function}",
                  f"execute spinner.{function}"}
-        receiver.wait_for(lambda t=trace_id, n=names: n <= {s["name"] for s in receiver.trace(t)}, 20, str(names))
+        receiver.wait_for(functools.partial(_has_names, receiver, trace_id, names), 20, str(names))
         spans = {s["name"]: s for s in receiver.trace(trace_id)}
         send, process, execute = (spans[f"send sandbus.req.spinner.{function}"],
                                   spans[f"process sandbus.req.spinner.{function}"],
@@ -353,8 +359,7 @@ async def test_audit_events_ride_on_the_execution_span(two_nodes: tuple[NatsServ
         ids["timeout"] = format(slow.get_span_context().trace_id, "032x")
     for case, span_name, event in (("denied", "execute rec_a.handle_request", "audit.security.publish_denied"),
                                    ("timeout", "execute spinner.loop_forever", "audit.limit.timeout")):
-        receiver.wait_for(lambda n=span_name, t=ids[case]: any(s["name"] == n for s in receiver.trace(t)),
-                          20, span_name)
+        receiver.wait_for(functools.partial(_has_names, receiver, ids[case], {span_name}), 20, span_name)
         span = next(s for s in receiver.trace(ids[case]) if s["name"] == span_name)
         events = {e["name"]: e["attributes"] for e in span["events"]}
         assert event in events, f"{span_name} events: {list(events)}"
