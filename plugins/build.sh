@@ -6,14 +6,16 @@
 #   plugins/<name>/app.py              -> plugins/build/<name>.wasm  (Python: componentize-py, a component)
 #   plugins/<name>/<name>.toml         -> plugins/build/<name>.toml  (manifest, copied)
 #
-# Usage: plugins/build.sh [-f|--force] [NAME...]     (no NAME: every plugin)
+# Usage: plugins/build.sh [-f|--force] [-o|--out DIR] [NAME...]     (no NAME: every plugin)
+#   -o DIR  build into DIR instead of plugins/build/ (relative to where the script is started)
 # Incremental: a wasm is rebuilt only when a source, its SDK (C header, AssemblyScript or Python
 # guest SDK, WIT world) or this script is newer than it.
 #
 # Toolchains: C needs clang + wasi-libc (Debian packages below). AssemblyScript needs node (>= 20)
 # and npm: the compiler is installed once with npm into sdk/guest/assemblyscript/node_modules (pinned
 # by its package-lock.json). Python plugins need componentize-py next to $PYTHON (pip install
-# componentize-py); without it they are skipped with a message, not failed.
+# componentize-py). Without Node.js or componentize-py, those plugins are skipped with one line saying
+# why, not failed: everything else is still built and the exit status is 0.
 #
 # Environment:
 #   PYTHON          python with the `wasmtime` module, for .wat (default: python3); componentize-py is
@@ -27,6 +29,7 @@
 set -euo pipefail
 
 SCRIPT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+START_DIR="$(pwd)"
 # Relative tool paths are relative to where the script was started.
 for var in PYTHON CLANG WASI_SYSROOT NPM COMPONENTIZE_PY; do
     val="${!var:-}"
@@ -48,7 +51,7 @@ APT_HINT="install the toolchain with: apt-get install clang lld wasi-libc libcla
 NPM="${NPM:-npm}"
 AS_SDK="sdk/guest/assemblyscript"
 PY_SDK="sdk/guest/python"
-NODE_HINT="AssemblyScript plugins need Node.js >= 20 and npm (Debian 13 / Ubuntu 24.04: apt-get install nodejs npm; older releases: https://deb.nodesource.com)"
+NODE_HINT="AssemblyScript plugins need Node.js >= 20 and npm (Debian 13: apt-get install nodejs npm; older Debian and Ubuntu releases ship an older Node.js: use the Node.js 22 packages of https://deb.nodesource.com)"
 
 # --stack-first: the C shadow stack sits below the data, so overflowing it
 # traps (out-of-bounds access) instead of silently overwriting static data.
@@ -57,15 +60,24 @@ CFLAGS=(--target=wasm32-wasi "--sysroot=$WASI_SYSROOT" -O2 -mexec-model=reactor 
         -Wl,--stack-first -I "$SDK_DIR" -Wall -Wextra -Werror ${EXTRA_CFLAGS:-})
 
 force=0
+want_out=0
 names=()
 for arg in "$@"; do
+    if [ "$want_out" -eq 1 ]; then
+        # relative to where the script was started, like the tool paths above
+        case "$arg" in /*) OUT_DIR="$arg" ;; *) OUT_DIR="$START_DIR/$arg" ;; esac
+        want_out=0
+        continue
+    fi
     case "$arg" in
         -f|--force) force=1 ;;
-        -h|--help) sed -n '2,26p' "$SCRIPT" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -o|--out) want_out=1 ;;
+        -h|--help) sed -n '2,28p' "$SCRIPT" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "build.sh: unknown option $arg" >&2; exit 2 ;;
         *) names+=("$arg") ;;
     esac
 done
+[ "$want_out" -eq 0 ] || { echo "build.sh: -o needs a directory" >&2; exit 2; }
 
 die() { echo "build.sh: error: $*" >&2; exit 1; }
 
@@ -120,16 +132,26 @@ check_c_tools() {
 
 # The AssemblyScript compiler: installed once by npm into the SDK's own node_modules, so every AS
 # plugin builds with the version the SDK's package-lock.json pins (`npm ci`), and reinstalled when the
-# SDK's package.json or lock file changes.
-as_checked=0
+# SDK's package.json or lock file changes. Returns 1 with AS_MISSING set when Node.js or npm is absent
+# or too old (the AS plugins are then skipped); a failed install is an error.
+as_checked=0   # 0: not looked at yet, 1: ready, 2: unavailable (AS_MISSING says why)
+AS_MISSING=""
 ASC="$AS_SDK/node_modules/.bin/asc"
 check_as_tools() {
     [ "$as_checked" -eq 1 ] && return 0
-    command -v node >/dev/null 2>&1 || die "node not found; $NODE_HINT"
-    command -v "$NPM" >/dev/null 2>&1 || die "$NPM (npm) not found; $NODE_HINT"
+    [ "$as_checked" -eq 2 ] && return 1
+    as_checked=2
+    if ! command -v node >/dev/null 2>&1; then
+        AS_MISSING="Node.js is not installed"; return 1
+    fi
+    if ! command -v "$NPM" >/dev/null 2>&1; then
+        AS_MISSING="$NPM (npm) is not installed"; return 1
+    fi
     local major
     major="$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)"
-    [ "$major" -ge 20 ] 2>/dev/null || die "node $(node --version 2>/dev/null) is too old; $NODE_HINT"
+    if ! [ "$major" -ge 20 ] 2>/dev/null; then
+        AS_MISSING="node $(node --version 2>/dev/null || echo '(unknown version)') is too old"; return 1
+    fi
     local stamp="$AS_SDK/node_modules/.sandbus-installed"
     if [ ! -x "$ASC" ] || [ ! -f "$stamp" ] || [ "$AS_SDK/package.json" -nt "$stamp" ] \
             || { [ -f "$AS_SDK/package-lock.json" ] && [ "$AS_SDK/package-lock.json" -nt "$stamp" ]; }; then
@@ -144,6 +166,10 @@ check_as_tools() {
     fi
     as_checked=1
 }
+
+# Plugins skipped for a missing toolchain, reported once per toolchain at the end.
+skipped_as=()
+skipped_py=()
 
 # A plugin with its own package.json (extra npm dependencies) gets `npm install` in its directory,
 # again only when the package.json changed.
@@ -240,7 +266,10 @@ with open(dst, "wb") as f:
         [ -f "$entry" ] || die "$dir: AssemblyScript entry point not found (expected $dir/assembly/index.ts or $entry)"
         if needs_build "$out" "${tsrcs[@]}" "${as_sdk_srcs[@]}" "$AS_SDK/package.json" "$SCRIPT" \
                 ${dir_pkg:+"$dir_pkg"}; then
-            check_as_tools
+            if ! check_as_tools; then
+                skipped_as+=("$name")
+                continue
+            fi
             npm_plugin_deps "$dir" || { echo "build.sh: error: npm install failed in $dir" >&2; status=1; continue; }
             asc="$ASC"
             [ -x "$dir/node_modules/.bin/asc" ] && asc="$dir/node_modules/.bin/asc"
@@ -270,7 +299,7 @@ with open(dst, "wb") as f:
         [ -f "$dir/$app.py" ] || die "$dir: Python entry module not found (expected $dir/app.py or $dir/$name.py)"
         if needs_build "$out" "${pysrcs[@]}" "${py_sdk_srcs[@]}" "$SCRIPT"; then
             if ! find_componentize_py; then
-                echo "skip  $out: componentize-py is not installed (pip install componentize-py next to $PYTHON, or set COMPONENTIZE_PY)"
+                skipped_py+=("$name")
                 continue
             fi
             echo "PY    $dir/$app.py -> $out (componentize-py, a component)"
@@ -298,4 +327,10 @@ with open(dst, "wb") as f:
         cp "$manifest" "$OUT_DIR/$name.toml"
     fi
 done
+if [ ${#skipped_as[@]} -gt 0 ]; then
+    echo "skip  ${skipped_as[*]} (AssemblyScript): $AS_MISSING; $NODE_HINT"
+fi
+if [ ${#skipped_py[@]} -gt 0 ]; then
+    echo "skip  ${skipped_py[*]} (Python): componentize-py is not installed (pip install componentize-py next to $PYTHON, or set COMPONENTIZE_PY)"
+fi
 exit "$status"

@@ -1,9 +1,10 @@
-"""Sources of the AssemblyScript and Python scaffolds, which point at their SDKs in sdk/guest/."""
+"""Sources of the AssemblyScript and Python scaffolds. They name their guest SDK (``@sandbus/guest``,
+``sandbus_guest``) but not where it is installed: ``sandbus build`` supplies the SDK of the installation
+it runs from, so a project can be committed and built on another machine."""
 
 from __future__ import annotations
 
 from sandbus.host.authoring import templates as t
-from sandbus.host.authoring.project import Language, guest_sdk_dir
 
 __all__ = ["ASC_VERSION", "assemblyscript_files", "python_files"]
 
@@ -12,14 +13,14 @@ ASC_VERSION = "0.28.20"
 
 
 def assemblyscript_files(name: str) -> dict[str, str]:
-    """``assembly/index.ts`` and a ``package.json`` naming the SDK (a ``file:`` dependency on this
-    installation's ``sdk/guest/assemblyscript``) and the compiler. ``sandbus build`` does not need
-    ``npm install`` when the SDK's own compiler is installed: it resolves ``@sandbus/guest`` itself."""
-    sdk = guest_sdk_dir(Language.ASSEMBLYSCRIPT)
+    """``assembly/index.ts`` and a ``package.json`` naming the compiler. The SDK is not an npm
+    dependency (that would need its path on this machine): ``sandbus build`` resolves ``@sandbus/guest``
+    to the installation's ``sdk/guest/assemblyscript`` at build time. ``npm install`` is needed only
+    where no ``asc`` is installed yet; ``sandbus build`` runs it then."""
     return {
         "assembly/index.ts": t.render(t.AS_INDEX, name=name),
         "package.json": t.render(t.AS_PACKAGE_JSON, name=name, description=f"{name}: a sandbus plugin",
-                                 sdk_dir=str(sdk), asc_version=ASC_VERSION),
+                                 asc_version=ASC_VERSION),
     }
 
 

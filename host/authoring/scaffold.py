@@ -1,12 +1,16 @@
 """``sandbus new NAME --lang L``: a plugin project that builds, runs and tests on the first try.
 
+A project holds no path of the machine that generated it (no virtualenv, no SDK directory), so it can
+be committed and built elsewhere: the Makefile runs ``python -m sandbus``, and ``sandbus build`` supplies
+the guest SDK of the installation it runs from.
+
 Every language gets the same files around its source, so the next two commands are the same
 whatever the language (``sandbus build DIR``, ``python -m pytest DIR``):
 
     NAME/
       <source>          NAME.c | NAME.wat | assembly/index.ts + package.json | app.py
       NAME.toml         the manifest (validated with the node's loader before it is written)
-      Makefile          make / make test / make run
+      Makefile          make / make test / make run (through `python -m sandbus`)
       test_NAME.py      pytest, through the sandbus.sdk.testing fixture
       conftest.py       loads that fixture (pytest.ini: its settings)
       README.md, .gitignore
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from sandbus.host.authoring import templates as t
@@ -31,10 +34,6 @@ _TITLES = {Language.C: "C", Language.WAT: "WebAssembly text", Language.ASSEMBLYS
 # A componentize-py guest carries a whole CPython: more memory and fuel than a C one.
 _RESOURCES = {Language.PYTHON: ("64", "1000000000")}
 _DEFAULT_RESOURCES = ("16", "100000000")
-
-
-def _venv_bin() -> str:
-    return str(Path(sys.executable).parent)
 
 
 def _sources(name: str, language: Language) -> dict[str, str]:
@@ -67,7 +66,7 @@ def scaffold(name: str, language: Language | str, parent: str | Path = ".", *,
                              path=str(root), plugin=name)
     memory_mb, max_fuel = _RESOURCES.get(language, _DEFAULT_RESOURCES)
     title = _TITLES[language]
-    values = {"name": name, "language": language.value, "language_title": title, "venv_bin": _venv_bin(),
+    values = {"name": name, "language": language.value, "language_title": title,
               # escaped for the TOML basic string it lands in (JSON escapes are valid TOML ones)
               "description": json.dumps(description or f"A sandbus plugin in {title}")[1:-1], "memory_mb": memory_mb,
               "max_fuel": max_fuel}

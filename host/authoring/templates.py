@@ -68,14 +68,13 @@ tags = ["{{language}}"]
 
 MAKEFILE = """\
 # {{name}}: `make` builds, `make test` builds and tests, `make run` calls the plugin once.
-# The paths below are the sandbus installation that created this project; override them
-# (make SANDBUS=sandbus PYTHON=python3) to use another one.
-VENV_BIN ?= {{venv_bin}}
-SANDBUS ?= $(VENV_BIN)/sandbus
-PYTHON ?= $(VENV_BIN)/python
+# They use the sandbus installed for PYTHON: `python3` on PATH (with the virtualenv that has sandbus
+# activated), or name that virtualenv's interpreter: make test PYTHON=path/to/venv/bin/python
+PYTHON ?= python3
+SANDBUS ?= $(PYTHON) -m sandbus
 
-.PHONY: build test run clean
-build:
+.PHONY: build test run clean sandbus
+build: sandbus
 \t$(SANDBUS) build .
 
 test: build
@@ -86,6 +85,11 @@ run: build
 
 clean:
 \trm -rf build
+
+sandbus:
+\t@$(PYTHON) -c "import sandbus" 2>/dev/null \\
+\t  || { echo "$(PYTHON) cannot import sandbus: activate its virtualenv, or make PYTHON=path/to/venv/bin/python" >&2; \\
+\t       exit 1; }
 """
 
 GITIGNORE = """\
@@ -121,7 +125,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbus.sdk.errors import PayloadTooLargeError
+from sandbus import errors
 from sandbus.sdk.testing import PluginFactory, PluginHarness
 
 PROJECT = Path(__file__).resolve().parent
@@ -144,7 +148,7 @@ def test_needs_no_privileges(plugin: PluginHarness) -> None:
 
 def test_oversized_requests_are_refused(sandbus_plugin: PluginFactory) -> None:
     small = sandbus_plugin(PROJECT, limits={"max_input_bytes": 64})
-    error = small.expect_error(PayloadTooLargeError, "handle_request", {"data": "x" * 100})
+    error = small.expect_error(errors.PayloadTooLargeError, "handle_request", {"data": "x" * 100})
     assert error.plugin == "{{name}}"
     assert small.audit.kinds() == ["limit.input_size"]
 '''
@@ -155,11 +159,17 @@ README = """\
 A sandbus plugin in {{language_title}}.
 
 ```bash
-{{venv_bin}}/sandbus build .                        # -> build/{{name}}.wasm + build/{{name}}.toml
-{{venv_bin}}/python -m pytest                       # test_{{name}}.py
-{{venv_bin}}/sandbus run build/{{name}}.wasm --input '{"hello": "world"}'
-{{venv_bin}}/sandbus node --plugins build           # serve it over NATS
+sandbus build .                        # -> build/{{name}}.wasm + build/{{name}}.toml
+python -m pytest                       # test_{{name}}.py
+sandbus run build/{{name}}.wasm --input '{"hello": "world"}'
+sandbus node --plugins build           # serve it over NATS
 ```
+
+`sandbus` and `python` are those of a sandbus installation: a virtualenv with `pip install 'sandbus[host]'`
+(activate it, or call its `bin/sandbus` and `bin/python`); `python -m sandbus` works as well as `sandbus`.
+`make`, `make test` and `make run` do the same with `python3` on PATH, or with
+`make PYTHON=path/to/venv/bin/python`. `sandbus build` finds the guest SDK of the installation it runs from,
+so nothing in this directory depends on where sandbus is installed: commit it and share it.
 
 The plugin author's guide is docs/guide.md in the sandbus repository.
 """
@@ -293,9 +303,6 @@ AS_PACKAGE_JSON = """\
   "description": "{{description}}",
   "scripts": {
     "build": "sandbus build ."
-  },
-  "dependencies": {
-    "@sandbus/guest": "file:{{sdk_dir}}"
   },
   "devDependencies": {
     "assemblyscript": "{{asc_version}}"

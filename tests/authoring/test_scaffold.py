@@ -6,7 +6,9 @@ and Python are skipped only when their compiler is genuinely absent, saying whic
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +88,62 @@ def test_scaffold_files_and_manifest(language: Language, tmp_path: Path) -> None
     assert manifest.name == "my_plugin"
     assert detect_project(project.root) == project
     assert "{{" not in "".join((project.root / f).read_text() for f in files)
+
+
+def _machine_paths(tmp_path: Path) -> dict[str, str]:
+    """Paths that would tie a project to the machine (and the directory) it was generated in."""
+    repo = Path(__file__).resolve().parents[2]
+    paths = {"checkout": str(repo), "venv": sys.prefix, "interpreter": str(Path(sys.executable).parent),
+             "tmp_path": str(tmp_path), "home": str(Path.home())}
+    for language in Language:
+        paths[f"{language.value} SDK"] = str(guest_sdk_dir(language))
+    return {what: path for what, path in paths.items() if path not in ("", "/")}
+
+
+@pytest.mark.parametrize("language", list(Language), ids=[lang.value for lang in Language])
+def test_scaffold_names_no_path_of_this_machine(language: Language, tmp_path: Path) -> None:
+    r = sandbus("new", "portable", "--lang", language.value, "--dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    root = tmp_path / "portable"
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert len(files) >= 8
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        for what, machine_path in _machine_paths(tmp_path).items():
+            assert machine_path not in text, f"{path.name} names the {what} ({machine_path})"
+    if language is Language.ASSEMBLYSCRIPT:
+        package = json.loads((root / "package.json").read_text(encoding="utf-8"))
+        assert "@sandbus/guest" not in package.get("dependencies", {})  # sandbus build supplies it
+        assert "assemblyscript" in package["devDependencies"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_makefile_builds_and_tests_a_moved_project(tmp_path: Path) -> None:
+    """Generated in one place, moved (as a clone elsewhere would be), then `make test` with the
+    interpreter named on the command line: it builds and its tests pass."""
+    project = scaffold("moved", Language.WAT, tmp_path / "first")
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(project.root, moved)
+    r = subprocess.run(["make", "test", f"PYTHON={sys.executable}"], capture_output=True, text=True, timeout=300,
+                       cwd=moved, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (moved / "build" / "moved.wasm").read_bytes()[:4] == b"\0asm"
+    assert "3 passed" in r.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_makefile_says_how_to_name_the_interpreter(tmp_path: Path) -> None:
+    project = scaffold("lost", Language.WAT, tmp_path)
+    no_sandbus = tmp_path / "python-without-sandbus"
+    no_sandbus.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n', encoding="utf-8")
+    no_sandbus.chmod(0o755)
+    r = subprocess.run(["make", "build", f"PYTHON={no_sandbus}"], capture_output=True, text=True, timeout=60,
+                       cwd=project.root, stdin=subprocess.DEVNULL)
+    assert r.returncode != 0
+    assert "cannot import sandbus" in r.stderr
+    assert "make PYTHON=path/to/venv/bin/python" in r.stderr
+    assert not (project.root / "build").exists()
 
 
 @pytest.mark.parametrize("bad", ["Hello", "1st", "with-dash", "", "a" * 64, "../up", "x.y"])
