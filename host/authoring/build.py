@@ -14,7 +14,7 @@ the module is newer than every source, the language's SDK files and the manifest
 
 Toolchains (ARCHITECTURE.md, part B):
 
-* WAT: ``wasmtime.wat2wasm``, always available (wasmtime is a dependency of sandbus).
+* WAT: ``wasmtime.wat2wasm``, always available (wasmtime comes with the host extra, which building needs).
 * C: ``clang --target=wasm32-wasi`` with wasi-libc; Debian/Ubuntu:
   ``apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32``. ``CLANG`` and ``WASI_SYSROOT``
   override the compiler and sysroot, as for ``plugins/build.sh``.
@@ -22,6 +22,19 @@ Toolchains (ARCHITECTURE.md, part B):
   SDK's, or ``PATH``); when the project declares the dependency and only ``npm`` is there, the
   builder runs ``npm install`` for it.
 * Python: ``componentize-py`` (``pip install componentize-py``) against the SDK's WIT world.
+
+The manifest's ``[build]`` section chooses among the toolchain's flags; it names no command, so a build
+runs only the language's own compiler, in the project directory, on the project's own manifest:
+
+* ``optimize`` (default true): C ``-O2`` (stripped), AssemblyScript ``-O3``; false: a debug build (C
+  ``-O0 -g``, not stripped; AssemblyScript ``-O0 --debug``). WAT and Python have no such choice.
+* ``target``: ``wasm32-wasi`` / ``wasm32-wasip1`` (the same: a core module) for C, AssemblyScript and
+  WAT, ``wasm32-wasip2`` (a component) for Python; another is refused, since the project would not
+  build what it names.
+* ``features``: WebAssembly proposals the compiler may use: C ``-m<feature>`` (``simd`` is
+  ``-msimd128``); AssemblyScript ``--enable`` for those it leaves off by default (``simd``,
+  ``reference-types``; it cannot emit ``multivalue``); WAT states its own in the text; a Python
+  component takes none. A feature the toolchain cannot honour is a :class:`BuildError`, never ignored.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ import wasmtime
 
 from sandbus.host.authoring.errors import AuthoringError, BuildError, ToolchainMissingError
 from sandbus.host.authoring.project import Language, Project, detect_project, guest_sdk_dir
-from sandbus.host.lifecycle.manifest import load_manifest
+from sandbus.host.lifecycle.manifest import BuildSection, load_manifest
 
 __all__ = [
     "APT_C_TOOLCHAIN",
@@ -152,7 +165,8 @@ def build_project(directory: str | Path, *, force: bool = False, progress: Progr
         say(line)
 
     step(f"checking manifest {project.manifest.name}")
-    load_manifest(project.manifest)  # ManifestError names the file and the key
+    build = load_manifest(project.manifest).build  # ManifestError names the file and the key
+    _check_build_section(project, build)
     tool = _TOOLS[project.language]
     if not force and not is_stale(project):
         step(f"{project.wasm.relative_to(project.root)} is up to date")
@@ -160,7 +174,7 @@ def build_project(directory: str | Path, *, force: bool = False, progress: Progr
     project.build_dir.mkdir(exist_ok=True)
     tmp = project.wasm.with_name(project.wasm.name + ".tmp")
     try:
-        output = _COMPILERS[project.language](project, tmp, step)
+        output = _COMPILERS[project.language](project, tmp, step, build)
         if project.language is not Language.PYTHON:
             step("checking the module against Guest ABI v1")
             _check_abi(project, tmp.read_bytes())
@@ -170,6 +184,42 @@ def build_project(directory: str | Path, *, force: bool = False, progress: Progr
     step(f"copying the manifest to {project.build_dir.name}/{project.manifest.name}")
     shutil.copyfile(project.manifest, project.build_dir / project.manifest.name)
     return _result(project, True, tool, started, output, steps)
+
+
+#: Each ``[build] features`` entry as a clang flag, and as an asc ``--enable`` value (``""``: on by
+#: default in asc 0.28, nothing to pass; ``None``: asc cannot emit it).
+_CLANG_FEATURES: dict[str, str] = {
+    "simd": "-msimd128", "bulk-memory": "-mbulk-memory", "sign-ext": "-msign-ext",
+    "nontrapping-fptoint": "-mnontrapping-fptoint", "mutable-globals": "-mmutable-globals",
+    "multivalue": "-mmultivalue", "reference-types": "-mreference-types",
+}
+_ASC_FEATURES: dict[str, str | None] = {
+    "simd": "simd", "reference-types": "reference-types", "bulk-memory": "", "sign-ext": "",
+    "nontrapping-fptoint": "", "mutable-globals": "", "multivalue": None,
+}
+_CORE_TARGETS = ("wasm32-wasi", "wasm32-wasip1")
+
+
+def _check_build_section(project: Project, build: BuildSection) -> None:
+    """Refuse a ``[build]`` this project's toolchain cannot honour, before anything runs.
+
+    Raises:
+        BuildError: the target is of the other kind (core module / component), or a feature cannot be
+            passed to the compiler.
+    """
+    component = project.language is Language.PYTHON
+    if build.target is not None and (build.target in _CORE_TARGETS) == component:
+        made = "a component (wasm32-wasip2)" if component else "a core module (wasm32-wasi)"
+        raise BuildError(f"[build] target {build.target!r} cannot be built: a {project.language} project builds "
+                         f"{made}", plugin=project.name, key="build.target")
+    if component and build.features:
+        raise BuildError(f"[build] features {', '.join(build.features)}: componentize-py takes none (a Python "
+                         "component's code is the interpreter's)", plugin=project.name, key="build.features")
+    if project.language is Language.ASSEMBLYSCRIPT:
+        missing = [f for f in build.features if _ASC_FEATURES[f] is None]
+        if missing:
+            raise BuildError(f"[build] features {', '.join(missing)}: the AssemblyScript compiler cannot emit it",
+                             plugin=project.name, key="build.features")
 
 
 def _result(project: Project, built: bool, tool: str, started: float, output: str,
@@ -220,7 +270,8 @@ def _install_hint(language: Language) -> str:
 # -- WAT ---------------------------------------------------------------------------------------------
 
 
-def _build_wat(project: Project, out: Path, step: Progress) -> str:
+def _build_wat(project: Project, out: Path, step: Progress, build: BuildSection) -> str:
+    del build  # the text is the module: nothing to optimise, and it states the features it uses
     source = project.root / f"{project.name}.wat"
     step(f"assembling {source.name} with wasmtime.wat2wasm")
     try:
@@ -249,7 +300,7 @@ def _probe_clang(clang: str, sysroot: str) -> str | None:
         return None if proc.returncode == 0 else (proc.stdout + proc.stderr).strip()
 
 
-def _build_c(project: Project, out: Path, step: Progress) -> str:
+def _build_c(project: Project, out: Path, step: Progress, build: BuildSection) -> str:
     clang = os.environ.get("CLANG") or "clang"
     sysroot = os.environ.get("WASI_SYSROOT") or "/usr"
     step(f"checking the C toolchain ({clang}, wasm32-wasi, sysroot {sysroot})")
@@ -264,11 +315,15 @@ def _build_c(project: Project, out: Path, step: Progress) -> str:
             f"(wasi-libc, lld or the wasm32 compiler-rt builtins are missing):\n{failure}",
             tool="clang (wasm32-wasi)", install=APT_C_TOOLCHAIN, plugin=project.name)
     sources = sorted(project.root.glob("*.c"))
-    step(f"compiling {', '.join(s.name for s in sources)} with clang --target=wasm32-wasi")
+    # [build]: optimised and stripped, or a debug build with its DWARF kept; the features as -m flags.
+    mode = ["-O2", "-Wl,--strip-all"] if build.optimize else ["-O0", "-g"]
+    features = [_CLANG_FEATURES[f] for f in build.features]
+    step(f"compiling {', '.join(s.name for s in sources)} with clang --target=wasm32-wasi "
+         f"{' '.join([mode[0], *features])}")
     # The flags of plugins/build.sh minus -Werror (an author's warnings are shown, not fatal).
     # --stack-first: overflowing the C stack traps instead of silently overwriting static data.
-    args = [found, "--target=wasm32-wasi", f"--sysroot={sysroot}", "-O2", "-mexec-model=reactor",
-            "-Wl,--strip-all", "-Wl,--stack-first", "-I", str(guest_sdk_dir(Language.C)), "-Wall", "-Wextra",
+    args = [found, "--target=wasm32-wasi", f"--sysroot={sysroot}", *mode, *features, "-mexec-model=reactor",
+            "-Wl,--stack-first", "-I", str(guest_sdk_dir(Language.C)), "-Wall", "-Wextra",
             *os.environ.get("EXTRA_CFLAGS", "").split(), "-o", str(out), *map(str, sources)]
     return _run(project, args, "clang")
 
@@ -301,14 +356,16 @@ def _find_asc(project: Project, step: Progress) -> str:
 AS_SDK_PACKAGE = "@sandbus/guest"
 
 
-def _build_assemblyscript(project: Project, out: Path, step: Progress) -> str:
+def _build_assemblyscript(project: Project, out: Path, step: Progress, build: BuildSection) -> str:
     step("looking for the AssemblyScript compiler (asc)")
     asc = _find_asc(project, step)
     sdk = guest_sdk_dir(Language.ASSEMBLYSCRIPT)
     if not (sdk / "assembly" / "index.ts").is_file():
         raise BuildError(f"the AssemblyScript guest SDK is missing ({sdk}/assembly/index.ts)", plugin=project.name)
     entry = project.entry.relative_to(project.root).as_posix()
-    step(f"compiling {entry} with asc --runtime minimal (takes a few seconds)")
+    mode = ["-O3"] if build.optimize else ["-O0", "--debug"]
+    enable = [f"--enable={name}" for f in build.features if (name := _ASC_FEATURES[f])]
+    step(f"compiling {entry} with asc --runtime minimal {' '.join([*mode, *enable])} (takes a few seconds)")
     with tempfile.TemporaryDirectory(prefix="sandbus-asc-") as packages:
         # `import ... from "@sandbus/guest"` resolves through --path to this installation's SDK, so a
         # project builds offline without `npm install` (which would link the same directory).
@@ -317,7 +374,7 @@ def _build_assemblyscript(project: Project, out: Path, step: Progress) -> str:
         (scope / AS_SDK_PACKAGE.split("/")[1]).symlink_to(sdk, target_is_directory=True)
         # --runtime minimal: the SDK collects garbage in sandbus_alloc, between calls (it refuses
         # the stub runtime, which never frees).
-        args = [asc, entry, "-o", str(out), "-O3", "--runtime", "minimal", "--path", packages,
+        args = [asc, entry, "-o", str(out), *mode, *enable, "--runtime", "minimal", "--path", packages,
                 f"--use=abort={_abort_handler(project)}"]
         return _run(project, args, "asc")
 
@@ -358,7 +415,8 @@ def python_world() -> tuple[Path, str]:
     return wit, worlds[0]
 
 
-def _build_python(project: Project, out: Path, step: Progress) -> str:
+def _build_python(project: Project, out: Path, step: Progress, build: BuildSection) -> str:
+    del build  # checked by _check_build_section: componentize-py has no flag it could set
     step("looking for componentize-py")
     tool = find_tool("componentize-py")
     if tool is None:
@@ -372,7 +430,7 @@ def _build_python(project: Project, out: Path, step: Progress) -> str:
     return _run(project, args, "componentize-py")
 
 
-_COMPILERS: dict[Language, Callable[[Project, Path, Progress], str]] = {
+_COMPILERS: dict[Language, Callable[[Project, Path, Progress, BuildSection], str]] = {
     Language.WAT: _build_wat,
     Language.C: _build_c,
     Language.ASSEMBLYSCRIPT: _build_assemblyscript,

@@ -49,7 +49,12 @@ class ImportInfo:
 
 @dataclass(frozen=True)
 class ManifestCheck:
-    """The manifest beside the module (``<stem>.toml``), checked with the node's loader."""
+    """The manifest beside the module (``<stem>.toml``), checked with the node's loader.
+
+    ``details``: every section of a valid manifest but ``[config]`` (handed to the plugin's ``init``, and
+    its own business), as plain data: identity and links, capabilities, permissions, resources,
+    dependencies, subscriptions, build and metadata.
+    """
 
     path: str
     valid: bool
@@ -57,6 +62,28 @@ class ManifestCheck:
     name: str | None = None
     version: str | None = None
     sha256_pinned: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def facts(self) -> list[tuple[str, str]]:
+        """``details`` as (label, text) rows for a terminal: one per key that has a value."""
+        rows: list[tuple[str, str]] = []
+        for section, values in self.details.items():
+            if not isinstance(values, dict):
+                continue
+            for key, value in values.items():
+                if section == "plugin" and key in ("name", "version", "sha256"):
+                    continue  # on the manifest's own row
+                if section == "dependencies":
+                    text = f"{value['version']}{' (optional)' if value.get('optional') else ''}"
+                elif isinstance(value, list | tuple):
+                    text = ", ".join(str(v) for v in value)
+                elif isinstance(value, bool):
+                    text = "true" if value else "false"
+                else:
+                    text = "" if value is None else str(value)
+                if text:
+                    rows.append((f"{section}.{key}", text))
+        return rows
 
 
 @dataclass(frozen=True)
@@ -180,6 +207,9 @@ def inspect_wasm(path: str | Path) -> WasmReport:
 
 
 def _manifest_check(path: Path, wasm: bytes) -> tuple[ManifestCheck | None, dict[str, Any]]:
+    """The node's verdict on the manifest beside ``path``: valid, the wasm's sha256 matches its pin, and its
+    ``min_runtime_version`` is this runtime's or older (what the loader checks before anything else)."""
+    from sandbus.host.lifecycle.loader import RUNTIME_VERSION
     from sandbus.host.lifecycle.manifest import load_manifest
 
     toml = path.with_suffix(".toml")
@@ -190,7 +220,13 @@ def _manifest_check(path: Path, wasm: bytes) -> tuple[ManifestCheck | None, dict
         m.verify_wasm(wasm)
     except SandbusError as e:
         return ManifestCheck(str(toml), False, str(e)), {}
-    return ManifestCheck(str(toml), True, None, m.name, m.plugin.version, m.plugin.sha256 is not None), dict(m.config)
+    details = m.model_dump(mode="json", exclude={"config"})
+    if not m.runtime_compatible(RUNTIME_VERSION):
+        return ManifestCheck(str(toml), False, f"[plugin.min_runtime_version]: requires sandbus runtime >= "
+                             f"{m.plugin.min_runtime_version}, this runtime is {RUNTIME_VERSION}", m.name,
+                             m.plugin.version, m.plugin.sha256 is not None, details), dict(m.config)
+    return (ManifestCheck(str(toml), True, None, m.name, m.plugin.version, m.plugin.sha256 is not None, details),
+            dict(m.config))
 
 
 def _inspect_core(path: Path, wasm: bytes, config: dict[str, Any], common: dict[str, Any]) -> WasmReport:

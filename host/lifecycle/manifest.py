@@ -13,6 +13,8 @@ Example::
     name = "orders"
     version = "1.4.0"
     min_runtime_version = "0.1.0"
+    repository = "https://github.com/example/orders"
+    documentation = "https://docs.example.com/orders"
 
     [capabilities]
     required = ["messaging"]
@@ -21,13 +23,25 @@ Example::
     [permissions]
     publish_topics = ["orders.*"]
     request_plugins = ["pricing.quote", "audit"]
+    read_files = ["data/*.txt"]     # a glob only in the last component: the files directly in data/
 
     [resources]
     memory_mb = 32
+    max_open_files = 16
 
     [dependencies]
     pricing = "^2.1"
     audit = { version = "~1.0", optional = true }
+
+    [build]                         # read by `sandbus build` only
+    optimize = true
+    target = "wasm32-wasi"
+    features = ["simd"]
+
+A permission list asks for its capability: ``read_files`` in a manifest whose ``[capabilities]`` does not
+name ``filesystem`` adds ``filesystem`` to ``optional`` (likewise ``network_hosts`` -> ``network``,
+``environment_vars`` -> ``environment``, ``publish_topics`` / ``request_plugins`` -> ``messaging``).
+Optional, so a node whose policy does not allow it loads the plugin without it and says so.
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ import stat
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -57,18 +72,24 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from sandbus.host.sandbox.config import check_name_pattern, is_pattern
 from sandbus.sdk.errors import ManifestError, SecurityViolationError
 from sandbus.sdk.subjects import check_token, check_topic
 
 __all__ = [
+    "BUILD_FEATURES",
+    "BUILD_TARGETS",
+    "BuildSection",
     "CAPABILITY_NAMES",
     "CapabilitiesSection",
     "CapabilityName",
     "DependencySpec",
+    "MAX_FILE_ENTRIES",
     "MAX_TOML_BYTES",
     "Manifest",
     "MetadataSection",
@@ -80,12 +101,14 @@ __all__ = [
     "check_request_pattern",
     "check_subject",
     "check_toml_shape",
+    "check_url",
     "load_manifest",
     "loads_toml",
     "parse_host",
     "parse_manifest",
     "read_capped",
     "request_matches",
+    "split_file_pattern",
     "subject_matches",
 ]
 
@@ -106,6 +129,21 @@ _VERSION_CHARS_RE = re.compile(r"[0-9A-Za-z.+\-]{1,256}")
 _RANGE_CHARS_RE = re.compile(r"[0-9A-Za-z.+\-^~<>=*|x ]{1,256}")
 #: Largest manifest or policy file read; TOML written by hand is a few KiB.
 MAX_TOML_BYTES = 1024 * 1024
+#: Longest ``repository`` / ``documentation`` URL (what browsers and registries reliably take).
+MAX_URL_CHARS = 2048
+#: Most ``read_files`` / ``write_files`` entries: each file-name glob among them is matched against every name
+#: the plugin reaches (and every entry of a listing) while it waits in a file operation.
+MAX_FILE_ENTRIES = 64
+#: Most files one plugin instance may ask to have open at once (``[resources] max_open_files``).
+MAX_OPEN_FILES_ASKED = 65536
+#: ``[build] target`` values: the core-module target (``wasm32-wasi`` is the older name of
+#: ``wasm32-wasip1``) and the component target of Python plugins.
+BUILD_TARGETS: tuple[str, ...] = ("wasm32-wasi", "wasm32-wasip1", "wasm32-wasip2")
+#: ``[build] features``: the WebAssembly proposals a plugin may be compiled to use -- those the node's
+#: engine accepts (host/sandbox/engine.py).
+BUILD_FEATURES: tuple[str, ...] = (
+    "simd", "bulk-memory", "sign-ext", "nontrapping-fptoint", "mutable-globals", "multivalue", "reference-types",
+)
 _TOML_POS_RE = re.compile(r"at line (\d+), column (\d+)")
 
 
@@ -290,7 +328,56 @@ def _check_relative_path(value: str) -> str:
         raise ValueError(f"path {value!r} contains a '..' component; paths must stay under the data root")
     if not parts:
         raise ValueError(f"expected a directory under the data root, found {value!r}")
+    *dirs, last = parts
+    bad = next((d for d in dirs if is_pattern(d)), None)
+    if bad is not None:
+        raise ValueError(f"path {value!r} has a glob in {bad!r}: a glob ('*', '?', '[...]') may only be in the "
+                         "last component, as in 'data/*.txt'")
+    if is_pattern(last):
+        if not dirs:
+            raise ValueError(f"path {value!r}: a glob names files in a directory under the data root, "
+                             "as in 'data/*.txt'")
+        if "**" in last:
+            raise ValueError(f"path {value!r}: '**' (any depth) is not supported; a glob matches the files "
+                             "directly in one directory, as in 'data/*.txt'")
+        check_name_pattern(last)
     return "/".join(parts)
+
+
+def split_file_pattern(entry: str) -> tuple[str, str | None]:
+    """A validated ``read_files`` / ``write_files`` entry as (directory, file-name glob or ``None``).
+
+    ``"data/*.txt"`` -> ``("data", "*.txt")``; ``"data"`` -> ``("data", None)``.
+    """
+    head, _, last = entry.rpartition("/")
+    if head and is_pattern(last):
+        return head, last
+    return entry, None
+
+
+def check_url(value: str, what: str) -> str:
+    """An ``http(s)`` URL with a host, printable, at most :data:`MAX_URL_CHARS` characters, without
+    credentials (shown to users by ``inspect`` and in plugin listings: no other scheme, so a link shown
+    there never runs script or opens a local file).
+
+    Raises:
+        ValueError: saying what was expected and what was found.
+    """
+    if len(value) > MAX_URL_CHARS:
+        raise ValueError(f"{what} must be a URL of at most {MAX_URL_CHARS} characters, found {len(value)}")
+    if not value.isascii() or not value.isprintable() or any(c.isspace() for c in value):
+        raise ValueError(f"{what} must be an ASCII URL without spaces or control characters, found {value[:80]!r}")
+    try:
+        url = urllib.parse.urlsplit(value)
+        host = url.hostname
+        url.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"{what} must be an http(s) URL like 'https://example.com/x', found {value[:80]!r}") from None
+    if url.scheme not in ("http", "https") or not host:
+        raise ValueError(f"{what} must be an http(s) URL like 'https://example.com/x', found {value[:80]!r}")
+    if url.username is not None or url.password is not None:
+        raise ValueError(f"{what} must not carry a user name or password, found {value[:80]!r}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,17 +398,26 @@ class PluginSection(_Section):
         name: must match ``^[a-z][a-z0-9_]{0,62}$`` and the file stem (it becomes a NATS token).
         version: semantic version of the plugin.
         description / author / license: free text, for humans and the CLI listing.
+        repository / documentation: ``http(s)`` URLs of the source and of the docs, shown by
+            ``sandbus inspect`` and in plugin listings (``PluginInfo``, ``sandbus ls --json``).
         min_runtime_version: the oldest sandbus runtime this plugin works with (``None``: any).
         sha256: hex digest of the ``.wasm``; when set, a binary that does not match is refused.
     """
 
     name: StrictStr
     version: StrictStr
-    description: StrictStr = ""
-    author: StrictStr = ""
-    license: StrictStr = ""
+    description: StrictStr = Field(default="", max_length=4096)
+    author: StrictStr = Field(default="", max_length=256)
+    license: StrictStr = Field(default="", max_length=256)
+    repository: StrictStr | None = None
+    documentation: StrictStr | None = None
     min_runtime_version: StrictStr | None = None
     sha256: StrictStr | None = None
+
+    @field_validator("repository", "documentation")
+    @classmethod
+    def _url(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else check_url(v, str(info.field_name))
 
     @field_validator("name")
     @classmethod
@@ -396,8 +492,12 @@ class PermissionsSection(_Section):
     Parameters:
         read_files / write_files: directories relative to the plugin's data root (chosen by the
             operator at load time); absolute paths and ``..`` are refused. WASI preopens directories,
-            so each entry names a directory. Needs the ``filesystem`` capability.
-        network_hosts: ``"host"`` or ``"host:port"``; needs ``network``.
+            so each entry names a directory -- or, with a glob in its last component (``data/*.txt``:
+            ``*``, ``?``, ``[...]``), the files directly in a directory whose names match: the
+            directory is granted, and the host refuses every other name in it (docs/abi.md). At most
+            :data:`MAX_FILE_ENTRIES` entries each. Needs the ``filesystem`` capability (asked for as
+            optional when not listed).
+        network_hosts: ``"host"`` or ``"host:port"``; needs ``network`` (likewise implied).
         environment_vars: variable names the plugin may read; needs ``environment``.
         publish_topics: NATS subject patterns the plugin may publish to; needs ``messaging``.
         request_plugins: plugin functions the plugin may call with the ``request`` host function:
@@ -405,8 +505,8 @@ class PermissionsSection(_Section):
             ``messaging``.
     """
 
-    read_files: tuple[StrictStr, ...] = ()
-    write_files: tuple[StrictStr, ...] = ()
+    read_files: tuple[StrictStr, ...] = Field(default=(), max_length=MAX_FILE_ENTRIES)
+    write_files: tuple[StrictStr, ...] = Field(default=(), max_length=MAX_FILE_ENTRIES)
     network_hosts: tuple[StrictStr, ...] = ()
     environment_vars: tuple[StrictStr, ...] = ()
     publish_topics: tuple[StrictStr, ...] = ()
@@ -450,6 +550,45 @@ class ResourcesSection(_Section):
     timeout_seconds: StrictFloat | None = Field(default=None, gt=0)
     max_fuel: StrictInt | None = Field(default=None, gt=0)
     max_instances: StrictInt | None = Field(default=None, gt=0)
+    #: Files one instance may have open at once (each a host descriptor).
+    max_open_files: StrictInt | None = Field(default=None, gt=0, le=MAX_OPEN_FILES_ASKED)
+
+
+class BuildSection(_Section):
+    """``[build]``: how ``sandbus build`` compiles the plugin; nodes ignore it.
+
+    It names no command: the build runs the language's own toolchain in the project directory, and
+    these keys only choose among its flags (host/authoring/build.py).
+
+    Parameters:
+        optimize: an optimised build (C ``-O2``, AssemblyScript ``-O3``), or, when false, a debug build
+            (``-O0 -g``, debug info kept).
+        target: the target to build for (``wasm32-wasi`` / ``wasm32-wasip1`` for core modules,
+            ``wasm32-wasip2`` for Python components); a project whose language builds the other
+            kind is refused at build time.
+        features: WebAssembly proposals the compiler may use (``simd``...), from :data:`BUILD_FEATURES`.
+    """
+
+    optimize: StrictBool = True
+    target: StrictStr | None = None
+    features: tuple[StrictStr, ...] = ()
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str | None) -> str | None:
+        if v is not None and v not in BUILD_TARGETS:
+            raise ValueError(f"unknown build target {v[:80]!r}{_suggest(v, BUILD_TARGETS)} "
+                             f"(known: {', '.join(BUILD_TARGETS)})")
+        return v
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for feature in v:
+            if feature not in BUILD_FEATURES:
+                raise ValueError(f"unknown wasm feature {feature[:80]!r}{_suggest(feature, BUILD_FEATURES)} "
+                                 f"(known: {', '.join(BUILD_FEATURES)})")
+        return _dedupe(v)
 
 
 class DependencySpec(_Section):
@@ -513,13 +652,13 @@ class SubscriptionsSection(_Section):
 
 
 class MetadataSection(_Section):
-    """``[metadata]``: catalogue information; no effect on the runtime."""
+    """``[metadata]``: catalogue information, shown by ``inspect`` and in plugin listings; no effect on the runtime."""
 
-    category: StrictStr = ""
-    tags: tuple[StrictStr, ...] = ()
+    category: StrictStr = Field(default="", max_length=128)
+    tags: tuple[Annotated[StrictStr, Field(max_length=64)], ...] = Field(default=(), max_length=64)
 
 
-#: Which capability each permission list needs; a manifest listing one without the other is wrong.
+#: Which capability each permission list needs; a manifest that lists one without it asks for it as optional.
 _PERMISSION_NEEDS: dict[str, str] = {
     "read_files": "filesystem",
     "write_files": "filesystem",
@@ -541,6 +680,7 @@ class Manifest(_Section):
         dependencies: other plugins this one calls, by name.
         subscriptions: topics delivered to the plugin.
         metadata: catalogue information.
+        build: how ``sandbus build`` compiles it (no effect on a node).
         config: free-form table handed to the plugin's ``init(config)``. Not deep-frozen: treat as
             read-only.
     """
@@ -552,6 +692,7 @@ class Manifest(_Section):
     dependencies: dict[str, DependencySpec] = Field(default_factory=dict)
     subscriptions: SubscriptionsSection = SubscriptionsSection()
     metadata: MetadataSection = MetadataSection()
+    build: BuildSection = BuildSection()
     config: dict[str, Any] = Field(default_factory=dict)
 
     _source: str | None = PrivateAttr(default=None)
@@ -566,6 +707,24 @@ class Manifest(_Section):
                 raise _KeyedError(str(exc), f"dependencies.{name}") from None
         return dict(sorted(v.items()))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_capabilities(cls, data: Any) -> Any:
+        """A permission list asks for its capability: one ``[capabilities]`` does not name becomes optional."""
+        if not isinstance(data, Mapping):
+            return data
+        perms, caps = data.get("permissions"), data.get("capabilities", {})
+        if not isinstance(perms, Mapping) or not isinstance(caps, Mapping):
+            return data  # wrong types are reported by the fields
+        required, optional = caps.get("required", ()), caps.get("optional", ())
+        if not isinstance(required, list | tuple) or not isinstance(optional, list | tuple):
+            return data
+        implied = [capability for key, capability in _PERMISSION_NEEDS.items()
+                   if perms.get(key) and capability not in required and capability not in optional]
+        if not implied:
+            return data
+        return {**data, "capabilities": {**caps, "optional": [*optional, *dict.fromkeys(implied)]}}
+
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         if self.plugin.name in self.dependencies:
@@ -573,14 +732,6 @@ class Manifest(_Section):
                 f"plugin {self.plugin.name!r} lists itself as a dependency",
                 f"dependencies.{self.plugin.name}",
             )
-        asked = self.capabilities.all
-        for field, capability in _PERMISSION_NEEDS.items():
-            if getattr(self.permissions, field) and capability not in asked:
-                raise _KeyedError(
-                    f"{field} needs the {capability!r} capability: add it to [capabilities] required "
-                    f"or optional",
-                    f"permissions.{field}",
-                )
         return self
 
     @property
@@ -868,6 +1019,14 @@ def _translate(
         else:
             section = ".".join(keys[:-1])
             message = f"required key {keys[-1]!r} is missing" + (f" in [{section}]" if section else "")
+    elif kind in ("string_too_long", "too_long"):
+        limit = (err.get("ctx") or {}).get("max_length")
+        found = err["input"]
+        size = len(found) if isinstance(found, str | list | tuple) else found
+        message = f"expected at most {limit} {'characters' if kind == 'string_too_long' else 'entries'}, found {size}"
+        index = next((p for p in loc if isinstance(p, int)), None)
+        if index is not None:
+            message = f"{keys[-1]}[{index}]: {message}"
     elif kind == "value_error":
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, _KeyedError):

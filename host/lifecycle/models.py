@@ -43,6 +43,11 @@ class PluginInfo(BaseModel):
         path: the ``.wasm`` file.
         sha256: digest of the serving module.
         description: from the manifest.
+        author / license / repository / documentation: the manifest's ``[plugin]`` keys of that name
+            (``repository`` and ``documentation`` are http(s) URLs, or ``None``).
+        category / tags: the manifest's ``[metadata]``.
+        max_open_files: files one instance may have open at once (the manifest's value, else the node's
+            default); ``None`` when not serving.
         functions: exported functions callable through ``execute``.
         executions / errors: calls served (failed ones included) and calls that failed through the
             plugin's fault, across reloads.
@@ -68,6 +73,13 @@ class PluginInfo(BaseModel):
     path: str
     sha256: str | None = None
     description: str = ""
+    author: str = ""
+    license: str = ""
+    repository: str | None = None
+    documentation: str | None = None
+    category: str = ""
+    tags: tuple[str, ...] = ()
+    max_open_files: int | None = None
     functions: tuple[str, ...] = ()
     executions: int = 0
     errors: int = 0

@@ -54,6 +54,7 @@ Example policy::
 
     [limits]        # ceilings: a manifest asking more is refused
     memory_mb = 256
+    max_open_files = 1024   # files one instance may have open at once
 
     [defaults]      # used when the manifest is silent
     memory_mb = 64
@@ -93,6 +94,7 @@ from sandbus.host.lifecycle.manifest import (
     check_subject,
     parse_host,
     request_matches,
+    split_file_pattern,
     subject_matches,
 )
 from sandbus.host.node.netguard import IPNetwork
@@ -119,7 +121,7 @@ __all__ = [
 ]
 
 #: The ``[resources]`` / ``[limits]`` / ``[defaults]`` keys, in the order they are checked.
-RESOURCE_KEYS: tuple[str, ...] = ("memory_mb", "timeout_seconds", "max_fuel", "max_instances")
+RESOURCE_KEYS: tuple[str, ...] = ("memory_mb", "timeout_seconds", "max_fuel", "max_instances", "max_open_files")
 
 
 class _Section(BaseModel):
@@ -252,10 +254,13 @@ class ResourceValues(_Section):
     timeout_seconds: StrictFloat = Field(gt=0)
     max_fuel: StrictInt = Field(gt=0)
     max_instances: StrictInt = Field(gt=0)
+    max_open_files: StrictInt = Field(gt=0, le=65536)
 
 
-_CEILINGS = ResourceValues(memory_mb=256, timeout_seconds=30.0, max_fuel=10_000_000_000, max_instances=16)
-_DEFAULTS = ResourceValues(memory_mb=64, timeout_seconds=5.0, max_fuel=1_000_000_000, max_instances=4)
+_CEILINGS = ResourceValues(memory_mb=256, timeout_seconds=30.0, max_fuel=10_000_000_000, max_instances=16,
+                           max_open_files=1024)
+_DEFAULTS = ResourceValues(memory_mb=64, timeout_seconds=5.0, max_fuel=1_000_000_000, max_instances=4,
+                           max_open_files=256)
 
 
 class Policy(_Section):
@@ -316,10 +321,10 @@ class Policy(_Section):
 
     @classmethod
     def default(cls) -> Policy:
-        """Deny by default: only ``compute``; ceilings 256 MB / 30 s / 10^10 fuel / 16 instances,
-        defaults 64 MB / 5 s / 10^9 fuel / 4 instances; no directories, hosts, addresses, variables,
-        topics to publish or subscribe to, or request targets; 1,000 sends a second (burst 1,000),
-        64 a call."""
+        """Deny by default: only ``compute``; ceilings 256 MB / 30 s / 10^10 fuel / 16 instances / 1,024 open
+        files, defaults 64 MB / 5 s / 10^9 fuel / 4 instances / 256 open files; no directories, hosts,
+        addresses, variables, topics to publish or subscribe to, or request targets; 1,000 sends a second
+        (burst 1,000), 64 a call."""
         return cls()
 
     @property
@@ -470,20 +475,56 @@ def _resolve_limits(manifest: Manifest, policy: Policy) -> Limits:
         timeout_s=float(values["timeout_seconds"]),
         fuel=values["max_fuel"],
         max_instances=values["max_instances"],
+        max_open_files=values["max_open_files"],
     )
+
+
+class _DirWanted:
+    """What the entries naming one directory ask for together (``data``, ``data/*.txt``...)."""
+
+    def __init__(self) -> None:
+        self.whole_read = self.whole_write = False
+        self.read: list[str] = []
+        self.write: list[str] = []
+
+    def add(self, pattern: str | None, writable: bool) -> None:
+        if pattern is None:
+            self.whole_write |= writable
+            self.whole_read |= not writable
+        else:
+            (self.write if writable else self.read).append(pattern)
+
+    @property
+    def writable(self) -> bool:
+        return self.whole_write or bool(self.write)
+
+    def patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(read patterns, write patterns) of the grant: see :class:`DirGrant`."""
+        if self.whole_write:
+            return (), ()
+        readable = () if self.whole_read else tuple(dict.fromkeys((*self.read, *self.write)))
+        return readable, tuple(dict.fromkeys(self.write))
 
 
 def _resolve_dirs(manifest: Manifest, policy: Policy, data_root: Path) -> tuple[DirGrant, ...]:
     """Each entry becomes ``data_root/<entry>`` (symlinks followed), seen by the guest at ``/<entry>``;
-    it must stay under the data root and inside a directory the policy allows for that access."""
+    it must stay under the data root and inside a directory the policy allows for that access.
+
+    Entries naming the same directory make one grant: a whole directory (``data``) beats its globs
+    (``data/*.txt``) for that access, and globs add up (read ``data/*.txt`` and write ``data/*.json``:
+    both readable, only ``*.json`` writable)."""
     root = data_root.expanduser().resolve()
     writable_dirs = [d.resolve() for d in policy.filesystem.writable]
     readable_dirs = [d.resolve() for d in policy.filesystem.readable] + writable_dirs
     perms = manifest.permissions
-    wanted = [(rel, True) for rel in perms.write_files]
-    wanted += [(rel, False) for rel in perms.read_files if rel not in perms.write_files]
+    by_dir: dict[str, _DirWanted] = {}
+    for entries, writable in ((perms.write_files, True), (perms.read_files, False)):
+        for entry in entries:
+            directory, pattern = split_file_pattern(entry)
+            by_dir.setdefault(directory, _DirWanted()).add(pattern, writable)
     grants: list[DirGrant] = []
-    for rel, writable in wanted:
+    for rel, want in by_dir.items():
+        writable = want.writable
         key = "write_files" if writable else "read_files"
         host = (root / rel).resolve()
         if not host.is_relative_to(root):
@@ -506,7 +547,9 @@ def _resolve_dirs(manifest: Manifest, policy: Policy, data_root: Path) -> tuple[
                 resolved=str(host),
                 policy=policy.source,
             )
-        grants.append(DirGrant(host=host, guest="/" + rel, writable=writable))
+        patterns, write_patterns = want.patterns()
+        grants.append(DirGrant(host=host, guest="/" + rel, writable=writable, patterns=patterns,
+                               write_patterns=write_patterns))
     return tuple(grants)
 
 

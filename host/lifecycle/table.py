@@ -234,9 +234,12 @@ def _version_info(version: PluginVersion, stats: PluginStats, status: PluginStat
     snap = stats.snapshot()
     pool = version.sandbox.pool
     per_instance = max(snap.memory_bytes_per_instance, version.initial_memory_bytes)
+    plugin, metadata = version.manifest.plugin, version.manifest.metadata
     return PluginInfo(
         name=version.name, version=version.version, status=status, path=str(version.path), sha256=version.sha256,
-        description=version.manifest.plugin.description, functions=version.sandbox.functions,
+        description=plugin.description, author=plugin.author, license=plugin.license, repository=plugin.repository,
+        documentation=plugin.documentation, category=metadata.category, tags=metadata.tags,
+        max_open_files=version.grant.limits.max_open_files, functions=version.sandbox.functions,
         executions=snap.executions, errors=snap.errors, p50_ms=snap.p50_ms, p99_ms=snap.p99_ms,
         host_errors=snap.host_errors,
         fuel_used=snap.fuel_used, last_fuel_used=snap.last_fuel_used, memory_bytes=per_instance * pool.size,

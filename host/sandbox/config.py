@@ -3,14 +3,24 @@ and the operator policy both resolve into these."""
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import os
+import re
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["Capabilities", "DirGrant", "Limits", "MIB"]
+__all__ = [
+    "MAX_NAME_PATTERNS", "MIB", "Capabilities", "DirGrant", "Limits", "check_name_pattern", "is_pattern",
+    "show_patterns",
+]
 
 MIB = 1024 * 1024
+#: Most file-name patterns of one grant (read and write each). The host matches every name a guest reaches
+#: (and every entry of a listing) against them, inside a WASI call no timeout interrupts: their number is
+#: bounded so that one call stays cheap.
+MAX_NAME_PATTERNS = 128
 
 
 class Limits(BaseModel):
@@ -35,6 +45,10 @@ class Limits(BaseModel):
             functions, is compiled in a child process under this wall-clock time and address-space
             limit (a small module of pathological code can still need seconds and a gigabyte); cached
             compiled code is reused without either.
+        max_open_files: files and directories one instance may have opened at once (its preopens and
+            stdio not counted). Each is a host descriptor: a guest that opened files without end would
+            take the node's last one, its sockets included (host/sandbox/fsguard.py, which also bounds
+            all instances of the process together to half its soft ``RLIMIT_NOFILE``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -52,6 +66,37 @@ class Limits(BaseModel):
     max_functions: int = Field(default=50_000, gt=0)
     compile_timeout_s: float = Field(default=120.0, gt=0)
     compile_memory_bytes: int = Field(default=2048 * MIB, ge=256 * MIB)
+    max_open_files: int = Field(default=256, gt=0, le=65536)
+
+
+def check_name_pattern(pattern: str) -> str:
+    """Validate one file-name glob of a grant (``*.txt``, ``report-??.csv``, ``[ab]*.bin``) and return it.
+
+    A pattern is one path component: ``fnmatch`` syntax (``*``, ``?``, ``[...]``, ``[!...]``; case
+    sensitive) with no ``/``, not ``.`` or ``..``, no NUL or control characters, at most 255 bytes (what a
+    file name may be). As in a shell glob, a name starting with ``.`` matches only a pattern starting with
+    ``.`` (``*`` does not reach ``.env``).
+
+    Raises:
+        ValueError: saying what is wrong.
+    """
+    if not pattern or "/" in pattern or "\\" in pattern or pattern in (".", ".."):
+        raise ValueError(f"a file-name pattern is one path component like '*.txt', found {pattern!r}")
+    if not pattern.isprintable() or len(pattern.encode()) > 255:
+        raise ValueError(f"a file-name pattern must be printable and at most 255 bytes, found {pattern[:40]!r}")
+    return pattern
+
+
+def show_patterns(patterns: tuple[str, ...], most: int = 8) -> str:
+    """``patterns`` for a message or a log line: the first ``most`` of them and how many more there are
+    (a refusal is logged and audited for every denied operation; it need not carry all of them)."""
+    shown = ", ".join(patterns[:most])
+    return shown + (f" and {len(patterns) - most} more" if len(patterns) > most else "")
+
+
+def is_pattern(name: str) -> bool:
+    """Whether a path component holds glob characters (``*``, ``?`` or ``[``)."""
+    return any(c in name for c in "*?[")
 
 
 class DirGrant(BaseModel):
@@ -60,6 +105,22 @@ class DirGrant(BaseModel):
     ``host`` is resolved (symlinks followed) when the grant is made. A sandbox opens it once, with
     no symlink in any component, and gives every instance that directory, not its name
     (host/sandbox/grants.py): nothing a guest does to the tree changes what a later instance reaches.
+
+    Parameters:
+        host: the directory on the host.
+        guest: where the guest sees it (default: the host path).
+        writable: whether the guest may change what it reaches (subject to ``write_patterns``).
+        patterns: file-name globs (``*.txt``; see :func:`check_name_pattern`, at most
+            :data:`MAX_NAME_PATTERNS`): when given, the guest reads only the directory itself (listing
+            it shows only the names it may reach) and the files directly in it whose name matches one
+            of these or of ``write_patterns`` -- nothing in subdirectories. Empty: the whole tree is
+            readable.
+        write_patterns: of a writable grant, file-name globs of the files directly in it the guest may
+            change (create, write, rename, link, remove); nothing else is writable. Empty: all it
+            reaches is writable.
+
+    A grant with patterns is enforced by the host's check of every file operation, which core modules
+    have (host/sandbox/fsguard.py) and components do not: a component given one is refused at load.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -67,15 +128,62 @@ class DirGrant(BaseModel):
     host: Path
     guest: str = ""
     writable: bool = False
+    patterns: tuple[str, ...] = ()
+    write_patterns: tuple[str, ...] = ()
 
     @field_validator("host")
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
 
+    @field_validator("patterns", "write_patterns")
+    @classmethod
+    def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) > MAX_NAME_PATTERNS:
+            raise ValueError(f"at most {MAX_NAME_PATTERNS} file-name patterns a grant, found {len(v)}")
+        return tuple(dict.fromkeys(check_name_pattern(p) for p in v))
+
+    @model_validator(mode="after")
+    def _write_patterns_need_writable(self) -> DirGrant:
+        if self.write_patterns and not self.writable:
+            raise ValueError("write_patterns need a writable grant")
+        return self
+
+    @property
+    def filtered(self) -> bool:
+        """Whether file names decide what the guest reaches (:attr:`patterns` or :attr:`write_patterns`)."""
+        return bool(self.patterns or self.write_patterns)
+
+    def reaches(self, name: str, *, write: bool) -> bool:
+        """Whether a file named ``name`` directly in this directory may be reached for this access."""
+        if write:
+            if not self.writable:
+                return False
+            if self.write_patterns:
+                return _matches(name, self.write_patterns)
+            return not self.patterns or _matches(name, self.patterns)
+        return not self.patterns or _matches(name, self.patterns) or _matches(name, self.write_patterns)
+
     def guest_path(self) -> str:
         g = self.guest or self.host.as_posix()
         return str(PurePosixPath("/") / g)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    hidden, visible = _matcher(patterns)
+    matcher = hidden if name.startswith(".") else visible
+    return matcher is not None and matcher.match(name) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _matcher(patterns: tuple[str, ...]) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None]:
+    """One compiled expression for the patterns that may match a name starting with '.' (those starting
+    with '.', as in a shell glob), one for any other name: each name is matched once, not once a pattern."""
+
+    def either(chosen: list[str]) -> re.Pattern[str] | None:
+        return re.compile("|".join(fnmatch.translate(p) for p in chosen)) if chosen else None
+
+    return either([p for p in patterns if p.startswith(".")]), either(list(patterns))
 
 
 class Capabilities(BaseModel):

@@ -31,10 +31,19 @@ or times through its descriptor are linked to :class:`FsGuard` first:
   itself forbids, like a hard link to a directory: that is reported the same way.)
 - A path longer than ``MAX_PATH_BYTES`` gets ``ENAMETOOLONG`` before it is copied out of the guest,
   one that is not UTF-8 ``EILSEQ`` (as wasmtime answers both).
-- At most ``MAX_OPEN_FILES`` descriptors opened by the guest are open at once: each one is a host
-  descriptor, and a guest that opened files until the host ran out would stop the whole node (its
-  sockets included). One more is a :class:`ResourceLimitError` (audited ``limit.exceeded``); the
-  instance is replaced, which closes them all.
+- At most ``max_open_files`` descriptors opened by the guest are open at once (``Limits.max_open_files``:
+  the manifest's ``[resources] max_open_files`` under the operator's ceiling, default
+  ``MAX_OPEN_FILES``): each one is a host descriptor, and a guest that opened files until the host ran
+  out would stop the whole node (its sockets included). One more is a :class:`ResourceLimitError`
+  (audited ``limit.exceeded``); the instance is replaced, which closes them all. That bound is per
+  instance, and a node runs many (4 instances of 256 files each are already the usual soft limit of
+  1,024 descriptors): so all the guests of the process together also hold at most half of its soft
+  ``RLIMIT_NOFILE`` (:data:`HOST_FILES`); past it an open is the same error.
+- A grant by file-name pattern (``DirGrant.patterns``: a manifest's ``data/*.txt``) reaches the
+  directory itself and the names directly in it that match: every path operation on another name,
+  in a subdirectory, or through ``..`` is refused like a path outside the grant, writes need a name
+  matching the write patterns, the guest may create no symlink there, and ``fd_readdir`` of the
+  directory lists only the matching names (and ``.`` / ``..``).
 - Each wrapped function must be imported with its WASI type (``WASI_SIGNATURES``): the host links
   its checks under the guest's declared type, so a wrong one is refused when the module is linked.
 
@@ -46,12 +55,16 @@ there ends as a security violation too.
 from __future__ import annotations
 
 import posixpath
+import resource
 import struct
+import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
 import wasmtime
 
+from sandbus.host.sandbox.config import DirGrant, show_patterns
 from sandbus.host.sandbox.guest_text import escape_controls
 from sandbus.sdk.errors import AbiViolationError, InvalidModuleError, ResourceLimitError, SecurityViolationError
 
@@ -76,8 +89,15 @@ _REFUSED = (ERRNO_PERM, ERRNO_NOTCAPABLE)
 #: Longest path (and symlink target) copied out of the guest: Linux's PATH_MAX, beyond which the host
 #: answers ENAMETOOLONG anyway.
 MAX_PATH_BYTES = 4096
-#: Most descriptors a guest may have opened at once (preopens and stdio not counted).
+#: Most descriptors a guest may have opened at once (preopens and stdio not counted) unless its limits
+#: say otherwise (``Limits.max_open_files``, whose default this is).
 MAX_OPEN_FILES = 256
+#: Most directory entries one ``fd_readdir`` of a pattern grant reads while looking for matching names.
+MAX_READDIR_SCAN = 65536
+#: Longest directory entry name read into a scratch area to decide whether the guest may see it (Linux's
+#: NAME_MAX is 255 bytes).
+_MAX_NAME_BYTES = 1024
+_DIRENT = struct.Struct("<QQIB3x")  # d_next, d_ino, d_namlen, d_type: WASI's 24-byte dirent header
 # Open flags and rights that make an open a write.
 _O_CREAT, _O_TRUNC = 1, 8
 _FDFLAG_APPEND = 1
@@ -103,7 +123,7 @@ _MOVES = {"path_rename": (0, 1, 2), "path_link": (0, 2, 3)}
 #: opened for reading cannot write data: wasmtime answers EBADF, whatever the grant).
 FD_CHANGES = ("fd_filestat_set_size", "fd_filestat_set_times")
 #: Every WASI function FsGuard wraps.
-FS_FUNCTIONS = (*PATH_FUNCTIONS, *FD_CHANGES, "fd_close", "fd_renumber")
+FS_FUNCTIONS = (*PATH_FUNCTIONS, *FD_CHANGES, "fd_close", "fd_renumber", "fd_readdir")
 
 _I, _L = "i32", "i64"
 #: The wasi_snapshot_preview1 types (params, results) of the functions the host links its own code
@@ -113,6 +133,7 @@ WASI_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "fd_renumber": ((_I, _I), (_I,)),
     "fd_filestat_set_size": ((_I, _L), (_I,)),
     "fd_filestat_set_times": ((_I, _L, _L, _I), (_I,)),
+    "fd_readdir": ((_I, _I, _I, _L, _I), (_I,)),
     "path_open": ((_I, _I, _I, _I, _I, _L, _L, _I, _I), (_I,)),
     "path_create_directory": ((_I, _I, _I), (_I,)),
     "path_remove_directory": ((_I, _I, _I), (_I,)),
@@ -146,16 +167,59 @@ def check_signature(name: str, ty: wasmtime.FuncType, plugin: str) -> None:
             plugin=plugin, import_name=f"wasi_snapshot_preview1.{name}")
 
 
+class _HostFiles:
+    """The host descriptors all guests of this process hold (see the module docstring). Thread-safe: the
+    instances of every plugin open and close files on their own threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = 0
+
+    @staticmethod
+    def limit() -> int:
+        """Half the process's soft ``RLIMIT_NOFILE`` (read each time: an operator may raise it at run time);
+        the other half stays for the node's sockets, grants, pipes and compiled-module cache."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return 1 << 20 if soft == resource.RLIM_INFINITY else max(soft // 2, 1)
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.held >= self.limit():
+                return False
+            self.held += 1
+            return True
+
+    def give(self, count: int) -> None:
+        with self._lock:
+            self.held = max(self.held - count, 0)
+
+
+#: The descriptors guests hold in this process, all instances of all plugins together.
+HOST_FILES = _HostFiles()
+
+
+def _give_back(opened: set[int]) -> None:
+    """What a guard still counted when it went (its finalizer holds the set, not the guard)."""
+    HOST_FILES.give(len(opened))
+
+
 class DirFd(NamedTuple):
     """What the host knows of one guest descriptor.
 
     ``root``: guest path of the grant it belongs to (``None`` for the decoy ``/``: nothing granted);
-    ``path``: the guest path it was opened at; ``writable``: whether its grant is.
+    ``path``: the guest path it was opened at; ``writable``: whether its grant is; ``grant``: the grant
+    itself, whose file-name patterns (if any) every path under ``root`` must pass.
     """
 
     root: str | None
     path: str
     writable: bool
+    grant: DirGrant | None = None
+
+    @property
+    def filtered(self) -> bool:
+        """Whether only names matching the grant's patterns are reachable under ``root``."""
+        return self.grant is not None and self.grant.filtered
 
 
 class Memory(Protocol):
@@ -186,6 +250,41 @@ def _safe_target(target: bytes) -> bool:
     return bool(target) and not target.startswith(b"/") and b".." not in target.split(b"/")
 
 
+def _outside_patterns(entry: DirFd, path: str, full: str, write: bool) -> str | None:
+    """Why ``full`` (reached through ``path``) is not granted by ``entry``'s file-name patterns, or ``None``."""
+    assert entry.grant is not None
+    assert entry.root is not None
+    grant, root = entry.grant, entry.root
+    shown = show_patterns(tuple(dict.fromkeys((*grant.patterns, *grant.write_patterns))))
+    writable = show_patterns(grant.write_patterns or grant.patterns)
+    if ".." in path.split("/"):
+        return f"'..' is not allowed under {_show(root)}, granted by file-name pattern ({shown})"
+    if full == root:
+        return f"only files matching {writable} in {_show(root)} may be changed" if write else None
+    name = full[len(root.rstrip("/")) + 1:]
+    if "/" in name:
+        if write or grant.patterns:
+            return f"only files directly in {_show(root)} matching {writable if write else shown} were granted"
+        return None  # the whole tree is readable; writes are what the patterns limit
+    if grant.reaches(name, write=write):
+        return None
+    if write and grant.reaches(name, write=False):
+        return f"{_show(name)} in {_show(root)} was granted read-only (writable: {writable})"
+    return f"{_show(name)} matches none of the patterns granted in {_show(root)} ({shown})"
+
+
+def _listed(entry: DirFd, name: bytes) -> bool:
+    """Whether ``fd_readdir`` of ``entry`` shows ``name``: only a directory's own entries the guest may reach."""
+    if entry.grant is None or not entry.grant.patterns:
+        return True  # names limit only writes here: the tree is readable
+    if entry.path != entry.root:
+        return False  # a subdirectory of a pattern grant: nothing in it is reachable
+    try:
+        return entry.grant.reaches(name.decode(), write=False)
+    except UnicodeDecodeError:
+        return False
+
+
 def _climbs(path: str) -> bool:
     """Whether a relative path goes above its starting directory at any point (``a/../../b`` does)."""
     depth = 0
@@ -207,13 +306,16 @@ class FsGuard:
         deny: ``deny(kind, message, **details)`` audits a refusal and returns the error to raise.
     """
 
-    def __init__(self, memory: Memory, deny: Deny, plugin: str) -> None:
+    def __init__(self, memory: Memory, deny: Deny, plugin: str, *, max_open_files: int = MAX_OPEN_FILES) -> None:
         self._memory = memory
         self._plugin = plugin
         self._deny = deny
+        self.max_open_files = max_open_files
         self.fds: dict[int, DirFd] = {}
-        #: The descriptors the guest opened itself and has not closed (bounded by MAX_OPEN_FILES).
+        #: The descriptors the guest opened itself and has not closed (bounded by ``max_open_files``).
         self.opened: set[int] = set()
+        # Given back to HOST_FILES when the guard goes, with its instance (whose store closes the files).
+        weakref.finalize(self, _give_back, self.opened)
         #: wasmtime's own implementation of each wrapped function, set once the trampoline is linked.
         self.passthrough: dict[str, wasmtime.Func] = {}
 
@@ -239,6 +341,8 @@ class FsGuard:
             why = f"'..' leads above the directory {_show(entry.path)} the path is relative to"
         elif write and not entry.writable:
             why = f"{_show(entry.root)} was granted read-only"
+        elif entry.filtered and (refused := _outside_patterns(entry, path, full, write)) is not None:
+            why = refused
         else:
             return full
         raise self._deny("security.fs_denied", f"{op} of {shown}: {why}", path=full, write=write)
@@ -251,6 +355,25 @@ class FsGuard:
                          f"symlink {_show(where)} -> {target!r}: a plugin's symlink target must be a relative path "
                          "without '..', so that it cannot point outside the granted directory",
                          path=link, target=target, write=True)
+
+    def _check_move_into_patterns(self, name: str, args: tuple[int, ...], paths: list[str | None]) -> None:
+        """Refuse a rename or hard link into a pattern grant from anywhere but that grant itself.
+
+        The guest may create no symlink in a pattern grant, and that must hold for one it makes elsewhere
+        and then moves or links in: ``x.json -> secret.key`` would open the name the patterns refuse. Telling
+        a symlink from a file when the call is made would not do: another instance of the plugin can swap
+        one for the other in between. So what comes in must come from the same grant, whose names the guest
+        could not have made symlinks."""
+        src_fd, dst_fd = PATH_FUNCTIONS[name][0][0], PATH_FUNCTIONS[name][1][0]
+        src, dst = self.fds.get(args[src_fd]), self.fds.get(args[dst_fd])
+        if dst is None or not dst.filtered or (src is not None and (src.root, src.grant) == (dst.root, dst.grant)):
+            return
+        op = name.removeprefix("path_")
+        raise self._deny("security.fs_denied",
+                         f"{op} of {_show(paths[0] or 'a path')} to {_show(paths[1] or 'a path')}: only a file already "
+                         f"in {_show(dst.root or '/')}, granted by file-name pattern, may be renamed or linked into it "
+                         "(it could be a symlink to a name the patterns refuse)",
+                         path=paths[1], source=paths[0], write=True)
 
     def _link_target(self, caller: wasmtime.Caller, fd: int, ptr: int, length: int) -> bytes | None:
         """The target of the symlink the guest's (fd, path) names, as wasmtime resolves that path now;
@@ -299,6 +422,8 @@ class FsGuard:
             return self._fd_renumber
         if name == "path_open":
             return self._path_open
+        if name == "fd_readdir":
+            return self._fd_readdir
         if name in FD_CHANGES:
             return self._fd_change(name)
         triples = PATH_FUNCTIONS[name]
@@ -316,8 +441,15 @@ class FsGuard:
             paths = [self.check(args[fd_i], text, write, op)
                      for (fd_i, _, _), text in zip(triples, texts, strict=True) if text is not None]
             if name == "path_symlink":
+                entry = self.fds.get(args[2])
+                if entry is not None and entry.filtered:
+                    raise self._deny("security.fs_denied",
+                                     f"symlink {_show(paths[0] or 'a path')}: a plugin may not create symlinks in "
+                                     f"{_show(entry.root or '/')}, granted by file-name pattern",
+                                     path=paths[0], target=target, write=True)
                 self._check_symlink_target(target, paths[0])
             if name in _MOVES:
+                self._check_move_into_patterns(name, args, paths)
                 fd_i, ptr_i, len_i = _MOVES[name]
                 moved = self._link_target(caller, args[fd_i], args[ptr_i], args[len_i])
                 if moved is not None and not _safe_target(moved):
@@ -358,19 +490,30 @@ class FsGuard:
             return ERRNO_ILSEQ
         write = bool(oflags & (_O_CREAT | _O_TRUNC) or rights & _WRITE_RIGHTS or fdflags & _FDFLAG_APPEND)
         full = self.check(fd, path, write, "open")
-        if len(self.opened) >= MAX_OPEN_FILES:
-            raise ResourceLimitError(f"open of {_show(full or path)}: the guest already has {MAX_OPEN_FILES} "
-                                     "files open (the most it may)", plugin=self._plugin, limit=MAX_OPEN_FILES)
-        errno = int(self._orig("path_open")(caller, fd, dirflags, path_ptr, path_len, oflags, rights,
-                                                  rights_inh, fdflags, out))
+        if len(self.opened) >= self.max_open_files:
+            raise ResourceLimitError(f"open of {_show(full or path)}: the guest already has {self.max_open_files} "
+                                     "files open (the most it may: max_open_files)", plugin=self._plugin,
+                                     limit=self.max_open_files, resource="max_open_files")
+        if not HOST_FILES.take():
+            raise ResourceLimitError(f"open of {_show(full or path)}: the plugins of this node already hold "
+                                     f"{HOST_FILES.limit()} files open (half its descriptor limit, RLIMIT_NOFILE)",
+                                     plugin=self._plugin, limit=HOST_FILES.limit(), resource="host_open_files")
+        try:
+            errno = int(self._orig("path_open")(caller, fd, dirflags, path_ptr, path_len, oflags, rights,
+                                                      rights_inh, fdflags, out))
+            new = struct.unpack("<I", self._memory.read(out, 4))[0] if errno == 0 else None
+        except BaseException:
+            HOST_FILES.give(1)
+            raise
+        if new is None:
+            HOST_FILES.give(1)
         if errno in _REFUSED:
             self._refused("open", [full], errno, write)
-        if errno == 0:
-            (new,) = struct.unpack("<I", self._memory.read(out, 4))
+        if new is not None:
             self.opened.add(new)
             entry = self.fds.get(fd)
             if entry is not None and full is not None:
-                self.fds[new] = DirFd(entry.root, full, entry.writable)
+                self.fds[new] = DirFd(entry.root, full, entry.writable, entry.grant)
             else:
                 self.fds.pop(new, None)
         return errno
@@ -381,9 +524,13 @@ class FsGuard:
         def run(caller: wasmtime.Caller, fd: int, *args: int) -> int:
             entry = self.fds.get(fd)
             path = None if entry is None else entry.path
+            why: str | None = None
             if entry is not None and not entry.writable:
                 why = "no directory containing it was granted" if entry.root is None else \
                     f"{_show(entry.root)} was granted read-only"
+            elif entry is not None and entry.filtered:
+                why = _outside_patterns(entry, "", entry.path, True)
+            if entry is not None and why is not None:
                 raise self._deny("security.fs_denied", f"{op} of {_show(entry.path)}: {why}", path=entry.path,
                                  write=True)
             errno = int(self._orig(name)(caller, fd, *args))
@@ -393,19 +540,127 @@ class FsGuard:
 
         return run
 
+    def _fd_readdir(self, caller: wasmtime.Caller, fd: int, buf: int, buf_len: int, cookie: int,
+                    used_ptr: int) -> int:
+        """``fd_readdir``; under a pattern grant, only the entries the guest may reach (and ``.`` / ``..``).
+
+        wasmtime fills the guest's buffer; the entries that pass are kept, and wasmtime is asked again
+        from the cookie after the last entry it wrote until the buffer is full or the directory ends --
+        so a buffer smaller than the directory still means "more to come" exactly when there is more
+        (wasi-libc takes a short buffer for the end). At most ``MAX_READDIR_SCAN`` entries are read in
+        one call: a larger directory of names the guest may not see is a :class:`ResourceLimitError`.
+        Whatever wasmtime wrote past the entries kept is zeroed before the guest runs again, an error or
+        a refusal included: the guest may read its whole buffer, not only the part it is told is used.
+        """
+        entry = self.fds.get(fd)
+        if entry is None or not entry.filtered:
+            return int(self._orig("fd_readdir")(caller, fd, buf, buf_len, cookie, used_ptr))
+        kept = bytearray()
+        written = [0]  # how much of the buffer wasmtime filled (hidden names included)
+        try:
+            errno = self._readdir_kept(caller, entry, fd, buf, buf_len, cookie, used_ptr, kept, written)
+        except BaseException:
+            self._memory.write(buf, bytes(written[0]))
+            raise
+        if errno != 0:
+            kept.clear()
+        del kept[buf_len:]
+        self._memory.write(buf, bytes(kept) + bytes(max(0, written[0] - len(kept))))
+        if errno == 0:
+            self._memory.write(used_ptr, struct.pack("<I", len(kept)))  # after the buffer: it may lie inside
+        return errno
+
+    def _readdir_kept(self, caller: wasmtime.Caller, entry: DirFd, fd: int, buf: int, buf_len: int, cookie: int,
+                      used_ptr: int, kept: bytearray, written: list[int]) -> int:
+        """Fill ``kept`` with the entries of ``fd`` from ``cookie`` the guest may see (see :meth:`_fd_readdir`);
+        ``written[0]``: the most bytes wasmtime wrote to the buffer in one round. The errno of wasmtime."""
+        scanned = 0
+        while len(kept) < buf_len:
+            errno = int(self._orig("fd_readdir")(caller, fd, buf, buf_len, cookie, used_ptr))
+            if errno != 0:
+                return errno
+            (used,) = struct.unpack("<I", self._memory.read(used_ptr, 4))
+            written[0] = max(written[0], min(used, buf_len))
+            data = self._memory.read(buf, min(used, buf_len))
+            offset, complete = 0, 0
+            while offset + _DIRENT.size <= len(data):
+                d_next, _, namlen, _ = _DIRENT.unpack_from(data, offset)
+                end = offset + _DIRENT.size + namlen
+                if end > len(data):
+                    break  # cut off by the buffer's end: asked for again from the cookie before it
+                name = bytes(data[offset + _DIRENT.size:end])
+                if name in (b".", b"..") or _listed(entry, name):
+                    kept += data[offset:end]
+                cookie, offset, complete = d_next, end, complete + 1
+            scanned += complete
+            if used < buf_len:
+                break  # the directory's end
+            if complete == 0:
+                # One entry larger than the whole buffer. A name the guest may not see is skipped (read into a
+                # scratch area: not even its length goes out). For one it may see, wasi-libc reads the length
+                # from the header and asks again with a larger buffer: only the header goes out, and the
+                # buffer is filled (zeros) so that the guest knows there is more.
+                peeked = self._peek_entry(caller, fd, cookie)
+                if peeked is not None and peeked[1] not in (b".", b"..") and not _listed(entry, peeked[1]):
+                    cookie, scanned = peeked[0], scanned + 1
+                    if scanned >= MAX_READDIR_SCAN:
+                        raise ResourceLimitError(
+                            f"readdir of {_show(entry.path)}: more than {MAX_READDIR_SCAN} entries to filter in "
+                            "one call", plugin=self._plugin, limit=MAX_READDIR_SCAN)
+                    continue
+                head = bytearray(buf_len - len(kept))
+                if len(head) >= _DIRENT.size and len(data) >= _DIRENT.size:
+                    d_next, _, namlen, _ = _DIRENT.unpack_from(data, 0)
+                    _DIRENT.pack_into(head, 0, d_next, 0, namlen, 0)
+                kept += head
+                break
+            if scanned >= MAX_READDIR_SCAN:
+                raise ResourceLimitError(
+                    f"readdir of {_show(entry.path)}: more than {MAX_READDIR_SCAN} entries to filter in one call",
+                    plugin=self._plugin, limit=MAX_READDIR_SCAN)
+        return 0
+
+    def _peek_entry(self, caller: wasmtime.Caller, fd: int, cookie: int) -> tuple[int, bytes] | None:
+        """(cookie after it, name) of the entry of ``fd`` at ``cookie``, read by wasmtime into a scratch area at
+        the start of guest memory, restored at once (the guest is suspended in this call and never sees it);
+        ``None`` if there is none or it does not fit."""
+        span = _DIRENT.size + _MAX_NAME_BYTES + 4  # the entry, then the u32 length wasmtime writes
+        if span > self._memory.memory_size():
+            return None
+        saved = self._memory.read(0, span)
+        try:
+            errno = int(self._orig("fd_readdir")(caller, fd, 0, span - 4, cookie, span - 4))
+            (used,) = struct.unpack("<I", self._memory.read(span - 4, 4))
+            data = self._memory.read(0, min(used, span - 4)) if errno == 0 else b""
+        finally:
+            self._memory.write(0, saved)
+        if len(data) < _DIRENT.size:
+            return None
+        d_next, _, namlen, _ = _DIRENT.unpack_from(data, 0)
+        if _DIRENT.size + namlen > len(data):
+            return None
+        return d_next, bytes(data[_DIRENT.size:_DIRENT.size + namlen])
+
     def _fd_close(self, caller: wasmtime.Caller, fd: int) -> int:
         errno = int(self._orig("fd_close")(caller, fd))
         if errno == 0:
             self.fds.pop(fd, None)
-            self.opened.discard(fd)
+            self._forget(fd)
         return errno
+
+    def _forget(self, fd: int) -> None:
+        """``fd`` was closed: one descriptor fewer for the guest and for the host."""
+        if fd in self.opened:
+            self.opened.discard(fd)
+            HOST_FILES.give(1)
 
     def _fd_renumber(self, caller: wasmtime.Caller, src: int, dst: int) -> int:
         errno = int(self._orig("fd_renumber")(caller, src, dst))
         if errno == 0 and src != dst:
             # dst was closed and src now has its number.
             moved = src in self.opened
-            self.opened.difference_update((src, dst))
+            self.opened.discard(src)
+            self._forget(dst)  # closed by the renumbering
             if moved:
                 self.opened.add(dst)
             entry = self.fds.pop(src, None)

@@ -10,7 +10,8 @@ for every way of changing the tree (rename, symlink, unlink, replace).
 API (used for core modules by instance.py and for components by component.py)::
 
     grants = GrantSet(capabilities.dirs, plugin="name", auditor=auditor)   # opens every grant now
-    opened = grants.preopen(wasi_config)    # WasiConfig.preopen_dir for each grant, in order
+    opened = grants.preopen(wasi_config, checked=True)  # preopen_dir for each grant, in order; checked:
+                                            # the caller enforces file-name patterns (else refused)
     for g in opened:                        # OpenGrant: .grant (DirGrant), .guest_path, .writable,
         ...                                 #            .fd (held), .preopen_path ("/proc/self/fd/N")
     grants.close()                          # Sandbox.close; also done when the set is collected
@@ -50,7 +51,7 @@ from pathlib import PurePosixPath
 import wasmtime
 
 from sandbus.host.sandbox.audit import AuditLevel, Auditor
-from sandbus.host.sandbox.config import DirGrant
+from sandbus.host.sandbox.config import DirGrant, show_patterns
 from sandbus.sdk.errors import SandboxError, SecurityViolationError
 
 __all__ = ["GrantSet", "OpenGrant", "decoy_root", "open_beneath_root", "open_no_symlinks"]
@@ -156,6 +157,7 @@ class GrantSet:
 
     def __init__(self, dirs: Iterable[DirGrant], *, plugin: str, auditor: Auditor | None = None) -> None:
         self.plugin = plugin
+        self._auditor = auditor
         self._lock = threading.Lock()
         self._fds: list[int] = []
         opened: list[OpenGrant] = []
@@ -212,15 +214,23 @@ class GrantSet:
     def closed(self) -> bool:
         return self._closed
 
-    def preopen(self, config: wasmtime.WasiConfig) -> tuple[OpenGrant, ...]:
+    def preopen(self, config: wasmtime.WasiConfig, *, checked: bool = False) -> tuple[OpenGrant, ...]:
         """Preopen every grant into ``config`` (in order) by identity; return them.
+
+        ``checked``: the caller checks every file operation against each grant's file-name patterns
+        (core modules, host/sandbox/fsguard.py). Without it a grant *with* patterns is refused: wasmtime
+        would give the guest the whole directory, and a grant is never silently widened.
 
         Raises:
             SandboxError: the set is closed (its sandbox was closed), or wasmtime refused a directory.
+            SecurityViolationError: a grant has file-name patterns and ``checked`` is false (audited
+                ``security.fs_denied``).
         """
         with self._lock:
             if self._closed:
                 raise SandboxError("the sandbox's directory grants are closed", plugin=self.plugin)
+            if not checked:
+                self._refuse_patterns()
             for g in self._grants:
                 try:
                     config.preopen_dir(g.preopen_path, g.guest_path, fs_mutable=g.writable)
@@ -228,6 +238,18 @@ class GrantSet:
                     raise SandboxError(f"cannot preopen the granted directory {g.grant.host}: {e}",
                                        plugin=self.plugin, path=str(g.grant.host)) from e
             return self._grants
+
+    def _refuse_patterns(self) -> None:
+        for g in self._grants:
+            if g.grant.filtered:
+                message = (f"the grant of {g.guest_path} by file-name pattern ({show_patterns(g.grant.patterns)}) "
+                           "cannot be enforced for a component (its file operations cannot be checked one by one); "
+                           "grant the whole directory instead")
+                if self._auditor is not None:
+                    self._auditor.emit(AuditLevel.CRITICAL, "security.fs_denied", self.plugin, message,
+                                       path=g.guest_path, patterns=list(g.grant.patterns))
+                raise SecurityViolationError(message, plugin=self.plugin, path=g.guest_path,
+                                             patterns=list(g.grant.patterns))
 
     def close(self) -> None:
         """Close every held directory; later ``preopen`` calls fail. Idempotent."""

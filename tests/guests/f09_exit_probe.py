@@ -19,7 +19,7 @@ def main() -> int:
     limits = Limits(memory_bytes=32 * 1024 * 1024)
     echo, adversary = Sandbox(echo_wasm, limits=limits), Sandbox(adversary_wasm, limits=limits)
     seen: list[str] = []
-    # The recursion traps first, the memory traps last: the abort came from what the last
+    # The recursion traps first, the memory traps last: the abort at exit came from what the last
     # trapping instances left behind when the interpreter shut down.
     calls = ([(adversary, "recurse", {}, TrapError),  # CPython's RecursionError
               (adversary, "recurse", {"limit": 10**6}, StackLimitError)] * rounds  # the wasm stack itself

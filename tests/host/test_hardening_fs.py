@@ -26,7 +26,7 @@ import wasmtime
 
 from sandbus.host.lifecycle import PluginManager
 from sandbus.host.lifecycle.policy import Policy
-from sandbus.host.sandbox import AuditLevel, Capabilities, ModuleCache, Sandbox, SandboxBuilder
+from sandbus.host.sandbox import AuditLevel, Capabilities, Limits, ModuleCache, Sandbox, SandboxBuilder
 from sandbus.host.sandbox.config import DirGrant
 from sandbus.host.sandbox.fsguard import MAX_OPEN_FILES, WASI_SIGNATURES
 from sandbus.host.sandbox.grants import GrantSet, decoy_root, open_no_symlinks
@@ -788,3 +788,213 @@ def test_f07_path_that_is_not_utf8_gets_eilseq(tmp_path: Path, audit: AuditLog) 
     assert audit.kinds() == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
     sb.close()
+
+
+# -- grants by file-name pattern (a manifest's "data/*.txt") and max_open_files -------------------------
+
+
+@pytest.fixture
+def globbed(tmp_path: Path) -> tuple[Path, Path]:
+    """data/: a.txt, b.txt, secret.key, sub/c.txt, notes.txt -> secret.key (a host symlink), and 300
+    long-named files the pattern does not match (so that listing it takes several fd_readdir rounds);
+    out/: keep.txt, secret.key and report.json."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    (data / "sub").mkdir(parents=True)
+    out.mkdir()
+    (data / "a.txt").write_text("alpha")
+    (data / "b.txt").write_text("beta")
+    (data / "secret.key").write_text("KEY")
+    (data / "sub" / "c.txt").write_text("deep")
+    for i in range(300):
+        (data / f"filler-{'x' * 80}-{i:03}.dat").write_text("")
+    (out / "keep.txt").write_text("keep")
+    (out / "secret.key").write_text("OUTKEY")
+    (out / "report.json").write_text("{}")
+    return data, out
+
+
+def glob_sandbox(guest: Path, data: Path, out: Path, audit: AuditLog, **limits: Any) -> Sandbox:
+    dirs = (DirGrant(host=data, guest="/data", patterns=("*.txt",)),
+            DirGrant(host=out, guest="/out", writable=True, patterns=("*.json",), write_patterns=("*.json",)))
+    return Sandbox(guest, name="globs", capabilities=Capabilities(dirs=dirs), limits=Limits(**limits),
+                   on_audit=audit)
+
+
+@pytest.fixture
+def glob_sb(guest: Path, globbed: tuple[Path, Path], audit: AuditLog) -> Iterator[Sandbox]:
+    sandbox = glob_sandbox(guest, *globbed, audit)
+    yield sandbox
+    sandbox.close()
+
+
+def test_glob_grant_reaches_matching_names_only(glob_sb: Sandbox, audit: AuditLog) -> None:
+    """`data/*.txt` reads data/a.txt, not data/secret.key, data/sub/c.txt nor anything by '..'."""
+    assert fs(glob_sb, "read", "/data/a.txt") == {"ok": "alpha"}
+    assert fs(glob_sb, "read", "/out/report.json") == {"ok": "{}"}
+    assert audit.kinds() == []
+    err = denied(glob_sb, audit, "read", "/data/secret.key", match="matches none of the patterns")
+    assert err.details["path"] == "/data/secret.key"
+    denied(glob_sb, audit, "stat", "/data/secret.key", match="matches none")
+    denied(glob_sb, audit, "read", "/data/sub/c.txt", match="only files directly in /data")
+    denied(glob_sb, audit, "list", "/data/sub", match="sub matches none")
+    denied(glob_sb, audit, "read", "/data/sub/../secret.key", match="'..' is not allowed")
+    denied(glob_sb, audit, "read", "/out/keep.txt", match="matches none")
+    denied(glob_sb, audit, "dirread", "/data", "secret.key", match="matches none")
+    assert fs(glob_sb, "dirread", "/data", "b.txt") == {"ok": "beta"}
+    assert fs(glob_sb, "read", "/data/a.txt") == {"ok": "alpha"}  # still serving after every refusal
+
+
+def test_glob_grant_listing_shows_matching_names_only(glob_sb: Sandbox, globbed: tuple[Path, Path],
+                                                      audit: AuditLog) -> None:
+    """readdir of the directory lists what may be reached, across as many fd_readdir rounds as it takes:
+    the 300 other names fill the guest's buffer several times over and are left out."""
+    data, _ = globbed
+    for i in range(200):  # more matching entries than one 4 KiB buffer holds: wasi-libc asks again
+        (data / f"m{i:03}.txt").write_text("")
+    listed = fs(glob_sb, "list", "/data")["ok"].rstrip("/").split("/")
+    assert sorted(listed) == sorted([".", "..", "a.txt", "b.txt", *(f"m{i:03}.txt" for i in range(200))])
+    assert sorted(fs(glob_sb, "list", "/out")["ok"].rstrip("/").split("/")) == [".", "..", "report.json"]
+    assert audit.kinds() == []
+
+
+@pytest.mark.parametrize(("op", "args", "why"), [
+    ("write", ("/out/new.key",), "matches none"),                      # create a name that does not match
+    ("write", ("/data/a.txt",), "read-only"),                          # a read-only pattern grant
+    ("rename", ("/out/secret.key", "/out/stolen.json"), "matches none"),  # rename into a matching name
+    ("rename", ("/out/report.json", "/out/report.key"), "matches none"),  # ... or out of one
+    ("link", ("/out/secret.key", "/out/stolen.json"), "matches none"),    # hard link into a matching name
+    ("symlink", ("secret.key", "/out/stolen.json"), "may not create symlinks"),
+    ("unlink", ("/out/secret.key",), "matches none"),
+    ("mkdir", ("/out/sub.json/x",), "only files directly in /out"),
+    ("rmdir", ("/out",), "may be changed"),
+])
+def test_glob_grant_hostile_path_ops(glob_sb: Sandbox, globbed: tuple[Path, Path], audit: AuditLog, op: str,
+                                     args: tuple[str, ...], why: str) -> None:
+    """Every path operation that would reach a name the patterns do not grant fails typed and audited,
+    and changes nothing."""
+    _, out = globbed
+    before = sorted(p.name for p in out.iterdir())
+    denied(glob_sb, audit, op, *args, match=why)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert (out / "secret.key").read_text() == "OUTKEY"
+
+
+def test_glob_grant_writes_matching_names(glob_sb: Sandbox, globbed: tuple[Path, Path], audit: AuditLog) -> None:
+    _, out = globbed
+    assert fs(glob_sb, "write", "/out/new.json") == {"ok": "/out/new.json"}
+    assert fs(glob_sb, "rename", "/out/new.json", "/out/renamed.json") == {"ok": ""}
+    assert fs(glob_sb, "unlink", "/out/report.json") == {"ok": ""}
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "renamed.json", "secret.key"]
+    assert (out / "renamed.json").read_text() == "written by a plugin"
+    assert audit.kinds() == []
+
+
+def test_glob_grant_raw_wasi(raw_guest: Path, globbed: tuple[Path, Path], audit: AuditLog) -> None:
+    """The same through raw WASI calls on the preopened descriptors (3: the decoy "/", 4: /data, 5: /out),
+    where wasi-libc's own path handling is out of the way."""
+    data, out = globbed
+    sb = glob_sandbox(raw_guest, data, out, audit)
+    try:
+        assert "data=alpha" in raw(sb, "open", 4, 0, 0, RIGHTS_READ, 0, "a.txt")
+        assert "data=alpha" in raw(sb, "open", 4, 0, 0, RIGHTS_READ, 0, "./a.txt")
+        for path in ("secret.key", "sub/c.txt", "sub/../secret.key", "../out/report.json", "x/../a.txt"):
+            raw_denied(sb, audit, "open", 4, 0, 0, RIGHTS_READ, 0, path)
+        raw_denied(sb, audit, "open", 3, 0, 0, RIGHTS_READ, 0, "data/secret.key")  # through the decoy "/"
+        raw_denied(sb, audit, "link", 5, 0, "secret.key", 5, "x.json", match="matches none")
+        raw_denied(sb, audit, "rename", 5, "secret.key", 5, "x.json", match="matches none")
+        raw_denied(sb, audit, "symlink", "secret.key", 5, "x.json", match="may not create symlinks")
+        # a file descriptor opened under the grant carries its patterns: changing a read-only name by fd
+        raw_denied(sb, audit, "times", 5, 0, "keep.txt", match="matches none")
+        listed = raw(sb, "readdir", 4)
+        assert listed.startswith("e=0 ")
+        assert sorted(listed[4:].rstrip("/").split("/")) == [".", "..", "a.txt", "b.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "report.json", "secret.key"]
+    finally:
+        sb.close()
+
+
+def test_glob_grant_of_a_host_symlink_is_the_operators(guest: Path, globbed: tuple[Path, Path],
+                                                       audit: AuditLog) -> None:
+    """A symlink the *host* put in the directory under a matching name is followed as wasmtime follows it
+    (inside the grant): the operator chose it. One pointing outside the directory is refused."""
+    data, out = globbed
+    os.symlink("secret.key", data / "alias.txt")
+    os.symlink("../out/secret.key", data / "escape.txt")
+    sb = glob_sandbox(guest, data, out, audit)
+    try:
+        assert fs(sb, "read", "/data/alias.txt") == {"ok": "KEY"}
+        denied(sb, audit, "read", "/data/escape.txt", match="refused by the sandbox")
+    finally:
+        sb.close()
+
+
+def test_glob_grant_is_refused_for_a_component(plugins_dir: Path, globbed: tuple[Path, Path],
+                                               audit: AuditLog) -> None:
+    """A component's file operations cannot be checked one by one (wasmtime-py): a pattern grant would be
+    the whole directory, so it is refused at load, typed and audited, instead of silently widened."""
+    data, _ = globbed
+    caps = Capabilities(dirs=(DirGrant(host=data, guest="/data", patterns=("*.txt",)),))
+    with pytest.raises(SecurityViolationError, match="cannot be enforced for a component"):
+        Sandbox(plugins_dir / "py_echo.wasm", name="py_echo", capabilities=caps, on_audit=audit)
+    assert audit.kinds() == ["security.fs_denied"]
+    whole = Sandbox(plugins_dir / "py_echo.wasm", name="py_echo", capabilities=Capabilities(
+        dirs=(DirGrant(host=data, guest="/data"),)), on_audit=audit)
+    whole.close()
+
+
+def test_max_open_files_is_the_limit(raw_guest: Path, globbed: tuple[Path, Path], audit: AuditLog) -> None:
+    """``Limits.max_open_files`` (a manifest's [resources] max_open_files) bounds the guest's open files:
+    one more fails typed and audited, and a fresh instance serves again."""
+    data, out = globbed
+    sb = glob_sandbox(raw_guest, data, out, audit, max_open_files=20)
+    try:
+        assert raw(sb, "openmany", 5, 20) == "e=0 fd=25"
+        with pytest.raises(ResourceLimitError, match="already has 20 files open") as info:
+            raw(sb, "openmany", 5, 1)
+        assert info.value.details["limit"] == 20
+        assert audit.kinds() == ["limit.exceeded"]
+        assert raw(sb, "openmany", 5, 20) == "e=0 fd=25"
+    finally:
+        sb.close()
+
+
+@pytest.mark.parametrize("pattern", ["", "a/b", ".", "..", "x\x00", "\n*", "a" * 256])
+def test_dir_grant_pattern_must_be_one_name(tmp_path: Path, pattern: str) -> None:
+    with pytest.raises(ValueError, match="file-name pattern"):
+        DirGrant(host=tmp_path, patterns=(pattern,))
+
+
+@pytest.fixture(scope="module")
+def readdir_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/host/fixtures/readdir_small.c: raw fd_readdir into a buffer of a given size, resuming by cookie."""
+    out = tmp_path_factory.mktemp("readdir") / "readdir_small.wasm"
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(["clang", "--target=wasm32-wasi", "--sysroot=/usr", "-O2", "-mexec-model=reactor",
+                    "-Wl,--strip-all", "-Wall", "-Wextra", "-Werror", "-I", str(root / "sdk" / "guest" / "c"),
+                    "-o", str(out), str(Path(__file__).resolve().parent / "fixtures" / "readdir_small.c")],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("size", [40, 64, 300, 4096])
+def test_glob_grant_listing_with_small_buffers(readdir_guest: Path, tmp_path: Path, audit: AuditLog,
+                                               size: int) -> None:
+    """Whatever the guest's buffer (smaller than one entry, a few entries, a page), resuming by cookie lists
+    exactly the matching names, long ones included, and nothing of the others -- not even cut off."""
+    data = tmp_path / "data"
+    data.mkdir()
+    visible = {"a.txt", *(f"{'L' * 200}{i}.txt" for i in range(3))}
+    for name in [*visible, "secret.key", *(f"{'h' * 100}{i}.dat" for i in range(50))]:
+        (data / name).write_text("")
+    sb = Sandbox(readdir_guest, name="readdir", on_audit=audit,
+                 capabilities=Capabilities(dirs=(DirGrant(host=data, guest="/data", patterns=("*.txt",)),)))
+    try:
+        reply = sb.call("fs", f"3|{size}")  # no path functions imported: the grant is descriptor 3
+    finally:
+        sb.close()
+    assert reply.startswith("e=0 ")
+    names = reply.split(" ", 2)[2].rstrip("/").split("/")
+    assert sorted(names) == sorted([".", "..", *visible])
+    assert "secret" not in reply
+    assert "hhhh" not in reply
+    assert audit.kinds() == []

@@ -350,11 +350,16 @@ def test_empty_path_refused(tmp_path: Path, value: str) -> None:
         ('request_plugins = ["pricing"]', "messaging"),
     ],
 )
-def test_permission_needs_its_capability(tmp_path: Path, field: str, capability: str) -> None:
-    err = manifest_error(tmp_path, HEADER + f"[permissions]\n{field}\n")
-    name = field.split(" ")[0]
-    assert err.key == f"permissions.{name}"
-    assert f"{name} needs the {capability!r} capability" in err.message
+def test_permission_asks_for_its_capability(tmp_path: Path, field: str, capability: str) -> None:
+    """A permission list without its capability asks for it as optional (a policy that refuses it loads the
+    plugin without it); one the manifest already requires stays required."""
+    m = load_manifest(write(tmp_path, HEADER + f"[permissions]\n{field}\n"))
+    assert m.capabilities.optional == (capability,)
+    assert m.capabilities.required == ()
+    required = load_manifest(write(tmp_path, HEADER + f'[capabilities]\nrequired = ["{capability}"]\n'
+                                   f"[permissions]\n{field}\n"))
+    assert required.capabilities.required == (capability,)
+    assert required.capabilities.optional == ()
 
 
 @pytest.mark.parametrize(
