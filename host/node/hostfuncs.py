@@ -46,7 +46,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import nats.errors
 import orjson
@@ -191,6 +191,13 @@ def parse_target(text: str) -> tuple[str, str]:
     except ValueError as e:
         raise ValueError(f"target {text!r} must be 'plugin' or 'plugin.function': {e}") from None
     return plugin, function
+
+
+def _refuse(ctx: CallContext, kind: str, attempt: str, doing: str, setting: str, granted: list[str],
+            **fields: Any) -> NoReturn:
+    """A send the plugin was not granted: the audit event, then the typed error (one wording for both)."""
+    ctx.auditor.emit(AuditLevel.CRITICAL, kind, ctx.plugin, f"{attempt} denied (granted: {granted})", **fields)
+    raise SecurityViolationError(f"{doing} was not granted ({setting}: {granted})", plugin=ctx.plugin, **fields)
 
 
 class BusBridge:
@@ -533,13 +540,8 @@ class BusBridge:
             raise AbiViolationError(f"publish: {e}", plugin=ctx.plugin) from e
         bus, grant = self._granted(ctx)
         if not grant.may_publish(topic):
-            allowed = list(grant.publish_topics)
-            ctx.auditor.emit(AuditLevel.CRITICAL, "security.publish_denied", ctx.plugin,
-                             f"publish to {topic!r} denied (granted: {allowed})", topic=topic)
-            raise SecurityViolationError(
-                f"publishing to {topic!r} was not granted ([permissions] publish_topics granted: {allowed})",
-                plugin=ctx.plugin, topic=topic,
-            )
+            _refuse(ctx, "security.publish_denied", f"publish to {topic!r}", f"publishing to {topic!r}",
+                    "[permissions] publish_topics", list(grant.publish_topics), topic=topic)
         hops = check_hops(ctx, f"publish to {topic!r}", self.max_hops, topic=topic)
         self.sends.check(ctx, grant.send_limits, f"publish to {topic!r}", topic=topic)
         data = read_bounded(ctx, data_ptr, data_len, bus.max_payload, "publish payload")
@@ -582,13 +584,8 @@ class BusBridge:
         target = f"{plugin}.{function}"
         bus, grant = self._granted(ctx)
         if not grant.may_request(plugin, function):
-            granted = list(grant.request_plugins)
-            ctx.auditor.emit(AuditLevel.CRITICAL, "security.request_denied", ctx.plugin,
-                             f"request to {target!r} denied (granted: {granted})", target=target)
-            raise SecurityViolationError(
-                f"requesting {target!r} was not granted (manifest [permissions] request_plugins: {granted})",
-                plugin=ctx.plugin, target=target,
-            )
+            _refuse(ctx, "security.request_denied", f"request to {target!r}", f"requesting {target!r}",
+                    "manifest [permissions] request_plugins", list(grant.request_plugins), target=target)
         hops = check_hops(ctx, f"request to {target!r}", self.max_hops, target=target)
         self.sends.check(ctx, grant.send_limits, f"request to {target!r}", target=target)
         data = read_bounded(ctx, json_ptr, json_len, bus.max_payload, f"request to {target!r}")
