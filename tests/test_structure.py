@@ -335,10 +335,9 @@ import sandbus.sdk.client
 import sandbus.bus
 import sandbus.host
 from sandbus.host.cli.main import app
-from sandbus.host.cli.bus import register
-from sandbus.host.cli.author import register as register_author
-register(app)
-register_author(app)
+from sandbus.host.cli import author, bus, node_cmd, trace_cmd
+for module in (node_cmd, bus, trace_cmd, author):
+    module.register(app)
 import sandbus.host.telemetry.otel  # `sandbus trace` collects its own spans with it
 host_side = ("opentelemetry.exporter", "sandbus.host.sandbox.sandbox", "sandbus.host.lifecycle", "sandbus.host.node",
              "sandbus.host.authoring")

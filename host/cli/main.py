@@ -4,7 +4,7 @@ Exit codes are part of the interface (scripts branch on them):
 0 success; 1 the plugin trapped or reported an error; 2 bad usage or bad input
 (unreadable file, invalid JSON, invalid module, a function the module does not export, an input
 above its cap); 3 a resource limit was hit;
-4 a security violation.
+4 a security violation; 5 NATS could not be reached (or the bus failed).
 
 Commands import the host side (wasmtime, the lifecycle) inside their functions, after
 :func:`~sandbus.host.cli.extras.require_host`: registering every command, and running the ones that only
@@ -28,6 +28,7 @@ from sandbus.host.cli.output import TerminalFormatter, setup_logging, terminal_j
 from sandbus.host.cli.plugins import plugins_app
 from sandbus.sdk.errors import (
     AbiViolationError,
+    BusError,
     InvalidModuleError,
     ManifestError,
     PluginNotFoundError,
@@ -38,6 +39,7 @@ from sandbus.sdk.errors import (
 )
 
 __all__ = [
+    "EXIT_BUS",
     "EXIT_LIMIT",
     "EXIT_OK",
     "EXIT_PLUGIN",
@@ -54,7 +56,7 @@ __all__ = [
     "terminal_text",
 ]
 
-EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, EXIT_LIMIT, EXIT_SECURITY = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, EXIT_LIMIT, EXIT_SECURITY, EXIT_BUS = 0, 1, 2, 3, 4, 5
 
 app = typer.Typer(
     name="sandbus",
@@ -67,6 +69,8 @@ app.add_typer(plugins_app, name="plugins")
 
 
 def exit_code_for(err: SandbusError) -> int:
+    if isinstance(err, BusError):
+        return EXIT_BUS
     if isinstance(err, SecurityViolationError):
         return EXIT_SECURITY
     if isinstance(err, ResourceLimitError):
@@ -195,11 +199,10 @@ def _root() -> None:
 
 
 def main() -> None:
-    from sandbus.host.cli.author import register as register_author
-    from sandbus.host.cli.bus import register
+    from sandbus.host.cli import author, bus, node_cmd, trace_cmd
 
-    register(app)
-    register_author(app)
+    for module in (node_cmd, bus, trace_cmd, author):
+        module.register(app)
     app()
 
 
