@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sandbus.host.cli.client_otel import client_tracing
 from sandbus.host.cli.main import exit_code_for, fail
 from sandbus.sdk.client import Client
 from sandbus.sdk.errors import SandbusError
@@ -41,6 +42,7 @@ def client_run(coro_factory: Any, url: str | None) -> Any:
             await client.close()
 
     try:
-        return asyncio.run(go())
+        with client_tracing():
+            return asyncio.run(go())
     except SandbusError as e:
         fail(str(e), exit_code_for(e))

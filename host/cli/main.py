@@ -199,9 +199,9 @@ def _root() -> None:
 
 
 def main() -> None:
-    from sandbus.host.cli import author, bus, node_cmd, trace_cmd
+    from sandbus.host.cli import author, bus, dev, node_cmd, trace_cmd
 
-    for module in (node_cmd, bus, trace_cmd, author):
+    for module in (node_cmd, bus, trace_cmd, author, dev):
         module.register(app)
     app()
 
