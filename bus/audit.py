@@ -14,12 +14,20 @@ characters (in the key as in the published event), so memory stays bounded whate
 mix; a published event is at most :data:`MAX_AUDIT_EVENT` bytes (details dropped past it). On stop
 the PluginBus calls :meth:`AuditPublisher.close`, which publishes the counts still open. The stream
 itself is capped by bytes, messages and age (bus/delivery.py, ``StreamLimits``).
+
+Refusals of a caller's mistake (:data:`CALLER_KINDS`) quote what the caller sent (a JSON error's
+position, a function name), so no two need be identical: they are folded by plugin and error code
+instead of by text, and the published event is the last one of its window. The node's log gets the
+same treatment (:class:`RefusalLogFilter`): one line per plugin and kind per window, the next line
+saying how many were folded -- else a flood of bad requests is a flood of log lines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,7 +36,8 @@ import orjson
 from sandbus.sdk.audit import AuditEvent
 from sandbus.sdk.envelope import JSON
 
-__all__ = ["MAX_AUDIT_EVENT", "MAX_AUDIT_MESSAGE", "AuditPublisher"]
+__all__ = ["CALLER_KINDS", "MAX_AUDIT_EVENT", "MAX_AUDIT_MESSAGE", "AuditPublisher", "RefusalLogFilter",
+           "fold_refusal_logs"]
 
 log = logging.getLogger("sandbus.audit")
 
@@ -36,6 +45,9 @@ log = logging.getLogger("sandbus.audit")
 MAX_AUDIT_MESSAGE = 4096
 #: bytes of one published event; past it the details are dropped (the message and counts stay)
 MAX_AUDIT_EVENT = 16 * 1024
+
+#: audit kinds raised once per bad request or control body a caller sends: folded whatever their text
+CALLER_KINDS = frozenset({"request.refused", "control.refused"})
 
 #: ``async (subject, data, headers=...)``: a NATS client's ``publish``
 Publish = Callable[..., Awaitable[None]]
@@ -50,6 +62,60 @@ class _Window:
         self.last = first
         #: events after the first one (already published) seen in this window
         self.count = 0
+
+
+def _fold_text(event: AuditEvent) -> str:
+    """What makes two events "the same" besides level, kind and plugin: the message, except for a
+    caller's refusals, whose message quotes the caller (their error code, or control verb, instead)."""
+    if event.kind in CALLER_KINDS:
+        return str(event.details.get("code") or event.details.get("verb") or "")[:64]
+    return event.message[:MAX_AUDIT_MESSAGE]
+
+
+class RefusalLogFilter(logging.Filter):
+    """Lets one log record of :data:`CALLER_KINDS` per (kind, plugin) through per ``window_s``; the
+    next one let through says how many were folded meanwhile (their counts are in the audit trail).
+
+    For the ``sandbus.audit`` logger, whose records are ``"%s %s: %s" % (kind, plugin, message)``
+    (:class:`sandbus.host.sandbox.audit.Auditor`); any other record passes untouched.
+    """
+
+    def __init__(self, window_s: float = 1.0, max_keys: int = 1024) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._lock = threading.Lock()  # records come from worker threads too
+        #: (kind, plugin) -> [window start, records folded in it]
+        self._windows: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or len(args) != 3 or args[0] not in CALLER_KINDS:
+            return True
+        key = (str(args[0]), str(args[1]))
+        now = time.monotonic()
+        with self._lock:
+            window = self._windows.get(key)
+            if window is not None and now - window[0] < self.window_s:
+                window[1] += 1
+                return False
+            if len(self._windows) >= self.max_keys:
+                self._windows.clear()
+            self._windows[key] = [now, 0]
+        if window is not None and window[1]:
+            record.msg = f"{record.msg} (and {int(window[1])} more like it folded before this one)"
+        return True
+
+
+_refusal_filter: RefusalLogFilter | None = None
+
+
+def fold_refusal_logs() -> None:
+    """Install :class:`RefusalLogFilter` on the ``sandbus.audit`` logger (once per process)."""
+    global _refusal_filter
+    if _refusal_filter is None:
+        _refusal_filter = RefusalLogFilter()
+        log.addFilter(_refusal_filter)
 
 
 class AuditPublisher:
@@ -80,7 +146,7 @@ class AuditPublisher:
     def offer(self, event: AuditEvent) -> None:
         """Publish ``event`` now, or count it into an open window of identical events (loop thread only)."""
         self.offered += 1
-        key = (event.level.value, event.kind, event.plugin, event.message[:MAX_AUDIT_MESSAGE])
+        key = (event.level.value, event.kind, event.plugin, _fold_text(event))
         window = self._open.get(key)
         if window is not None:
             window.count += 1

@@ -4,10 +4,14 @@ One stream holds every topic (``SANDBUS_TOPICS`` on ``sandbus.topic.>``); each s
 one durable pull consumer (``plugin-<name>``), shared by every node that serves the plugin, so each
 message reaches the plugin once whichever nodes hold it. Each message goes, as a PluginMessage envelope,
 to the bus's handler (``BusHandler.serve``; on a node, the plugin's call); it is acked after that returns;
-on failure it is nak'ed with a growing delay; after ``max_deliver`` attempts it goes to the dead-letter
-subject ``sandbus.dlq.<plugin>`` (kept by the ``SANDBUS_DLQ`` stream) with the error in its headers,
-and is terminated. A message that cannot even be turned into a PluginMessage (not JSON, nested deeper
-than can be re-encoded...) is dead-lettered at once: retrying it cannot help. A node killed mid-call
+on a failure that may pass (``retryable``: a timeout, a busy plugin, a node dying) it is nak'ed with a
+growing delay, and after ``max_deliver`` attempts it goes to the dead-letter subject
+``sandbus.dlq.<plugin>`` (kept by the ``SANDBUS_DLQ`` stream) with the error in its headers, and is
+terminated. A failure that cannot pass (not ``retryable``: a body that is not JSON, a malformed
+envelope, an unknown function, the hop limit) is dead-lettered at the delivery it happened on,
+with ``Sandbus-Deliveries`` saying which: retrying it cannot help. A client's mistake also counts
+in the plugin's ``rejected`` and is audited (``request.refused``). An exception that is not a
+SandbusError (a bug of ours) is retried like a passing failure. A node killed mid-call
 never acks, so the server redelivers after ``ack_wait``. Publishers set ``Nats-Msg-Id`` so a retried
 publish is stored once (the stream's duplicate window).
 
@@ -42,10 +46,10 @@ from nats.js import api
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from sandbus.bus.handler import DEFAULT_FUNCTION, BusHandler, Served
-from sandbus.bus.requests import envelope_for
+from sandbus.bus.requests import internal_error
 from sandbus.sdk.audit import AuditLevel
-from sandbus.sdk.envelope import H_ERROR, H_ERROR_CODE, H_MSG_ID, error_reply, header_value
-from sandbus.sdk.errors import AbiViolationError, SandbusError
+from sandbus.sdk.envelope import H_ERROR, H_ERROR_CODE, H_MSG_ID, envelope_for, error_reply, header_value
+from sandbus.sdk.errors import RequestError, SandbusError
 from sandbus.sdk.subjects import AUDIT_PREFIX, DLQ_PREFIX, TOPIC_PREFIX, dlq_subject, topic_subject
 
 if TYPE_CHECKING:
@@ -454,11 +458,17 @@ class DurableTopics:
     async def _handle(self, plugin: str, msg: Msg) -> None:
         try:
             topic = msg.subject.split(".", 2)[2]
-            envelope = envelope_for(msg.data, msg.headers, topic=topic, to=None)
-        except Exception as e:  # the message itself is bad: every delivery would fail the same way
-            err = e if isinstance(e, SandbusError) else AbiViolationError(f"undeliverable message: {e!r}",
-                                                                          plugin=plugin)
-            await self._dead_letter(plugin, msg, err, self._attempt(msg))
+            envelope = envelope_for(msg.data, msg.headers, to=None, topic=topic)
+        except RequestError as e:  # the message itself is wrong: every delivery would fail the same way
+            try:
+                self.handler.refused(plugin, e, msg.subject)
+            except Exception:  # counting must not be what stops the dead letter
+                log.exception("could not record a refused message for %s", plugin)
+            await self._dead_letter(plugin, msg, e, self._attempt(msg))
+            return
+        except Exception as e:  # a bug of ours: retried, then dead-lettered with its error
+            log.exception("durable delivery of %s to %s: no envelope", msg.subject, plugin)
+            await self._failed(plugin, msg, internal_error(e, plugin))
             return
         try:
             served = self.bus.served(plugin)
@@ -469,7 +479,7 @@ class DurableTopics:
             return
         except Exception as e:  # a bug of ours: retried like a failure, then dead-lettered with its error
             log.exception("durable delivery of %s to %s raised", msg.subject, plugin)
-            await self._failed(plugin, msg, SandbusError(f"internal error: {e!r}", plugin=plugin))
+            await self._failed(plugin, msg, internal_error(e, plugin))
             return
         await msg.ack()
 
@@ -481,8 +491,9 @@ class DurableTopics:
             return 1
 
     async def _failed(self, plugin: str, msg: Msg, err: SandbusError) -> None:
+        """Nak for a later delivery, or dead-letter now: at the last delivery, or when ``err`` is permanent."""
         attempt = self._attempt(msg)
-        if attempt >= self.max_deliver:
+        if attempt >= self.max_deliver or not err.retryable:
             await self._dead_letter(plugin, msg, err, attempt)
             return
         await msg.nak(delay=_backoff(attempt))

@@ -9,7 +9,10 @@ Every input the bus hands over has been bounded and checked first: a request's f
 subject token and its body valid JSON no deeper than :data:`sandbus.sdk.jsonbound.MAX_JSON_DEPTH`;
 a direct or topic message has been turned into a valid PluginMessage envelope. What a handler
 raises as a :class:`~sandbus.sdk.errors.SandbusError` becomes the typed error reply (and, for a
-durable message, a nak and finally a dead letter); anything else is answered as an internal error.
+durable message, a nak and finally a dead letter, or a dead letter at once when the error is not
+``retryable``); anything else is answered as an internal error. A client's mistake the bus catches
+itself (a function that is not a token, a body that is not JSON, a malformed envelope) never
+reaches the plugin: the bus answers it and tells the handler (:meth:`BusHandler.refused`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Protocol
 from nats.aio.msg import Msg
 
 from sandbus.sdk.audit import AuditLevel
+from sandbus.sdk.errors import RequestError
 
 __all__ = ["DEFAULT_FUNCTION", "BusHandler", "Reply", "Served"]
 
@@ -59,16 +63,28 @@ class BusHandler(Protocol):
         """The plugins to serve now; the bus makes its subscriptions match (on start, and on ``sync``)."""
         ...
 
-    def request_now(self, plugin: str, function: str, msg: Msg) -> bytes | None:
+    def request_now(self, plugin: str, function: str, msg: Msg, reply_headers: dict[str, str]) -> bytes | None:
         """The hot path, on the event loop: a successful reply at once, or None to be served by :meth:`serve`
-        in a task. Must not block the loop; raises :class:`SandbusError` for an error reply."""
+        in a task. Must not block the loop; raises :class:`SandbusError` for an error reply.
+
+        ``reply_headers``: what the reply (success or error) will carry; a handler that traced the call
+        sets ``traceparent`` (and ``tracestate``) to its own span's context there, before returning or
+        raising."""
         ...
 
     async def serve(self, plugin: str, function: str, payload: bytes, msg: Msg, *, arrival: float | None,
-                    delivery: int | None = None) -> Reply:
+                    delivery: int | None = None, reply_headers: dict[str, str] | None = None) -> Reply:
         """Run one call. ``payload``: the request body, or the PluginMessage envelope of a message.
         ``arrival``: ``time.monotonic()`` when its sender started waiting (None for a durable delivery,
-        which JetStream redelivers). ``delivery``: the JetStream delivery attempt, for a durable message."""
+        which JetStream redelivers). ``delivery``: the JetStream delivery attempt, for a durable message.
+        ``reply_headers``: as for :meth:`request_now` (None: nobody is answered, a durable delivery).
+        The headers returned are added to the reply's."""
+        ...
+
+    def refused(self, plugin: str, err: RequestError, subject: str) -> None:
+        """The bus refused a client's request or message to ``plugin`` before it reached the handler
+        (``err`` says why; ``subject``: where it was sent). Counted as the plugin's ``rejected`` and
+        audited as ``request.refused``; never as the plugin's error. Runs on the event loop: must not block."""
         ...
 
     def runs_inline(self, plugin: str) -> bool:
@@ -79,8 +95,9 @@ class BusHandler(Protocol):
         """``load`` / ``reload`` / ``unload`` a plugin (run in a worker thread); returns the JSON-able answer."""
         ...
 
-    def describe(self) -> dict[str, Any]:
-        """This node's view for ``list`` and ``stats`` (run in a worker thread): at least ``plugins``."""
+    def describe(self, stats: bool) -> dict[str, Any]:
+        """This node's view (run in a worker thread): at least ``plugins``. For ``list`` (``stats``
+        False) what it serves, cheap to gather; for ``stats`` that plus every counter."""
         ...
 
     def audit(self, level: AuditLevel, kind: str, plugin: str, message: str, **details: Any) -> None:

@@ -21,6 +21,9 @@ it had already sent is handled), then the calls in flight finish and their repli
 a request the bus accepted is answered whichever moment the signal came (waiting for a call up to
 the longest plugin timeout served). Conversely :meth:`start` returns, and :meth:`sync` returns, only
 once the server has the new subscriptions: a request sent then is routed, not "no responders".
+
+A node id names one node: :meth:`start` refuses (:class:`~sandbus.sdk.errors.NodeIdInUseError`),
+before subscribing to anything, when a node with the same id already answers its ``list``.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 from opentelemetry.context import Context
 
-from sandbus.bus.audit import AuditPublisher
-from sandbus.bus.connection import ConnectOptions, connect
+from sandbus.bus.audit import AuditPublisher, fold_refusal_logs
+from sandbus.bus.connection import ConnectOptions, connect, shown_servers
 from sandbus.bus.control import Control
 from sandbus.bus.delivery import MAX_DELIVER, DurableTopics
 from sandbus.bus.handler import BusHandler, Served
@@ -51,17 +54,20 @@ from sandbus.bus.requests import Requests
 from sandbus.bus.wire import check_fits, drain_all, nats_size
 from sandbus.sdk.audit import AuditEvent
 from sandbus.sdk.envelope import (
+    ENVELOPE,
     H_FROM,
     H_HOPS,
     H_MSG_ID,
     JSON,
-    PluginMessage,
+    encode_message,
     error_from_reply,
     error_reply,
+    header_value,
     new_message_id,
 )
 from sandbus.sdk.errors import (
     BusError,
+    NodeIdInUseError,
     PayloadTooLargeError,
     PluginNotFoundError,
     RequestTimeoutError,
@@ -72,6 +78,7 @@ from sandbus.sdk.subjects import (
     REQ_PREFIX,
     audit_subject,
     check_token,
+    control_subject,
     plugin_queue,
     request_subject,
     topic_subject,
@@ -81,6 +88,12 @@ from sandbus.sdk.tracing import record_error, send_span
 __all__ = ["PluginBus", "RequestOutcome", "default_node_id"]
 
 log = logging.getLogger("sandbus.bus")
+
+#: how long :meth:`PluginBus.start` waits for another node with the same id to answer its ``list``
+#: (a server with no such node answers "no responders" at once)
+NODE_ID_PROBE_S = 1.0
+#: NATS's default max payload, assumed until a server says otherwise
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
 
 
 def default_node_id() -> str:
@@ -128,7 +141,6 @@ class PluginBus:
         self.max_deliver = max_deliver
         self.nc: Client | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.max_payload = 1024 * 1024
         self._requests = Requests(self, handler)
         self._control = Control(self, handler)
         self._subs: dict[str, list[Subscription]] = {}
@@ -159,12 +171,24 @@ class PluginBus:
         return self._stopping
 
     async def start(self) -> None:
-        """Connect, set up the streams and the micro service, and subscribe for what the handler serves."""
+        """Connect, set up the streams and the micro service, and subscribe for what the handler serves.
+
+        Raises:
+            NodeIdInUseError: another node already answers under this node id (nothing was subscribed,
+                and the connection is closed).
+        """
         self.loop = asyncio.get_running_loop()
         self.nc = nc = await connect(self.options, on_reconnect=self._on_reconnect)
-        # Repeats of one audit event within a second are published once, with a count.
+        try:
+            await self._check_node_id(nc)
+        except NodeIdInUseError:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            self.nc = None
+            raise
+        # Repeats of one audit event within a second are published once, with a count (and logged once).
+        fold_refusal_logs()
         self._audit_out = AuditPublisher(nc.publish, audit_subject(self.node_id), connected=lambda: nc.is_connected)
-        self.max_payload = nc.max_payload
         if self.durable:
             self._durable = DurableTopics(nc, self, self.handler, max_deliver=self.max_deliver)
             if not await self._durable.setup():
@@ -175,7 +199,39 @@ class PluginBus:
         # Subscribing only queues SUB lines: return once the server has them, so a request sent
         # now is routed here instead of answered "no responders".
         await nc.flush()
-        log.info("node %s serving %d plugin(s) on %s", self.node_id, len(self._subs), ", ".join(self.options.servers))
+        log.info("node %s serving %d plugin(s) on %s", self.node_id, len(self._subs),
+                 shown_servers(self.options.servers))
+
+    @property
+    def max_payload(self) -> int:
+        """The connected server's max payload, headers included (1 MiB before connecting).
+
+        Read from the connection each time: nats-py takes it from the INFO of each server it
+        (re)connects to, and a reconnect may reach a server with a smaller one; a value cached at
+        start would let a reply through that the new server answers by closing the connection.
+        """
+        nc = self.nc
+        value = nc.max_payload if nc is not None else DEFAULT_MAX_PAYLOAD
+        return value if isinstance(value, int) and value > 0 else DEFAULT_MAX_PAYLOAD
+
+    async def _check_node_id(self, nc: Client) -> None:
+        """Refuse to be a second node under one id: its control subjects and audit subject would be
+        shared, and ``list``/``load`` would reach either node at random."""
+        subject = control_subject(self.node_id, "list")
+        try:
+            answer = await nc.request(subject, b"", timeout=NODE_ID_PROBE_S)
+        except nats.errors.NoRespondersError:
+            return
+        except nats.errors.TimeoutError:  # nobody answered in time: a server without no-responders
+            return
+        # Whatever answered may be hostile: its version is quoted only as a short printable string.
+        try:
+            version = orjson.loads(answer.data).get("version")
+        except (orjson.JSONDecodeError, AttributeError):
+            version = None
+        other = header_value(version, 40) if isinstance(version, str) else "?"
+        raise NodeIdInUseError(f"another node already answers as node id {self.node_id!r} (version {other}) on "
+                               f"{shown_servers(self.options.servers)}: choose another --node-id", node_id=self.node_id)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Graceful: stop taking work, answer every message already received, then disconnect.
@@ -214,7 +270,8 @@ class PluginBus:
     async def _on_reconnect(self) -> None:
         # nats-py re-sends our subscriptions itself; JetStream consumers are durable on the server,
         # but the pull requests waiting there may be gone.
-        log.info("node %s reconnected to %s", self.node_id, self.nc.connected_url if self.nc else "?")
+        log.info("node %s reconnected to %s", self.node_id,
+                 shown_servers([self.nc.connected_url]) if self.nc and self.nc.connected_url else "?")
         if self._durable is not None:
             self._durable.reconnected()
 
@@ -291,8 +348,8 @@ class PluginBus:
     # -- sending -----------------------------------------------------------------------------------
 
     async def reply(self, msg: Msg, data: bytes, headers: dict[str, str] | None) -> None:
-        """Publish a reply with its own headers (``Msg.respond`` would echo the request's). Successful
-        replies carry none (the body is the plugin's JSON).
+        """Publish a reply with its own headers (``Msg.respond`` would echo the request's): those of
+        :meth:`sandbus.bus.requests.Requests.reply_headers`, plus the error headers on an error reply.
 
         A reply the server would refuse (body and headers above its max payload; the server would
         also close this connection) is replaced by a ``PayloadTooLargeError`` reply.
@@ -304,7 +361,8 @@ class PluginBus:
         if size > self.max_payload:
             err = PayloadTooLargeError(f"reply of {size} bytes (headers included) exceeds the NATS max payload "
                                        f"of {self.max_payload} bytes", size=size, limit=self.max_payload)
-            data, headers = error_reply(err)
+            data, error_headers = error_reply(err)
+            headers = {**(headers or {}), **error_headers}
         await nc.publish(msg.reply, data, headers=headers)
 
     def check_fits(self, data: bytes, headers: dict[str, str] | None, what: str, plugin: str) -> None:
@@ -329,8 +387,8 @@ class PluginBus:
             BusError: not connected.
         """
         nc = self._connection(sender)
-        message_id, data = PluginMessage.encode(payload, from_=sender, topic=topic)
-        headers = {**JSON, H_MSG_ID: message_id, "Nats-Msg-Id": message_id, H_FROM: sender}
+        message_id, data = encode_message(payload, from_=sender, topic=topic)
+        headers = {**ENVELOPE, H_MSG_ID: message_id, "Nats-Msg-Id": message_id, H_FROM: sender}
         if hops:
             headers[H_HOPS] = str(hops)
         subject = topic_subject(topic)

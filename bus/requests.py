@@ -1,7 +1,9 @@
 """The request path's first file: what the bus does with a request, a direct message or a core topic message.
 
     NATS message on sandbus.req.<plugin>.<function>   (queue group sandbus.<plugin>)
-      -> Requests.on_request      check the function token and the body (JSON, bounded depth), then
+      -> Requests.on_request      check the function token and the body (JSON, bounded depth): a
+                                  client's mistake is answered request.* at once, counted in the
+                                  plugin's ``rejected`` and audited (handler.refused); then
                                   handler.request_now: the node runs the call inline when it may
       -> the reply, published with its own headers (never Msg.respond, which echoes the request's)
       or, when request_now says "not now" (None):
@@ -10,10 +12,16 @@
       -> the reply, or a typed error reply
 
 Direct messages (``sandbus.msg.<plugin>``) and core topic messages (``sandbus.topic.<topic>``) are
-turned into a PluginMessage envelope (:func:`envelope_for`) and go to ``handler.serve`` in a task,
-to the plugin's message function; durable topic messages take the same envelope and handler path
-from bus/delivery.py. Whatever a handler raises is answered (a typed error reply, or an internal
-error for a bug), never left to time out; no exception ends a subscription callback.
+turned into a PluginMessage envelope (sandbus.sdk.envelope.envelope_for: an explicit envelope when
+the Content-Type says so, else the body wrapped) and go to ``handler.serve`` in a task, to the
+plugin's message function; durable topic messages take the same envelope and handler path from
+bus/delivery.py. Whatever a handler raises is answered (a typed error reply, or an internal error
+for a bug), never left to time out; no exception ends a subscription callback.
+
+Every reply carries :meth:`Requests.reply_headers`: ``Content-Type``, ``Sandbus-Node``, the request's
+``Sandbus-Msg-Id`` when valid, and its ``traceparent``/``tracestate`` when valid -- which the handler
+replaces with its own ``process`` span's when it traced the call -- plus the error headers on an
+error reply. Replies are the hot path: the dict is built from a template and two regex checks.
 """
 
 from __future__ import annotations
@@ -22,26 +30,41 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import orjson
 from nats.aio.msg import Msg
 
 from sandbus.bus.handler import DEFAULT_FUNCTION, BusHandler
-from sandbus.sdk.envelope import H_FROM, H_MSG_ID, PluginMessage, error_reply, new_message_id
-from sandbus.sdk.errors import AbiViolationError, SandbusError
+from sandbus.bus.wire import header_block, publish_with_block
+from sandbus.sdk.envelope import (
+    CONTENT_TYPE,
+    H_CONTENT_TYPE,
+    H_MSG_ID,
+    H_NODE,
+    envelope_for,
+    error_reply,
+    valid_message_id,
+    valid_traceparent,
+)
+from sandbus.sdk.errors import InvalidJsonError, RequestError, SandbusError
 from sandbus.sdk.jsonbound import MAX_JSON_DEPTH, too_deep
-from sandbus.sdk.subjects import MAX_TOKEN_LENGTH, check_token
+from sandbus.sdk.subjects import MAX_TOKEN_LENGTH
+from sandbus.sdk.tracing import valid_tracestate
 
 if TYPE_CHECKING:
     from sandbus.bus.plugin_bus import PluginBus
 
-__all__ = ["Requests", "check_json", "envelope_for"]
+__all__ = ["Requests", "check_function", "check_json", "envelope_for", "internal_error", "with_error"]
+
+#: room kept for a reply's headers below the max payload before measuring them exactly: node id,
+#: message id, traceparent and tracestate are each bounded well under it
+_HEADER_ROOM: Final = 2048
 
 log = logging.getLogger("sandbus.bus")
 
-#: :func:`check_token`'s rule as one compiled match, for the hot path (a test checks they agree); a
-#: function it refuses goes through :func:`check_token` for the message.
+#: :func:`sandbus.sdk.subjects.check_token`'s rule as one compiled match, for the hot path (a test checks
+#: they agree).
 _FUNCTION = re.compile(rf"[A-Za-z0-9_\-]{{1,{MAX_TOKEN_LENGTH}}}")
 
 
@@ -49,94 +72,107 @@ def check_json(data: bytes, plugin: str) -> None:
     """A request body is valid JSON, nested at most :data:`MAX_JSON_DEPTH` levels.
 
     Raises:
-        AbiViolationError: it is not.
+        InvalidJsonError: it is not.
     """
     try:
         decoded = orjson.loads(data)
     except orjson.JSONDecodeError as e:
-        raise AbiViolationError(f"request body is not valid JSON: {e}", plugin=plugin) from e
+        raise InvalidJsonError(f"request body is not valid JSON: {e}", plugin=plugin) from None
     if too_deep(data, decoded):
-        raise AbiViolationError(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)",
-                                plugin=plugin)
+        raise InvalidJsonError(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)",
+                               plugin=plugin)
 
 
-def envelope_for(data: bytes, headers: Mapping[str, str] | None, *, topic: str | None, to: str | None) -> bytes:
-    """The PluginMessage JSON a plugin receives: the sender's envelope, or one built around a raw payload.
+def check_function(plugin: str, function: str) -> None:
+    """A request's function is one subject token.
 
     Raises:
-        AbiViolationError: the body is not JSON, is a malformed envelope, or cannot be re-encoded
-            (orjson reads 1024 levels of nesting but writes only 254).
+        RequestError: it is not (``sandbus.req.<plugin>.a.b`` reaches the subscription with ``a.b``).
     """
-    try:
-        decoded = orjson.loads(data) if data else None
-    except orjson.JSONDecodeError as e:
-        raise AbiViolationError(f"message body is not valid JSON: {e}") from e
-
-    def encoded(message: PluginMessage) -> bytes:
-        try:
-            return message.to_json()
-        except TypeError as e:
-            raise AbiViolationError(f"message body cannot be re-encoded: {e} (nested too deeply)") from e
-
-    if isinstance(decoded, dict) and "payload" in decoded and "id" in decoded:
-        try:
-            message = PluginMessage.model_validate(decoded)
-        except ValueError as e:
-            raise AbiViolationError(f"malformed PluginMessage envelope: {e}") from e
-        if topic is not None and message.topic is None:
-            return encoded(message.model_copy(update={"topic": topic}))
-        return data  # valid, and complete: as the sender wrote it
-    headers = headers or {}
-    message = PluginMessage(id=headers.get(H_MSG_ID) or new_message_id(), from_=headers.get(H_FROM, "client"),
-                            to=to, topic=topic, payload=decoded)
-    return encoded(message)
+    if _FUNCTION.fullmatch(function) is None:
+        shown = orjson.dumps(function[:64]).decode() + ("..." if len(function) > 64 else "")
+        raise RequestError(f"request to {plugin}: the function must be 1-{MAX_TOKEN_LENGTH} letters, digits, '_' or "
+                           f"'-' (one subject token), found {shown}", plugin=plugin)
 
 
 class Requests:
     """The subscription callbacks for requests, direct messages and core topics of one bus."""
 
-    __slots__ = ("bus", "handler")
+    __slots__ = ("_base", "_base_block", "bus", "handler")
 
     def __init__(self, bus: PluginBus, handler: BusHandler) -> None:
         self.bus = bus
         self.handler = handler
+        self._base = {H_CONTENT_TYPE: CONTENT_TYPE, H_NODE: bus.node_id}
+        #: the encoded headers of a reply to a request that sent none of its own (the common case)
+        self._base_block = header_block(self._base)
+
+    def reply_headers(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """The headers a reply to a message with ``headers`` carries (before the handler adds its trace)."""
+        out = self._base.copy()
+        if headers:
+            message_id = headers.get(H_MSG_ID)
+            if message_id is not None and valid_message_id(message_id) is not None:
+                out[H_MSG_ID] = message_id
+            parent = headers.get("traceparent")
+            if parent is not None and valid_traceparent(parent) is not None:
+                out["traceparent"] = parent
+                state = valid_tracestate(headers.get("tracestate"))
+                if state is not None:
+                    out["tracestate"] = state
+        return out
+
+    def _refused(self, plugin: str, err: RequestError, subject: str) -> None:
+        """A client's mistake the bus caught: the handler counts it for the plugin and audits it."""
+        try:
+            self.handler.refused(plugin, err, subject)
+        except Exception:  # counting must not be what leaves a caller without an answer
+            log.exception("could not record a refused request to %s", plugin)
 
     async def on_request(self, msg: Msg) -> None:
         # The bus's hottest code: a valid request the handler answers at once stays in this callback
         # (no task); everything else becomes a task, so the subscription keeps reading.
         _, _, plugin, function = msg.subject.split(".", 3)
+        headers = self.reply_headers(msg.headers)
         try:
-            if _FUNCTION.fullmatch(function) is None:
-                try:
-                    check_token(function, "function")
-                except ValueError as e:
-                    raise AbiViolationError(f"request to {plugin}: {e}", plugin=plugin) from None
+            check_function(plugin, function)
             check_json(msg.data, plugin)
-            reply = self.handler.request_now(plugin, function, msg)
+        except RequestError as e:
+            self._refused(plugin, e, msg.subject)
+            await self.bus.reply(msg, *with_error(headers, e))
+            return
+        try:
+            reply = self.handler.request_now(plugin, function, msg, headers)
         except SandbusError as e:
-            await self.bus.reply(msg, *error_reply(e))
+            await self.bus.reply(msg, *with_error(headers, e))
             return
         except Exception as e:  # a bug must still answer, not leave the caller to time out
             log.exception("request %s failed", msg.subject)
-            await self.bus.reply(msg, *error_reply(SandbusError(f"internal error: {e}", plugin=plugin)))
+            await self.bus.reply(msg, *with_error(headers, internal_error(e, plugin)))
             return
         if reply is None:
-            self.bus.spawn(self._serve_request(msg, plugin, function, time.monotonic()))
+            self.bus.spawn(self._serve_request(msg, plugin, function, time.monotonic(), headers))
             return
         nc = self.bus.nc
-        if msg.reply and nc is not None and len(reply) <= self.bus.max_payload:
-            await nc.publish(msg.reply, reply)  # a successful reply has no headers: its size is its length
+        if msg.reply and nc is not None and len(reply) <= self.bus.max_payload - _HEADER_ROOM:
+            # Only the base headers (two keys): their encoding is cached.
+            block = self._base_block if len(headers) == 2 else header_block(headers)
+            await publish_with_block(nc, msg.reply, reply, headers, block)
         else:
-            await self.bus.reply(msg, reply, None)
+            await self.bus.reply(msg, reply, headers)
 
-    async def _serve_request(self, msg: Msg, plugin: str, function: str, arrival: float) -> None:
+    async def _serve_request(self, msg: Msg, plugin: str, function: str, arrival: float,
+                             headers: dict[str, str]) -> None:
         try:
-            data, headers = await self.handler.serve(plugin, function, msg.data, msg, arrival=arrival)
+            data, extra = await self.handler.serve(plugin, function, msg.data, msg, arrival=arrival,
+                                                   reply_headers=headers)
+            if extra:
+                headers.update(extra)
         except SandbusError as e:
-            data, headers = error_reply(e)
+            data, headers = with_error(headers, e)
         except Exception as e:  # a bug must still answer
             log.exception("request %s failed", msg.subject)
-            data, headers = error_reply(SandbusError(f"internal error: {e}", plugin=plugin))
+            data, headers = with_error(headers, internal_error(e, plugin))
         await self.bus.reply(msg, data, headers)
 
     async def on_direct(self, msg: Msg) -> None:
@@ -149,16 +185,36 @@ class Requests:
         return on_topic
 
     async def _serve_message(self, msg: Msg, plugin: str, topic: str | None, arrival: float) -> None:
-        """A direct or core-topic PluginMessage: handled, or answered with an error if it has a reply."""
+        """A direct or core-topic message: handled, or answered with an error if it has a reply subject."""
         served = self.bus.served(plugin)
         function = served.message_function if served is not None else DEFAULT_FUNCTION
+        headers = self.reply_headers(msg.headers)
         try:
-            envelope = envelope_for(msg.data, msg.headers, topic=topic, to=None if topic else plugin)
-            data, headers = await self.handler.serve(plugin, function, envelope, msg, arrival=arrival)
+            envelope = envelope_for(msg.data, msg.headers, to=None if topic else plugin, topic=topic)
+        except RequestError as e:
+            self._refused(plugin, e, msg.subject)
+            await self.bus.reply(msg, *with_error(headers, e))
+            return
+        try:
+            data, extra = await self.handler.serve(plugin, function, envelope, msg, arrival=arrival,
+                                                   reply_headers=headers)
+            if extra:
+                headers.update(extra)
         except SandbusError as e:
             log.warning("message to %s on %s failed: %s", plugin, msg.subject, e)
-            data, headers = error_reply(e)
+            data, headers = with_error(headers, e)
         except Exception as e:  # a bug must still answer
             log.exception("message %s failed", msg.subject)
-            data, headers = error_reply(SandbusError(f"internal error: {e}", plugin=plugin))
+            data, headers = with_error(headers, internal_error(e, plugin))
         await self.bus.reply(msg, data, headers)
+
+
+def internal_error(e: Exception, plugin: str | None) -> SandbusError:
+    """The error a caller gets for a bug of ours: its type only (the traceback goes to the log)."""
+    return SandbusError(f"internal error ({type(e).__name__})", plugin=plugin)
+
+
+def with_error(headers: dict[str, str], err: SandbusError) -> tuple[bytes, dict[str, str]]:
+    """An error reply's body, and ``headers`` with the error headers added."""
+    data, error_headers = error_reply(err)
+    return data, {**headers, **error_headers}

@@ -1,16 +1,19 @@
-"""Two facts of the NATS wire the bus must respect: what counts against the max payload, and how to
-unsubscribe without dropping what the server had already sent."""
+"""Facts of the NATS wire the bus must respect: what counts against the max payload, how to unsubscribe
+without dropping what the server had already sent, and what a reply's headers cost."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
+from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.protocol.command import hpub_cmd
 
 from sandbus.sdk.errors import PayloadTooLargeError
 
-__all__ = ["check_fits", "drain", "drain_all", "nats_size"]
+__all__ = ["check_fits", "drain", "drain_all", "header_block", "nats_size", "publish_with_block", "server_info_problem"]
 
 log = logging.getLogger("sandbus.bus")
 
@@ -22,6 +25,20 @@ def nats_size(data: bytes, headers: dict[str, str] | None) -> int:
         return len(data)
     # "NATS/1.0\r\n", then "key: value\r\n" per header, then "\r\n"
     return len(data) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def server_info_problem(nc: Client) -> str | None:
+    """What makes the connected server's INFO unusable, or None.
+
+    nats-py takes the INFO's ``max_payload`` as it comes and compares every publish with it: from
+    something that only pretends to be a NATS server (a squatter on the default port), a value that
+    is not a positive integer makes every publish fail (TypeError, MaxPayloadError), so the first
+    one would end the command as a bug of ours instead of saying what is wrong with the server.
+    """
+    value = nc.max_payload
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return f"its INFO gives max_payload {str(value)[:40]!r}, not a positive number of bytes"
+    return None
 
 
 def check_fits(data: bytes, headers: dict[str, str] | None, max_payload: int, what: str, plugin: str) -> None:
@@ -38,6 +55,39 @@ def check_fits(data: bytes, headers: dict[str, str] | None, max_payload: int, wh
         raise PayloadTooLargeError(f"{what}: {size} bytes (envelope and headers included) exceed the NATS "
                                    f"max payload of {max_payload} bytes", plugin=plugin, size=size,
                                    limit=max_payload)
+
+
+def header_block(headers: Mapping[str, str]) -> bytes:
+    """The NATS header block of ``headers``, encoded as nats-py would (``tests/bus/test_plugin_bus.py``
+    checks they agree). Only for values the bus checked itself: printable ASCII, one line."""
+    return ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+
+
+#: nats-py internals the fast reply path uses (nats-py 2.x); without them, replies take the public path
+_FAST_PUBLISH = all(hasattr(Client, name) for name in ("_send_command", "_flush_pending", "is_draining_pubs"))
+
+
+async def publish_with_block(nc: Client, subject: str, payload: bytes, headers: dict[str, str],
+                             block: bytes) -> None:
+    """``nc.publish(subject, payload, headers=headers)``, with ``block`` the headers already encoded
+    (:func:`header_block`).
+
+    Why: every reply carries headers, and nats-py checks and encodes each header of each message
+    (a regex, strip, translate and encode per header: several microseconds a reply on the hot path).
+    A reply's headers are mostly the same for every reply of a node, so their encoding is cached by
+    the caller. This does what :meth:`nats.aio.client.Client.publish` does after its checks (the
+    subject is a reply subject the server sent, the body fits: the caller measured it); while not
+    connected or draining it takes the public path, which raises or buffers as nats-py decides.
+    """
+    if not _FAST_PUBLISH or not nc.is_connected or nc.is_draining_pubs:
+        await nc.publish(subject, payload, headers=headers)
+        return
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += len(payload)
+    await nc._send_command(hpub_cmd(subject, "", block, payload))
+    flush_queue = nc._flush_queue
+    if flush_queue is not None and flush_queue.empty():
+        await nc._flush_pending()
 
 
 async def drain(sub: Subscription) -> None:

@@ -11,12 +11,12 @@ plugin lifecycle, the node, telemetry, the CLI).
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from sandbus._lazy import lazy_attributes
 
 if TYPE_CHECKING:
+    from sandbus._version import __version__
     from sandbus.bus import BusHandler, PluginBus
     from sandbus.bus.connection import ConnectOptions
     from sandbus.bus.server import NatsServer
@@ -36,13 +36,8 @@ if TYPE_CHECKING:
     )
     from sandbus.sdk import errors
     from sandbus.sdk.client import Client
-    from sandbus.sdk.envelope import PluginMessage
     from sandbus.sdk.errors import SandbusError
-
-try:
-    __version__ = version("sandbus")
-except PackageNotFoundError:  # run from a checkout that was never installed
-    __version__ = "0.0.0"
+    from sandbus.sdk.message import PluginMessage
 
 #: public name -> the module that defines it
 _WHERE = {
@@ -62,10 +57,11 @@ _WHERE = {
     "PluginBus": "sandbus.bus",
     "PluginInfo": "sandbus.host.lifecycle",
     "PluginManager": "sandbus.host.lifecycle",
-    "PluginMessage": "sandbus.sdk.envelope",
+    "PluginMessage": "sandbus.sdk.message",
     "PluginStatus": "sandbus.host.lifecycle",
     "PluginWatcher": "sandbus.host.lifecycle",
     "Sandbox": "sandbus.host.sandbox",
+    "__version__": "sandbus._version",
     "SandboxBuilder": "sandbus.host.sandbox",
     "SandbusError": "sandbus.sdk.errors",
     "errors": "sandbus.sdk",

@@ -4,13 +4,14 @@
         reply = await client.request("text_processor", "handle_request", {"action": "get_status"})
         await client.publish("orders.created", {"id": 42})
 
-Depends only on nats-py and sdk: a client app never pulls in wasmtime.
+Depends only on nats-py and sdk: a client app never pulls in wasmtime (nor pydantic: start-up time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Self
 
 import orjson
@@ -19,7 +20,17 @@ from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from sandbus.sdk.envelope import H_FROM, H_MSG_ID, JSON, PluginMessage, error_from_reply, new_message_id
+from sandbus.sdk.envelope import (
+    ENVELOPE,
+    H_FROM,
+    H_MSG_ID,
+    H_NODE,
+    JSON,
+    encode_message,
+    error_from_reply,
+    new_message_id,
+    valid_traceparent,
+)
 from sandbus.sdk.errors import (
     AbiViolationError,
     BusError,
@@ -32,11 +43,33 @@ from sandbus.sdk.nats_guard import GuardedNatsClient
 from sandbus.sdk.subjects import NODE_SERVICE, control_subject, msg_subject, request_subject, topic_subject
 from sandbus.sdk.tracing import H_TRACE_DEBUG, H_TRACE_SPANS, record_error, send_span
 
-__all__ = ["Client"]
+__all__ = ["Client", "DetailedReply"]
 
 
 def _encode(payload: Any) -> bytes:
     return payload if isinstance(payload, bytes) else orjson.dumps(payload)
+
+
+@dataclass(frozen=True, slots=True)
+class DetailedReply:
+    """A successful reply with what its headers say (see :meth:`Client.request_detailed`).
+
+    Parameters:
+        data: the reply body (the plugin's JSON).
+        headers: every header of the reply.
+        node: the node that answered (``Sandbus-Node``), when it said.
+        trace_id: the trace the call belongs to (from the reply's ``traceparent``): the node's span
+            when it traced the call, else the caller's own trace context echoed; None without either.
+    """
+
+    data: bytes
+    headers: dict[str, str]
+    node: str | None
+    trace_id: str | None
+
+    def json(self) -> Any:
+        """The body, decoded."""
+        return orjson.loads(self.data)
 
 
 class Client:
@@ -90,11 +123,15 @@ class Client:
 
     async def _request_raw(self, subject: str, data: bytes, timeout: float, headers: dict[str, str],
                            what: str) -> bytes:
+        return bytes((await self._request_msg(subject, data, timeout, headers, what)).data)
+
+    async def _request_msg(self, subject: str, data: bytes, timeout: float, headers: dict[str, str],
+                           what: str) -> Msg:
         msg = await self._nats_request(subject, data, timeout, headers, what)
         err = error_from_reply(msg.data, msg.headers)
         if err is not None:
             raise err
-        return bytes(msg.data)
+        return msg
 
     async def _nats_request(self, subject: str, data: bytes, timeout: float, headers: dict[str, str],
                             what: str) -> Msg:
@@ -114,6 +151,28 @@ class Client:
         """Call ``function`` of ``plugin`` on whichever node serves it; the raw reply bytes."""
         headers = {**JSON, H_MSG_ID: new_message_id(), H_FROM: self.sender}
         return await self._request(request_subject(plugin, function), payload, timeout, headers, f"plugin {plugin!r}")
+
+    async def request_detailed(self, plugin: str, function: str = "handle_request", payload: Any = None, *,
+                               timeout: float = 5.0, headers: dict[str, str] | None = None) -> DetailedReply:
+        """:meth:`request_bytes` with the reply's headers: the answering node and the trace id.
+
+        ``payload``: bytes as they are, anything else as JSON. ``headers``: extra request headers (e.g.
+        a ``traceparent`` of the caller's own; with tracing configured, this client's ``send`` span's is
+        injected). Remote errors raise typed, as with :meth:`request`.
+        """
+        data = _encode(payload)
+        request_headers = {**(headers or {}), **JSON, H_MSG_ID: new_message_id(), H_FROM: self.sender}
+        subject = request_subject(plugin, function)
+        with send_span(subject, request_headers, message_id=request_headers[H_MSG_ID], body_size=len(data)) as span:
+            try:
+                msg = await self._request_msg(subject, data, timeout, request_headers, f"plugin {plugin!r}")
+            except Exception as e:
+                record_error(span, e)
+                raise
+        reply_headers = dict(msg.headers or {})
+        traceparent = valid_traceparent(reply_headers.get("traceparent"))
+        return DetailedReply(bytes(msg.data), reply_headers, reply_headers.get(H_NODE),
+                             traceparent[3:35] if traceparent else None)
 
     async def trace_request(self, plugin: str, function: str, payload: bytes, *,
                             timeout: float = 5.0) -> tuple[bytes, dict[str, str], list[dict[str, Any]]]:
@@ -159,11 +218,11 @@ class Client:
         message (at-least-once from then on); else a core NATS publish (at most once).
         """
         try:
-            message_id, data = PluginMessage.encode(payload, from_=self.sender, topic=topic, id=msg_id)
+            message_id, data = encode_message(payload, from_=self.sender, topic=topic, id=msg_id)
         except TypeError as e:
             raise SandbusError(f"payload is not JSON-serialisable: {e}") from e
         subject = topic_subject(topic)
-        headers = {**JSON, H_MSG_ID: message_id, "Nats-Msg-Id": message_id, H_FROM: self.sender}
+        headers = {**ENVELOPE, H_MSG_ID: message_id, "Nats-Msg-Id": message_id, H_FROM: self.sender}
         if len(data) > self.nc.max_payload:
             raise PayloadTooLargeError(f"message of {len(data)} bytes exceeds the max payload of "
                                        f"{self.nc.max_payload} bytes", size=len(data), limit=self.nc.max_payload)
@@ -176,17 +235,24 @@ class Client:
 
     async def send(self, plugin: str, payload: Any = None, *, timeout: float | None = None) -> Any:
         """A direct PluginMessage to ``plugin``; with ``timeout``, wait for and return its reply."""
-        message = PluginMessage(from_=self.sender, to=plugin, payload=payload)
-        headers = {**JSON, H_MSG_ID: message.id, H_FROM: self.sender}
+        try:
+            message_id, data = encode_message(payload, from_=self.sender, to=plugin)
+        except TypeError as e:
+            raise SandbusError(f"payload is not JSON-serialisable: {e}") from e
+        headers = {**ENVELOPE, H_MSG_ID: message_id, H_FROM: self.sender}
         if timeout is None:
-            with send_span(msg_subject(plugin), headers, message_id=message.id):
-                await self.nc.publish(msg_subject(plugin), message.to_json(), headers=headers)
+            with send_span(msg_subject(plugin), headers, message_id=message_id):
+                await self.nc.publish(msg_subject(plugin), data, headers=headers)
             return None
-        data = await self._request(msg_subject(plugin), message.to_json(), timeout, headers, f"plugin {plugin!r}")
-        return orjson.loads(data)
+        reply = await self._request(msg_subject(plugin), data, timeout, headers, f"plugin {plugin!r}")
+        return orjson.loads(reply)
 
     async def nodes(self, *, timeout: float = 0.5) -> list[dict[str, Any]]:
-        """Every node's view (id, plugins, counts). ``$SRV`` has no queue group: gather until ``timeout``."""
+        """Every node's ``stats`` (id, plugins, their counters), by node id; ``[]`` when no node answers.
+
+        ``$SRV`` has no queue group: answers are gathered until ``timeout``. A node that answers its
+        ``stats`` with an error or with something that is not a JSON object is left out.
+        """
         inbox = self.nc.new_inbox()
         ids: list[str] = []
         sub = await self.nc.subscribe(inbox)
@@ -207,12 +273,19 @@ class Client:
                     ids.append(node_id)
         finally:
             await sub.unsubscribe()
-        views = await asyncio.gather(*(self.control(n, "list", timeout=max(timeout, 2.0)) for n in sorted(ids)),
+        views = await asyncio.gather(*(self.control(n, "stats", timeout=max(timeout, 2.0)) for n in sorted(ids)),
                                      return_exceptions=True)
         return [v for v in views if isinstance(v, dict)]
 
     async def control(self, node_id: str, verb: str, body: Any = None, *, timeout: float = 5.0) -> Any:
-        """Ask one node to list / load / unload / reload / stats."""
+        """Ask one node to list / load / unload / reload / stats.
+
+        Raises:
+            BusError: the answer is not JSON (whatever answered is not a sandbus node).
+        """
         data = await self._request(control_subject(node_id, verb), _encode(body or {}), timeout, dict(JSON),
                                    f"node {node_id!r}")
-        return orjson.loads(data)
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise BusError(f"node {node_id!r} answered {verb} with {len(data)} bytes that are not JSON") from None

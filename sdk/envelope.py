@@ -5,100 +5,273 @@ plugin with a plain NATS request. What sandbus adds travels in headers:
 
     Sandbus-Msg-Id        message id (dedupe; JetStream's Nats-Msg-Id is set to the same value)
     Sandbus-From          sender (a plugin name, or "client")
-    Content-Type          application/json
+    Content-Type          application/json; on a direct or topic message,
+                          application/vnd.sandbus.message+json says the body is a whole envelope
+    Sandbus-Node          on every reply: the node that answered
     Sandbus-Error-Code    on a failed reply: a stable error code (sandbus.sdk.errors), e.g. "limit.timeout"
     Sandbus-Error         on a failed reply: the message; the body is then a JSON error object
     Sandbus-Hops          on a request or topic message a plugin sent (host functions ``request``,
                           ``publish``): how many plugin requests and messages led to it (1 for a plugin
                           serving a client); absent means 0
     traceparent/tracestate  W3C trace context
+
+A direct message (``sandbus.msg.<plugin>``) or topic message is a PluginMessage envelope only when
+its ``Content-Type`` says so (:data:`ENVELOPE_CONTENT_TYPE`); any other body is JSON payload, and the
+node wraps it in a new envelope, whatever keys it has (:func:`envelope_for`). An explicit envelope is
+validated here, by hand: the rules are few, the messages must name the field and the rule (never a
+library's text), and this runs for every message a node receives. The pydantic model
+:class:`~sandbus.sdk.message.PluginMessage` is the Python API type; importing this module does not
+import pydantic (client start-up time), and ``PluginMessage`` is loaded from here on first use.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
 
-from sandbus.sdk.errors import SandbusError, error_from_dict
+from sandbus.sdk.errors import InvalidEnvelopeError, InvalidJsonError, SandbusError, error_from_dict
+from sandbus.sdk.jsonbound import MAX_JSON_DEPTH, too_deep
+
+if TYPE_CHECKING:
+    from sandbus.sdk.message import PluginMessage
 
 __all__ = [
     "CONTENT_TYPE",
+    "ENVELOPE",
+    "ENVELOPE_CONTENT_TYPE",
+    "ENVELOPE_FIELDS",
     "H_CONTENT_TYPE",
     "H_ERROR",
     "H_ERROR_CODE",
     "H_FROM",
     "H_HOPS",
     "H_MSG_ID",
+    "H_NODE",
     "JSON",
+    "MAX_ENVELOPE_HEADERS",
+    "MAX_HEADER_KEY",
+    "MAX_HEADER_VALUE",
+    "MAX_MESSAGE_ID",
+    "MAX_SENDER",
     "PluginMessage",
+    "encode_message",
+    "envelope_for",
     "error_from_reply",
     "error_reply",
     "header_value",
     "hops_of",
+    "is_envelope",
     "new_message_id",
+    "valid_message_id",
+    "valid_sender",
+    "valid_traceparent",
 ]
 
 H_MSG_ID = "Sandbus-Msg-Id"
 H_FROM = "Sandbus-From"
 H_CONTENT_TYPE = "Content-Type"
+H_NODE = "Sandbus-Node"
 H_ERROR_CODE = "Sandbus-Error-Code"
 H_ERROR = "Sandbus-Error"
 H_HOPS = "Sandbus-Hops"
 CONTENT_TYPE = "application/json"
+#: the Content-Type of a direct or topic message whose body is a whole PluginMessage envelope
+ENVELOPE_CONTENT_TYPE = "application/vnd.sandbus.message+json"
 JSON = {H_CONTENT_TYPE: CONTENT_TYPE}
+ENVELOPE = {H_CONTENT_TYPE: ENVELOPE_CONTENT_TYPE}
+
+#: the keys of an envelope, in the order a node writes them
+ENVELOPE_FIELDS = ("id", "from", "to", "topic", "payload", "timestamp", "headers")
+MAX_MESSAGE_ID = 128
+MAX_SENDER = 255
+MAX_ENVELOPE_HEADERS = 64
+MAX_HEADER_KEY = 256
+MAX_HEADER_VALUE = 4096
+
+_MESSAGE_ID = re.compile(rf"[A-Za-z0-9._:\-]{{1,{MAX_MESSAGE_ID}}}")
+_SENDER = re.compile(rf"[\x20-\x7e]{{1,{MAX_SENDER}}}")
+_FIELDS = frozenset(ENVELOPE_FIELDS)
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?:-[\x21-\x7e]*)?")
+_MAX_TRACEPARENT = 512
 
 
 def new_message_id() -> str:
+    """A new message id: 32 lowercase hex characters."""
     return uuid.uuid4().hex
 
 
-class PluginMessage(BaseModel):
-    """A message between plugins (direct, ``to`` set) or onto a topic (broadcast, ``topic`` set).
+def valid_message_id(value: object) -> str | None:
+    """``value`` when it is a valid message id (1-128 of ``A-Z a-z 0-9 . _ : -``), else None."""
+    return value if isinstance(value, str) and _MESSAGE_ID.fullmatch(value) is not None else None
 
-    Parameters:
-        id: unique id; receivers dedupe on it.
-        from_: sender name (``from`` on the wire).
-        to: target plugin of a direct message.
-        topic: topic of a broadcast.
-        payload: any JSON value.
-        timestamp: unix seconds when created.
-        headers: free-form string headers.
+
+def valid_sender(value: object) -> str | None:
+    """``value`` when it is a valid ``from`` (1-255 printable ASCII characters), else None."""
+    return value if isinstance(value, str) and _SENDER.fullmatch(value) is not None else None
+
+
+def valid_traceparent(value: str | None) -> str | None:
+    """``value`` when it is a well-formed W3C ``traceparent`` (not version ff, no all-zero id), else None."""
+    if not value or len(value) > _MAX_TRACEPARENT or _TRACEPARENT.fullmatch(value) is None:
+        return None
+    if value.startswith("ff") or (value.startswith("00-") and len(value) != 55):
+        return None
+    if value[3:35] == "0" * 32 or value[36:52] == "0" * 16:
+        return None
+    return value
+
+
+def is_envelope(headers: Mapping[str, str] | None) -> bool:
+    """Whether a message's ``Content-Type`` media type is :data:`ENVELOPE_CONTENT_TYPE` (parameters after
+    ``;`` ignored, case-insensitive, surrounding whitespace trimmed)."""
+    if not headers:
+        return False
+    value = headers.get(H_CONTENT_TYPE)
+    if not value or len(value) > 256:
+        return False
+    return value.split(";", 1)[0].strip().lower() == ENVELOPE_CONTENT_TYPE
+
+
+def encode_message(payload: Any, *, from_: str = "client", to: str | None = None, topic: str | None = None,
+                   id: str | None = None, headers: Mapping[str, str] | None = None) -> tuple[str, bytes]:
+    """(id, JSON) of a new envelope, for senders: no model, no validation of the sender's own fields.
+
+    Raises:
+        TypeError: ``payload`` is not JSON-serialisable (or nests deeper than 254 levels).
     """
+    message_id = id or new_message_id()
+    return message_id, orjson.dumps({"id": message_id, "from": from_, "to": to, "topic": topic,
+                                     "payload": payload, "timestamp": time.time(), "headers": dict(headers or {})})
 
-    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
-    id: str = Field(default_factory=new_message_id)
-    from_: str = Field(default="client", alias="from")
-    to: str | None = None
-    topic: str | None = None
-    payload: Any = None
-    timestamp: float = Field(default_factory=time.time)
-    headers: dict[str, str] = Field(default_factory=dict)
+def _decode(data: bytes, what: str) -> Any:
+    try:
+        decoded = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise InvalidJsonError(f"{what} is not valid JSON: {e}") from None
+    if too_deep(data, decoded):
+        raise InvalidJsonError(f"{what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    return decoded
 
-    def to_json(self) -> bytes:
-        return orjson.dumps(self.model_dump(by_alias=True))
 
-    @staticmethod
-    def encode(payload: Any, *, from_: str = "client", to: str | None = None, topic: str | None = None,
-               id: str | None = None) -> tuple[str, bytes]:
-        """(id, the JSON :meth:`to_json` would write) of a new message, without building the model.
+def _quoted(key: str) -> str:
+    """A key someone sent, fit to quote in a message: JSON-quoted, at most 64 characters of it."""
+    return orjson.dumps(key[:64]).decode() + ("..." if len(key) > 64 else "")
 
-        Senders publish on the hot path; the model's validation and dump cost more than the
-        publish itself there. ``tests/test_envelope.py`` checks both write the same bytes.
-        """
-        message_id = id or new_message_id()
-        return message_id, orjson.dumps({"id": message_id, "from": from_, "to": to, "topic": topic,
-                                         "payload": payload, "timestamp": time.time(), "headers": {}})
 
-    @classmethod
-    def from_json(cls, data: bytes) -> PluginMessage:
-        return cls.model_validate_json(data)
+def _kind(value: object) -> str:
+    """The JSON type of a decoded value, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _invalid(field: str, rule: str, value: object) -> InvalidEnvelopeError:
+    return InvalidEnvelopeError(f"envelope field {field!r} {rule}, found {_kind(value)}", field=field)
+
+
+def _check_headers(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _invalid("headers", "must be an object of string values", value)
+    if len(value) > MAX_ENVELOPE_HEADERS:
+        raise InvalidEnvelopeError(f"envelope field 'headers' has {len(value)} entries (at most "
+                                   f"{MAX_ENVELOPE_HEADERS})", field="headers")
+    for key, item in value.items():
+        if not 1 <= len(key) <= MAX_HEADER_KEY:
+            raise InvalidEnvelopeError(f"envelope field 'headers': a key must have 1-{MAX_HEADER_KEY} characters, "
+                                       f"found {len(key)}", field="headers")
+        if not isinstance(item, str):
+            raise InvalidEnvelopeError(f"envelope field 'headers': the value of {_quoted(key)} must be a string, "
+                                       f"found {_kind(item)}", field="headers")
+        if len(item) > MAX_HEADER_VALUE:
+            raise InvalidEnvelopeError(f"envelope field 'headers': the value of {_quoted(key)} has {len(item)} "
+                                       f"characters (at most {MAX_HEADER_VALUE})", field="headers")
+    return value
+
+
+def _explicit(decoded: Any, headers: Mapping[str, str], now: float) -> dict[str, Any]:
+    """The fields of an explicit envelope, each checked against its rule (``to``/``topic`` left to the caller).
+
+    Raises:
+        InvalidEnvelopeError: naming the field and the rule.
+    """
+    if not isinstance(decoded, dict):
+        raise InvalidEnvelopeError(f"an envelope must be a JSON object, found {_kind(decoded)}")
+    unknown = decoded.keys() - _FIELDS
+    if unknown:
+        first = min(unknown)
+        raise InvalidEnvelopeError(f"envelope has an unknown field {_quoted(first)} (fields: "
+                                   f"{', '.join(ENVELOPE_FIELDS)})", field=first[:64])
+    if "id" in decoded:
+        message_id = valid_message_id(decoded["id"])
+        if message_id is None:
+            value = decoded["id"]
+            what = f"{len(value)} characters" if isinstance(value, str) else _kind(value)
+            raise InvalidEnvelopeError(f"envelope field 'id' must be a string of 1-{MAX_MESSAGE_ID} characters "
+                                       f"from A-Z a-z 0-9 . _ : -, found {what}", field="id")
+    else:
+        message_id = valid_message_id(headers.get(H_MSG_ID)) or new_message_id()
+    if "from" in decoded:
+        sender = valid_sender(decoded["from"])
+        if sender is None:
+            raise _invalid("from", f"must be a string of 1-{MAX_SENDER} printable ASCII characters", decoded["from"])
+    else:
+        sender = valid_sender(headers.get(H_FROM)) or "client"
+    for field in ("to", "topic"):
+        if field in decoded and decoded[field] is not None and not isinstance(decoded[field], str):
+            raise _invalid(field, "must be a string or null", decoded[field])
+    timestamp = decoded.get("timestamp", now)
+    if (isinstance(timestamp, bool) or not isinstance(timestamp, int | float) or not math.isfinite(timestamp)
+            or timestamp < 0):
+        raise _invalid("timestamp", "must be a finite number >= 0 (unix seconds)", timestamp)
+    envelope_headers = _check_headers(decoded["headers"]) if "headers" in decoded else {}
+    return {"id": message_id, "from": sender, "payload": decoded.get("payload"), "timestamp": timestamp,
+            "headers": envelope_headers}
+
+
+def envelope_for(data: bytes, headers: Mapping[str, str] | None, *, to: str | None, topic: str | None,
+                 now: float | None = None) -> bytes:
+    """The PluginMessage JSON a plugin receives for a direct (``to``) or topic (``topic``) message.
+
+    With the envelope content type (:func:`is_envelope`) the body is the sender's envelope, checked
+    field by field; any other body is JSON payload, wrapped (an empty body is a null payload). ``to``
+    and ``topic`` always come from the subject. Defaults: ``id`` from a valid ``Sandbus-Msg-Id`` header
+    else new, ``from`` from a valid ``Sandbus-From`` header else "client", ``timestamp`` ``now`` (the
+    receipt time), ``headers`` ``{}``; an invalid header value is ignored.
+
+    Raises:
+        InvalidJsonError: the body is not JSON, or nests deeper than can be re-encoded (254 levels).
+        InvalidEnvelopeError: an explicit envelope breaks a rule (the message names the field).
+    """
+    headers = headers or {}
+    received = time.time() if now is None else now
+    if is_envelope(headers):
+        fields = _explicit(_decode(data, "message body"), headers, received)
+    else:
+        fields = {"id": valid_message_id(headers.get(H_MSG_ID)) or new_message_id(),
+                  "from": valid_sender(headers.get(H_FROM)) or "client",
+                  "payload": _decode(data, "message body") if data else None, "timestamp": received, "headers": {}}
+    try:
+        return orjson.dumps({"id": fields["id"], "from": fields["from"], "to": to, "topic": topic,
+                             "payload": fields["payload"], "timestamp": fields["timestamp"],
+                             "headers": fields["headers"]})
+    except TypeError:  # the depth check makes this unreachable but for a payload right at the limit
+        raise InvalidJsonError(f"message body is nested too deeply: inside its envelope it would be more than "
+                               f"{MAX_JSON_DEPTH} levels (a message's payload may be {MAX_JSON_DEPTH - 1})") from None
 
 
 def hops_of(headers: Mapping[str, str] | None) -> int:
@@ -148,3 +321,14 @@ def error_from_reply(data: bytes, headers: dict[str, str] | None) -> SandbusErro
     except (orjson.JSONDecodeError, KeyError, TypeError):
         body = {"message": headers.get(H_ERROR, "")}
     return error_from_dict({**body, "code": headers[H_ERROR_CODE]})
+
+
+def __getattr__(name: str) -> Any:
+    # PluginMessage is a pydantic model: loaded when first asked for, so that a client that never
+    # builds one does not pay for importing pydantic.
+    if name == "PluginMessage":
+        from sandbus.sdk.message import PluginMessage
+
+        globals()["PluginMessage"] = PluginMessage
+        return PluginMessage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,9 @@
 
 Every error says *what* went wrong and *where* (the plugin, the file, the key,
 the limit). Each class has a stable ``code`` that travels on the wire in reply
-headers, so a client in another language can map it back.
+headers, so a client in another language can map it back, and says whether trying
+again can help (``retryable``): a durable message whose error is not retryable is
+dead-lettered at once instead of redelivered.
 
     SandbusError
     ├── SandboxError                 a plugin misbehaved or could not run
@@ -17,7 +19,7 @@ headers, so a client in another language can map it back.
     │   ├── StackLimitError
     │   ├── PayloadTooLargeError     input or output above its cap
     │   ├── InstanceLimitError       every pooled instance stayed busy
-    │   ├── HopLimitError            a plugin-to-plugin request chain grew too long (a cycle?)
+    │   ├── HopLimitError            a plugin-to-plugin request chain grew too long (a cycle?); not retryable
     │   └── RateLimitError           a plugin sent more than its rate or per-call cap allows
     ├── SecurityViolationError       (PermissionError) a capability was not granted
     ├── PluginNotFoundError          (LookupError)
@@ -25,8 +27,17 @@ headers, so a client in another language can map it back.
     ├── PolicyError                  operator policy file is invalid
     ├── DependencyError              missing / incompatible / cyclic dependencies
     ├── HostError                    the host failed (a bug in a host function), not the plugin
+    ├── RequestError                 (ValueError) the caller's request is wrong; never retryable
+    │   ├── InvalidJsonError         a body is not JSON, or nests deeper than 254 levels
+    │   ├── InvalidEnvelopeError     an explicit PluginMessage envelope breaks a rule
+    │   ├── UnknownFunctionError     the plugin exports no such function
+    │   └── InvalidControlError      a control request's body is malformed
     └── BusError                     (ConnectionError) NATS-side failures
-        └── RequestTimeoutError      (TimeoutError) no reply in time
+        ├── RequestTimeoutError      (TimeoutError) no reply in time
+        └── NodeIdInUseError         another node already answers with this node id
+
+A client's mistake (a ``RequestError``) never counts against a plugin: nodes count it in the
+plugin's ``rejected`` and audit it as ``request.refused``.
 """
 
 from __future__ import annotations
@@ -41,15 +52,20 @@ __all__ = [
     "HopLimitError",
     "HostError",
     "InstanceLimitError",
+    "InvalidControlError",
+    "InvalidEnvelopeError",
+    "InvalidJsonError",
     "InvalidModuleError",
     "ManifestError",
     "MemoryLimitError",
+    "NodeIdInUseError",
     "OutOfFuelError",
     "PayloadTooLargeError",
     "PluginInitError",
     "PluginNotFoundError",
     "PolicyError",
     "RateLimitError",
+    "RequestError",
     "RequestTimeoutError",
     "ResourceLimitError",
     "SandboxError",
@@ -57,6 +73,7 @@ __all__ = [
     "SecurityViolationError",
     "StackLimitError",
     "TrapError",
+    "UnknownFunctionError",
     "error_class_for_code",
     "error_from_dict",
 ]
@@ -72,6 +89,10 @@ class SandbusError(Exception):
     """
 
     code: ClassVar[str] = "sandbus.error"
+    #: whether the same message may succeed when tried again (a timeout, a node dying, a busy plugin);
+    #: False when it cannot (the request itself is wrong, a hop count that travels with the message).
+    #: A class sets its rule; an instance may say more (an input above the plugin's cap stays above it).
+    retryable: bool = True
 
     def __init__(self, message: str, *, plugin: str | None = None, **details: Any) -> None:
         self.message = message
@@ -154,6 +175,7 @@ class HopLimitError(ResourceLimitError):
     """
 
     code = "limit.hops"
+    retryable = False
 
 
 class RateLimitError(ResourceLimitError):
@@ -216,12 +238,53 @@ class HostError(SandbusError):
     code = "host.error"
 
 
+class RequestError(SandbusError, ValueError):
+    """The caller's request is wrong (e.g. a function name that is not one subject token).
+
+    Never the plugin's fault: a node counts it in the plugin's ``rejected``, not its ``errors``, and
+    audits it as ``request.refused``. Sending the same request again fails the same way.
+    """
+
+    code = "request.invalid"
+    retryable = False
+
+
+class InvalidJsonError(RequestError):
+    """A request or message body is not JSON, or nests deeper than 254 levels (what can be re-encoded)."""
+
+    code = "request.invalid_json"
+
+
+class InvalidEnvelopeError(RequestError):
+    """A message sent as an explicit PluginMessage envelope breaks one of its rules (docs/protocol.md)."""
+
+    code = "request.invalid_envelope"
+
+
+class UnknownFunctionError(RequestError):
+    """The request names a function the plugin does not export."""
+
+    code = "request.unknown_function"
+
+
+class InvalidControlError(RequestError):
+    """A control request's body (``load`` / ``unload`` / ``reload``) is not what the verb takes."""
+
+    code = "request.invalid_control"
+
+
 class BusError(SandbusError, ConnectionError):
     code = "bus.error"
 
 
 class RequestTimeoutError(BusError, TimeoutError):
     code = "bus.timeout"
+
+
+class NodeIdInUseError(BusError):
+    """A node would not start: another node already answers on the bus under the same node id."""
+
+    code = "bus.node_id_in_use"
 
 
 def _all_subclasses(cls: type[SandbusError]) -> list[type[SandbusError]]:
@@ -239,16 +302,39 @@ def error_class_for_code(code: str) -> type[SandbusError]:
     return SandbusError
 
 
+#: characters of an error's message and plugin kept from a reply (a responder may be hostile: its
+#: text is shown to people and logged)
+MAX_REPLY_MESSAGE = 8192
+_MAX_REPLY_NAME = 256
+
+
+def _text(value: object, limit: int) -> str:
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def error_from_dict(data: dict[str, Any]) -> SandbusError:
-    """Rebuild an error from its wire form (:meth:`SandbusError.to_dict`), as the right class."""
-    cls = error_class_for_code(str(data.get("code", "")))
-    details = dict(data.get("details") or {})
+    """Rebuild an error from its wire form (:meth:`SandbusError.to_dict`), as the right class.
+
+    Total over whatever a responder sent: the wire form is whatever answered the request (not
+    necessarily a node), so each field is taken only in its documented type (``details`` an object,
+    ``backtrace`` a list of strings), the message and plugin are cut to a bounded length, and a
+    ``details`` key that would collide with a constructor argument is dropped; never an exception
+    other than the error itself.
+    """
+    cls = error_class_for_code(_text(data.get("code"), 64))
+    raw = data.get("details")
+    details = {k: v for k, v in raw.items() if k not in ("message", "plugin")} if isinstance(raw, dict) else {}
+    plugin = data.get("plugin")
     err = cls.__new__(cls)
     # Subclass attributes their __init__ would have set, before __str__ needs them.
     if isinstance(err, ManifestError):
-        err.path = details.get("path")
-        err.key = details.get("key")
+        path, key = details.get("path"), details.get("key")
+        err.path = _text(path, 4096) if path is not None else None
+        err.key = _text(key, _MAX_REPLY_NAME) if key is not None else None
     if isinstance(err, TrapError):
-        err.backtrace = list(details.get("backtrace") or [])
-    SandbusError.__init__(err, str(data.get("message", "")), plugin=data.get("plugin"), **details)
+        frames = details.get("backtrace")
+        err.backtrace = [_text(f, 1024) for f in frames[:256]] if isinstance(frames, list) else []
+    SandbusError.__init__(err, _text(data.get("message"), MAX_REPLY_MESSAGE),
+                          plugin=None if plugin is None else _text(plugin, _MAX_REPLY_NAME), **details)
     return err

@@ -149,5 +149,7 @@ class GuardedNatsClient(NatsClient):
         # then the connection looks up but nobody reads it. Reconnect at once.
         if self.is_connected and not self.is_reconnecting and not self.is_closed:
             self.read_loop_restarts += 1
-            log.error("NATS read loop ended unexpectedly on %s: reconnecting now", self.connected_url)
+            url = self.connected_url
+            shown = re.sub(r"//[^/@]*@", "//***@", url.geturl() if url is not None else "?")  # no password in logs
+            log.error("NATS read loop ended unexpectedly on %s: reconnecting now", shown)
             await self._process_op_err(nats_errors.ProtocolError())

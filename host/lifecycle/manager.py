@@ -65,13 +65,13 @@ from sandbus.host.sandbox import (
     shared_cache,
 )
 from sandbus.sdk.errors import (
-    AbiViolationError,
     DependencyError,
     InstanceLimitError,
     PluginNotFoundError,
     ResourceLimitError,
     SandbusError,
     SecurityViolationError,
+    UnknownFunctionError,
 )
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ class PluginManager:
             version, stats = table.checkout(name)
             if function not in version.sandbox.functions and version.sandbox.kind == "module":
                 table.checkin(version)
-                raise self._no_function(version.sandbox, function)
+                raise self._no_function(version.sandbox, function, stats)
             start = perf_counter()
             try:
                 result = version.sandbox.call_detailed(function, payload, budget_s=budget_s, wait=wait,
@@ -199,12 +199,24 @@ class PluginManager:
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _no_function(self, sandbox: Sandbox, function: str) -> AbiViolationError:
+    def _no_function(self, sandbox: Sandbox, function: str, stats: PluginStats) -> UnknownFunctionError:
         """A call of a function the module does not export: the caller's mistake, not the plugin's
-        (anyone on the bus can name any function), so it is audited but not in the plugin's stats."""
-        message = f"no function {function[:64]!r}; exported functions: {', '.join(sandbox.functions)}"
-        self.auditor.emit(AuditLevel.WARNING, "call.unknown_function", sandbox.name, message, function=function[:64])
-        return AbiViolationError(message, plugin=sandbox.name, function=function[:64])
+        (anyone on the bus can name any function): counted in ``rejected`` and audited as
+        ``request.refused``, never in the plugin's ``errors`` or ``last_error``."""
+        shown = orjson.dumps(function[:64]).decode()
+        err = UnknownFunctionError(f"no function {shown}; exported functions: {', '.join(sandbox.functions)}",
+                                   plugin=sandbox.name, function=function[:64])
+        stats.record_rejected()
+        self.auditor.emit(AuditLevel.WARNING, "request.refused", sandbox.name, err.message, code=err.code,
+                          function=function[:64])
+        return err
+
+    def note_rejected(self, name: str) -> None:
+        """Count a request or message to ``name`` that the bus refused as the caller's mistake (its
+        ``rejected``); a name that is not known is ignored."""
+        slot = self._table.get(name)
+        if slot is not None:
+            slot.stats.record_rejected()
 
     def _checkout(self, name: str) -> tuple[PluginVersion, PluginStats]:
         return self._table.checkout(name)

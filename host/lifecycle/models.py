@@ -54,6 +54,8 @@ class PluginInfo(BaseModel):
         host_errors: calls that failed because the bus or the network did (NATS down, a publish not
             acknowledged...) or a host function failed (``HostError``): not the plugin's fault, so
             neither in ``errors`` nor in ``last_error``.
+        rejected: requests and messages refused as the caller's mistake (``request.*`` errors, an
+            input above the plugin's input cap), across reloads: never in ``errors`` or ``last_error``.
         p50_ms / p99_ms: latency percentiles over the most recent calls (``None`` before the first).
         fuel_used: fuel burnt by all calls; ``last_fuel_used`` by the latest successful one.
         memory_bytes: linear memory held by the plugin's instances (largest memory a call has seen
@@ -84,6 +86,7 @@ class PluginInfo(BaseModel):
     executions: int = 0
     errors: int = 0
     host_errors: int = 0
+    rejected: int = 0
     p50_ms: float | None = None
     p99_ms: float | None = None
     fuel_used: int = 0

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sandbus.sdk.errors import BusError, HostError, SandbusError
+from sandbus.sdk.errors import BusError, HostError, PayloadTooLargeError, RequestError, SandbusError
 
-__all__ = ["LatencyWindow", "PluginStats", "StatsSnapshot", "blames_plugin"]
+__all__ = ["LatencyWindow", "PluginStats", "StatsSnapshot", "blames_caller", "blames_plugin"]
 
 
 def blames_plugin(error: SandbusError) -> bool:
@@ -32,6 +32,14 @@ def blames_plugin(error: SandbusError) -> bool:
     (traps, limits, denials, bad replies) is the plugin's.
     """
     return not isinstance(error, BusError | HostError)
+
+
+def blames_caller(error: SandbusError) -> bool:
+    """Whether a failed call was the caller's mistake: a ``request.*`` error, or an input above the
+    plugin's input cap (refused before the plugin ran). It counts in ``rejected``, and in neither
+    ``executions`` nor ``errors`` nor ``last_error``: the plugin did nothing wrong and nothing ran."""
+    return isinstance(error, RequestError) or (
+        isinstance(error, PayloadTooLargeError) and error.details.get("direction") == "input")
 
 
 class LatencyWindow:
@@ -76,6 +84,7 @@ class StatsSnapshot:
     executions: int
     errors: int
     host_errors: int
+    rejected: int
     p50_ms: float | None
     p99_ms: float | None
     fuel_used: int
@@ -100,6 +109,7 @@ class PluginStats:
         self.executions = 0
         self.errors = 0
         self.host_errors = 0
+        self.rejected = 0
         self.fuel_used = 0
         self.last_fuel_used = 0
         self.memory_bytes_per_instance = 0
@@ -118,12 +128,21 @@ class PluginStats:
             if memory_bytes > self.memory_bytes_per_instance:
                 self.memory_bytes_per_instance = memory_bytes
 
+    def record_rejected(self) -> None:
+        """A request or message refused as the caller's mistake (see :func:`blames_caller`)."""
+        with self._lock:
+            self.rejected += 1
+
     def record_error(self, seconds: float, error: SandbusError) -> None:
         """A call that failed (its latency counts too: a slow failure is still slow for the caller).
 
         Failures that are not the plugin's (see :func:`blames_plugin`) count in ``host_errors`` and
-        leave ``errors`` and ``last_error`` alone.
+        leave ``errors`` and ``last_error`` alone; the caller's own mistakes (:func:`blames_caller`)
+        count only in ``rejected``.
         """
+        if blames_caller(error):
+            self.record_rejected()
+            return
         blame = blames_plugin(error)
         with self._lock:
             self.executions += 1
@@ -149,6 +168,7 @@ class PluginStats:
                 executions=self.executions,
                 errors=self.errors,
                 host_errors=self.host_errors,
+                rejected=self.rejected,
                 p50_ms=None if p50 is None else p50 * 1000,
                 p99_ms=None if p99 is None else p99 * 1000,
                 fuel_used=self.fuel_used,

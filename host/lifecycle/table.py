@@ -225,7 +225,7 @@ def _slot_info(slot: Slot) -> PluginInfo:
         name=slot.name, version=slot.declared_version, status=PluginStatus.FAILED, path=str(slot.path),
         description=slot.description, executions=snap.executions, errors=snap.errors, p50_ms=snap.p50_ms,
         p99_ms=snap.p99_ms, fuel_used=snap.fuel_used, last_fuel_used=snap.last_fuel_used, reloads=slot.reloads,
-        host_errors=snap.host_errors,
+        host_errors=snap.host_errors, rejected=snap.rejected,
         last_error=snap.last_error, last_error_code=snap.last_error_code, last_error_at=snap.last_error_at,
     )
 
@@ -241,7 +241,7 @@ def _version_info(version: PluginVersion, stats: PluginStats, status: PluginStat
         documentation=plugin.documentation, category=metadata.category, tags=metadata.tags,
         max_open_files=version.grant.limits.max_open_files, functions=version.sandbox.functions,
         executions=snap.executions, errors=snap.errors, p50_ms=snap.p50_ms, p99_ms=snap.p99_ms,
-        host_errors=snap.host_errors,
+        host_errors=snap.host_errors, rejected=snap.rejected,
         fuel_used=snap.fuel_used, last_fuel_used=snap.last_fuel_used, memory_bytes=per_instance * pool.size,
         instances=pool.size, in_flight=version.in_flight, reloads=reloads, last_loaded=version.loaded_at,
         last_error=snap.last_error, last_error_code=snap.last_error_code, last_error_at=snap.last_error_at,

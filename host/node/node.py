@@ -59,19 +59,21 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from opentelemetry import trace
+from opentelemetry.trace import SpanContext
 
 from sandbus.bus.connection import ConnectOptions
 from sandbus.bus.handler import Reply, Served
 from sandbus.bus.plugin_bus import PluginBus, default_node_id
-from sandbus.host.lifecycle import PluginManager
+from sandbus.bus.requests import internal_error
+from sandbus.host.lifecycle import PluginInfo, PluginManager
 from sandbus.host.lifecycle.policy import Policy
 from sandbus.host.node.hostfuncs import BusBridge, note_incoming_hops
 from sandbus.host.sandbox import AuditEvent, AuditLevel, BudgetExceeded, CallResult
 from sandbus.host.sandbox.pool import NotInline
 from sandbus.host.telemetry.fast_spans import FastSpans, RequestTrace
 from sandbus.host.telemetry.otel import Telemetry
-from sandbus.sdk.envelope import H_MSG_ID, error_reply
-from sandbus.sdk.errors import InstanceLimitError, PluginNotFoundError, SandbusError
+from sandbus.sdk.envelope import H_MSG_ID, error_reply, header_value
+from sandbus.sdk.errors import InstanceLimitError, PluginNotFoundError, RequestError, SandbusError
 from sandbus.sdk.subjects import plugin_queue
 from sandbus.sdk.tracing import H_TRACE_DEBUG, H_TRACE_SPANS, extract
 
@@ -83,6 +85,25 @@ MESSAGE_FUNCTION = "handle_message"
 DEFAULT_FUNCTION = "handle_request"
 #: Calls per plugin that may wait for an instance on a node (see :class:`Node`).
 DEFAULT_MAX_WAITING = 64
+#: the per-plugin counters ``stats`` adds to ``list`` (bus/control.py documents them)
+_COUNTERS = ("executions", "errors", "host_errors", "rejected", "p50_ms", "p99_ms", "fuel_used", "last_fuel_used",
+             "memory_bytes", "instances", "in_flight", "max_open_files")
+
+
+def _bounded(details: dict[str, Any]) -> dict[str, Any]:
+    """An error's details fit for an audit event: plain values only, strings cut to 256 characters."""
+    return {k: v[:256] if isinstance(v, str) else v for k, v in details.items()
+            if isinstance(v, str | int | float | bool) or v is None}
+
+
+def set_trace_headers(headers: dict[str, str], context: SpanContext) -> None:
+    """Write ``context`` as a reply's ``traceparent`` (and ``tracestate`` when it has one)."""
+    headers["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+    state = context.trace_state.to_header() if context.trace_state else ""
+    if state:
+        headers["tracestate"] = state
+    else:
+        headers.pop("tracestate", None)
 
 
 class _Lane:
@@ -224,8 +245,11 @@ class Node:
                                  self.manager.limits(name).max_instances))
         return served
 
-    def request_now(self, plugin: str, function: str, msg: Msg) -> bytes | None:
-        """The reply of a request run inline now, or None: :meth:`serve` runs it in a task."""
+    def request_now(self, plugin: str, function: str, msg: Msg, reply_headers: dict[str, str]) -> bytes | None:
+        """The reply of a request run inline now, or None: :meth:`serve` runs it in a task.
+
+        When the call is traced, ``reply_headers`` gets its ``process`` span's ``traceparent``.
+        """
         headers = msg.headers
         tel = self.telemetry
         if tel.enabled or (headers and H_TRACE_DEBUG in headers):
@@ -234,7 +258,7 @@ class Node:
                 return None  # traced through the SDK, in a task
             rt = fast.begin(headers)
             if rt is not None:
-                return self._inline_traced(plugin, function, msg, fast, rt)
+                return self._inline_traced(plugin, function, msg, fast, rt, reply_headers)
             result = self.try_inline(plugin, function, msg.data)
             if result is None:
                 return None
@@ -243,7 +267,8 @@ class Node:
         result = self.try_inline(plugin, function, msg.data)
         return None if result is None else result.reply
 
-    def _inline_traced(self, plugin: str, function: str, msg: Msg, fast: FastSpans, rt: RequestTrace) -> bytes | None:
+    def _inline_traced(self, plugin: str, function: str, msg: Msg, fast: FastSpans, rt: RequestTrace,
+                       reply_headers: dict[str, str]) -> bytes | None:
         """A sampled request, inline, with its spans recorded by :class:`FastSpans` (not the SDK)."""
         fast.current, fast.current_thread = rt, self._loop_thread
         exec_start = time.time_ns()
@@ -255,7 +280,7 @@ class Node:
             error = e
         except Exception as e:  # a bug of ours must still answer
             log.exception("request %s failed", msg.subject)
-            error = SandbusError(f"internal error: {e}", plugin=plugin)
+            error = internal_error(e, plugin)
         finally:
             fast.current = None
         exec_end = time.time_ns()
@@ -266,17 +291,26 @@ class Node:
                     plugin, self._versions.get(plugin, ""), function, exec_start, exec_end,
                     None if result is None else (result.fuel_used, result.memory_bytes, result.duration_s),
                     None if error is None else (str(error.code or type(error).__name__), str(error)))
+        reply_headers["traceparent"] = rt.traceparent()
+        if rt.trace_state:
+            reply_headers["tracestate"] = rt.trace_state
         if error is not None:
             raise error
         assert result is not None
         return result.reply
 
     async def serve(self, plugin: str, function: str, payload: bytes, msg: Msg, *, arrival: float | None,
-                    delivery: int | None = None) -> Reply:
+                    delivery: int | None = None, reply_headers: dict[str, str] | None = None) -> Reply:
         if delivery is None and msg.headers and msg.headers.get(H_TRACE_DEBUG):
-            return await self._serve_traced_debug(plugin, function, payload, msg, arrival)
-        result = await self.call(plugin, function, payload, msg=msg, delivery=delivery, arrival=arrival)
+            return await self._serve_traced_debug(plugin, function, payload, msg, arrival, reply_headers)
+        result = await self.call(plugin, function, payload, msg=msg, delivery=delivery, arrival=arrival,
+                                 reply_headers=reply_headers)
         return result.reply, None
+
+    def refused(self, plugin: str, err: RequestError, subject: str) -> None:
+        self.manager.note_rejected(plugin)
+        self.manager.auditor.emit(AuditLevel.WARNING, "request.refused", plugin, err.message, code=err.code,
+                                  subject=header_value(subject, 256), **_bounded(err.details))
 
     def runs_inline(self, plugin: str) -> bool:
         """Whether the plugin's calls run on the event loop now (not demoted to threads)."""
@@ -293,7 +327,11 @@ class Node:
             return {"unloaded": plugin}
         raise ValueError(f"unknown control verb {verb!r}")
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, stats: bool) -> dict[str, Any]:
+        """The node's part of ``list`` and ``stats`` (bus/control.py documents every key)."""
+        plugins = self.manager.list_plugins()
+        if not stats:
+            return {"plugins": [self._listed(p) for p in plugins]}
         return {
             "inline_budget_ms": None if self.inline_budget_s is None else self.inline_budget_s * 1e3,
             # How requests served inline are traced: "fast" (host/telemetry/fast_spans.py), "sdk", or "off".
@@ -301,9 +339,27 @@ class Node:
             # Spans the fast path could not hand to its exporter (queue full, exporter down): 0 means every
             # traced request reached the exporter process.
             "spans_dropped": self.telemetry.fast.dropped if self.telemetry.fast else 0,
-            "plugins": [{**p.model_dump(mode="json"), "queue_depth": self.queue_depth(p.name)}
-                        for p in self.manager.list_plugins()],
+            "plugins": [{**self._listed(p), **{k: getattr(p, k) for k in _COUNTERS},
+                         "queue_depth": self.queue_depth(p.name)}
+                        for p in plugins],
         }
+
+    def _listed(self, info: PluginInfo) -> dict[str, Any]:
+        """One plugin in ``list``: what it is, what it serves and why not (its latest failure), no counters."""
+        topics: tuple[str, ...] = ()
+        durable = False
+        if info.status.serving:
+            try:
+                subscriptions = self.manager.manifest(info.name).subscriptions
+                topics, durable = tuple(subscriptions.topics), subscriptions.durable
+            except SandbusError:  # unloaded meanwhile
+                pass
+        return {"name": info.name, "version": info.version, "status": info.status.value,
+                "description": info.description, "sha256": info.sha256, "functions": list(info.functions),
+                "topics": list(topics), "durable": durable,
+                "last_loaded": None if info.last_loaded is None else info.last_loaded.isoformat(),
+                "reloads": info.reloads, "last_error": info.last_error, "last_error_code": info.last_error_code,
+                "last_error_at": None if info.last_error_at is None else info.last_error_at.isoformat()}
 
     def audit(self, level: AuditLevel, kind: str, plugin: str, message: str, **details: Any) -> None:
         # Through the manager's auditor: logged, traced, and back to the bus's publisher like every event.
@@ -356,7 +412,7 @@ class Node:
 
     async def call(self, plugin: str, function: str, payload: bytes, *, msg: Msg | None = None,
                    delivery: int | None = None, telemetry: Telemetry | None = None,
-                   arrival: float | None = None) -> CallResult:
+                   arrival: float | None = None, reply_headers: dict[str, str] | None = None) -> CallResult:
         """Run one call: inline when it may, else in a worker thread under the plugin's concurrency gate.
 
         ``arrival`` (a ``time.monotonic()`` value): when the call's caller started waiting; the call
@@ -365,7 +421,8 @@ class Node:
         for its turn, unbounded here.
 
         With tracing on and the NATS message given, the call is a ``process`` span (parented by the
-        sender's trace context) around an ``execute`` span.
+        sender's trace context) around an ``execute`` span; a recorded ``process`` span's context goes
+        into ``reply_headers`` (``traceparent``/``tracestate``), so the caller gets its trace back.
         """
         # Plugin -> plugin requests count their hops: the request host function reads this (the
         # worker thread runs in a copy of this task's context). Set on every call: nothing carries over.
@@ -375,8 +432,10 @@ class Node:
             return await self._call(plugin, function, payload, arrival)
         headers = msg.headers or {}
         with tel.process_span(msg.subject, headers, group=plugin_queue(plugin), message_id=headers.get(H_MSG_ID),
-                              body_size=len(msg.data), delivery=delivery), \
+                              body_size=len(msg.data), delivery=delivery) as process, \
                 tel.execute_span(plugin, self._versions.get(plugin), function) as span:
+            if reply_headers is not None and process.is_recording():
+                set_trace_headers(reply_headers, process.get_span_context())
             try:
                 result = await self._call(plugin, function, payload, arrival)
             except BaseException as e:
@@ -436,7 +495,7 @@ class Node:
         return err
 
     async def _serve_traced_debug(self, plugin: str, function: str, payload: bytes, msg: Msg,
-                                  arrival: float | None) -> Reply:
+                                  arrival: float | None, reply_headers: dict[str, str] | None) -> Reply:
         """``sandbus trace``: trace this call whatever the sampling, and return our spans in a header."""
         if not self.telemetry.enabled and self._debug_telemetry is None:
             self._debug_telemetry = Telemetry("sandbus-node", self.node_id, enabled=True, export=False,
@@ -447,13 +506,14 @@ class Node:
         tel.collector.watch(parent.trace_id)
         headers: dict[str, str] | None
         try:
-            data = (await self.call(plugin, function, payload, msg=msg, telemetry=tel, arrival=arrival)).reply
+            data = (await self.call(plugin, function, payload, msg=msg, telemetry=tel, arrival=arrival,
+                                    reply_headers=reply_headers)).reply
             headers = {}
         except SandbusError as e:
             data, headers = error_reply(e)
         except Exception as e:  # a bug of ours must still answer
             log.exception("request %s failed", msg.subject)
-            data, headers = error_reply(SandbusError(f"internal error: {e}", plugin=plugin))
+            data, headers = error_reply(internal_error(e, plugin))
         headers[H_TRACE_SPANS] = orjson.dumps(tel.collector.take(parent.trace_id)).decode()
         return data, headers
 

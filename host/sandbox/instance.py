@@ -646,8 +646,11 @@ def size_limit_error(auditor: Auditor, plugin: str, limits: Limits, direction: s
     what = "input" if direction == "input" else "reply"
     auditor.emit(AuditLevel.WARNING, f"limit.{direction}_size", plugin,
                  f"{what} of {size} bytes refused (limit {limit})", size=size, limit=limit)
-    return PayloadTooLargeError(f"{what} of {size} bytes exceeds the {limit}-byte {direction} limit",
-                                plugin=plugin, size=size, limit=limit, direction=direction)
+    err = PayloadTooLargeError(f"{what} of {size} bytes exceeds the {limit}-byte {direction} limit",
+                               plugin=plugin, size=size, limit=limit, direction=direction)
+    if direction == "input":
+        err.retryable = False  # the same message is as large on its next delivery
+    return err
 
 
 #: Compiled trampolines, per engine (a module must never meet another engine's store) and per

@@ -41,6 +41,7 @@ from typing import Any
 
 import orjson
 
+from sandbus.host.telemetry.config import metrics_configured, otlp_protocol
 from sandbus.sdk.tracing import MAX_TRACEPARENT, valid_tracestate
 
 __all__ = ["FastSpans", "RequestTrace", "parse_traceparent", "sampler_from_env"]
@@ -124,18 +125,24 @@ def _never(trace_id: str) -> bool:
 class RequestTrace:
     """One traced request while it runs: its trace, start, and the audit events raised during the call.
 
-    Its span ids are made by the exporter process: nothing on the node needs them (an inline call
-    has no host function that could pass them on).
+    ``span_id`` is its ``process`` span's id, made here because the reply carries it (``traceparent``);
+    the ``execute`` span's id is made when the record is queued.
     """
 
-    __slots__ = ("events", "parent", "start_ns", "trace_id", "trace_state")
+    __slots__ = ("events", "parent", "span_id", "start_ns", "trace_id", "trace_state")
 
-    def __init__(self, trace_id: str, parent: Parent | None, trace_state: str | None, start_ns: int) -> None:
+    def __init__(self, trace_id: str, parent: Parent | None, trace_state: str | None, start_ns: int,
+                 span_id: int = 0) -> None:
         self.trace_id = trace_id
         self.parent = parent
         self.trace_state = trace_state
         self.start_ns = start_ns
+        self.span_id = span_id or (_getrandbits(64) or 1)
         self.events: list[tuple[int, str, dict[str, Any]]] | None = None
+
+    def traceparent(self) -> str:
+        """The W3C ``traceparent`` of the ``process`` span (sampled: it is recorded)."""
+        return f"00-{self.trace_id}-{self.span_id:016x}-01"
 
 
 class FastSpans:
@@ -181,10 +188,11 @@ class FastSpans:
         exporter_kind = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
         if exporter_kind != "otlp":
             return None, f"OTEL_TRACES_EXPORTER={exporter_kind}"
-        protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL",
-                                                                             "http/protobuf")
-        if protocol != "http/protobuf":
-            return None, f"OTLP protocol {protocol}"
+        for signal in ("traces", "metrics") if metrics_configured(env) else ("traces",):
+            # the exporter process posts spans and the latency histogram over OTLP/HTTP only
+            protocol = otlp_protocol(env, signal)
+            if protocol != "http/protobuf":
+                return None, f"OTLP protocol {protocol} for {signal}"
         sample, why = sampler_from_env(env)
         if sample is None:
             return None, why
@@ -225,7 +233,8 @@ class FastSpans:
         parent = rt.parent
         if message_id is not None and len(message_id) > MAX_MESSAGE_ID:
             message_id = message_id[:MAX_MESSAGE_ID]
-        record = (rt.trace_id, parent[1] if parent else None, rt.trace_state, 0, 0, rt.start_ns, _time_ns(),
+        record = (rt.trace_id, parent[1] if parent else None, rt.trace_state, rt.span_id, _getrandbits(64) or 2,
+                  rt.start_ns, _time_ns(),
                   subject, group, message_id, body_size, plugin, version, function, exec_start_ns, exec_end_ns,
                   result, error, rt.events)
         with self._lock:

@@ -11,7 +11,13 @@ import pytest
 
 from sandbus.bus.server import NatsServer
 from sandbus.sdk.client import Client
-from sandbus.sdk.errors import AbiViolationError, BusError, PluginNotFoundError, SecurityViolationError
+from sandbus.sdk.errors import (
+    BusError,
+    InvalidJsonError,
+    PluginNotFoundError,
+    SecurityViolationError,
+    UnknownFunctionError,
+)
 from tests.bus.conftest import NodeProcess
 
 StartNode = Callable[[str, str], NodeProcess]
@@ -120,13 +126,13 @@ async def test_bad_requests_get_error_replies_not_silence(nats_server: NatsServe
     async with await Client.connect(nats_server.url) as c:
         with pytest.raises(PluginNotFoundError, match="no node serves plugin 'ghost'"):
             await c.request("ghost", "handle_request", {})
-        with pytest.raises(AbiViolationError, match="no function 'nope'"):
+        with pytest.raises(UnknownFunctionError, match='no function "nope"'):
             await c.request("echo", "nope", {})
-        with pytest.raises(AbiViolationError, match="not valid JSON"):
+        with pytest.raises(InvalidJsonError, match="not valid JSON"):
             await c.request_bytes("echo", "handle_request", b"{broken")
         msg = await c.nc.request("sandbus.msg.rec_a", b"{not json", timeout=5)
         assert msg.headers is not None
-        assert msg.headers["Sandbus-Error-Code"] == "sandbox.abi_violation"
+        assert msg.headers["Sandbus-Error-Code"] == "request.invalid_json"
         assert b"not valid JSON" in msg.data
 
 

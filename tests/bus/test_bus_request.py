@@ -151,8 +151,8 @@ async def test_the_targets_error_reaches_the_plugin(callers: Node, server: NatsS
     # "echo" grants every function of echo, so this reaches n2, which answers that there is no such function.
     missing = await _ask(server.url, "call_raw", {"target": "echo.nope", "payload": {}})
     assert missing["status"] == REQUEST_EREMOTE
-    assert missing["body"]["code"] == "sandbox.abi_violation"
-    assert "no function 'nope'" in missing["body"]["message"]
+    assert missing["body"]["code"] == "request.unknown_function"
+    assert 'no function "nope"' in missing["body"]["message"]
     assert missing["prefix_ok"] is True  # nothing was written into the buffer of a failed request
 
 

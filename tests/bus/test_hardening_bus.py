@@ -335,12 +335,15 @@ async def test_f14_deep_json_on_a_durable_topic_is_dead_lettered_and_delivery_go
         assert took < 5
         assert dlq[0].data == DEEP
         assert dlq[0].headers is not None
-        assert dlq[0].headers[H_ERROR_CODE] == "sandbox.abi_violation"
-        assert "cannot be re-encoded" in dlq[0].headers[H_ERROR]
+        assert dlq[0].headers[H_ERROR_CODE] == "request.invalid_json"
+        assert "nested too deeply" in dlq[0].headers[H_ERROR]
         assert dlq[0].headers["Sandbus-Deliveries"] == "1"  # dead-lettered at once: retrying cannot help
         dead = [e for e in audit if e.kind == "delivery.dead_letter" and e.plugin == "rec_a"]
         assert dead
-        assert "re-encoded" in dead[0].message
+        assert "nested too deeply" in dead[0].message
+        # The sender's mistake, not the plugin's.
+        assert [e for e in audit if e.kind == "request.refused" and e.plugin == "rec_a"]
+        assert node.manager.info("rec_a").errors == 0
         await c.publish("orders.ok", {"n": 2})
         await until(lambda: {"n": 2} in seen_payloads(seen), 10, "a later message")
     assert node.bus._durable is not None
@@ -360,7 +363,7 @@ async def test_f14_a_dead_letter_of_a_max_size_message_is_bounded_and_costs_no_r
         await c.nc.jetstream().publish("sandbus.topic.orders.big", body, headers={"Sandbus-Msg-Id": msg_id})
         await until(lambda: len(dlq) >= 1, 10, "the dead letter of the max-size message")
         assert dlq[0].headers is not None
-        assert dlq[0].headers[H_ERROR_CODE] == "sandbox.abi_violation"
+        assert dlq[0].headers[H_ERROR_CODE] == "request.invalid_json"
         assert len(dlq[0].data) + sum(len(k) + len(v) + 4 for k, v in dlq[0].headers.items()) < c.nc.max_payload
         assert dlq[0].data == body[:len(dlq[0].data)]
         assert int(dlq[0].headers["Sandbus-Original-Size"]) == len(body)
@@ -376,19 +379,19 @@ async def test_f14_deep_json_to_direct_messages_and_requests_is_answered(node: N
     async with await Client.connect(nats_server.url) as c:
         reply = await c.nc.request("sandbus.msg.echo", DEEP, timeout=2)
         assert reply.headers is not None
-        assert reply.headers[H_ERROR_CODE] == "sandbox.abi_violation"
+        assert reply.headers[H_ERROR_CODE] == "request.invalid_json"
         assert "nested too deeply" in orjson.loads(reply.data)["error"]["message"]
         # A request is held to the same bound: refused before the plugin runs, with the same error.
         reply = await c.nc.request("sandbus.req.echo.handle_request", DEEP, timeout=2)
         assert reply.headers is not None
-        assert reply.headers[H_ERROR_CODE] == "sandbox.abi_violation"
+        assert reply.headers[H_ERROR_CODE] == "request.invalid_json"
         assert "nested too deeply" in orjson.loads(reply.data)["error"]["message"]
         # So is a request traced on demand (``sandbus trace``), and a body that is not JSON at all.
         for body in (DEEP, b"[1"):
             reply = await c.nc.request("sandbus.req.echo.handle_request", body, timeout=2,
                                        headers={H_TRACE_DEBUG: "1"})
             assert reply.headers is not None
-            assert reply.headers[H_ERROR_CODE] == "sandbox.abi_violation", reply.data
+            assert reply.headers[H_ERROR_CODE] == "request.invalid_json", reply.data
         # 254 levels is within the bound, and answered by the plugin.
         ok = b"[" * 254 + b"]" * 254
         reply = await c.nc.request("sandbus.req.echo.handle_request", ok, timeout=2)

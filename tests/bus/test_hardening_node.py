@@ -26,13 +26,14 @@ from sandbus.host.sandbox.sandbox import rerun_safe
 from sandbus.sdk.client import Client
 from sandbus.sdk.envelope import H_ERROR_CODE, error_from_reply, error_reply
 from sandbus.sdk.errors import (
-    AbiViolationError,
     BusError,
     ExecutionTimeoutError,
     InstanceLimitError,
+    InvalidControlError,
     PayloadTooLargeError,
     SandbusError,
     TrapError,
+    UnknownFunctionError,
 )
 from sandbus.sdk.subjects import control_subject, request_subject
 from tests.bus.conftest import NodeProcess
@@ -418,8 +419,8 @@ async def test_f25_control_requests_with_bad_bodies_get_sandbus_errors(
             data, headers = await raw_request(nc, control_subject("ctl", verb), body)
             assert "Nats-Service-Error-Code" not in headers, (verb, headers, data)
             err = error_from_reply(data, headers)
-            assert isinstance(err, AbiViolationError), (verb, headers, data)
-            assert headers[H_ERROR_CODE] == "sandbox.abi_violation"
+            assert isinstance(err, InvalidControlError), (verb, headers, data)
+            assert headers[H_ERROR_CODE] == "request.invalid_control"
             assert f"control request {verb} must be" in err.message
     finally:
         await nc.close()
@@ -643,7 +644,7 @@ async def test_f25_concurrent_load_unload_reload_of_one_plugin_end_consistent(
             assert err is None or isinstance(err, SandbusError), data
         for body in (b"[" * 2000 + b"]" * 2000, b'{"plugin": ' * 300 + b"1" + b"}" * 300):
             data, headers = await raw_request(nc, control_subject("racy", "unload"), body)
-            assert isinstance(error_from_reply(data, headers), AbiViolationError), data
+            assert isinstance(error_from_reply(data, headers), InvalidControlError), data
         # Let the lifecycle events' syncs settle (bounded), then compare both views.
         for _ in range(200):
             if ("echo" in node.manager) == ("echo" in node.bus._subs):
@@ -724,8 +725,9 @@ async def test_f25_a_request_to_a_missing_function_is_not_the_plugins_error(
         plugin_dir: Path, plugins_dir: Path, make_node: Callable[..., Awaitable[Node]],
         nats_server: NatsServer) -> None:
     """Anyone on the bus can name any function: a request for one the module does not export is
-    answered (``sandbox.abi_violation``) and audited, but counts in neither the plugin's ``errors``
-    nor its ``last_error``, so a client cannot make a healthy plugin look broken."""
+    answered (``request.unknown_function``) and audited (``request.refused``), and counts in the
+    plugin's ``rejected``, never in its ``errors`` nor its ``last_error``, so a client cannot make a
+    healthy plugin look broken."""
     add_plugin(plugin_dir, "echo", plugins_dir / "echo.wasm")
     node = await make_node(plugin_dir)
     events: list[AuditEvent] = []
@@ -735,13 +737,13 @@ async def test_f25_a_request_to_a_missing_function_is_not_the_plugins_error(
         for function in ("nope", "sandbus_alloc", "_initialize", "sandbus_shutdown", "x" * 200):
             data, headers = await raw_request(nc, request_subject("echo", function), b"[1]")
             err = error_from_reply(data, headers)
-            assert isinstance(err, AbiViolationError), data
+            assert isinstance(err, UnknownFunctionError), data
             assert "no function" in err.message
     finally:
         await nc.close()
     info = node.manager.info("echo")
-    assert (info.errors, info.last_error) == (0, None), info
-    assert [e.kind for e in events].count("call.unknown_function") == 5
+    assert (info.errors, info.last_error, info.rejected) == (0, None, 5), info
+    assert [e.kind for e in events].count("request.refused") == 5
 
 
 async def test_f21_one_instance_trapping_every_other_call_answers_every_request(

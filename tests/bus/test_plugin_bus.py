@@ -22,7 +22,15 @@ from sandbus.bus.server import NatsServer
 from sandbus.sdk.audit import AuditEvent, AuditLevel
 from sandbus.sdk.client import Client
 from sandbus.sdk.envelope import H_ERROR_CODE, PluginMessage
-from sandbus.sdk.errors import AbiViolationError, PluginNotFoundError, SandbusError
+from sandbus.sdk.errors import (
+    HopLimitError,
+    InvalidControlError,
+    InvalidJsonError,
+    PayloadTooLargeError,
+    PluginNotFoundError,
+    RequestError,
+    SandbusError,
+)
 from sandbus.sdk.subjects import audit_subject, check_token, control_subject, dlq_subject, request_subject
 from tests.bus.conftest import ROOT
 
@@ -55,6 +63,7 @@ class PlainHandler:
     calls: list[Call] = field(default_factory=list)
     controls: list[tuple[str, str, bool]] = field(default_factory=list)
     audits: list[AuditEvent] = field(default_factory=list)
+    refusals: list[tuple[str, str, str]] = field(default_factory=list)
     #: payloads (bytes of the envelope's payload) whose call fails, and how many times so far
     failures: dict[str, int] = field(default_factory=dict)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -63,14 +72,14 @@ class PlainHandler:
     def serving(self) -> Sequence[Served]:
         return self.served
 
-    def request_now(self, plugin: str, function: str, msg: Msg) -> bytes | None:
+    def request_now(self, plugin: str, function: str, msg: Msg, reply_headers: dict[str, str]) -> bytes | None:
         if function == "now":
             self.calls.append(Call(plugin, function, msg.data, None))
             return msg.data
         return None
 
     async def serve(self, plugin: str, function: str, payload: bytes, msg: Msg, *, arrival: float | None,
-                    delivery: int | None = None) -> Reply:
+                    delivery: int | None = None, reply_headers: dict[str, str] | None = None) -> Reply:
         self.calls.append(Call(plugin, function, payload, delivery))
         if function == "fail":
             raise PluginNotFoundError("the handler says no", plugin=plugin)
@@ -78,6 +87,12 @@ class PlainHandler:
             body = orjson.loads(payload)["payload"]
             if isinstance(body, dict) and body.get("hold"):
                 await self.release.wait()
+            if isinstance(body, dict) and "permanent" in body:
+                raise HopLimitError("a failure that cannot pass", plugin=plugin)  # retryable: False
+            if isinstance(body, dict) and "oversize" in body:  # retryable as a class, not this one
+                err = PayloadTooLargeError("input above the cap", plugin=plugin, direction="input")
+                err.retryable = False
+                raise err
             if isinstance(body, dict) and "fail" in body:
                 key = str(body["fail"])
                 self.failures[key] = self.failures.get(key, 0) + 1
@@ -94,7 +109,10 @@ class PlainHandler:
             self.served.append(Served(plugin))
         return {"verb": verb, "plugin": plugin}
 
-    def describe(self) -> dict[str, Any]:
+    def refused(self, plugin: str, err: RequestError, subject: str) -> None:
+        self.refusals.append((plugin, err.code, subject))
+
+    def describe(self, stats: bool) -> dict[str, Any]:
         return {"plugins": [{"name": s.name, "topics": list(s.topics)} for s in self.served]}
 
     def audit(self, level: AuditLevel, kind: str, plugin: str, message: str, **details: Any) -> None:
@@ -148,7 +166,7 @@ def test_the_node_and_a_plain_object_implement_the_handler_interface() -> None:
     from sandbus.host.node.node import Node
 
     members = {n for n, v in vars(BusHandler).items() if callable(v) and not n.startswith("_")}
-    assert members == {"serving", "request_now", "serve", "runs_inline", "control", "describe", "audit"}
+    assert members == {"serving", "request_now", "serve", "runs_inline", "refused", "control", "describe", "audit"}
     for impl in (Node, PlainHandler):
         for name in members:
             want, got = getattr(BusHandler, name), getattr(impl, name)
@@ -252,6 +270,33 @@ async def test_a_durable_message_is_dead_lettered_after_max_deliver(bus: tuple[P
     assert plugin_bus.served("worker") is not None
 
 
+async def test_a_permanent_failure_is_dead_lettered_at_its_first_delivery(bus: tuple[PluginBus, PlainHandler],
+                                                                         client: Client) -> None:
+    _, handler = bus
+    dead = await collect(client.nc, dlq_subject("worker"))
+    await client.publish("jobs.hopeless", {"permanent": True})
+    await until(lambda: len(dead) == 1, 10, "the dead letter")
+    letter = dead[0]
+    assert letter.headers is not None
+    assert (letter.headers[H_ERROR_CODE], letter.headers["Sandbus-Deliveries"]) == ("limit.hops", "1")
+    assert [c.delivery for c in handler.calls if c.plugin == "worker"] == [1]  # not redelivered
+    # An envelope the bus refuses never reaches the handler: dead-lettered at once, reported as refused.
+    await client.nc.jetstream().publish("sandbus.topic.jobs.bad", b'{"id": 7}',
+                                        headers={"Content-Type": "application/vnd.sandbus.message+json"})
+    await until(lambda: len(dead) == 2, 10, "the second dead letter")
+    assert dead[1].headers is not None
+    assert (dead[1].headers[H_ERROR_CODE], dead[1].headers["Sandbus-Deliveries"]) == ("request.invalid_envelope",
+                                                                                        "1")
+    assert [c.delivery for c in handler.calls if c.plugin == "worker"] == [1]
+    assert [(p, code) for p, code, _ in handler.refusals] == [("worker", "request.invalid_envelope")]
+    # An error whose class is retried, but which says of itself that it cannot pass, is not retried either.
+    await client.publish("jobs.oversize", {"oversize": True})
+    await until(lambda: len(dead) == 3, 10, "the third dead letter")
+    assert dead[2].headers is not None
+    assert (dead[2].headers[H_ERROR_CODE], dead[2].headers["Sandbus-Deliveries"]) == ("limit.payload", "1")
+    assert [c.delivery for c in handler.calls if c.plugin == "worker"] == [1, 1]
+
+
 async def test_discovery_and_control_list_what_the_handler_serves(bus: tuple[PluginBus, PlainHandler],
                                                                   client: Client) -> None:
     _, handler = bus
@@ -288,23 +333,28 @@ async def test_hostile_input_gets_a_typed_error_and_the_bus_keeps_serving(bus: t
                                                                           client: Client) -> None:
     plugin_bus, handler = bus
     nc = client.nc
-    abi = AbiViolationError.code
     deep = b"[" * 300 + b"]" * 300
-    for subject, body, what in (
-        (request_subject("calc", "now"), b"{not json", "not valid JSON"),
-        (request_subject("calc", "now"), deep, "nested too deeply"),
-        ("sandbus.req.calc.$bad", b"{}", "function"),  # '$' would reach reserved subjects
-        ("sandbus.req.calc." + "f" * 300, b"{}", "function"),  # longer than a token may be
-        ("sandbus.msg.fan_a", b"\xff\xfe", "not valid JSON"),
-        ("sandbus.msg.fan_a", deep, "nested too deeply"),  # read, but cannot be re-encoded
-    ):
+    cases = (
+        (request_subject("calc", "now"), b"{not json", InvalidJsonError, "not valid JSON"),
+        (request_subject("calc", "now"), deep, InvalidJsonError, "nested too deeply"),
+        ("sandbus.req.calc.$bad", b"{}", RequestError, "function"),  # '$' would reach reserved subjects
+        ("sandbus.req.calc." + "f" * 300, b"{}", RequestError, "function"),  # longer than a token may be
+        ("sandbus.msg.fan_a", b"\xff\xfe", InvalidJsonError, "not valid JSON"),
+        ("sandbus.msg.fan_a", deep, InvalidJsonError, "nested too deeply"),  # read, but cannot be re-encoded
+    )
+    for subject, body, error, what in cases:
         data, headers = await raw_request(nc, subject, body)
-        assert headers.get(H_ERROR_CODE) == abi, (subject, data)
+        assert headers.get(H_ERROR_CODE) == error.code, (subject, data)
+        assert headers.get("Sandbus-Node") == NODE
         assert what in orjson.loads(data)["error"]["message"]
     assert not [c for c in handler.calls if c.function != "now" and c.plugin == "calc"]  # none reached it
+    # Each was the client's mistake: reported to the handler (the node counts it as the plugin's "rejected").
+    assert [(p, code) for p, code, _ in handler.refusals] == [
+        (subject.split(".")[2], error.code) for subject, _, error, _ in cases]
     # A malformed control request: typed, and audited.
     data, headers = await raw_request(nc, control_subject(NODE, "load"), b'{"plugin": 3}')
-    assert headers.get(H_ERROR_CODE) == abi
+    assert headers.get(H_ERROR_CODE) == InvalidControlError.code
+    assert headers.get("Sandbus-Node") == NODE
     assert [e.kind for e in handler.audits] == ["control.refused"]
     # Still serving, on every path.
     assert await client.request("calc", "now", {"ok": True}) == {"ok": True}
@@ -350,3 +400,24 @@ def test_importing_the_bus_loads_no_wasm_and_no_host() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
                          check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+async def test_the_cached_reply_headers_are_the_bytes_nats_py_would_send() -> None:
+    """Replies skip nats-py's per-header encoding (bus/wire.py): the bytes must be the library's own."""
+    from nats.protocol.command import hpub_cmd
+
+    from sandbus.bus.wire import header_block
+
+    sent: list[bytes] = []
+
+    async def capture(cmd: bytes, priority: bool = False) -> None:
+        sent.append(cmd)
+
+    nc = NatsClient()
+    nc._send_command = capture  # type: ignore[method-assign]
+    for headers in ({"Content-Type": "application/json", "Sandbus-Node": "n-1"},
+                    {"Content-Type": "application/json", "Sandbus-Node": "n-1", "Sandbus-Msg-Id": "a.b:c-d_e",
+                     "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                     "tracestate": "k=v,a@b=c d"}):
+        await nc._send_publish("_INBOX.x.1", "", b'{"a":1}', 7, headers)
+        assert sent.pop() == hpub_cmd("_INBOX.x.1", "", header_block(headers), b'{"a":1}')

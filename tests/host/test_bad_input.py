@@ -91,10 +91,11 @@ def test_out_of_fuel(wat: Callable[[str], bytes], audit: AuditLog) -> None:
 
 def test_input_above_limit_is_refused_before_the_guest_runs(wat: Callable[[str], bytes], audit: AuditLog) -> None:
     sb = Sandbox(wat("adversary"), name="adversary", limits=Limits(max_input_bytes=64), on_audit=audit)
-    with pytest.raises(PayloadTooLargeError, match="input"):
+    with pytest.raises(PayloadTooLargeError, match="input") as caught:
         sb.call("echo", "y" * 100)
     assert audit.kinds() == ["limit.input_size"]
     assert sb.pool.replaced == 0
+    assert not caught.value.retryable  # a durable message this large is dead-lettered, not redelivered
 
 
 def test_malformed_wasm_is_invalid_module() -> None:

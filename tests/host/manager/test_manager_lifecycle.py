@@ -15,7 +15,13 @@ import pytest
 from sandbus.host.lifecycle import PluginInfo, PluginManager, PluginStatus
 from sandbus.host.lifecycle.policy import Policy, load_policy
 from sandbus.host.sandbox import ModuleCache
-from sandbus.sdk.errors import AbiViolationError, PluginInitError, PluginNotFoundError, ResourceLimitError, SandbusError
+from sandbus.sdk.errors import (
+    PluginInitError,
+    PluginNotFoundError,
+    ResourceLimitError,
+    SandbusError,
+    UnknownFunctionError,
+)
 from tests.conftest import AuditLog
 from tests.host.manager.factory import Gate, plugin_wasm, wasm_reply, write_plugin
 
@@ -69,13 +75,14 @@ def test_call_errors_are_counted_and_typed(pdir: Path, make_manager: Make) -> No
     write_plugin(pdir, "alpha")
     manager = make_manager(pdir)
     manager.discover_and_load()
-    with pytest.raises(AbiViolationError, match="no function 'nope'"):
+    with pytest.raises(UnknownFunctionError, match='no function "nope"'):
         manager.execute("alpha", "nope", b"{}")
     assert manager.execute_json("alpha", "handle_request", {}) == wasm_reply("alpha-1.0.0")
     info = manager.info("alpha")
-    # A function the module does not export is the caller's mistake: typed, but not the plugin's error.
-    assert (info.executions, info.errors) == (1, 0)
+    # A function the module does not export is the caller's mistake: typed, counted as rejected, not an error.
+    assert (info.executions, info.errors, info.rejected) == (1, 0, 1)
     assert info.last_error is None
+    assert manager.list_plugins()[0].rejected == 1
 
 
 def test_unknown_and_failed_plugins_are_not_found(pdir: Path, make_manager: Make) -> None:
