@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_PKGS := clang lld wasi-libc libclang-rt-14-dev-wasm32
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck pytest plugins toolchain bench clean
+.PHONY: run test lint typecheck pytest plugins toolchain js-client bench clean
 
 # A host node serving plugins/build on an embedded nats-server with JetStream (Ctrl-C drains and stops).
 run: $(STAMP) plugins
@@ -38,7 +38,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) plugins
+# The JavaScript protocol client (tests/protocol/js) and its locked npm dependencies. Without them its test
+# is skipped, and fails when CI=true.
+JS_CLIENT := tests/protocol/js
+JS_STAMP := $(JS_CLIENT)/node_modules/.installed
+
+js-client: $(JS_STAMP)
+
+$(JS_STAMP): $(JS_CLIENT)/package.json $(JS_CLIENT)/package-lock.json
+	@if ! command -v npm >/dev/null 2>&1; then \
+	  echo "npm not found: the JavaScript protocol client test (tests/protocol/test_js_client.py) will be skipped"; \
+	elif npm ci --prefix $(JS_CLIENT) --no-audit --no-fund --loglevel=error; then \
+	  touch $@; \
+	else \
+	  echo "npm ci failed: the JavaScript protocol client test will be skipped (it fails when CI=true)"; \
+	fi
+
+pytest: $(STAMP) plugins $(JS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) plugins
@@ -47,4 +63,5 @@ bench: $(STAMP) plugins
 	$(BIN)/python bench/bench_bus.py $(BENCH_ARGS)
 
 clean:
-	rm -rf plugins/build .pytest_cache .mypy_cache .ruff_cache sdk/guest/assemblyscript/node_modules
+	rm -rf plugins/build .pytest_cache .mypy_cache .ruff_cache sdk/guest/assemblyscript/node_modules \
+	       $(JS_CLIENT)/node_modules
