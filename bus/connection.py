@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import ParseResult
 
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from pydantic import BaseModel, ConfigDict, Field
 
+from sandbus.bus.wire import server_info_problem
 from sandbus.sdk.errors import BusError
 from sandbus.sdk.nats_guard import MAX_OUTSTANDING_PINGS, PING_INTERVAL_S, GuardedNatsClient
 
-__all__ = ["ConnectOptions", "connect"]
+__all__ = ["ConnectOptions", "TlsStrictClient", "connect", "is_permanent", "shown_servers"]
 
-log = logging.getLogger("sandbus.bus")
+# Its own logger, so a process that is stopping can silence the reconnect attempts it no longer cares about.
+log = logging.getLogger("sandbus.bus.connection")
 
 
 class ConnectOptions(BaseModel):
@@ -26,7 +32,8 @@ class ConnectOptions(BaseModel):
     Parameters:
         servers: one or more URLs (``nats://a:4222``); a cluster's members for failover.
         user / password, token, creds (a .creds file), nkey_seed (a seed file): authentication.
-        tls_ca / tls_cert / tls_key: TLS (client certificate optional).
+        tls_ca / tls_cert / tls_key: TLS (client certificate optional); tls_first: the TLS handshake
+            before the server's INFO (servers configured with ``handshake_first``).
         name: connection name shown by the server.
         max_reconnect_attempts: -1 reconnects forever (what a node wants).
         ping_interval_s / max_outstanding_pings: a connection whose server left this many PINGs
@@ -37,13 +44,14 @@ class ConnectOptions(BaseModel):
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     user: str | None = None
-    password: str | None = None
-    token: str | None = None
+    password: str | None = Field(default=None, repr=False)  # never in a log line
+    token: str | None = Field(default=None, repr=False)
     creds: Path | None = None
     nkey_seed: Path | None = None
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_first: bool = False
     name: str = "sandbus"
     connect_timeout_s: float = Field(default=5.0, gt=0)
     reconnect_wait_s: float = Field(default=0.5, ge=0)
@@ -91,6 +99,8 @@ class ConnectOptions(BaseModel):
         tls = self._tls()
         if tls is not None:
             kw["tls"] = tls
+        if self.tls_first:
+            kw["tls_handshake_first"] = True
         return kw
 
 
@@ -98,25 +108,98 @@ async def _log_error(e: Exception) -> None:
     log.warning("NATS: %s", e)
 
 
+class TlsStrictClient(GuardedNatsClient):
+    """A :class:`~sandbus.sdk.nats_guard.GuardedNatsClient` that will not go on unencrypted when TLS was
+    asked for (a ``tls://`` URL or a TLS context).
+
+    nats-py upgrades to TLS only when the server's INFO says ``tls_required``, whatever the URL or the
+    options say: a server that does not (or a man in the middle) would receive the CONNECT, credentials
+    included, in the clear. Here the INFO is checked before anything is sent.
+    """
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        server = self._current_server
+        wants_tls = "tls" in self.options or (server is not None and server.uri.scheme == "tls")
+        if (initial_connection and wants_tls and not info.get("tls_required")
+                and not self.options.get("tls_handshake_first")):
+            raise NatsError("TLS: the server does not offer TLS, and TLS was asked for")
+        await super()._process_info(info, initial_connection)
+
+
+def is_permanent(e: BaseException) -> bool:
+    """A connection failure that trying again cannot mend: refused credentials, a certificate that does
+    not verify, TLS asked of a server without it."""
+    text = str(e).lower()
+    return ("authorization violation" in text or isinstance(e, ssl.SSLCertVerificationError)
+            or text.startswith("tls: "))
+
+
 async def connect(options: ConnectOptions, *,
                   on_reconnect: Callable[[], Awaitable[None]] | None = None,
                   on_disconnect: Callable[[], Awaitable[None]] | None = None) -> Client:
     """Connect, turning failures into a BusError that names the servers tried.
 
-    The client is a :class:`~sandbus.sdk.nats_guard.GuardedNatsClient`: a message nats-py cannot decode is
-    dropped and logged, and a read loop that ends anyway is replaced by an immediate reconnect.
+    The client is a :class:`TlsStrictClient`: a message nats-py cannot decode is dropped and logged, a
+    read loop that ends anyway is replaced by an immediate reconnect, and TLS asked for is TLS had.
+
+    An unreachable server is retried as ``max_reconnect_attempts`` says (forever for a node); a permanent
+    failure on the first connection (see :func:`is_permanent`) ends it at once: a node started with the
+    wrong password says so and stops, instead of warning twice a second forever.
     """
+    permanent: list[BaseException] = []
+    gave_up = asyncio.Event()
+
+    async def on_error(e: Exception) -> None:
+        if permanent:  # given up: what follows (the server hanging up) is no news
+            return
+        if is_permanent(e) and not nc.is_connected:
+            permanent.append(e)
+            gave_up.set()
+            return
+        await _log_error(e)
+
     kw = options.kwargs()
-    kw["error_cb"] = _log_error
+    kw["error_cb"] = on_error
     if on_reconnect is not None:
         kw["reconnected_cb"] = on_reconnect
     if on_disconnect is not None:
         kw["disconnected_cb"] = on_disconnect
-    nc = GuardedNatsClient()
+    nc = TlsStrictClient()
+    connecting = asyncio.ensure_future(nc.connect(**kw))
+    waiting = asyncio.ensure_future(gave_up.wait())
     try:
-        await nc.connect(**kw)
+        await asyncio.wait({connecting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            raise BusError(f"cannot connect to NATS at {shown_servers(options.servers)}: {_reason(permanent[0])}")
+        connecting.result()
+        problem = server_info_problem(nc)
+        if problem is not None:
+            raise BusError(f"NATS at {shown_servers(options.servers)} is not a server sandbus can use: {problem}")
         return nc
-    except Exception as e:
-        with contextlib.suppress(Exception):
-            await nc.close()
-        raise BusError(f"cannot connect to NATS at {', '.join(options.servers)}: {e}") from e
+    except BaseException as e:
+        # nats-py can wait forever closing a connection whose TLS handshake failed: bounded.
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(nc.close(), 1.0)
+        if isinstance(e, BusError | asyncio.CancelledError) or not isinstance(e, Exception):
+            raise
+        raise BusError(f"cannot connect to NATS at {shown_servers(options.servers)}: {_reason(e)}") from e
+    finally:
+        waiting.cancel()
+
+
+def shown_servers(servers: Iterable[object]) -> str:
+    """The servers for a message or a log line, credentials written into a URL (``nats://user:pass@host``)
+    hidden. Takes URLs as strings or as nats-py's parsed ones (``Client.connected_url``)."""
+    urls = (s.geturl() if isinstance(s, ParseResult) else str(s) for s in servers)
+    return ", ".join(re.sub(r"//[^/@]*@", "//***@", url) for url in urls)
+
+
+def _reason(e: BaseException) -> str:
+    if "authorization violation" in str(e).lower():
+        return "authorization violation"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"TLS: {e.verify_message or 'certificate verify failed'}"
+    return str(e).removeprefix("nats: ")

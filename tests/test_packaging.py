@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -103,8 +104,15 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Venv:
     _pip("--python", root / "bin" / "python", "install", "-q", wheel)
     path = [str(root / "bin"), *(p for p in os.environ.get("PATH", "").split(os.pathsep)
                                   if p and not Path(p).resolve().is_relative_to(ROOT))]
-    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}}
-    return Venv(root, wheel, {**env, "PATH": os.pathsep.join(path)})
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"} and not k.startswith(("NATS_", "SANDBUS_NATS"))}
+    # No NATS found by chance: not the user's `nats` context, and not a server another test runs on 4222.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        unused_port = s.getsockname()[1]
+    config_home = tmp_path_factory.mktemp("config")
+    return Venv(root, wheel, {**env, "PATH": os.pathsep.join(path), "XDG_CONFIG_HOME": str(config_home),
+                              "SANDBUS_DEFAULT_NATS_PORT": str(unused_port)})
 
 
 @pytest.fixture(scope="module")

@@ -334,10 +334,8 @@ from sandbus import Client, PluginMessage, SandbusError, errors
 import sandbus.sdk.client
 import sandbus.bus
 import sandbus.host
-from sandbus.host.cli.main import app
-from sandbus.host.cli import author, bus, node_cmd, trace_cmd
-for module in (node_cmd, bus, trace_cmd, author):
-    module.register(app)
+from sandbus.host.cli.main import register_commands
+register_commands([])  # every command, as `sandbus --help` registers them
 import sandbus.host.telemetry.otel  # `sandbus trace` collects its own spans with it
 host_side = ("opentelemetry.exporter", "sandbus.host.sandbox.sandbox", "sandbus.host.lifecycle", "sandbus.host.node",
              "sandbus.host.authoring")

@@ -21,9 +21,6 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import orjson
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from sandbus.host.cli.extras import require_host
 from sandbus.host.cli.main import EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, fail
@@ -32,6 +29,8 @@ from sandbus.host.sandbox.guest_text import escape_controls
 from sandbus.sdk.errors import ManifestError
 
 if TYPE_CHECKING:
+    from rich.text import Text
+
     from sandbus.host.authoring import WasmReport
 
 __all__ = ["LanguageName", "build", "inspect", "new", "register"]
@@ -51,6 +50,8 @@ def new(
 ) -> None:
     """Create NAME/ with a working plugin: source, manifest, Makefile and a pytest test."""
     require_host("new")
+    from rich.console import Console
+
     from sandbus.host.authoring import AuthoringError, Language, scaffold
 
     language = Language(lang)
@@ -84,6 +85,9 @@ def build(
 ) -> None:
     """Compile the project with its language's toolchain into DIR/build/ (NAME.wasm + NAME.toml)."""
     require_host("build")
+    from rich.console import Console
+    from rich.text import Text
+
     from sandbus.host.authoring import AuthoringError, BuildError, ToolchainMissingError, build_project
 
     err = Console(stderr=True, soft_wrap=True)
@@ -133,14 +137,20 @@ def inspect(
     raise typer.Exit(EXIT_OK if report.ok else EXIT_PLUGIN)
 
 
-def _verdict(ok: bool | None, text: str) -> Text:
-    text = escape_controls(text)  # it quotes names from the module, which are any UTF-8
+def _verdict(ok: bool | None, text: str, *, multiline: bool = False) -> Text:
+    from rich.text import Text
+
+    text = escape_controls(text, keep_newlines=multiline)  # it quotes names from the module: any UTF-8
     if ok is None:
         return Text(text)
     return Text(text, style="green" if ok else "bold red")
 
 
 def _print_report(r: WasmReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
     console = Console()
     # Names in a module (exports, imports) and in its manifest are the author's: plain text cells.
     facts = Table(show_header=False, title=markup_safe(r.path), title_justify="left", box=None, pad_edge=False)
@@ -173,7 +183,7 @@ def _print_report(r: WasmReport) -> None:
         pinned = ", sha256 pinned and matching" if r.manifest.sha256_pinned else ""
         facts.add_row("manifest", _verdict(True, f"valid: {r.manifest.name} {r.manifest.version}{pinned}"))
     else:
-        facts.add_row("manifest", _verdict(False, f"invalid: {r.manifest.error}"))
+        facts.add_row("manifest", _verdict(False, f"invalid: {r.manifest.error}", multiline=True))
     for label, value in r.manifest.facts() if r.manifest is not None else ():
         facts.add_row(label, cell(value))
     console.print(facts)

@@ -1,86 +1,201 @@
 """The ``sandbus`` command line.
 
-Exit codes are part of the interface (scripts branch on them):
-0 success; 1 the plugin trapped or reported an error; 2 bad usage or bad input
-(unreadable file, invalid JSON, invalid module, a function the module does not export, an input
-above its cap); 3 a resource limit was hit;
-4 a security violation; 5 NATS could not be reached (or the bus failed).
+Exit codes are part of the interface (scripts branch on them): :data:`EXIT_CODES` is the table, printed
+at the end of ``sandbus --help`` and in the README. Every command maps its failures onto it, and
+:func:`main` makes sure nothing else reaches the user: a usage error is one line and exit 2, an error of
+sandbus itself (a bug) is one line and exit 70, never a traceback (``SANDBUS_DEBUG=1`` shows it).
 
-Commands import the host side (wasmtime, the lifecycle) inside their functions, after
-:func:`~sandbus.host.cli.extras.require_host`: registering every command, and running the ones that only
-talk to NATS, needs nothing beyond ``pip install sandbus``; a command that runs plugins, on an install
-without the ``host`` extra, exits 2 with one line naming it.
+Starting fast matters for the client commands (``request``, ``pub``, ``ls``: one round trip to NATS):
+:func:`main` imports only the module of the command being run (:data:`COMMAND_MODULES`), the modules
+import what a command needs inside it, and typer converts plain option values without pydantic
+(:func:`_use_plain_coercion`). Commands import the host side (wasmtime, the lifecycle) inside
+their functions, after :func:`~sandbus.host.cli.extras.require_host`: registering every command, and
+running the ones that only talk to NATS, needs nothing beyond ``pip install sandbus``; a command that runs
+plugins, on an install without the ``host`` extra, exits 2 with one line naming it.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-import orjson
 import typer
 
-from sandbus.host.cli.extras import require_host
 from sandbus.host.cli.output import TerminalFormatter, setup_logging, terminal_json, terminal_text
-from sandbus.host.cli.plugins import plugins_app
 from sandbus.sdk.errors import (
     AbiViolationError,
     BusError,
+    HostError,
     InvalidModuleError,
     ManifestError,
     PluginNotFoundError,
     PolicyError,
+    RequestTimeoutError,
     ResourceLimitError,
     SandbusError,
     SecurityViolationError,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 __all__ = [
+    "COMMAND_MODULES",
     "EXIT_BUS",
+    "EXIT_CODES",
+    "EXIT_INTERNAL",
     "EXIT_LIMIT",
+    "EXIT_NO_NODE",
     "EXIT_OK",
     "EXIT_PLUGIN",
     "EXIT_SECURITY",
+    "EXIT_TIMEOUT",
     "EXIT_USAGE",
     "MAX_JSON_ARG_BYTES",
+    "MODULES",
+    "PLAIN_COERCION",
     "TerminalFormatter",
     "app",
     "exit_code_for",
+    "fail",
     "finite_positive",
     "main",
     "read_json_arg",
+    "register_commands",
     "setup_logging",
     "terminal_text",
 ]
 
-EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, EXIT_LIMIT, EXIT_SECURITY, EXIT_BUS = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, EXIT_LIMIT, EXIT_SECURITY, EXIT_BUS, EXIT_NO_NODE, EXIT_TIMEOUT = range(8)
+EXIT_INTERNAL = 70  # sysexits.h's EX_SOFTWARE
+
+#: The exit codes, one line each: what a script can rely on.
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success"),
+    (EXIT_PLUGIN, "the plugin failed (trapped, answered an error), or would be refused"),
+    (EXIT_USAGE, "usage: a bad argument or input, or a request the node refused as wrong"),
+    (EXIT_LIMIT, "a resource limit stopped the call (time, fuel, memory, size, rate...)"),
+    (EXIT_SECURITY, "security: the plugin used a capability it was not granted"),
+    (EXIT_BUS, "NATS unreachable (or the credentials refused), or the bus or node failed"),
+    (EXIT_NO_NODE, "no node serves the plugin, or none answered `ls` (nothing ran)"),
+    (EXIT_TIMEOUT, "no reply in time (the call may have run)"),
+    (EXIT_INTERNAL, "an error of sandbus itself (a bug: SANDBUS_DEBUG=1 shows it)"),
+)
+
+
+def _exit_codes_help() -> str:
+    # "\b" keeps click from rewrapping the table into one paragraph.
+    return "\b\nExit codes:\n" + "\n".join(f"  {code:<3d} {text}" for code, text in EXIT_CODES)
+
+
+#: Truth words of a boolean option given as text (an environment variable), as click reads them.
+_TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off", ""})
+_PLAIN_TYPES: dict[type, str] = {str: "text", int: "integer", float: "number", bool: "boolean", Path: "path"}
+
+
+def _use_plain_coercion() -> bool:
+    """Convert the plain parameter types of the commands without pydantic; whether the hook is in place.
+
+    typer 0.29 converts every parameter's value through a pydantic ``TypeAdapter`` built on first use: for
+    a client command that is importing pydantic and building some twenty adapters, a third of its start.
+    Values of type str, int, float and bool with no other constraint are converted here as click does,
+    and paths by typer's own path checks (given a ``Path``, they need no pydantic); any other parameter (a
+    choice, a list, a bounded number, a parser) keeps typer's conversion. This reaches into typer's
+    internals: when they are not as expected, nothing is changed and typer converts everything itself,
+    slower but the same (tests/host/test_cli_output.py checks that the hook is in place).
+    """
+    try:
+        from typer._coercion import RuntimeParam
+        from typer._param_types import coerce_cli_path
+        from typer.core import _TyperParameter
+    except ImportError:
+        return False
+    typers_own = getattr(_TyperParameter, "get_runtime_param", None)
+    if typers_own is None or getattr(typers_own, "_sandbus_plain", False):
+        return typers_own is not None
+
+    class PlainParam(RuntimeParam):
+        def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            kind = self.annotation
+            if kind is Path:
+                return coerce_cli_path(value if isinstance(value, Path) else Path(value), self.parameter_info,
+                                       path_type=Path, param=param, ctx=ctx)
+            if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+                return value
+            if kind is bool:
+                word = value.strip().lower() if isinstance(value, str) else None
+                if word in _TRUE_WORDS or word in _FALSE_WORDS:
+                    return word in _TRUE_WORDS
+            elif isinstance(value, str | int | float) and not isinstance(value, bool):
+                try:
+                    return kind(value)
+                except (ValueError, OverflowError):
+                    pass
+            raise typer.BadParameter(f"{str(value)[:100]!r} is not a valid {_PLAIN_TYPES[kind]}",
+                                     ctx=ctx, param=param)
+
+    def get_runtime_param(self: Any) -> Any:
+        if self._runtime_param is None and _is_plain(self):
+            self._runtime_param = PlainParam(parameter_info=self.type_descriptor.parameter_info,
+                                             annotation=self.type_descriptor.annotation)
+        return typers_own(self)
+
+    get_runtime_param._sandbus_plain = True  # type: ignore[attr-defined]
+    _TyperParameter.get_runtime_param = get_runtime_param  # type: ignore[method-assign]
+    return True
+
+
+def _is_plain(param: Any) -> bool:
+    """Whether typer's parameter ``param`` has one of :data:`_PLAIN_TYPES` and no constraint but a path's."""
+    descriptor = getattr(param, "type_descriptor", None)
+    info = getattr(descriptor, "parameter_info", None)
+    return (descriptor is not None and info is not None and descriptor.annotation in _PLAIN_TYPES
+            and descriptor.file_annotation is None and not param.multiple and param.nargs == 1
+            and getattr(info, "parser", None) is None and getattr(info, "click_type", None) is None
+            and getattr(info, "min", None) is None and getattr(info, "max", None) is None
+            and not getattr(info, "clamp", False) and getattr(info, "path_type", None) is None)
+
+
+PLAIN_COERCION = _use_plain_coercion()
 
 app = typer.Typer(
     name="sandbus",
     help="Run untrusted WebAssembly plugins in wasmtime sandboxes, on host nodes that talk over NATS.",
+    epilog=_exit_codes_help(),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # Help texts are plain text: "[env NATS_URL]" is shown, not read as markup, and help needs no rich.
+    rich_markup_mode=None,
+    add_completion=True,
 )
-app.add_typer(plugins_app, name="plugins")
 
 
-def exit_code_for(err: SandbusError) -> int:
-    if isinstance(err, BusError):
+def exit_code_for(err: SandbusError, *, over_bus: bool = False) -> int:
+    """The exit code of ``err``. ``over_bus``: it answers a request sent over NATS, where "not found" means
+    that no node serves the plugin (:data:`EXIT_NO_NODE`), not a missing file or directory (usage)."""
+    if isinstance(err, RequestTimeoutError):
+        return EXIT_TIMEOUT
+    if isinstance(err, BusError | HostError):  # the node's own failure is not the plugin's
         return EXIT_BUS
     if isinstance(err, SecurityViolationError):
         return EXIT_SECURITY
     if isinstance(err, ResourceLimitError):
         return EXIT_LIMIT
-    if isinstance(err, InvalidModuleError | PluginNotFoundError | ManifestError | PolicyError):
+    if isinstance(err, PluginNotFoundError):
+        return EXIT_NO_NODE if over_bus else EXIT_USAGE
+    if err.code.startswith("request.") or isinstance(err, InvalidModuleError | ManifestError | PolicyError):
         return EXIT_USAGE
     return EXIT_PLUGIN
 
 
 def fail(message: str, code: int) -> NoReturn:
+    """Print ``sandbus: message`` on stderr (escaped, continuation lines indented) and exit with ``code``."""
     typer.echo(f"sandbus: {terminal_text(message)}", err=True)
     raise typer.Exit(code)
 
@@ -90,6 +205,16 @@ def finite_positive(value: float | None) -> float | None:
     ``inf`` parse as floats, and only fail deep inside, as a traceback); anything else is a usage error."""
     if value is not None and not (math.isfinite(value) and value > 0):
         raise typer.BadParameter(f"expected a finite number above 0, found {value}")
+    return value
+
+
+#: Most fuel a call can be given (wasmtime counts it in a signed 64-bit integer).
+MAX_FUEL = 2**63 - 1
+
+
+def _fuel_range(value: int | None) -> int | None:
+    if value is not None and not 0 <= value <= MAX_FUEL:
+        raise typer.BadParameter(f"expected 0 (unmetered) to {MAX_FUEL}, found {str(value)[:40]}")
     return value
 
 
@@ -104,24 +229,31 @@ def read_json_arg(text: str, what: str, cap: int = MAX_JSON_ARG_BYTES, *, stdin:
     At most ``cap + 1`` bytes are ever read: an input over the cap is refused as bad input (exit 2)
     before it fills memory, however much stdin holds.
     """
-    raw = sys.stdin.buffer.read(cap + 1) if stdin and text == "-" else text.encode()
+    import orjson
+
+    raw = sys.stdin.buffer.read(cap + 1) if stdin and text == "-" else text.encode(errors="surrogateescape")
     if len(raw) > cap:
         fail(f"{what} is larger than the {cap}-byte input cap", EXIT_USAGE)
+    raw = raw.strip()  # the newline `echo` ends a file with is not part of the value
+    from sandbus.sdk.jsonbound import MAX_JSON_DEPTH, too_deep
+
     try:
-        orjson.loads(raw)
+        decoded = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         fail(f"{what} is not valid JSON: {e}", EXIT_USAGE)
+    if too_deep(raw, decoded):
+        fail(f"{what} nests deeper than {MAX_JSON_DEPTH} levels", EXIT_USAGE)
     return raw
 
 
-@app.command()
 def run(
     plugin: Annotated[Path, typer.Argument(help="The plugin's .wasm file.")],
     function: Annotated[str, typer.Option("--function", "-f", help="Exported function to call.")] = "handle_request",
     input_: Annotated[str, typer.Option("--input", "-i", help="Request JSON, or - to read stdin.")] = "{}",
     memory_mb: Annotated[float | None, typer.Option(help="Linear memory limit, MiB.", callback=finite_positive)]
     = None,
-    fuel: Annotated[int | None, typer.Option(help="Fuel per call (~1 unit per instruction); 0 = unmetered.")] = None,
+    fuel: Annotated[int | None, typer.Option(help="Fuel per call (~1 unit per instruction); 0 = unmetered.",
+                                             callback=_fuel_range)] = None,
     timeout: Annotated[float | None, typer.Option(help="Wall-clock limit per call, seconds.",
                                                   callback=finite_positive)] = None,
     allow_read: Annotated[list[Path] | None, typer.Option(help="Grant read access to DIR.")] = None,
@@ -133,7 +265,11 @@ def run(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show plugin logs (-vv: debug).")] = 0,
 ) -> None:
     """Load PLUGIN, call FUNCTION with the input JSON, print the reply JSON."""
+    from sandbus.host.cli.extras import require_host
+
     require_host("run")
+    import orjson
+
     from sandbus.host.lifecycle.manifest import check_env_name
     from sandbus.host.sandbox import MIB, Capabilities, DirGrant, Limits, Sandbox
 
@@ -167,13 +303,13 @@ def run(
             random=allow_random,
         )
     except ValueError as e:
-        fail(f"invalid option: {e}", EXIT_USAGE)
+        fail(f"invalid option: {_plain_error(e)}", EXIT_USAGE)
     # Read before loading (a refused input costs no compile), and never more than the plugin would take.
     payload = read_json_arg(input_, "--input", cap=limits.max_input_bytes)
     try:
         sandbox = Sandbox(plugin, limits=limits, capabilities=caps, config=settings)
-    except AbiViolationError as e:
-        fail(str(e), EXIT_USAGE)  # at load, a module without our ABI is an invalid module
+    except (AbiViolationError, PluginNotFoundError) as e:
+        fail(str(e), EXIT_USAGE)  # at load, a module without our ABI is an invalid module; no file, a bad path
     except SandbusError as e:
         fail(str(e), exit_code_for(e))
     try:
@@ -193,17 +329,129 @@ def run(
         raise typer.Exit(EXIT_PLUGIN)
 
 
+def _plain_error(e: ValueError) -> str:
+    """A validation error in one line, without a library's own wording around it (pydantic's URL...)."""
+    errors = getattr(e, "errors", None)
+    if not callable(errors):
+        return str(e)
+    return "; ".join(f"{'.'.join(map(str, d.get('loc', ())))}: {d.get('msg', '')}" for d in errors())
+
+
+def _version(value: bool) -> None:
+    if value:
+        from sandbus import __version__
+
+        typer.echo(f"sandbus {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version of sandbus and exit.",
+                                          callback=_version, is_eager=True, expose_value=False)] = False,
+) -> None:
     """sandbus: WebAssembly plugins over NATS."""
 
 
-def main() -> None:
-    from sandbus.host.cli import author, bus, dev, node_cmd, trace_cmd
+#: command -> the module of this package that defines it. To run a command, :func:`main` imports its
+#: module only (a client command then never loads what ``node`` or ``build`` need); for anything else
+#: (help, completion, an unknown name) it imports them all. A command missing here still works, slower.
+COMMAND_MODULES: dict[str, str] = {
+    "node": "node_cmd",
+    "request": "bus",
+    "pub": "bus",
+    "ls": "bus",
+    "trace": "trace_cmd",
+    "new": "author",
+    "build": "author",
+    "inspect": "author",
+    "dev": "dev",
+}
+#: Every module with commands, in the order ``sandbus --help`` lists them.
+MODULES = ("node_cmd", "bus", "trace_cmd", "author", "dev")
+_registered: set[str] = set()
 
-    for module in (node_cmd, bus, trace_cmd, author, dev):
-        module.register(app)
-    app()
+
+def register_commands(args: Sequence[str]) -> None:
+    """Add to :data:`app` the commands ``args`` may run: the named command (with the others of its module),
+    or every command. typer builds every registered command's options before it runs one: registering
+    only what runs keeps that to the command's own."""
+    name = next((a for a in args if not a.startswith("-")), None)
+    only: str | None = None
+    if name in ("run", "plugins"):
+        units = [name]
+    elif name is not None and name in COMMAND_MODULES:
+        units, only = [COMMAND_MODULES[name]], name
+    else:
+        units = ["run", *MODULES, "plugins"]
+    for unit in units:
+        if unit in _registered:
+            continue
+        _registered.add(unit)
+        if unit == "run":
+            app.command()(run)
+        elif unit == "plugins":
+            from sandbus.host.cli.plugins import plugins_app
+
+            app.add_typer(plugins_app, name="plugins")
+        else:
+            register = importlib.import_module(f"sandbus.host.cli.{unit}").register
+            # A module's register() may take ``only``: the one command to add.
+            if only is not None and "only" in inspect.signature(register).parameters:
+                register(app, only=only)
+            else:
+                register(app)
+
+
+#: click's exception base class, found through the click exception typer exports (typer vendors click).
+_CLICK_EXCEPTION: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _usage_line(e: Any) -> str:
+    """A click usage error as one line, with where to read more."""
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    message = str(e.format_message()).strip().rstrip(".")
+    return f"sandbus: {terminal_text(message)}{hint}"
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def main(args: Sequence[str] | None = None) -> NoReturn:
+    """The ``sandbus`` console script: run the command, exit with its code; no traceback reaches the user."""
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        register_commands(argv)
+        code = app(args=argv, prog_name="sandbus", standalone_mode=False)
+    except KeyboardInterrupt:
+        code = 130
+    except _CLICK_EXCEPTION as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `sandbus` alone, `sandbus plugins`: the help
+            e.show()  # type: ignore[attr-defined]
+        else:
+            typer.echo(_usage_line(e), err=True)
+        code = EXIT_USAGE
+    except typer.Abort:
+        typer.echo("sandbus: aborted", err=True)
+        code = 130
+    except SandbusError as e:  # a command let one through: still one line and its code
+        typer.echo(f"sandbus: {terminal_text(str(e))}", err=True)
+        code = exit_code_for(e)
+    except OSError as e:
+        if e.filename is None or os.environ.get("SANDBUS_DEBUG"):
+            raise
+        # A file named on the command line that cannot be used (name too long, no permission...): bad input.
+        typer.echo(f"sandbus: {terminal_text(_cut(str(e.filename)))}: {e.strerror or e}", err=True)
+        code = EXIT_USAGE
+    except Exception as e:
+        if os.environ.get("SANDBUS_DEBUG"):
+            raise
+        typer.echo(f"sandbus: internal error: {terminal_text(_cut(f'{type(e).__name__}: {e}'))} "
+                   "(SANDBUS_DEBUG=1 shows the traceback; please report it)", err=True)
+        code = EXIT_INTERNAL
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,12 @@
-"""``sandbus node``: a host node serving a plugin directory over NATS (an embedded nats-server when no URL is given).
+"""``sandbus node``: a host node serving a plugin directory over NATS.
+
+With no server URL (no option, variable or nats context), there is one bus on this machine, not two by
+accident: a NATS server already listening on 127.0.0.1:4222 is joined; a free port gets an embedded
+nats-server (JetStream); a port taken by something else gets the embedded server on a free port.
+
+Stopping (Ctrl-C, SIGTERM, SIGHUP) is bounded: the ``--workers`` children are told first and drain in
+parallel with this process; the embedded server, in a session of its own so the terminal's SIGINT does
+not reach it, is stopped last, after every drain, and only by its owner.
 
 It runs plugins, so it needs the host extra, and imports the host side only once it knows it is there.
 """
@@ -7,40 +15,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from sandbus.host.cli.connect import NatsOpt
+from sandbus.host.cli.connect import Connection, default_port, with_connection
 from sandbus.host.cli.extras import require_host, require_nats_server
-from sandbus.host.cli.main import exit_code_for, fail
+from sandbus.host.cli.main import EXIT_USAGE, exit_code_for, fail
 from sandbus.host.cli.output import setup_logging
 from sandbus.host.sandbox.guest_text import escape_controls
 from sandbus.sdk.errors import SandbusError
 
+if TYPE_CHECKING:
+    from sandbus.bus.server import NatsServer
+
 __all__ = ["node", "register"]
 
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+#: Seconds the workers get to drain once told to stop, and the embedded server to exit; each then
+#: gets SIGKILL. Together with this node's own drain they keep a stop within about two seconds.
+WORKER_STOP_S = 1.5
+SERVER_STOP_S = 0.5
+#: Seconds this node's own drain may take when no call is in flight (a call in flight is still
+#: answered by its deadline).
+DRAIN_S = 1.0
 
 
 def node(
     plugins: Annotated[Path, typer.Option("--plugins", help="Directory of plugins (<name>.wasm + <name>.toml).")]
     = Path("plugins/build"),
-    nats_url: NatsOpt = None,
     node_id: Annotated[str | None, typer.Option("--node-id", help="This node's id (default host-pid).")] = None,
     policy: Annotated[Path | None, typer.Option(help="Operator policy TOML (default: deny all but compute).")]
     = None,
@@ -51,85 +61,135 @@ def node(
     max_waiting: Annotated[int, typer.Option(
         help="Requests that may wait for one plugin's instances on this node; beyond it they are refused "
              "at once (limit.instances).", min=1, max=100_000)] = 64,
-    user: Annotated[str | None, typer.Option(help="NATS user (with --password).")] = None,
-    password: Annotated[str | None, typer.Option(help="NATS password [env SANDBUS_NATS_PASSWORD].",
-                                                 envvar="SANDBUS_NATS_PASSWORD")] = None,
-    token: Annotated[str | None, typer.Option(help="NATS token [env SANDBUS_NATS_TOKEN].",
-                                              envvar="SANDBUS_NATS_TOKEN")] = None,
-    creds: Annotated[Path | None, typer.Option(help="NATS .creds file (JWT + nkey).")] = None,
-    nkey_seed: Annotated[Path | None, typer.Option(help="File holding a NATS user nkey seed (SU...).")] = None,
-    tls_ca: Annotated[Path | None, typer.Option(help="CA bundle for TLS.")] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="Client certificate for TLS.")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="Client key for TLS.")] = None,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
+    *,
+    conn: Connection,
 ) -> None:
-    """Run a host node serving PLUGINS over NATS (an embedded nats-server when --nats is not given)."""
+    """Run a host node serving PLUGINS over NATS (joins the NATS server on 127.0.0.1:4222, or embeds one,
+    when no server is given)."""
     require_host("node")
-    url = nats_url or os.environ.get("SANDBUS_NATS")
-    if url is None:
-        require_nats_server("node")
-    from sandbus.bus.connection import ConnectOptions
-    from sandbus.bus.server import NatsServer
     from sandbus.host.lifecycle.policy import Policy, load_policy
     from sandbus.host.node.node import Node, default_node_id
 
     setup_logging(max(verbose, 1))
     server: NatsServer | None = None
-    if url is None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            server = NatsServer(store_dir=data_dir / "nats", port=4222 if _port_free(4222) else -1).start()
-        except SandbusError as e:
-            fail(str(e), exit_code_for(e))
-        url = server.url
-        typer.echo(f"embedded nats-server (JetStream) on {url}, pid {server.pid}; data in {data_dir / 'nats'}")
-        if not url.endswith(":4222"):
-            typer.echo(f"port 4222 was busy: export SANDBUS_NATS={url} for other commands")
     children: list[subprocess.Popen[bytes]] = []
+    signalled: set[int] = set()
+    code = 0
     try:
-        pol = load_policy(policy) if policy else Policy.default()
-        base_id = node_id or default_node_id()
-        options = ConnectOptions.from_urls(url, name=f"sandbus-node-{base_id}", user=user, password=password,
-                                           token=token, creds=creds, nkey_seed=nkey_seed, tls_ca=tls_ca,
-                                           tls_cert=tls_cert, tls_key=tls_key)
-        n = Node.create(plugins, options, policy=pol, node_id=base_id, durable=durable, max_waiting=max_waiting)
-        manager = n.manager
-        manager.discover_and_load()
-        for info in manager.list_plugins():  # a failed plugin's name is a file stem: any characters
-            typer.echo(f"  {escape_controls(info.name):20s} {escape_controls(info.version or '-'):10s} "
-                       f"{info.status.value}" + (f"  ({escape_controls(info.last_error)})" if info.last_error else ""))
-        for i in range(1, workers):
-            args = [sys.executable, "-m", "sandbus", "node", "--plugins", str(plugins), "--nats", url,
-                    "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch",
-                    "--durable" if durable else "--no-durable", "--max-waiting", str(max_waiting)]
-            for flag, value in (("--policy", policy), ("--user", user), ("--creds", creds),
-                                ("--nkey-seed", nkey_seed), ("--tls-ca", tls_ca), ("--tls-cert", tls_cert),
-                                ("--tls-key", tls_key)):
-                if value is not None:
-                    args += [flag, str(value)]
-            # Secrets travel in the environment, not in argv (visible to every user in ps).
-            env = {**os.environ, **({"SANDBUS_NATS_PASSWORD": password} if password else {}),
-                   **({"SANDBUS_NATS_TOKEN": token} if token else {})}
-            children.append(subprocess.Popen(args, env=env))
-        asyncio.run(_serve(n, watch))
-    except SandbusError as e:
-        fail(str(e), exit_code_for(e))
-    finally:
-        for child in children:
-            child.terminate()
-        for child in children:
+        try:
+            if conn.is_default:
+                conn, server = _one_bus(conn, data_dir)
+            pol = load_policy(policy) if policy else Policy.default()
+            base_id = node_id or default_node_id()
+            options = conn.connect_options(name=f"sandbus-node-{base_id}")
+            n = Node.create(plugins, options, policy=pol, node_id=base_id, durable=durable,
+                            max_waiting=max_waiting)
+            manager = n.manager
+            manager.discover_and_load()
+            for info in manager.list_plugins():  # a failed plugin's name is a file stem: any characters
+                typer.echo(f"  {escape_controls(info.name):20s} {escape_controls(info.version or '-'):10s} "
+                           f"{info.status.value}"
+                           + (f"  ({escape_controls(info.last_error)})" if info.last_error else ""))
+            for i in range(1, workers):
+                # The connection travels in the environment (secrets never in argv, which ps shows to
+                # everyone); --no-context: the child uses exactly what this node resolved.
+                args = [sys.executable, "-m", "sandbus", "node", "--plugins", str(plugins), "--no-context",
+                        "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch",
+                        "--durable" if durable else "--no-durable", "--max-waiting", str(max_waiting)]
+                if policy is not None:
+                    args += ["--policy", str(policy)]
+                children.append(subprocess.Popen(args, env=conn.child_env(os.environ)))
+            asyncio.run(_serve(n, watch, on_stop=lambda: _signal_once(children, signalled)))
+        except SandbusError as e:
+            # Another node already answers under this id: the operator's mistake, not the bus's.
+            fail(str(e), EXIT_USAGE if e.code == "bus.node_id_in_use" else exit_code_for(e))
+        finally:
+            # Stopping already: a late signal (a worker's parent tells it too when the terminal already
+            # did) must not cut the cleanup short, and every wait below is bounded.
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            _stop_children(children, signalled, WORKER_STOP_S)
+            if server is not None:
+                server.stop(timeout=SERVER_STOP_S)
+    except typer.Exit as e:
+        code = e.exit_code
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit once everything is stopped, without the interpreter's teardown.
+
+    The node has drained, closed its plugins and flushed its telemetry; what is left is freeing the
+    wasmtime engine and compiled modules object by object, which took 0.3-0.5 s of a stop (more on a
+    loaded machine) and does nothing the operating system would not do at once.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _one_bus(conn: Connection, data_dir: Path) -> tuple[Connection, NatsServer | None]:
+    """Join the NATS server on the default port, or start the embedded one (see the module's docstring).
+
+    Only a server of this user (or of root: a system service) is joined: one that another user started
+    on the port first is left alone, as explicit ``--nats`` can still join it.
+    """
+    from sandbus.bus.server import NatsServer, listener_uids, probe_nats
+
+    port = default_port()
+    found = probe_nats("127.0.0.1", port)
+    foreign: set[int] = set()
+    if isinstance(found, dict):
+        foreign = (listener_uids(port) or set()) - {os.getuid(), 0}
+        if not foreign:
+            version = found.get("version")
+            typer.echo(f"joining the NATS server already listening on {conn.url}"
+                       + (f" (nats-server {escape_controls(str(version))[:40]})" if version else ""))
+            return conn, None
+    require_nats_server("node")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = NatsServer(store_dir=data_dir / "nats", port=-1 if found else port).start()
+    typer.echo(f"embedded nats-server (JetStream) on {server.url}, pid {server.pid}; data in {data_dir / 'nats'}")
+    if foreign:
+        typer.echo(f"port {port} is served by a NATS server of another user (uid {min(foreign)}), not joined "
+                   f"(--nats nats://127.0.0.1:{port} joins it): export NATS_URL={server.url} for other commands")
+    elif found:
+        typer.echo(f"port {port} is taken by something that is not a NATS server: "
+                   f"export NATS_URL={server.url} for other commands")
+    return conn.with_servers(server.url, "default"), server
+
+
+def _signal_once(children: list[subprocess.Popen[bytes]], signalled: set[int]) -> None:
+    """SIGTERM each running child once: a second one would find its handlers gone (its loop closed while
+    it finishes) and kill it in the middle of closing its plugins."""
+    for child in children:
+        if child.pid not in signalled and child.poll() is None:
+            signalled.add(child.pid)
+            with contextlib.suppress(OSError):
+                child.send_signal(signal.SIGTERM)
+
+
+def _stop_children(children: list[subprocess.Popen[bytes]], signalled: set[int], timeout: float) -> None:
+    """SIGTERM every child not yet told, wait for all under one deadline, SIGKILL what is left."""
+    _signal_once(children, signalled)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for child in children:
+        if child.poll() is None:
+            child.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=15)
-            if child.poll() is None:
-                child.kill()
-        if server is not None:
-            server.stop()
+                child.wait(timeout=1.0)
 
 
-async def _serve(n: Any, watch: bool) -> None:
+async def _serve(n: Any, watch: bool, on_stop: Callable[[], None]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     # Watching syncs every plugin once, and stopping waits for a reload in progress: both off the loop,
     # which must stay free to answer requests and drain.
@@ -140,6 +200,8 @@ async def _serve(n: Any, watch: bool) -> None:
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
+        on_stop()
+        _quiet()
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError, SandbusError):
             await starting
@@ -149,17 +211,29 @@ async def _serve(n: Any, watch: bool) -> None:
         typer.echo(f"node {n.node_id} stopped before it connected", err=True)
         return
     stopping.cancel()
-    starting.result()  # a start that failed raises here, as before
+    try:
+        starting.result()  # a start that failed raises here, as before
+    except BaseException:
+        on_stop()
+        raise
     typer.echo(f"node {n.node_id} ready")
     try:
         await stop.wait()
     finally:
+        on_stop()  # the workers drain while this node does
+        _quiet()
         typer.echo(f"node {n.node_id} draining")
         if watcher is not None:
             await asyncio.to_thread(watcher.stop)
-        await n.stop()
+        await n.stop(DRAIN_S)
         n.manager.close()
 
 
+def _quiet() -> None:
+    """While stopping, a lost connection is expected: its reconnect attempts are not worth a warning each."""
+    for name in ("sandbus.bus.connection", "nats"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def register(app: typer.Typer) -> None:
-    app.command()(node)
+    app.command()(with_connection(node))

@@ -4,6 +4,9 @@ A plugin's log lines and error texts, and whatever a node (or anything answering
 a listing, reach an operator's terminal. Here they are shown as text: control characters escaped
 (:mod:`sandbus.host.sandbox.guest_text`), rich markup never interpreted in data (``[x]`` stays ``[x]``), and a
 message's own line breaks indented, so no line of it can pass for a line of sandbus's own.
+
+rich is imported only by the functions that build rich objects: a command that prints plain text
+(``request``, ``pub``, every error line) never loads it.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import logging
 import re
 import sys
-
-from rich.markup import escape as escape_markup
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from sandbus.host.sandbox.guest_text import INVISIBLE_CHARS, escape_controls
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 __all__ = [
     "MAX_CELL_CHARS",
@@ -63,17 +67,21 @@ def _json_escape(match: re.Match[str]) -> str:
 MAX_CELL_CHARS = 1000
 
 
-def cell(text: object, limit: int = MAX_CELL_CHARS) -> Text:
-    """A table cell holding ``text`` as plain text: one line, no markup, no control characters, at most
-    ``limit`` characters of it (the rest is cut, marked ``…``)."""
+def cell(text: object, limit: int = MAX_CELL_CHARS, *, multiline: bool = False) -> Text:
+    """A table cell holding ``text`` as plain text: no markup, no control characters, at most ``limit``
+    characters of it (the rest is cut, marked ``…``); one line unless ``multiline`` keeps its line breaks."""
+    from rich.text import Text
+
     shown = str(text)
     if len(shown) > limit:
         shown = shown[: limit - 1] + "…"
-    return Text(escape_controls(shown))
+    return Text(escape_controls(shown, keep_newlines=multiline))
 
 
 def markup_safe(text: object) -> str:
     """``text`` to embed inside a rich markup string: control characters and markup both escaped."""
+    from rich.markup import escape as escape_markup
+
     return escape_markup(escape_controls(str(text)))
 
 

@@ -14,26 +14,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from sandbus.host.cli.extras import require_host
 from sandbus.host.cli.output import cell, markup_safe, setup_logging, terminal_json, terminal_text
 from sandbus.sdk.errors import PolicyError
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from sandbus.host.lifecycle import PluginInfo
 
 __all__ = ["plugins_app"]
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+#: Longest reason shown in the table (a manifest with many errors lists them all, one per line).
+MAX_REASON_CHARS = 20_000
 
 plugins_app = typer.Typer(
     name="plugins",
     help="Inspect directories of plugins (<name>.wasm + <name>.toml).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     add_completion=False,
 )
 
@@ -44,6 +46,9 @@ def _usage(message: str) -> typer.Exit:
 
 
 def _table(directory: Path, infos: list[PluginInfo]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=f"plugins in {markup_safe(directory)}", title_justify="left")
     for column in ("plugin", "version", "status", "functions", "reason"):
         table.add_column(column, overflow="fold")
@@ -51,9 +56,10 @@ def _table(directory: Path, infos: list[PluginInfo]) -> Table:
         valid = info.status.serving and info.last_error is None
         status = Text("valid", style="green") if valid else Text("invalid", style="bold red")
         # Every cell is plain text: a reason quotes the manifest ("[subscriptions.topics]") and the
-        # plugin's own words, which rich would otherwise read as markup and a terminal as escapes.
+        # plugin's own words, which rich would otherwise read as markup and a terminal as escapes. A
+        # manifest's errors are one per line: every line is kept.
         table.add_row(cell(info.name), cell(info.version or "-"), status, cell(", ".join(info.functions) or "-"),
-                      cell(info.last_error or ""))
+                      cell(info.last_error or "", MAX_REASON_CHARS, multiline=True))
     return table
 
 
@@ -65,8 +71,14 @@ def check(
     json_output: Annotated[bool, typer.Option("--json", help="Print the plugin list as JSON instead.")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show lifecycle events.")] = 0,
 ) -> None:
-    """Validate every manifest and module in DIRECTORY; exit 1 if any plugin is invalid."""
+    """Validate every manifest and module in DIRECTORY; exit 1 if any plugin is invalid.
+
+    A reason names the file and the key at fault, e.g. "echo.toml: [resources.memory_mb]: ...", and lists
+    every error of a manifest, one per line.
+    """
     require_host("plugins check")
+    from rich.console import Console
+
     from sandbus.host.lifecycle import DEFAULT_MAX_PLUGINS, PluginManager, scan_directory
     from sandbus.host.lifecycle.policy import Policy, load_policy
 

@@ -76,6 +76,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from sandbus.host.sandbox.config import check_name_pattern, is_pattern
 from sandbus.sdk.errors import ManifestError, SecurityViolationError
@@ -989,13 +990,28 @@ def _raw_at(data: Any, loc: tuple[str | int, ...]) -> Any:
     return data
 
 
+#: Most errors of one manifest spelled out; beyond them, how many more there are.
+MAX_REPORTED_ERRORS = 50
+
+
 def _translate(
     exc: ValidationError, root: type[BaseModel], data: Mapping[str, Any], fail: _ErrorFactory
 ) -> Exception:
-    """Turn pydantic's first error into ``fail(message, dotted_key)``, worded in TOML terms
-    (tables, arrays, keys), with how many more errors there are."""
+    """Turn pydantic's errors into ``fail(message, dotted_key)``, worded in TOML terms (tables, arrays,
+    keys). The first error gives the key; every other one follows on a line of its own, ``[key]: what``,
+    up to :data:`MAX_REPORTED_ERRORS` of them, then how many more there are."""
     errors = exc.errors()
-    err = errors[0]
+    described = [_error_text(err, root, data) for err in errors[:MAX_REPORTED_ERRORS]]
+    key, message = described[0]
+    lines = [message] + [f"[{k}]: {m}" if k else m for k, m in described[1:]]
+    if len(errors) > len(described):
+        more = len(errors) - len(described)
+        lines.append(f"(and {more} more error{'s' if more > 1 else ''})")
+    return fail("\n".join(lines), key)
+
+
+def _error_text(err: ErrorDetails, root: type[BaseModel], data: Mapping[str, Any]) -> tuple[str | None, str]:
+    """One pydantic error as (dotted key, message in TOML terms)."""
     loc = tuple(err["loc"])
     if len(loc) > 1 and isinstance(_raw_at(data, loc[:-1]), str):
         loc = loc[:-1]  # shorthand ``dep = "^1.2"`` stands for ``dep = { version = "^1.2" }``
@@ -1041,10 +1057,7 @@ def _translate(
         index = next((p for p in loc if isinstance(p, int)), None)
         if index is not None:
             message = f"{keys[-1]}[{index}]: {message}"
-    if len(errors) > 1:
-        more = len(errors) - 1
-        message += f" (and {more} more error{'s' if more > 1 else ''})"
-    return fail(message, key)
+    return key, message
 
 
 def _manifest_error(path: str | None) -> _ErrorFactory:

@@ -234,12 +234,14 @@ def test_section_of_wrong_type(tmp_path: Path) -> None:
     assert "expected a table, found 5 (int)" in err.message
 
 
-def test_further_errors_are_counted(tmp_path: Path) -> None:
+def test_every_error_of_a_manifest_is_listed(tmp_path: Path) -> None:
     err = manifest_error(
         tmp_path, HEADER + '[resources]\nmemory_mb = "1"\nmax_fuel = "2"\nmax_instances = 0\n'
     )
     assert err.key == "resources.memory_mb"
-    assert err.message.endswith("(and 2 more errors)")
+    lines = err.message.splitlines()
+    assert lines[1:] == ["[resources.max_fuel]: expected an integer, found '2' (str)",
+                         "[resources.max_instances]: expected a value greater than 0, found 0 (int)"]
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path: Path) -> None:
