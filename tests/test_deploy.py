@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from sandbus.host.telemetry.config import metrics_configured, tracing_configured
+
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
@@ -140,10 +142,10 @@ def test_nats_cluster_routes_name_the_other_servers(compose: dict[str, Any]) -> 
     assert len(names) == len(nats), "server names must be unique in a cluster"
 
 
-def test_nodes_connect_to_the_nats_services_and_export_to_jaeger(compose: dict[str, Any]) -> None:
+def test_nodes_connect_to_the_nats_services(compose: dict[str, Any]) -> None:
     services = _services(compose)
     nats = _nats_services(compose)
-    nodes = {name: svc for name, svc in services.items() if "build" in svc}
+    nodes = _nodes(compose)
     assert nodes
     for name, svc in nodes.items():
         command = svc["command"]
@@ -154,16 +156,86 @@ def test_nodes_connect_to_the_nats_services_and_export_to_jaeger(compose: dict[s
             assert url.hostname in nats, f"{name}: --nats names {url.hostname}, not a NATS service"
             assert str(url.port) == _env(nats[url.hostname])["NATS_PORT"]
             assert url.hostname in svc["depends_on"]
+        assert set(svc["depends_on"]) <= set(services)
 
-        endpoint = urlsplit(_env(svc)["OTEL_EXPORTER_OTLP_ENDPOINT"])
-        assert endpoint.hostname in services, f"{name} exports to {endpoint.hostname}, not a service"
-        assert endpoint.hostname in svc["depends_on"]
+
+def _nodes(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services built from the repository: sandbus nodes."""
+    return {name: svc for name, svc in _services(compose).items() if "build" in svc}
+
+
+def _signal_endpoint(env: dict[str, str], signal: str) -> str:
+    """Where the OpenTelemetry exporter posts ``signal`` under ``env``: the per-signal variable as it is,
+    else the general one with ``/v1/<signal>`` appended (the OTLP exporter specification)."""
+    specific = env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+    if specific:
+        return specific
+    return env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + f"/v1/{signal}"
+
+
+def _published(service: dict[str, Any], container_port: int) -> bool:
+    return str(container_port) in {container for _, container in _host_ports(service)}
+
+
+def test_nodes_send_traces_to_jaeger(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    for name, svc in _nodes(compose).items():
+        env = _env(svc)
+        assert tracing_configured(env), f"{name} does not trace"
         # http/protobuf (the default protocol) is Jaeger's OTLP HTTP port
-        assert _env(svc).get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf") == "http/protobuf"
-        assert endpoint.port == 4318
+        assert env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env.get("OTEL_EXPORTER_OTLP_PROTOCOL",
+                                                                     "http/protobuf")) == "http/protobuf"
+        endpoint = urlsplit(_signal_endpoint(env, "traces"))
+        assert endpoint.hostname in services, f"{name} exports spans to {endpoint.hostname}, not a service"
+        assert endpoint.hostname in svc["depends_on"]
+        assert (endpoint.port, endpoint.path) == (4318, "/v1/traces")
         jaeger = services[str(endpoint.hostname)]
-        assert "4318" in {container for _, container in _host_ports(jaeger)}
+        assert str(jaeger["image"]).startswith("jaegertracing/")
         assert _env(jaeger)["COLLECTOR_OTLP_ENABLED"] == "true"
+        assert _published(jaeger, 4318), "clients on the host export their spans to Jaeger too"
+        assert _published(jaeger, 16686), "the UI, where `sandbus trace` links to"
+
+
+def test_nodes_send_metrics_to_prometheus_and_none_to_jaeger(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    for name, svc in _nodes(compose).items():
+        env = _env(svc)
+        assert metrics_configured(env), f"{name} sends no metrics"
+        assert env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", env.get("OTEL_EXPORTER_OTLP_PROTOCOL",
+                                                                      "http/protobuf")) == "http/protobuf"
+        endpoint = urlsplit(_signal_endpoint(env, "metrics"))
+        assert endpoint.hostname in services, f"{name} exports metrics to {endpoint.hostname}, not a service"
+        prometheus = services[str(endpoint.hostname)]
+        assert str(prometheus.get("image", "")).startswith("prom/prometheus:"), \
+            f"{name} sends metrics to {endpoint.hostname}, which is not Prometheus (Jaeger answers 404)"
+        assert endpoint.hostname in svc["depends_on"]
+        # Prometheus 3's OTLP receiver: switched on by a flag, on the path it serves
+        assert "--web.enable-otlp-receiver" in prometheus["command"]
+        assert (endpoint.port, endpoint.path) == (9090, "/api/v1/otlp/v1/metrics")
+        assert not any(str(a).startswith("--web.listen-address") for a in prometheus["command"])
+        interval = int(env.get("OTEL_METRIC_EXPORT_INTERVAL", "60000"))
+        assert 1000 <= interval <= 60000
+
+
+def test_prometheus_is_a_version_with_the_otlp_receiver_and_keeps_its_config_and_data(
+        compose: dict[str, Any]) -> None:
+    (prometheus,) = [svc for svc in _services(compose).values()
+                     if str(svc.get("image", "")).startswith("prom/prometheus:")]
+    tag = str(prometheus["image"]).split(":", 1)[1]
+    match = re.fullmatch(r"v(\d+)\.(\d+)\.(\d+)", tag)
+    assert match, f"pin an exact version, not {tag!r}"
+    assert int(match[1]) >= 3, "--web.enable-otlp-receiver came with Prometheus 3"
+    args = dict(a.split("=", 1) for a in prometheus["command"] if "=" in a)
+    mounts = dict((target, source) for source, target in _volume_mounts(prometheus))
+    config_source = mounts[args["--config.file"]]
+    assert config_source.startswith("./")
+    config = yaml.safe_load((DEPLOY / config_source).read_text(encoding="utf-8"))
+    assert {"service.name", "service.instance.id"} <= set(config["otlp"]["promote_resource_attributes"])
+    assert config["storage"]["tsdb"]["out_of_order_time_window"]
+    assert "scrape_configs" not in config, "the nodes push their metrics: nothing to scrape"
+    data = mounts[args["--storage.tsdb.path"]]
+    assert not data.startswith((".", "/")), "Prometheus keeps its data in a named volume"
+    assert _published(prometheus, 9090)
 
 
 # -- Dockerfile and .dockerignore ---------------------------------------------------------------------

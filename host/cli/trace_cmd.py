@@ -3,42 +3,73 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
-from rich.console import Console
 
-from sandbus.host.cli.bus import FunctionArg, PluginArg, RequestArg, TimeoutOpt, check_target, decode_reply
-from sandbus.host.cli.connect import NatsOpt, client_run
+from sandbus.host.cli.bus import FunctionArg, PluginArg, RequestArg, TimeoutOpt, bus_call, check_target, decode_reply
+from sandbus.host.cli.connect import Connection, with_connection
 from sandbus.host.cli.main import read_json_arg
 from sandbus.host.cli.output import markup_safe, terminal_json
-from sandbus.sdk.client import Client
 
-__all__ = ["MAX_SPANS", "MAX_TREE_DEPTH", "register", "trace_cmd"]
+if TYPE_CHECKING:
+    from sandbus.sdk.client import Client
+
+__all__ = ["MAX_JAEGER_URL", "MAX_SPANS", "MAX_TREE_DEPTH", "jaeger_base", "register", "trace_cmd"]
 
 
+#: the longest Jaeger URL taken (a link is printed, never fetched)
+MAX_JAEGER_URL = 2048
+
+
+def jaeger_base(value: str | None) -> str | None:
+    """Option callback: the Jaeger UI's base URL, checked (http or https, a host, no query, fragment or
+    credentials, no spaces or control characters), without its trailing slash."""
+    if value is None or value == "":
+        return None
+    if len(value) > MAX_JAEGER_URL or any(c.isspace() or not c.isprintable() for c in value):
+        raise typer.BadParameter("not a URL: too long, or it holds spaces or control characters")
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
+    except ValueError as e:
+        raise typer.BadParameter(f"not a URL: {e}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise typer.BadParameter(f"expected an http:// or https:// URL with a host, found {value!r}")
+    if url.query or url.fragment or url.username is not None or url.password is not None:
+        raise typer.BadParameter("the Jaeger URL takes no query, fragment or credentials")
+    return value.rstrip("/")
+
+
+JaegerOpt = Annotated[str | None, typer.Option(
+    "--jaeger", envvar="SANDBUS_JAEGER_URL", callback=jaeger_base, metavar="<url>",
+    help="Jaeger UI URL (e.g. http://127.0.0.1:16686): print the trace's full link.")]
+
+
+@with_connection
 def trace_cmd(
     plugin: PluginArg,
     function: FunctionArg = "handle_request",
     payload: RequestArg = "{}",
-    nats_url: NatsOpt = None,
     timeout: TimeoutOpt = 5.0,
+    jaeger: JaegerOpt = None,
+    *,
+    conn: Connection,
 ) -> None:
     """Send one traced request; print its trace id and the spans of the client and the serving node."""
-    check_target(plugin, function)
-    from opentelemetry import trace
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    check_target(plugin, function, "trace")
     from rich.tree import Tree
 
+    from sandbus.host.cli.client_otel import SERVICE_NAME
+    from sandbus.host.telemetry.client_export import client_tracer_provider
     from sandbus.host.telemetry.otel import SpanCollector
 
     data = read_json_arg(payload, "payload")
-    provider = TracerProvider(resource=Resource.create({"service.name": "sandbus-cli",
-                                                        "service.instance.id": "cli"}))
+    # The same provider client_run's export (with OTEL_* set) adds its exporter to.
+    provider = client_tracer_provider(SERVICE_NAME)
     collector = SpanCollector()
     provider.add_span_processor(collector)
-    trace.set_tracer_provider(provider)
 
     async def go(c: Client) -> tuple[int, bytes, dict[str, str], list[dict[str, Any]]]:
         with provider.get_tracer("sandbus.cli").start_as_current_span(f"sandbus trace {plugin}.{function}") as root:
@@ -47,9 +78,12 @@ def trace_cmd(
             reply, headers, spans = await c.trace_request(plugin, function, data, timeout=timeout)
         return trace_id, reply, headers, spans
 
-    trace_id, reply, headers, node_spans = client_run(go, nats_url)
-    spans = collector.take(trace_id) + _valid_spans(node_spans)
-    typer.echo(f"trace id {trace_id:032x}  (Jaeger: /trace/{trace_id:032x})")
+    trace_id, reply, headers, node_spans = bus_call(go, conn)
+    client_spans = collector.take(trace_id)
+    for s in client_spans:  # this process is the client: named by its service, not its random instance id
+        s["service"] = provider.resource.attributes.get("service.name", SERVICE_NAME)
+    spans = client_spans + _valid_spans(node_spans)
+    typer.echo(f"trace id {trace_id:032x}  (Jaeger: {jaeger or ''}/trace/{trace_id:032x})")
     by_parent: dict[str | None, list[dict[str, Any]]] = {}
     ids = {s["span_id"] for s in spans}
     for s in spans:
@@ -66,6 +100,8 @@ def trace_cmd(
                 continue
             shown.add(s["span_id"])
             stack.append((node.add(_span_label(s)), s["span_id"], depth + 1))
+    from rich.console import Console  # only here: `sandbus --help` registers this command
+
     Console(stderr=True).print(tree)
     decode_reply(reply)
     sys.stdout.buffer.write(terminal_json(reply) + b"\n")

@@ -2,6 +2,9 @@
 
 The modules, from the node's side to the collector's:
 
+* :mod:`~sandbus.host.telemetry.config` -- which signals the ``OTEL_*`` variables switch on
+  (:func:`tracing_configured`, :func:`metrics_configured`), read without the SDK: the CLI's client
+  commands decide with it before importing anything of OpenTelemetry.
 * :mod:`~sandbus.host.telemetry.otel` -- :class:`Telemetry`, the OpenTelemetry SDK setup of a node (tracer,
   meters, exporters, audit events as span events) and the spans of everything the fast path does not
   take; :class:`SpanCollector` keeps the spans ``sandbus trace`` shows.
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING
 from sandbus._lazy import lazy_attributes
 
 if TYPE_CHECKING:
+    from sandbus.host.telemetry.config import metrics_configured, tracing_configured
     from sandbus.host.telemetry.export import (
         LATENCY_BOUNDS,
         ExporterProcess,
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
         SpanEncoder,
     )
     from sandbus.host.telemetry.fast_spans import FastSpans, RequestTrace, parse_traceparent, sampler_from_env
-    from sandbus.host.telemetry.otel import SpanCollector, Telemetry, tracing_configured
+    from sandbus.host.telemetry.otel import SpanCollector, Telemetry
 
 __all__ = [
     "ExporterProcess",
@@ -47,6 +51,7 @@ __all__ = [
     "SpanCollector",
     "SpanEncoder",
     "Telemetry",
+    "metrics_configured",
     "parse_traceparent",
     "sampler_from_env",
     "tracing_configured",
@@ -63,9 +68,10 @@ _WHERE = {
     "SpanCollector": "sandbus.host.telemetry.otel",
     "SpanEncoder": "sandbus.host.telemetry.export",
     "Telemetry": "sandbus.host.telemetry.otel",
+    "metrics_configured": "sandbus.host.telemetry.config",
     "parse_traceparent": "sandbus.host.telemetry.fast_spans",
     "sampler_from_env": "sandbus.host.telemetry.fast_spans",
-    "tracing_configured": "sandbus.host.telemetry.otel",
+    "tracing_configured": "sandbus.host.telemetry.config",
 }
 
 if not TYPE_CHECKING:  # type checkers see the imports above, and an unknown name is an error to them

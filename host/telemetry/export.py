@@ -4,7 +4,7 @@ The node writes batches to the process's stdin, each framed as a 4-byte big-endi
 orjson document ``{"requests": [record...], "latencies": [[plugin, seconds]...]}``. A record is:
 
     [trace_id_hex, parent_span_id_hex | null, tracestate | null, process_span_id, execute_span_id
-     (0, 0: made here),
+     (the node's, so a reply can name its span; 0, 0: made here),
      start_ns, end_ns, subject, queue_group, message_id | null, body_size, plugin, version, function,
      execute_start_ns, execute_end_ns, [fuel, memory_bytes, seconds] | null,
      [error_type, message] | null, [[time_ns, event_name, {attributes}]...] | null]
@@ -12,8 +12,8 @@ orjson document ``{"requests": [record...], "latencies": [[plugin, seconds]...]}
 The process encodes each record as a ``process`` CONSUMER span and an ``execute`` INTERNAL span,
 posts them with the OTLP/HTTP exporter client the ``OTEL_*`` variables configure, and keeps
 ``sandbus.call.duration`` (the node's latency histogram: it sees every call's latency), exported as
-OTLP metrics every ``OTEL_METRIC_EXPORT_INTERVAL``. It exits when stdin closes, after exporting what
-it has: the node closing the pipe, or dying, ends it.
+OTLP metrics every ``OTEL_METRIC_EXPORT_INTERVAL`` when metrics are on (host/telemetry/config.py).
+It exits when stdin closes, after exporting what it has: the node closing the pipe, or dying, ends it.
 
     python -m sandbus.host.telemetry.export '<resource attributes as JSON>'
 
@@ -66,6 +66,7 @@ from typing import Any, Protocol
 import orjson
 
 from sandbus.host.telemetry import otlp_wire as wire
+from sandbus.host.telemetry.config import metrics_configured
 from sandbus.sdk.tracing import MAX_TRACESTATE, TRACER_NAME
 
 __all__ = ["LATENCY_BOUNDS", "Encoder", "ExporterProcess", "LatencyHistogram", "SdkSpanEncoder", "SpanEncoder",
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     histogram = LatencyHistogram(resource_attrs)
     stop = threading.Event()
     metrics_thread: threading.Thread | None = None
-    if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() != "none":
+    if metrics_configured():  # the same switch as the node's meters (host/telemetry/config.py)
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
         metric_exporter = OTLPMetricExporter()

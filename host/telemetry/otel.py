@@ -1,11 +1,13 @@
 """Traces and metrics of a node, exported over OTLP, configured by the standard ``OTEL_*`` variables.
 
-Tracing is on when an exporter is configured: ``OTEL_TRACES_EXPORTER`` (``otlp``, ``console``,
-``none``) or an OTLP endpoint (``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``..._TRACES_ENDPOINT``).
-``OTEL_EXPORTER_OTLP_PROTOCOL`` picks ``http/protobuf`` (default) or ``grpc`` (needs the optional
-``opentelemetry-exporter-otlp-proto-grpc``). Sampling follows ``OTEL_TRACES_SAMPLER`` /
-``OTEL_TRACES_SAMPLER_ARG`` (default ``parentbased_always_on``). ``OTEL_SDK_DISABLED=true`` turns it
-all off. With tracing off the node takes no span path at all: a flag check per request.
+Traces and metrics are switched on each by its own variables (host/telemetry/config.py): an exporter
+(``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER``; ``none`` turns one off) or an OTLP endpoint that
+applies to the signal (``OTEL_EXPORTER_OTLP_ENDPOINT``, or ``..._TRACES_ENDPOINT`` / ``..._METRICS_ENDPOINT``).
+``OTEL_EXPORTER_OTLP_PROTOCOL`` (or the per-signal ``..._TRACES_PROTOCOL`` / ``..._METRICS_PROTOCOL``)
+picks ``http/protobuf`` (default) or ``grpc`` (needs the optional ``opentelemetry-exporter-otlp-proto-grpc``).
+Sampling follows ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (default ``parentbased_always_on``).
+``OTEL_SDK_DISABLED=true`` turns it all off. With tracing off the node takes no span path at all: a flag
+check per request (and ``sandbus.call.duration``, recorded on the span path, is then not kept).
 
 Requests served inline are traced without the SDK's per-span cost (host/telemetry/fast_spans.py): same
 spans, same exporter settings, encoded and sent by an exporter process of the node's
@@ -30,13 +32,14 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, Span, SpanKind
 
 from sandbus.host.sandbox import AuditEvent, AuditLevel
+from sandbus.host.telemetry.config import metrics_configured, tracing_configured
 from sandbus.host.telemetry.export import LATENCY_BOUNDS
+from sandbus.host.telemetry.exporters import metric_exporter, service_resource, span_exporter
 from sandbus.host.telemetry.fast_spans import MAX_MESSAGE_ID, FastSpans
 from sandbus.sdk.tracing import TRACER_NAME, extract, messaging_attributes, record_error
 
@@ -46,34 +49,6 @@ if TYPE_CHECKING:  # `sandbus trace` (a client command) uses SpanCollector witho
 __all__ = ["SpanCollector", "Telemetry", "tracing_configured"]
 
 log = logging.getLogger("sandbus.telemetry")
-
-
-def tracing_configured(env: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if env is None else env
-    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return False
-    exporter = env.get("OTEL_TRACES_EXPORTER", "").lower()
-    if exporter:
-        return exporter != "none"
-    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-
-
-def _exporter() -> SpanExporter:
-    kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")[0]
-    if kind == "console":
-        return ConsoleSpanExporter()
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-    if protocol == "grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
-        except ImportError as e:
-            raise RuntimeError("OTLP over gRPC needs: pip install opentelemetry-exporter-otlp-proto-grpc") from e
-        exporter: SpanExporter = Grpc()
-        return exporter
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return OTLPSpanExporter()
 
 
 class SpanCollector(SpanProcessor):
@@ -109,7 +84,7 @@ def _summary(span: ReadableSpan) -> dict[str, Any]:
         "name": span.name,
         "span_id": format(ctx.span_id, "016x") if ctx else None,
         "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
-        "service": span.resource.attributes.get("service.instance.id"),
+        "service": span.resource.attributes.get("service.instance.id") or span.resource.attributes.get("service.name"),
         "duration_ms": round((end - start) / 1e6, 3),
         "attributes": {k: v for k, v in (span.attributes or {}).items() if not k.startswith("messaging.message")},
         "events": [e.name for e in span.events],
@@ -120,7 +95,7 @@ class Telemetry:
     """One node's tracer and meters.
 
     Parameters:
-        service_name: ``service.name`` (``OTEL_SERVICE_NAME`` wins when set).
+        service_name: ``service.name`` unless ``OTEL_SERVICE_NAME`` or ``OTEL_RESOURCE_ATTRIBUTES`` sets it.
         instance_id: ``service.instance.id`` (the node id).
         enabled: force on/off; default: :func:`tracing_configured`.
         extra_processors: more span processors (tests and ``sandbus trace`` use in-memory ones).
@@ -132,12 +107,14 @@ class Telemetry:
         self.enabled = tracing_configured() if enabled is None else enabled
         self.provider: TracerProvider | None = None
         self.collector = SpanCollector()
-        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name),
-                                   "service.instance.id": instance_id})
+        resource = service_resource(service_name, {"service.instance.id": instance_id})
         if self.enabled:
             self.provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
             if export and tracing_configured():
-                self.provider.add_span_processor(BatchSpanProcessor(_exporter()))
+                try:
+                    self.provider.add_span_processor(BatchSpanProcessor(span_exporter()))
+                except RuntimeError as e:
+                    log.error("spans are not exported: %s", e)
             for p in [self.collector, *(extra_processors or [])]:
                 self.provider.add_span_processor(p)
             if set_global:
@@ -147,14 +124,16 @@ class Telemetry:
         else:
             self.tracer = trace.NoOpTracer()
         self.meter_provider: MeterProvider | None = None
-        if self.enabled and export and tracing_configured() and \
-                os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() != "none":
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-            reader = PeriodicExportingMetricReader(OTLPMetricExporter())
-            self.meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
-            if set_global:
-                metrics.set_meter_provider(self.meter_provider)
+        # Metrics have their own switch: a traces-only setup (Jaeger takes no metrics) sends none.
+        if export and metrics_configured():
+            try:
+                reader = PeriodicExportingMetricReader(metric_exporter())
+            except RuntimeError as e:
+                log.error("metrics are not exported: %s", e)
+            else:
+                self.meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+                if set_global:
+                    metrics.set_meter_provider(self.meter_provider)
         meter = (self.meter_provider or metrics.get_meter_provider()).get_meter(TRACER_NAME)
         self.meter = meter
         self._latency = meter.create_histogram("sandbus.call.duration", unit="s",

@@ -275,10 +275,11 @@ def test_the_encoder_comes_from_the_environment() -> None:
 
 def test_telemetry_exports_its_public_names_sorted() -> None:
     assert telemetry.__all__ == sorted(telemetry.__all__)
-    from sandbus.host.telemetry import export, fast_spans, otel
+    from sandbus.host.telemetry import config, export, fast_spans, otel
 
     for name in telemetry.__all__:
-        assert any(getattr(telemetry, name) is getattr(m, name, None) for m in (export, fast_spans, otel)), name
+        assert any(getattr(telemetry, name) is getattr(m, name, None)
+                   for m in (config, export, fast_spans, otel)), name
     assert {"Telemetry", "FastSpans", "RequestTrace", "ExporterProcess", "SpanEncoder"} <= set(telemetry.__all__)
 
 

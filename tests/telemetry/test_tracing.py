@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gzip
+import re
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -27,6 +23,7 @@ from sandbus.bus.server import NatsServer
 from sandbus.sdk.client import Client
 from sandbus.sdk.errors import ExecutionTimeoutError, SecurityViolationError
 from tests.bus.conftest import POLICY, RECORDER_TOML, SPINNER_TOML, NodeProcess
+from tests.telemetry.otlp_receiver import Receiver
 
 WATCHER_TOML = """
 [plugin]
@@ -43,97 +40,9 @@ topics = ["seen.*"]
 """
 
 
-class Receiver:
-    """An OTLP/HTTP trace receiver: decodes every export into plain dicts."""
-
-    def __init__(self) -> None:
-        self.spans: list[dict[str, Any]] = []
-        self.metrics: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                if self.path == "/v1/metrics":
-                    mreq = ExportMetricsServiceRequest()
-                    mreq.ParseFromString(body)
-                    receiver._add_metrics(mreq)
-                else:
-                    req = ExportTraceServiceRequest()
-                    req.ParseFromString(body)
-                    receiver._add(req)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def _add(self, req: ExportTraceServiceRequest) -> None:
-        out = []
-        for rs in req.resource_spans:
-            res = {a.key: _value(a.value) for a in rs.resource.attributes}
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    out.append({
-                        "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
-                        "parent": s.parent_span_id.hex() or None, "name": s.name, "kind": s.kind,
-                        "attributes": {a.key: _value(a.value) for a in s.attributes},
-                        "events": [{"name": e.name, "attributes": {a.key: _value(a.value) for a in e.attributes}}
-                                   for e in s.events],
-                        "links": [ln.span_id.hex() for ln in s.links],
-                        "service": res.get("service.name"), "instance": res.get("service.instance.id"),
-                    })
-        with self.lock:
-            self.spans.extend(out)
-
-    def _add_metrics(self, req: ExportMetricsServiceRequest) -> None:
-        with self.lock:
-            for rm in req.resource_metrics:
-                res = {a.key: _value(a.value) for a in rm.resource.attributes}
-                for sm in rm.scope_metrics:
-                    for m in sm.metrics:
-                        kind = m.WhichOneof("data")
-                        for dp in getattr(m, kind).data_points:
-                            attrs = {a.key: _value(a.value) for a in dp.attributes}
-                            value = dp.as_int if kind == "sum" and dp.HasField("as_int") else (
-                                dp.count if kind == "histogram" else getattr(dp, dp.WhichOneof("value")))
-                            self.metrics.append({"name": m.name, "instance": res.get("service.instance.id"),
-                                                 "plugin": attrs.get("sandbus.plugin.name"), "value": value})
-
-    def trace(self, trace_id: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [s for s in self.spans if s["trace_id"] == trace_id]
-
-    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; have {len(self.spans)} spans")
-            time.sleep(0.02)  # the exporters post from their own threads
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
 def _has_names(receiver: Receiver, trace_id: str, names: set[str]) -> bool:
     """Whether the receiver has spans of every name in ``names`` in the trace."""
     return names <= {s["name"] for s in receiver.trace(trace_id)}
-
-
-def _value(v: Any) -> Any:
-    return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
 
 
 @pytest.fixture(scope="session")
@@ -293,9 +202,30 @@ async def test_metrics_are_exported_per_plugin(two_nodes: tuple[NatsServer, Any,
         return max(got, default=0)
 
     receiver.wait_for(lambda: calls() >= 5, 20, "sandbus.calls for rec_a")
-    names = {m["name"] for m in receiver.metrics if m["instance"] == "node-b"}
-    assert {"sandbus.call.duration", "sandbus.call.fuel", "sandbus.plugin.in_flight",
-            "sandbus.plugin.queue_depth", "sandbus.plugin.memory"} <= names
+    documented = _documented_metrics()
+    assert len(documented) == 7
+
+    def names() -> set[str]:
+        with receiver.lock:
+            return {m["name"] for m in receiver.metrics if m["instance"] == "node-b"}
+
+    receiver.wait_for(lambda: documented <= names(), 20, f"every documented metric: {documented}")
+    assert {n for n in names() if n.startswith("sandbus.")} == documented, "a metric docs/telemetry.md does not list"
+    with receiver.lock:
+        seen = {m["name"]: m for m in receiver.metrics if m["instance"] == "node-b" and m["plugin"] == "rec_a"}
+    assert seen["sandbus.call.duration"]["kind"] == "histogram"
+    assert seen["sandbus.call.duration"]["unit"] == "s"
+    assert seen["sandbus.calls"]["kind"] == "sum"
+    assert seen["sandbus.calls"]["monotonic"] is True
+    assert seen["sandbus.plugin.memory"]["kind"] == "gauge"
+    assert seen["sandbus.plugin.memory"]["unit"] == "By"
+
+
+def _documented_metrics() -> set[str]:
+    """The metric names of docs/telemetry.md's table (its first column, under the Metrics heading)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "telemetry.md").read_text(encoding="utf-8")
+    section = text.split("\n## Metrics", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(sandbus\.[a-z_.]+)` \|", section, re.MULTILINE))
 
 
 async def test_inline_requests_are_traced_without_the_sdk(two_nodes: tuple[NatsServer, Any, Any],
