@@ -1,7 +1,10 @@
 """Requests through a host node to the wasm echo plugin vs a bare nats-py echo responder, side by side.
 
-Both responders run as separate processes against the same nats-server; the same client process
-drives both at concurrency 1, 64 and 256 with 100-byte payloads. Then durable topic delivery
+The responders run as separate processes against the same nats-server; the same client process
+drives them at concurrency 1, 64 and 256 with 100-byte payloads. Two bare responders: one replies
+with the body only, one also with the headers a node's successful reply carries (``Content-Type``,
+``Sandbus-Node``): a nats-py client spends a few microseconds parsing a reply's headers, which the
+first comparison counts against the node and the second does not. Then durable topic delivery
 (publish -> JetStream -> plugin -> ack) vs bare JetStream publish+ack.
 
     python bench/bench_bus.py [--quick]
@@ -31,15 +34,19 @@ sys.path.insert(0, str(ROOT))
 
 from sandbus.bus.server import NatsServer  # noqa: E402
 from sandbus.sdk.client import Client  # noqa: E402
-from sandbus.sdk.envelope import PluginMessage  # noqa: E402
+from sandbus.sdk.envelope import ENVELOPE, encode_message  # noqa: E402
 
 BARE = """
 import asyncio, sys, nats
 async def main():
     nc = await nats.connect(sys.argv[1])
+    headers = {"Content-Type": "application/json", "Sandbus-Node": "bare"}
     async def cb(msg):
         await nc.publish(msg.reply, msg.data)
+    async def cb_headers(msg):
+        await nc.publish(msg.reply, msg.data, headers=headers)
     await nc.subscribe("bench.echo", queue="bench", cb=cb)
+    await nc.subscribe("bench.echo_headers", queue="bench", cb=cb_headers)
     print("ready", flush=True)
     await asyncio.Event().wait()
 asyncio.run(main())
@@ -127,27 +134,31 @@ async def load(url: str, subject: str, concurrency: int, duration: float) -> tup
 Stats = tuple[float, float, float]
 
 
-def alternate(url: str, a: str, b: str, concurrency: int, duration: float,
-              rounds: int) -> tuple[Stats, Stats, tuple[float, float, float]]:
-    """Median (req/s, p50, p99) of ``a`` and of ``b``, measured in alternating runs, and the
-    (median, lowest, highest) of the throughput ratios b/a of the runs taken back to back.
+def alternate(url: str, subjects: list[str], concurrency: int, duration: float,
+              rounds: int) -> tuple[list[Stats], list[tuple[float, float, float]]]:
+    """Median (req/s, p50, p99) of each subject, measured in alternating runs, and for each subject the
+    (median, lowest, highest) of the throughput ratios last/it of the runs taken side by side.
 
     This machine's speed drifts by tens of percent over seconds (a shared 2-vCPU VM): alternating
-    short runs exposes both sides to the same drift, which one long run of each does not, and the
-    ratio of two neighbouring runs cancels most of what drift is left.
+    short runs exposes every side to the same drift, which one long run of each does not, and the
+    ratio of neighbouring runs cancels most of what drift is left.
     """
-    runs: dict[str, list[Stats]] = {a: [], b: []}
+    runs: dict[str, list[Stats]] = {s: [] for s in subjects}
     for i in range(rounds):
-        # ABBA order: neither side always runs first (warm caches, a drift within the pair)
-        for subject in ((a, b) if i % 2 == 0 else (b, a)):
+        # forwards, then backwards: no side always runs first (warm caches, a drift within the round)
+        for subject in (subjects if i % 2 == 0 else subjects[::-1]):
             runs[subject].append(asyncio.run(load(url, subject, concurrency, duration)))
 
     def median(samples: list[Stats]) -> Stats:
         return (statistics.median(x[0] for x in samples), statistics.median(x[1] for x in samples),
                 statistics.median(x[2] for x in samples))
 
-    ratios = [y[0] / x[0] for x, y in zip(runs[a], runs[b], strict=True)]
-    return median(runs[a]), median(runs[b]), (statistics.median(ratios), min(ratios), max(ratios))
+    last = runs[subjects[-1]]
+    ratios = []
+    for subject in subjects:
+        rs = [y[0] / x[0] for x, y in zip(runs[subject], last, strict=True)]
+        ratios.append((statistics.median(rs), min(rs), max(rs)))
+    return [median(runs[s]) for s in subjects], ratios
 
 
 async def spans_dropped(url: str, node_id: str) -> int:
@@ -188,7 +199,7 @@ async def durable_topics(url: str, n: int, *, sdk_client: bool) -> float:
         js = c.nc.jetstream()
         start_seq = (await js.consumer_info("SANDBUS_TOPICS", "plugin-echo_topics")).delivered.stream_seq
         sem = asyncio.Semaphore(64)
-        envelopes = [PluginMessage.encode({"i": i}, topic="bench.created") for i in range(n)]
+        envelopes = [encode_message({"i": i}, topic="bench.created") for i in range(n)]
 
         async def one(i: int) -> None:
             async with sem:
@@ -196,7 +207,8 @@ async def durable_topics(url: str, n: int, *, sdk_client: bool) -> float:
                     await c.publish("bench.created", {"i": i})
                 else:
                     message_id, data = envelopes[i]
-                    await js.publish("sandbus.topic.bench.created", data, headers={"Nats-Msg-Id": message_id})
+                    await js.publish("sandbus.topic.bench.created", data,
+                                     headers={**ENVELOPE, "Nats-Msg-Id": message_id})
 
         t = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(n)))
@@ -229,7 +241,7 @@ def main() -> None:
     shutil.copy(ROOT / "plugins" / "build" / "echo.wasm", traced / "echo_traced.wasm")
     (traced / "echo_traced.toml").write_text((ROOT / "plugins" / "build" / "echo.toml").read_text()
                                              .replace('name = "echo"', 'name = "echo_traced"'))
-    console = Console(width=140)
+    console = Console(width=160)
     with NatsServer(store_dir=work / "nats") as server:
         bare = start([sys.executable, "-c", BARE, server.url], "ready", work / "bare.log")
         # The collector is a process of its own, as in production: it must not slow the client down.
@@ -240,14 +252,16 @@ def main() -> None:
         try:
             table = Table(title=f"request/reply, 100 B payloads, {rounds} alternating {duration:g} s runs per cell "
                                 f"(medians; client: one Python process)")
-            for col in ("concurrency", "bare req/s", "bare p50 ms", "bare p99 ms", "node+wasm req/s",
-                        "node p50 ms", "node p99 ms", "throughput ratio", "ratio range", "p99 ratio"):
+            for col in ("c", "bare req/s", "bare+hdrs req/s", "node req/s", "node p50 ms", "node p99 ms",
+                        "node÷bare", "range", "node÷bare+hdrs", "range", "p99÷bare p99"):
                 table.add_column(col, justify="right")
             for c in (1, 64, 256) if "requests" in parts else ():
-                b, s, r = alternate(server.url, "bench.echo", "sandbus.req.echo.handle_request", c, duration,
-                                    rounds)
-                table.add_row(str(c), f"{b[0]:,.0f}", f"{b[1]:.2f}", f"{b[2]:.2f}", f"{s[0]:,.0f}", f"{s[1]:.2f}",
-                              f"{s[2]:.2f}", f"{r[0]:.2f}×", f"{r[1]:.2f}–{r[2]:.2f}", f"{s[2] / b[2]:.2f}×")
+                (b, bh, node_stats), (r, rh, _) = alternate(server.url, ["bench.echo", "bench.echo_headers",
+                                                                "sandbus.req.echo.handle_request"], c, duration, rounds)
+                n = node_stats
+                table.add_row(str(c), f"{b[0]:,.0f}", f"{bh[0]:,.0f}", f"{n[0]:,.0f}", f"{n[1]:.2f}", f"{n[2]:.2f}",
+                              f"{r[0]:.2f}×", f"{r[1]:.2f}–{r[2]:.2f}", f"{rh[0]:.2f}×", f"{rh[1]:.2f}–{rh[2]:.2f}",
+                              f"{n[2] / b[2]:.2f}×")
             if "requests" in parts:
                 console.print(table)
                 console.print("targets: throughput ≥ 0.85× bare at c=64 and c=256; p99 ≤ 1.5× bare")
@@ -261,8 +275,9 @@ def main() -> None:
                     for col in ("tracing off req/s", "tracing on req/s", "ratio", "ratio range", "spans per request",
                             "spans dropped"):
                         t3.add_column(col, justify="right")
-                    off, on, r = alternate(server.url, "sandbus.req.echo.handle_request",
-                                           "sandbus.req.echo_traced.handle_request", 64, duration, rounds)
+                    (off, on), (r, _) = alternate(server.url, ["sandbus.req.echo.handle_request",
+                                                              "sandbus.req.echo_traced.handle_request"], 64, duration,
+                                                  rounds)
                     dropped = asyncio.run(spans_dropped(server.url, "bench-traced"))
                     t3.add_row(f"{off[0]:,.0f}", f"{on[0]:,.0f}", f"{r[0]:.2f}×", f"{r[1]:.2f}–{r[2]:.2f}",
                                "2 (process + execute)", f"{dropped:,}")
@@ -271,11 +286,11 @@ def main() -> None:
                 finally:
                     stop(traced_node)
             if "durable" in parts:
-                n = 2000 if args.quick else 10000
-                js_bare = asyncio.run(bare_jetstream(server.url, n))
-                js_node = asyncio.run(durable_topics(server.url, n, sdk_client=False))
-                js_sdk = asyncio.run(durable_topics(server.url, n, sdk_client=True))
-                t2 = Table(title=f"durable topics, {n:,} messages, 64 publishes in flight")
+                count = 2000 if args.quick else 10000
+                js_bare = asyncio.run(bare_jetstream(server.url, count))
+                js_node = asyncio.run(durable_topics(server.url, count, sdk_client=False))
+                js_sdk = asyncio.run(durable_topics(server.url, count, sdk_client=True))
+                t2 = Table(title=f"durable topics, {count:,} messages, 64 publishes in flight")
                 for col in ("bare JetStream publish+ack msg/s", "publish → plugin → ack msg/s", "ratio",
                             "same, published with sandbus Client msg/s", "ratio"):
                     t2.add_column(col, justify="right")
