@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandbus.bus.wire import server_info_problem
 from sandbus.sdk.errors import BusError
+from sandbus.sdk.nats_auth import auth_kwargs, tls_context
 from sandbus.sdk.nats_guard import MAX_OUTSTANDING_PINGS, PING_INTERVAL_S, GuardedNatsClient
 
 __all__ = ["ConnectOptions", "TlsStrictClient", "connect", "is_permanent", "shown_servers"]
@@ -67,14 +68,6 @@ class ConnectOptions(BaseModel):
             raise ValueError("no NATS server URL given")
         return cls(servers=servers, **kwargs)
 
-    def _tls(self) -> ssl.SSLContext | None:
-        if not (self.tls_ca or self.tls_cert):
-            return None
-        ctx = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
-        if self.tls_cert:
-            ctx.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
-        return ctx
-
     def kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "servers": list(self.servers),
@@ -87,20 +80,9 @@ class ConnectOptions(BaseModel):
             "ping_interval": self.ping_interval_s,
             "max_outstanding_pings": self.max_outstanding_pings,
         }
-        if self.user is not None:
-            kw["user"] = self.user
-            kw["password"] = self.password
-        if self.token is not None:
-            kw["token"] = self.token
-        if self.creds is not None:
-            kw["user_credentials"] = str(self.creds)
-        if self.nkey_seed is not None:
-            kw["nkeys_seed"] = str(self.nkey_seed)
-        tls = self._tls()
-        if tls is not None:
-            kw["tls"] = tls
-        if self.tls_first:
-            kw["tls_handshake_first"] = True
+        kw.update(auth_kwargs(user=self.user, password=self.password, token=self.token, creds=self.creds,
+                              nkey_seed=self.nkey_seed, tls=tls_context(self.tls_ca, self.tls_cert, self.tls_key),
+                              tls_first=self.tls_first))
         return kw
 
 

@@ -51,6 +51,7 @@ import typer
 from sandbus.host.cli.client_otel import client_tracing
 from sandbus.host.cli.main import EXIT_USAGE, exit_code_for, fail
 from sandbus.sdk.errors import BusError, SandbusError
+from sandbus.sdk.nats_auth import auth_kwargs, tls_context
 
 if TYPE_CHECKING:
     from sandbus.bus.connection import ConnectOptions
@@ -128,30 +129,12 @@ class Connection:
         return replace(self, servers=_split_servers(url, url_from), url_from=url_from)
 
     def tls_context(self) -> ssl.SSLContext | None:
-        if not (self.tls_ca or self.tls_cert):
-            return None
-        ctx = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
-        if self.tls_cert:
-            ctx.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
-        return ctx
+        return tls_context(self.tls_ca, self.tls_cert, self.tls_key)
 
     def nats_kwargs(self) -> dict[str, Any]:
         """Authentication and TLS as ``nats.connect`` keyword arguments (servers not included)."""
-        kw: dict[str, Any] = {}
-        if self.user is not None:
-            kw["user"], kw["password"] = self.user, self.password
-        if self.token is not None:
-            kw["token"] = self.token
-        if self.creds is not None:
-            kw["user_credentials"] = str(self.creds)
-        if self.nkey is not None:
-            kw["nkeys_seed"] = str(self.nkey)
-        tls = self.tls_context()
-        if tls is not None:
-            kw["tls"] = tls
-        if self.tls_first:
-            kw["tls_handshake_first"] = True
-        return kw
+        return auth_kwargs(user=self.user, password=self.password, token=self.token, creds=self.creds,
+                           nkey_seed=self.nkey, tls=self.tls_context(), tls_first=self.tls_first)
 
     def connect_options(self, **kwargs: Any) -> ConnectOptions:
         """The node's :class:`~sandbus.bus.connection.ConnectOptions` (imported here: client commands never
