@@ -28,8 +28,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sandbus.bus.server import NatsServer
-from tests.bus.conftest import NodeProcess
+from tests.bus.conftest import example_plugins, served
 
 pytestmark = pytest.mark.slow
 
@@ -119,21 +118,8 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Venv:
 def node_url(tmp_path_factory: pytest.TempPathFactory, plugins_dir: Path) -> Iterator[str]:
     """A nats-server and a node serving echo, both run from the checkout (stopped by PID)."""
     base = tmp_path_factory.mktemp("node")
-    plugins = base / "plugins"
-    plugins.mkdir()
-    for ext in ("wasm", "toml"):
-        shutil.copy(plugins_dir / f"echo.{ext}", plugins / f"echo.{ext}")
-    (base / "policy.toml").write_text('[capabilities]\nallowed = ["compute"]\n')
-    server = NatsServer(jetstream=True).start()
-    node = None
-    try:
-        node = NodeProcess("pkg-node", plugins, server.url, base / "node.log")
-        node.wait_ready()
-        yield server.url
-    finally:
-        if node is not None:
-            node.terminate()
-        server.stop()
+    with served("pkg-node", example_plugins(base, plugins_dir), base / "node.log") as (url, _):
+        yield url
 
 
 def test_wheel_holds_only_the_sandbus_package(wheel: Path) -> None:

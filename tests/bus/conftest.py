@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -127,6 +128,45 @@ class NodeProcess:
         self.proc.kill()
         self.proc.wait(timeout=10)
 
+
+
+def example_plugins(base: Path, plugins_dir: Path, names: tuple[str, ...] = ("echo",),
+                    policy: str = '[capabilities]\nallowed = ["compute"]\n') -> Path:
+    """``base/plugins`` holding copies of the built example plugins ``names``, and ``base/policy.toml``
+    (where :class:`NodeProcess` looks for it)."""
+    plugins = base / "plugins"
+    plugins.mkdir()
+    for name in names:
+        for ext in ("wasm", "toml"):
+            shutil.copy(plugins_dir / f"{name}.{ext}", plugins / f"{name}.{ext}")
+    (base / "policy.toml").write_text(policy)
+    return plugins
+
+
+@contextlib.contextmanager
+def served(node_id: str, plugins: Path, log: Path, *, jetstream: bool = True,
+           env: dict[str, str] | None = None) -> Iterator[tuple[str, NodeProcess]]:
+    """A nats-server and a ready node serving ``plugins``: (the server's URL, the node); both stopped by PID."""
+    server = NatsServer(jetstream=jetstream).start()
+    node: NodeProcess | None = None
+    try:
+        node = NodeProcess(node_id, plugins, server.url, log, env=env)
+        node.wait_ready()
+        yield server.url, node
+    finally:
+        if node is not None:
+            node.terminate()
+        server.stop()
+
+
+async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Wait until ``condition()`` holds, at most ``timeout`` seconds (then fail naming ``what``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)  # yields to the NATS callbacks that change the condition
 
 @pytest.fixture
 def start_node(bus_plugins: Path, tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:

@@ -18,7 +18,7 @@ from sandbus.sdk.errors import (
     SecurityViolationError,
     UnknownFunctionError,
 )
-from tests.bus.conftest import NodeProcess
+from tests.bus.conftest import NodeProcess, until
 
 StartNode = Callable[[str, str], NodeProcess]
 
@@ -33,13 +33,6 @@ async def collect(client: Client, subject: str) -> tuple[list[dict[str, Any]], A
     return seen, sub
 
 
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)  # yields to the NATS callbacks that change the condition
 
 
 async def test_request_reply_through_a_node(nats_server: NatsServer, start_node: StartNode) -> None:

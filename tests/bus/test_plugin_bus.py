@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,19 +32,11 @@ from sandbus.sdk.errors import (
     SandbusError,
 )
 from sandbus.sdk.subjects import audit_subject, check_token, control_subject, dlq_subject, request_subject
-from tests.bus.conftest import ROOT
+from tests.bus.conftest import ROOT, until
 
 NODE = "bus-test"
 
 
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait for ``condition``, bounded."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)  # yields to the NATS callbacks that change the condition
 
 
 @dataclass

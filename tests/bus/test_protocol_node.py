@@ -25,7 +25,7 @@ from sandbus.sdk.audit import AuditLevel
 from sandbus.sdk.client import Client
 from sandbus.sdk.envelope import ENVELOPE_CONTENT_TYPE
 from sandbus.sdk.errors import NodeIdInUseError, RequestError, UnknownFunctionError
-from tests.bus.conftest import POLICY, RECORDER_TOML, NodeProcess
+from tests.bus.conftest import POLICY, RECORDER_TOML, NodeProcess, served, until
 from tests.telemetry.otlp_receiver import Receiver
 
 StartNode = Callable[..., NodeProcess]
@@ -48,25 +48,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory, plugins_dir: Path,
         shutil.copy(c_guest_flags("recorder", name, f'-DPLUGIN_NAME="{name}"'), plugins / f"{name}.wasm")
         (plugins / f"{name}.toml").write_text(RECORDER_TOML.format(name=name, durable="true"))
     (root / "policy.toml").write_text(POLICY)
-    server = NatsServer(jetstream=True).start()
-    node = None
-    try:
-        node = NodeProcess("n1", plugins, server.url, root / "n1.log")
-        node.wait_ready()
-        yield server.url
-    finally:
-        if node is not None:
-            node.terminate()
-        server.stop()
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)  # yields to the NATS callbacks that change the condition
+    with served("n1", plugins, root / "n1.log") as (url, _):
+        yield url
 
 
 async def collect(client: Client, subject: str) -> list[Msg]:

@@ -8,15 +8,13 @@ started once for the tests under tests/protocol and stopped by PID after the las
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from sandbus.bus.server import NatsServer
-from tests.bus.conftest import NodeProcess
+from tests.bus.conftest import NodeProcess, example_plugins, served
 from tests.protocol.wire import NODE_ID
 
 POLICY = """
@@ -37,19 +35,6 @@ class Bus:
 @pytest.fixture(scope="package")
 def protocol_bus(plugins_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
     base = tmp_path_factory.mktemp("protocol")
-    plugins = base / "plugins"
-    plugins.mkdir()
-    for name in ("echo", "text_processor", "order_logger"):
-        for ext in ("wasm", "toml"):
-            shutil.copy(plugins_dir / f"{name}.{ext}", plugins / f"{name}.{ext}")
-    (base / "policy.toml").write_text(POLICY)
-    server = NatsServer(jetstream=True).start()
-    node: NodeProcess | None = None
-    try:
-        node = NodeProcess(NODE_ID, plugins, server.url, base / "node.log")
-        node.wait_ready()
-        yield Bus(server.url, NODE_ID, node)
-    finally:
-        if node is not None:
-            node.terminate()
-        server.stop()
+    plugins = example_plugins(base, plugins_dir, ("echo", "text_processor", "order_logger"), POLICY)
+    with served(NODE_ID, plugins, base / "node.log") as (url, node):
+        yield Bus(url, NODE_ID, node)

@@ -10,7 +10,6 @@ OpenTelemetry SDK) are checked.
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbus.bus.server import NatsServer
-from tests.bus.conftest import NodeProcess
+from tests.bus.conftest import example_plugins, served
 from tests.protocol.wire import ENVELOPE_KEYS, body_of, connected, headers_of, request, validate
 
 TRACE_ID = "5b8efff798038103d269b633813fc60c"
@@ -58,22 +56,9 @@ def otlp_sink() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def traced_url(plugins_dir: Path, tmp_path_factory: pytest.TempPathFactory, otlp_sink: str) -> Iterator[str]:
     base = tmp_path_factory.mktemp("traced")
-    plugins = base / "plugins"
-    plugins.mkdir()
-    for ext in ("wasm", "toml"):
-        shutil.copy(plugins_dir / f"echo.{ext}", plugins / f"echo.{ext}")
-    (base / "policy.toml").write_text('[capabilities]\nallowed = ["compute"]\n')
-    server = NatsServer(jetstream=False).start()
-    node: NodeProcess | None = None
-    try:
-        node = NodeProcess(NODE_ID, plugins, server.url, base / "node.log", env={
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_sink, "OTEL_METRICS_EXPORTER": "none"})
-        node.wait_ready()
-        yield server.url
-    finally:
-        if node is not None:
-            node.terminate()
-        server.stop()
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_sink, "OTEL_METRICS_EXPORTER": "none"}
+    with served(NODE_ID, example_plugins(base, plugins_dir), base / "node.log", jetstream=False, env=env) as (url, _):
+        yield url
 
 
 @pytest.mark.parametrize("subject", ["sandbus.req.echo.handle_request", "sandbus.msg.echo"],
