@@ -155,6 +155,20 @@ def test_a_reconnect_to_a_server_with_a_smaller_max_payload_answers_too_large_no
             small.stop()
 
 
+
+async def sandbus(*args: str, env: dict[str, str]) -> tuple[int, bytes]:
+    """Run the ``sandbus`` command (at most 30 s, then killed): its exit code and its output, stderr included."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "sandbus", *args, cwd=ROOT, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out
+
 async def test_a_responder_spoofing_the_node_id_probe_gets_a_short_printable_message(
         echo_plugins: Path, server: NatsServer) -> None:
     """Whoever may subscribe to ``sandbus.node.<id>.list`` can keep a node with that id from starting
@@ -182,19 +196,11 @@ async def test_a_responder_spoofing_the_node_id_probe_gets_a_short_printable_mes
         assert "\x07" not in message
         assert len(message) < 500, f"{len(message)} characters"
 
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sandbus", "node", "--plugins", str(echo_plugins), "--nats", server.url,
-            "--node-id", "spoofed", "--policy", str(echo_plugins.parent / "policy.toml"), "--no-watch",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), 30)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        returncode, out = await sandbus(
+            "node", "--plugins", str(echo_plugins), "--nats", server.url, "--node-id", "spoofed", "--policy",
+            str(echo_plugins.parent / "policy.toml"), "--no-watch", env={**os.environ, "PYTHONUNBUFFERED": "1"})
         text = out.decode(errors="replace")
-        assert proc.returncode not in (0, None)
+        assert returncode != 0
         assert "another node" in text
         assert "\x1b" not in text
         assert len(text) < 4000, f"{len(text)} characters of output"
@@ -279,17 +285,9 @@ async def test_a_hostile_error_reply_raises_the_typed_error_bounded(server: Nats
                 assert raised.value.code == code
                 assert len(str(raised.value)) < 20_000
         for i in range(len(HOSTILE_ERRORS)):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "sandbus", "request", f"hostile{i}", "fn", "{}", cwd=ROOT,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                env={**os.environ, "NATS_URL": server.url, "SANDBUS_DEBUG": ""})
-            try:
-                _, err = await asyncio.wait_for(proc.communicate(), 30)
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-            assert proc.returncode not in (0, 70), err[-2000:]
+            returncode, err = await sandbus("request", f"hostile{i}", "fn", "{}",
+                                            env={**os.environ, "NATS_URL": server.url, "SANDBUS_DEBUG": ""})
+            assert returncode not in (0, 70), err[-2000:]
             assert b"Traceback" not in err
             assert b"\x1b" not in err
             assert len(err) < 50_000, f"{len(err)} bytes on stderr"
@@ -332,17 +330,9 @@ async def test_a_fake_nats_on_the_default_port_with_a_hostile_info_is_refused_in
                  str(echo_plugins.parent / "policy.toml")], ["request", "echo", "handle_request", "{}"])
     try:
         for args in commands:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "sandbus", *args, cwd=ROOT, env=env,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-            try:
-                out, _ = await asyncio.wait_for(proc.communicate(), 30)
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+            returncode, out = await sandbus(*args, env=env)
             text = out.decode(errors="replace")
-            assert proc.returncode == 5, (args[0], proc.returncode, text[-2000:])
+            assert returncode == 5, (args[0], returncode, text[-2000:])
             assert "max_payload" in text
             assert "internal error" not in text
     finally:
