@@ -34,13 +34,11 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import json
 import logging
 import os
 import re
 import socket
 import ssl
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,6 +48,14 @@ import typer
 
 from sandbus.host.cli.client_otel import client_tracing
 from sandbus.host.cli.main import EXIT_USAGE, exit_code_for, fail
+from sandbus.host.cli.nats_context import (
+    MAX_SECRET_FILE_BYTES,
+    SettingError,
+    context_path,
+    load_context,
+    read_bounded,
+    str_or_none,
+)
 from sandbus.sdk.errors import BusError, SandbusError
 from sandbus.sdk.nats_auth import auth_kwargs, tls_context
 
@@ -71,9 +77,6 @@ DEFAULT_PORT = 4222
 DEFAULT_NATS = f"nats://127.0.0.1:{DEFAULT_PORT}"
 #: Seconds a client command waits for a server to accept it (TCP, TLS, INFO/CONNECT).
 CLIENT_CONNECT_TIMEOUT_S = 2.0
-#: Largest context file, context.txt, and credential / certificate file accepted.
-MAX_CONTEXT_BYTES = 64 * 1024
-MAX_SECRET_FILE_BYTES = 1024 * 1024
 
 #: Every environment variable that carries connection settings: a worker child gets the parent's resolved
 #: values and none of the others (an inherited one could contradict them).
@@ -158,112 +161,16 @@ class Connection:
         return env
 
 
-class _Usage(Exception):
-    """A bad option or context: one line, exit 2."""
-
-
 def _split_servers(url: str, what: str) -> tuple[str, ...]:
     if len(url) > 4096:
-        raise _Usage(f"{what}: the server list is longer than 4096 characters")
+        raise SettingError(f"{what}: the server list is longer than 4096 characters")
     servers = tuple(u.strip() for u in url.split(",") if u.strip())
     if not servers:
-        raise _Usage(f"{what}: no NATS server URL given (an empty -s/--nats is not the default; leave it out)")
+        raise SettingError(f"{what}: no NATS server URL given (an empty -s/--nats is not the default; leave it out)")
     for s in servers:
         if any(ord(ch) < 0x21 or ch == "\x7f" for ch in s):
-            raise _Usage(f"{what}: a server URL holds a space or control character")
+            raise SettingError(f"{what}: a server URL holds a space or control character")
     return servers
-
-
-# -- the nats CLI's context (ADR-21: $XDG_CONFIG_HOME/nats/context.txt and nats/context/<name>.json) --------
-
-_CONTEXT_STRINGS = ("url", "user", "password", "token", "creds", "nkey", "cert", "key", "ca", "nsc", "user_jwt")
-
-
-def _config_home() -> Path | None:
-    xdg = os.environ.get("XDG_CONFIG_HOME", "")
-    if xdg:
-        return Path(xdg)
-    try:
-        return Path.home() / ".config"
-    except RuntimeError:  # no home directory: no context
-        return None
-
-
-def _read_bounded(path: Path, what: str, cap: int) -> bytes:
-    """A regular file's bytes, at most ``cap`` (a FIFO or device would block or never end).
-
-    Opened without blocking and checked on the open file (not stat, then open: the path could be
-    swapped for a FIFO in between, and the open would then wait for a writer forever).
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise _Usage(f"{what} {path}: not a regular file")
-            data = f.read(cap + 1)
-    except OSError as e:
-        raise _Usage(f"{what} {path}: {e.strerror or e}") from None
-    if len(data) > cap:
-        raise _Usage(f"{what} {path}: larger than {cap} bytes")
-    return data
-
-
-def _valid_context_name(name: str) -> bool:
-    # The nats CLI's rule (no "..", no path separator), and no control characters.
-    return (bool(name) and ".." not in name and "/" not in name and "\\" not in name and len(name) <= 255
-            and not any(ord(ch) < 0x20 or ch == "\x7f" for ch in name))
-
-
-def _load_context(name: str | None) -> tuple[str, dict[str, Any]] | None:
-    """The named context, else the selected one, else None; a bad one raises :class:`_Usage`."""
-    home = _config_home()
-    if home is None:
-        if name:
-            raise _Usage(f"nats context {name!r}: no configuration directory (set XDG_CONFIG_HOME)")
-        return None
-    nats_dir = home / "nats"
-    if not name:
-        selected = nats_dir / "context.txt"
-        if not selected.exists():
-            return None
-        raw = _read_bounded(selected, "nats context selection", 4096)
-        name = raw.decode("utf-8", errors="replace").strip()
-        if not name:
-            return None
-    if not _valid_context_name(name):
-        raise _Usage(f"invalid nats context name {name[:80]!r}")
-    path = nats_dir / "context" / f"{name}.json"
-    if not path.exists():
-        raise _Usage(f"unknown nats context {name!r} (no {path})")
-    raw = _read_bounded(path, f"nats context {name!r}:", MAX_CONTEXT_BYTES)
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise _Usage(f"nats context {name!r} ({path}) is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise _Usage(f"nats context {name!r} ({path}) is not a JSON object")
-    for key in _CONTEXT_STRINGS:
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise _Usage(f"nats context {name!r} ({path}): {key!r} must be a string")
-    if data.get("tls_first") is not None and not isinstance(data["tls_first"], bool):
-        raise _Usage(f"nats context {name!r} ({path}): 'tls_first' must be true or false")
-    return name, data
-
-
-def _context_path(value: str, what: str) -> Path:
-    """A context's file reference: a path or ``file://`` URI (the other credential schemes of the nats CLI
-    run programs or read other stores: refused, by name)."""
-    if value.startswith("file://"):
-        value = value.removeprefix("file://")
-    elif "://" in value or value.startswith("data:"):
-        scheme = value.split(":", 1)[0]
-        raise _Usage(f"{what}: {scheme}: references are not supported by sandbus; give a file path")
-    return Path(value).expanduser()
-
-
-def _str_or_none(data: Mapping[str, Any], key: str) -> str | None:
-    value = data.get(key)
-    return value if isinstance(value, str) and value else None
 
 
 # -- resolution ---------------------------------------------------------------------------------------
@@ -271,7 +178,7 @@ def _str_or_none(data: Mapping[str, Any], key: str) -> str | None:
 
 def _check_file(path: Path | None, what: str) -> Path | None:
     if path is not None:
-        _read_bounded(path, what, MAX_SECRET_FILE_BYTES)
+        read_bounded(path, what, MAX_SECRET_FILE_BYTES)
     return path
 
 
@@ -288,52 +195,52 @@ def resolve_connection(*, server: str | None = None, user: str | None = None, pa
         return _resolve(server=server, user=user, password=password, token=token, creds=creds, nkey=nkey,
                         tlscert=tlscert, tlskey=tlskey, tlsca=tlsca, context=context, no_context=no_context,
                         server_from=server_from)
-    except _Usage as e:
+    except SettingError as e:
         fail(str(e), EXIT_USAGE)
 
 
 def _resolve(*, server: str | None, user: str | None, password: str | None, token: str | None,
              creds: Path | None, nkey: Path | None, tlscert: Path | None, tlskey: Path | None,
              tlsca: Path | None, context: str | None, no_context: bool, server_from: str) -> Connection:
-    ctx = None if no_context else _load_context(context)
+    ctx = None if no_context else load_context(context)
     cname, cdata = ctx if ctx is not None else (None, {})
     cwhat = f"nats context {cname!r}"
 
     if server is not None:
         servers, url_from = _split_servers(server, "-s/--server"), server_from
-    elif (cu := _str_or_none(cdata, "url")) is not None:
+    elif (cu := str_or_none(cdata, "url")) is not None:
         servers, url_from = _split_servers(cu, cwhat), f"context {cname}"
     else:
         servers, url_from = (f"nats://127.0.0.1:{default_port()}",), "default"
 
     if password is not None and user is None:
-        raise _Usage("--password needs --user (or NATS_USER)")
+        raise SettingError("--password needs --user (or NATS_USER)")
     methods = [m for m, v in (("--user", user), ("--token", token), ("--creds", creds), ("--nkey", nkey))
                if v is not None]
     if len(methods) > 1:
-        raise _Usage(f"choose one way to authenticate: {' and '.join(methods)} are both given "
+        raise SettingError(f"choose one way to authenticate: {' and '.join(methods)} are both given "
                      "(options or NATS_* variables)")
     if not methods and cdata:
         # The nats CLI's order when a context holds several: user, creds, nkey, token.
-        if (cuser := _str_or_none(cdata, "user")) is not None:
-            user, password = cuser, _str_or_none(cdata, "password")
-        elif (ccreds := _str_or_none(cdata, "creds")) is not None:
-            creds = _context_path(ccreds, f"{cwhat}: creds")
-        elif (cnkey := _str_or_none(cdata, "nkey")) is not None:
-            nkey = _context_path(cnkey, f"{cwhat}: nkey")
-        elif (ctoken := _str_or_none(cdata, "token")) is not None:
+        if (cuser := str_or_none(cdata, "user")) is not None:
+            user, password = cuser, str_or_none(cdata, "password")
+        elif (ccreds := str_or_none(cdata, "creds")) is not None:
+            creds = context_path(ccreds, f"{cwhat}: creds")
+        elif (cnkey := str_or_none(cdata, "nkey")) is not None:
+            nkey = context_path(cnkey, f"{cwhat}: nkey")
+        elif (ctoken := str_or_none(cdata, "token")) is not None:
             token = ctoken
-        elif _str_or_none(cdata, "nsc") is not None:
-            raise _Usage(f"{cwhat}: nsc lookups are not supported by sandbus; give creds as a file path")
+        elif str_or_none(cdata, "nsc") is not None:
+            raise SettingError(f"{cwhat}: nsc lookups are not supported by sandbus; give creds as a file path")
     if user is not None and password is None:
         # The nats CLI takes a user without a password as a token.
         user, token = None, user
 
-    cert = tlscert or (_context_path(c, f"{cwhat}: cert") if (c := _str_or_none(cdata, "cert")) else None)
-    key = tlskey or (_context_path(k, f"{cwhat}: key") if (k := _str_or_none(cdata, "key")) else None)
-    ca = tlsca or (_context_path(a, f"{cwhat}: ca") if (a := _str_or_none(cdata, "ca")) else None)
+    cert = tlscert or (context_path(c, f"{cwhat}: cert") if (c := str_or_none(cdata, "cert")) else None)
+    key = tlskey or (context_path(k, f"{cwhat}: key") if (k := str_or_none(cdata, "key")) else None)
+    ca = tlsca or (context_path(a, f"{cwhat}: ca") if (a := str_or_none(cdata, "ca")) else None)
     if (cert is None) != (key is None):
-        raise _Usage("a TLS client certificate needs both --tlscert and --tlskey")
+        raise SettingError("a TLS client certificate needs both --tlscert and --tlskey")
     conn = Connection(servers=servers, url_from=url_from, user=user, password=password, token=token,
                       creds=_check_file(creds, "--creds"), nkey=_check_file(nkey, "--nkey"),
                       tls_cert=_check_file(cert, "--tlscert"), tls_key=_check_file(key, "--tlskey"),
@@ -341,7 +248,7 @@ def _resolve(*, server: str | None, user: str | None, password: str | None, toke
     try:
         conn.tls_context()
     except (ssl.SSLError, OSError, ValueError) as e:
-        raise _Usage(f"TLS files refused: {e}") from None
+        raise SettingError(f"TLS files refused: {e}") from None
     return conn
 
 

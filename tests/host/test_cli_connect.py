@@ -25,7 +25,8 @@ import pytest
 import typer
 
 from sandbus.bus.server import NatsServer
-from sandbus.host.cli.connect import CHILD_ENV_NAMES, MAX_CONTEXT_BYTES, client_run, resolve_connection
+from sandbus.host.cli.connect import CHILD_ENV_NAMES, client_run, resolve_connection
+from sandbus.host.cli.nats_context import MAX_CONTEXT_BYTES
 
 SANDBUS = Path(sys.executable).parent / "sandbus"
 
