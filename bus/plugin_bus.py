@@ -51,6 +51,7 @@ from sandbus.bus.control import Control
 from sandbus.bus.delivery import MAX_DELIVER, DurableTopics
 from sandbus.bus.handler import BusHandler, Served
 from sandbus.bus.requests import Requests
+from sandbus.bus.turns import LoopTurns
 from sandbus.bus.wire import check_fits, drain_all, nats_size
 from sandbus.sdk.audit import AuditEvent
 from sandbus.sdk.envelope import (
@@ -141,6 +142,8 @@ class PluginBus:
         self.max_deliver = max_deliver
         self.nc: Client | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: turns on the event loop for inline calls, shared by every path that runs them (bus/turns.py)
+        self.turns = LoopTurns()
         self._requests = Requests(self, handler)
         self._control = Control(self, handler)
         self._subs: dict[str, list[Subscription]] = {}

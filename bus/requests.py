@@ -5,6 +5,8 @@
                                   client's mistake is answered request.* at once, counted in the
                                   plugin's ``rejected`` and audited (handler.refused); then
                                   handler.request_now: the node runs the call inline when it may
+                                  after its turn on the loop when other plugins' inline calls are
+                                  waiting (bus/turns.py)
       -> the reply, published with its own headers (never Msg.respond, which echoes the request's)
       or, when request_now says "not now" (None):
       -> Requests._serve_request  a task, so this subscription keeps reading
@@ -141,6 +143,10 @@ class Requests:
             self._refused(plugin, e, msg.subject)
             await self.bus.reply(msg, *with_error(headers, e))
             return
+        turns = self.bus.turns
+        if turns.due() and self.handler.runs_inline(plugin):
+            await turns.wait(plugin)
+        turns.begin()
         try:
             reply = self.handler.request_now(plugin, function, msg, headers)
         except SandbusError as e:

@@ -445,6 +445,10 @@ class Node:
             return result
 
     async def _call(self, plugin: str, function: str, payload: bytes, arrival: float | None) -> CallResult:
+        turns = self.bus.turns
+        if turns.due() and self.runs_inline(plugin):
+            await turns.wait(plugin)
+        turns.begin()
         result = self.try_inline(plugin, function, payload)
         if result is not None:
             return result

@@ -699,6 +699,59 @@ async def test_f21_an_inline_flood_does_not_delay_another_plugin(
     assert took < 0.5, f"echo waited {took:.2f} s behind another plugin's inline flood ({busy_done} of 200 done)"
 
 
+async def _reply_order(nc: Any, sends: list[tuple[str, str, bytes]], timeout: float = 20.0) -> list[str]:
+    """Publish every (tag, subject, body) of ``sends`` in one flush, each with its own reply subject; the
+    tags in the order their replies arrived."""
+    inbox = nc.new_inbox()
+    order: list[str] = []
+    done = asyncio.Event()
+
+    async def on_reply(msg: Any) -> None:
+        order.append(msg.subject.rsplit(".", 1)[1])
+        if len(order) == len(sends):
+            done.set()
+
+    sub = await nc.subscribe(f"{inbox}.*", cb=on_reply)
+    try:
+        for tag, subject, body in sends:
+            await nc.publish(subject, body, reply=f"{inbox}.{tag}")
+        await nc.flush()
+        await asyncio.wait_for(done.wait(), timeout)
+    finally:
+        await sub.unsubscribe()
+    return order
+
+
+BUSY_BOTH_WAT = SLEEPER_WAT.replace('(func (export "handle_request")',
+                                    '(func (export "handle_request") (export "handle_message")')
+
+
+@pytest.mark.parametrize("path", ["request", "message"])
+async def test_f21_a_backlog_queued_at_once_does_not_delay_another_plugin(
+        path: str, plugin_dir: Path, plugins_dir: Path, make_node: Callable[..., Awaitable[Node]],
+        nats_server: NatsServer) -> None:
+    """200 inline calls of 8 ms to one plugin and then one request to another, all sent in one flush, so
+    they reach the node together: the backlog sits in a subscription's queue (requests) or becomes 200
+    tasks (direct messages) at once. The other plugin's reply comes within a few of the busy plugin's,
+    not after all of them: inline calls take turns on the loop, round-robin between plugins."""
+    add_plugin(plugin_dir, "busy", bytes(wasmtime.wat2wasm(BUSY_BOTH_WAT.replace("{ms}", "8"))),
+               caps=("compute", "clock"), timeout=5.0, instances=1)
+    add_plugin(plugin_dir, "echo", plugins_dir / "echo.wasm")
+    node = await make_node(plugin_dir)
+    nc = await nats.connect(nats_server.url)
+    try:
+        assert node.runs_inline("busy")
+        busy = request_subject("busy", "handle_request") if path == "request" else "sandbus.msg.busy"
+        sends = [(f"b{i}", busy, b"[%d]" % i) for i in range(200)]
+        sends.append(("echo", request_subject("echo", "handle_request"), b"[1]"))
+        order = await _reply_order(nc, sends)
+    finally:
+        await nc.close()
+    assert node.runs_inline("busy"), "the flood was demoted to threads: the test measured nothing"
+    assert sorted(order) == sorted(tag for tag, _, _ in sends)
+    assert order.index("echo") <= 10, f"echo answered after {order.index('echo')} of the busy plugin's 200 calls"
+
+
 async def test_f24_stop_waits_for_a_call_longer_than_its_timeout_argument(
         plugin_dir: Path, make_node: Callable[..., Awaitable[Node]], nats_server: NatsServer) -> None:
     """A request the node accepted is answered even when its call runs longer than ``stop``'s
