@@ -22,11 +22,18 @@ dead-lettered at once instead of redelivered.
     │   ├── HopLimitError            a plugin-to-plugin request chain grew too long (a cycle?); not retryable
     │   └── RateLimitError           a plugin sent more than its rate or per-call cap allows
     ├── SecurityViolationError       (PermissionError) a capability was not granted
+    │   ├── SignatureError           an artifact is unsigned, its signature or digest does not match
+    │   └── UntrustedPublisherError  an artifact is signed by a key the operator does not trust
     ├── PluginNotFoundError          (LookupError)
     ├── ManifestError                (ValueError) names file and key
     ├── PolicyError                  operator policy file is invalid
     ├── DependencyError              missing / incompatible / cyclic dependencies
     ├── HostError                    the host failed (a bug in a host function), not the plugin
+    ├── RegistryError                the plugin registry refused or failed; never retryable
+    │   ├── ArtifactNotFoundError    (LookupError) no such plugin, version, or version in a range
+    │   ├── VersionExistsError       a pushed version is already published (versions are immutable)
+    │   └── InvalidArtifactError     (ValueError) a malformed registry entry, push input or key file
+    ├── DeployError                  (ValueError) a deploy request is wrong (replicas < 0, a bad selector)
     ├── RequestError                 (ValueError) the caller's request is wrong; never retryable
     │   ├── InvalidJsonError         a body is not JSON, or nests deeper than 254 levels
     │   ├── InvalidEnvelopeError     an explicit PluginMessage envelope breaks a rule
@@ -46,12 +53,15 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AbiViolationError",
+    "ArtifactNotFoundError",
     "BusError",
     "DependencyError",
+    "DeployError",
     "ExecutionTimeoutError",
     "HopLimitError",
     "HostError",
     "InstanceLimitError",
+    "InvalidArtifactError",
     "InvalidControlError",
     "InvalidEnvelopeError",
     "InvalidJsonError",
@@ -65,15 +75,19 @@ __all__ = [
     "PluginNotFoundError",
     "PolicyError",
     "RateLimitError",
+    "RegistryError",
     "RequestError",
     "RequestTimeoutError",
     "ResourceLimitError",
     "SandboxError",
     "SandbusError",
     "SecurityViolationError",
+    "SignatureError",
     "StackLimitError",
     "TrapError",
     "UnknownFunctionError",
+    "UntrustedPublisherError",
+    "VersionExistsError",
     "error_class_for_code",
     "error_from_dict",
 ]
@@ -191,6 +205,22 @@ class SecurityViolationError(SandbusError, PermissionError):
     code = "security.violation"
 
 
+class SignatureError(SecurityViolationError):
+    """A registry artifact failed verification: no valid signature by its publisher, or its bytes (or its
+    manifest) are not the ones that were signed (digest or size mismatch). Nothing of it is loaded or written."""
+
+    code = "security.signature"
+    retryable = False
+
+
+class UntrustedPublisherError(SecurityViolationError):
+    """A registry artifact is validly signed, by a key that is not among the trusted publishers (the operator
+    policy's ``[registry] trusted_publishers``, or ``--trust``)."""
+
+    code = "security.untrusted_publisher"
+    retryable = False
+
+
 class PluginNotFoundError(SandbusError, LookupError):
     code = "plugin.not_found"
 
@@ -236,6 +266,44 @@ class HostError(SandbusError):
     """
 
     code = "host.error"
+
+
+class RegistryError(SandbusError):
+    """The plugin registry (a JetStream KV index and object store) refused a request or failed.
+
+    Not retryable: the same push, pull or install fails the same way until the registry changes.
+    """
+
+    code = "registry.error"
+    retryable = False
+
+
+class ArtifactNotFoundError(RegistryError, LookupError):
+    """No such plugin in the registry, no such version, or no version in the range asked for (the message
+    lists the versions there are)."""
+
+    code = "registry.not_found"
+
+
+class VersionExistsError(RegistryError):
+    """A push of a version that is already published: versions are immutable, push a new one."""
+
+    code = "registry.version_exists"
+
+
+class InvalidArtifactError(RegistryError, ValueError):
+    """A registry entry is malformed (wrong types, too large, too deep, not what its key says), or what was
+    given to push is (a module or manifest that does not pass, a version with build metadata, a key file
+    that is not a publisher seed)."""
+
+    code = "registry.invalid"
+
+
+class DeployError(SandbusError, ValueError):
+    """A deploy request is wrong: replicas below 0, a malformed label selector... Never retryable."""
+
+    code = "deploy.invalid"
+    retryable = False
 
 
 class RequestError(SandbusError, ValueError):

@@ -80,7 +80,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (EXIT_PLUGIN, "the plugin failed (trapped, answered an error), or would be refused"),
     (EXIT_USAGE, "usage: a bad argument or input, or a request the node refused as wrong"),
     (EXIT_LIMIT, "a resource limit stopped the call (time, fuel, memory, size, rate...)"),
-    (EXIT_SECURITY, "security: the plugin used a capability it was not granted"),
+    (EXIT_SECURITY, "security: a capability not granted, or an artifact's signature refused"),
     (EXIT_BUS, "NATS unreachable (or the credentials refused), or the bus or node failed"),
     (EXIT_NO_NODE, "no node serves the plugin, or none answered `ls` (nothing ran)"),
     (EXIT_TIMEOUT, "no reply in time (the call may have run)"),
@@ -189,7 +189,8 @@ def exit_code_for(err: SandbusError, *, over_bus: bool = False) -> int:
         return EXIT_LIMIT
     if isinstance(err, PluginNotFoundError):
         return EXIT_NO_NODE if over_bus else EXIT_USAGE
-    if err.code.startswith("request.") or isinstance(err, InvalidModuleError | ManifestError | PolicyError):
+    if err.code.startswith(("request.", "registry.", "deploy.")) or isinstance(
+            err, InvalidModuleError | ManifestError | PolicyError):
         return EXIT_USAGE
     return EXIT_PLUGIN
 
@@ -366,9 +367,17 @@ COMMAND_MODULES: dict[str, str] = {
     "build": "author",
     "inspect": "author",
     "dev": "dev",
+    "keygen": "registry_cmd",
+    "push": "registry_cmd",
+    "search": "registry_cmd",
+    "pull": "registry_cmd",
+    "install": "registry_cmd",
+    "deploy": "cluster_cmd",
+    "status": "cluster_cmd",
+    "undeploy": "cluster_cmd",
 }
 #: Every module with commands, in the order ``sandbus --help`` lists them.
-MODULES = ("node_cmd", "bus", "trace_cmd", "author", "dev")
+MODULES = ("node_cmd", "bus", "registry_cmd", "cluster_cmd", "trace_cmd", "author", "dev")
 _registered: set[str] = set()
 
 

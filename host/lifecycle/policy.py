@@ -58,6 +58,12 @@ Example policy::
 
     [defaults]      # used when the manifest is silent
     memory_mb = 64
+
+    [registry]      # publishers whose signed artifacts a cluster node loads (nkeys account public keys)
+    trusted_publishers = ["AAI2JU2FD2SEQ5VTWD4WJAQYUF2MGPMKSN3PNOUKIJ3U6Y5NQ4IBU7CP"]
+
+A cluster node (``sandbus node --cluster``) verifies every artifact it fetches from the registry against
+``[registry] trusted_publishers``; with none listed (the default) it loads no artifact at all.
 """
 
 from __future__ import annotations
@@ -112,6 +118,7 @@ __all__ = [
     "MessagingPolicy",
     "NetworkPolicy",
     "Policy",
+    "RegistryPolicy",
     "ResourceValues",
     "SendLimits",
     "load_policy",
@@ -247,6 +254,30 @@ class EnvironmentPolicy(_Section):
         return v
 
 
+class RegistryPolicy(_Section):
+    """``[registry]``: whose artifacts a cluster node loads from the plugin registry.
+
+    ``trusted_publishers``: nkeys account public keys (``A...``, 56 characters, as ``sandbus keygen`` writes
+    to ``<seed>.pub``). An artifact is loaded only when it is validly signed by one of them. Empty (the
+    default): a cluster node trusts no publisher and loads nothing from the registry.
+    """
+
+    trusted_publishers: tuple[StrictStr, ...] = ()
+
+    @field_validator("trusted_publishers")
+    @classmethod
+    def _keys(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from sandbus.host.cluster.keys import check_public_key
+        from sandbus.sdk.errors import InvalidArtifactError
+
+        for i, key in enumerate(v):
+            try:
+                check_public_key(key)
+            except InvalidArtifactError as e:
+                raise _KeyedError(e.message, f"registry.trusted_publishers[{i}]") from None
+        return tuple(dict.fromkeys(v))
+
+
 class ResourceValues(_Section):
     """One set of resource values: the ``[limits]`` ceilings or the ``[defaults]``."""
 
@@ -275,6 +306,7 @@ class Policy(_Section):
         limits: ceilings; a manifest asking for more is refused.
         defaults: values used when a manifest is silent. A default the file leaves out is the built-in
             default, lowered to the ceiling when the ceiling is lower.
+        registry: the publishers whose registry artifacts a cluster node loads.
     """
 
     capabilities: CapabilitiesPolicy = CapabilitiesPolicy()
@@ -284,6 +316,7 @@ class Policy(_Section):
     environment: EnvironmentPolicy = EnvironmentPolicy()
     limits: ResourceValues = _CEILINGS
     defaults: ResourceValues = _DEFAULTS
+    registry: RegistryPolicy = RegistryPolicy()
 
     _source: str | None = PrivateAttr(default=None)
 
