@@ -1,4 +1,4 @@
-"""``sandbus node``: a host node serving a plugin directory over NATS.
+"""``sandbus node``: a host node serving a plugin directory over NATS, and with ``--cluster`` the cluster's deploys.
 
 With no server URL (no option, variable or nats context), there is one bus on this machine, not two by
 accident: a NATS server already listening on 127.0.0.1:4222 is joined; a free port gets an embedded
@@ -7,6 +7,14 @@ nats-server (JetStream); a port taken by something else gets the embedded server
 Stopping (Ctrl-C, SIGTERM, SIGHUP) is bounded: the ``--workers`` children are told first and drain in
 parallel with this process; the embedded server, in a session of its own so the terminal's SIGINT does
 not reach it, is stopped last, after every drain, and only by its owner.
+
+With ``--cluster`` the node also follows the cluster's deploys (:mod:`sandbus.host.cluster.agent`): it
+reports itself with its ``--label``s, loads what placement gives it from the registry, verified against the
+policy's trusted publishers. Its plugin directory is then optional (none given: no local plugins). A
+cluster member is one node process: ``--workers`` is refused with ``--cluster`` (start more nodes instead),
+since placement counts members, and replicas on workers of one machine would share its fate. Stopping, the
+agent stops first: its report is withdrawn, other nodes take its share at once, and the node keeps serving
+until they do (at most 5 s more), then drains.
 
 It runs plugins, so it needs the host extra, and imports the host side only once it knows it is there.
 """
@@ -48,9 +56,13 @@ SERVER_STOP_S = 0.5
 DRAIN_S = 1.0
 
 
+DEFAULT_PLUGINS = Path("plugins/build")
+
+
 def node(
-    plugins: Annotated[Path, typer.Option("--plugins", help="Directory of plugins (<name>.wasm + <name>.toml).")]
-    = Path("plugins/build"),
+    plugins: Annotated[Path | None, typer.Option(
+        "--plugins", help="Directory of plugins (<name>.wasm + <name>.toml) [default: plugins/build; with "
+                          "--cluster: none]")] = None,
     node_id: Annotated[str | None, typer.Option("--node-id", help="This node's id (default host-pid).")] = None,
     policy: Annotated[Path | None, typer.Option(help="Operator policy TOML (default: deny all but compute).")]
     = None,
@@ -61,16 +73,23 @@ def node(
     max_waiting: Annotated[int, typer.Option(
         help="Requests that may wait for one plugin's instances on this node; beyond it they are refused "
              "at once (limit.instances).", min=1, max=100_000)] = 64,
+    cluster: Annotated[bool, typer.Option(
+        "--cluster", help="Also run the cluster's deploys (`sandbus deploy`): needs JetStream.")] = False,
+    label: Annotated[list[str] | None, typer.Option(
+        "--label", metavar="KEY=VALUE", help="A label of this cluster node (deploys select nodes by them); "
+                                             "repeatable.")]
+    = None,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
     *,
     conn: Connection,
 ) -> None:
     """Run a host node serving PLUGINS over NATS (joins the NATS server on 127.0.0.1:4222, or embeds one,
-    when no server is given)."""
+    when no server is given); with --cluster, also the cluster's deploys."""
     require_host("node")
     from sandbus.host.lifecycle.policy import Policy, load_policy
     from sandbus.host.node.node import Node, default_node_id
 
+    labels = _cluster_options(cluster, label or [], workers)
     setup_logging(max(verbose, 1))
     server: NatsServer | None = None
     children: list[subprocess.Popen[bytes]] = []
@@ -83,8 +102,15 @@ def node(
             pol = load_policy(policy) if policy else Policy.default()
             base_id = node_id or default_node_id()
             options = conn.connect_options(name=f"sandbus-node-{base_id}")
-            n = Node.create(plugins, options, policy=pol, node_id=base_id, durable=durable,
-                            max_waiting=max_waiting)
+            if cluster and plugins is None:
+                n = _memory_node(options, pol, data_dir, node_id=base_id, durable=durable, max_waiting=max_waiting)
+                watch = False  # nothing on disk to watch
+            else:
+                n = Node.create(plugins or DEFAULT_PLUGINS, options, policy=pol, node_id=base_id, durable=durable,
+                                max_waiting=max_waiting)
+            if cluster and not pol.registry.trusted_publishers:
+                typer.echo("warning: the policy lists no [registry] trusted_publishers: this cluster node refuses "
+                           "every deploy", err=True)
             manager = n.manager
             manager.discover_and_load()
             for info in manager.list_plugins():  # a failed plugin's name is a file stem: any characters
@@ -94,13 +120,15 @@ def node(
             for i in range(1, workers):
                 # The connection travels in the environment (secrets never in argv, which ps shows to
                 # everyone); --no-context: the child uses exactly what this node resolved.
-                args = [sys.executable, "-m", "sandbus", "node", "--plugins", str(plugins), "--no-context",
+                args = [sys.executable, "-m", "sandbus", "node", "--plugins", str(plugins or DEFAULT_PLUGINS),
+                        "--no-context",
                         "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch",
                         "--durable" if durable else "--no-durable", "--max-waiting", str(max_waiting)]
                 if policy is not None:
                     args += ["--policy", str(policy)]
                 children.append(subprocess.Popen(args, env=conn.child_env(os.environ)))
-            asyncio.run(_serve(n, watch, on_stop=lambda: _signal_once(children, signalled)))
+            asyncio.run(_serve(n, watch, on_stop=lambda: _signal_once(children, signalled),
+                               cluster_labels=labels if cluster else None))
         except SandbusError as e:
             # Another node already answers under this id: the operator's mistake, not the bus's.
             fail(str(e), EXIT_USAGE if e.code == "bus.node_id_in_use" else exit_code_for(e))
@@ -115,6 +143,38 @@ def node(
     except typer.Exit as e:
         code = e.exit_code
     _exit_now(code)
+
+
+def _cluster_options(cluster: bool, label: list[str], workers: int) -> dict[str, str]:
+    """The node's labels, checked; ``--label`` without ``--cluster``, or ``--cluster`` with workers: exit 2."""
+    if not cluster:
+        if label:
+            fail("--label labels a cluster node: add --cluster", EXIT_USAGE)
+        return {}
+    if workers > 1:
+        fail("--cluster runs one cluster member per node process: instead of --workers, start more nodes "
+             "(each with its own --node-id)", EXIT_USAGE)
+    from sandbus.host.cluster.deploys import parse_label_args
+
+    try:
+        return parse_label_args(label)
+    except SandbusError as e:
+        fail(str(e), EXIT_USAGE)
+
+
+def _memory_node(options: Any, policy: Any, data_dir: Path, **kwargs: Any) -> Any:
+    """A node with no plugin directory: it serves only what the cluster deploys to it (loaded from memory);
+    the plugins' data directories live under ``data_dir/plugin-data``."""
+    from sandbus.host.lifecycle import PluginManager
+    from sandbus.host.node.hostfuncs import BusBridge
+    from sandbus.host.node.node import Node
+
+    bridge = BusBridge()
+    manager = PluginManager(None, policy=policy, data_root=data_dir / "plugin-data",
+                            host_functions=bridge.host_functions())
+    n = Node(manager, options, **kwargs)
+    bridge.attach(n.bus, manager.grant)
+    return n
 
 
 def _exit_now(code: int) -> NoReturn:
@@ -186,7 +246,8 @@ def _stop_children(children: list[subprocess.Popen[bytes]], signalled: set[int],
                 child.wait(timeout=1.0)
 
 
-async def _serve(n: Any, watch: bool, on_stop: Callable[[], None]) -> None:
+async def _serve(n: Any, watch: bool, on_stop: Callable[[], None], *,
+                 cluster_labels: dict[str, str] | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -216,12 +277,28 @@ async def _serve(n: Any, watch: bool, on_stop: Callable[[], None]) -> None:
     except BaseException:
         on_stop()
         raise
+    agent = None
+    if cluster_labels is not None:
+        from sandbus.host.cluster.agent import ClusterAgent
+
+        agent = ClusterAgent(n, labels=cluster_labels)
+        try:
+            await agent.start()
+        except BaseException:
+            on_stop()
+            await n.stop(DRAIN_S)
+            n.manager.close()
+            raise
+        shown = ",".join(f"{k}={v}" for k, v in sorted(cluster_labels.items())) or "no labels"
+        typer.echo(f"node {n.node_id} follows the cluster's deploys ({escape_controls(shown)})")
     typer.echo(f"node {n.node_id} ready")
     try:
         await stop.wait()
     finally:
         on_stop()  # the workers drain while this node does
         _quiet()
+        if agent is not None:  # first: its report withdrawn, the others take its share while this node drains
+            await agent.stop()
         typer.echo(f"node {n.node_id} draining")
         if watcher is not None:
             await asyncio.to_thread(watcher.stop)

@@ -16,6 +16,11 @@ instantiate, ``sandbus_init``, ``sandbus_health`` -- and only then swaps it in. 
 them closes it (which calls ``sandbus_shutdown`` on each of its instances). A failed reload changes
 nothing but the plugin's ``last_error``: the old version keeps serving.
 
+Plugins also load from bytes in memory (:meth:`PluginManager.load_artifact`: a cluster node loads what it
+fetched and verified from the registry, never re-reading it from disk). Those are the manager's own: the
+directory's scans and the watcher leave them alone, and a name that a file of the directory uses is refused.
+Without a directory (``directory=None``) the manager serves only such plugins.
+
 Audit events (``lifecycle.load``, ``lifecycle.reload``, ``lifecycle.unload``, ``lifecycle.load_failed``,
 ``lifecycle.reload_failed``, ``lifecycle.unhealthy``, ``policy.refused``) are emitted *after* the change
 they describe is visible, so a listener that reacts by querying the manager sees the new state.
@@ -37,6 +42,7 @@ import orjson
 from sandbus.host.lifecycle.depcheck import check_dependencies, explain_refusal
 from sandbus.host.lifecycle.deps import check_unload, load_order
 from sandbus.host.lifecycle.loader import (
+    MAX_MODULE_FILE_BYTES,
     RUNTIME_VERSION,
     Fingerprint,
     PluginFiles,
@@ -66,7 +72,9 @@ from sandbus.host.sandbox import (
 )
 from sandbus.sdk.errors import (
     DependencyError,
+    DeployError,
     InstanceLimitError,
+    InvalidModuleError,
     PluginNotFoundError,
     ResourceLimitError,
     SandbusError,
@@ -89,7 +97,8 @@ class PluginManager:
 
     Parameters:
         directory: the plugin directory (``<name>.wasm`` + ``<name>.toml`` pairs; nothing else
-            should live there, since every ``.wasm``/``.toml`` stem is taken for a plugin).
+            should live there, since every ``.wasm``/``.toml`` stem is taken for a plugin); ``None``: no
+            directory, only plugins loaded from memory (:meth:`load_artifact`), and ``data_root`` is required.
         policy: the operator policy manifests are resolved against (default: :meth:`Policy.default`).
         data_root: parent of the plugins' data directories; plugin ``p``'s ``read_files`` /
             ``write_files`` resolve under ``data_root/p`` (default: ``<directory>/data``).
@@ -106,7 +115,7 @@ class PluginManager:
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str | Path | None,
         *,
         policy: Policy | None = None,
         data_root: str | Path | None = None,
@@ -119,13 +128,17 @@ class PluginManager:
         host_env: Mapping[str, str] | None = None,
         stats_window: int = 1024,
     ) -> None:
-        self.directory = Path(directory)
-        if not self.directory.is_dir():
+        #: the plugin directory; without one, a stand-in path that names no file (only ever shown)
+        self.directory = Path(directory) if directory is not None else Path("<no plugin directory>")
+        self.has_directory = directory is not None
+        if self.has_directory and not self.directory.is_dir():
             raise PluginNotFoundError(f"plugin directory {self.directory} does not exist or is not a directory",
                                       path=str(self.directory))
         if max_plugins <= 0:
             raise ValueError(f"max_plugins must be positive, found {max_plugins}")
         self.policy = policy or Policy.default()
+        if data_root is None and not self.has_directory:
+            raise ValueError("data_root is required when the manager has no plugin directory")
         self.data_root = Path(data_root) if data_root is not None else self.directory / "data"
         self.max_plugins = max_plugins
         self.cache = cache or shared_cache()
@@ -136,6 +149,8 @@ class PluginManager:
         self.runtime_version = runtime_version
         self._host_env: Mapping[str, str] = host_env if host_env is not None else os.environ
         self._table = RoutingTable(self.directory, self.cache, stats_window)
+        #: plugins loaded from memory: the bytes of the version last put in service (or tried), by name
+        self._memory: dict[str, PluginFiles] = {}
         self._lifecycle = threading.RLock()
         self._watcher: PluginWatcher | None = None
         self._closed = False
@@ -235,13 +250,13 @@ class PluginManager:
         """
         self._check_open()
         with self._lifecycle:
-            names = scan_directory(self.directory)
-            for gone in sorted(set(self._table.slots) - set(names)):
+            names = self._scan()
+            for gone in sorted(set(self._table.slots) - set(names) - set(self._memory)):
                 self.sync(gone)
             files: dict[str, PluginFiles] = {}
             for name in names:
                 try:
-                    files[name] = read_plugin_files(self.directory, name)
+                    files[name] = self._read_files(name)
                 except SandbusError as e:  # unreadable file, or a stem that cannot be a plugin
                     self._record_failure(name, None, e, None)
             manifests: dict[str, Manifest] = {}
@@ -289,9 +304,11 @@ class PluginManager:
         self._check_open()
         check_plugin_name(name)
         with self._lifecycle:
-            files = read_plugin_files(self.directory, name)
+            if name in self._memory and self._table.serving(name):
+                return self.info(name)
+            files = self._read_files(name)
             if files.absent:
-                raise PluginNotFoundError(f"no plugin {name!r} in {self.directory} "
+                raise PluginNotFoundError(f"no plugin {name!r} in {self._where} "
                                           f"(expected {files.wasm_path.name} and {files.manifest_path.name})",
                                           plugin=name, path=str(files.wasm_path))
             slot = self._table.get(name)
@@ -313,9 +330,9 @@ class PluginManager:
         self._check_open()
         check_plugin_name(name)
         with self._lifecycle:
-            files = read_plugin_files(self.directory, name)
+            files = self._memory.get(name) or self._read_files(name)
             if files.wasm is None and self._table.get(name) is None:
-                raise PluginNotFoundError(f"no plugin {name!r} in {self.directory}", plugin=name)
+                raise PluginNotFoundError(f"no plugin {name!r} in {self._where}", plugin=name)
             self._install(files)
             self._retry_waiting(name)
             return self.info(name)
@@ -329,6 +346,61 @@ class PluginManager:
         """
         self._unload(name, force=force, reason="requested")
 
+    def load_artifact(self, name: str, wasm: bytes, manifest_text: str, *, origin: str) -> PluginInfo:
+        """Load plugin ``name`` from bytes in memory: when it is new, a load; when it serves, a reload
+        beside the old version (the old one keeps serving if the new one fails).
+
+        The same steps, checks, policy and audit events as a plugin from the directory, on exactly these
+        bytes (nothing is read from disk). ``origin`` says where they came from (``registry
+        greeter@1.2.0``); it stands in for the file paths in errors and listings. Bytes identical to the
+        serving version's are a no-op. The directory's scans and its watcher never touch such a plugin.
+
+        Raises:
+            DeployError: a plugin file of the directory uses ``name`` (the local plugin stays as it is).
+            PluginNotFoundError: ``name`` is not a plain name.
+            InvalidModuleError: the module is larger than a module file may be (:data:`MAX_MODULE_FILE_BYTES`).
+            ManifestError, DependencyError, SecurityViolationError, InvalidModuleError,
+            PluginInitError, ResourceLimitError: why it cannot load (also kept in ``last_error``).
+        """
+        self._check_open()
+        check_plugin_name(name)
+        if len(wasm) > MAX_MODULE_FILE_BYTES:
+            raise InvalidModuleError(f"the module of {name} is {len(wasm)} bytes, more than {MAX_MODULE_FILE_BYTES} "
+                                     "(max_module_bytes)", plugin=name, bound="max_module_bytes",
+                                     limit=MAX_MODULE_FILE_BYTES)
+        # text that is not UTF-8 (lone surrogates) stays so: the manifest's own check refuses it
+        manifest = manifest_text.encode("utf-8", "surrogatepass")
+        with self._lifecycle:
+            self._refuse_local_name(name)
+            where = Path(origin[:200])
+            files = PluginFiles(name, where / f"{name}.wasm", where / f"{name}.toml", wasm, manifest)
+            slot = self._table.get(name)
+            if slot is not None and slot.current is not None and slot.current.fingerprint == files.fingerprint:
+                return self.info(name)
+            had = self._memory.get(name)
+            self._memory[name] = files
+            try:
+                self._install(files)
+            except SandbusError:
+                if had is not None and self._table.serving(name):
+                    self._memory[name] = had  # a reload (control verb) rebuilds what serves, not what failed
+                raise
+            self._retry_waiting(name)
+            return self.info(name)
+
+    def from_memory(self, name: str) -> bool:
+        """Whether ``name`` was loaded (or tried) from memory by :meth:`load_artifact` and not unloaded since."""
+        return name in self._memory
+
+    def _refuse_local_name(self, name: str) -> None:
+        if name in self._memory:
+            return
+        slot = self._table.get(name)
+        local = slot is not None or name in self._scan()
+        if local:
+            raise DeployError(f"plugin {name!r} is served from the plugin directory {self._where} of this node: "
+                              "a plugin of the same name is not loaded beside it", plugin=name)
+
     def sync(self, name: str) -> None:
         """Bring plugin ``name`` in line with its files: load, reload, unload, or nothing.
 
@@ -338,8 +410,12 @@ class PluginManager:
         if self._closed:
             return
         with self._lifecycle:
+            if name in self._memory:  # not the directory's: its files (if any) are ignored
+                log.warning("plugin %s: files named after a plugin loaded from %s are ignored", name,
+                            self._memory[name].wasm_path.parent)
+                return
             try:
-                files = read_plugin_files(self.directory, name)
+                files = self._read_files(name)
             except SandbusError as e:
                 self._record_failure(name, None, e, None)
                 return
@@ -371,7 +447,7 @@ class PluginManager:
     def sync_all(self) -> None:
         """:meth:`sync` every plugin on disk or in the table."""
         with self._lifecycle:
-            for name in sorted(set(scan_directory(self.directory)) | set(self._table.slots)):
+            for name in sorted((set(self._scan()) | set(self._table.slots)) - set(self._memory)):
                 self.sync(name)
 
     def watch(self, *, debounce_s: float = 0.1, max_wait_s: float = 2.0) -> PluginWatcher:
@@ -383,6 +459,8 @@ class PluginManager:
         from sandbus.host.lifecycle.watcher import PluginWatcher
 
         self._check_open()
+        if not self.has_directory:
+            raise PluginNotFoundError("this plugin manager has no plugin directory to watch")
         if self._watcher is None:
             watcher = PluginWatcher(self, debounce_s=debounce_s, max_wait_s=max_wait_s)
             watcher.start()
@@ -502,6 +580,21 @@ class PluginManager:
         if self._closed:
             raise PluginNotFoundError("the plugin manager is closed")
 
+    @property
+    def _where(self) -> str:
+        return str(self.directory) if self.has_directory else "memory (this manager has no plugin directory)"
+
+    def _scan(self) -> list[str]:
+        """The plugins of the directory (none without one)."""
+        return scan_directory(self.directory) if self.has_directory else []
+
+    def _read_files(self, name: str) -> PluginFiles:
+        """A plugin's files from the directory (both absent without one)."""
+        if not self.has_directory:
+            check_plugin_name(name)
+            return PluginFiles(name, self.directory / f"{name}.wasm", self.directory / f"{name}.toml", None, None)
+        return read_plugin_files(self.directory, name)
+
     def _resolve(self, manifest: Manifest) -> Grant:
         try:
             return resolve(manifest, self.policy, data_root=self.data_root / manifest.name, host_env=self._host_env)
@@ -574,7 +667,7 @@ class PluginManager:
                                  and s.failure.details.get("dependency") == dep)
             for name in waiting:
                 try:
-                    self._install(read_plugin_files(self.directory, name))
+                    self._install(self._memory.get(name) or self._read_files(name))
                 except SandbusError:
                     continue
                 queue.append(name)
@@ -593,6 +686,8 @@ class PluginManager:
             if failure is not None:
                 slot.stats.note_error(failure)  # first: the listing never shows the status without its reason
             version = self._table.remove(name, failure=failure, fingerprint=fingerprint)
+            if failure is None:
+                self._memory.pop(name, None)
             if version is None:
                 return
             extra = f"; {', '.join(map(repr, needed_by))} depended on it" if needed_by else ""

@@ -180,6 +180,8 @@ class Node:
         self._lanes: dict[str, _Lane] = {}
         self._versions: dict[str, str] = {}
         self._debug_telemetry: Telemetry | None = None
+        #: plugins still loaded whose requests this node no longer takes (:meth:`withdraw`)
+        self._withdrawn: set[str] = set()
         manager.auditor.add_sink(self._on_audit)
         manager.auditor.add_sink(self.telemetry.on_audit)
         self.telemetry.observe(self._gauges)
@@ -226,6 +228,8 @@ class Node:
 
     def _audit_on_loop(self, event: AuditEvent) -> None:
         if event.kind.startswith("lifecycle."):
+            if event.kind in ("lifecycle.load", "lifecycle.reload", "lifecycle.unload") and event.plugin:
+                self._withdrawn.discard(event.plugin)
             self.bus.sync_soon()
         self.bus.publish_audit(event)
 
@@ -235,7 +239,7 @@ class Node:
         """The plugins the manager serves, each with its lane set for its serving version."""
         served = []
         for info in self.manager.list_plugins():
-            if not info.status.serving:
+            if not info.status.serving or info.name in self._withdrawn:
                 continue
             name = info.name
             lane = self._set_lane(name)
@@ -306,6 +310,13 @@ class Node:
         result = await self.call(plugin, function, payload, msg=msg, delivery=delivery, arrival=arrival,
                                  reply_headers=reply_headers)
         return result.reply, None
+
+    async def withdraw(self, plugin: str) -> None:
+        """Stop taking ``plugin``'s requests and messages on this node while it stays loaded: its
+        subscriptions are drained (what the server had already routed here is answered), so unloading it
+        afterwards fails no request. Its next load, reload or unload ends the withdrawal."""
+        self._withdrawn.add(plugin)
+        await self.bus.sync()
 
     def refused(self, plugin: str, err: RequestError, subject: str) -> None:
         self.manager.note_rejected(plugin)
