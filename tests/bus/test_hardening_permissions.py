@@ -23,7 +23,8 @@ from tests.bus.conftest import NodeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "nats" / "permissions.conf"
-PASSWORDS = {"sandbus-node": "node-secret", "operator": "operator-secret", "client": "client-secret"}
+PASSWORDS = {"sandbus-node": "node-secret", "operator": "operator-secret", "client": "client-secret",
+             "publisher": "publisher-secret"}
 
 StartNode = Callable[..., NodeProcess]
 
@@ -35,7 +36,8 @@ def secured_server(tmp_path: Path) -> Iterator[NatsServer]:
     env = {"NATS_HOST": "127.0.0.1", "NATS_PORT": "-1", "NATS_STORE": str(store),
            "SANDBUS_NODE_PASSWORD": PASSWORDS["sandbus-node"],
            "SANDBUS_OPERATOR_PASSWORD": PASSWORDS["operator"],
-           "SANDBUS_CLIENT_PASSWORD": PASSWORDS["client"]}
+           "SANDBUS_CLIENT_PASSWORD": PASSWORDS["client"],
+           "SANDBUS_PUBLISHER_PASSWORD": PASSWORDS["publisher"]}
     server = NatsServer(config=CONFIG, jetstream=False, store_dir=store, env=env).start()
     try:
         yield server
