@@ -88,6 +88,10 @@ from sandbus.sdk.tracing import record_error, send_span
 
 __all__ = ["PluginBus", "RequestOutcome", "default_node_id"]
 
+#: first pause before setting the durable streams up again when JetStream did not answer at start (doubling)
+DURABLE_RETRY_S = 2.0
+DURABLE_RETRY_MAX_S = 30.0
+
 log = logging.getLogger("sandbus.bus")
 
 #: how long :meth:`PluginBus.start` waits for another node with the same id to answer its ``list``
@@ -153,6 +157,7 @@ class PluginBus:
         self._longest_timeout_s = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._durable: DurableTopics | None = None
+        self._durable_retry: asyncio.Future[None] | None = None
         self._audit_out: AuditPublisher | None = None
         self._kv: dict[str, KeyValue] = {}
         self._sync_lock = asyncio.Lock()
@@ -193,10 +198,12 @@ class PluginBus:
         fold_refusal_logs()
         self._audit_out = AuditPublisher(nc.publish, audit_subject(self.node_id), connected=lambda: nc.is_connected)
         if self.durable:
-            self._durable = DurableTopics(nc, self, self.handler, max_deliver=self.max_deliver)
-            if not await self._durable.setup():
-                log.warning("JetStream is not available: topics are delivered at most once (core NATS)")
-                self._durable = None
+            durable = DurableTopics(nc, self, self.handler, max_deliver=self.max_deliver)
+            if await durable.setup():
+                self._durable = durable
+            else:
+                log.warning("JetStream is not available: topics are delivered at most once (core NATS) until it is")
+                self._durable_retry = asyncio.ensure_future(self._retry_durable())
         await self._control.start()
         await self.sync()
         # Subscribing only queues SUB lines: return once the server has them, so a request sent
@@ -236,6 +243,29 @@ class PluginBus:
         raise NodeIdInUseError(f"another node already answers as node id {self.node_id!r} (version {other}) on "
                                f"{shown_servers(self.options.servers)}: choose another --node-id", node_id=self.node_id)
 
+    async def _retry_durable(self) -> None:
+        """Set the streams up again, with a growing pause, until JetStream answers (a server started without
+        it, or a cluster still electing its leader when this node started); then the plugins' topics move to
+        durable consumers (:meth:`sync`)."""
+        pause = DURABLE_RETRY_S
+        while not self._stopping:
+            await asyncio.sleep(pause)  # a retry's pause, not a wait for a condition
+            pause = min(pause * 2, DURABLE_RETRY_MAX_S)
+            nc = self.nc
+            if nc is None or not nc.is_connected or self._stopping:
+                continue
+            durable = DurableTopics(nc, self, self.handler, max_deliver=self.max_deliver)
+            try:
+                ready = await durable.setup()
+            except SandbusError as e:  # a bad stream setting: said once, not retried
+                log.warning("durable topics stay off: %s", e)
+                return
+            if ready and not self._stopping:
+                self._durable = durable
+                log.info("JetStream is available now: topics are durable")
+                await self.sync()
+                return
+
     async def stop(self, timeout: float = 10.0) -> None:
         """Graceful: stop taking work, answer every message already received, then disconnect.
 
@@ -244,6 +274,8 @@ class PluginBus:
         the promise of an answer by its deadline.
         """
         self._stopping = True
+        if self._durable_retry is not None:
+            self._durable_retry.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         # A sync in progress (a reload) finishes first: else it could subscribe after the drain below.
@@ -309,7 +341,7 @@ class PluginBus:
             for name in sorted(serving):
                 served = self._served[name] = serving[name]
                 self._longest_timeout_s = max(self._longest_timeout_s, served.timeout_s)
-                if name in self._subs and self._keys.get(name) == (served.topics, served.durable):
+                if name in self._subs and self._keys.get(name) == (served.topics, self._durably(served)):
                     continue  # same subscriptions (what they call may have changed: read per message)
                 await self._unsubscribe(name)
                 await self._subscribe(served)
@@ -318,6 +350,10 @@ class PluginBus:
                 # Until the server has the SUBs, a request to the new plugin gets "no responders".
                 with contextlib.suppress(Exception):  # disconnected meanwhile: nats-py re-sends them
                     await self.nc.flush(timeout=5)
+
+    def _durably(self, served: Served) -> bool:
+        """Whether ``served``'s topics are consumed through JetStream now."""
+        return self._durable is not None and served.durable
 
     async def _subscribe(self, served: Served) -> None:
         assert self.nc is not None
@@ -328,7 +364,7 @@ class PluginBus:
             await self.nc.subscribe(f"{REQ_PREFIX}.{name}.*", queue=queue, cb=requests.on_request),
             await self.nc.subscribe(f"{MSG_PREFIX}.{name}", queue=queue, cb=requests.on_direct),
         ]
-        durable = self._durable is not None and served.durable
+        durable = self._durably(served)
         if served.topics and durable:
             assert self._durable is not None
             await self._durable.consume(served)
@@ -337,7 +373,7 @@ class PluginBus:
                 subs.append(await self.nc.subscribe(topic_subject(topic, wildcards=True), queue=queue,
                                                     cb=requests.topic_handler(name)))
         self._subs[name] = subs
-        self._keys[name] = (served.topics, served.durable)
+        self._keys[name] = (served.topics, durable)
         log.info("serving %s (topics: %s, %s)", name, ", ".join(served.topics) or "none",
                  "durable" if durable and served.topics else "core")
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from sandbus.bus import BusHandler, ConnectOptions, PluginBus, Reply, Served
+from sandbus.bus import plugin_bus as plugin_bus_module
 from sandbus.bus.delivery import TOPIC_STREAM, DurableTopics
 from sandbus.bus.requests import _FUNCTION
 from sandbus.bus.server import NatsServer
@@ -413,3 +415,30 @@ async def test_the_cached_reply_headers_are_the_bytes_nats_py_would_send() -> No
                      "tracestate": "k=v,a@b=c d"}):
         await nc._send_publish("_INBOX.x.1", "", b'{"a":1}', 7, headers)
         assert sent.pop() == hpub_cmd("_INBOX.x.1", "", header_block(headers), b'{"a":1}')
+
+
+async def test_topics_become_durable_once_jetstream_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node started while JetStream does not answer (a server without it, a cluster still electing its
+    leader) serves topics at most once, and keeps trying: once JetStream answers, the plugins' topics move
+    to durable consumers without a restart of the node."""
+    monkeypatch.setattr(plugin_bus_module, "DURABLE_RETRY_S", 0.1)
+    server = NatsServer(jetstream=False).start()
+    port = int(server.url.rsplit(":", 1)[1])
+    handler = PlainHandler([Served("worker", topics=("jobs.*",), durable=True, message_function="handle_message")])
+    bus = PluginBus(handler, ConnectOptions.from_urls(server.url), node_id="late-js")
+    handler.bus = bus
+    try:
+        await bus.start()
+        assert not bus.durable_topics
+        server.stop()
+        server = NatsServer(jetstream=True, store_dir=tmp_path / "js", port=port).start()
+        await until(lambda: bus.durable_topics, 20, "durable topics once JetStream answers")
+        async with await Client.connect(server.url) as c:
+            await c.publish("jobs.late", {"n": 1})  # stored by JetStream: the publish is acked
+            js = c.nc.jetstream()
+            await until(lambda: any(call.plugin == "worker" for call in handler.calls), 10, "the durable delivery")
+            info = await js.consumer_info(TOPIC_STREAM, DurableTopics.durable_name("worker"))
+            assert info.delivered.stream_seq >= 1
+    finally:
+        await bus.stop(timeout=5)
+        server.stop()
