@@ -99,25 +99,29 @@ class NodeProcess:
 
     def __init__(self, node_id: str, plugins: Path, url: str, log: Path, *extra: str,
                  env: dict[str, str] | None = None) -> None:
+        self._spawn(node_id, log, [sys.executable, "-m", "sandbus", "node", "--plugins", str(plugins), "--nats", url,
+                                   "--node-id", node_id, "--policy", str(plugins.parent / "policy.toml"),
+                                   "--no-watch", *extra],
+                    {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    def _spawn(self, node_id: str, log: Path, args: list[str], env: dict[str, str]) -> None:
         self.node_id = node_id
         self.log = log
         self._log_file = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sandbus", "node", "--plugins", str(plugins), "--nats", url,
-             "--node-id", node_id, "--policy", str(plugins.parent / "policy.toml"), "--no-watch", *extra],
-            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
+        self.proc = subprocess.Popen(args, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"node {self.node_id} exited: {self.log.read_text()}")
-            if f"node {self.node_id} ready" in self.log.read_text(errors="replace"):
+                raise AssertionError(f"node {self.node_id} exited {self.proc.returncode}: {self.output()[-4000:]}")
+            if f"node {self.node_id} ready" in self.output():
                 return
             time.sleep(0.02)  # polling the node's log for its ready line, bounded
-        raise AssertionError(f"node {self.node_id} not ready in {timeout} s: {self.log.read_text()}")
+        raise AssertionError(f"node {self.node_id} not ready in {timeout} s: {self.output()[-4000:]}")
 
     def terminate(self, timeout: float = 20.0) -> int:
         code = stop_process(self.proc, timeout)
@@ -127,6 +131,7 @@ class NodeProcess:
     def kill9(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=10)
+        self._log_file.close()
 
 
 

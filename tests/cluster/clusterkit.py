@@ -27,10 +27,11 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
 
-from sandbus.bus.server import NatsServer, stop_process
+from sandbus.bus.server import NatsServer
 from sandbus.host.cluster.reports import HEARTBEAT_S, LIVE_S
 from sandbus.sdk.client import Client
 from sandbus.sdk.errors import SandbusError
+from tests.bus.conftest import NodeProcess
 from tests.conftest import ABI_PRELUDE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +65,7 @@ def free_port() -> int:
 
 # --- node processes -------------------------------------------------------------------------------------------
 
-class ClusterNode:
+class ClusterNode(NodeProcess):
     """A ``sandbus node --cluster`` child process, stopped by PID.
 
     Parameters:
@@ -79,17 +80,13 @@ class ClusterNode:
 
     def __init__(self, node_id: str, url: str, policy: Path, log: Path, *, labels: tuple[str, ...] = (),
                  extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
-        self.node_id = node_id
         self.url = url
-        self.log = log
         args = [sys.executable, "-m", "sandbus", "node", "--cluster", "--nats", url, "--node-id", node_id,
                 "--policy", str(policy), "--no-watch", "--no-context",
                 "--data-dir", str(log.parent / f"{node_id}-data"), *extra]
         for label in labels:
             args += ["--label", label]
-        self._log_file = log.open("wb")
-        self.proc = subprocess.Popen(args, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env=clean_env(**(env or {})))
+        self._spawn(node_id, log, args, clean_env(**(env or {})))
 
     @property
     def pid(self) -> int:
@@ -98,29 +95,6 @@ class ClusterNode:
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"node {self.node_id} exited {self.proc.returncode}: {self.output()[-4000:]}")
-            if f"node {self.node_id} ready" in self.output():
-                return
-            time.sleep(0.02)  # polling the node's log for its ready line, bounded
-        raise AssertionError(f"node {self.node_id} not ready in {timeout} s: {self.output()[-4000:]}")
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        code = stop_process(self.proc, timeout)
-        self._log_file.close()
-        return code
-
-    def kill9(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-        self._log_file.close()
 
 
 def start_nodes(count: int, url: str, policy: Path, logs: Path, *, prefix: str = "n",
