@@ -12,12 +12,13 @@ Three things run on the node's event loop:
 * the reconciler, on every change and every second, computes for each deploy the version to run (the
   deploy's, or its ``previous`` when a live node reports the new one failed, or every matching node refused
   it: the rollback) and the nodes to run it (:func:`~sandbus.host.cluster.placement.plan`, from the same
-  inputs on every node), then makes
-  this node's part true: resolve the version in the registry, fetch it, verify the signature against the
-  policy's trusted publishers, load the verified bytes from memory (a reload beside the old version, which
-  serves until the new one passed its health check), and report. A node no longer placed keeps serving
-  until the nodes now placed report ``serving`` (at most ``drain_s``), then unloads: a rebalance drops no
-  request. An undeployed plugin is unloaded at once. A node that leaves on purpose (:meth:`ClusterAgent.stop`)
+  inputs on every node), then makes this node's part true: resolve the version in the registry, fetch it,
+  verify the signature against the policy's trusted publishers, load the verified bytes from memory (a
+  reload beside the old version, which serves until the new one passed its health check), and report.
+  Loads run as tasks of their own, one per plugin and at most :data:`MAX_LOADS` at once: a slow fetch or
+  a long compile holds up no other deploy. A node no longer placed keeps serving until the nodes now
+  placed report ``serving`` (at most ``drain_s``), then unloads: a rebalance drops no request. An
+  undeployed plugin is unloaded at once. A node that leaves on purpose (:meth:`ClusterAgent.stop`)
   withdraws its report and waits, still serving, until others serve its share.
 
 What it does not know, it does not act on: until both watches have read the buckets and this node has seen
@@ -28,7 +29,12 @@ Every refusal (a signature, an untrusted publisher, the node's policy, a local p
 is a ``cluster.refused`` audit event (CRITICAL for a signature, WARNING otherwise) with its code and
 reason, and ``refused`` in the report; a load, init or health failure is ``failed``. No exception ends a
 loop: each is logged, reported, and tried again on the next turn (a failure for a deploy revision is not
-retried until the deploy changes).
+retried until the deploy changes, and then not before a back-off of 2 s doubling with each failure of
+that version in a row, up to :data:`MAX_BACKOFF_S`).
+
+Anyone who may write the buckets is bounded, not trusted: the node's report is trimmed to what the bucket
+takes; an invalid deploy value is audited once per key a minute; turns come at most ten a second however
+fast deploys are rewritten; at most :data:`~sandbus.host.cluster.reports.MAX_NODES` nodes are tracked.
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ if TYPE_CHECKING:
 
     from sandbus.host.node.node import Node
 
-__all__ = ["DRAIN_S", "HANDOFF_S", "ArtifactSource", "ClusterAgent"]
+__all__ = ["DRAIN_S", "HANDOFF_S", "MAX_LOADS", "ArtifactSource", "ClusterAgent"]
 
 log = logging.getLogger("sandbus.cluster")
 
@@ -93,10 +99,23 @@ JS_TIMEOUT_S = 2.0
 HANDOFF_S = 5.0
 #: Longest :meth:`ClusterAgent.start` waits for JetStream to answer (a cluster electing its leader).
 OPEN_TIMEOUT_S = 30.0
-#: Invalid deploy values remembered as already audited.
+#: Keys of invalid deploy values remembered as already audited.
 MAX_WARNED = 1024
+#: An invalid deploy value is audited at most once per key in this many seconds (whatever its revisions),
+#: and at most :data:`MAX_INVALID_AUDITS` keys are audited in such a window: a writer rewriting a bad value
+#: in a loop, or writing thousands, does not flood the audit stream of every node.
+INVALID_AUDIT_S = 60.0
+MAX_INVALID_AUDITS = 100
 #: After a transient failure (NATS, the registry unreachable), the same plugin is tried again after this.
 RETRY_S = 2.0
+#: After a failed or refused attempt at a version, the next attempt at that version waits at least RETRY_S,
+#: doubling with each failure in a row up to this: a new deploy revision gives every version a new chance,
+#: but a writer rewriting a deploy in a loop does not make every node fetch and compile it in a loop. (Another
+#: version, say the one to roll back to, is tried at once.)
+MAX_BACKOFF_S = 30.0
+#: Plugins fetched and loaded at once: each load runs beside the reconcile turns (a slow fetch or a long
+#: compile holds up no other deploy), and a few at a time bound the registry's and the CPU's load.
+MAX_LOADS = 4
 
 
 class ArtifactSource(Protocol):
@@ -121,6 +140,15 @@ class _Local:
     unplaced_since: float | None = None
     #: monotonic time before which a transient failure is not retried
     retry_at: float = 0.0
+
+
+@dataclass
+class _Backoff:
+    """When a version of a plugin that failed or was refused may be tried again, and how many attempts of it
+    failed in a row."""
+
+    until: float
+    streak: int
 
 
 class ClusterAgent:
@@ -152,7 +180,7 @@ class ClusterAgent:
         self.live_s = live_s
         self.drain_s = drain_s
         self.replicas = replicas
-        self.membership = Membership(live_s)
+        self.membership = Membership(live_s, own=self.node_id)
         #: the valid deploys, by plugin (what the watch last read)
         self.deploys: dict[str, Deploy] = {}
         self._local: dict[str, _Local] = {}
@@ -169,7 +197,14 @@ class ClusterAgent:
         self._report_store: ReportStore | None = None
         #: reconcile turns run so far (about one a heartbeat when nothing changes)
         self.turns = 0
-        self._warned: set[tuple[str, int]] = set()
+        #: invalid deploy keys audited, with when (see INVALID_AUDIT_S)
+        self._warned: dict[str, float] = {}
+        self._audit_window = (float("-inf"), 0)  # (start, invalid deploys audited since)
+        self._audits_held = 0
+        #: the loads in flight, by plugin (at most MAX_LOADS)
+        self._loading: dict[str, asyncio.Task[None]] = {}
+        #: by (plugin, version)
+        self._backoff: dict[tuple[str, str], _Backoff] = {}
 
     # -- start / stop ------------------------------------------------------------------------------
 
@@ -226,6 +261,8 @@ class ClusterAgent:
         watch = tasks[1] if len(tasks) == 3 else None
         # no more reports (one would bring this node back) and no more loads
         await _cancel([t for t in tasks if t is not watch])
+        await _cancel(list(self._loading.values()))
+        self._loading.clear()
         if withdraw and self._report_store is not None:
             try:
                 await _within(self._report_store.delete(self.node_id), 2.0)
@@ -302,12 +339,18 @@ class ClusterAgent:
             self._restart.set()
 
     def report(self) -> NodeReport:
-        """This node's report as it is now (at most :data:`MAX_REPORT_PLUGINS` plugins: the others would not
-        read a longer one)."""
-        names = sorted(self._local)[:MAX_REPORT_PLUGINS]
-        plugins = {name: replace(self._local[name].report, failed=self._failed_for_report(name, self._local[name]))
-                   for name in names}
-        return NodeReport(self.node_id, self.labels, plugins)
+        """This node's report as it is now, as it is put: at most :data:`MAX_REPORT_PLUGINS` plugins, and
+        trimmed to the size the bucket takes (:meth:`NodeReport.trimmed`)."""
+        # past the bound, plugins that fail or are refused here are left out before those it serves
+        names = sorted(self._local, key=lambda n: (self._local[n].report.state in ("failed", "refused"), n))
+        return self._own_report(names[:MAX_REPORT_PLUGINS]).trimmed()
+
+    def _own_report(self, names: Collection[str]) -> NodeReport:
+        return NodeReport(self.node_id, self.labels, {name: self._plugin_report(name) for name in names})
+
+    def _plugin_report(self, name: str) -> PluginReport:
+        local = self._local[name]
+        return replace(local.report, failed=self._failed_for_report(name, local))
 
     def _failed_for_report(self, name: str, local: _Local) -> FailedAttempt | None:
         """The failure that others must see: of the deploy's own version first (it drives the rollback)."""
@@ -379,17 +422,29 @@ class ClusterAgent:
                 self._wake.set()
 
     def _refuse_invalid_deploy(self, key: str, revision: int, error: DeployError) -> None:
-        """Audit an invalid deploy value once per revision (not on every turn, nor on every node restart of
-        the watch); the memory of what was said is bounded."""
-        if (key, revision) in self._warned:
+        """Audit an invalid deploy value: once per key in :data:`INVALID_AUDIT_S` (not on every turn, every
+        revision, nor every restart of the watch), at most :data:`MAX_INVALID_AUDITS` keys in that time;
+        the next event counts those held back. The memory of what was said is bounded."""
+        now = time.monotonic()
+        said = self._warned.get(key)
+        start, count = self._audit_window
+        if now - start >= INVALID_AUDIT_S:
+            start, count = now, 0
+        if (said is not None and now - said < INVALID_AUDIT_S) or count >= MAX_INVALID_AUDITS:
+            self._audits_held += 1
             return
+        self._audit_window = (start, count + 1)
         if len(self._warned) >= MAX_WARNED:
-            self._warned.clear()
-        self._warned.add((key, revision))
+            self._warned = {k: t for k, t in self._warned.items() if now - t < INVALID_AUDIT_S}
+            if len(self._warned) >= MAX_WARNED:
+                self._warned.clear()
+        self._warned[key] = now
+        held, self._audits_held = self._audits_held, 0
         shown = key[:63]
         self.node.manager.auditor.emit(AuditLevel.WARNING, "cluster.refused", shown,
                                        f"the deploy under {shown!r} is not valid, not acted on: {error.message}",
-                                       code=error.code, reason=error.message[:256], revision=revision)
+                                       code=error.code, reason=error.message[:256], revision=revision,
+                                       held_back=held)
 
     async def _follow_reports(self, watcher: BucketWatch) -> None:
         async for entry in watcher:
@@ -426,6 +481,9 @@ class ClusterAgent:
                 and own is not None and now - own <= self.live_s)
 
     async def _reconciler(self) -> None:
+        # turns come at most every `spacing` seconds: a deploy rewritten in a loop wakes the reconciler on
+        # every revision, and a turn goes over every deploy
+        spacing = min(0.1, self.heartbeat_s / 4)
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.heartbeat_s):
@@ -433,27 +491,56 @@ class ClusterAgent:
             self._wake.clear()
             if self.ready():
                 await self.reconcile()
+                await asyncio.sleep(spacing)
 
     async def reconcile(self) -> None:
         """One turn: for every deploy, this node's part made true (see the module's docstring)."""
         self.turns += 1
         self.membership.prune(2 * DRAIN_S)
         live = self.membership.live()
-        live[self.node_id] = self.report()  # our own state as it is now, not as it was last put
+        # our own state as it is now, not as it was last put; kept up to date one plugin at a time (a report
+        # built again after every deploy would make a turn quadratic in the deploys)
+        own = self._own_report(self._local)
+        own_plugins = dict(own.plugins)
+        live[self.node_id] = replace(own, plugins=own_plugins)
         for plugin, deploy in sorted(self.deploys.items()):
+            if self._adopt(plugin):
+                own_plugins[plugin] = self._plugin_report(plugin)
             try:
                 await self._reconcile_one(deploy, live)
             except Exception as e:  # a bug of ours must not stop the other deploys
                 log.exception("node %s: reconciling %s failed", self.node_id, plugin)
                 self._set(plugin, deploy, None, "failed", f"internal error: {type(e).__name__}: {e}"[:256])
-            live[self.node_id] = self.report()
-        for plugin in sorted(set(self._local) - set(self.deploys)):
-            await self._undeployed(plugin)
+            if plugin in self._local:
+                own_plugins[plugin] = self._plugin_report(plugin)
+            else:
+                own_plugins.pop(plugin, None)
+        for plugin in sorted(set(self._local) - set(self.deploys) - set(self._loading)):
+            await self._undeployed(plugin)  # (a load in flight is seen to on the turn after it ends)
+        for key in [k for k in self._backoff if k[0] not in self.deploys]:
+            del self._backoff[key]
+
+    def _adopt(self, plugin: str) -> bool:
+        """A version whose attempt failed here but that the manager serves since (it loaded it by itself once
+        the dependency it waited for arrived) is no failure: placement and the others must see it serving.
+        True when the record changed."""
+        local = self._local.get(plugin)
+        manager = self.node.manager
+        if (local is None or not local.failures or plugin in self._loading
+                or not (plugin in manager and manager.from_memory(plugin))):
+            return False
+        serving = manager.info(plugin).version
+        if serving not in local.failures:
+            return False  # (an older version serving beside a failed newer one: a failure indeed)
+        del local.failures[serving]
+        self._backoff.pop((plugin, serving), None)
+        local.report = PluginReport(serving, "serving", None, local.report.deploy_revision)
+        return True
 
     async def _reconcile_one(self, deploy: Deploy, live: dict[str, NodeReport]) -> None:
         plugin = deploy.plugin
         local = self._local.get(plugin)
-        if local is not None and local.report.deploy_revision != deploy.revision:
+        if local is not None and local.report.deploy_revision != deploy.revision and plugin not in self._loading:
             # a new deploy: every version gets a new chance
             if local.report.state in ("failed", "refused", "loading"):
                 del self._local[plugin]
@@ -468,24 +555,59 @@ class ClusterAgent:
 
     async def _run_here(self, deploy: Deploy, version: str, rollback: str | None) -> None:
         plugin = deploy.plugin
+        if plugin in self._loading:
+            return  # one load of a plugin at a time; the turn after it ends looks again
         local = self._local.get(plugin)
         manager = self.node.manager
         if local is not None:
             local.unplaced_since = None
-            if version in local.failures:
-                return  # tried for this revision already; placement passes this node over
-            if (local.report.state == "serving" and local.report.version == version and plugin in manager
-                    and manager.from_memory(plugin)):
+            if plugin in manager and manager.from_memory(plugin) and manager.info(plugin).version == version:
+                # what the manager serves is the truth: also a version whose attempt failed here and that the
+                # manager loaded by itself since (the dependency it waited for arrived)
+                local.failures.pop(version, None)
+                self._backoff.pop((plugin, version), None)
                 self._set(plugin, deploy, version, "serving", rollback)
                 return
+            if version in local.failures:
+                return  # tried for this revision already; placement passes this node over
             if time.monotonic() < local.retry_at:
                 return
+        backoff = self._backoff.get((plugin, version))
+        wait = 0.0 if backoff is None else backoff.until - time.monotonic()
+        if wait > 0:
+            if local is None or local.report.state not in ("serving", "draining"):
+                self._set(plugin, deploy, version, "loading", f"next attempt in {wait:.0f} s (the last one failed)")
+            return
+        if len(self._loading) >= MAX_LOADS:
+            return  # the next turns start it
         previous_state = local.report if local is not None else None
         if previous_state is not None and previous_state.state in ("serving", "draining") and plugin in manager:
             # the old version keeps serving while the new one loads beside it
             self._set(plugin, deploy, version, "loading", f"loading {version} beside {previous_state.version}")
         else:
             self._set(plugin, deploy, version, "loading", None)
+        self._loading[plugin] = asyncio.create_task(self._load(deploy, version, rollback, previous_state),
+                                                    name=f"sandbus-cluster-load-{plugin}")
+
+    async def _load(self, deploy: Deploy, version: str, rollback: str | None,
+                    previous_state: PluginReport | None) -> None:
+        """Resolve, fetch, verify and load ``version`` (a task of its own: the reconcile turns go on
+        meanwhile), and record the outcome; the reconciler is woken when it ends."""
+        plugin = deploy.plugin
+        try:
+            await self._fetch_and_load(deploy, version, rollback, previous_state)
+        except Exception as e:  # a bug of ours must not leave the plugin "loading" for ever, nor retry in a spin
+            log.exception("node %s: loading %s@%s failed", self.node_id, plugin, version)
+            self._set(plugin, deploy, None, "failed", f"internal error: {type(e).__name__}: {e}"[:256])
+            self._backoff[plugin, version] = _Backoff(time.monotonic() + RETRY_S, 1)
+        finally:
+            self._loading.pop(plugin, None)
+            self._wake.set()
+
+    async def _fetch_and_load(self, deploy: Deploy, version: str, rollback: str | None,
+                              previous_state: PluginReport | None) -> None:
+        plugin = deploy.plugin
+        manager = self.node.manager
         try:
             assert self._registry is not None
             entry = await _within(self._registry.resolve(plugin, version), OP_TIMEOUT_S)
@@ -512,6 +634,7 @@ class ClusterAgent:
         # "serving" only once the server routes requests here: a node draining it may unload on that word
         with contextlib.suppress(Exception):
             await _within(self.node.bus.sync(), OP_TIMEOUT_S)
+        self._backoff.pop((plugin, version), None)
         self._set(plugin, deploy, version, "serving", rollback)
         log.info("node %s serves %s@%s (deploy revision %d)", self.node_id, plugin, version, deploy.revision)
 
@@ -524,7 +647,7 @@ class ClusterAgent:
     def _transient(self, plugin: str, deploy: Deploy, version: str, previous: PluginReport | None,
                    reason: str) -> None:
         log.warning("node %s: %s (trying again)", self.node_id, reason)
-        local = self._local[plugin]
+        local = self._entry(plugin, deploy, version)
         local.retry_at = time.monotonic() + RETRY_S
         if previous is not None and previous.state in ("serving", "draining") and plugin in self.node.manager:
             local.report = replace(previous, reason=reason[:256], deploy_revision=deploy.revision)
@@ -536,8 +659,12 @@ class ClusterAgent:
         """Record and audit that ``version`` failed or was refused here (for this deploy revision)."""
         plugin = deploy.plugin
         reason = f"{error.code}: {error.message}"[:512]
-        local = self._local[plugin]
+        local = self._entry(plugin, deploy, version)
         local.failures[version] = FailedAttempt(version, state, reason)
+        before = self._backoff.get((plugin, version))
+        streak = 1 if before is None else before.streak + 1
+        self._backoff[plugin, version] = _Backoff(time.monotonic() + min(MAX_BACKOFF_S, RETRY_S * 2 ** (streak - 1)),
+                                                  streak)
         if state == "refused":
             level = AuditLevel.CRITICAL if isinstance(error, SignatureError) else AuditLevel.WARNING
             self.node.manager.auditor.emit(level, "cluster.refused", plugin,
@@ -555,6 +682,13 @@ class ClusterAgent:
         else:
             local.report = PluginReport(version, state, reason, deploy.revision)
 
+    def _entry(self, plugin: str, deploy: Deploy, version: str) -> _Local:
+        """The plugin's record (made anew when it was dropped while its load ran: undeployed, redeployed)."""
+        local = self._local.get(plugin)
+        if local is None:
+            local = self._local[plugin] = _Local(PluginReport(version, "loading", None, deploy.revision), {})
+        return local
+
     def _set(self, plugin: str, deploy: Deploy, version: str | None, state: State, reason: str | None) -> None:
         local = self._local.get(plugin)
         report = PluginReport(version, state, reason, deploy.revision)
@@ -568,8 +702,8 @@ class ClusterAgent:
         plugin = deploy.plugin
         local = self._local.get(plugin)
         manager = self.node.manager
-        if local is None:
-            return
+        if local is None or plugin in self._loading:
+            return  # (a load in flight is seen to on the turn after it ends)
         if not (plugin in manager and manager.from_memory(plugin)):
             if local.report.state in ("serving", "draining", "loading"):
                 if local.failures:  # keep telling the others why this node is passed over

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -33,8 +33,8 @@ import orjson
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from sandbus.host.cluster.buckets import ensure_nodes
-from sandbus.host.cluster.deploys import check_labels
+from sandbus.host.cluster.buckets import MAX_STATE_VALUE_BYTES, ensure_nodes
+from sandbus.host.cluster.deploys import check_labels, check_plugin, check_version
 from sandbus.host.cluster.entry import now_rfc3339
 from sandbus.host.cluster.kvwatch import current_values
 from sandbus.host.cluster.names import NODES_BUCKET
@@ -61,11 +61,16 @@ log = logging.getLogger("sandbus.cluster")
 HEARTBEAT_S = 1.0
 #: A node is live while its report was seen within this many seconds (three missed heartbeats).
 LIVE_S = 3.0
-#: The largest report read back (a node with 1000 plugins and long reasons stays under it).
-MAX_REPORT_BYTES = 1024 * 1024
+#: The largest report read back, and the largest a node puts: what the bucket takes
+#: (:meth:`NodeReport.trimmed` makes a node's report fit).
+MAX_REPORT_BYTES = MAX_STATE_VALUE_BYTES
 #: Plugins one report may list, and the longest reason kept.
 MAX_REPORT_PLUGINS = 2000
 MAX_REASON_CHARS = 512
+#: Reasons are cut to this length in a report that would not fit otherwise.
+SHORT_REASON_CHARS = 64
+#: Nodes one node keeps track of: anyone who can write the bucket can invent nodes, and each costs memory.
+MAX_NODES = 4096
 
 State = Literal["serving", "loading", "failed", "refused", "draining"]
 STATES: tuple[State, ...] = ("serving", "loading", "failed", "refused", "draining")
@@ -124,6 +129,14 @@ class PluginReport:
                 "deploy_revision": self.deploy_revision,
                 "failed": None if self.failed is None else self.failed.to_dict()}
 
+    def shortened(self, chars: int) -> PluginReport:
+        """This report with its reasons cut to ``chars`` characters."""
+        def cut(text: str) -> str:
+            return text if len(text) <= chars else text[:chars - 3] + "..."
+
+        failed = None if self.failed is None else replace(self.failed, reason=cut(self.failed.reason))
+        return replace(self, reason=None if self.reason is None else cut(self.reason), failed=failed)
+
     def failed_version(self, version: str, revision: int, *, only: str | None = None) -> bool:
         """Whether this node failed (or, ``only="refused"``/``"failed"``, failed in that way) ``version``
         for deploy ``revision``."""
@@ -145,13 +158,32 @@ class NodeReport:
         return orjson.dumps({"format": 1, "node": self.node, "labels": dict(self.labels), "at": self.at,
                              "plugins": {n: p.to_dict() for n, p in sorted(self.plugins.items())}})
 
+    def trimmed(self, limit: int = MAX_REPORT_BYTES) -> NodeReport:
+        """This report, made to fit in ``limit`` bytes of JSON: a report the bucket refuses is no report, and a
+        node whose reports stop is dead to every node, itself included. Reasons are shortened first; then
+        entries are left out, those of plugins that fail or are refused here before those it serves."""
+        if len(self.to_json()) <= limit:
+            return self
+        short = {n: p.shortened(SHORT_REASON_CHARS) for n, p in self.plugins.items()}
+        candidate = replace(self, plugins=short)
+        if len(candidate.to_json()) <= limit:
+            return candidate
+        size = len(replace(self, plugins={}).to_json())
+        kept: dict[str, PluginReport] = {}
+        for name, entry in sorted(short.items(), key=lambda item: (item[1].state in ("failed", "refused"), item[0])):
+            item_size = len(orjson.dumps({name: entry.to_dict()}))  # "{...}" stands in for the "," between items
+            if size + item_size <= limit:
+                kept[name] = entry
+                size += item_size
+        return replace(self, plugins=kept)
+
 
 def _parse_plugin(data: object) -> PluginReport:
     if not isinstance(data, dict):
         raise DeployError("a plugin's report is not an object")
     version = data.get("version")
     if version is not None:
-        _short_str(version, "version")
+        check_version(version)
     revision = data.get("deploy_revision", 0)
     if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
         raise DeployError("deploy_revision must be a whole number")
@@ -160,7 +192,7 @@ def _parse_plugin(data: object) -> PluginReport:
     if raw_failed is not None:
         if not isinstance(raw_failed, dict):
             raise DeployError("failed must be an object")
-        failed = FailedAttempt(_short_str(raw_failed.get("version"), "failed.version"),
+        failed = FailedAttempt(check_version(raw_failed.get("version"), "failed.version"),
                                _state(raw_failed.get("state"), ("failed", "refused")),
                                _reason(raw_failed.get("reason")) or "")
     return PluginReport(version, _state(data.get("state")), _reason(data.get("reason")), revision, failed)
@@ -193,7 +225,7 @@ def parse_report(raw: bytes | None, *, key: str | None = None) -> NodeReport:
         raise DeployError(f"plugins must be an object of at most {MAX_REPORT_PLUGINS} entries")
     parsed: dict[str, PluginReport] = {}
     for name, item in plugins.items():
-        parsed[_short_str(name, "plugin name", 63)] = _parse_plugin(item)
+        parsed[check_plugin(name)] = _parse_plugin(item)
     return NodeReport(check_token(node, "node id"), check_labels(_field(fields, "labels", {}), "labels"), parsed,
                       _short_str(_field(fields, "at", ""), "at", 64))
 
@@ -251,20 +283,47 @@ class Membership:
     ``observe(..., arriving=False)`` records a report read back when a watch (re)starts: it updates what
     the node runs (for placement's exclusions and status), but not its liveness, since it may be the
     last words of a node that died 29 s ago.
+
+    At most ``max_nodes`` nodes are kept: when that many are known, nodes not live are forgotten to make
+    room, and a new node is ignored while every known one is live. A flood of invented nodes then cannot
+    grow the memory of every node, nor push out a node that was there before it. The node ``own`` (the
+    reader itself) is always kept: its own report coming back is how it knows it may act.
     """
 
-    def __init__(self, live_s: float = LIVE_S) -> None:
+    max_nodes: int = MAX_NODES
+
+    def __init__(self, live_s: float = LIVE_S, *, max_nodes: int = MAX_NODES, own: str | None = None) -> None:
         self.live_s = live_s
+        self.max_nodes = max_nodes
+        self.own = own
         self._nodes: dict[str, _Seen] = {}
+        self._pruned_at = float("-inf")
+        self._ignored = 0
 
     def observe(self, report: NodeReport, *, arriving: bool, now: float | None = None) -> bool:
         """Record ``report``; True when it changes what placement sees: a node that was not live, or new
         labels or plugin states (a heartbeat that repeats the last report changes nothing)."""
         t = time.monotonic() if now is None else now
         seen = self._nodes.get(report.node)
+        if seen is None and len(self._nodes) >= self.max_nodes and report.node != self.own and not self._make_room(t):
+            return False
         self._nodes[report.node] = _Seen(report, t if arriving else (seen.at if seen else None), t)
         return (seen is None or seen.at is None or t - seen.at > self.live_s
                 or seen.report.labels != report.labels or seen.report.plugins != report.plugins)
+
+    def _make_room(self, t: float) -> bool:
+        """Forget the nodes not live (at most once a second: the scan is over every node); whether there is
+        room now."""
+        if t - self._pruned_at >= 1.0:
+            self._pruned_at = t
+            self.prune(self.live_s, t)
+        if len(self._nodes) < self.max_nodes:
+            return True
+        if self._ignored % 10_000 == 0:
+            log.warning("%d live nodes known already: ignoring the reports of nodes beyond them (invented by a "
+                        "writer of the nodes bucket?)", len(self._nodes))
+        self._ignored += 1
+        return False
 
     def forget(self, node: str) -> None:
         self._nodes.pop(node, None)

@@ -12,7 +12,7 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 
 from sandbus.bus.connection import ConnectOptions
-from sandbus.host.cluster.agent import ClusterAgent
+from sandbus.host.cluster.agent import ArtifactSource, ClusterAgent
 from sandbus.host.cluster.deploys import Deploy, DeployStore
 from sandbus.host.cluster.entry import RegistryEntry
 from sandbus.host.cluster.keys import PublisherKey
@@ -55,8 +55,9 @@ class Member:
 
 async def start_member(url: str, node_id: str, base: Path, trusted: list[str], *,
                        labels: dict[str, str] | None = None, plugins: Path | None = None,
-                       **timings: float) -> Member:
-    """A started node (serving ``plugins`` too, when given), with its agent started (on this event loop)."""
+                       registry: ArtifactSource | None = None, **timings: float) -> Member:
+    """A started node (serving ``plugins`` too, when given), with its agent started (on this event loop);
+    ``registry`` stands in for the registry on the node's connection (a test's wrapper of it)."""
     data = base / node_id
     data.mkdir(parents=True, exist_ok=True)
     (data / "policy.toml").write_text(POLICY.format(keys=", ".join(f'"{k}"' for k in trusted)))
@@ -71,7 +72,8 @@ async def start_member(url: str, node_id: str, base: Path, trusted: list[str], *
     bridge.attach(node.bus, manager.grant)
     await node.start()
     t = {**FAST, **timings}
-    agent = ClusterAgent(node, labels=labels, heartbeat_s=t["heartbeat_s"], live_s=t["live_s"], drain_s=t["drain_s"])
+    agent = ClusterAgent(node, registry, labels=labels, heartbeat_s=t["heartbeat_s"], live_s=t["live_s"],
+                         drain_s=t["drain_s"])
     await agent.start()
     return Member(node, agent, audit)
 
