@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
@@ -58,11 +57,6 @@ def exit_code(err: SandbusError) -> int:
     return exit_code_for(err)
 
 
-@dataclass(frozen=True)
-class _Failed:
-    error: SandbusError
-
-
 def _run(call: Callable[[NatsClient], Awaitable[T]], conn: Connection) -> T:
     """Run ``call`` on a connected NATS client; a sandbus error is one line and its exit code. Warnings go to
     stderr through the CLI's formatter (they may quote what someone wrote into a bucket: escaped)."""
@@ -70,15 +64,10 @@ def _run(call: Callable[[NatsClient], Awaitable[T]], conn: Connection) -> T:
 
     setup_logging(0)
 
-    async def go(client: Any) -> T | _Failed:
-        try:
-            return await call(client.nc)
-        except SandbusError as e:
-            return _Failed(e)
+    async def go(client: Any) -> T:
+        return await call(client.nc)
 
-    result: T | _Failed = client_run(go, conn)
-    if isinstance(result, _Failed):
-        fail(str(result.error), exit_code(result.error))
+    result: T = client_run(go, conn, exit_code)
     return result
 
 
@@ -363,7 +352,8 @@ def _print_deploy(item: dict[str, Any]) -> None:
         if n["reason"]:
             line += f"  {_safe(n['reason'])}"
         elif n["failed"] is not None:
-            line += f"  {n['failed']['version']} {n['failed']['state']}: {_safe(n['failed']['reason'])}"
+            failed = n["failed"]
+            line += f"  {_safe(failed['version'])} {_safe(failed['state'])}: {_safe(failed['reason'])}"
         typer.echo(line)
     missing = [p for p in item["placed"] if p not in {n["node"] for n in item["nodes"]}]
     for node in missing:

@@ -414,10 +414,13 @@ def _client_class(conn: Connection) -> type[Any]:
     return GuardedNatsClient
 
 
-def client_run(coro_factory: Callable[[Client], Any], conn: Connection) -> Any:
+def client_run(coro_factory: Callable[[Client], Any], conn: Connection,
+               exit_code: Callable[[SandbusError], int] | None = None) -> Any:
     """Connect, run ``coro_factory(client)``, close; any failure is one line and its exit code.
 
-    ``conn`` is the resolved :class:`Connection` that :func:`with_connection` passes a command.
+    ``conn`` is the resolved :class:`Connection` that :func:`with_connection` passes a command. ``exit_code``
+    maps a failure to its exit code (default: :func:`exit_code_for` of an answer over the bus, where "not
+    found" means no node serves the plugin).
     """
     # nats-py logs each failed attempt, with its traceback: the command says what failed itself, once.
     logging.getLogger("nats").setLevel(logging.CRITICAL + 1)
@@ -443,7 +446,7 @@ def client_run(coro_factory: Callable[[Client], Any], conn: Connection) -> Any:
         with client_tracing():
             return asyncio.run(go())
     except SandbusError as e:
-        fail(str(e), exit_code_for(e, over_bus=True))
+        fail(str(e), exit_code(e) if exit_code is not None else exit_code_for(e, over_bus=True))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 

@@ -12,7 +12,6 @@ artifact whose signature, digest or publisher does not pass: 4; NATS or JetStrea
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -49,11 +48,6 @@ def exit_code(err: SandbusError) -> int:
     return exit_code_for(err)
 
 
-@dataclass(frozen=True)
-class _Failed:
-    error: SandbusError
-
-
 def _run(call: Callable[[Registry], Awaitable[T]], conn: Connection) -> T:
     """Open the registry on a connected client, run ``call``; a failure is one line and its exit code.
 
@@ -63,17 +57,12 @@ def _run(call: Callable[[Registry], Awaitable[T]], conn: Connection) -> T:
 
     setup_logging(0)
 
-    async def go(client: Any) -> T | _Failed:
+    async def go(client: Any) -> T:
         from sandbus.host.cluster.registry import Registry
 
-        try:
-            return await call(await Registry.open(client.nc))
-        except SandbusError as e:
-            return _Failed(e)
+        return await call(await Registry.open(client.nc))
 
-    result: T | _Failed = client_run(go, conn)
-    if isinstance(result, _Failed):
-        fail(str(result.error), exit_code(result.error))
+    result: T = client_run(go, conn, exit_code)
     return result
 
 
