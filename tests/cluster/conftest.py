@@ -95,6 +95,26 @@ def push(registry: Registry, publisher: PublisherKey, plugins_dir: Path) -> Push
     return go
 
 
+@pytest.fixture
+def server() -> Iterator[NatsServer]:
+    """A JetStream nats-server of this test's own (its buckets start empty)."""
+    s = NatsServer(jetstream=True).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+async def server_nc(server: NatsServer) -> AsyncIterator[NATS]:
+    """A connection to :func:`server`."""
+    client = await nats.connect(server.url)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 # -- the command line ------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -102,15 +122,20 @@ def sandbus(capsys: pytest.CaptureFixture[str]) -> Run:
     """Run the ``sandbus`` command in this process: (exit code, stdout, stderr).
 
     ``main`` registers only the command it runs (a process runs one command); running several here, the
-    registry's commands are all registered first."""
+    registry's, the cluster's and ``node`` are all registered first."""
     cli_main = importlib.import_module("sandbus.host.cli.main")
-    from sandbus.host.cli import registry_cmd
+    from sandbus.host.cli import cluster_cmd, node_cmd, registry_cmd
 
-    cli_main._registered.add("registry_cmd")
     have = {c.callback.__name__ for c in cli_main.app.registered_commands if c.callback is not None}
-    for name in ("keygen", "push", "search", "pull", "install"):
-        if name not in have:
-            registry_cmd.register(cli_main.app, only=name)
+    for module, names in ((registry_cmd, ("keygen", "push", "search", "pull", "install")),
+                          (cluster_cmd, ("deploy", "status", "undeploy"))):
+        cli_main._registered.add(module.__name__.rsplit(".", 1)[1])
+        for name in names:
+            if name not in have:
+                module.register(cli_main.app, only=name)
+    if "node" not in have:
+        cli_main._registered.add("node_cmd")
+        node_cmd.register(cli_main.app)
 
     def run(*args: str) -> tuple[int, str, str]:
         with pytest.raises(SystemExit) as done:

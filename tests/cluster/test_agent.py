@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,27 +22,9 @@ from tests.cluster.agent_kit import Member, deploy, members, push, start_member,
 
 
 @pytest.fixture
-def server() -> Iterator[NatsServer]:
-    s = NatsServer(jetstream=True).start()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture
-async def nc(server: NatsServer) -> AsyncIterator[NATS]:
-    client = NATS()
-    await client.connect(server.url)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@pytest.fixture
-def publisher(tmp_path: Path) -> PublisherKey:
-    return keygen(tmp_path / "publisher.nk")
+def nc(server_nc: NATS) -> NATS:
+    """The connection to this test's own server (the registry tests' ``nc`` is to a shared one)."""
+    return server_nc
 
 
 def serving(ms: list[Member], plugin: str, version: str | None = None) -> set[str]:

@@ -6,8 +6,7 @@ failing."""
 from __future__ import annotations
 
 import asyncio
-import importlib
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
 
 import nats
@@ -16,43 +15,23 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from sandbus.bus.server import NatsServer
-from sandbus.host.cli.main import main
 from sandbus.host.cluster.buckets import MAX_STATE_VALUE_BYTES
 from sandbus.host.cluster.deploys import Deploy, DeployStore, parse_deploy
 from sandbus.host.cluster.entry import RegistryEntry
-from sandbus.host.cluster.keys import PublisherKey, keygen
+from sandbus.host.cluster.keys import PublisherKey
 from sandbus.host.cluster.names import DEPLOYS_BUCKET, NODES_BUCKET
 from sandbus.host.cluster.registry import Registry
 from sandbus.host.cluster.reports import Membership, NodeReport, ReportStore, parse_report
 from sandbus.sdk.errors import ArtifactNotFoundError, DeployError
 from tests.cluster.agent_kit import Member, deploy, push, start_member, stop_member, until
 from tests.cluster.clusterkit import MANIFEST, versioned_wasm
-
-Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def server() -> Iterator[NatsServer]:
-    s = NatsServer(jetstream=True).start()
-    try:
-        yield s
-    finally:
-        s.stop()
+from tests.cluster.conftest import Run
 
 
 @pytest.fixture
-async def nc(server: NatsServer) -> AsyncIterator[NATS]:
-    client = NATS()
-    await client.connect(server.url)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@pytest.fixture
-def publisher(tmp_path: Path) -> PublisherKey:
-    return keygen(tmp_path / "publisher.nk")
+def nc(server_nc: NATS) -> NATS:
+    """The connection to this test's own server (the registry tests' ``nc`` is to a shared one)."""
+    return server_nc
 
 
 class Wrapped:
@@ -367,24 +346,6 @@ def test_membership_stays_bounded_under_a_flood_of_phantom_nodes() -> None:
 
 # -- the command line with hostile bucket contents -------------------------------------------------------------
 
-@pytest.fixture
-def sandbus(capsys: pytest.CaptureFixture[str]) -> Run:
-    cli_main = importlib.import_module("sandbus.host.cli.main")
-    from sandbus.host.cli import cluster_cmd
-
-    cli_main._registered.add("cluster_cmd")
-    have = {c.callback.__name__ for c in cli_main.app.registered_commands if c.callback is not None}
-    for name in ("deploy", "status", "undeploy"):
-        if name not in have:
-            cluster_cmd.register(cli_main.app, only=name)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as done:
-            main(list(args))
-        captured = capsys.readouterr()
-        return int(done.value.code or 0), captured.out, captured.err
-
-    return run
 
 
 def test_status_shows_hostile_bucket_contents_escaped(sandbus: Run, server: NatsServer) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,36 +14,9 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from sandbus.bus.server import NatsServer
-from sandbus.host.cli.main import main
 from sandbus.host.cluster.keys import PublisherKey, keygen
 from sandbus.host.cluster.names import DEPLOYS_BUCKET, NODES_BUCKET
-from tests.cluster.conftest import PushFn
-
-Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def sandbus(capsys: pytest.CaptureFixture[str]) -> Run:
-    """Run the ``sandbus`` command in this process: (exit code, stdout, stderr). The commands of the cluster
-    and of the node are registered first (``main`` registers only what one process runs)."""
-    cli_main = importlib.import_module("sandbus.host.cli.main")
-    from sandbus.host.cli import cluster_cmd, node_cmd
-
-    cli_main._registered.update({"cluster_cmd", "node_cmd"})
-    have = {c.callback.__name__ for c in cli_main.app.registered_commands if c.callback is not None}
-    for name in ("deploy", "status", "undeploy"):
-        if name not in have:
-            cluster_cmd.register(cli_main.app, only=name)
-    if "node" not in have:
-        node_cmd.register(cli_main.app)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as done:
-            main(list(args))
-        captured = capsys.readouterr()
-        return int(done.value.code or 0), captured.out, captured.err
-
-    return run
+from tests.cluster.conftest import PushFn, Run
 
 
 def _nats(url: str, action: Callable[[NATS], Awaitable[object]]) -> object:
