@@ -368,6 +368,7 @@ class ClusterAgent:
             self._restart.clear()
             await self._stop_watchers()
             self._deploys_ready = self._reports_ready = False
+            self.membership.resume(self.membership.seen_at(self.node_id))
             self._watch_started = time.monotonic()
             try:
                 deploys_w = BucketWatch(self._deploy_store.js, DEPLOYS_BUCKET)

@@ -328,6 +328,19 @@ class Membership:
     def forget(self, node: str) -> None:
         self._nodes.pop(node, None)
 
+    def resume(self, last_heard: float | None, now: float | None = None) -> None:
+        """The reader's own view of the bus was cut (a reconnect, a server restart: its watch restarts).
+        The nodes that were live when it last heard from the bus (``last_heard``: when its own report last
+        came back) count as live for :attr:`live_s` more from ``now``: their reports could not arrive
+        meanwhile, and the outage says nothing about them. Without this, the first node back would find
+        every other one dead and take their deploys for a moment."""
+        if last_heard is None:
+            return
+        t = time.monotonic() if now is None else now
+        for seen in self._nodes.values():
+            if seen.at is not None and last_heard - seen.at <= self.live_s:
+                seen.at = max(seen.at, t)
+
     def seen_at(self, node: str) -> float | None:
         seen = self._nodes.get(node)
         return None if seen is None else seen.at

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from sandbus.host.cluster.placement import Candidate, labels_match, place, score
+from sandbus.host.cluster.reports import Membership, NodeReport
 
 NODES = [f"node-{i}" for i in range(10)]
 PLUGINS = [f"plugin{i}" for i in range(200)]
@@ -79,3 +80,17 @@ def test_a_node_that_failed_the_version_is_passed_over_for_that_version_only() -
     marked = [Candidate(c.node, excluded=("2.0.0",) if c.node == first else ()) for c in cands]
     assert first not in place("p", "2.0.0", 1, {}, marked)
     assert place("p", "1.0.0", 1, {}, marked) == [first]
+
+
+def test_after_the_readers_own_outage_the_nodes_it_knew_stay_live_for_a_window() -> None:
+    """A server restart cuts every node off at once. The node whose watch comes back first must not find
+    the others dead (their reports could not arrive either) and take their deploys: the nodes live when it
+    last heard from the bus stay live for ``live_s`` from its return; a node already dead before stays dead."""
+    m = Membership(3.0, own="n1")
+    for node, at in (("n1", 100.0), ("n2", 99.5), ("dead", 90.0)):
+        m.observe(NodeReport(node, {}, {}), arriving=True, now=at)
+    assert set(m.live(now=110.0)) == set()  # ten seconds without a report: everyone looks gone
+    m.resume(last_heard=100.0, now=110.0)
+    assert set(m.live(now=110.0)) == {"n1", "n2"}
+    assert set(m.live(now=112.5)) == {"n1", "n2"}
+    assert set(m.live(now=113.5)) == set()  # still silent live_s after the return: gone
