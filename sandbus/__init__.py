@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from sandbus.bus import BusHandler, PluginBus
     from sandbus.bus.connection import ConnectOptions
     from sandbus.bus.server import NatsServer
+    from sandbus.host.cluster.agent import ClusterAgent
+    from sandbus.host.cluster.registry import Registry
     from sandbus.host.lifecycle import DiscoveryReport, PluginInfo, PluginManager, PluginStatus, PluginWatcher
     from sandbus.host.node.node import Node
     from sandbus.host.sandbox import (
@@ -46,6 +48,7 @@ _WHERE = {
     "BusHandler": "sandbus.bus",
     "Capabilities": "sandbus.host.sandbox",
     "Client": "sandbus.sdk.client",
+    "ClusterAgent": "sandbus.host.cluster.agent",
     "ConnectOptions": "sandbus.bus.connection",
     "DirGrant": "sandbus.host.sandbox",
     "DiscoveryReport": "sandbus.host.lifecycle",
@@ -60,6 +63,7 @@ _WHERE = {
     "PluginMessage": "sandbus.sdk.message",
     "PluginStatus": "sandbus.host.lifecycle",
     "PluginWatcher": "sandbus.host.lifecycle",
+    "Registry": "sandbus.host.cluster.registry",
     "Sandbox": "sandbus.host.sandbox",
     "__version__": "sandbus._version",
     "SandboxBuilder": "sandbus.host.sandbox",
@@ -74,6 +78,7 @@ __all__ = [
     "BusHandler",
     "Capabilities",
     "Client",
+    "ClusterAgent",
     "ConnectOptions",
     "DirGrant",
     "DiscoveryReport",
@@ -88,6 +93,7 @@ __all__ = [
     "PluginMessage",
     "PluginStatus",
     "PluginWatcher",
+    "Registry",
     "Sandbox",
     "SandboxBuilder",
     "SandbusError",

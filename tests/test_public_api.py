@@ -34,8 +34,21 @@ def test_public_api_names_the_objects_that_do_the_work() -> None:
     """``from sandbus import ...`` gives the very objects of the modules below it (one class object per class,
     so ``isinstance`` agrees whichever way a caller imported it)."""
     import sandbus
-    from sandbus import Client, Node, PluginBus, PluginManager, PluginMessage, Sandbox, SandboxBuilder, SandbusError
+    from sandbus import (
+        Client,
+        ClusterAgent,
+        Node,
+        PluginBus,
+        PluginManager,
+        PluginMessage,
+        Registry,
+        Sandbox,
+        SandboxBuilder,
+        SandbusError,
+    )
     from sandbus.bus.plugin_bus import PluginBus as DefinedBus
+    from sandbus.host.cluster.agent import ClusterAgent as DefinedAgent
+    from sandbus.host.cluster.registry import Registry as DefinedRegistry
     from sandbus.host.lifecycle.manager import PluginManager as DefinedManager
     from sandbus.host.node.node import Node as DefinedNode
     from sandbus.host.sandbox.sandbox import Sandbox as DefinedSandbox
@@ -46,7 +59,7 @@ def test_public_api_names_the_objects_that_do_the_work() -> None:
 
     pairs = [(Sandbox, DefinedSandbox), (SandboxBuilder, DefinedBuilder), (PluginManager, DefinedManager),
              (Node, DefinedNode), (PluginBus, DefinedBus), (Client, DefinedClient), (PluginMessage, DefinedMessage),
-             (SandbusError, DefinedError)]
+             (SandbusError, DefinedError), (Registry, DefinedRegistry), (ClusterAgent, DefinedAgent)]
     for exported, defined in pairs:
         assert exported is defined
         assert exported.__name__ in sandbus.__all__
