@@ -47,12 +47,12 @@ from sandbus.host.cluster.deploys import Deploy, DeployStore  # noqa: E402
 from sandbus.host.cluster.keys import keygen, load_seed  # noqa: E402
 from sandbus.host.cluster.registry import Registry  # noqa: E402
 from sandbus.sdk.client import Client  # noqa: E402
+from tests.bus.conftest import free_port  # noqa: E402
 from tests.cluster.clusterkit import (  # noqa: E402
     MANIFEST,
     ClusterNode,
     RequestLoop,
     cli,
-    free_port,
     ok,
     plugin_dir,
     reports,

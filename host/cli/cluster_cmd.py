@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from sandbus.host.cli.connect import Connection, client_run, with_connection
+from sandbus.host.cli.connect import Connection, run_on_nats, with_connection
 from sandbus.host.cli.extras import require_host
 from sandbus.host.cli.main import (
     EXIT_NO_NODE,
@@ -34,7 +34,7 @@ from sandbus.host.cli.trust import PolicyOpt, TrustOpt, note_unchecked, trusted_
 from sandbus.sdk.errors import DeployError, RegistryError, SandbusError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Callable
 
     from nats.aio.client import Client as NatsClient
 
@@ -55,20 +55,6 @@ def exit_code(err: SandbusError) -> int:
     if isinstance(err, RegistryError | DeployError):
         return EXIT_USAGE
     return exit_code_for(err)
-
-
-def _run(call: Callable[[NatsClient], Awaitable[T]], conn: Connection) -> T:
-    """Run ``call`` on a connected NATS client; a sandbus error is one line and its exit code. Warnings go to
-    stderr through the CLI's formatter (they may quote what someone wrote into a bucket: escaped)."""
-    from sandbus.host.cli.output import setup_logging
-
-    setup_logging(0)
-
-    async def go(client: Any) -> T:
-        return await call(client.nc)
-
-    result: T = client_run(go, conn, exit_code)
-    return result
 
 
 def _checked(action: Callable[[], T]) -> T:
@@ -138,7 +124,7 @@ def deploy(
         notes = await _selector_notes(nc, stored)
         return stored, notes
 
-    stored, notes = _run(go, conn)
+    stored, notes = run_on_nats(go, conn, exit_code)
     note_unchecked(trusted, "deployed")
     where = f" on nodes with {_labels(stored.labels)}" if stored.labels else ""
     count_text = "every matching node" if stored.replicas is None else f"{stored.replicas} node(s)"
@@ -229,7 +215,7 @@ def _wait(stored: Deploy, timeout: float, conn: Connection) -> None:
                 return "timeout", item
             await asyncio.sleep(POLL_S)
 
-    outcome, item = _run(go, conn)
+    outcome, item = run_on_nats(go, conn, exit_code)
     if outcome == "serving":
         typer.echo(f"{stored.plugin}@{stored.version} serves on {item['actual']} node(s): "
                    + ", ".join(n["node"] for n in item["nodes"] if n["state"] == "serving"))
@@ -307,7 +293,7 @@ def status(
         from sandbus.host.cluster.deploys import check_plugin
 
         _checked(lambda: check_plugin(plugin))
-    view = _run(lambda nc: _view(nc, plugin), conn)
+    view = run_on_nats(lambda nc: _view(nc, plugin), conn, exit_code)
     if plugin is not None and not view["deploys"] and plugin not in view["invalid"]:
         if as_json:
             _print_json(view)
@@ -379,7 +365,7 @@ def undeploy(
 
         return await (await DeployStore.open(nc.jetstream())).delete(plugin)
 
-    if not _run(go, conn):
+    if not run_on_nats(go, conn, exit_code):
         fail(f"no deploy of {plugin!r}", EXIT_USAGE)
     typer.echo(f"undeployed {plugin}: the nodes unload it")
 

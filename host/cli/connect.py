@@ -39,7 +39,7 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -60,6 +60,8 @@ from sandbus.sdk.errors import BusError, SandbusError
 from sandbus.sdk.nats_auth import auth_kwargs, tls_context
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+
     from sandbus.bus.connection import ConnectOptions
     from sandbus.sdk.client import Client
 
@@ -68,6 +70,7 @@ __all__ = [
     "DEFAULT_NATS",
     "Connection",
     "client_run",
+    "run_on_nats",
     "default_port",
     "resolve_connection",
     "with_connection",
@@ -287,6 +290,7 @@ _CONNECTION_PARAMS: tuple[tuple[str, Any], ...] = (
 _ALIASES = {"nkey_seed": "nkey", "tls_ca": "tlsca", "tls_cert": "tlscert", "tls_key": "tlskey"}
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def _server_from(server: str | None) -> str:
@@ -412,6 +416,22 @@ def _client_class(conn: Connection) -> type[Any]:
     from sandbus.sdk.nats_guard import GuardedNatsClient
 
     return GuardedNatsClient
+
+
+def run_on_nats(call: Callable[[NatsClient], Awaitable[T]], conn: Connection,
+                exit_code: Callable[[SandbusError], int]) -> T:
+    """:func:`client_run` of ``call`` on the client's NATS connection, with ``exit_code`` mapping failures.
+    Warnings go to stderr through the CLI's formatter: they may quote what someone wrote into a bucket,
+    and reach the terminal escaped like every other text from the bus."""
+    from sandbus.host.cli.output import setup_logging
+
+    setup_logging(0)
+
+    async def go(client: Client) -> T:
+        return await call(client.nc)
+
+    result: T = client_run(go, conn, exit_code)
+    return result
 
 
 def client_run(coro_factory: Callable[[Client], Any], conn: Connection,

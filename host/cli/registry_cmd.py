@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from sandbus.host.cli.connect import Connection, client_run, with_connection
+from sandbus.host.cli.connect import Connection, run_on_nats, with_connection
 from sandbus.host.cli.extras import require_host
 from sandbus.host.cli.main import EXIT_USAGE, exit_code_for, fail
 from sandbus.host.cli.output import terminal_text
@@ -49,21 +49,14 @@ def exit_code(err: SandbusError) -> int:
 
 
 def _run(call: Callable[[Registry], Awaitable[T]], conn: Connection) -> T:
-    """Open the registry on a connected client, run ``call``; a failure is one line and its exit code.
+    """Open the registry on a connected client and run ``call`` (:func:`run_on_nats`)."""
 
-    Warnings (an entry not listed, say) go to stderr through the CLI's formatter: they quote what someone
-    wrote into the registry, and reach the terminal escaped like every other text from the bus."""
-    from sandbus.host.cli.output import setup_logging
-
-    setup_logging(0)
-
-    async def go(client: Any) -> T:
+    async def with_registry(nc: Any) -> T:
         from sandbus.host.cluster.registry import Registry
 
-        return await call(await Registry.open(client.nc))
+        return await call(await Registry.open(nc))
 
-    result: T = client_run(go, conn, exit_code)
-    return result
+    return run_on_nats(with_registry, conn, exit_code)
 
 
 def _checked(action: Callable[[], T]) -> T:

@@ -168,14 +168,8 @@ async def ensure_deploys(js: JetStreamContext, replicas: int | None = None) -> K
     Raises:
         BusError: JetStream is not enabled, or refused.
     """
-    from nats.js.api import KeyValueConfig
-
-    return await _bind_or_create(
-        lambda: js.key_value(DEPLOYS_BUCKET),
-        lambda n: js.create_key_value(KeyValueConfig(
-            bucket=DEPLOYS_BUCKET, history=DEPLOYS_HISTORY, replicas=n, max_value_size=MAX_STATE_VALUE_BYTES,
-            description="sandbus deploys: desired state per plugin")),
-        DEPLOYS_BUCKET, replicas, js._nc)
+    return await _ensure_state(js, DEPLOYS_BUCKET, replicas, history=DEPLOYS_HISTORY,
+                               description="sandbus deploys: desired state per plugin")
 
 
 async def ensure_nodes(js: JetStreamContext, replicas: int | None = None) -> KeyValue:
@@ -184,11 +178,16 @@ async def ensure_nodes(js: JetStreamContext, replicas: int | None = None) -> Key
     Raises:
         BusError: JetStream is not enabled, or refused.
     """
+    return await _ensure_state(js, NODES_BUCKET, replicas, history=NODES_HISTORY, ttl=NODES_MAX_AGE_S,
+                               description="sandbus nodes: liveness and actual state")
+
+
+async def _ensure_state(js: JetStreamContext, bucket: str, replicas: int | None, **config: Any) -> KeyValue:
+    """A KV bucket of the cluster's state (values up to :data:`MAX_STATE_VALUE_BYTES`), bound or created."""
     from nats.js.api import KeyValueConfig
 
     return await _bind_or_create(
-        lambda: js.key_value(NODES_BUCKET),
-        lambda n: js.create_key_value(KeyValueConfig(
-            bucket=NODES_BUCKET, history=NODES_HISTORY, replicas=n, ttl=NODES_MAX_AGE_S,
-            max_value_size=MAX_STATE_VALUE_BYTES, description="sandbus nodes: liveness and actual state")),
-        NODES_BUCKET, replicas, js._nc)
+        lambda: js.key_value(bucket),
+        lambda n: js.create_key_value(KeyValueConfig(bucket=bucket, replicas=n, max_value_size=MAX_STATE_VALUE_BYTES,
+                                                     **config)),
+        bucket, replicas, js._nc)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -197,3 +198,42 @@ def run(coro_fn: Callable[[Client], object], url: str) -> object:
             await client.close()
 
     return asyncio.run(go())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def nats_cluster(base: Path, size: int = 3) -> Iterator[list[NatsServer]]:
+    """``size`` nats-servers from deploy/nats/cluster.conf on loopback, routed to each other; stopped by PID."""
+    ports = [(free_port(), free_port()) for _ in range(size)]
+    routes = {f"NATS_ROUTE_{i + 1}": f"nats-route://127.0.0.1:{c}" for i, (_, c) in enumerate(ports)}
+    servers: list[NatsServer] = []
+    try:
+        for i, (port, cport) in enumerate(ports):
+            env = {"NATS_NAME": f"s{i}", "NATS_HOST": "127.0.0.1", "NATS_PORT": str(port),
+                   "NATS_CLUSTER_PORT": str(cport), "NATS_STORE": str(base / f"s{i}"), **routes}
+            servers.append(NatsServer(config=ROOT / "deploy" / "nats" / "cluster.conf", jetstream=False,
+                                      store_dir=base / f"s{i}", env=env).start())
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+async def jetstream_ready(url: str, timeout: float = 30.0) -> None:
+    """Wait until JetStream answers on ``url`` (a cluster elects its meta leader first)."""
+    async with await Client.connect(url) as c:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await c.nc.jetstream().account_info()
+                return
+            except Exception:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)  # waiting for the cluster to elect a meta leader

@@ -115,13 +115,3 @@ async def deploy(nc: NATS, plugin: str, version: str, *, replicas: int | None = 
     store = await DeployStore.open(nc.jetstream(timeout=1.0))
     return await store.put(Deploy(plugin=plugin, range=version, version=version, previous=previous,
                                   replicas=replicas, labels=labels or {}))
-
-
-async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Wait until ``condition()`` holds, at most ``timeout`` seconds (then fail naming ``what``)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)  # yields to the agents, whose work changes the condition

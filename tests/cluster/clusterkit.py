@@ -11,11 +11,10 @@ import contextlib
 import inspect
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
 
-from sandbus.bus.server import NatsServer
 from sandbus.host.cluster.reports import HEARTBEAT_S, LIVE_S
 from sandbus.sdk.client import Client
 from sandbus.sdk.errors import SandbusError
@@ -55,12 +53,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     would point the child elsewhere), plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "SANDBUS_NATS"))}
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- node processes -------------------------------------------------------------------------------------------
@@ -117,42 +109,6 @@ def stop_all(nodes: list[ClusterNode]) -> None:
     """Stop every node by PID (one that already exited only has its log closed)."""
     for node in nodes:
         node.terminate()
-
-
-@contextlib.contextmanager
-def nats_cluster(base: Path, size: int = 3) -> Iterator[list[NatsServer]]:
-    """``size`` nats-servers from deploy/nats/cluster.conf on loopback, routed to each other; stopped by PID."""
-    ports = [(free_port(), free_port()) for _ in range(size)]
-    routes = {f"NATS_ROUTE_{i + 1}": f"nats-route://127.0.0.1:{c}" for i, (_, c) in enumerate(ports)}
-    servers: list[NatsServer] = []
-    try:
-        for i, (port, cport) in enumerate(ports):
-            env = {"NATS_NAME": f"s{i}", "NATS_HOST": "127.0.0.1", "NATS_PORT": str(port),
-                   "NATS_CLUSTER_PORT": str(cport), "NATS_STORE": str(base / f"s{i}"), **routes}
-            servers.append(NatsServer(config=ROOT / "deploy" / "nats" / "cluster.conf", jetstream=False,
-                                      store_dir=base / f"s{i}", env=env).start())
-        yield servers
-    finally:
-        for s in servers:
-            s.stop()
-
-
-async def jetstream_ready(url: str, timeout: float = 30.0) -> None:
-    """Wait until JetStream answers on ``url`` (a cluster elects its meta leader first)."""
-    nc = await connect(url)
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            try:
-                await nc.jetstream().account_info()
-                return
-            except Exception:
-                if loop.time() > deadline:
-                    raise
-                await asyncio.sleep(0.05)  # waiting for the cluster to elect a meta leader
-    finally:
-        await nc.close()
 
 
 # --- the command line --------------------------------------------------------------------------------------------

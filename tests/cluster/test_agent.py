@@ -18,7 +18,8 @@ from sandbus.host.cluster.placement import Candidate, place, score
 from sandbus.host.cluster.reports import NodeReport, ReportStore
 from sandbus.sdk.client import Client
 from sandbus.sdk.errors import BusError
-from tests.cluster.agent_kit import Member, deploy, members, push, start_member, stop_member, until
+from tests.bus.conftest import until
+from tests.cluster.agent_kit import Member, deploy, members, push, start_member, stop_member
 
 
 @pytest.fixture

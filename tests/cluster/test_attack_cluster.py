@@ -23,7 +23,8 @@ from sandbus.host.cluster.names import DEPLOYS_BUCKET, NODES_BUCKET
 from sandbus.host.cluster.registry import Registry
 from sandbus.host.cluster.reports import Membership, NodeReport, ReportStore, parse_report
 from sandbus.sdk.errors import ArtifactNotFoundError, DeployError
-from tests.cluster.agent_kit import Member, deploy, push, start_member, stop_member, until
+from tests.bus.conftest import until
+from tests.cluster.agent_kit import Member, deploy, push, start_member, stop_member
 from tests.cluster.clusterkit import MANIFEST, versioned_wasm
 from tests.cluster.conftest import Run
 

@@ -23,6 +23,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from sandbus.bus.server import NatsServer
 from sandbus.sdk.client import Client
 from sandbus.sdk.errors import SandbusError
+from tests.bus.conftest import jetstream_ready, nats_cluster
 from tests.cluster.clusterkit import (
     ARTIFACTS_BUCKET,
     DEPLOYS_BUCKET,
@@ -37,9 +38,7 @@ from tests.cluster.clusterkit import (
     answering_nodes,
     cli,
     connect,
-    jetstream_ready,
     kv_entries,
-    nats_cluster,
     ok,
     plugin_dir,
     plugin_states,
