@@ -21,6 +21,7 @@ from sandbus.host.lifecycle import PluginManager
 from sandbus.host.lifecycle.policy import load_policy
 from sandbus.host.node.hostfuncs import BusBridge
 from sandbus.host.node.node import Node
+from tests.bus.conftest import until
 from tests.cluster.clusterkit import MANIFEST, versioned_wasm
 from tests.conftest import AuditLog
 
@@ -115,3 +116,11 @@ async def deploy(nc: NATS, plugin: str, version: str, *, replicas: int | None = 
     store = await DeployStore.open(nc.jetstream(timeout=1.0))
     return await store.put(Deploy(plugin=plugin, range=version, version=version, previous=previous,
                                   replicas=replicas, labels=labels or {}))
+
+
+async def turns_pass(members: list[Member], count: int = 3, timeout: float = 10.0) -> None:
+    """Wait until every member's agent has run ``count`` more reconcile turns: the window in which whatever
+    must not happen (a retry, a second load) would have happened."""
+    start = [m.agent.turns for m in members]
+    await until(lambda: all(m.agent.turns >= t + count for m, t in zip(members, start, strict=True)), timeout,
+                f"{count} more reconcile turns")

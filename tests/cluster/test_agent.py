@@ -19,7 +19,7 @@ from sandbus.host.cluster.reports import NodeReport, ReportStore
 from sandbus.sdk.client import Client
 from sandbus.sdk.errors import BusError
 from tests.bus.conftest import until
-from tests.cluster.agent_kit import Member, deploy, members, push, start_member, stop_member
+from tests.cluster.agent_kit import Member, deploy, members, push, start_member, stop_member, turns_pass
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ async def test_a_deploy_of_2_runs_on_exactly_the_2_placed_of_3_nodes(server: Nat
         await until(lambda: serving(ms, "greeter") == expected, 10, f"greeter on {expected}")
         elapsed = time.monotonic() - started
         assert await ask(server.url, "greeter") == {"version": "1.0.0"}
-        await asyncio.sleep(0.5)  # a few more turns: nothing else loads it
+        await turns_pass(ms)  # nothing else loads it
         assert serving(ms, "greeter") == expected
         reports, _ = await (await ReportStore.open(nc.jetstream())).all()
         states = {n: r.plugins["greeter"].state for n, r in reports.items() if "greeter" in r.plugins}
@@ -91,7 +91,7 @@ async def test_a_version_whose_health_fails_rolls_back_and_no_request_fails(
         while not await settled():
             assert time.monotonic() < deadline, f"no rollback: {found_reports}"
             await asyncio.sleep(0.1)
-        await asyncio.sleep(0.6)  # three more heartbeats: the rollback holds, nobody retries 1.2.0
+        await turns_pass(ms)  # the rollback holds, nobody retries 1.2.0
         stop.set()
         await loop
         assert serving(ms, "greeter", "1.0.0") == {m.id for m in ms}
@@ -195,7 +195,8 @@ async def test_a_node_leaving_hands_its_share_over_before_it_drains(server: Nats
         await until(lambda: len(outcomes) > 20, 5, "requests answered")
         await stop_member(leaving, handoff_s=5.0)  # returns once the other node serves it
         assert other.version("greeter") == "1.0.0"
-        await asyncio.sleep(0.3)
+        answered = len(outcomes)
+        await until(lambda: len(outcomes) > answered + 20, 5, "requests answered after the handover")
         stop.set()
         await loop
         assert [o for o in outcomes if not isinstance(o, dict)] == []
@@ -277,7 +278,7 @@ async def test_a_version_that_fails_everywhere_is_listed_failed_until_undeployed
             assert info.status.value == "failed"
             assert "sandbus_init" in (info.last_error or "")
         loads = [m.audit.kinds().count("lifecycle.load_failed") for m in ms]
-        await asyncio.sleep(0.6)
+        await turns_pass(ms)
         assert [m.audit.kinds().count("lifecycle.load_failed") for m in ms] == loads == [1, 1]
         assert await (await DeployStore.open(nc.jetstream())).delete("greeter")
         await until(lambda: all(m.node.manager.list_plugins() == [] for m in ms), 5, "the failed slots cleared")

@@ -24,7 +24,7 @@ from sandbus.host.cluster.registry import Registry
 from sandbus.host.cluster.reports import Membership, NodeReport, ReportStore, parse_report
 from sandbus.sdk.errors import ArtifactNotFoundError, DeployError
 from tests.bus.conftest import until
-from tests.cluster.agent_kit import Member, deploy, push, start_member, stop_member
+from tests.cluster.agent_kit import Member, deploy, push, start_member, stop_member, turns_pass
 from tests.cluster.clusterkit import MANIFEST, versioned_wasm
 from tests.cluster.conftest import Run
 
@@ -124,7 +124,7 @@ async def test_a_rollback_to_a_forged_previous_version_keeps_the_serving_one_and
 
         await until(both_failed, 10, "1.1.0 and 9.9.9 both failed")
         attempts = kinds(member, "lifecycle.reload_failed", "greeter")
-        await asyncio.sleep(0.6)  # three heartbeats: nothing is tried again
+        await turns_pass([member])  # nothing is tried again
         assert kinds(member, "lifecycle.reload_failed", "greeter") == attempts == 1
         assert member.version("greeter") == "1.0.0"
         report = member.agent.report().plugins["greeter"]
@@ -217,7 +217,7 @@ async def test_a_deploy_that_changes_during_a_slow_load_ends_as_last_asked(
         assert await store.delete("greeter")
         await until(lambda: member.version("greeter") is None and "greeter" not in member.agent.report().plugins,
                     10, "greeter gone after its slow load ended")
-        await asyncio.sleep(0.5)  # a few more turns: it does not come back
+        await turns_pass([member])  # it does not come back
         assert member.node.manager.list_plugins() == []
         assert "greeter" not in member.agent.report().plugins
     finally:
@@ -236,11 +236,11 @@ async def test_deploy_undeploy_churn_ends_in_the_last_desired_state(
             await asyncio.sleep(0.02)
             await store.delete("greeter")
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.5)  # several turns after the churn
+        await turns_pass(ms)  # several turns after the churn
         await until(lambda: all(m.version("greeter") is None for m in ms), 5, "greeter unloaded everywhere")
         await deploy(nc, "greeter", "1.0.0", replicas=1)
         await until(lambda: sum(m.version("greeter") is not None for m in ms) == 1, 5, "greeter on one node")
-        await asyncio.sleep(0.5)
+        await turns_pass(ms)
         assert sum(m.version("greeter") is not None for m in ms) == 1
         assert all(len(m.node.manager.list_plugins()) <= 1 for m in ms)
     finally:
@@ -294,7 +294,7 @@ async def test_a_manifest_asking_what_the_policy_refuses_is_refused_on_each_node
                        for m in ms)
 
         await until(refused_everywhere, 10, "greedy refused on both nodes")
-        await asyncio.sleep(0.6)  # three heartbeats: no retry, no second audit event
+        await turns_pass(ms)  # no retry, no second audit event
         for m in ms:
             assert m.version("greedy") is None
             assert kinds(m, "cluster.refused", "greedy") == 1
