@@ -24,6 +24,7 @@ value is unknown). ``list``:
       name             string   the plugin (one subject token)
       version          string|null  the serving version (for a failed plugin: the declared one, if read)
       status           string   "loaded" | "stale" (an older version serves; newest files failed) |
+                                "loading" (not serving yet: its first load compiles in the background) |
                                 "failed" (not serving) | "unloading" (finishing its calls)
       description      string   from the manifest
       sha256           string|null  digest of the serving module

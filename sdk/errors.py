@@ -25,6 +25,7 @@ dead-lettered at once instead of redelivered.
     │   ├── SignatureError           an artifact is unsigned, its signature or digest does not match
     │   └── UntrustedPublisherError  an artifact is signed by a key the operator does not trust
     ├── PluginNotFoundError          (LookupError)
+    │   └── PluginLoadingError       known, but still compiling or loading: try again shortly
     ├── ManifestError                (ValueError) names file and key
     ├── PolicyError                  operator policy file is invalid
     ├── DependencyError              missing / incompatible / cyclic dependencies
@@ -72,6 +73,7 @@ __all__ = [
     "OutOfFuelError",
     "PayloadTooLargeError",
     "PluginInitError",
+    "PluginLoadingError",
     "PluginNotFoundError",
     "PolicyError",
     "RateLimitError",
@@ -223,6 +225,13 @@ class UntrustedPublisherError(SecurityViolationError):
 
 class PluginNotFoundError(SandbusError, LookupError):
     code = "plugin.not_found"
+
+
+class PluginLoadingError(PluginNotFoundError):
+    """The plugin is known but not serving yet: it is still loading (a cold compile of a large module
+    takes seconds). Retryable: the same call succeeds once the load ends, which ``sandbus ls`` shows."""
+
+    code = "plugin.loading"
 
 
 class ManifestError(SandbusError, ValueError):

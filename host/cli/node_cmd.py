@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,7 +113,8 @@ def node(
                 typer.echo("warning: the policy lists no [registry] trusted_publishers: this cluster node refuses "
                            "every deploy", err=True)
             manager = n.manager
-            manager.discover_and_load()
+            # Plugins that compile for seconds load in the background: the node serves the others meanwhile.
+            manager.discover_and_load(background=True)
             for info in manager.list_plugins():  # a failed plugin's name is a file stem: any characters
                 typer.echo(f"  {escape_controls(info.name):20s} {escape_controls(info.version or '-'):10s} "
                            f"{info.status.value}"
@@ -292,6 +294,7 @@ async def _serve(n: Any, watch: bool, on_stop: Callable[[], None], *,
         shown = ",".join(f"{k}={v}" for k, v in sorted(cluster_labels.items())) or "no labels"
         typer.echo(f"node {n.node_id} follows the cluster's deploys ({escape_controls(shown)})")
     typer.echo(f"node {n.node_id} ready")
+    _report_background(n)
     try:
         await stop.wait()
     finally:
@@ -304,6 +307,25 @@ async def _serve(n: Any, watch: bool, on_stop: Callable[[], None], *,
             await asyncio.to_thread(watcher.stop)
         await n.stop(DRAIN_S)
         n.manager.close()
+
+
+def _report_background(n: Any) -> None:
+    """"ready" means serving what has loaded; a plugin still compiling joins when its load ends, which is
+    printed (``node <id> loaded <plugin>: <status>``) from a daemon thread, so stopping never waits for it."""
+    loading = n.manager.loading()
+    if not loading:
+        return
+    typer.echo(f"node {n.node_id} still loading in the background: {', '.join(map(escape_controls, loading))}")
+
+    def report() -> None:
+        n.manager.wait_loaded()
+        for name in loading:
+            with contextlib.suppress(SandbusError):
+                info = n.manager.info(name)
+                typer.echo(f"node {n.node_id} loaded {escape_controls(name)}: {info.status.value}"
+                           + (f" ({escape_controls(info.last_error)})" if info.last_error else ""))
+
+    threading.Thread(target=report, name="sandbus-load-report", daemon=True).start()
 
 
 def _quiet() -> None:

@@ -6,6 +6,11 @@ module compiled from those same bytes, so a file that changes halfway through a 
 give a version whose manifest and module disagree. The fingerprint of the bytes tells the
 manager later whether anything on disk changed.
 
+One exception keeps a warm load of a large module fast: when the module cache's digest memo
+(host/sandbox/filememo.py) knows the file's identity, the module is not read at all -- its digest and
+headers are the memo's, and its compiled code comes from the cache. Only if the code must be compiled
+is the file read, and then its bytes must hash to that digest, or the load fails (the file changed).
+
 Nothing here touches the manager's tables: :func:`build_version` either returns a complete,
 initialised :class:`PluginVersion` or raises, which is what lets a reload build the new version
 entirely before it replaces the old one.
@@ -13,19 +18,26 @@ entirely before it replaces the old one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import logging
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
 from sandbus.host.lifecycle.manifest import MAX_TOML_BYTES, Manifest, load_manifest, parse_manifest, read_capped
 from sandbus.host.lifecycle.policy import Grant
 from sandbus.host.sandbox import Auditor, HostFunctions, Limits, ModuleCache, Sandbox
+from sandbus.host.sandbox.cache import ModuleSource
+from sandbus.host.sandbox.compiler import MAX_SECTIONS
+from sandbus.host.sandbox.filememo import FileIdentity, FileMemo, MemoEntry
+from sandbus.host.sandbox.wasmscan import MalformedWasm, scan_wasm
 from sandbus.sdk.errors import (
     InvalidModuleError,
     ManifestError,
@@ -152,39 +164,119 @@ def _read(path: Path, cap: int, directory: Path, plugin: str) -> bytes | None:
         data, real = read_capped(path, cap)
     except FileNotFoundError:
         return None
+    _inside(directory, real, path, plugin)
+    return data
+
+
+def _inside(directory: Path, real: str, path: Path, plugin: str) -> None:
     root = os.path.realpath(directory)
     if os.path.commonpath([root, real]) != root:
         raise SecurityViolationError(
             f"{path.name} is a link to a file outside the plugin directory; only files in it are loaded",
             plugin=plugin, path=str(path), target=real)
-    return data
+
+
+def _read_module(path: Path, cap: int, directory: Path, plugin: str, memo: FileMemo,
+                 known: FileIdentity | None = None) -> ModuleSource | None:
+    """The module at ``path`` as a :class:`ModuleSource` (``None`` when absent), under :func:`_read`'s rules.
+
+    When the memo knows the file's identity, nothing is read: the source carries the memo's digest and
+    header facts, and a reader for the day the bytes are needed. Otherwise the file is read and hashed once,
+    and its digest memoised when the file was not changing (the identity before and after the read agree).
+    ``known``: re-reading for such a reader: the identity must still be this one, and nothing is memoised.
+    """
+    if not path.exists():
+        return None
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a directory, FIFO, socket or device)", str(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a directory, FIFO, socket or device)", str(path))
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # no procfs: the name resolved now
+            real = os.path.realpath(path)
+        _inside(directory, real, path, plugin)
+        before = FileIdentity.of(st)
+        if known is not None and before != known:
+            raise SandboxError(f"{path.name} changed while it was loading; the next change event loads it again",
+                               plugin=plugin, path=str(path))
+        if known is None and before.size <= cap:
+            entry = memo.get(before)
+            if entry is not None:
+                return ModuleSource(entry.digest, facts=entry.facts,
+                                    reader=lambda: _reread(path, cap, directory, plugin, memo, before))
+        chunks: list[bytes] = []
+        left = cap + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 22))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        after = FileIdentity.of(os.fstat(fd))
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    source = ModuleSource.of(data)
+    if len(data) > cap or known is not None:
+        return source
+    try:
+        facts = scan_wasm(data, max_sections=MAX_SECTIONS)
+    except MalformedWasm:
+        return source  # refused by the load, which says why; nothing worth remembering
+    memo.put(before, after, MemoEntry(source.digest, facts))
+    return ModuleSource(source.digest, data, facts)
+
+
+def _reread(path: Path, cap: int, directory: Path, plugin: str, memo: FileMemo, known: FileIdentity) -> bytes:
+    source = _read_module(path, cap, directory, plugin, memo, known)
+    if source is None or source.data is None:
+        raise SandboxError(f"{path.name} disappeared while it was loading", plugin=plugin, path=str(path))
+    return source.data
 
 
 @dataclass(frozen=True)
 class PluginFiles:
-    """The bytes of one plugin's two files, read once (``None``: the file is absent)."""
+    """The bytes of one plugin's two files, read once (``None``: the file is absent).
+
+    ``module`` is the module as the loader has it: its bytes with their digest, or (a file whose digest the
+    module cache's memo knows) its digest and a way to read it; ``wasm`` its bytes when they were read.
+    Built with ``wasm`` only, ``module`` is made from it.
+    """
 
     name: str
     wasm_path: Path
     manifest_path: Path
     wasm: bytes | None
     manifest: bytes | None
+    module: ModuleSource | None = None
+
+    def __post_init__(self) -> None:
+        if self.module is None and self.wasm is not None:
+            object.__setattr__(self, "module", ModuleSource.of(self.wasm))
+
+    @cached_property
+    def fingerprint(self) -> Fingerprint:
+        return Fingerprint(None if self.module is None else self.module.digest, _sha256(self.manifest))
 
     @property
-    def fingerprint(self) -> Fingerprint:
-        return Fingerprint(_sha256(self.wasm), _sha256(self.manifest))
+    def has_module(self) -> bool:
+        return self.module is not None
 
     @property
     def absent(self) -> bool:
-        return self.wasm is None and self.manifest is None
+        return self.module is None and self.manifest is None
 
 
 #: The largest module read from a plugin directory (the compiler's own default bound).
 MAX_MODULE_FILE_BYTES = Limits().max_module_bytes
 
 
-def read_plugin_files(directory: Path, name: str, *, max_module_bytes: int = MAX_MODULE_FILE_BYTES) -> PluginFiles:
+def read_plugin_files(directory: Path, name: str, *, max_module_bytes: int = MAX_MODULE_FILE_BYTES,
+                      memo: FileMemo | None = None) -> PluginFiles:
     """Read ``<name>.wasm`` and ``<name>.toml`` from ``directory``, never more than their caps.
+
+    With ``memo`` (the module cache's), a module file the memo knows is not read: see the module docstring.
 
     Raises:
         PluginNotFoundError: ``name`` is not a plain file stem.
@@ -195,17 +287,24 @@ def read_plugin_files(directory: Path, name: str, *, max_module_bytes: int = MAX
     """
     check_plugin_name(name)
     wasm_path, manifest_path = directory / f"{name}{WASM_SUFFIX}", directory / f"{name}{MANIFEST_SUFFIX}"
+    module: ModuleSource | None = None
+    wasm: bytes | None = None
     try:
-        wasm = _read(wasm_path, max_module_bytes, directory, name)
+        if memo is None:
+            wasm = _read(wasm_path, max_module_bytes, directory, name)
+        else:
+            module = _read_module(wasm_path, max_module_bytes, directory, name, memo)
+            wasm = None if module is None else module.data
         manifest = _read(manifest_path, MAX_TOML_BYTES, directory, name)  # oversized: refused by parse_files
     except SecurityViolationError:  # a PermissionError, so an OSError: not to be taken for one
         raise
     except OSError as e:
         raise SandboxError(f"cannot read {e.filename}: {e.strerror}", plugin=name, path=e.filename) from e
-    if wasm is not None and len(wasm) > max_module_bytes:
+    size = len(wasm) if wasm is not None else module.size if module is not None else 0
+    if size > max_module_bytes:
         raise InvalidModuleError(f"{wasm_path.name} is larger than {max_module_bytes} bytes (max_module_bytes)",
                                  plugin=name, path=str(wasm_path), bound="max_module_bytes", limit=max_module_bytes)
-    return PluginFiles(name, wasm_path, manifest_path, wasm, manifest)
+    return PluginFiles(name, wasm_path, manifest_path, wasm, manifest, module)
 
 
 def parse_files(files: PluginFiles, runtime_version: str = RUNTIME_VERSION) -> Manifest:
@@ -234,7 +333,7 @@ def parse_files(files: PluginFiles, runtime_version: str = RUNTIME_VERSION) -> M
             path=source, key="plugin.min_runtime_version", plugin=manifest.name,
             required=manifest.plugin.min_runtime_version, available=runtime_version,
         )
-    if files.wasm is None:
+    if not files.has_module:
         raise PluginNotFoundError(
             f"module missing: expected {files.name}{WASM_SUFFIX} beside {files.name}{MANIFEST_SUFFIX}",
             plugin=files.name, path=str(files.wasm_path),
@@ -255,7 +354,7 @@ class PluginVersion:
     manifest: Manifest
     grant: Grant
     sandbox: Sandbox
-    wasm: bytes
+    wasm: bytes | None
     fingerprint: Fingerprint
     path: Path
     skipped_optional: tuple[str, ...] = ()
@@ -296,10 +395,11 @@ def build_version(
         PluginInitError: ``sandbus_init`` or the first ``sandbus_health`` failed.
         ResourceLimitError: a limit held during start-up.
     """
-    assert files.wasm is not None
-    manifest.verify_wasm(files.wasm)
+    module = files.module
+    assert module is not None
+    _verify_sha256(manifest, module.digest, str(files.manifest_path))
     try:
-        sandbox = Sandbox(files.wasm, name=manifest.name, limits=grant.limits, capabilities=grant.capabilities,
+        sandbox = Sandbox(module, name=manifest.name, limits=grant.limits, capabilities=grant.capabilities,
                           host_functions=host_functions, auditor=auditor, config=manifest.config, cache=cache)
     except SandbusError:
         raise
@@ -314,6 +414,14 @@ def build_version(
     if not healthy:
         sandbox.close()
         raise PluginInitError("sandbus_health reported failure right after init", plugin=manifest.name)
-    return PluginVersion(name=manifest.name, manifest=manifest, grant=grant, sandbox=sandbox, wasm=files.wasm,
+    return PluginVersion(name=manifest.name, manifest=manifest, grant=grant, sandbox=sandbox, wasm=module.data,
                          fingerprint=files.fingerprint, path=files.wasm_path, skipped_optional=skipped_optional,
                          initial_memory_bytes=sandbox.initial_memory_bytes)
+
+
+def _verify_sha256(manifest: Manifest, digest: str, source: str) -> None:
+    """:meth:`Manifest.verify_wasm` on a digest computed once (or known from the memo)."""
+    expected = manifest.plugin.sha256
+    if expected is not None and digest != expected:
+        raise SecurityViolationError(f"wasm sha256 mismatch: manifest expects {expected}, module has {digest}",
+                                     plugin=manifest.name, expected=expected, actual=digest, manifest=source)

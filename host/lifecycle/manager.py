@@ -16,6 +16,13 @@ instantiate, ``sandbus_init``, ``sandbus_health`` -- and only then swaps it in. 
 them closes it (which calls ``sandbus_shutdown`` on each of its instances). A failed reload changes
 nothing but the plugin's ``last_error``: the old version keeps serving.
 
+A node starts serving before every plugin has loaded: ``discover_and_load(background=True)`` loads at once
+the plugins that load fast (nearly all: compiled code from the module cache, or a small module) and leaves
+the rest -- a large module that is not in the cache, which compiles in the compile worker for seconds,
+and whatever depends on one -- to a background thread. Until it is in service such a plugin is listed
+``loading`` and a call gets a retryable ``PluginLoadingError``; the compile runs outside ``_lifecycle``, so
+loads, reloads and unloads of other plugins go on meanwhile. :meth:`PluginManager.wait_loaded` waits for it.
+
 Plugins also load from bytes in memory (:meth:`PluginManager.load_artifact`: a cluster node loads what it
 fetched and verified from the registry, never re-reading it from disk). Those are the manager's own: the
 directory's scans and the watcher leave them alone, and a name that a file of the directory uses is refused.
@@ -70,6 +77,8 @@ from sandbus.host.sandbox import (
     Sandbox,
     shared_cache,
 )
+from sandbus.host.sandbox.compiler import stop_compile
+from sandbus.host.sandbox.engine import get_engine
 from sandbus.sdk.errors import (
     DependencyError,
     DeployError,
@@ -154,6 +163,8 @@ class PluginManager:
         self._lifecycle = threading.RLock()
         self._watcher: PluginWatcher | None = None
         self._closed = False
+        #: the thread loading slow plugins in the background (None: none running)
+        self._background: threading.Thread | None = None
 
     # -- calls -------------------------------------------------------------------------------------
 
@@ -241,12 +252,16 @@ class PluginManager:
 
     # -- lifecycle: public -------------------------------------------------------------------------
 
-    def discover_and_load(self) -> DiscoveryReport:
+    def discover_and_load(self, *, background: bool = False) -> DiscoveryReport:
         """Load every plugin of the directory, dependencies first; report the ones that cannot load.
 
         Never raises for a broken plugin: each is listed with status ``failed`` (or ``stale`` when an
         older version keeps serving) and its reason, and the rest load. Calling it again picks up
         what changed on disk, like :meth:`sync` on every plugin.
+
+        With ``background``, a plugin that would compile for seconds (a large module whose compiled code
+        is not in the module cache) and the plugins that depend on it are left to a background thread
+        and listed ``loading`` (the report's ``loading``); the others are serving when this returns.
         """
         self._check_open()
         with self._lifecycle:
@@ -263,6 +278,8 @@ class PluginManager:
             changed: set[str] = set()
             for name, f in files.items():
                 slot = self._table.get(name)
+                if slot is not None and slot.loading and slot.current is None:
+                    continue  # the background load reads its files again when it puts it in service
                 if slot is not None and slot.current is not None and slot.current.fingerprint == f.fingerprint:
                     manifests[name] = slot.current.manifest
                     continue
@@ -281,7 +298,12 @@ class PluginManager:
                     self._record_failure(name, files[name].fingerprint,
                                          explain_refusal(refusal, self._table.failures()), manifests[name])
             loaded: list[str] = []
+            deferred: list[str] = []
             for name in plan.order:
+                if name in changed and background and self._defer(files[name], manifests[name], deferred):
+                    deferred.append(name)
+                    self._table.mark_loading(self._table.slot(name), manifests[name])
+                    continue
                 if name in changed:
                     try:
                         self._install(files[name], manifests[name])
@@ -291,7 +313,99 @@ class PluginManager:
                     loaded.append(name)
             with self._table.lock:
                 failed = {n: str(s.failure) for n, s in sorted(self._table.slots.items()) if s.failure is not None}
-            return DiscoveryReport(loaded=tuple(loaded), failed=failed)
+            if deferred:
+                self._start_background(deferred)
+            return DiscoveryReport(loaded=tuple(loaded), failed=failed, loading=tuple(deferred))
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Wait until no plugin loads in the background; False if ``timeout`` seconds passed first."""
+        thread = self._background
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def loading(self) -> list[str]:
+        """Plugins still loading in the background, sorted."""
+        return self._table.loading()
+
+    def _defer(self, files: PluginFiles, manifest: Manifest, deferred: list[str]) -> bool:
+        """Whether a plugin's first load goes to the background: it would compile in the compile worker,
+        or it depends on a plugin that does."""
+        slot = self._table.get(files.name)
+        if slot is not None and slot.current is not None:
+            return False  # a reload: the serving version answers while it builds, as always
+        if any(dep in deferred for dep in manifest.dependencies):
+            return True
+        source = files.module
+        if source is None:
+            return False
+        try:
+            grant = resolve(manifest, self.policy, data_root=self.data_root / manifest.name, host_env=self._host_env)
+        except SandbusError:
+            return False  # refused at once by the load, which records why
+        limits = grant.limits
+        handle = get_engine(limits.stack_bytes, fuel=limits.fuel is not None)
+        return self.cache.needs_slow_compile(handle, source, limits)
+
+    def _start_background(self, names: list[str]) -> None:
+        previous = self._background
+        thread = threading.Thread(target=self._load_background, args=(names, previous),
+                                  name="sandbus-background-load", daemon=True)
+        self._background = thread
+        thread.start()
+
+    def _load_background(self, names: list[str], previous: threading.Thread | None) -> None:
+        """Compile each plugin's module into the cache without a lock (the slow part), then put it in
+        service through the ordinary load, which finds the compiled code in the cache. Files are read
+        again for that load: what serves is what is on disk then."""
+        if previous is not None:
+            previous.join()
+        self._load_each(names)
+
+    def _load_each(self, names: list[str]) -> None:
+        for name in names:
+            if self._closed:
+                return
+            slot = self._table.get(name)
+            if slot is None or not slot.loading:
+                continue  # loaded, unloaded or failed meanwhile
+            started = time.perf_counter()
+            try:
+                self._precompile(name)
+            except SandbusError:
+                pass  # the load below fails the same way and records why
+            except Exception:  # a bug below us must not end the loads that follow
+                log.exception("plugin %s: unexpected error while compiling in the background", name)
+            with self._lifecycle:
+                slot = self._table.get(name)
+                if self._closed or slot is None or not slot.loading:
+                    continue
+                try:
+                    files = self._read_files(name)
+                except SandbusError as e:
+                    self._record_failure(name, None, e, None)
+                    continue
+                try:
+                    self._install(files)  # records its failure itself
+                except SandbusError:
+                    continue
+                log.info("plugin %s: loaded in the background in %.0f ms", name, (time.perf_counter() - started) * 1000)
+                self._retry_waiting(name)
+
+    def _precompile(self, name: str) -> None:
+        files = self._read_files(name)
+        source = files.module
+        if source is None:
+            return
+        manifest = parse_files(files, self.runtime_version)
+        limits = resolve(manifest, self.policy, data_root=self.data_root / manifest.name,
+                         host_env=self._host_env).limits
+        handle = get_engine(limits.stack_bytes, fuel=limits.fuel is not None)
+        if source.component:
+            self.cache.load_component(handle, source, name=name, limits=limits)
+        else:
+            self.cache.load(handle, source, name=name, limits=limits)
 
     def load(self, name: str) -> PluginInfo:
         """Load plugin ``name`` from the directory (a no-op if it already serves these files).
@@ -331,7 +445,7 @@ class PluginManager:
         check_plugin_name(name)
         with self._lifecycle:
             files = self._memory.get(name) or self._read_files(name)
-            if files.wasm is None and self._table.get(name) is None:
+            if not files.has_module and self._table.get(name) is None:
                 raise PluginNotFoundError(f"no plugin {name!r} in {self._where}", plugin=name)
             self._install(files)
             self._retry_waiting(name)
@@ -420,7 +534,9 @@ class PluginManager:
                 self._record_failure(name, None, e, None)
                 return
             slot = self._table.get(name)
-            if files.wasm is None and slot is not None and slot.current is not None:
+            if slot is not None and slot.loading and slot.current is None and files.has_module:
+                return  # the background load puts in service what is on disk when its compile ends
+            if not files.has_module and slot is not None and slot.current is not None:
                 failure: SandbusError | None = None
                 if files.manifest is not None:  # listed as failed, with why, until the module returns
                     failure = PluginNotFoundError(
@@ -469,11 +585,15 @@ class PluginManager:
         return self._watcher
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Stop watching, unload every plugin (dependents first) and wait up to ``timeout`` seconds
-        for running calls to finish."""
+        """Stop watching, stop a background load (its compile worker killed), unload every plugin (dependents
+        first) and wait up to ``timeout`` seconds for running calls to finish."""
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+        self._closed = True  # first: a background load stops before its next step
+        background = self._background
+        if background is not None and background.is_alive():
+            stop_compile(background)  # a compile worker must not outlive its manager
         with self._lifecycle:
             self._closed = True
             for name in reversed(load_order(self._table.serving_manifests()).order):
@@ -593,7 +713,7 @@ class PluginManager:
         if not self.has_directory:
             check_plugin_name(name)
             return PluginFiles(name, self.directory / f"{name}.wasm", self.directory / f"{name}.toml", None, None)
-        return read_plugin_files(self.directory, name)
+        return read_plugin_files(self.directory, name, memo=self.cache.memo)
 
     def _resolve(self, manifest: Manifest) -> Grant:
         try:

@@ -16,6 +16,9 @@ class PluginStatus(enum.StrEnum):
     ``loaded``: serving its newest version.
     ``stale``: serving, but the newest files on disk failed to load (``last_error`` says why);
         the previous version keeps answering until the files are fixed.
+    ``loading``: not serving yet: its first load runs in the background (a module compiling in the
+        compile worker, which takes seconds); calls get a retryable ``PluginLoadingError`` until it
+        turns ``loaded`` (or ``failed``, with why).
     ``failed``: not serving: it never loaded, or its module disappeared (``last_error`` says why).
     ``unloading``: unloaded (deleted or asked to), finishing the calls that were already running;
         new calls get ``PluginNotFoundError``. It leaves the listing when the last call ends.
@@ -23,6 +26,7 @@ class PluginStatus(enum.StrEnum):
 
     LOADED = "loaded"
     STALE = "stale"
+    LOADING = "loading"
     FAILED = "failed"
     UNLOADING = "unloading"
 
@@ -108,12 +112,15 @@ class DiscoveryReport(BaseModel):
     Parameters:
         loaded: plugins serving afterwards, in the order they were loaded (dependencies first).
         failed: plugins that could not load, with the reason (the rest keep working).
+        loading: plugins still loading in the background (``background=True``): a slow compile, and the
+            plugins that depend on one; :meth:`PluginManager.wait_loaded` waits for them.
     """
 
     model_config = ConfigDict(frozen=True)
 
     loaded: tuple[str, ...] = ()
     failed: dict[str, str] = {}
+    loading: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -24,7 +24,7 @@ from sandbus.host.lifecycle.manifest import Manifest
 from sandbus.host.lifecycle.models import PluginInfo, PluginStatus
 from sandbus.host.lifecycle.stats import PluginStats
 from sandbus.host.sandbox import ModuleCache
-from sandbus.sdk.errors import PluginNotFoundError, SandbusError
+from sandbus.sdk.errors import PluginLoadingError, PluginNotFoundError, SandbusError
 
 __all__ = ["RoutingTable", "Slot"]
 
@@ -37,7 +37,8 @@ class Slot:
 
     ``failure`` with a ``current`` version means *stale* (an older version serves); without one,
     *failed*. ``failed_fingerprint`` identifies the files that failed, so they are not retried on
-    every file-system event.
+    every file-system event. ``loading``: a first load runs in the background (a slow compile); the
+    plugin is not serving yet, and calls get a retryable ``PluginLoadingError``.
     """
 
     name: str
@@ -49,6 +50,7 @@ class Slot:
     declared_version: str | None = None
     description: str = ""
     reloads: int = 0
+    loading: bool = False
 
 
 @dataclass(eq=False)
@@ -102,6 +104,7 @@ class RoutingTable:
         with self.lock:
             old, slot.current = slot.current, version
             slot.failure = slot.failed_fingerprint = None
+            slot.loading = False
             slot.declared_version = version.version
             slot.description = version.manifest.plugin.description
             if old is not None:
@@ -141,10 +144,21 @@ class RoutingTable:
         slot.stats.note_error(error)  # first: the listing never shows the status without its reason
         with self.lock:
             slot.failure, slot.failed_fingerprint = error, fingerprint
+            slot.loading = False
             if slot.current is None and manifest is not None:
                 slot.declared_version = manifest.plugin.version
                 slot.description = manifest.plugin.description
             return slot.current
+
+    def mark_loading(self, slot: Slot, manifest: Manifest | None, loading: bool = True) -> None:
+        """Show ``slot`` as loading in the background (or no longer: ``loading=False``)."""
+        with self.lock:
+            slot.loading = loading
+            if loading:
+                slot.failure = slot.failed_fingerprint = None
+            if slot.current is None and manifest is not None:
+                slot.declared_version = manifest.plugin.version
+                slot.description = manifest.plugin.description
 
     def clear_failure(self, slot: Slot) -> None:
         with self.lock:
@@ -168,7 +182,7 @@ class RoutingTable:
             still_used = any(s.current is not None and s.current.sha256 == version.sha256
                              for s in self.slots.values())
         if not still_used:
-            self.cache.forget(version.wasm)  # the disk copy stays for the next load
+            self.cache.forget_digest(version.sha256)  # the disk copy stays for the next load
         version.closed.set()
 
     # -- reading -----------------------------------------------------------------------------------
@@ -190,6 +204,11 @@ class RoutingTable:
         with self.lock:
             return {n: s.current.manifest for n, s in self.slots.items() if s.current is not None}
 
+    def loading(self) -> list[str]:
+        """Plugins whose first load runs in the background, sorted."""
+        with self.lock:
+            return sorted(n for n, s in self.slots.items() if s.loading and s.current is None)
+
     def failures(self) -> dict[str, SandbusError]:
         """Why each plugin that is not serving failed."""
         with self.lock:
@@ -209,6 +228,9 @@ class RoutingTable:
 
 def not_serving(name: str, slot: Slot | None) -> PluginNotFoundError:
     """The error for a call to a plugin that is not serving: with its failure when it has one."""
+    if slot is not None and slot.loading:
+        return PluginLoadingError(f"plugin {name!r} is still loading (compiling); try again shortly",
+                                  plugin=name)
     if slot is not None and slot.failure is not None:
         return PluginNotFoundError(f"not loaded: it failed to load: {slot.failure}", plugin=name,
                                    reason=slot.failure.code)
@@ -221,8 +243,9 @@ def _slot_info(slot: Slot) -> PluginInfo:
         status = PluginStatus.STALE if failure is not None else PluginStatus.LOADED
         return _version_info(current, slot.stats, status, slot.reloads)
     snap = slot.stats.snapshot()
+    status = PluginStatus.LOADING if slot.loading and failure is None else PluginStatus.FAILED
     return PluginInfo(
-        name=slot.name, version=slot.declared_version, status=PluginStatus.FAILED, path=str(slot.path),
+        name=slot.name, version=slot.declared_version, status=status, path=str(slot.path),
         description=slot.description, executions=snap.executions, errors=snap.errors, p50_ms=snap.p50_ms,
         p99_ms=snap.p99_ms, fuel_used=snap.fuel_used, last_fuel_used=snap.last_fuel_used, reloads=slot.reloads,
         host_errors=snap.host_errors, rejected=snap.rejected,

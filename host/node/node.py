@@ -39,6 +39,13 @@ Tracing follows the same split. A request served inline is traced by host/teleme
 (its ``process`` and ``execute`` spans are one tuple, exported in batches off the request path);
 everything else (threaded calls, whose host functions need the current span; messages; durable
 deliveries; ``sandbus trace``) is traced through the OpenTelemetry SDK.
+
+A plugin still loading in the background (a slow first compile: ``PluginManager.discover_and_load``) is
+not served: the node subscribes to nothing of it until it is in service, so in a cluster the nodes that
+serve it take all its requests and durable deliveries (its durable consumer, kept on the server across
+restarts, holds them meanwhile: nothing is dead-lettered for it), and where no node serves it a request
+gets ``plugin.not_found`` ("no node serves") at once; ``list`` and ``stats`` show it ``loading``. It
+joins (its subscriptions made) when its ``lifecycle.load`` event fires.
 """
 
 from __future__ import annotations
@@ -73,7 +80,13 @@ from sandbus.host.sandbox.pool import NotInline
 from sandbus.host.telemetry.fast_spans import FastSpans, RequestTrace
 from sandbus.host.telemetry.otel import Telemetry
 from sandbus.sdk.envelope import H_MSG_ID, error_reply, header_value
-from sandbus.sdk.errors import InstanceLimitError, PluginNotFoundError, RequestError, SandbusError
+from sandbus.sdk.errors import (
+    InstanceLimitError,
+    PluginLoadingError,
+    PluginNotFoundError,
+    RequestError,
+    SandbusError,
+)
 from sandbus.sdk.subjects import plugin_queue
 from sandbus.sdk.tracing import H_TRACE_DEBUG, H_TRACE_SPANS, extract
 
@@ -404,6 +417,9 @@ class Node:
         """Run the call on the loop under the inline budget; None when it must go to a thread instead."""
         lane = self._lanes.get(plugin)
         if lane is None:
+            if plugin in self.manager.loading():
+                raise PluginLoadingError(f"plugin {plugin!r} is still loading on node {self.node_id}; try again "
+                                         "shortly", plugin=plugin)
             raise PluginNotFoundError(f"no plugin {plugin!r} is served by node {self.node_id}", plugin=plugin)
         assert self._loop is not None
         # Threads holding every instance: waiting for one here would block the loop.

@@ -27,6 +27,8 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
+import weakref
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,8 +40,8 @@ from sandbus.host.sandbox.engine import EngineHandle
 from sandbus.host.sandbox.wasmscan import MalformedWasm, WasmFacts, scan_wasm
 from sandbus.sdk.errors import InvalidModuleError, SandboxError
 
-__all__ = ["IN_PROCESS_BELOW", "IN_PROCESS_FUNCTIONS", "MAX_SECTIONS", "check_bounds", "compile_bounded",
-           "describe_error", "read_wasm"]
+__all__ = ["IN_PROCESS_BELOW", "IN_PROCESS_FUNCTIONS", "MAX_SECTIONS", "check_bounds", "check_facts",
+           "compile_bounded", "describe_error", "read_wasm", "stop_compile"]
 
 Compiled = TypeVar("Compiled", wasmtime.Module, Component)
 
@@ -88,15 +90,19 @@ def read_wasm(path: Path, limits: Limits) -> bytes:
 def check_bounds(wasm: bytes, limits: Limits, plugin: str | None) -> WasmFacts:
     """Refuse ``wasm`` (typed, naming the bound) unless it is within ``limits``; cheap: headers only."""
     size = len(wasm)
-    if size > limits.max_module_bytes:
-        raise _refuse(f"the binary is {size} bytes; this host compiles at most {limits.max_module_bytes} "
-                      "(max_module_bytes)", plugin, bound="max_module_bytes", size=size,
-                      limit=limits.max_module_bytes)
+    _check_size(size, limits, plugin)
     try:
         facts = scan_wasm(wasm, max_sections=MAX_SECTIONS)
     except MalformedWasm as e:
         what = "component" if wasm[4:8] == b"\x0d\x00\x01\x00" else "module"
         raise _refuse(f"not a valid WebAssembly {what} ({size} bytes): {e}", plugin, size=size) from e
+    return check_facts(facts, limits, plugin)
+
+
+def check_facts(facts: WasmFacts, limits: Limits, plugin: str | None) -> WasmFacts:
+    """:func:`check_bounds` on headers scanned before (a module file whose digest and facts the
+    :class:`~sandbus.host.sandbox.filememo.FileMemo` remembers): the same bounds, the same errors."""
+    _check_size(facts.size, limits, plugin)
     if facts.functions > limits.max_functions:
         raise _refuse(f"the binary defines {facts.functions} functions; this host compiles at most "
                       f"{limits.max_functions} (max_functions)", plugin, bound="max_functions",
@@ -108,6 +114,13 @@ def check_bounds(wasm: bytes, limits: Limits, plugin: str | None) -> WasmFacts:
         raise _refuse("the module declares a shared memory (threads), which this host does not support",
                       plugin, feature="threads")
     return facts
+
+
+def _check_size(size: int, limits: Limits, plugin: str | None) -> None:
+    if size > limits.max_module_bytes:
+        raise _refuse(f"the binary is {size} bytes; this host compiles at most {limits.max_module_bytes} "
+                      "(max_module_bytes)", plugin, bound="max_module_bytes", size=size,
+                      limit=limits.max_module_bytes)
 
 
 def describe_error(text: str) -> tuple[str, str | None]:
@@ -153,17 +166,52 @@ def _invalid(text: str, what: str, size: int, plugin: str | None) -> InvalidModu
     return _refuse(f"not a valid WebAssembly {what} ({size} bytes): {line}", plugin, **details)
 
 
+#: The compile worker each thread waits for, so :func:`stop_compile` can stop it; and the threads stopped,
+#: whose next compiles are refused (thread objects, never reused as thread ids are).
+_workers: dict[threading.Thread, subprocess.Popen[bytes]] = {}
+_stopped: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_workers_lock = threading.Lock()
+
+
+def stop_compile(thread: threading.Thread) -> bool:
+    """Kill the compile worker ``thread`` is waiting for, if any, and refuse every compile in a worker it
+    would start next (a typed error). What a plugin manager that closes does to its background load, so no
+    worker outlives the node. True if a worker was running."""
+    with _workers_lock:
+        _stopped.add(thread)
+        worker = _workers.get(thread)
+    if worker is None:
+        return False
+    worker.kill()
+    return True
+
+
 def _compile_in_child(what: str, handle: EngineHandle, wasm: bytes, limits: Limits, plugin: str | None) -> bytes:
     args = [sys.executable, "-I", str(_WORKER), str(handle.stack_bytes), "1" if handle.fuel else "0", what,
             str(limits.compile_memory_bytes)]
+    me = threading.current_thread()
+    with _workers_lock:  # started and registered in one step: stop_compile sees it or refuses it
+        if me in _stopped:
+            raise SandboxError(f"compiling the {what} was stopped (its plugin manager closed)", plugin=plugin)
+        worker = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _workers[me] = worker
     try:
-        # run() kills the child (by its own handle) when the timeout passes.
-        done = subprocess.run(args, input=wasm, capture_output=True, timeout=limits.compile_timeout_s,
-                              check=False)
-    except subprocess.TimeoutExpired as e:
-        raise _refuse(f"compiling the {what} took longer than {limits.compile_timeout_s:g} s "
-                      "(compile_timeout_s); it was stopped", plugin, bound="compile_timeout_s",
-                      limit=limits.compile_timeout_s) from e
+        try:
+            stdout, stderr_bytes = worker.communicate(wasm, timeout=limits.compile_timeout_s)
+        except subprocess.TimeoutExpired as e:
+            worker.kill()  # by its own handle
+            worker.communicate()
+            raise _refuse(f"compiling the {what} took longer than {limits.compile_timeout_s:g} s "
+                          "(compile_timeout_s); it was stopped", plugin, bound="compile_timeout_s",
+                          limit=limits.compile_timeout_s) from e
+        except BaseException:
+            worker.kill()
+            worker.wait()
+            raise
+    finally:
+        with _workers_lock:
+            _workers.pop(me, None)
+    done = subprocess.CompletedProcess(args, worker.returncode, stdout, stderr_bytes)
     if done.returncode == 0:
         return done.stdout
     stderr = done.stderr.decode(errors="replace")

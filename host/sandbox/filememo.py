@@ -1,0 +1,184 @@
+"""What a module file's sha256 and headers were, remembered by the file's identity, so a warm load
+neither hashes nor reads a large module.
+
+Hashing a 19 MB componentize-py guest costs ~12 ms and reading it ~5-10 ms, several times the rest
+of a load from the compiled-module cache. The memo maps a file's *identity* -- device, inode, size,
+``mtime_ns`` and ``ctime_ns`` -- to the digest and the header facts (host/sandbox/wasmscan.py) of the
+bytes that were read under that identity. When the file still has that identity, its bytes are the
+ones that were hashed, and a load whose compiled code is in the cache never reads the file.
+
+Why that identity is sound (the trade-off, for the operator to know):
+
+* any write to a file sets its ``ctime`` to the current time, and no system call lets a user set
+  ``ctime`` (``utime`` sets ``mtime``/``atime`` and itself moves ``ctime`` to now): a file rewritten in
+  place with the same size and a forged ``mtime`` still gets a new ``ctime``. Only someone who can set
+  the system clock (root) or a file system that invents its own times (some network and FUSE file
+  systems) can defeat it; on such a file system, turn the memo off (``ModuleCache(memo=False)`` or
+  ``SANDBUS_FILE_MEMO=0``).
+* a file replaced by another (``os.replace``, delete and create) has another inode, or, if the inode
+  number is reused, the ``ctime`` of its creation.
+* the kernel stamps files from a coarse clock (one tick, 1-10 ms), so a write in the same tick as the
+  read that was hashed could leave ``ctime`` unchanged. A file whose ``ctime`` or ``mtime`` is less than
+  :data:`RACY_S` old is therefore never memoised (git's "racily clean" rule), and the identity is taken
+  from the descriptor before *and* after the read: if they differ, nothing is recorded.
+
+The memo speeds up loads from a plugin directory only. Bytes from the network (the cluster registry)
+are always hashed in full and their signatures verified: there is no file identity to trust there.
+
+Entries live in the module cache's directory (one small JSON file per device and inode, written then
+renamed) under the same trust checks as compiled code: whoever could forge an entry could also forge
+the compiled code it leads to. An entry that fails a check or does not parse is ignored and replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+
+from sandbus.host.sandbox.wasmscan import WasmFacts
+
+__all__ = ["RACY_S", "FileIdentity", "FileMemo", "MemoEntry"]
+
+log = logging.getLogger("sandbus.sandbox")
+
+#: Files changed more recently than this are not memoised (the kernel's timestamps are coarse).
+RACY_S = 2.0
+_SUFFIX = ".id.json"
+_MAX_ENTRY = 4096
+_UNSAFE_BITS = stat.S_IWGRP | stat.S_IWOTH
+_FACT_FIELDS = {"size": int, "component": bool, "modules": int, "functions": int, "sections": int,
+                "memory64": bool, "shared_memory": bool}
+
+
+class FileIdentity(NamedTuple):
+    """What changes whenever a file's content can have changed (see the module docstring)."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class MemoEntry:
+    """The digest and header facts of the bytes a file held under one identity."""
+
+    digest: str
+    facts: WasmFacts
+
+
+def _facts(raw: object) -> WasmFacts | None:
+    if not isinstance(raw, dict) or set(raw) != set(_FACT_FIELDS):
+        return None
+    if not all(type(raw[k]) is t for k, t in _FACT_FIELDS.items()):
+        return None
+    return WasmFacts(**raw)
+
+
+class FileMemo:
+    """Digests of module files by identity, in memory and (with ``directory``) on disk.
+
+    Parameters:
+        directory: where entries are kept (the module cache's private directory, already checked by
+            the cache); ``None``: in memory only.
+        racy_s: files changed less than this many seconds ago are not memoised.
+    """
+
+    def __init__(self, directory: Path | None, *, racy_s: float = RACY_S) -> None:
+        self.directory = directory
+        self.racy_ns = int(racy_s * 1e9)
+        self._memory: dict[FileIdentity, MemoEntry] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def _path(self, ident: FileIdentity) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{ident.dev}-{ident.ino}{_SUFFIX}"
+
+    def get(self, ident: FileIdentity) -> MemoEntry | None:
+        """The entry recorded for exactly this identity, or None."""
+        with self._lock:
+            entry = self._memory.get(ident)
+        if entry is None:
+            entry = self._read(ident)
+            if entry is None:
+                return None
+            with self._lock:
+                self._memory[ident] = entry
+        self.hits += 1
+        return entry
+
+    def racy(self, ident: FileIdentity) -> bool:
+        """Whether the file changed too recently for its identity to prove its content."""
+        return time.time_ns() - max(ident.ctime_ns, ident.mtime_ns) < self.racy_ns
+
+    def put(self, before: FileIdentity, after: FileIdentity, entry: MemoEntry) -> bool:
+        """Remember ``entry`` for a file whose identity was ``before`` when its bytes were read and
+        ``after`` once they were; only when the two agree and the file is not :meth:`racy`."""
+        if before != after or self.racy(after):
+            return False
+        with self._lock:
+            self._memory[after] = entry
+        self._write(after, entry)
+        return True
+
+    def _read(self, ident: FileIdentity) -> MemoEntry | None:
+        if self.directory is None:
+            return None
+        path = self._path(ident)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & _UNSAFE_BITS:
+                log.warning("ignoring the digest memo entry %s: not a private file of this user", path)
+                return None
+            raw = os.read(fd, _MAX_ENTRY + 1)
+        finally:
+            os.close(fd)
+        if len(raw) > _MAX_ENTRY:
+            return None
+        try:
+            data: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(data, dict) or data.get("identity") != list(ident):
+            return None  # the inode now holds another file (or another version of it)
+        digest, facts = data.get("digest"), _facts(data.get("facts"))
+        if (not isinstance(digest, str) or len(digest) != 64 or facts is None
+                or any(c not in "0123456789abcdef" for c in digest)):
+            return None
+        return MemoEntry(digest, facts)
+
+    def _write(self, ident: FileIdentity, entry: MemoEntry) -> None:
+        if self.directory is None:
+            return
+        data = orjson.dumps({"identity": list(ident), "digest": entry.digest, "facts": asdict(entry.facts)})
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        except OSError as e:
+            log.warning("the digest memo in %s cannot be written: %s", self.directory, e.strerror)
+            return
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self._path(ident))
+        except OSError as e:
+            log.warning("the digest memo in %s cannot be written: %s", self.directory, e.strerror)
+            Path(tmp).unlink(missing_ok=True)
