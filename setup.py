@@ -6,5 +6,11 @@ path (host/sandbox/invoke.py says which one runs, and why).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("sandbus.host.sandbox._native", ["host/sandbox/_native.c"], optional=True,
-                             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"])])
+_FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+
+setup(ext_modules=[
+    Extension("sandbus.host.sandbox._native", ["host/sandbox/_native.c"], optional=True, extra_compile_args=_FLAGS),
+    # A component's call (host/sandbox/component.py falls back to wasmtime-py's component API without it).
+    Extension("sandbus.host.sandbox._component", ["host/sandbox/_component.c"], optional=True,
+              extra_compile_args=_FLAGS),
+])
