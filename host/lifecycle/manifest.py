@@ -28,6 +28,7 @@ Example::
     [resources]
     memory_mb = 32
     max_open_files = 16
+    isolation = "per-call"          # a fresh instance for every call (default "pooled")
 
     [dependencies]
     pricing = "^2.1"
@@ -553,6 +554,9 @@ class ResourcesSection(_Section):
     max_instances: StrictInt | None = Field(default=None, gt=0)
     #: Files one instance may have open at once (each a host descriptor).
     max_open_files: StrictInt | None = Field(default=None, gt=0, le=MAX_OPEN_FILES_ASKED)
+    #: "pooled" (warm instances serve call after call) or "per-call" (a fresh instance every call, so
+    #: nothing one caller left in memory reaches the next); ``None``: the node's default.
+    isolation: Literal["pooled", "per-call"] | None = None
 
 
 class BuildSection(_Section):

@@ -55,6 +55,7 @@ Example policy::
     [limits]        # ceilings: a manifest asking more is refused
     memory_mb = 256
     max_open_files = 1024   # files one instance may have open at once
+    isolation = "per-call"  # required: a fresh instance for every call; a manifest asking "pooled" is refused
 
     [defaults]      # used when the manifest is silent
     memory_mb = 64
@@ -104,7 +105,7 @@ from sandbus.host.lifecycle.manifest import (
     subject_matches,
 )
 from sandbus.host.node.netguard import IPNetwork
-from sandbus.host.sandbox.config import MIB, Capabilities, DirGrant, Limits
+from sandbus.host.sandbox.config import ISOLATION_MODES, MIB, Capabilities, DirGrant, Isolation, Limits
 from sandbus.sdk.errors import PolicyError, SecurityViolationError
 
 __all__ = [
@@ -279,13 +280,19 @@ class RegistryPolicy(_Section):
 
 
 class ResourceValues(_Section):
-    """One set of resource values: the ``[limits]`` ceilings or the ``[defaults]``."""
+    """One set of resource values: the ``[limits]`` ceilings or the ``[defaults]``.
+
+    ``isolation`` is a floor, not a ceiling: ``[limits] isolation = "per-call"`` requires every plugin to
+    run a fresh instance per call (a manifest asking for "pooled" is refused; a silent one gets
+    "per-call"); ``[defaults] isolation`` is what a silent manifest gets otherwise.
+    """
 
     memory_mb: StrictInt = Field(gt=0)
     timeout_seconds: StrictFloat = Field(gt=0)
     max_fuel: StrictInt = Field(gt=0)
     max_instances: StrictInt = Field(gt=0)
     max_open_files: StrictInt = Field(gt=0, le=65536)
+    isolation: Isolation = "pooled"
 
 
 _CEILINGS = ResourceValues(memory_mb=256, timeout_seconds=30.0, max_fuel=10_000_000_000, max_instances=16,
@@ -338,6 +345,8 @@ class Policy(_Section):
                 for key, ceiling in limits.items():
                     if key in filled and _is_number(ceiling) and ceiling < filled[key]:
                         filled[key] = ceiling
+                if limits.get("isolation") in ISOLATION_MODES:  # a required isolation is the default too
+                    filled["isolation"] = limits["isolation"]
             data["defaults"] = {**filled, **defaults}
         return data
 
@@ -350,6 +359,12 @@ class Policy(_Section):
                     f"default {key} = {default} is above the ceiling [limits] {key} = {ceiling}",
                     f"defaults.{key}",
                 )
+        if _weaker(self.defaults.isolation, self.limits.isolation):
+            raise _KeyedError(
+                f"default isolation = {self.defaults.isolation!r} is weaker than the required "
+                f"[limits] isolation = {self.limits.isolation!r}",
+                "defaults.isolation",
+            )
         return self
 
     @classmethod
@@ -368,6 +383,11 @@ class Policy(_Section):
     def describe(self) -> str:
         """How error messages name this policy."""
         return f"policy {self._source}" if self._source else "the default policy"
+
+
+def _weaker(asked: Isolation, required: Isolation) -> bool:
+    """Whether ``asked`` isolates calls less than ``required`` does."""
+    return ISOLATION_MODES.index(asked) < ISOLATION_MODES.index(required)
 
 
 def _is_number(value: Any) -> bool:
@@ -503,7 +523,20 @@ def _resolve_limits(manifest: Manifest, policy: Policy) -> Limits:
                 policy=policy.source,
             )
         values[key] = asked if asked is not None else getattr(policy.defaults, key)
+    isolation = manifest.resources.isolation
+    required = policy.limits.isolation
+    if isolation is not None and _weaker(isolation, required):
+        raise _refuse(
+            manifest,
+            f"asks for [resources] isolation = {isolation!r}, but {policy.describe()} [limits] isolation "
+            f"requires {required!r} (a fresh instance for every call)",
+            resource="isolation",
+            asked=isolation,
+            required=required,
+            policy=policy.source,
+        )
     return Limits(
+        isolation=isolation if isolation is not None else policy.defaults.isolation,
         memory_bytes=values["memory_mb"] * MIB,
         timeout_s=float(values["timeout_seconds"]),
         fuel=values["max_fuel"],

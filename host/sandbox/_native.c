@@ -12,6 +12,9 @@
  * verified at load are called; every (ptr, len) is checked against a freshly read memory size before
  * it is touched; the memory base is re-read after every guest call (memory.grow may move it).
  *
+ * fresh_call does the same round trip on a fresh instance that it builds from an InstancePre and
+ * discards after the call (isolation = "per-call", host/sandbox/percall.py), with the same checks.
+ *
  * The GIL is released while guest code runs: the epoch ticker and host functions are Python and
  * need it (a guest spinning with the GIL held could never be interrupted). Host-function callbacks
  * take it back themselves (ctypes callbacks call PyGILState_Ensure).
@@ -84,6 +87,136 @@ static PyObject *result(int code, PyObject *reply, unsigned long long a, unsigne
     return Py_BuildValue("(iNKKK)", code, reply, a, b, c);
 }
 
+/* What one ABI round trip left: the code, its details, and on success the reply (in `copy`, which is
+ * `stack` unless the reply was larger), the fuel left and the memory size. */
+typedef struct {
+    int code;
+    int heap_failed;
+    void *err, *trap;
+    unsigned long long a, b, c;
+    uint64_t rl, fuel_left;
+    size_t size;
+    char *copy;
+} rt_out;
+
+/* The round trip proper (alloc, write, call, read, dealloc), without the GIL. `set_deadline`: 0 keeps
+ * the deadline already set (a fresh instance's one deadline covers its setup and its call). */
+static void core_round_trip(void *ctx, void *mem, const void *alloc, const void *func, const void *dealloc,
+                            const char *payload, Py_ssize_t n, unsigned long long max_output, long long fuel,
+                            int set_deadline, unsigned long long ticks, char *stack, rt_out *o) {
+    val_raw_t buf[2];
+    uint64_t p = 0, rp = 0, rl = 0;
+    size_t size = 0;
+    do {
+        if (fuel >= 0 && (o->err = p_set_fuel(ctx, (uint64_t)fuel)) != NULL) {
+            o->code = RT_WASM_ERROR;
+            break;
+        }
+        if (set_deadline)
+            p_set_deadline(ctx, ticks);
+        buf[0].i64 = (int64_t)n;
+        o->err = p_call(ctx, alloc, buf, 1, &o->trap);
+        if (o->err || o->trap) {
+            o->code = RT_WASM_ERROR;
+            break;
+        }
+        p = (uint32_t)buf[0].i32;
+        if (p == 0 && n) {
+            o->code = RT_ALLOC_FAILED;
+            o->a = (unsigned long long)n;
+            break;
+        }
+        size = p_mem_size(ctx, mem);
+        if (p + (uint64_t)n > size) {
+            o->code = RT_BAD_INPUT_RANGE;
+            o->a = p, o->b = (unsigned long long)n, o->c = size;
+            break;
+        }
+        if (n)
+            memcpy(p_mem_data(ctx, mem) + p, payload, (size_t)n);
+        buf[0].i64 = (int64_t)p;
+        buf[1].i64 = (int64_t)n;
+        o->err = p_call(ctx, func, buf, 2, &o->trap);
+        if (o->err || o->trap) {
+            o->code = RT_WASM_ERROR;
+            break;
+        }
+        uint64_t packed = (uint64_t)buf[0].i64;
+        rp = packed >> 32;
+        rl = packed & 0xFFFFFFFFu;
+        if (rl > max_output) {
+            o->code = RT_REPLY_TOO_LARGE;
+            o->a = rl;
+            break;
+        }
+        size = p_mem_size(ctx, mem);
+        if (rp + rl > size) {
+            o->code = RT_BAD_REPLY_RANGE;
+            o->a = rp, o->b = rl, o->c = size;
+            break;
+        }
+        if (rl > STACK_REPLY) {
+            o->copy = malloc((size_t)rl);
+            if (o->copy == NULL) {
+                o->heap_failed = 1;
+                o->copy = stack;
+                break;
+            }
+        }
+        /* Copied out before dealloc: the guest may reuse the bytes as soon as they are freed. */
+        memcpy(o->copy, p_mem_data(ctx, mem) + rp, (size_t)rl);
+        o->rl = rl;
+        if (dealloc) {
+            buf[0].i64 = (int64_t)rp;
+            buf[1].i64 = (int64_t)rl;
+            o->err = p_call(ctx, dealloc, buf, 2, &o->trap);
+            if (!o->err && !o->trap && p) {
+                buf[0].i64 = (int64_t)p;
+                buf[1].i64 = (int64_t)n;
+                o->err = p_call(ctx, dealloc, buf, 2, &o->trap);
+            }
+            if (o->err || o->trap) {
+                o->code = RT_WASM_ERROR;
+                break;
+            }
+        }
+        if (fuel >= 0) {
+            void *ferr = p_get_fuel(ctx, &o->fuel_left);
+            if (ferr != NULL) {
+                /* Cannot happen on a fuel engine; report the error rather than a made-up number. */
+                o->err = ferr;
+                o->code = RT_WASM_ERROR;
+                break;
+            }
+        }
+        o->size = p_mem_size(ctx, mem);
+    } while (0);
+}
+
+/* The Python result of a round trip; frees a heap copy. */
+static PyObject *rt_result(rt_out *o, char *stack) {
+    PyObject *out = NULL;
+    unsigned long long a = o->a, b = o->b, c = o->c;
+    if (o->heap_failed) {
+        if (o->copy != stack)
+            free(o->copy);
+        return PyErr_NoMemory();
+    }
+    if (o->code == RT_WASM_ERROR) {
+        a = (unsigned long long)(uintptr_t)o->err;
+        b = (unsigned long long)(uintptr_t)o->trap;
+    } else if (o->code == RT_OK) {
+        out = PyBytes_FromStringAndSize(o->copy, (Py_ssize_t)o->rl);
+        a = o->fuel_left;
+        b = o->size;
+    }
+    if (o->copy != stack)
+        free(o->copy);
+    if (o->code == RT_OK && out == NULL)
+        return NULL;
+    return result(o->code, out, a, b, c);
+}
+
 /* round_trip(ctx, mem, alloc, func, dealloc, payload, max_output, fuel, ticks)
  *   -> (code, reply | None, a, b, c); on success a = fuel left (0 without metering), b = memory size. */
 static PyObject *native_round_trip(PyObject *self, PyObject *args) {
@@ -98,119 +231,250 @@ static PyObject *native_round_trip(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "sandbus.host.sandbox._native.bind() was not called");
         return NULL;
     }
-    void *ctx = (void *)(uintptr_t)ctx_a, *mem = (void *)(uintptr_t)mem_a;
-    const void *alloc = (const void *)(uintptr_t)alloc_a, *func = (const void *)(uintptr_t)func_a;
-    const void *dealloc = (const void *)(uintptr_t)dealloc_a;
-    val_raw_t buf[2];
-    void *err = NULL, *trap = NULL;
-    int code = RT_OK;
-    unsigned long long a = 0, b = 0, c = 0;
-    uint64_t p = 0, rp = 0, rl = 0, fuel_left = 0;
-    size_t size = 0;
     char stack[STACK_REPLY];
-    char *copy = stack;
-    int heap_failed = 0;
+    rt_out o = {0};
+    o.copy = stack;
+    Py_BEGIN_ALLOW_THREADS
+    core_round_trip((void *)(uintptr_t)ctx_a, (void *)(uintptr_t)mem_a, (const void *)(uintptr_t)alloc_a,
+                    (const void *)(uintptr_t)func_a, (const void *)(uintptr_t)dealloc_a, payload, n, max_output,
+                    fuel, 1, ticks, stack, &o);
+    Py_END_ALLOW_THREADS
+    return rt_result(&o, stack);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * A fresh instance for one call (isolation = "per-call"): new store, instantiate from an InstancePre
+ * (the engine's pooling allocator hands out a slot with a copy-on-write memory image), _initialize and
+ * sandbus_init(config) when exported, the round trip above, then the store is deleted and nothing of
+ * the instance survives. One deadline covers all of it; fuel is set for the setup and again for the
+ * call, as a pooled instance's init and calls each get their own.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef void *(*store_new_fn)(void *engine, void *data, void (*finalizer)(void *));
+typedef void *(*store_context_fn)(void *store);
+typedef void (*store_limiter_fn)(void *store, int64_t memory, int64_t table_elements, int64_t instances,
+                                 int64_t tables, int64_t memories);
+typedef void (*store_delete_fn)(void *store);
+typedef void *(*pre_instantiate_fn)(const void *pre, void *ctx, void *instance, void **trap);
+typedef int (*export_get_fn)(void *ctx, const void *instance, const char *name, size_t len, void *item);
+
+static store_new_fn p_store_new;
+static store_context_fn p_store_context;
+static store_limiter_fn p_store_limiter;
+static store_delete_fn p_store_delete;
+static pre_instantiate_fn p_pre_instantiate;
+static export_get_fn p_export_get;
+static void (*p_error_delete)(void *error);
+
+/* A wasmtime_extern_t: kind, then the item at offset 8 (host/sandbox/percall.py checks both against
+ * wasmtime-py's declaration before binding; the struct is 32 bytes in wasmtime 50). */
+#define EXTERN_BYTES 64
+#define EXTERN_OF 8
+#define EXTERN_FUNC 0
+#define EXTERN_MEMORY 3
+typedef union {
+    uint64_t align;
+    uint8_t bytes[EXTERN_BYTES];
+} extern_buf;
+
+enum {
+    FRESH_INSTANTIATE = 6, /* a = error, b = trap: instantiation failed (pool full, memory limit, start trapped) */
+    FRESH_INIT_FAILED = 7, /* a = sandbus_init's non-zero status */
+    FRESH_NO_EXPORT = 8,   /* an export checked at load is missing (cannot happen for an InstancePre of it) */
+};
+/* Where an RT_WASM_ERROR happened (in c). */
+enum { STAGE_CALL = 0, STAGE_INITIALIZE = 1, STAGE_INIT = 2 };
+/* Flags: which optional exports to use. */
+enum { HAS_DEALLOC = 1, HAS_INITIALIZE = 2, HAS_INIT = 4 };
+
+/* The scratch block a per-call slot owns (u64 words): [0] the live store's context (0 between calls:
+ * a host function then finds no instance), [1..8] the memory extern, [9] memory size and [10] fuel left
+ * when the instance was discarded, whatever ended the call; then the slot's constants, written once by
+ * host/sandbox/percall.py. */
+#define SCRATCH_MEMORY_AT_END 9
+#define SCRATCH_FUEL_AT_END 10
+#define SCRATCH_ENGINE 11
+#define SCRATCH_PRE 12
+#define SCRATCH_MEMORY_LIMIT 13
+#define SCRATCH_TABLE_LIMIT 14
+#define SCRATCH_FLAGS 15
+#define SCRATCH_MAX_OUTPUT 16
+#define SCRATCH_FUEL 17 /* as int64: -1 without metering */
+
+static PyObject *native_bind_fresh(PyObject *self, PyObject *args) {
+    unsigned long long a[7];
+    if (!PyArg_ParseTuple(args, "KKKKKKK", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6]))
+        return NULL;
+    for (int i = 0; i < 7; i++)
+        if (!a[i]) {
+            PyErr_SetString(PyExc_ValueError, "a wasmtime function address is 0");
+            return NULL;
+        }
+    p_store_new = (store_new_fn)(uintptr_t)a[0];
+    p_store_context = (store_context_fn)(uintptr_t)a[1];
+    p_store_limiter = (store_limiter_fn)(uintptr_t)a[2];
+    p_store_delete = (store_delete_fn)(uintptr_t)a[3];
+    p_pre_instantiate = (pre_instantiate_fn)(uintptr_t)a[4];
+    p_export_get = (export_get_fn)(uintptr_t)a[5];
+    p_error_delete = (void (*)(void *))(uintptr_t)a[6];
+    Py_RETURN_NONE;
+}
+
+static int get_export(void *ctx, const void *inst, const char *name, size_t len, int kind, extern_buf *out) {
+    return p_export_get(ctx, inst, name, len, out->bytes) && out->bytes[0] == kind;
+}
+
+/* fresh_call(scratch, function, config, payload, ticks) -> (code, reply | None, a, b, c) as round_trip,
+ * plus the codes above. The slot's constants are in its scratch block (SCRATCH_* below): one parse of
+ * five arguments instead of twelve, on every call. */
+static PyObject *native_fresh_call(PyObject *self, PyObject *args) {
+    unsigned long long scratch_a, ticks;
+    const char *fname, *config, *payload;
+    Py_ssize_t fname_n, config_n, n;
+    if (!PyArg_ParseTuple(args, "Ky#y#y#K", &scratch_a, &fname, &fname_n, &config, &config_n, &payload, &n, &ticks))
+        return NULL;
+    if (p_call == NULL || p_store_new == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "sandbus.host.sandbox._native.bind_fresh() was not called");
+        return NULL;
+    }
+    uint64_t *scratch = (uint64_t *)(uintptr_t)scratch_a;
+    uint64_t engine_a = scratch[SCRATCH_ENGINE], pre_a = scratch[SCRATCH_PRE];
+    int64_t memory_bytes = (int64_t)scratch[SCRATCH_MEMORY_LIMIT], table_elements = (int64_t)scratch[SCRATCH_TABLE_LIMIT];
+    int flags = (int)scratch[SCRATCH_FLAGS];
+    unsigned long long max_output = scratch[SCRATCH_MAX_OUTPUT];
+    long long fuel = (long long)(int64_t)scratch[SCRATCH_FUEL];
+    if (!engine_a || !pre_a) {
+        PyErr_SetString(PyExc_ValueError, "the scratch block names no engine or InstancePre");
+        return NULL;
+    }
+    void *mem = (void *)(scratch + 1 + EXTERN_OF / 8);
+    char stack[STACK_REPLY];
+    rt_out o = {0};
+    o.copy = stack;
+    int store_failed = 0;
 
     Py_BEGIN_ALLOW_THREADS
-    do {
-        if (fuel >= 0 && (err = p_set_fuel(ctx, (uint64_t)fuel)) != NULL) {
-            code = RT_WASM_ERROR;
-            break;
-        }
-        p_set_deadline(ctx, ticks);
-        buf[0].i64 = (int64_t)n;
-        err = p_call(ctx, alloc, buf, 1, &trap);
-        if (err || trap) {
-            code = RT_WASM_ERROR;
-            break;
-        }
-        p = (uint32_t)buf[0].i32;
-        if (p == 0 && n) {
-            code = RT_ALLOC_FAILED;
-            a = (unsigned long long)n;
-            break;
-        }
-        size = p_mem_size(ctx, mem);
-        if (p + (uint64_t)n > size) {
-            code = RT_BAD_INPUT_RANGE;
-            a = p, b = (unsigned long long)n, c = size;
-            break;
-        }
-        if (n)
-            memcpy(p_mem_data(ctx, mem) + p, payload, (size_t)n);
-        buf[0].i64 = (int64_t)p;
-        buf[1].i64 = (int64_t)n;
-        err = p_call(ctx, func, buf, 2, &trap);
-        if (err || trap) {
-            code = RT_WASM_ERROR;
-            break;
-        }
-        uint64_t packed = (uint64_t)buf[0].i64;
-        rp = packed >> 32;
-        rl = packed & 0xFFFFFFFFu;
-        if (rl > max_output) {
-            code = RT_REPLY_TOO_LARGE;
-            a = rl;
-            break;
-        }
-        size = p_mem_size(ctx, mem);
-        if (rp + rl > size) {
-            code = RT_BAD_REPLY_RANGE;
-            a = rp, b = rl, c = size;
-            break;
-        }
-        if (rl > STACK_REPLY) {
-            copy = malloc((size_t)rl);
-            if (copy == NULL) {
-                heap_failed = 1;
+    void *store = p_store_new((void *)(uintptr_t)engine_a, NULL, NULL);
+    if (store == NULL) {
+        store_failed = 1;
+    } else {
+        void *ctx = p_store_context(store);
+        struct { uint64_t store_id; size_t priv; } inst;
+        extern_buf alloc, func, dealloc, xinit;
+        val_raw_t buf[2];
+        p_store_limiter(store, memory_bytes, table_elements, 1, 4, 1);
+        do {
+            if (fuel >= 0 && (o.err = p_set_fuel(ctx, (uint64_t)fuel)) != NULL) {
+                o.code = RT_WASM_ERROR;
                 break;
             }
-        }
-        /* Copied out before dealloc: the guest may reuse the bytes as soon as they are freed. */
-        memcpy(copy, p_mem_data(ctx, mem) + rp, (size_t)rl);
-        if (dealloc) {
-            buf[0].i64 = (int64_t)rp;
-            buf[1].i64 = (int64_t)rl;
-            err = p_call(ctx, dealloc, buf, 2, &trap);
-            if (!err && !trap && p) {
+            p_set_deadline(ctx, ticks);
+            o.err = p_pre_instantiate((const void *)(uintptr_t)pre_a, ctx, &inst, &o.trap);
+            if (o.err || o.trap) {
+                o.code = FRESH_INSTANTIATE;
+                break;
+            }
+            if (!p_export_get(ctx, &inst, "memory", 6, (uint8_t *)(scratch + 1)) ||
+                ((uint8_t *)(scratch + 1))[0] != EXTERN_MEMORY ||
+                !get_export(ctx, &inst, "sandbus_alloc", 13, EXTERN_FUNC, &alloc) ||
+                !get_export(ctx, &inst, fname, (size_t)fname_n, EXTERN_FUNC, &func) ||
+                ((flags & HAS_DEALLOC) && !get_export(ctx, &inst, "sandbus_dealloc", 15, EXTERN_FUNC, &dealloc))) {
+                o.code = FRESH_NO_EXPORT;
+                break;
+            }
+            scratch[0] = (uint64_t)(uintptr_t)ctx; /* host functions may reach the memory from here on */
+            const void *alloc_f = alloc.bytes + EXTERN_OF;
+            const void *dealloc_f = (flags & HAS_DEALLOC) ? (const void *)(dealloc.bytes + EXTERN_OF) : NULL;
+            if (flags & HAS_INITIALIZE) {
+                if (!get_export(ctx, &inst, "_initialize", 11, EXTERN_FUNC, &xinit)) {
+                    o.code = FRESH_NO_EXPORT;
+                    break;
+                }
+                o.err = p_call(ctx, xinit.bytes + EXTERN_OF, buf, 0, &o.trap);
+                if (o.err || o.trap) {
+                    o.code = RT_WASM_ERROR;
+                    o.c = STAGE_INITIALIZE;
+                    break;
+                }
+            }
+            if (flags & HAS_INIT) {
+                if (!get_export(ctx, &inst, "sandbus_init", 12, EXTERN_FUNC, &xinit)) {
+                    o.code = FRESH_NO_EXPORT;
+                    break;
+                }
+                buf[0].i64 = (int64_t)config_n;
+                o.err = p_call(ctx, alloc_f, buf, 1, &o.trap);
+                if (o.err || o.trap) {
+                    o.code = RT_WASM_ERROR;
+                    o.c = STAGE_INIT;
+                    break;
+                }
+                uint64_t p = (uint32_t)buf[0].i32;
+                if (p == 0 && config_n) {
+                    o.code = RT_ALLOC_FAILED;
+                    o.a = (unsigned long long)config_n;
+                    o.c = STAGE_INIT;
+                    break;
+                }
+                size_t size = p_mem_size(ctx, mem);
+                if (p + (uint64_t)config_n > size) {
+                    o.code = RT_BAD_INPUT_RANGE;
+                    o.a = p, o.b = (unsigned long long)config_n, o.c = size;
+                    break;
+                }
+                if (config_n)
+                    memcpy(p_mem_data(ctx, mem) + p, config, (size_t)config_n);
                 buf[0].i64 = (int64_t)p;
-                buf[1].i64 = (int64_t)n;
-                err = p_call(ctx, dealloc, buf, 2, &trap);
+                buf[1].i64 = (int64_t)config_n;
+                o.err = p_call(ctx, xinit.bytes + EXTERN_OF, buf, 2, &o.trap);
+                if (o.err || o.trap) {
+                    o.code = RT_WASM_ERROR;
+                    o.c = STAGE_INIT;
+                    break;
+                }
+                int32_t status = buf[0].i32;
+                if (dealloc_f && p) {
+                    buf[0].i64 = (int64_t)p;
+                    buf[1].i64 = (int64_t)config_n;
+                    o.err = p_call(ctx, dealloc_f, buf, 2, &o.trap);
+                    if (o.err || o.trap) {
+                        o.code = RT_WASM_ERROR;
+                        o.c = STAGE_INIT;
+                        break;
+                    }
+                }
+                if (status != 0) {
+                    o.code = FRESH_INIT_FAILED;
+                    o.a = (unsigned long long)(uint32_t)status;
+                    break;
+                }
             }
-            if (err || trap) {
-                code = RT_WASM_ERROR;
-                break;
-            }
+            core_round_trip(ctx, mem, alloc_f, func.bytes + EXTERN_OF, dealloc_f, payload, n, max_output, fuel, 0,
+                            ticks, stack, &o);
+        } while (0);
+        if (o.code == FRESH_INSTANTIATE) {
+            o.a = (unsigned long long)(uintptr_t)o.err;
+            o.b = (unsigned long long)(uintptr_t)o.trap;
         }
+        /* What the caller reports whatever ended the call: read before the store goes. */
+        scratch[SCRATCH_MEMORY_AT_END] = scratch[0] ? p_mem_size(ctx, mem) : 0;
+        uint64_t left = 0;
         if (fuel >= 0) {
-            void *ferr = p_get_fuel(ctx, &fuel_left);
+            void *ferr = p_get_fuel(ctx, &left);
             if (ferr != NULL) {
-                /* Cannot happen on a fuel engine; report the error rather than a made-up number. */
-                err = ferr;
-                code = RT_WASM_ERROR;
-                break;
+                /* Cannot happen on a fuel engine: report the call's own error, and none for this reading. */
+                left = (uint64_t)fuel;
+                p_error_delete(ferr);
             }
         }
-        size = p_mem_size(ctx, mem);
-    } while (0);
-    Py_END_ALLOW_THREADS
-
-    PyObject *out = NULL;
-    if (heap_failed)
-        return PyErr_NoMemory();
-    if (code == RT_WASM_ERROR) {
-        a = (unsigned long long)(uintptr_t)err;
-        b = (unsigned long long)(uintptr_t)trap;
-    } else if (code == RT_OK) {
-        out = PyBytes_FromStringAndSize(copy, (Py_ssize_t)rl);
-        a = fuel_left;
-        b = size;
+        scratch[SCRATCH_FUEL_AT_END] = left;
+        scratch[0] = 0; /* before the store goes: no host function may reach it afterwards */
+        p_store_delete(store);
     }
-    if (copy != stack)
-        free(copy);
-    if (code == RT_OK && out == NULL)
-        return NULL;
-    return result(code, out, a, b, c);
+    Py_END_ALLOW_THREADS
+    if (store_failed)
+        return PyErr_NoMemory();
+    return rt_result(&o, stack);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -438,6 +702,11 @@ static PyMethodDef methods[] = {
     {"encode_request", native_encode_request, METH_VARARGS,
      "encode_request(record, process_const, exec_const, duration_ms) -> bytes | None"},
     {"bind", native_bind, METH_VARARGS, "bind(call, data, size, set_fuel, get_fuel, set_deadline): C-API addresses"},
+    {"bind_fresh", native_bind_fresh, METH_VARARGS,
+     "bind_fresh(store_new, store_context, store_limiter, store_delete, pre_instantiate, export_get, "
+     "error_delete)"},
+    {"fresh_call", native_fresh_call, METH_VARARGS,
+     "fresh_call(scratch, function, config, payload, ticks) -> (code, reply, a, b, c)"},
     {"round_trip", native_round_trip, METH_VARARGS,
      "round_trip(ctx, mem, alloc, func, dealloc, payload, max_output, fuel, ticks) -> (code, reply, a, b, c)"},
     {NULL, NULL, 0, NULL},

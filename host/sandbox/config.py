@@ -8,12 +8,13 @@ import functools
 import os
 import re
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
-    "MAX_NAME_PATTERNS", "MIB", "Capabilities", "DirGrant", "Limits", "check_name_pattern", "is_pattern",
-    "show_patterns",
+    "ISOLATION_MODES", "MAX_NAME_PATTERNS", "MIB", "Capabilities", "DirGrant", "Isolation", "Limits",
+    "check_name_pattern", "is_pattern", "show_patterns",
 ]
 
 MIB = 1024 * 1024
@@ -21,6 +22,12 @@ MIB = 1024 * 1024
 #: (and every entry of a listing) against them, inside a WASI call no timeout interrupts: their number is
 #: bounded so that one call stays cheap.
 MAX_NAME_PATTERNS = 128
+
+#: How calls of one plugin share instances: "pooled" (warm instances serve call after call) or "per-call"
+#: (a fresh instance for every call, discarded after it: nothing of one call reaches the next).
+Isolation = Literal["pooled", "per-call"]
+#: The modes, weakest isolation first.
+ISOLATION_MODES: tuple[Isolation, ...] = ("pooled", "per-call")
 
 
 class Limits(BaseModel):
@@ -49,6 +56,11 @@ class Limits(BaseModel):
             stdio not counted). Each is a host descriptor: a guest that opened files without end would
             take the node's last one, its sockets included (host/sandbox/fsguard.py, which also bounds
             all instances of the process together to half its soft ``RLIMIT_NOFILE``).
+        isolation: "pooled" (default): up to ``max_instances`` warm instances serve call after call, and
+            what a call leaves in memory or globals is there for the next caller. "per-call": every call
+            gets a fresh instance from a pooling allocator (copy-on-write memory image), discarded when the
+            call ends; ``_initialize`` and ``sandbus_init`` run on each, ``sandbus_shutdown`` never;
+            ``max_instances`` still bounds calls at once (host/sandbox/percall.py).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -67,6 +79,7 @@ class Limits(BaseModel):
     compile_timeout_s: float = Field(default=120.0, gt=0)
     compile_memory_bytes: int = Field(default=2048 * MIB, ge=256 * MIB)
     max_open_files: int = Field(default=256, gt=0, le=65536)
+    isolation: Isolation = "pooled"
 
 
 def check_name_pattern(pattern: str) -> str:

@@ -4,6 +4,9 @@ One Engine per process (per distinct stack size, the only engine-wide limit we
 vary): engines are expensive, and wasmtime types must never be shared across
 engines (reusing a FuncType on a second Engine aborts the process), so every
 type we build is built from the engine that uses it.
+
+Plugins with ``isolation = "per-call"`` run on a second engine of the same settings plus wasmtime's
+pooling allocator (:func:`get_pooling_engine`), which the epoch ticker ticks too.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from dataclasses import dataclass, field
 
 import wasmtime
 
-__all__ = ["EPOCH_TICK_S", "EngineHandle", "PROPOSALS_OFF", "PROPOSALS_ON", "WASMTIME_VERSION", "get_engine",
-           "make_config", "ticks_for"]
+__all__ = ["EPOCH_TICK_S", "PERCALL_MAX_MEMORY", "PERCALL_SLOTS", "EngineHandle", "PROPOSALS_OFF", "PROPOSALS_ON",
+           "WASMTIME_VERSION", "get_engine", "get_pooling_engine", "make_config", "ticks_for"]
 
 #: Epoch granularity. A timeout fires between ``timeout`` and ``timeout + tick``.
 EPOCH_TICK_S = 0.005
@@ -37,6 +40,7 @@ class EngineHandle:
 
 
 _engines: dict[tuple[int, bool], EngineHandle] = {}
+_pooling: dict[tuple[int, bool, int], EngineHandle] = {}
 _lock = threading.Lock()
 _ticker: threading.Thread | None = None
 
@@ -100,11 +104,69 @@ def _make_engine(stack_bytes: int, fuel: bool) -> EngineHandle:
     return EngineHandle(wasmtime.Engine(cfg), stack_bytes, fuel, fp)
 
 
+#: Per-call instances (``Limits.isolation = "per-call"``) alive at once in one process, per engine: the
+#: pooling allocator reserves this many slots up front (~4 GiB of address space each, not memory). A
+#: call that finds every slot taken fails with an InstanceLimitError.
+PERCALL_SLOTS = 256
+#: The largest linear memory a pooled slot holds; a per-call plugin's ``memory_bytes`` may not exceed it.
+PERCALL_MAX_MEMORY = 4096 * 1024 * 1024
+#: Of a discarded instance's memory, the bytes its slot zeroes and keeps mapped for the next instance;
+#: the rest is given back (madvise), in batches of ``_DECOMMIT_BATCH`` slots. Measured on the echo plugin
+#: (bench/bench_isolation.py): 4 KiB and batches of 16 cost least; 64 KiB-1 MiB kept resident cost
+#: ~1.5 us more a call (zeroing pages that a small plugin never touched).
+_KEEP_RESIDENT = 4096
+_DECOMMIT_BATCH = 16
+
+
+def _make_pooling_engine(stack_bytes: int, fuel: bool, slots: int) -> EngineHandle:
+    """The engine for per-call instances: :func:`make_config` plus wasmtime's pooling allocator.
+
+    A separate engine: its reservation (``slots`` x ~4 GiB of address space) must not be made by the
+    compile worker, which runs :func:`make_config` under an address-space limit. wasmtime-py's Config
+    has no setter for the allocator; its bindings declare the C API's, which we call. The pooling
+    allocator changes no compilation setting, so code compiled for :func:`get_engine`'s engine of the
+    same stack and fuel deserializes here (tests/host/test_isolation.py checks it).
+    """
+    from wasmtime import _ffi as ffi
+
+    cfg = make_config(stack_bytes, fuel)
+    pc = ffi.wasmtime_pooling_allocation_config_new()
+    try:
+        ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pc, slots)
+        ffi.wasmtime_pooling_allocation_config_total_memories_set(pc, slots)
+        ffi.wasmtime_pooling_allocation_config_total_tables_set(pc, slots)
+        ffi.wasmtime_pooling_allocation_config_total_component_instances_set(pc, 0)
+        ffi.wasmtime_pooling_allocation_config_total_gc_heaps_set(pc, 0)
+        ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pc, PERCALL_MAX_MEMORY)
+        ffi.wasmtime_pooling_allocation_config_table_elements_set(pc, 100_000)  # Limits.table_elements' default
+        ffi.wasmtime_pooling_allocation_config_max_tables_per_module_set(pc, 4)  # as a pooled store allows
+        ffi.wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(pc, _KEEP_RESIDENT)
+        ffi.wasmtime_pooling_allocation_config_table_keep_resident_set(pc, 64 * 1024)
+        ffi.wasmtime_pooling_allocation_config_decommit_batch_size_set(pc, _DECOMMIT_BATCH)
+        ffi.wasmtime_pooling_allocation_strategy_set(cfg.ptr(), pc)
+    finally:
+        ffi.wasmtime_pooling_allocation_config_delete(pc)
+    fp = f"wt{WASMTIME_VERSION}-{'fuel-' if fuel else ''}epoch-stack{stack_bytes}-speed-p1-pooling{slots}"
+    return EngineHandle(wasmtime.Engine(cfg), stack_bytes, fuel, fp)
+
+
+def get_pooling_engine(stack_bytes: int, fuel: bool = True, slots: int | None = None) -> EngineHandle:
+    """The shared engine for per-call instances of this stack size and fuel setting (``slots``: default
+    :data:`PERCALL_SLOTS`, read when the engine is first made)."""
+    slots = PERCALL_SLOTS if slots is None else slots
+    with _lock:
+        handle = _pooling.get((stack_bytes, fuel, slots))
+        if handle is None:
+            handle = _pooling[(stack_bytes, fuel, slots)] = _make_pooling_engine(stack_bytes, fuel, slots)
+    get_engine(stack_bytes, fuel)  # starts the ticker, which ticks this engine too
+    return handle
+
+
 def _tick_forever() -> None:
     while True:
         time.sleep(EPOCH_TICK_S)
         # Copy: a new engine may be added while we iterate.
-        for handle in list(_engines.values()):
+        for handle in [*_engines.values(), *_pooling.values()]:
             handle.engine.increment_epoch()
 
 

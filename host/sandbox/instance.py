@@ -58,6 +58,7 @@ __all__ = [
     "PluginInstance",
     "bind_host_function",
     "deny",
+    "link_host_functions",
     "size_limit_error",
     "translate_error",
 ]
@@ -369,29 +370,7 @@ class PluginInstance:
 
     def _link_host_functions(self, linker: wasmtime.Linker, module: wasmtime.Module,
                              host_functions: HostFunctions) -> None:
-        for imp in module.imports:
-            if imp.module == _WASI:
-                continue
-            name = imp.name or ""
-            fn = host_functions.get(imp.module, name)
-            if fn is None:
-                raise InvalidModuleError(
-                    f"imports {imp.module}.{name}, which this host does not provide", plugin=self.plugin,
-                    missing_import=f"{imp.module}.{name}",
-                )
-            ty = imp.type
-            if not isinstance(ty, wasmtime.FuncType) or (
-                tuple(str(p) for p in ty.params) != fn.params or tuple(str(r) for r in ty.results) != fn.results
-            ):
-                raise InvalidModuleError(
-                    f"import {imp.module}.{name} has type {ty}, the host provides "
-                    f"({', '.join(fn.params)}) -> ({', '.join(fn.results)})",
-                    plugin=self.plugin,
-                )
-            linker.define_func(imp.module, name, ty, self._bind(fn))
-
-    def _bind(self, fn: HostFunction) -> Callable[..., Any]:
-        return bind_host_function(fn, self.ctx, self._auditor)
+        link_host_functions(linker, module, host_functions, self.ctx, self._auditor)
 
     # -- calls -----------------------------------------------------------------
 
@@ -534,7 +513,33 @@ class PluginInstance:
             return False
 
 
-# -- shared with host/sandbox/component.py -------------------------------------------------------
+# -- shared with host/sandbox/component.py and host/sandbox/percall.py -------------------------------
+
+
+def link_host_functions(linker: wasmtime.Linker, module: wasmtime.Module, host_functions: HostFunctions,
+                        ctx: CallContext, auditor: Auditor) -> None:
+    """Define every non-WASI import of ``module`` in ``linker``, bound to ``ctx``; an import the host does
+    not provide, or provides under another type, refuses the module (InvalidModuleError)."""
+    for imp in module.imports:
+        if imp.module == _WASI:
+            continue
+        name = imp.name or ""
+        fn = host_functions.get(imp.module, name)
+        if fn is None:
+            raise InvalidModuleError(
+                f"imports {imp.module}.{name}, which this host does not provide", plugin=ctx.plugin,
+                missing_import=f"{imp.module}.{name}",
+            )
+        ty = imp.type
+        if not isinstance(ty, wasmtime.FuncType) or (
+            tuple(str(p) for p in ty.params) != fn.params or tuple(str(r) for r in ty.results) != fn.results
+        ):
+            raise InvalidModuleError(
+                f"import {imp.module}.{name} has type {ty}, the host provides "
+                f"({', '.join(fn.params)}) -> ({', '.join(fn.results)})",
+                plugin=ctx.plugin,
+            )
+        linker.define_func(imp.module, name, ty, bind_host_function(fn, ctx, auditor))
 
 
 def deny(auditor: Auditor, plugin: str, kind: str, message: str, **details: Any) -> SecurityViolationError:

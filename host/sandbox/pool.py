@@ -10,6 +10,9 @@ the plugin's full timeout, and so does ``sandbus_shutdown``. Neither may run on 
 runs an asyncio event loop, where it would stall every other plugin's replies: an event loop
 takes instances with :meth:`InstancePool.try_acquire`, which never builds nor waits, and the
 shutdowns a release or a close starts there are handed to a background thread.
+
+A plugin with ``isolation = "per-call"`` pools slots instead of instances (host/sandbox/percall.py): the
+same bound on calls at once, but each call builds its own instance and drops it.
 """
 
 from __future__ import annotations

@@ -22,14 +22,15 @@ from orjson import loads
 
 from sandbus.host.sandbox import abi
 from sandbus.host.sandbox.audit import AuditLevel, Auditor, AuditSink
-from sandbus.host.sandbox.cache import ModuleCache, default_cache_dir, is_component, wasm_digest
+from sandbus.host.sandbox.cache import ModuleCache, ModuleSource, default_cache_dir
 from sandbus.host.sandbox.compiler import read_wasm
-from sandbus.host.sandbox.component import ComponentInfo, ComponentInstance, inspect_component
+from sandbus.host.sandbox.component import ComponentInfo, ComponentInstance
 from sandbus.host.sandbox.config import MIB, Capabilities, DirGrant, Limits
 from sandbus.host.sandbox.engine import get_engine
 from sandbus.host.sandbox.grants import GrantSet
 from sandbus.host.sandbox.hostfuncs import ABI_NAMESPACE, HostFunctions, builtin_host_functions
 from sandbus.host.sandbox.instance import BudgetExceeded, PluginInstance
+from sandbus.host.sandbox.percall import PerCallPlugin
 from sandbus.host.sandbox.pool import InstancePool, NotInline
 from sandbus.sdk.errors import (
     AbiViolationError,
@@ -104,7 +105,8 @@ class CallResult(NamedTuple):
 
 
 class Sandbox:
-    """A plugin loaded once and served from a pool of warm instances. Thread-safe.
+    """A plugin loaded once and served from a pool of warm instances (or, with ``Limits.isolation =
+    "per-call"``, from a fresh instance for every call: host/sandbox/percall.py). Thread-safe.
 
     The plugin is a core module (Guest ABI v1, docs/abi.md) or a component (the WIT world in
     sdk/guest/python/wit, e.g. a componentize-py guest); the binary's header says which, and ``kind``
@@ -112,7 +114,8 @@ class Sandbox:
     differences in what is enforced.
 
     Parameters:
-        wasm: module or component bytes, or a path to a .wasm file.
+        wasm: module or component bytes, a path to a .wasm file, or a :class:`ModuleSource` (bytes
+            whose digest is known, or a plugin file the module cache's digest memo knows).
         name: plugin name for errors and events (default: the file stem).
         limits / capabilities: what is enforced (defaults: ``Limits()``, nothing granted).
         host_functions: extra host functions, on top of the built-in log/time/env.
@@ -127,7 +130,7 @@ class Sandbox:
 
     def __init__(
         self,
-        wasm: bytes | str | Path,
+        wasm: bytes | str | Path | ModuleSource,
         *,
         name: str | None = None,
         limits: Limits | None = None,
@@ -155,7 +158,9 @@ class Sandbox:
         self.name = name or "plugin"
         self.limits = limits or Limits()
         self.capabilities = capabilities or Capabilities()
-        self.digest = wasm_digest(wasm)
+        # Hashed once per load (a 19 MB component takes ~12 ms), or not at all for a file the memo knows.
+        source = wasm if isinstance(wasm, ModuleSource) else ModuleSource.of(wasm)
+        self.digest = source.digest
         self.auditor = auditor or Auditor()
         if on_audit is not None:
             self.auditor.add_sink(on_audit)
@@ -165,18 +170,19 @@ class Sandbox:
         cache = cache or shared_cache()
         self.kind: Literal["module", "component"]
         try:  # bounded before it compiles (host/sandbox/compiler.py); a refusal is audited
-            if is_component(wasm):
+            if source.component:
                 self.kind = "component"
-                self._component = cache.load_component(self._handle, wasm, name=self.name, limits=self.limits)
+                self._component = cache.load_component(self._handle, source, name=self.name, limits=self.limits)
             else:
                 self.kind = "module"
-                self._module = cache.load(self._handle, wasm, name=self.name, limits=self.limits)
+                self._module = cache.load(self._handle, source, name=self.name, limits=self.limits)
         except InvalidModuleError as e:
             self.auditor.emit(AuditLevel.WARNING, "module.refused", self.name, e.message, **e.details)
             raise
         if self.kind == "component":
-            self.component_info: ComponentInfo | None = inspect_component(self._component, self._handle,
-                                                                          self.name)
+            # Kept beside the compiled code: a warm load does not walk the component's types again.
+            self.component_info: ComponentInfo | None = cache.component_info(self._handle, source.digest,
+                                                                             self._component, self.name)
             self.info = self.component_info.module_info()
         else:
             self.component_info = None
@@ -199,6 +205,18 @@ class Sandbox:
         factory = cast(Callable[[], PluginInstance], self._new_instance)
         #: The granted directories, opened once: every instance gets these, never their names again.
         self._grants = GrantSet(self.capabilities.dirs, plugin=self.name, auditor=self.auditor)
+        #: With isolation = "per-call": what each call's fresh instance is built from (percall.py).
+        self.percall: PerCallPlugin | None = None
+        if self.limits.isolation == "per-call":
+            try:
+                self.percall = self._per_call(fast, native, context_factory)
+            except BaseException:
+                self._grants.close()
+                raise
+            # The pool holds slots, not instances: cheap, and all of them ready, so that an event loop
+            # finds one idle whenever fewer than max_instances calls run.
+            factory = cast(Callable[[], PluginInstance], self.percall.slot)
+            warm_instances = self.limits.max_instances
         self._pool = InstancePool(self.name, factory, self.limits.max_instances,
                                   acquire_timeout_s if acquire_timeout_s is not None else self.limits.timeout_s)
         try:
@@ -208,6 +226,22 @@ class Sandbox:
             self._grants.close()
             raise
 
+    def _per_call(self, fast: bool, native: bool, context_factory: Callable[[], dict[str, Any]] | None
+                  ) -> PerCallPlugin:
+        """Set up isolation = "per-call", checked once with a whole instance (ABI version, ``_initialize``,
+        ``sandbus_init``) that is then dropped. A component is refused: see host/sandbox/percall.py."""
+        if self.kind == "component":
+            err = InvalidModuleError(
+                "isolation = \"per-call\" is for core modules: a component (a Python guest) takes milliseconds "
+                "to instantiate; load it with isolation = \"pooled\"", plugin=self.name, isolation="per-call")
+            self.auditor.emit(AuditLevel.WARNING, "module.refused", self.name, err.message, isolation="per-call")
+            raise err
+        percall = PerCallPlugin(self.name, self._handle, self._module, self.info, self.limits, self.capabilities,
+                                self._host_functions, self.auditor, self._config, fast=fast, native=native,
+                                context_factory=context_factory, grants=self._grants)
+        percall.build()
+        return percall
+
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Sandbox:
         return cls(Path(path), **kwargs)
@@ -216,7 +250,7 @@ class Sandbox:
         inst: PluginInstance | ComponentInstance
         if self.component_info is not None:
             inst = ComponentInstance(self.name, self._handle, self._component, self.component_info, self.limits,
-                                     self.capabilities, self._host_functions, self.auditor,
+                                     self.capabilities, self._host_functions, self.auditor, native=self._native,
                                      context_factory=self._context_factory, grants=self._grants)
         else:
             inst = PluginInstance(self.name, self._handle, self._module, self.info, self.limits,
@@ -396,6 +430,11 @@ class SandboxBuilder:
 
     def instances(self, count: int) -> Self:
         self._limits["max_instances"] = count
+        return self
+
+    def isolation(self, mode: Literal["pooled", "per-call"]) -> Self:
+        """"per-call": a fresh instance for every call, nothing kept between calls (see ``Limits.isolation``)."""
+        self._limits["isolation"] = mode
         return self
 
     def log_cap(self, size: int) -> Self:
