@@ -5,7 +5,8 @@ drives them at concurrency 1, 64 and 256 with 100-byte payloads. Two bare respon
 with the body only, one also with the headers a node's successful reply carries (``Content-Type``,
 ``Sandbus-Node``): a nats-py client spends a few microseconds parsing a reply's headers, which the
 first comparison counts against the node and the second does not. Then durable topic delivery
-(publish -> JetStream -> plugin -> ack) vs bare JetStream publish+ack.
+(publish -> JetStream -> plugin -> ack) vs bare JetStream publish+ack, and sandbus's ``Client.publish``
+alone vs a bare nats-py JetStream publish, in alternating rounds.
 
     python bench/bench_bus.py [--quick]
 """
@@ -67,6 +68,53 @@ max_instances = 8
 [subscriptions]
 topics = ["bench.*"]
 durable = true
+"""
+
+BARE_CONSUMER = """
+import asyncio, sys, nats
+from nats.js import api
+async def main():
+    # A lean nats-py JetStream consumer, no sandbus: one pull request of 128 kept open, each message acked
+    # as it arrives (nats-py's fetch costs more per message than this).
+    nc = await nats.connect(sys.argv[1])
+    js = nc.jetstream()
+    await js.add_stream(name="BENCH_CONSUMED", subjects=["barec.>"])
+    await js.add_consumer("BENCH_CONSUMED", api.ConsumerConfig(
+        durable_name="bare", ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.NEW,
+        max_ack_pending=1000, ack_wait=7.0))
+    inbox = nc.new_inbox()
+    wake = asyncio.Event()
+    left = 0
+    async def cb(msg):
+        nonlocal left
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is not None and not msg.data:
+            if status != "100":
+                left = 0
+                wake.set()
+            return
+        await msg.ack()
+        left -= 1
+        if left <= 0:
+            wake.set()
+    await nc.subscribe(inbox, cb=cb)
+    print("ready", flush=True)
+    while True:
+        if left <= 0:
+            left = 128
+            await nc.publish("$JS.API.CONSUMER.MSG.NEXT.BENCH_CONSUMED.bare", b'{"batch":128,"expires":5000000000}',
+                             reply=inbox)
+        wake.clear()
+        await wake.wait()
+asyncio.run(main())
+"""
+
+#: the operator policy of the bench node: subscriptions need a ceiling (deny by default)
+POLICY = """
+[capabilities]
+allowed = ["compute"]
+[messaging]
+subscribe_topics = ["bench.>"]
 """
 
 
@@ -170,11 +218,16 @@ async def spans_dropped(url: str, node_id: str) -> int:
     raise RuntimeError(f"node {node_id} did not answer")
 
 
+#: the body of every bare publish (and the payload of the sandbus Client's): 100 bytes of JSON
+BODY = {"pad": "y" * 88}
+
+
 async def bare_jetstream(url: str, n: int) -> float:
+    """Messages/s of a bare nats-py client publishing to a stream of its own, 64 in flight, each acked."""
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await js.add_stream(name="BENCH_BARE", subjects=["barejs.>"])
-    data = orjson.dumps({"pad": "y" * 88})
+    await js.add_stream(name="BENCH_BARE", subjects=["barejs.>"])  # the same config again: a no-op
+    data = orjson.dumps(BODY)
     sem = asyncio.Semaphore(64)
 
     async def one(i: int) -> None:
@@ -188,36 +241,136 @@ async def bare_jetstream(url: str, n: int) -> float:
     return rate
 
 
-async def durable_topics(url: str, n: int, *, sdk_client: bool) -> float:
+async def client_publish(url: str, n: int) -> float:
+    """Messages/s of sandbus's ``Client.publish`` (envelope, ids, headers, stored and acked by the topic
+    stream), 64 in flight, with the payload the bare publisher sends, onto a topic no plugin hears."""
+    async with await Client.connect(url) as c:
+        await c.publish("nobody.warmup", BODY)  # finds the stream once, as every client does first
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await c.publish("nobody.hears", BODY)
+
+        t = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return n / (time.perf_counter() - t)
+
+
+async def bare_consumed(url: str, n: int) -> float:
+    """Messages/s from the first bare publish until the lean nats-py consumer (:data:`BARE_CONSUMER`) has
+    acked all of them: what any Python consumer costs on this machine, the ceiling of a node's delivery."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    start_seq = (await js.consumer_info("BENCH_CONSUMED", "bare")).delivered.stream_seq
+    data = orjson.dumps(BODY)
+    sem = asyncio.Semaphore(64)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await js.publish("barec.x", data)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    while True:
+        info = await js.consumer_info("BENCH_CONSUMED", "bare")
+        if info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq >= start_seq + n:
+            break
+        await asyncio.sleep(0.005)
+    rate = n / (time.perf_counter() - t)
+    await nc.close()
+    return rate
+
+
+#: how the durable measurement publishes: as the bare publisher (same client, body, no headers), prebuilt
+#: sandbus envelopes with their headers through the same raw ``js.publish``, or sandbus's own Client
+PUBLISHERS = ("as_bare", "envelopes", "client")
+
+
+async def durable_topics(url: str, n: int, publisher: str) -> float:
     """Messages/s from the first publish until the plugin's consumer has acked all of them.
 
-    ``sdk_client``: publish with sandbus's Client (envelope, ids, headers, trace hook); otherwise
-    prebuilt envelopes go through the same raw ``js.publish`` as the bare measurement, so the two
-    differ only by the node's delivery.
+    ``publisher`` (:data:`PUBLISHERS`): "as_bare" publishes exactly as :func:`bare_jetstream` does (a
+    plain nats-py client, the same 100-byte body, no headers: the node wraps it in an envelope), so
+    the two differ only by the node's delivery; "envelopes" sends prebuilt envelopes with the headers
+    sandbus's Client sends through the same raw ``js.publish``; "client" publishes with sandbus's
+    Client (envelope, ids, headers, trace hook).
     """
     async with await Client.connect(url) as c:
         js = c.nc.jetstream()
         start_seq = (await js.consumer_info("SANDBUS_TOPICS", "plugin-echo_topics")).delivered.stream_seq
         sem = asyncio.Semaphore(64)
         envelopes = [encode_message({"i": i}, topic="bench.created") for i in range(n)]
+        bare = await nats.connect(url)
+        bare_js = bare.jetstream()
+        data = orjson.dumps(BODY)
 
         async def one(i: int) -> None:
             async with sem:
-                if sdk_client:
-                    await c.publish("bench.created", {"i": i})
+                if publisher == "client":
+                    await c.publish("bench.created", BODY)
+                elif publisher == "as_bare":
+                    await bare_js.publish("sandbus.topic.bench.created", data)
                 else:
-                    message_id, data = envelopes[i]
-                    await js.publish("sandbus.topic.bench.created", data,
+                    message_id, envelope = envelopes[i]
+                    await js.publish("sandbus.topic.bench.created", envelope,
                                      headers={**ENVELOPE, "Nats-Msg-Id": message_id})
 
-        t = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        while True:
-            info = await js.consumer_info("SANDBUS_TOPICS", "plugin-echo_topics")
-            if info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq >= start_seq + n:
-                break
-            await asyncio.sleep(0.005)
-        return n / (time.perf_counter() - t)
+        try:
+            t = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(n)))
+            while True:
+                info = await js.consumer_info("SANDBUS_TOPICS", "plugin-echo_topics")
+                if (info.num_pending == 0 and info.num_ack_pending == 0
+                        and info.delivered.stream_seq >= start_seq + n):
+                    break
+                await asyncio.sleep(0.005)
+            return n / (time.perf_counter() - t)
+        finally:
+            await bare.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: the processes whose CPU time each durable run counts (besides this one, the publisher)
+CPU_COLUMNS = ("publisher", "nats-server", "node", "bare consumer")
+
+
+def durable_rounds(url: str, n: int, rounds: int, pids: dict[str, int]
+                   ) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]]]:
+    """Each durable measurement and the publish-only ones, in alternating order, ``rounds`` times: the
+    rates, and for each run the CPU microseconds per message each process spent (``pids``: the other
+    processes of :data:`CPU_COLUMNS`, by column). CPU per message does not drift with what else the
+    machine runs the way a rate does: it says where the time goes."""
+    runs: dict[str, list[float]] = {k: [] for k in ("bare", "bare_consumed", *PUBLISHERS, "client_publish")}
+    assert len(runs) == len(PUBLISHERS) + 3
+    cpu: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
+    kinds = list(runs)
+    for i in range(rounds):
+        for kind in (kinds if i % 2 == 0 else kinds[::-1]):
+            before = {"publisher": time.process_time(), **{k: cpu_seconds(p) for k, p in pids.items()}}
+            if kind == "bare":
+                rate = asyncio.run(bare_jetstream(url, n))
+            elif kind == "client_publish":
+                rate = asyncio.run(client_publish(url, n))
+            elif kind == "bare_consumed":
+                rate = asyncio.run(bare_consumed(url, n))
+            else:
+                rate = asyncio.run(durable_topics(url, n, kind))
+            after = {"publisher": time.process_time(), **{k: cpu_seconds(p) for k, p in pids.items()}}
+            runs[kind].append(rate)
+            cpu[kind].append({k: (after[k] - before[k]) / n * 1e6 for k in before})
+    return runs, cpu
+
+
+def ratio_cells(runs: list[float], bare: list[float]) -> tuple[str, str]:
+    """Median ratio and range of ``runs`` over the bare runs of the same rounds."""
+    rs = [x / b for x, b in zip(runs, bare, strict=True)]
+    return f"{statistics.median(rs):.2f}×", f"{min(rs):.2f}–{max(rs):.2f}"
 
 
 def main() -> None:
@@ -236,6 +389,7 @@ def main() -> None:
         shutil.copy(ROOT / "plugins" / "build" / f"echo.{ext}", plugins / f"echo.{ext}")
     shutil.copy(ROOT / "plugins" / "build" / "echo.wasm", plugins / "echo_topics.wasm")
     (plugins / "echo_topics.toml").write_text(ECHO_TOPICS)
+    (work / "policy.toml").write_text(POLICY)
     traced = work / "traced"
     traced.mkdir()
     shutil.copy(ROOT / "plugins" / "build" / "echo.wasm", traced / "echo_traced.wasm")
@@ -248,7 +402,9 @@ def main() -> None:
         sink = start([sys.executable, "-c", OTLP_SINK], "sink", work / "sink.log")
         sink_port = int((work / "sink.log").read_text().split()[1])
         node = start([sys.executable, "-m", "sandbus", "node", "--plugins", str(plugins), "--nats", server.url,
-                      "--node-id", "bench", "--no-watch"], "node bench ready", work / "node.log")
+                      "--node-id", "bench", "--no-watch", "--policy", str(work / "policy.toml")],
+                     "node bench ready", work / "node.log")
+        consumer = start([sys.executable, "-c", BARE_CONSUMER, server.url], "ready", work / "consumer.log")
         try:
             table = Table(title=f"request/reply, 100 B payloads, {rounds} alternating {duration:g} s runs per cell "
                                 f"(medians; client: one Python process)")
@@ -287,18 +443,48 @@ def main() -> None:
                     stop(traced_node)
             if "durable" in parts:
                 count = 2000 if args.quick else 10000
-                js_bare = asyncio.run(bare_jetstream(server.url, count))
-                js_node = asyncio.run(durable_topics(server.url, count, sdk_client=False))
-                js_sdk = asyncio.run(durable_topics(server.url, count, sdk_client=True))
-                t2 = Table(title=f"durable topics, {count:,} messages, 64 publishes in flight")
-                for col in ("bare JetStream publish+ack msg/s", "publish → plugin → ack msg/s", "ratio",
-                            "same, published with sandbus Client msg/s", "ratio"):
+                durable_n = 2 if args.quick else 3
+                assert server.pid is not None
+                runs, cpu = durable_rounds(server.url, count, durable_n, {
+                    "nats-server": server.pid, "node": node.pid, "bare consumer": consumer.pid})
+                bare_runs = runs["bare"]
+                t2 = Table(title=f"durable topics, {count:,} messages, 64 publishes in flight, {durable_n} alternating "
+                                 "rounds (medians; ratios per round)")
+                for col in ("bare JetStream publish+ack msg/s", "bare publish → bare nats-py consumer → ack msg/s",
+                            "ratio", "range", "publish → plugin → ack msg/s (bare publisher)",
+                            "ratio", "range", "same, prebuilt envelopes + headers msg/s", "ratio", "range",
+                            "same, published with sandbus Client msg/s", "ratio", "range"):
                     t2.add_column(col, justify="right")
-                t2.add_row(f"{js_bare:,.0f}", f"{js_node:,.0f}", f"{js_node / js_bare:.2f}×", f"{js_sdk:,.0f}",
-                           f"{js_sdk / js_bare:.2f}×")
+                t2.add_row(f"{statistics.median(bare_runs):,.0f}",
+                           *(cell for kind in ("bare_consumed", *PUBLISHERS)
+                             for cell in (f"{statistics.median(runs[kind]):,.0f}",
+                                          *ratio_cells(runs[kind], bare_runs))))
                 console.print(t2)
+                console.print("target: node delivery (bare publisher) ≥ 0.85× bare publish+ack; the bare consumer "
+                              "column is what a consumer with no plugin behind it reaches on this machine")
+                t4 = Table(title=f"publish alone: {count:,} messages, 64 in flight, each acked by its stream, the same "
+                                 f"100-byte payload, {durable_n} alternating rounds (medians; ratios per round)")
+                for col in ("bare nats-py js.publish msg/s", "sandbus Client.publish msg/s", "ratio", "range"):
+                    t4.add_column(col, justify="right")
+                t4.add_row(f"{statistics.median(bare_runs):,.0f}", f"{statistics.median(runs['client_publish']):,.0f}",
+                           *ratio_cells(runs["client_publish"], bare_runs))
+                console.print(t4)
+                console.print("target: Client.publish ≥ 0.9× a bare nats-py JetStream publish")
+                t5 = Table(title="CPU per message, µs (medians of the runs above; the publisher includes its "
+                                 "connect and, for durable runs, its polling for the last ack)")
+                t5.add_column("run")
+                for col in CPU_COLUMNS:
+                    t5.add_column(col, justify="right")
+                names = {"bare": "bare publish", "bare_consumed": "bare publish → bare consumer",
+                         "as_bare": "bare publish → node", "envelopes": "envelopes + headers → node",
+                         "client": "sandbus Client → node", "client_publish": "sandbus Client publish"}
+                for kind, samples in cpu.items():
+                    t5.add_row(names[kind], *(f"{statistics.median(one[col] for one in samples):.1f}"
+                                              for col in CPU_COLUMNS))
+                console.print(t5)
         finally:
             stop(node)
+            stop(consumer)
             stop(bare)
             stop(sink)
     shutil.rmtree(work, ignore_errors=True)

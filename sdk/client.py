@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -19,26 +20,35 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry import trace
 
 from sandbus.sdk.envelope import (
     ENVELOPE,
+    ENVELOPE_CONTENT_TYPE,
+    H_CONTENT_TYPE,
     H_FROM,
     H_MSG_ID,
     H_NODE,
     JSON,
+    MAX_MESSAGE_ID,
+    MAX_SENDER,
     encode_message,
     error_from_reply,
     new_message_id,
+    valid_message_id,
+    valid_sender,
     valid_traceparent,
 )
 from sandbus.sdk.errors import (
     AbiViolationError,
     BusError,
+    InvalidEnvelopeError,
     PayloadTooLargeError,
     PluginNotFoundError,
     RequestTimeoutError,
     SandbusError,
 )
+from sandbus.sdk.jspublish import JetStreamPublisher
 from sandbus.sdk.nats_guard import GuardedNatsClient
 from sandbus.sdk.subjects import NODE_SERVICE, control_subject, msg_subject, request_subject, topic_subject
 from sandbus.sdk.tracing import H_TRACE_DEBUG, H_TRACE_SPANS, record_error, send_span
@@ -48,6 +58,25 @@ __all__ = ["Client", "DetailedReply"]
 
 def _encode(payload: Any) -> bytes:
     return payload if isinstance(payload, bytes) else orjson.dumps(payload)
+
+
+def _tracing_off() -> bool:
+    """Whether :func:`send_span` would do nothing (no OpenTelemetry SDK, no trace to carry on): checked
+    here so that the common case does not pay for entering a context manager that does nothing."""
+    return isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)) and (
+        not trace.get_current_span().get_span_context().is_valid)
+
+
+def _header_block(headers: dict[str, str]) -> bytes:
+    """The NATS header block of ``headers`` as nats-py encodes it (for its size)."""
+    return ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _topic_subject(topic: str) -> str:
+    """:func:`topic_subject`, remembered: a publisher uses a few topics, each checked once (a topic
+    that breaks a rule raises, and is not remembered)."""
+    return topic_subject(topic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +113,9 @@ class Client:
         self.nc = nc
         self.sender = sender
         self._js_ok: bool | None = None
+        #: the last ``sender`` found valid (checked again when it changes)
+        self._checked_sender: str | None = None
+        self._acks = JetStreamPublisher(nc)
 
     @classmethod
     async def connect(cls, servers: str | list[str] = "nats://127.0.0.1:4222", *, sender: str = "client",
@@ -105,6 +137,7 @@ class Client:
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.drain()
+        await self._acks.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -215,23 +248,61 @@ class Client:
         """Broadcast onto ``topic``; each subscribing plugin gets it once. Returns the message id.
 
         With ``durable`` (default) and a JetStream-enabled bus, returns once the stream has stored the
-        message (at-least-once from then on); else a core NATS publish (at most once).
+        message (at-least-once from then on); else a core NATS publish (at most once). ``msg_id``: the
+        message id (default: a new random one); a publish retried with the same id within the stream's
+        duplicate window (2 minutes) is stored once.
+
+        Raises:
+            ValueError: ``topic`` breaks the topic rules (``sandbus.sdk.subjects.check_topic``).
+            InvalidEnvelopeError: ``msg_id`` or this client's ``sender`` is not one a node accepts.
+            SandbusError: ``payload`` is not JSON-serialisable.
+            PayloadTooLargeError: the message, headers included, does not fit the server's max payload.
+            nats.js.errors.NoStreamResponseError: durable, and no stream stores the topic (now).
+            nats.errors.TimeoutError: durable, and the stream did not acknowledge within 5 s.
         """
+        subject = _topic_subject(topic) if type(topic) is str else topic_subject(topic)
+        if msg_id is None:
+            message_id = new_message_id()
+        elif valid_message_id(msg_id) is None:
+            raise InvalidEnvelopeError(f"msg_id must be 1-{MAX_MESSAGE_ID} characters from A-Z a-z 0-9 . _ : -",
+                                       field="id")
+        else:
+            message_id = msg_id
+        sender = self.sender
+        if sender is not self._checked_sender:
+            if valid_sender(sender) is None:
+                raise InvalidEnvelopeError(f"sender must be 1-{MAX_SENDER} printable ASCII characters", field="from")
+            self._checked_sender = sender
         try:
-            message_id, data = encode_message(payload, from_=self.sender, topic=topic, id=msg_id)
+            _, data = encode_message(payload, from_=sender, topic=topic, id=message_id)
         except TypeError as e:
             raise SandbusError(f"payload is not JSON-serialisable: {e}") from e
-        subject = topic_subject(topic)
-        headers = {**ENVELOPE, H_MSG_ID: message_id, "Nats-Msg-Id": message_id, H_FROM: self.sender}
-        if len(data) > self.nc.max_payload:
-            raise PayloadTooLargeError(f"message of {len(data)} bytes exceeds the max payload of "
-                                       f"{self.nc.max_payload} bytes", size=len(data), limit=self.nc.max_payload)
+        headers = {**ENVELOPE, H_MSG_ID: message_id, "Nats-Msg-Id": message_id, H_FROM: sender}
+        if _tracing_off():  # the common case: no span to start, nothing to inject
+            # Every value was checked above: the header block is encoded here, once.
+            block = (f"NATS/1.0\r\n{H_CONTENT_TYPE}: {ENVELOPE_CONTENT_TYPE}\r\n{H_MSG_ID}: {message_id}\r\n"
+                     f"Nats-Msg-Id: {message_id}\r\n{H_FROM}: {sender}\r\n\r\n").encode()
+            self._check_fits(len(data) + len(block))
+            await self._publish(subject, data, headers, block, durable)
+            return message_id
         with send_span(subject, headers, message_id=message_id, body_size=len(data)):
-            if durable and await self._jetstream():
-                await self.nc.jetstream().publish(subject, data, headers=headers)
-            else:
-                await self.nc.publish(subject, data, headers=headers)
+            self._check_fits(len(data) + len(_header_block(headers)))
+            await self._publish(subject, data, headers, None, durable)
         return message_id
+
+    def _check_fits(self, size: int) -> None:
+        """The server counts the headers against its max payload too, and closes the connection of a
+        publisher that sends more (every request in flight on it would lose its reply)."""
+        if size > self.nc.max_payload:
+            raise PayloadTooLargeError(f"message of {size} bytes (headers included) exceeds the max payload of "
+                                       f"{self.nc.max_payload} bytes", size=size, limit=self.nc.max_payload)
+
+    async def _publish(self, subject: str, data: bytes, headers: dict[str, str], block: bytes | None,
+                       durable: bool) -> None:
+        if durable and (self._js_ok or (self._js_ok is None and await self._jetstream())):
+            await self._acks.publish(subject, data, headers, block=block)
+        else:
+            await self.nc.publish(subject, data, headers=headers)
 
     async def send(self, plugin: str, payload: Any = None, *, timeout: float | None = None) -> Any:
         """A direct PluginMessage to ``plugin``; with ``timeout``, wait for and return its reply."""

@@ -27,9 +27,9 @@ import pydantic (client start-up time), and ``PluginMessage`` is loaded from her
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
-import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -102,8 +102,17 @@ _MAX_TRACEPARENT = 512
 
 
 def new_message_id() -> str:
-    """A new message id: 32 lowercase hex characters."""
-    return uuid.uuid4().hex
+    """A new message id: 32 lowercase hex characters, a random (version 4) UUID's hex form.
+
+    Built from ``os.urandom`` directly: ``uuid.uuid4().hex`` (the same bits, through a ``UUID`` object)
+    costs three times as much, on every publish and on every plain message a node wraps. Unpredictable
+    on purpose: whoever could guess the next id could publish it first, and the stream would drop the
+    real message as a duplicate.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    return raw.hex()
 
 
 def valid_message_id(value: object) -> str | None:
