@@ -169,6 +169,13 @@ class Sandbox:
         self._handle = get_engine(self.limits.stack_bytes, fuel=self.limits.fuel is not None)
         cache = cache or shared_cache()
         self.kind: Literal["module", "component"]
+        if source.component and self.limits.isolation == "per-call":
+            # Refused before it compiles: a component compiles for seconds and could never run per call.
+            err = InvalidModuleError(
+                "isolation = \"per-call\" is for core modules: a component (a Python guest) takes milliseconds "
+                "to instantiate; load it with isolation = \"pooled\"", plugin=self.name, isolation="per-call")
+            self.auditor.emit(AuditLevel.WARNING, "module.refused", self.name, err.message, isolation="per-call")
+            raise err
         try:  # bounded before it compiles (host/sandbox/compiler.py); a refusal is audited
             if source.component:
                 self.kind = "component"
@@ -229,13 +236,8 @@ class Sandbox:
     def _per_call(self, fast: bool, native: bool, context_factory: Callable[[], dict[str, Any]] | None
                   ) -> PerCallPlugin:
         """Set up isolation = "per-call", checked once with a whole instance (ABI version, ``_initialize``,
-        ``sandbus_init``) that is then dropped. A component is refused: see host/sandbox/percall.py."""
-        if self.kind == "component":
-            err = InvalidModuleError(
-                "isolation = \"per-call\" is for core modules: a component (a Python guest) takes milliseconds "
-                "to instantiate; load it with isolation = \"pooled\"", plugin=self.name, isolation="per-call")
-            self.auditor.emit(AuditLevel.WARNING, "module.refused", self.name, err.message, isolation="per-call")
-            raise err
+        ``sandbus_init``) that is then dropped. Components never get here: they are refused before they
+        compile (see host/sandbox/percall.py for why)."""
         percall = PerCallPlugin(self.name, self._handle, self._module, self.info, self.limits, self.capabilities,
                                 self._host_functions, self.auditor, self._config, fast=fast, native=native,
                                 context_factory=context_factory, grants=self._grants)

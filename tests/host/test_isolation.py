@@ -22,6 +22,7 @@ from sandbus.host.lifecycle.manifest import parse_manifest
 from sandbus.host.lifecycle.policy import Policy, load_policy, resolve
 from sandbus.host.sandbox import engine, percall
 from sandbus.host.sandbox.audit import AuditLevel
+from sandbus.host.sandbox.cache import ModuleCache
 from sandbus.host.sandbox.config import MIB, Limits
 from sandbus.host.sandbox.hostfuncs import HostFunctions
 from sandbus.host.sandbox.instance import BudgetExceeded, CallContext
@@ -321,11 +322,15 @@ def test_full_slot_pool_is_an_instance_limit_error(monkeypatch: pytest.MonkeyPat
         assert inner.call("handle_request", {}) is None  # the slot is free again
 
 
-def test_components_are_refused_per_call(plugins_dir: Path, audit: AuditLog) -> None:
+def test_components_are_refused_per_call_before_they_compile(plugins_dir: Path, tmp_path: Path,
+                                                              audit: AuditLog) -> None:
+    cache_dir = tmp_path / "cache"
     with pytest.raises(InvalidModuleError, match="per-call") as info:
-        Sandbox(plugins_dir / "py_echo.wasm", limits=PER_CALL, on_audit=audit)
+        Sandbox(plugins_dir / "py_echo.wasm", limits=PER_CALL, on_audit=audit, cache=ModuleCache(cache_dir))
     assert info.value.details["isolation"] == "per-call"
     assert "module.refused" in audit.kinds()
+    # nothing compiled: seconds of a node's CPU are not spent on a module it then refuses
+    assert not cache_dir.exists() or not [p for p in cache_dir.rglob("*") if p.is_file()]
 
 
 def test_fresh_calls_leave_no_descriptors_behind(plugins_dir: Path) -> None:
