@@ -372,15 +372,17 @@ class Node:
         """One plugin in ``list``: what it is, what it serves and why not (its latest failure), no counters."""
         topics: tuple[str, ...] = ()
         durable = False
+        isolation: str | None = None
         if info.status.serving:
             try:
                 subscriptions = self.manager.manifest(info.name).subscriptions
                 topics, durable = tuple(subscriptions.topics), subscriptions.durable
+                isolation = self.manager.limits(info.name).isolation
             except SandbusError:  # unloaded meanwhile
                 pass
         return {"name": info.name, "version": info.version, "status": info.status.value,
                 "description": info.description, "sha256": info.sha256, "functions": list(info.functions),
-                "topics": list(topics), "durable": durable,
+                "topics": list(topics), "durable": durable, "isolation": isolation,
                 "last_loaded": None if info.last_loaded is None else info.last_loaded.isoformat(),
                 "reloads": info.reloads, "last_error": info.last_error, "last_error_code": info.last_error_code,
                 "last_error_at": None if info.last_error_at is None else info.last_error_at.isoformat()}

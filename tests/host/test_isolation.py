@@ -412,12 +412,16 @@ def test_node_serves_per_call_plugins_without_leaks(tmp_path: Path) -> None:
         (plugins / f"{name}.toml").write_text(LEAKY_TOML.format(name=name, isolation=isolation))
     (tmp_path / "policy.toml").write_text('[capabilities]\nallowed = ["compute"]\n')
 
-    async def callers(url: str) -> dict[str, list[Any]]:
+    async def callers(url: str) -> tuple[dict[str, list[Any]], dict[str, Any]]:
         async with await Client.connect(url) as client:
-            return {name: [await client.request(name, payload={"tenant": t}) for t in "AB"]
-                    for name in ("leaky_pooled", "leaky_fresh")}
+            answers = {name: [await client.request(name, payload={"tenant": t}) for t in "AB"]
+                       for name in ("leaky_pooled", "leaky_fresh")}
+            listed = await client.control("iso", "list")
+            return answers, {p["name"]: p["isolation"] for p in listed["plugins"]}
 
     with served("iso", plugins, tmp_path / "iso.log", jetstream=False) as (url, _):
-        got = asyncio.run(callers(url))
+        got, isolation = asyncio.run(callers(url))
     assert got["leaky_pooled"] == [None, {"tenant": "A"}]
     assert got["leaky_fresh"] == [None, None]
+    # an operator sees which plugins keep state between callers
+    assert isolation == {"leaky_pooled": "pooled", "leaky_fresh": "per-call"}
