@@ -11,20 +11,12 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.protocol.command import hpub_cmd
 
+from sandbus.sdk.envelope import nats_size
 from sandbus.sdk.errors import PayloadTooLargeError
 
 __all__ = ["check_fits", "drain", "drain_all", "header_block", "nats_size", "publish_with_block", "server_info_problem"]
 
 log = logging.getLogger("sandbus.bus")
-
-
-def nats_size(data: bytes, headers: dict[str, str] | None) -> int:
-    """What the server counts against its max payload: the body plus the encoded header block
-    (nats-py checks the body alone; a larger message makes the server close the connection)."""
-    if not headers:
-        return len(data)
-    # "NATS/1.0\r\n", then "key: value\r\n" per header, then "\r\n"
-    return len(data) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 def server_info_problem(nc: Client) -> str | None:

@@ -34,6 +34,7 @@ from sandbus.sdk.envelope import (
     MAX_SENDER,
     encode_message,
     error_from_reply,
+    nats_size,
     new_message_id,
     valid_message_id,
     valid_sender,
@@ -65,11 +66,6 @@ def _tracing_off() -> bool:
     here so that the common case does not pay for entering a context manager that does nothing."""
     return isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)) and (
         not trace.get_current_span().get_span_context().is_valid)
-
-
-def _header_block(headers: dict[str, str]) -> bytes:
-    """The NATS header block of ``headers`` as nats-py encodes it (for its size)."""
-    return ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -169,6 +165,7 @@ class Client:
     async def _nats_request(self, subject: str, data: bytes, timeout: float, headers: dict[str, str],
                             what: str) -> Msg:
         """One NATS request, its transport failures as sandbus errors (the reply is not looked at)."""
+        self._check_fits(nats_size(data, headers))
         try:
             return await self.nc.request(subject, data, timeout=timeout, headers=headers)
         except NoRespondersError as e:
@@ -286,7 +283,7 @@ class Client:
             await self._publish(subject, data, headers, block, durable)
             return message_id
         with send_span(subject, headers, message_id=message_id, body_size=len(data)):
-            self._check_fits(len(data) + len(_header_block(headers)))
+            self._check_fits(nats_size(data, headers))
             await self._publish(subject, data, headers, None, durable)
         return message_id
 
@@ -313,6 +310,7 @@ class Client:
         headers = {**ENVELOPE, H_MSG_ID: message_id, H_FROM: self.sender}
         if timeout is None:
             with send_span(msg_subject(plugin), headers, message_id=message_id):
+                self._check_fits(nats_size(data, headers))
                 await self.nc.publish(msg_subject(plugin), data, headers=headers)
             return None
         reply = await self._request(msg_subject(plugin), data, timeout, headers, f"plugin {plugin!r}")

@@ -67,6 +67,7 @@ __all__ = [
     "header_value",
     "hops_of",
     "is_envelope",
+    "nats_size",
     "new_message_id",
     "valid_message_id",
     "valid_sender",
@@ -341,3 +342,12 @@ def __getattr__(name: str) -> Any:
         globals()["PluginMessage"] = PluginMessage
         return PluginMessage
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def nats_size(data: bytes, headers: dict[str, str] | None) -> int:
+    """What the server counts against its max payload: the body plus the encoded header block
+    (nats-py checks the body alone; a larger message makes the server close the connection)."""
+    if not headers:
+        return len(data)
+    # "NATS/1.0\r\n", then "key: value\r\n" per header, then "\r\n"
+    return len(data) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())

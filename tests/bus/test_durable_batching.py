@@ -332,6 +332,27 @@ async def test_a_message_whose_headers_push_it_over_the_max_payload_is_refused_a
     assert client.nc.is_connected
 
 
+async def test_requests_and_direct_messages_count_their_headers_against_the_max_payload_too(
+        client: Client) -> None:
+    """The same rule on every path a client sends on: a request, a control request and a direct
+    message whose body fits alone but not with its header block are refused before they are sent."""
+    body = "x" * (client.nc.max_payload - 40)  # fits alone, not with the ~100 bytes of headers
+    data = orjson.dumps(body)
+    with pytest.raises(PayloadTooLargeError, match="headers included"):
+        await client.request_bytes("echo", "handle_request", data, timeout=1)
+    with pytest.raises(PayloadTooLargeError, match="headers included"):
+        await client.request_detailed("echo", payload=data, timeout=1)
+    with pytest.raises(PayloadTooLargeError, match="headers included"):
+        await client.control("nobody", "list", body, timeout=1)
+    with pytest.raises(PayloadTooLargeError, match="headers included"):
+        await client.send("echo", body[:-60])
+    with pytest.raises(PayloadTooLargeError, match="headers included"):
+        await client.send("echo", body[:-60], timeout=1)
+    assert client.nc.is_connected
+    await client.publish("size.probe", {"still": "connected"})
+    assert client.nc.is_connected
+
+
 async def test_the_publisher_maps_what_the_server_answers_to_the_errors_of_nats_py(nats_server: NatsServer) -> None:
     nc = NatsClient()
     await nc.connect(nats_server.url)
