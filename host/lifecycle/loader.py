@@ -207,7 +207,8 @@ def _read_module(path: Path, cap: int, directory: Path, plugin: str, memo: FileM
             entry = memo.get(before)
             if entry is not None:
                 return ModuleSource(entry.digest, facts=entry.facts,
-                                    reader=lambda: _reread(path, cap, directory, plugin, memo, before))
+                                    reader=lambda: _reread(path, cap, directory, plugin, memo, before,
+                                                           entry.digest))
         chunks: list[bytes] = []
         left = cap + 1
         while left > 0 and (chunk := os.read(fd, min(left, 1 << 22))):
@@ -228,10 +229,15 @@ def _read_module(path: Path, cap: int, directory: Path, plugin: str, memo: FileM
     return ModuleSource(source.digest, data, facts)
 
 
-def _reread(path: Path, cap: int, directory: Path, plugin: str, memo: FileMemo, known: FileIdentity) -> bytes:
+def _reread(path: Path, cap: int, directory: Path, plugin: str, memo: FileMemo, known: FileIdentity,
+            digest: str) -> bytes:
     source = _read_module(path, cap, directory, plugin, memo, known)
     if source is None or source.data is None:
         raise SandboxError(f"{path.name} disappeared while it was loading", plugin=plugin, path=str(path))
+    if source.digest != digest:
+        # Same identity, other bytes (a write that did not move ctime): the entry lies. The caller refuses
+        # these bytes (they are not the digest's); the next load hashes the file again.
+        memo.forget(known)
     return source.data
 
 

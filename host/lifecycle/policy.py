@@ -288,8 +288,8 @@ class ResourceValues(_Section):
     """
 
     memory_mb: StrictInt = Field(gt=0)
-    timeout_seconds: StrictFloat = Field(gt=0)
-    max_fuel: StrictInt = Field(gt=0)
+    timeout_seconds: StrictFloat = Field(gt=0, le=1e9, allow_inf_nan=False)  # as Limits.timeout_s
+    max_fuel: StrictInt = Field(gt=0, le=2**63 - 1)  # Limits.fuel: wasmtime counts fuel in an i64
     max_instances: StrictInt = Field(gt=0)
     max_open_files: StrictInt = Field(gt=0, le=65536)
     isolation: Isolation = "pooled"

@@ -66,8 +66,8 @@ class Limits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     memory_bytes: int = Field(default=64 * MIB, gt=0)
-    fuel: int | None = Field(default=1_000_000_000, gt=0)
-    timeout_s: float = Field(default=5.0, gt=0)
+    fuel: int | None = Field(default=1_000_000_000, gt=0, le=2**63 - 1)  # wasmtime counts fuel in an i64
+    timeout_s: float = Field(default=5.0, gt=0, le=1e9, allow_inf_nan=False)  # epoch ticks fit a u64
     max_input_bytes: int = Field(default=1 * MIB, gt=0)
     max_output_bytes: int = Field(default=1 * MIB, gt=0)
     stack_bytes: int = Field(default=512 * 1024, ge=64 * 1024)

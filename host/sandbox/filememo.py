@@ -15,6 +15,12 @@ Why that identity is sound (the trade-off, for the operator to know):
   the system clock (root) or a file system that invents its own times (some network and FUSE file
   systems) can defeat it; on such a file system, turn the memo off (``ModuleCache(memo=False)`` or
   ``SANDBUS_FILE_MEMO=0``).
+* one write does not move ``ctime``: a write through a shared writable mapping (``mmap``) to a page
+  that was already mapped writable (the kernel stamps the file when the page first becomes writable,
+  not at every store). The identity then still matches bytes that changed; such a hit is caught when
+  the bytes are read (the compile reads them, and they must hash to the entry's digest), and the
+  entry is then dropped (:meth:`FileMemo.forget`). A hit whose compiled code is cached runs the code
+  of the digest it names, never bytes that were not hashed.
 * a file replaced by another (``os.replace``, delete and create) has another inode, or, if the inode
   number is reused, the ``ctime`` of its creation.
 * the kernel stamps files from a coarse clock (one tick, 1-10 ms), so a write in the same tick as the
@@ -135,6 +141,17 @@ class FileMemo:
             self._memory[after] = entry
         self._write(after, entry)
         return True
+
+    def forget(self, ident: FileIdentity) -> None:
+        """Drop the entry of this identity: the file was read and its bytes are not the entry's (a write
+        that did not move ``ctime``, see the module docstring), so the next load hashes it again."""
+        with self._lock:
+            self._memory.pop(ident, None)
+        if self.directory is not None:
+            try:
+                self._path(ident).unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("the digest memo in %s cannot be written: %s", self.directory, e.strerror)
 
     def _read(self, ident: FileIdentity) -> MemoEntry | None:
         if self.directory is None:

@@ -181,6 +181,7 @@ class PerCallPlugin:
     Raises (at construction):
         InvalidModuleError: a component, or a module the pooling engine cannot take.
         MemoryLimitError: ``memory_bytes`` above what a pool slot holds.
+        InstanceLimitError: the process cannot reserve the address space of the engine's slot pool.
     """
 
     def __init__(self, plugin: str, handle: EngineHandle, module: wasmtime.Module, info: abi.ModuleInfo,
@@ -203,7 +204,12 @@ class PerCallPlugin:
             raise MemoryLimitError(
                 f"isolation = \"per-call\" takes at most {PERCALL_MAX_MEMORY} bytes of memory a call, "
                 f"{limits.memory_bytes} were asked for", plugin=plugin, limit=PERCALL_MAX_MEMORY)
-        self.handle = get_pooling_engine(handle.stack_bytes, handle.fuel, slots)
+        try:
+            self.handle = get_pooling_engine(handle.stack_bytes, handle.fuel, slots)
+        except InstanceLimitError as e:  # the process cannot reserve the slot pool (engine.py)
+            err = InstanceLimitError(e.message, plugin=plugin, **e.details)
+            auditor.emit(AuditLevel.WARNING, err.code, plugin, err.message)
+            raise err from e
         try:
             # Compiled for `handle`'s engine (through the module cache and its bounds); the pooling
             # allocator changes no compilation setting, so the code is valid here as it is.

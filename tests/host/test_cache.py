@@ -196,6 +196,49 @@ def test_memo_hit_whose_file_changes_before_the_compile_is_refused(tmp_path: Pat
         Sandbox(hit, name="x", cache=ModuleCache(tmp_path / "empty"))  # nothing compiled: it must read
 
 
+
+def test_memo_entry_proven_stale_is_dropped(tmp_path: Path) -> None:
+    """A write through a shared writable mapping of the file changes its bytes without moving its ctime (the
+    kernel stamps a mapped page once, when it first becomes writable): the memo's identity still matches.
+    The load then reads the file, finds bytes other than the digest's and fails, as it must; but the entry
+    stayed, so every later load failed the same way, for ever. It is dropped: the next load hashes again."""
+    import hashlib
+    import mmap
+
+    from sandbus.host.lifecycle.loader import read_plugin_files
+    from sandbus.sdk.errors import SandboxError
+
+    pdir = tmp_path / "p"
+    pdir.mkdir()
+    path = pdir / "x.wasm"
+    old, new = _reply_wasm(1), _reply_wasm(2)
+    path.write_bytes(old)
+    cache = _memo_cache(tmp_path)
+    assert cache.memo is not None
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), len(old)) as mapped:
+        mapped[:] = old  # every page of the file now mapped writable (and stamped, once)
+        _aged(path, 0.05)
+        assert read_plugin_files(pdir, "x", memo=cache.memo).module.data == old  # type: ignore[union-attr]
+        identity = os.stat(path)
+        mapped[:] = new
+        if os.stat(path).st_ctime_ns != identity.st_ctime_ns:
+            pytest.skip("this file system stamps every write through a mapping")
+        hit = read_plugin_files(pdir, "x", memo=cache.memo).module
+        assert hit is not None
+        assert hit.data is None
+        assert hit.digest == hashlib.sha256(old).hexdigest()
+        with pytest.raises(SandboxError, match="changed while it was loading"):
+            Sandbox(hit, name="x", cache=ModuleCache(tmp_path / "empty"))
+        files = read_plugin_files(pdir, "x", memo=cache.memo)
+        assert files.module is not None
+        assert files.module.data == new
+        assert files.module.digest == hashlib.sha256(new).hexdigest()
+        restarted = _memo_cache(tmp_path)  # on disk too: the entry is now the bytes hashed last
+        assert restarted.memo is not None
+        cold = read_plugin_files(pdir, "x", memo=restarted.memo).module
+        assert cold is not None
+        assert cold.digest == hashlib.sha256(new).hexdigest()
+
 def test_forged_memo_entry_is_ignored(tmp_path: Path) -> None:
     """An entry another user could have written (group-writable) is not trusted."""
     from sandbus.host.lifecycle.loader import read_plugin_files

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -342,6 +344,56 @@ def test_fresh_calls_leave_no_descriptors_behind(plugins_dir: Path) -> None:
             sb.call("handle_request", {})
         assert len(os.listdir("/proc/self/fd")) <= before
 
+
+
+def test_a_process_address_space_limit_too_small_for_the_slot_pool_is_a_typed_error(tmp_path: Path) -> None:
+    """The pooling allocator reserves ~1 TiB of address space up front; under an ``RLIMIT_AS`` below that
+    (``ulimit -v``, systemd's ``LimitAS=``) wasmtime's engine constructor panics and aborts the process.
+    Loading a per-call plugin there is refused with an InstanceLimitError, and the host goes on."""
+    module = tmp_path / "leaky.wasm"
+    module.write_bytes(leaky())
+    code = textwrap.dedent("""
+        import resource, sys
+        from pathlib import Path
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        from sandbus.host.sandbox import Limits, Sandbox
+        from sandbus.sdk.errors import InstanceLimitError
+        wasm = Path(sys.argv[1]).read_bytes()
+        try:
+            Sandbox(wasm, name="leaky", limits=Limits(isolation="per-call"))
+        except InstanceLimitError as e:
+            print("refused:", e.plugin, e.message)
+        with Sandbox(wasm, name="leaky", limits=Limits(isolation="pooled")) as sb:
+            print("pooled:", sb.call("handle_request", {"a": 1}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(module)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("refused: leaky ")
+    assert "address space" in lines[0]
+    assert lines[1] == "pooled: None"
+
+
+def test_fuel_beyond_what_wasmtime_counts_is_refused_by_the_limits() -> None:
+    """Fuel is an i64 in wasmtime and in the native calls (-1: no metering). Above 2**63 - 1 the per-call
+    slot read it as negative (no fuel set: every call "ran out of fuel"), the pooled native call raised an
+    untyped OverflowError on every call, and 2**64 wrapped to no fuel at all."""
+    for fuel in (2**63, 2**64 - 1, 2**64):
+        with pytest.raises(ValueError, match="fuel"):
+            Limits(fuel=fuel)
+    limits = Limits(isolation="per-call", fuel=2**63 - 1, timeout_s=2.0)
+    for isolation in ("per-call", "pooled"):
+        with Sandbox(leaky(), name="leaky", limits=limits.model_copy(update={"isolation": isolation})) as sb:
+            assert sb.call("handle_request", {"a": 1}) is None
+
+
+def test_a_timeout_the_epoch_deadline_cannot_hold_is_refused_by_the_limits() -> None:
+    """An infinite timeout raised an untyped OverflowError on every load (ticks_for); one of more than
+    ~9e16 s wrapped the u64 deadline the native calls take to an arbitrary, maybe tiny, one."""
+    for timeout in (float("inf"), float("nan"), 1e17):
+        with pytest.raises(ValueError, match="timeout_s"):
+            Limits(timeout_s=timeout)
+    assert engine.ticks_for(Limits(timeout_s=1e9).timeout_s) < 2**63
 
 # -- manifest and policy -------------------------------------------------------------------------------
 
