@@ -548,10 +548,10 @@ class ResourcesSection(_Section):
     """``[resources]``: what the plugin asks for; each missing value means "the node's default".
     A value above the operator's ceiling gets the plugin refused, never silently clamped."""
 
-    memory_mb: StrictInt | None = Field(default=None, gt=0)
-    timeout_seconds: StrictFloat | None = Field(default=None, gt=0)
-    max_fuel: StrictInt | None = Field(default=None, gt=0)
-    max_instances: StrictInt | None = Field(default=None, gt=0)
+    memory_mb: StrictInt | None = Field(default=None, gt=0, le=4096)  # a 32-bit guest addresses 4 GiB
+    timeout_seconds: StrictFloat | None = Field(default=None, gt=0, le=1e9, allow_inf_nan=False)
+    max_fuel: StrictInt | None = Field(default=None, gt=0, le=2**63 - 1)  # wasmtime counts fuel in an i64
+    max_instances: StrictInt | None = Field(default=None, gt=0, le=65536)
     #: Files one instance may have open at once (each a host descriptor).
     max_open_files: StrictInt | None = Field(default=None, gt=0, le=MAX_OPEN_FILES_ASKED)
     #: "pooled" (warm instances serve call after call) or "per-call" (a fresh instance every call, so

@@ -287,10 +287,10 @@ class ResourceValues(_Section):
     "per-call"); ``[defaults] isolation`` is what a silent manifest gets otherwise.
     """
 
-    memory_mb: StrictInt = Field(gt=0)
+    memory_mb: StrictInt = Field(gt=0, le=4096)  # a 32-bit guest's whole address space (Limits.memory_bytes)
     timeout_seconds: StrictFloat = Field(gt=0, le=1e9, allow_inf_nan=False)  # as Limits.timeout_s
     max_fuel: StrictInt = Field(gt=0, le=2**63 - 1)  # Limits.fuel: wasmtime counts fuel in an i64
-    max_instances: StrictInt = Field(gt=0)
+    max_instances: StrictInt = Field(gt=0, le=65536)  # as Limits.max_instances
     max_open_files: StrictInt = Field(gt=0, le=65536)
     isolation: Isolation = "pooled"
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
-    "ISOLATION_MODES", "MAX_NAME_PATTERNS", "MIB", "Capabilities", "DirGrant", "Isolation", "Limits",
+    "ISOLATION_MODES", "MAX_NAME_PATTERNS", "MAX_WASM_STACK", "MIB", "Capabilities", "DirGrant", "Isolation", "Limits",
     "check_name_pattern", "is_pattern", "show_patterns",
 ]
 
@@ -28,6 +28,15 @@ MAX_NAME_PATTERNS = 128
 Isolation = Literal["pooled", "per-call"]
 #: The modes, weakest isolation first.
 ISOLATION_MODES: tuple[Isolation, ...] = ("pooled", "per-call")
+
+
+#: What a 32-bit guest can address (a linear memory's largest size); no size a guest sees or produces is
+#: larger. Every limit is bounded, so that a value from a policy, a manifest or the API never reaches
+#: wasmtime (which panics, aborting the process, on some) or the compiled helpers (which take 64 bits).
+_WASM32 = 4096 * MIB
+#: The largest wasm stack wasmtime takes: its async stack size (2 MiB), which a larger ``max_wasm_stack``
+#: may not exceed (the engine constructor panics otherwise).
+MAX_WASM_STACK = 2 * MIB
 
 
 class Limits(BaseModel):
@@ -65,19 +74,19 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    memory_bytes: int = Field(default=64 * MIB, gt=0)
+    memory_bytes: int = Field(default=64 * MIB, gt=0, le=_WASM32)
     fuel: int | None = Field(default=1_000_000_000, gt=0, le=2**63 - 1)  # wasmtime counts fuel in an i64
     timeout_s: float = Field(default=5.0, gt=0, le=1e9, allow_inf_nan=False)  # epoch ticks fit a u64
-    max_input_bytes: int = Field(default=1 * MIB, gt=0)
-    max_output_bytes: int = Field(default=1 * MIB, gt=0)
-    stack_bytes: int = Field(default=512 * 1024, ge=64 * 1024)
-    max_instances: int = Field(default=4, gt=0)
-    log_bytes: int = Field(default=64 * 1024, ge=0)
-    table_elements: int = Field(default=100_000, gt=0)
-    max_module_bytes: int = Field(default=64 * MIB, gt=0)
-    max_functions: int = Field(default=50_000, gt=0)
-    compile_timeout_s: float = Field(default=120.0, gt=0)
-    compile_memory_bytes: int = Field(default=2048 * MIB, ge=256 * MIB)
+    max_input_bytes: int = Field(default=1 * MIB, gt=0, le=_WASM32)
+    max_output_bytes: int = Field(default=1 * MIB, gt=0, le=_WASM32)
+    stack_bytes: int = Field(default=512 * 1024, ge=64 * 1024, le=MAX_WASM_STACK)
+    max_instances: int = Field(default=4, gt=0, le=65536)
+    log_bytes: int = Field(default=64 * 1024, ge=0, le=_WASM32)
+    table_elements: int = Field(default=100_000, gt=0, le=_WASM32 - 1)
+    max_module_bytes: int = Field(default=64 * MIB, gt=0, le=_WASM32)
+    max_functions: int = Field(default=50_000, gt=0, le=_WASM32)
+    compile_timeout_s: float = Field(default=120.0, gt=0, le=1e9, allow_inf_nan=False)
+    compile_memory_bytes: int = Field(default=2048 * MIB, ge=256 * MIB, le=1 << 48)
     max_open_files: int = Field(default=256, gt=0, le=65536)
     isolation: Isolation = "pooled"
 

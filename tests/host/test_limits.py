@@ -5,11 +5,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from sandbus.host.lifecycle.manifest import parse_manifest
+from sandbus.host.lifecycle.policy import load_policy
 from sandbus.host.sandbox import MIB, Limits, Sandbox
-from sandbus.sdk.errors import ExecutionTimeoutError, InstanceLimitError, StackLimitError
+from sandbus.host.sandbox.config import MAX_WASM_STACK
+from sandbus.sdk.errors import (
+    ExecutionTimeoutError,
+    InstanceLimitError,
+    ManifestError,
+    PolicyError,
+    StackLimitError,
+)
 from tests.conftest import AuditLog
 
 
@@ -112,3 +123,35 @@ def test_a_short_budget_interrupts_without_a_timeout_error(wat: Callable[[str], 
     assert time.monotonic() - start < 1.0, "interrupted at the budget, not at the 5 s timeout"
     assert audit.kinds() == [], "a budget interrupt is not a limit hit"
     assert sb.call_detailed("echo", b"[3]", budget_s=0.02).reply == b"[3]"
+
+
+@pytest.mark.parametrize(("field", "above"), [
+    ("memory_bytes", 4096 * MIB + 1), ("max_input_bytes", 2**64), ("max_output_bytes", 2**64),
+    ("stack_bytes", MAX_WASM_STACK + 1), ("max_instances", 2**64), ("log_bytes", 2**64),
+    ("table_elements", 2**32), ("max_module_bytes", 2**64), ("max_functions", 2**64),
+    ("compile_timeout_s", float("inf")), ("compile_timeout_s", float("nan")), ("compile_memory_bytes", 2**64),
+    ("fuel", 2**63), ("timeout_s", float("inf")),
+])
+def test_a_limit_beyond_what_the_host_can_hold_is_refused(field: str, above: float) -> None:
+    """Above these, a value wrapped in the compiled helpers (a 2**64-byte output cap refused a 7-byte
+    reply) or made wasmtime panic, which aborts the process (a stack above 2 MiB)."""
+    with pytest.raises(ValidationError, match=field):
+        Limits(**{field: above})
+
+
+def test_the_largest_limits_still_run_a_call(plugins_dir: Path) -> None:
+    limits = Limits(stack_bytes=MAX_WASM_STACK, memory_bytes=4096 * MIB, max_output_bytes=4096 * MIB,
+                    max_input_bytes=4096 * MIB, fuel=2**63 - 1, timeout_s=1e9)
+    with Sandbox(plugins_dir / "echo.wasm", limits=limits) as sb:
+        assert sb.call("handle_request", {"a": 1}) == {"a": 1}
+
+
+@pytest.mark.parametrize("line", ["timeout_seconds = nan", "timeout_seconds = inf", "max_fuel = 9223372036854775808",
+                                  "memory_mb = 4097", "max_instances = 65537"])
+def test_manifest_and_policy_values_beyond_the_limits_are_their_own_typed_errors(tmp_path: Path, line: str) -> None:
+    """Never a pydantic error out of the policy's resolution: each file is bounded where it is read."""
+    with pytest.raises(ManifestError, match=line.split()[0]):
+        parse_manifest(f'[plugin]\nname = "x"\nversion = "1.0.0"\n[resources]\n{line}\n', expected_name="x")
+    (tmp_path / "policy.toml").write_text(f"[limits]\n{line}\n")
+    with pytest.raises(PolicyError, match=line.split()[0]):
+        load_policy(tmp_path / "policy.toml")
