@@ -43,7 +43,6 @@ import hashlib
 import logging
 import os
 import stat
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ import wasmtime
 from wasmtime.component import Component
 
 from sandbus.host.sandbox.audit import AuditLevel, Auditor
+from sandbus.host.sandbox.cachefile import write_then_rename
 from sandbus.host.sandbox.compiler import (
     IN_PROCESS_BELOW,
     IN_PROCESS_FUNCTIONS,
@@ -365,18 +365,7 @@ class ModuleCache:
         from dataclasses import asdict
 
         data = orjson.dumps({"checker": _checker_digest(), "info": asdict(info)})
-        try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        except OSError as e:
-            log.warning("the module cache %s cannot be written: %s", self.directory, e.strerror)
-            return
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self._info_path(handle, digest))
-        except OSError as e:
-            log.warning("the module cache %s cannot be written: %s", self.directory, e.strerror)
-            Path(tmp).unlink(missing_ok=True)
+        write_then_rename(self.directory, self._info_path(handle, digest), data, f"the module cache {self.directory}")
 
     def forget(self, wasm: bytes) -> None:
         """Drop in-memory entries for this content (the disk copy stays valid)."""
@@ -444,20 +433,9 @@ class ModuleCache:
                         len(data), MAX_ENTRY_BYTES)
             return
         self._require_private(self.directory)
-        # Write then rename, so a concurrent reader never sees half a file (mkstemp: mode 0600). A cache
-        # that cannot be written (read-only, full) costs a compile next time, never the load.
-        try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        except OSError as e:
-            log.warning("the module cache %s cannot be written: %s", self.directory, e.strerror)
-            return
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self._path(handle, digest, type(compiled)))
-        except OSError as e:
-            log.warning("the module cache %s cannot be written: %s", self.directory, e.strerror)
-            Path(tmp).unlink(missing_ok=True)
+        # A cache that cannot be written (read-only, full) costs a compile next time, never the load.
+        write_then_rename(self.directory, self._path(handle, digest, type(compiled)), data,
+                          f"the module cache {self.directory}")
 
 
 _MAX_INFO_BYTES = 256 * 1024

@@ -41,7 +41,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -50,6 +49,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from sandbus.host.sandbox.cachefile import write_then_rename
 from sandbus.host.sandbox.wasmscan import WasmFacts
 
 __all__ = ["RACY_S", "FileIdentity", "FileMemo", "MemoEntry"]
@@ -187,15 +187,4 @@ class FileMemo:
         if self.directory is None:
             return
         data = orjson.dumps({"identity": list(ident), "digest": entry.digest, "facts": asdict(entry.facts)})
-        try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        except OSError as e:
-            log.warning("the digest memo in %s cannot be written: %s", self.directory, e.strerror)
-            return
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self._path(ident))
-        except OSError as e:
-            log.warning("the digest memo in %s cannot be written: %s", self.directory, e.strerror)
-            Path(tmp).unlink(missing_ok=True)
+        write_then_rename(self.directory, self._path(ident), data, f"the digest memo in {self.directory}")

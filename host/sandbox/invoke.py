@@ -43,6 +43,7 @@ __all__ = [
     "FastInvoker",
     "GuestAllocFailed",
     "Invoker",
+    "address_of",
     "PlainInvoker",
     "NATIVE_REASON",
     "ReplyTooLarge",
@@ -169,7 +170,8 @@ def native_available() -> bool:
     return _native is not None
 
 
-def _addr(obj: Any) -> int:
+def address_of(obj: Any) -> int:
+    """The address a ctypes pointer (a wasmtime-py handle) holds, for the compiled helpers."""
     value = ctypes.cast(obj, ctypes.c_void_p).value
     assert value is not None
     return value
@@ -253,7 +255,7 @@ class FastInvoker:
     def __init__(self, store: wasmtime.Store, instance: wasmtime.Instance, memory: wasmtime.Memory,
                  signatures: dict[str, Signature], *, native: bool = True) -> None:
         self._store = store  # keep alive: the context pointer belongs to it
-        self._ctx = _addr(store._context())
+        self._ctx = address_of(store._context())
         self._mem = memory
         self._mem_addr = ctypes.addressof(memory._memory)
         self._fuel_out = ctypes.c_uint64()

@@ -133,12 +133,6 @@ def fresh_available() -> bool:
     return _fresh is not None
 
 
-def _ptr(obj: Any) -> int:
-    value = ctypes.cast(obj, ctypes.c_void_p).value
-    assert value is not None
-    return value
-
-
 class _FreshView:
     """The live fresh instance's memory, for host functions (``CallContext.read`` and ``write``).
 
@@ -272,8 +266,8 @@ class PerCallSlot:
             self._linker = linker
             limits = plugin.limits
             sc = self._scratch
-            sc[_ENGINE] = _ptr(plugin.handle.engine.ptr())
-            sc[_PRE] = _ptr(self._pre.ptr())  # kept alive by self._pre
+            sc[_ENGINE] = invoke.address_of(plugin.handle.engine.ptr())
+            sc[_PRE] = invoke.address_of(self._pre.ptr())  # kept alive by self._pre
             sc[_MEMORY_LIMIT] = limits.memory_bytes
             sc[_TABLE_LIMIT] = limits.table_elements
             sc[_FLAGS] = plugin.flags
