@@ -54,7 +54,7 @@ import wasmtime
 from wasmtime.component import Component
 
 from sandbus.host.sandbox.audit import AuditLevel, Auditor
-from sandbus.host.sandbox.cachefile import write_then_rename
+from sandbus.host.sandbox.cachefile import UNSAFE_BITS, open_private, read_private, write_then_rename
 from sandbus.host.sandbox.compiler import (
     IN_PROCESS_BELOW,
     IN_PROCESS_FUNCTIONS,
@@ -84,7 +84,6 @@ _MAGIC = b"\0asm"
 _COMPONENT_LAYER = b"\x0d\x00\x01\x00"
 #: Compiled code larger than this is kept in memory only (a componentize-py guest is ~40 MB).
 MAX_ENTRY_BYTES = 256 * MIB
-_UNSAFE_BITS = stat.S_IWGRP | stat.S_IWOTH
 
 
 def default_cache_dir() -> Path:
@@ -164,7 +163,7 @@ def _problem(st: os.stat_result, *, euid: int, ancestor: bool) -> str | None:
     owners = (euid, 0) if ancestor else (euid,)
     if st.st_uid not in owners:
         return f"is owned by uid {st.st_uid}, not by this user (uid {euid})" + (" or root" if ancestor else "")
-    if st.st_mode & _UNSAFE_BITS and not (ancestor and st.st_mode & stat.S_ISVTX):
+    if st.st_mode & UNSAFE_BITS and not (ancestor and st.st_mode & stat.S_ISVTX):
         who = "group" if st.st_mode & stat.S_IWGRP else "other users"
         return f"is writable by {who} (mode {st.st_mode & 0o7777:04o})"
     return None
@@ -345,19 +344,10 @@ class ModuleCache:
         if self.directory is None:
             return None
         path = self._info_path(handle, digest)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & _UNSAFE_BITS:
-                self._drop_entry(path, "is not a private file of this user")
-                return None
-            raw = os.read(fd, _MAX_INFO_BYTES + 1)
-        finally:
-            os.close(fd)
-        return _parse_info(raw)
+        raw, why = read_private(path, _MAX_INFO_BYTES)
+        if why is not None:
+            self._drop_entry(path, why)
+        return None if raw is None else _parse_info(raw)
 
     def _store_info(self, handle: EngineHandle, digest: str, info: ComponentInfo) -> None:
         if self.directory is None:
@@ -383,26 +373,13 @@ class ModuleCache:
         if self.directory is None:
             return None
         path = self._path(handle, digest, kind)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            return None
-        except OSError as e:  # ELOOP: a symlink planted as an entry
-            self._drop_entry(path, f"cannot be opened safely ({e.strerror})")
-            return None
-        try:
-            # Checked on the open file, and the directory again: what we read is what we checked.
-            st = os.fstat(fd)
-            why = None
-            if not stat.S_ISREG(st.st_mode):
-                why = "is not a regular file"
-            elif st.st_uid != os.geteuid():
-                why = f"is owned by uid {st.st_uid}, not by this user"
-            elif st.st_mode & _UNSAFE_BITS:
-                why = f"is writable by group or other users (mode {st.st_mode & 0o7777:04o})"
+        # Checked on the open file, and the directory again: what we read is what we checked.
+        fd, why = open_private(path)
+        if fd is None:
             if why is not None:
                 self._drop_entry(path, why)
-                return None
+            return None
+        try:
             self._require_private(self.directory)
             try:
                 # Through /proc, wasmtime maps this very file (no second lookup of the name).

@@ -1,13 +1,18 @@
-"""Writing one file of the module cache's directory (compiled code, component info, digest memo)."""
+"""Reading and writing one file of the module cache's directory (compiled code, component info, digest
+memo): only private files of this user are read, and files are replaced whole."""
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_then_rename"]
+__all__ = ["UNSAFE_BITS", "open_private", "read_private", "write_then_rename"]
+
+#: Mode bits that let someone other than the owner change a file.
+UNSAFE_BITS = stat.S_IWGRP | stat.S_IWOTH
 
 log = logging.getLogger("sandbus.cache")
 
@@ -34,3 +39,41 @@ def write_then_rename(directory: Path, target: Path, data: bytes | bytearray, wh
         Path(tmp).unlink(missing_ok=True)
         return False
     return True
+
+
+def open_private(path: Path) -> tuple[int | None, str | None]:
+    """Open ``path`` for reading if it is a regular file of this user that nobody else may write.
+
+    Checked on the open descriptor, with no symlink followed, so what the caller reads is what was
+    checked. Returns ``(fd, None)`` (the caller closes it); ``(None, None)`` when there is no such file;
+    ``(None, why)`` when there is one that must not be trusted ("is owned by uid 1001, not by this user").
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:  # ELOOP: a symlink planted as an entry
+        return None, f"cannot be opened safely ({e.strerror})"
+    st = os.fstat(fd)
+    why = None
+    if not stat.S_ISREG(st.st_mode):
+        why = "is not a regular file"
+    elif st.st_uid != os.geteuid():
+        why = f"is owned by uid {st.st_uid}, not by this user"
+    elif st.st_mode & UNSAFE_BITS:
+        why = f"is writable by group or other users (mode {st.st_mode & 0o7777:04o})"
+    if why is not None:
+        os.close(fd)
+        return None, why
+    return fd, None
+
+
+def read_private(path: Path, cap: int) -> tuple[bytes | None, str | None]:
+    """:func:`open_private`, then at most ``cap + 1`` bytes read (more than ``cap`` means too large)."""
+    fd, why = open_private(path)
+    if fd is None:
+        return None, why
+    try:
+        return os.read(fd, cap + 1), None
+    finally:
+        os.close(fd)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -49,7 +48,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from sandbus.host.sandbox.cachefile import write_then_rename
+from sandbus.host.sandbox.cachefile import read_private, write_then_rename
 from sandbus.host.sandbox.wasmscan import WasmFacts
 
 __all__ = ["RACY_S", "FileIdentity", "FileMemo", "MemoEntry"]
@@ -60,7 +59,6 @@ log = logging.getLogger("sandbus.sandbox")
 RACY_S = 2.0
 _SUFFIX = ".id.json"
 _MAX_ENTRY = 4096
-_UNSAFE_BITS = stat.S_IWGRP | stat.S_IWOTH
 _FACT_FIELDS = {"size": int, "component": bool, "modules": int, "functions": int, "sections": int,
                 "memory64": bool, "shared_memory": bool}
 
@@ -157,19 +155,10 @@ class FileMemo:
         if self.directory is None:
             return None
         path = self._path(ident)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & _UNSAFE_BITS:
-                log.warning("ignoring the digest memo entry %s: not a private file of this user", path)
-                return None
-            raw = os.read(fd, _MAX_ENTRY + 1)
-        finally:
-            os.close(fd)
-        if len(raw) > _MAX_ENTRY:
+        raw, why = read_private(path, _MAX_ENTRY)
+        if why is not None:
+            log.warning("ignoring the digest memo entry %s: it %s", path, why)
+        if raw is None or len(raw) > _MAX_ENTRY:
             return None
         try:
             data: Any = orjson.loads(raw)
