@@ -76,7 +76,7 @@ def test_trapped_instance_is_replaced(adversary: Sandbox) -> None:
 
 
 def test_huge_length_within_output_cap_is_a_bounds_error(wat: Callable[[str], bytes]) -> None:
-    sb = Sandbox(wat("adversary"), name="adversary", limits=Limits(max_output_bytes=2**33))
+    sb = Sandbox(wat("adversary"), name="adversary", limits=Limits(max_output_bytes=2**32))
     with pytest.raises(AbiViolationError, match="outside guest memory"):
         sb.call("huge_len", {})
 
