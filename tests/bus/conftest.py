@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from sandbus.bus.server import NatsServer, stop_process
 from sandbus.sdk.client import Client
@@ -163,6 +165,19 @@ def served(node_id: str, plugins: Path, log: Path, *, jetstream: bool = True,
         if node is not None:
             node.terminate()
         server.stop()
+
+
+async def collect(nc: NatsClient, subject: str) -> list[Msg]:
+    """Every message on ``subject`` from now on, in a list that fills as they arrive (the
+    subscription is on the server when this returns)."""
+    got: list[Msg] = []
+
+    async def on(msg: Msg) -> None:
+        got.append(msg)
+
+    await nc.subscribe(subject, cb=on)
+    await nc.flush()
+    return got
 
 
 async def until(condition: Callable[[], object], timeout: float, what: str) -> None:

@@ -29,6 +29,7 @@ from sandbus.sdk.envelope import H_ERROR, H_ERROR_CODE
 from sandbus.sdk.errors import AbiViolationError, SandbusError, SecurityViolationError
 from sandbus.sdk.nats_guard import GuardedNatsClient
 from sandbus.sdk.tracing import H_TRACE_DEBUG
+from tests.bus.conftest import collect
 from tests.conftest import AuditLog
 
 DEEP = b"[" * 300 + b"]" * 300  # orjson reads it (depth <= 1024) but cannot write it back (254)
@@ -76,16 +77,6 @@ async def node(bus_plugins: Path, nats_server: NatsServer, audit: AuditLog) -> A
     yield n
     await n.stop()
     n.manager.close()
-
-
-async def collect(nc: NatsClient, subject: str) -> list[Msg]:
-    seen: list[Msg] = []
-
-    async def cb(msg: Msg) -> None:
-        seen.append(msg)
-
-    await nc.subscribe(subject, cb=cb)
-    return seen
 
 
 def seen_payloads(msgs: list[Msg]) -> list[Any]:

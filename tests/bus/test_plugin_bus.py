@@ -34,7 +34,7 @@ from sandbus.sdk.errors import (
     SandbusError,
 )
 from sandbus.sdk.subjects import audit_subject, check_token, control_subject, dlq_subject, request_subject
-from tests.bus.conftest import ROOT, until
+from tests.bus.conftest import ROOT, collect, until
 
 NODE = "bus-test"
 
@@ -142,17 +142,6 @@ async def client(nats_server: NatsServer) -> AsyncIterator[Client]:
         yield c
     finally:
         await c.close()
-
-
-async def collect(nc: NatsClient, subject: str) -> list[Msg]:
-    got: list[Msg] = []
-
-    async def on(msg: Msg) -> None:
-        got.append(msg)
-
-    await nc.subscribe(subject, cb=on)
-    await nc.flush()
-    return got
 
 
 def test_the_node_and_a_plain_object_implement_the_handler_interface() -> None:
