@@ -78,7 +78,7 @@ from sandbus.host.sandbox import (
     shared_cache,
 )
 from sandbus.host.sandbox.compiler import stop_compile
-from sandbus.host.sandbox.engine import get_engine
+from sandbus.host.sandbox.engine import EngineHandle, get_engine
 from sandbus.sdk.errors import (
     DependencyError,
     DeployError,
@@ -341,12 +341,16 @@ class PluginManager:
         if source is None:
             return False
         try:
-            grant = resolve(manifest, self.policy, data_root=self.data_root / manifest.name, host_env=self._host_env)
+            limits, handle = self._engine_for(manifest)
         except SandbusError:
             return False  # refused at once by the load, which records why
-        limits = grant.limits
-        handle = get_engine(limits.stack_bytes, fuel=limits.fuel is not None)
         return self.cache.needs_slow_compile(handle, source, limits)
+
+    def _engine_for(self, manifest: Manifest) -> tuple[Limits, EngineHandle]:
+        """The limits the policy gives ``manifest`` and the engine its sandbox compiles for."""
+        limits = resolve(manifest, self.policy, data_root=self.data_root / manifest.name,
+                         host_env=self._host_env).limits
+        return limits, get_engine(limits.stack_bytes, fuel=limits.fuel is not None)
 
     def _start_background(self, names: list[str]) -> None:
         previous = self._background
@@ -398,10 +402,7 @@ class PluginManager:
         source = files.module
         if source is None:
             return
-        manifest = parse_files(files, self.runtime_version)
-        limits = resolve(manifest, self.policy, data_root=self.data_root / manifest.name,
-                         host_env=self._host_env).limits
-        handle = get_engine(limits.stack_bytes, fuel=limits.fuel is not None)
+        limits, handle = self._engine_for(parse_files(files, self.runtime_version))
         if source.component:
             self.cache.load_component(handle, source, name=name, limits=limits)
         else:
@@ -595,7 +596,6 @@ class PluginManager:
         if background is not None and background.is_alive():
             stop_compile(background)  # a compile worker must not outlive its manager
         with self._lifecycle:
-            self._closed = True
             for name in reversed(load_order(self._table.serving_manifests()).order):
                 self._unload(name, force=True, reason="manager closed")
             for name in list(self._table.slots):

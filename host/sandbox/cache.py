@@ -98,11 +98,9 @@ def wasm_digest(wasm: bytes) -> str:
     return hashlib.sha256(wasm).hexdigest()
 
 
-def is_component(wasm: bytes | ModuleSource) -> bool:
+def is_component(wasm: bytes) -> bool:
     """Whether ``wasm`` is a component-model binary (``\\0asm 0d 00 01 00``) rather than a core module
     (``\\0asm 01 00 00 00``)."""
-    if isinstance(wasm, ModuleSource):
-        return wasm.component
     return wasm[:4] == _MAGIC and wasm[4:8] == _COMPONENT_LAYER
 
 
@@ -140,7 +138,7 @@ class ModuleSource:
     @property
     def component(self) -> bool:
         if self.data is not None:
-            return self.data[:4] == _MAGIC and self.data[4:8] == _COMPONENT_LAYER
+            return is_component(self.data)
         assert self.facts is not None
         return self.facts.component
 
