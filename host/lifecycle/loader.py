@@ -18,12 +18,10 @@ entirely before it replaces the old one.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import importlib.metadata
 import logging
 import os
-import stat
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,7 +29,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
-from sandbus.host.lifecycle.manifest import MAX_TOML_BYTES, Manifest, load_manifest, parse_manifest, read_capped
+from sandbus.host.lifecycle.manifest import (
+    MAX_TOML_BYTES,
+    Manifest,
+    load_manifest,
+    open_regular,
+    parse_manifest,
+    read_capped,
+    read_fd_capped,
+)
 from sandbus.host.lifecycle.policy import Grant
 from sandbus.host.sandbox import Auditor, HostFunctions, Limits, ModuleCache, Sandbox
 from sandbus.host.sandbox.cache import ModuleSource
@@ -185,19 +191,11 @@ def _read_module(path: Path, cap: int, directory: Path, plugin: str, memo: FileM
     and its digest memoised when the file was not changing (the identity before and after the read agree).
     ``known``: re-reading for such a reader: the identity must still be this one, and nothing is memoised.
     """
-    if not path.exists():
-        return None
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError(errno.EINVAL, "not a regular file (a directory, FIFO, socket or device)", str(path))
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a directory, FIFO, socket or device)", str(path))
-        try:
-            real = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # no procfs: the name resolved now
-            real = os.path.realpath(path)
+        fd, st, real = open_regular(path)
+    except FileNotFoundError:
+        return None
+    try:
         _inside(directory, real, path, plugin)
         before = FileIdentity.of(st)
         if known is not None and before != known:
@@ -209,15 +207,10 @@ def _read_module(path: Path, cap: int, directory: Path, plugin: str, memo: FileM
                 return ModuleSource(entry.digest, facts=entry.facts,
                                     reader=lambda: _reread(path, cap, directory, plugin, memo, before,
                                                            entry.digest))
-        chunks: list[bytes] = []
-        left = cap + 1
-        while left > 0 and (chunk := os.read(fd, min(left, 1 << 22))):
-            chunks.append(chunk)
-            left -= len(chunk)
+        data = read_fd_capped(fd, cap)
         after = FileIdentity.of(os.fstat(fd))
     finally:
         os.close(fd)
-    data = b"".join(chunks)
     source = ModuleSource.of(data)
     if len(data) > cap or known is not None:
         return source
@@ -403,7 +396,7 @@ def build_version(
     """
     module = files.module
     assert module is not None
-    _verify_sha256(manifest, module.digest, str(files.manifest_path))
+    manifest.verify_digest(module.digest)
     try:
         sandbox = Sandbox(module, name=manifest.name, limits=grant.limits, capabilities=grant.capabilities,
                           host_functions=host_functions, auditor=auditor, config=manifest.config, cache=cache)
@@ -423,11 +416,3 @@ def build_version(
     return PluginVersion(name=manifest.name, manifest=manifest, grant=grant, sandbox=sandbox, wasm=module.data,
                          fingerprint=files.fingerprint, path=files.wasm_path, skipped_optional=skipped_optional,
                          initial_memory_bytes=sandbox.initial_memory_bytes)
-
-
-def _verify_sha256(manifest: Manifest, digest: str, source: str) -> None:
-    """:meth:`Manifest.verify_wasm` on a digest computed once (or known from the memo)."""
-    expected = manifest.plugin.sha256
-    if expected is not None and digest != expected:
-        raise SecurityViolationError(f"wasm sha256 mismatch: manifest expects {expected}, module has {digest}",
-                                     plugin=manifest.name, expected=expected, actual=digest, manifest=source)

@@ -108,7 +108,9 @@ __all__ = [
     "loads_toml",
     "parse_host",
     "parse_manifest",
+    "open_regular",
     "read_capped",
+    "read_fd_capped",
     "request_matches",
     "split_file_pattern",
     "subject_matches",
@@ -772,10 +774,14 @@ class Manifest(_Section):
             SecurityViolationError: the digest differs -- the binary is not the one the manifest vouches
                 for (tampered, or a stale build).
         """
+        if self.plugin.sha256 is not None:
+            self.verify_digest(hashlib.sha256(wasm).hexdigest())
+
+    def verify_digest(self, actual: str) -> None:
+        """:meth:`verify_wasm` on the module's sha256 (hex), computed once by the caller or known already."""
         expected = self.plugin.sha256
         if expected is None:
             return
-        actual = hashlib.sha256(wasm).hexdigest()
         if actual != expected:
             raise SecurityViolationError(
                 f"wasm sha256 mismatch: manifest expects {expected}, module has {actual}",
@@ -801,9 +807,25 @@ def _toml_message(exc: tomllib.TOMLDecodeError) -> str:
 
 
 def read_capped(path: Path, cap: int) -> tuple[bytes, str]:
-    """At most ``cap + 1`` bytes of the regular file at ``path``, and the real path of what was read.
+    """At most ``cap + 1`` bytes of the regular file at ``path``, and the real path of what was read
+    (:func:`open_regular` says what is refused and why).
 
-    Only a regular file is read. A FIFO in its place would block ``open`` and ``read`` forever (a node
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        OSError: not a regular file (``EINVAL``), or it cannot be read (permissions, I/O).
+    """
+    fd, _, real = open_regular(path)
+    try:
+        return read_fd_capped(fd, cap), real
+    finally:
+        os.close(fd)
+
+
+def open_regular(path: Path) -> tuple[int, os.stat_result, str]:
+    """Open the regular file at ``path`` for reading: its descriptor (the caller closes it), its
+    ``fstat``, and the real path of what was opened.
+
+    Only a regular file is opened. A FIFO in its place would block ``open`` and ``read`` forever (a node
     that reads it never starts, a watcher never reloads again), a device such as ``/dev/zero`` never
     ends, a directory is not a file: each is refused before it is opened (``stat``) and again on the
     descriptor (``fstat``), which is opened non-blocking in case it was swapped in between. The real
@@ -812,27 +834,34 @@ def read_capped(path: Path, cap: int) -> tuple[bytes, str]:
 
     Raises:
         FileNotFoundError: nothing at ``path``.
-        OSError: not a regular file (``EINVAL``), or it cannot be read (permissions, I/O).
+        OSError: not a regular file (``EINVAL``), or it cannot be opened (permissions, I/O).
     """
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise OSError(errno.EINVAL, "not a regular file (a directory, FIFO, socket or device)", str(path))
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file (a directory, FIFO, socket or device)", str(path))
         try:
             real = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:  # no procfs: the name resolved now (the check is then only as good as the name)
             real = os.path.realpath(path)
-        chunks: list[bytes] = []
-        left = cap + 1
-        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks), real
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd, st, real
+
+
+def read_fd_capped(fd: int, cap: int) -> bytes:
+    """At most ``cap + 1`` bytes from ``fd``: more than ``cap`` means too large, known without reading it all."""
+    chunks: list[bytes] = []
+    left = cap + 1
+    while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 #: Deepest nesting of arrays and inline tables, and most components of one dotted key or table header.
