@@ -51,6 +51,7 @@ from sandbus.bus.requests import internal_error
 from sandbus.sdk.audit import AuditLevel
 from sandbus.sdk.envelope import H_ERROR, H_ERROR_CODE, H_MSG_ID, envelope_for, error_reply, header_value
 from sandbus.sdk.errors import RequestError, SandbusError
+from sandbus.sdk.natsraw import RAW_WRITES, can_write_raw, write_raw
 from sandbus.sdk.subjects import AUDIT_PREFIX, DLQ_PREFIX, TOPIC_PREFIX, dlq_subject, topic_subject
 
 if TYPE_CHECKING:
@@ -188,7 +189,6 @@ ACK_FLUSH_TIMEOUT_S = 2
 #: an ack subject as the server writes them: printable ASCII without a space
 _ACK_SUBJECT = re.compile(r"[!-~]{1,1024}")
 #: the nats-py internals the batched acks use (nats-py 2.x); without them, each ack is a ``Msg.ack``
-_RAW_ACKS = all(hasattr(Client, name) for name in ("_send_command", "_flush_pending", "is_draining_pubs"))
 
 
 #: after a loop died: wait this long before restarting it, doubling per restart up to the maximum
@@ -263,7 +263,7 @@ class DurableTopics:
         self.handler = handler
         self.max_deliver = max_deliver
         #: acks go out as one write per batch through nats-py internals (see :meth:`_send_acks`)
-        self._raw_acks = _RAW_ACKS
+        self._raw_acks = RAW_WRITES
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._psubs: dict[str, Any] = {}
         self._wakes: dict[str, asyncio.Event] = {}
@@ -542,7 +542,7 @@ class DurableTopics:
         batch, rest = list(msgs), []
         msgs.clear()
         nc = self.nc
-        if self._raw_acks and nc.is_connected and not nc.is_draining_pubs:
+        if self._raw_acks and can_write_raw(nc):
             lines = []
             for m in batch:
                 reply = m.reply
@@ -551,10 +551,7 @@ class DurableTopics:
                 else:
                     rest.append(m)
             if lines:
-                nc.stats["out_msgs"] += len(lines)
-                await nc._send_command(b"".join(lines))
-                if nc._flush_queue is not None and nc._flush_queue.empty():
-                    await nc._flush_pending()
+                await write_raw(nc, b"".join(lines), len(lines), 0)
         else:
             rest = batch
         for m in rest:

@@ -13,6 +13,7 @@ from nats.protocol.command import hpub_cmd
 
 from sandbus.sdk.envelope import nats_size
 from sandbus.sdk.errors import PayloadTooLargeError
+from sandbus.sdk.natsraw import can_write_raw, write_raw
 
 __all__ = ["check_fits", "drain", "drain_all", "header_block", "nats_size", "publish_with_block", "server_info_problem"]
 
@@ -55,10 +56,6 @@ def header_block(headers: Mapping[str, str]) -> bytes:
     return ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
 
 
-#: nats-py internals the fast reply path uses (nats-py 2.x); without them, replies take the public path
-_FAST_PUBLISH = all(hasattr(Client, name) for name in ("_send_command", "_flush_pending", "is_draining_pubs"))
-
-
 async def publish_with_block(nc: Client, subject: str, payload: bytes, headers: dict[str, str],
                              block: bytes) -> None:
     """``nc.publish(subject, payload, headers=headers)``, with ``block`` the headers already encoded
@@ -71,15 +68,10 @@ async def publish_with_block(nc: Client, subject: str, payload: bytes, headers: 
     subject is a reply subject the server sent, the body fits: the caller measured it); while not
     connected or draining it takes the public path, which raises or buffers as nats-py decides.
     """
-    if not _FAST_PUBLISH or not nc.is_connected or nc.is_draining_pubs:
+    if not can_write_raw(nc):
         await nc.publish(subject, payload, headers=headers)
         return
-    nc.stats["out_msgs"] += 1
-    nc.stats["out_bytes"] += len(payload)
-    await nc._send_command(hpub_cmd(subject, "", block, payload))
-    flush_queue = nc._flush_queue
-    if flush_queue is not None and flush_queue.empty():
-        await nc._flush_pending()
+    await write_raw(nc, hpub_cmd(subject, "", block, payload), 1, len(payload))
 
 
 async def drain(sub: Subscription) -> None:

@@ -8,10 +8,8 @@ message (a regex, strip, translate and encode each). Together that cost about as
 acknowledgement (a publish costs one future, one timer and an orjson decode), and a caller that has
 its header block encoded already (values it checked itself) hands it over as it is.
 
-That last part does what ``nats.aio.client.Client.publish`` does after its checks, through nats-py
-internals (``_send_command``, ``_flush_pending``, ``_flush_queue``: the ones ``bus/wire.py``'s reply
-path uses too; nats-py's major is pinned and tests/bus/test_durable_batching.py checks the message
-that arrives). Without them, or while the connection is not up, the public ``publish`` is used.
+That last part is a raw write (sdk/natsraw.py, as the node's replies and acks); without nats-py's
+internals for it, or while the connection is not up, the public ``publish`` is used.
 
 The errors are those of ``JetStreamContext.publish``: no stream listens on the subject
 (``NoStreamResponseError``), no acknowledgement in time (nats' ``TimeoutError``, an
@@ -36,8 +34,9 @@ from nats.js.errors import APIError, NoStreamResponseError
 from nats.protocol.command import hpub_cmd
 
 from sandbus.sdk.errors import BusError
+from sandbus.sdk.natsraw import can_write_raw, write_raw
 
-__all__ = ["DEFAULT_TIMEOUT_S", "FAST_PUBLISH", "JetStreamPublisher"]
+__all__ = ["DEFAULT_TIMEOUT_S", "JetStreamPublisher"]
 
 #: how long a publish waits for the stream's acknowledgement (nats-py's JetStream default)
 DEFAULT_TIMEOUT_S = 5.0
@@ -45,8 +44,6 @@ DEFAULT_TIMEOUT_S = 5.0
 _NO_RESPONDERS = "503"
 #: characters of a bad acknowledgement quoted in the error
 _QUOTE = 128
-#: the nats-py internals a publish with an encoded header block uses (nats-py 2.x)
-FAST_PUBLISH = all(hasattr(NatsClient, name) for name in ("_send_command", "_flush_pending", "is_draining_pubs"))
 
 
 class JetStreamPublisher:
@@ -116,12 +113,8 @@ class JetStreamPublisher:
         timer = loop.call_later(self.timeout if timeout is None else timeout, self._expire, token)
         try:
             nc = self.nc
-            if block is not None and FAST_PUBLISH and nc.is_connected and not nc.is_draining_pubs:
-                nc.stats["out_msgs"] += 1
-                nc.stats["out_bytes"] += len(data)
-                await nc._send_command(hpub_cmd(subject, self._prefix + token, block, data))
-                if nc._flush_queue is not None and nc._flush_queue.empty():
-                    await nc._flush_pending()
+            if block is not None and can_write_raw(nc):
+                await write_raw(nc, hpub_cmd(subject, self._prefix + token, block, data), 1, len(data))
             else:
                 await nc.publish(subject, data, reply=self._prefix + token, headers=headers)
             msg = await waiter

@@ -29,7 +29,7 @@ from sandbus.bus import ConnectOptions, PluginBus, Reply, Served
 from sandbus.bus import delivery as delivery_module
 from sandbus.bus.delivery import TOPIC_STREAM, DurableTopics, delivery_count, ensure_streams
 from sandbus.bus.server import NatsServer
-from sandbus.sdk import jspublish
+from sandbus.sdk import natsraw
 from sandbus.sdk.audit import AuditLevel
 from sandbus.sdk.client import Client
 from sandbus.sdk.envelope import ENVELOPE_CONTENT_TYPE, PluginMessage
@@ -43,7 +43,7 @@ from sandbus.sdk.errors import (
 )
 from sandbus.sdk.jspublish import JetStreamPublisher
 from sandbus.sdk.subjects import dlq_subject
-from tests.bus.conftest import until
+from tests.bus.conftest import collect, until
 
 PLUGIN = "batcher"
 
@@ -146,7 +146,7 @@ async def test_a_batch_with_failures_interleaved_acks_each_success_once_and_retr
         nats_server: NatsServer, client: Client, monkeypatch: pytest.MonkeyPatch, raw_acks: bool) -> None:
     """All of it arrives in one pull (the consumer exists, the bus is away while it is published): the
     acks of the successes go out together, and no failure among them is acked with them."""
-    monkeypatch.setattr(delivery_module, "_RAW_ACKS", raw_acks)
+    monkeypatch.setattr(delivery_module, "RAW_WRITES", raw_acks)
     handler = InlineHandler()
     bus = await start_bus(nats_server.url, handler)  # creates the durable consumer
     await bus.stop(timeout=5)
@@ -241,8 +241,7 @@ async def test_stopping_a_plugin_leaves_its_last_acks_on_the_server(nats_server:
 def test_the_batched_acks_and_the_client_find_the_nats_py_internals_they_use() -> None:
     """Pinned nats-py: when these move, acks and publishes fall back to the public path (slower); this
     test says so instead of a benchmark drifting."""
-    assert delivery_module._RAW_ACKS
-    assert jspublish.FAST_PUBLISH
+    assert natsraw.RAW_WRITES
 
 
 @pytest.mark.parametrize(("reply", "expected"), [
@@ -264,17 +263,6 @@ def test_a_delivery_count_that_is_not_one_counts_as_the_first_delivery(reply: st
 
 
 # -- the client's publish -----------------------------------------------------------------------------
-
-
-async def collect(nc: NatsClient, subject: str) -> list[Msg]:
-    got: list[Msg] = []
-
-    async def on(msg: Msg) -> None:
-        got.append(msg)
-
-    await nc.subscribe(subject, cb=on)
-    await nc.flush()
-    return got
 
 
 async def test_a_client_publish_is_stored_once_with_the_headers_and_envelope_of_the_protocol(

@@ -1,0 +1,34 @@
+"""Writing protocol commands that are already encoded straight into nats-py's write buffer.
+
+Why: nats-py's ``publish`` checks and encodes every header of every message (a regex, strip, translate
+and encode per header), several microseconds a message on the hot paths: replies (``bus/wire.py``),
+durable acks written in batches (``bus/delivery.py``) and JetStream publishes (``sdk/jspublish.py``),
+whose headers the caller checked and encoded itself. These do what ``nats.aio.client.Client.publish``
+does after its checks, through nats-py internals (major pinned; tests/bus/test_durable_batching.py
+checks that they exist and what arrives on the wire). Without them, or while the connection is not up
+or is draining, callers take the public path (:func:`can_write_raw` says which).
+"""
+
+from __future__ import annotations
+
+from nats.aio.client import Client
+
+__all__ = ["RAW_WRITES", "can_write_raw", "write_raw"]
+
+#: whether this nats-py has the internals a raw write uses (nats-py 2.x)
+RAW_WRITES = all(hasattr(Client, name) for name in ("_send_command", "_flush_pending", "is_draining_pubs"))
+
+
+def can_write_raw(nc: Client) -> bool:
+    """Whether a raw write goes out now; if not, use the public ``publish`` (it raises or buffers)."""
+    return RAW_WRITES and nc.is_connected and not nc.is_draining_pubs
+
+
+async def write_raw(nc: Client, command: bytes, messages: int, payload_bytes: int) -> None:
+    """Queue ``command`` (``messages`` whole PUB/HPUB commands carrying ``payload_bytes`` of bodies) and
+    wake nats-py's flusher, as ``publish`` does. Only after :func:`can_write_raw` said yes."""
+    nc.stats["out_msgs"] += messages
+    nc.stats["out_bytes"] += payload_bytes
+    await nc._send_command(command)
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
