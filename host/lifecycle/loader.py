@@ -353,7 +353,6 @@ class PluginVersion:
     manifest: Manifest
     grant: Grant
     sandbox: Sandbox
-    wasm: bytes | None
     fingerprint: Fingerprint
     path: Path
     skipped_optional: tuple[str, ...] = ()
@@ -413,6 +412,6 @@ def build_version(
     if not healthy:
         sandbox.close()
         raise PluginInitError("sandbus_health reported failure right after init", plugin=manifest.name)
-    return PluginVersion(name=manifest.name, manifest=manifest, grant=grant, sandbox=sandbox, wasm=module.data,
+    return PluginVersion(name=manifest.name, manifest=manifest, grant=grant, sandbox=sandbox,
                          fingerprint=files.fingerprint, path=files.wasm_path, skipped_optional=skipped_optional,
                          initial_memory_bytes=sandbox.initial_memory_bytes)

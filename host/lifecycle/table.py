@@ -150,12 +150,11 @@ class RoutingTable:
                 slot.description = manifest.plugin.description
             return slot.current
 
-    def mark_loading(self, slot: Slot, manifest: Manifest | None, loading: bool = True) -> None:
-        """Show ``slot`` as loading in the background (or no longer: ``loading=False``)."""
+    def mark_loading(self, slot: Slot, manifest: Manifest | None) -> None:
+        """Show ``slot`` as loading in the background (until it is put in service or fails)."""
         with self.lock:
-            slot.loading = loading
-            if loading:
-                slot.failure = slot.failed_fingerprint = None
+            slot.loading = True
+            slot.failure = slot.failed_fingerprint = None
             if slot.current is None and manifest is not None:
                 slot.declared_version = manifest.plugin.version
                 slot.description = manifest.plugin.description
