@@ -293,8 +293,8 @@ async def _serve(n: Any, watch: bool, on_stop: Callable[[], None], *,
             raise
         shown = ",".join(f"{k}={v}" for k, v in sorted(cluster_labels.items())) or "no labels"
         typer.echo(f"node {n.node_id} follows the cluster's deploys ({escape_controls(shown)})")
+    _report_background(n)  # before "ready": whoever waits for "ready" has read what is still loading
     typer.echo(f"node {n.node_id} ready")
-    _report_background(n)
     try:
         await stop.wait()
     finally:
