@@ -1,0 +1,229 @@
+"""The same Extism plugins, the same inputs, in the Extism Python SDK and in sandbus: the outputs must be equal
+byte for byte and the failures of the same kind (and, where the plugin set one with ``error_set``, the same
+text).
+
+The plugins are real builds with Extism's AssemblyScript PDK (tests/extism/guests). Where the two hosts differ
+on purpose -- the limits, and who may reach which host over HTTP -- each side's own behaviour is asserted
+(the tests named ``..._each_host_...`` say how they differ).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import extism
+import pytest
+
+import sandbus.sdk.errors as errors
+from sandbus.host.sandbox import Limits, Sandbox
+from sandbus.sdk.errors import (
+    ExecutionTimeoutError,
+    MemoryLimitError,
+    PayloadTooLargeError,
+    SandbusError,
+    SecurityViolationError,
+)
+from tests.conftest import AuditLog
+from tests.extism.loopback import LoopbackServer
+
+Guest = Callable[[str], Path]
+MIB = 1024 * 1024
+
+#: The error a non-zero return raises in sandbus; the tests need the Extism host ABI of the sandbox.
+GuestError: type[SandbusError] | None = getattr(errors, "GuestError", None)
+pytestmark = pytest.mark.skipif(GuestError is None, reason="the sandbox has no Extism host ABI yet (GuestError)")
+
+
+def extism_plugin(wasm: Path, *, config: dict[str, str] | None = None, **manifest: Any) -> extism.Plugin:
+    """The plugin in Extism's own host: no WASI (the PDK needs none), no host functions."""
+    return extism.Plugin({"wasm": [{"data": wasm.read_bytes()}], **manifest}, wasi=False, config=config,
+                         functions=[])
+
+
+def outcome_extism(plugin: extism.Plugin, function: str, data: bytes) -> tuple[str, bytes | str]:
+    """("ok", output) or ("error", the message Extism reports)."""
+    try:
+        return "ok", bytes(plugin.call(function, data))
+    except extism.Error as e:
+        return "error", str(e)
+
+
+def outcome_sandbus(sandbox: Sandbox, function: str, data: bytes) -> tuple[str, bytes | str]:
+    """("ok", output) or ("error", the guest's message) -- only a GuestError counts as the guest failing."""
+    assert GuestError is not None
+    try:
+        return "ok", sandbox.call_bytes(function, data)
+    except GuestError as e:
+        return "error", e.message
+
+
+@pytest.fixture
+def both(extism_guest: Guest) -> Iterator[Callable[..., tuple[extism.Plugin, Sandbox]]]:
+    """``both(name, config=...)``: the guest loaded in each host, closed after the test."""
+    opened: list[Sandbox] = []
+
+    def make(name: str, *, config: dict[str, str] | None = None) -> tuple[extism.Plugin, Sandbox]:
+        wasm = extism_guest(name)
+        sandbox = Sandbox(wasm, limits=Limits(max_output_bytes=16 * MIB, max_input_bytes=16 * MIB),
+                          config=config or {})
+        opened.append(sandbox)
+        return extism_plugin(wasm, config=config), sandbox
+
+    yield make
+    for sandbox in opened:
+        sandbox.close()
+
+
+def test_sandbus_sees_an_extism_plugin(extism_guest: Guest) -> None:
+    with Sandbox(extism_guest("vars")) as sb:
+        assert sb.kind == "extism"
+        assert sb.body == "bytes"
+        assert set(sb.functions) == {"count", "reset"}
+
+
+COUNT_VOWELS_INPUTS = [
+    b"Hello, World!",
+    b"",
+    b"AEIOU aeiou xyz",
+    "naïve café – ünïcödé, 😀".encode(),
+    bytes(range(256)),
+    b"a" * 100_000,
+]
+
+
+@pytest.mark.parametrize("data", COUNT_VOWELS_INPUTS, ids=lambda d: f"{len(d)}B")
+def test_count_vowels_json_is_the_same(both: Callable[..., tuple[extism.Plugin, Sandbox]], data: bytes) -> None:
+    ext, sb = both("count_vowels")
+    expected = outcome_extism(ext, "count_vowels", data)
+    assert expected[0] == "ok"
+    assert outcome_sandbus(sb, "count_vowels", data) == expected
+
+
+def test_count_vowels_matches_extisms_example(both: Callable[..., tuple[extism.Plugin, Sandbox]]) -> None:
+    _, sb = both("count_vowels")
+    assert sb.call_bytes("count_vowels", b"Hello, World!") == b'{"count":3,"total":3,"vowels":"aeiouAEIOU"}'
+
+
+REFLECT_INPUTS = [bytes(range(256)), bytes(range(255, -1, -1)) * 4, b"", b"\x00", os.urandom(10_000),
+                  os.urandom(3 * MIB + 7)]
+
+
+@pytest.mark.parametrize("data", REFLECT_INPUTS, ids=lambda d: f"{len(d)}B")
+def test_reflect_round_trips_every_byte(both: Callable[..., tuple[extism.Plugin, Sandbox]], data: bytes) -> None:
+    ext, sb = both("reflect")
+    assert outcome_extism(ext, "reflect", data) == ("ok", data)
+    assert outcome_sandbus(sb, "reflect", data) == ("ok", data)
+
+
+def test_reflect_many_calls_on_one_instance(both: Callable[..., tuple[extism.Plugin, Sandbox]]) -> None:
+    """Kernel memory is reset between calls on both hosts: a thousand 10 KB calls neither leak nor mix."""
+    ext, sb = both("reflect")
+    for i in range(1000):
+        data = i.to_bytes(4, "little") * 2500
+        assert sb.call_bytes("reflect", data) == data
+        if i % 100 == 0:
+            assert bytes(ext.call("reflect", data)) == data
+
+
+CONFIG = {"greeting": "héllo wörld", "empty_is_absent": "", "number": "42", "json": '{"a": [1, 2]}'}
+
+
+@pytest.mark.parametrize("key", [b"greeting", b"number", b"json", b"missing", b"empty_is_absent", b""])
+def test_config_get(both: Callable[..., tuple[extism.Plugin, Sandbox]], key: bytes) -> None:
+    """A present key answers its value; a missing one fails with the plugin's error_set text on both. (The
+    PDK reads a zero-length value as absent, so an empty string is "missing" on both hosts.)"""
+    ext, sb = both("config", config=CONFIG)
+    expected = outcome_extism(ext, "get_config", key)
+    assert outcome_sandbus(sb, "get_config", key) == expected
+    if key in (b"missing", b"empty_is_absent"):
+        assert expected == ("error", f"no config key: {key.decode()}")
+
+
+def test_vars_persist_across_calls(both: Callable[..., tuple[extism.Plugin, Sandbox]]) -> None:
+    ext, sb = both("vars")
+    calls = ["count"] * 5 + ["reset", "count", "count"]
+    seen_extism = [outcome_extism(ext, fn, b"") for fn in calls]
+    seen_sandbus = [outcome_sandbus(sb, fn, b"") for fn in calls]
+    assert seen_sandbus == seen_extism
+    assert [out for (_, out), fn in zip(seen_sandbus, calls, strict=True) if fn == "count"] == \
+        [b"1", b"2", b"3", b"4", b"5", b"1", b"2"]
+
+
+def test_error_set_failure_has_the_same_text(both: Callable[..., tuple[extism.Plugin, Sandbox]]) -> None:
+    ext, sb = both("fail")
+    assert outcome_extism(ext, "fail", b"no thanks") == ("error", "refused: no thanks")
+    assert outcome_sandbus(sb, "fail", b"no thanks") == ("error", "refused: no thanks")
+    # The plugin is still usable on both after a failure.
+    assert outcome_sandbus(sb, "fail", b"again") == outcome_extism(ext, "fail", b"again")
+
+
+def test_nonzero_return_without_a_message(both: Callable[..., tuple[extism.Plugin, Sandbox]],
+                                          audit: AuditLog) -> None:
+    """Both fail; Extism says "Error code: 7", sandbus keeps the code in the error's details."""
+    assert GuestError is not None
+    ext, sb = both("fail")
+    assert outcome_extism(ext, "fail_silently", b"") == ("error", "Error code: 7")
+    with pytest.raises(GuestError) as failure:
+        sb.call_bytes("fail_silently", b"")
+    assert failure.value.code == "sandbox.guest_error"
+    assert 7 in failure.value.details.values()
+
+
+def test_huge_output_under_the_cap_is_the_same(both: Callable[..., tuple[extism.Plugin, Sandbox]]) -> None:
+    ext, sb = both("hostile")
+    assert outcome_sandbus(sb, "huge", b"5000000") == outcome_extism(ext, "huge", b"5000000")
+
+
+def test_huge_output_each_host_caps_differently(extism_guest: Guest, audit: AuditLog) -> None:
+    """Extism has no output cap: the 8 MiB output comes back. sandbus refuses an output above the plugin's
+    max_output_bytes with a typed error, and the plugin serves the next call."""
+    wasm = extism_guest("hostile")
+    assert len(extism_plugin(wasm).call("huge", str(8 * MIB).encode())) == 8 * MIB
+    with Sandbox(wasm, limits=Limits(max_output_bytes=1 * MIB), on_audit=audit) as sb:
+        with pytest.raises(PayloadTooLargeError):
+            sb.call_bytes("huge", str(8 * MIB).encode())
+        assert sb.call_bytes("huge", b"1000") == b"x" * 1000
+
+
+def test_infinite_loop_each_host_times_out(extism_guest: Guest, audit: AuditLog) -> None:
+    """Both stop the loop at their timeout (Extism's manifest timeout_ms, sandbus' Limits.timeout_s); sandbus
+    answers with its typed error and an audit event."""
+    wasm = extism_guest("hostile")
+    with pytest.raises(extism.Error, match=r"(?i)timeout|timed out"):
+        extism_plugin(wasm, timeout_ms=200).call("spin", b"")
+    with Sandbox(wasm, limits=Limits(timeout_s=0.2, fuel=None), on_audit=audit) as sb:
+        with pytest.raises(ExecutionTimeoutError):
+            sb.call_bytes("spin", b"")
+        assert "limit.timeout" in audit.kinds()
+        assert sb.call_bytes("huge", b"3") == b"xxx"
+
+
+def test_memory_bomb_each_host_stops_at_its_limit(extism_guest: Guest, audit: AuditLog) -> None:
+    """Both refuse to grow memory past their limit (Extism's memory.max_pages, sandbus' Limits.memory_bytes);
+    the plugin's allocation then fails and the call fails. sandbus names it a memory limit."""
+    wasm = extism_guest("hostile")
+    with pytest.raises(extism.Error):
+        extism_plugin(wasm, memory={"max_pages": 256}).call("bomb", b"")
+    with Sandbox(wasm, limits=Limits(memory_bytes=16 * MIB), on_audit=audit) as sb:
+        with pytest.raises(MemoryLimitError):
+            sb.call_bytes("bomb", b"")
+        assert sb.call_bytes("huge", b"3") == b"xxx"
+
+
+def test_http_each_host_grants_differently(extism_guest: Guest, loopback: LoopbackServer,
+                                           audit: AuditLog) -> None:
+    """Extism reaches a host listed in the manifest's allowed_hosts and refuses others. A plain sandbus
+    Sandbox (no node) grants no network at all: the request is a security violation with an audit event.
+    (On a node, the manifest's network grant decides: tests/extism/test_node.py.)"""
+    wasm = extism_guest("http")
+    url = loopback.url("/hello").encode()
+    status, _, body = bytes(extism_plugin(wasm, allowed_hosts=["127.0.0.1"]).call("fetch", url)).partition(b"\n")
+    assert (status, body) == (b"200", loopback.body)
+    assert outcome_extism(extism_plugin(wasm, allowed_hosts=["example.com"]), "fetch", url)[0] == "error"
+    assert outcome_extism(extism_plugin(wasm), "fetch", url)[0] == "error"
+    with Sandbox(wasm, on_audit=audit) as sb, pytest.raises(SecurityViolationError):
+        sb.call_bytes("fetch", url)
+    assert loopback.hits == 1  # only the granted Extism call reached the server
