@@ -6,7 +6,8 @@ of methods, small enough that a test can implement it with a plain Python object
 bus with no wasm at all.
 
 Every input the bus hands over has been bounded and checked first: a request's function is one
-subject token and its body valid JSON no deeper than :data:`sandbus.sdk.jsonbound.MAX_JSON_DEPTH`;
+subject token and its body valid JSON no deeper than :data:`sandbus.sdk.jsonbound.MAX_JSON_DEPTH`
+(for a plugin whose ``body`` is ``"bytes"`` -- an Extism plugin -- any bytes: only the size caps apply);
 a direct or topic message has been turned into a valid PluginMessage envelope. What a handler
 raises as a :class:`~sandbus.sdk.errors.SandbusError` becomes the typed error reply (and, for a
 durable message, a nak and finally a dead letter, or a dead letter at once when the error is not
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from nats.aio.msg import Msg
 
 from sandbus.sdk.audit import AuditLevel
+from sandbus.sdk.envelope import CONTENT_TYPE
 from sandbus.sdk.errors import RequestError
 
 __all__ = ["DEFAULT_FUNCTION", "BusHandler", "Reply", "Served"]
@@ -46,6 +48,11 @@ class Served:
         message_function: the function direct and topic messages go to.
         timeout_s: a call's longest run; a durable message is redelivered after this plus a margin.
         instances: calls that can run at once; a durable pull asks for this many messages.
+        body: ``"json"``: a request's body must be JSON (checked before the plugin sees it) and a reply is
+            the plugin's JSON; ``"bytes"`` (Extism plugins): a request's body goes to the plugin
+            unchanged, whatever its Content-Type, and a successful reply carries ``content_type``.
+        content_type: the ``Content-Type`` of a successful reply (a valid media type: the bus copies
+            it into headers as it is).
     """
 
     name: str
@@ -54,6 +61,8 @@ class Served:
     message_function: str = DEFAULT_FUNCTION
     timeout_s: float = 30.0
     instances: int = 1
+    body: Literal["json", "bytes"] = "json"
+    content_type: str = CONTENT_TYPE
 
 
 class BusHandler(Protocol):

@@ -1,7 +1,8 @@
 """The request path's first file: what the bus does with a request, a direct message or a core topic message.
 
     NATS message on sandbus.req.<plugin>.<function>   (queue group sandbus.<plugin>)
-      -> Requests.on_request      check the function token and the body (JSON, bounded depth): a
+      -> Requests.on_request      check the function token and the body (JSON, bounded depth; any
+                                  bytes for a plugin whose ``Served.body`` is "bytes"): a
                                   client's mistake is answered request.* at once, counted in the
                                   plugin's ``rejected`` and audited (handler.refused); then
                                   handler.request_now: the node runs the call inline when it may
@@ -20,7 +21,8 @@ plugin's message function; durable topic messages take the same envelope and han
 bus/delivery.py. Whatever a handler raises is answered (a typed error reply, or an internal error
 for a bug), never left to time out; no exception ends a subscription callback.
 
-Every reply carries :meth:`Requests.reply_headers`: ``Content-Type``, ``Sandbus-Node``, the request's
+Every reply carries :meth:`Requests.reply_headers`: ``Content-Type`` (a bytes plugin's successful
+reply: its ``Served.content_type``), ``Sandbus-Node``, the request's
 ``Sandbus-Msg-Id`` when valid, and its ``traceparent``/``tracestate`` when valid -- which the handler
 replaces with its own ``process`` span's when it traced the call -- plus the error headers on an
 error reply. Replies are the hot path: the dict is built from a template and two regex checks.
@@ -136,9 +138,13 @@ class Requests:
         # (no task); everything else becomes a task, so the subscription keeps reading.
         _, _, plugin, function = msg.subject.split(".", 3)
         headers = self.reply_headers(msg.headers)
+        served = self.bus.served(plugin)
+        # A bytes plugin (Extism) takes any body: its size is the sandbox's to cap.
+        raw = served is not None and served.body == "bytes"
         try:
             check_function(plugin, function)
-            check_json(msg.data, plugin)
+            if not raw:
+                check_json(msg.data, plugin)
         except RequestError as e:
             self._refused(plugin, e, msg.subject)
             await self.bus.reply(msg, *with_error(headers, e))
@@ -159,10 +165,13 @@ class Requests:
         if reply is None:
             self.bus.spawn(self._serve_request(msg, plugin, function, time.monotonic(), headers))
             return
+        if raw:
+            assert served is not None
+            headers[H_CONTENT_TYPE] = served.content_type
         nc = self.bus.nc
         if msg.reply and nc is not None and len(reply) <= self.bus.max_payload - _HEADER_ROOM:
             # Only the base headers (two keys): their encoding is cached.
-            block = self._base_block if len(headers) == 2 else header_block(headers)
+            block = self._base_block if len(headers) == 2 and not raw else header_block(headers)
             await publish_with_block(nc, msg.reply, reply, headers, block)
         else:
             await self.bus.reply(msg, reply, headers)
@@ -172,6 +181,7 @@ class Requests:
         try:
             data, extra = await self.handler.serve(plugin, function, msg.data, msg, arrival=arrival,
                                                    reply_headers=headers)
+            self._set_content_type(plugin, headers)
             if extra:
                 headers.update(extra)
         except SandbusError as e:
@@ -180,6 +190,13 @@ class Requests:
             log.exception("request %s failed", msg.subject)
             data, headers = with_error(headers, internal_error(e, plugin))
         await self.bus.reply(msg, data, headers)
+
+    def _set_content_type(self, plugin: str, headers: dict[str, str]) -> None:
+        """A successful reply of a bytes plugin says its declared media type (an error reply stays JSON:
+        its error headers are what tell a client the two apart)."""
+        served = self.bus.served(plugin)
+        if served is not None and served.body == "bytes":
+            headers[H_CONTENT_TYPE] = served.content_type
 
     async def on_direct(self, msg: Msg) -> None:
         self.bus.spawn(self._serve_message(msg, msg.subject.rsplit(".", 1)[1], None, time.monotonic()))
@@ -204,6 +221,7 @@ class Requests:
         try:
             data, extra = await self.handler.serve(plugin, function, envelope, msg, arrival=arrival,
                                                    reply_headers=headers)
+            self._set_content_type(plugin, headers)
             if extra:
                 headers.update(extra)
         except SandbusError as e:

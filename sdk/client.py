@@ -3,6 +3,9 @@
     async with await Client.connect("nats://127.0.0.1:4222") as client:
         reply = await client.request("text_processor", "handle_request", {"action": "get_status"})
         await client.publish("orders.created", {"id": 42})
+        # a plugin whose input and output are bytes (Extism): raw bytes both ways
+        out = await client.request_raw("count_vowels", "count_vowels", b"Hello")
+        out.data, out.content_type   # b'{"count":2,...}', 'application/json'
 
 Depends only on nats-py and sdk: a client app never pulls in wasmtime (nor pydantic: start-up time).
 """
@@ -23,6 +26,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from opentelemetry import trace
 
 from sandbus.sdk.envelope import (
+    CONTENT_TYPE,
     ENVELOPE,
     ENVELOPE_CONTENT_TYPE,
     H_CONTENT_TYPE,
@@ -32,10 +36,14 @@ from sandbus.sdk.envelope import (
     JSON,
     MAX_MESSAGE_ID,
     MAX_SENDER,
+    OCTET_STREAM,
     encode_message,
     error_from_reply,
+    is_envelope,
+    is_json_type,
     nats_size,
     new_message_id,
+    valid_media_type,
     valid_message_id,
     valid_sender,
     valid_traceparent,
@@ -75,12 +83,24 @@ def _topic_subject(topic: str) -> str:
     return topic_subject(topic)
 
 
+def _media_type(content_type: str) -> str:
+    """``content_type`` when it is a valid media type (it goes into a header as it is).
+
+    Raises:
+        ValueError: it is not (a CR/LF in it would forge headers).
+    """
+    if valid_media_type(content_type) is None:
+        raise ValueError(f"content_type must be a media type (type/subtype, optional ; key=value parameters, "
+                         f"printable ASCII), found {content_type[:64]!r}")
+    return content_type
+
+
 @dataclass(frozen=True, slots=True)
 class DetailedReply:
     """A successful reply with what its headers say (see :meth:`Client.request_detailed`).
 
     Parameters:
-        data: the reply body (the plugin's JSON).
+        data: the reply body (the plugin's JSON, or a bytes plugin's raw output: see ``content_type``).
         headers: every header of the reply.
         node: the node that answered (``Sandbus-Node``), when it said.
         trace_id: the trace the call belongs to (from the reply's ``traceparent``): the node's span
@@ -91,6 +111,12 @@ class DetailedReply:
     headers: dict[str, str]
     node: str | None
     trace_id: str | None
+
+    @property
+    def content_type(self) -> str:
+        """The reply's media type: ``application/json`` for a JSON plugin (and when the reply says none),
+        else what a bytes plugin (Extism) declares, by default ``application/octet-stream``."""
+        return self.headers.get(H_CONTENT_TYPE) or CONTENT_TYPE
 
     def json(self) -> Any:
         """The body, decoded."""
@@ -183,15 +209,23 @@ class Client:
         return await self._request(request_subject(plugin, function), payload, timeout, headers, f"plugin {plugin!r}")
 
     async def request_detailed(self, plugin: str, function: str = "handle_request", payload: Any = None, *,
-                               timeout: float = 5.0, headers: dict[str, str] | None = None) -> DetailedReply:
+                               timeout: float = 5.0, headers: dict[str, str] | None = None,
+                               content_type: str = CONTENT_TYPE) -> DetailedReply:
         """:meth:`request_bytes` with the reply's headers: the answering node and the trace id.
 
         ``payload``: bytes as they are, anything else as JSON. ``headers``: extra request headers (e.g.
         a ``traceparent`` of the caller's own; with tracing configured, this client's ``send`` span's is
-        injected). Remote errors raise typed, as with :meth:`request`.
+        injected). ``content_type``: the request's ``Content-Type`` (a JSON plugin takes JSON whatever
+        it says; a bytes plugin takes the body as it is). Remote errors raise typed, as with :meth:`request`.
+
+        Raises:
+            ValueError: ``content_type`` is not a media type.
         """
         data = _encode(payload)
-        request_headers = {**(headers or {}), **JSON, H_MSG_ID: new_message_id(), H_FROM: self.sender}
+        if content_type is not CONTENT_TYPE:
+            _media_type(content_type)
+        request_headers = {**(headers or {}), H_CONTENT_TYPE: content_type, H_MSG_ID: new_message_id(),
+                           H_FROM: self.sender}
         subject = request_subject(plugin, function)
         with send_span(subject, request_headers, message_id=request_headers[H_MSG_ID], body_size=len(data)) as span:
             try:
@@ -203,6 +237,20 @@ class Client:
         traceparent = valid_traceparent(reply_headers.get("traceparent"))
         return DetailedReply(bytes(msg.data), reply_headers, reply_headers.get(H_NODE),
                              traceparent[3:35] if traceparent else None)
+
+    async def request_raw(self, plugin: str, function: str, data: bytes | bytearray | memoryview, *,
+                          content_type: str = OCTET_STREAM, timeout: float = 5.0) -> DetailedReply:
+        """Call a plugin whose input and output are bytes (an Extism plugin) with ``data`` as it is.
+
+        The reply's ``data`` is the plugin's output, untouched; its ``content_type`` says what it is
+        (``application/octet-stream`` unless the plugin's manifest declares another type). A failed
+        call raises typed, as with :meth:`request`: an error reply is told apart by its headers, never
+        by its body. (A JSON plugin answers a body that is not JSON with ``InvalidJsonError``.)
+
+        Raises:
+            ValueError: ``content_type`` is not a media type.
+        """
+        return await self.request_detailed(plugin, function, bytes(data), timeout=timeout, content_type=content_type)
 
     async def trace_request(self, plugin: str, function: str, payload: bytes, *,
                             timeout: float = 5.0) -> tuple[bytes, dict[str, str], list[dict[str, Any]]]:
@@ -300,6 +348,59 @@ class Client:
             await self._acks.publish(subject, data, headers, block=block)
         else:
             await self.nc.publish(subject, data, headers=headers)
+
+    async def publish_raw(self, topic: str, data: bytes | bytearray | memoryview, *,
+                          content_type: str = OCTET_STREAM, msg_id: str | None = None, durable: bool = True) -> str:
+        """Broadcast raw bytes onto ``topic`` with their ``content_type`` (not JSON: the receiving plugin
+        gets them as the base64 text of its envelope's ``payload``, the envelope's ``headers`` saying
+        ``Content-Type`` and ``Content-Transfer-Encoding: base64``). Delivery as :meth:`publish`.
+
+        Raises:
+            ValueError: ``topic`` breaks the topic rules, or ``content_type`` is not a media type (or is JSON:
+                use :meth:`publish`).
+            InvalidEnvelopeError / PayloadTooLargeError: as :meth:`publish`.
+        """
+        subject = topic_subject(topic)
+        _media_type(content_type)
+        if is_json_type(content_type) or is_envelope({H_CONTENT_TYPE: content_type}):
+            raise ValueError(f"content_type {content_type!r} is JSON: publish JSON with publish()")
+        message_id = new_message_id() if msg_id is None else msg_id
+        if valid_message_id(message_id) is None:
+            raise InvalidEnvelopeError(f"msg_id must be 1-{MAX_MESSAGE_ID} characters from A-Z a-z 0-9 . _ : -",
+                                       field="id")
+        if valid_sender(self.sender) is None:
+            raise InvalidEnvelopeError(f"sender must be 1-{MAX_SENDER} printable ASCII characters", field="from")
+        body = bytes(data)
+        headers = {H_CONTENT_TYPE: content_type, H_MSG_ID: message_id, "Nats-Msg-Id": message_id,
+                   H_FROM: self.sender}
+        with send_span(subject, headers, message_id=message_id, body_size=len(body)):
+            self._check_fits(nats_size(body, headers))
+            await self._publish(subject, body, headers, None, durable)
+        return message_id
+
+    async def send_raw(self, plugin: str, data: bytes | bytearray | memoryview, *,
+                       content_type: str = OCTET_STREAM, timeout: float | None = None) -> DetailedReply | None:
+        """A direct message of raw bytes to ``plugin`` (wrapped for it as :meth:`publish_raw` says); with
+        ``timeout``, wait for its reply and return it (its ``content_type`` says what it is)."""
+        _media_type(content_type)
+        body = bytes(data)
+        headers = {H_CONTENT_TYPE: content_type, H_MSG_ID: new_message_id(), H_FROM: self.sender}
+        subject = msg_subject(plugin)
+        if timeout is None:
+            with send_span(subject, headers, message_id=headers[H_MSG_ID], body_size=len(body)):
+                self._check_fits(nats_size(body, headers))
+                await self.nc.publish(subject, body, headers=headers)
+            return None
+        with send_span(subject, headers, message_id=headers[H_MSG_ID], body_size=len(body)) as span:
+            try:
+                msg = await self._request_msg(subject, body, timeout, headers, f"plugin {plugin!r}")
+            except Exception as e:
+                record_error(span, e)
+                raise
+        reply_headers = dict(msg.headers or {})
+        traceparent = valid_traceparent(reply_headers.get("traceparent"))
+        return DetailedReply(bytes(msg.data), reply_headers, reply_headers.get(H_NODE),
+                             traceparent[3:35] if traceparent else None)
 
     async def send(self, plugin: str, payload: Any = None, *, timeout: float | None = None) -> Any:
         """A direct PluginMessage to ``plugin``; with ``timeout``, wait for and return its reply."""

@@ -6,7 +6,11 @@ plugin with a plain NATS request. What sandbus adds travels in headers:
     Sandbus-Msg-Id        message id (dedupe; JetStream's Nats-Msg-Id is set to the same value)
     Sandbus-From          sender (a plugin name, or "client")
     Content-Type          application/json; on a direct or topic message,
-                          application/vnd.sandbus.message+json says the body is a whole envelope
+                          application/vnd.sandbus.message+json says the body is a whole envelope,
+                          and a media type that is not JSON says the body is raw bytes (wrapped
+                          base64 in the envelope a plugin receives); on a successful reply from a
+                          bytes plugin (Extism), the plugin's declared output type, by default
+                          application/octet-stream
     Sandbus-Node          on every reply: the node that answered
     Sandbus-Error-Code    on a failed reply: a stable error code (sandbus.sdk.errors), e.g. "limit.timeout"
     Sandbus-Error         on a failed reply: the message; the body is then a JSON error object
@@ -16,8 +20,10 @@ plugin with a plain NATS request. What sandbus adds travels in headers:
     traceparent/tracestate  W3C trace context
 
 A direct message (``sandbus.msg.<plugin>``) or topic message is a PluginMessage envelope only when
-its ``Content-Type`` says so (:data:`ENVELOPE_CONTENT_TYPE`); any other body is JSON payload, and the
-node wraps it in a new envelope, whatever keys it has (:func:`envelope_for`). An explicit envelope is
+its ``Content-Type`` says so (:data:`ENVELOPE_CONTENT_TYPE`); a body whose ``Content-Type`` is a media
+type other than JSON is raw bytes, wrapped as a base64 string payload (the envelope's ``headers`` say
+so: :data:`BINARY_ENCODING`); any other body is JSON payload, and the node wraps it in a new envelope,
+whatever keys it has (:func:`envelope_for`). An explicit envelope is
 validated here, by hand: the rules are few, the messages must name the field and the rule (never a
 library's text), and this runs for every message a node receives. The pydantic model
 :class:`~sandbus.sdk.message.PluginMessage` is the Python API type; importing this module does not
@@ -26,6 +32,7 @@ import pydantic (client start-up time), and ``PluginMessage`` is loaded from her
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import re
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
     from sandbus.sdk.message import PluginMessage
 
 __all__ = [
+    "BINARY_ENCODING",
     "CONTENT_TYPE",
     "ENVELOPE",
     "ENVELOPE_CONTENT_TYPE",
@@ -57,8 +65,10 @@ __all__ = [
     "MAX_ENVELOPE_HEADERS",
     "MAX_HEADER_KEY",
     "MAX_HEADER_VALUE",
+    "MAX_MEDIA_TYPE",
     "MAX_MESSAGE_ID",
     "MAX_SENDER",
+    "OCTET_STREAM",
     "PluginMessage",
     "encode_message",
     "envelope_for",
@@ -67,8 +77,10 @@ __all__ = [
     "header_value",
     "hops_of",
     "is_envelope",
+    "is_json_type",
     "nats_size",
     "new_message_id",
+    "valid_media_type",
     "valid_message_id",
     "valid_sender",
     "valid_traceparent",
@@ -84,6 +96,12 @@ H_HOPS = "Sandbus-Hops"
 CONTENT_TYPE = "application/json"
 #: the Content-Type of a direct or topic message whose body is a whole PluginMessage envelope
 ENVELOPE_CONTENT_TYPE = "application/vnd.sandbus.message+json"
+#: the Content-Type of raw bytes: a bytes plugin's reply when its manifest declares no other type
+OCTET_STREAM = "application/octet-stream"
+#: the envelope ``headers`` entry that marks a payload as the base64 text of a raw-bytes message body
+BINARY_ENCODING = ("Content-Transfer-Encoding", "base64")
+#: longest media type accepted in a manifest or taken from a message's Content-Type
+MAX_MEDIA_TYPE = 255
 JSON = {H_CONTENT_TYPE: CONTENT_TYPE}
 ENVELOPE = {H_CONTENT_TYPE: ENVELOPE_CONTENT_TYPE}
 
@@ -100,6 +118,11 @@ _SENDER = re.compile(rf"[\x20-\x7e]{{1,{MAX_SENDER}}}")
 _FIELDS = frozenset(ENVELOPE_FIELDS)
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?:-[\x21-\x7e]*)?")
 _MAX_TRACEPARENT = 512
+#: RFC 6838 restricted names, then RFC 9110 parameters (token = token / quoted-string), printable ASCII only
+_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
+_MEDIA_TYPE = re.compile(
+    rf"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{{0,126}}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{{0,126}}"
+    rf"""(?: *; *{_TOKEN}=(?:{_TOKEN}|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"))*""")
 
 
 def new_message_id() -> str:
@@ -135,6 +158,31 @@ def valid_traceparent(value: str | None) -> str | None:
     if value[3:35] == "0" * 32 or value[36:52] == "0" * 16:
         return None
     return value
+
+
+def valid_media_type(value: object) -> str | None:
+    """``value`` when it is a media type fit for a ``Content-Type`` header (``type/subtype`` with optional
+    ``; key=value`` parameters, printable ASCII, at most :data:`MAX_MEDIA_TYPE` characters), else None.
+
+    What a manifest declares is copied into every reply's headers: a CR or LF in it would let the
+    plugin's author forge headers (or a body) on the wire, so only this strict shape passes.
+    """
+    if not isinstance(value, str) or not 3 <= len(value) <= MAX_MEDIA_TYPE or _MEDIA_TYPE.fullmatch(value) is None:
+        return None
+    return value
+
+
+def is_json_type(value: str) -> bool:
+    """Whether a media type says JSON: ``application/json`` or a ``+json`` suffix (parameters ignored)."""
+    essence = value.split(";", 1)[0].strip().lower()
+    return essence == CONTENT_TYPE or essence.endswith("+json")
+
+
+def _binary_type(headers: Mapping[str, str]) -> str | None:
+    """The Content-Type of a message whose body is raw bytes (a valid media type that is not JSON), or None.
+    An invalid Content-Type is ignored, as it always was: the body is then JSON."""
+    value = valid_media_type(headers.get(H_CONTENT_TYPE))
+    return value if value is not None and not is_json_type(value) else None
 
 
 def is_envelope(headers: Mapping[str, str] | None) -> bool:
@@ -258,7 +306,10 @@ def envelope_for(data: bytes, headers: Mapping[str, str] | None, *, to: str | No
     """The PluginMessage JSON a plugin receives for a direct (``to``) or topic (``topic``) message.
 
     With the envelope content type (:func:`is_envelope`) the body is the sender's envelope, checked
-    field by field; any other body is JSON payload, wrapped (an empty body is a null payload). ``to``
+    field by field; with another media type that is not JSON the body is raw bytes, wrapped as the
+    base64 text of a string payload, the envelope's ``headers`` then carrying the sender's
+    ``Content-Type`` and :data:`BINARY_ENCODING`; any other body is JSON payload, wrapped (an empty
+    body is a null payload). ``to``
     and ``topic`` always come from the subject. Defaults: ``id`` from a valid ``Sandbus-Msg-Id`` header
     else new, ``from`` from a valid ``Sandbus-From`` header else "client", ``timestamp`` ``now`` (the
     receipt time), ``headers`` ``{}``; an invalid header value is ignored.
@@ -269,8 +320,14 @@ def envelope_for(data: bytes, headers: Mapping[str, str] | None, *, to: str | No
     """
     headers = headers or {}
     received = time.time() if now is None else now
+    binary = None if is_envelope(headers) else _binary_type(headers)
     if is_envelope(headers):
         fields = _explicit(_decode(data, "message body"), headers, received)
+    elif binary is not None:
+        fields = {"id": valid_message_id(headers.get(H_MSG_ID)) or new_message_id(),
+                  "from": valid_sender(headers.get(H_FROM)) or "client",
+                  "payload": base64.b64encode(data).decode("ascii"), "timestamp": received,
+                  "headers": {H_CONTENT_TYPE: binary, BINARY_ENCODING[0]: BINARY_ENCODING[1]}}
     else:
         fields = {"id": valid_message_id(headers.get(H_MSG_ID)) or new_message_id(),
                   "from": valid_sender(headers.get(H_FROM)) or "client",

@@ -4,6 +4,7 @@ the model writes; the client side never imports pydantic."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from typing import Any
@@ -109,8 +110,8 @@ def test_an_explicit_envelope_keeps_its_fields_but_the_subject_sets_to_and_topic
     assert fallback["from"] == "client"
 
 
-@pytest.mark.parametrize("content_type", [None, "application/json", "text/plain", "application/vnd.sandbus.message",
-                                          "application/vnd.sandbus.message+json-ish"])
+@pytest.mark.parametrize("content_type", [None, "application/json", "text/plain\r\nX: y", "application/problem+json",
+                                          "Application/JSON; charset=utf-8"])
 def test_anything_not_said_to_be_an_envelope_is_wrapped_whatever_its_keys(content_type: str | None) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
     body = {"id": "order-77", "payload": {}, "from": 3}  # not a valid envelope: but it is not one at all
@@ -120,6 +121,17 @@ def test_anything_not_said_to_be_an_envelope_is_wrapped_whatever_its_keys(conten
                                                                                          {})
     assert got["id"] != "order-77"
     assert orjson.loads(envelope_for(b"", headers, to="echo", topic=None))["payload"] is None
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "text/plain; charset=utf-8", "image/png",
+                                          "application/vnd.sandbus.message",
+                                          "application/vnd.sandbus.message+json-ish"])
+def test_a_body_of_another_media_type_is_raw_bytes_wrapped_as_base64(content_type: str) -> None:
+    body = bytes(range(256)) + b"\x00{not json"
+    got = orjson.loads(envelope_for(body, {"Content-Type": content_type}, to="echo", topic=None, now=1.5))
+    assert base64.b64decode(got["payload"]) == body
+    assert got["headers"] == {"Content-Type": content_type, "Content-Transfer-Encoding": "base64"}
+    assert (got["to"], got["from"], got["timestamp"]) == ("echo", "client", 1.5)
 
 
 def test_the_envelope_media_type_is_compared_as_http_says() -> None:

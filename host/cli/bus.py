@@ -4,10 +4,18 @@ They only talk to NATS: they need only what ``pip install sandbus`` brings, and 
 here imports rich unless ``ls`` prints its table. Their failures map onto the exit codes of
 :mod:`sandbus.host.cli.main` as errors of a call over the bus: no node serving the plugin is
 ``EXIT_NO_NODE``, no reply in time ``EXIT_TIMEOUT``, a request the node refused as the caller's ``EXIT_USAGE``.
+
+Bytes, not JSON: ``--data-file FILE`` (``-``: stdin) or ``--raw`` sends a body as it is, with ``--content-type``
+(default ``application/octet-stream``), for plugins whose input is bytes (Extism). A reply whose Content-Type
+is not JSON is written to stdout as it is when stdout is a pipe or a file, and with its control bytes
+escaped on a terminal (what a plugin returns never drives the operator's terminal); ``--json`` prints it
+as ``{"content_type", "size", "base64"}``.
 """
 
 from __future__ import annotations
 
+import base64
+import os
 import shlex
 import sys
 from collections.abc import Awaitable, Callable
@@ -21,12 +29,14 @@ from sandbus.host.cli.main import (
     EXIT_NO_NODE,
     EXIT_PLUGIN,
     EXIT_USAGE,
+    MAX_JSON_ARG_BYTES,
     exit_code_for,
     fail,
     finite_positive,
     read_json_arg,
 )
-from sandbus.host.cli.output import terminal_json
+from sandbus.host.cli.output import terminal_json, terminal_text
+from sandbus.sdk.envelope import CONTENT_TYPE, OCTET_STREAM, is_envelope, is_json_type, valid_media_type
 from sandbus.sdk.errors import SandbusError
 from sandbus.sdk.subjects import check_token, check_topic
 
@@ -35,14 +45,21 @@ if TYPE_CHECKING:
 
     from sandbus.sdk.client import Client
 
-__all__ = ["FunctionArg", "PluginArg", "RequestArg", "TimeoutOpt", "bus_call", "check_target", "decode_reply",
-           "ls", "pub", "register", "request"]
+__all__ = ["FunctionArg", "PluginArg", "RequestArg", "TimeoutOpt", "body_arg", "bus_call", "check_target",
+           "decode_reply", "ls", "pub", "read_bytes_arg", "register", "request", "write_reply"]
 
 PluginArg = Annotated[str, typer.Argument(help="Plugin name.", show_default=False)]
 FunctionArg = Annotated[str, typer.Argument(help="Function to call.")]
 RequestArg = Annotated[str, typer.Argument(help="Request JSON, or - for stdin.")]
 TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for the reply.", callback=finite_positive)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON on stdout).")]
+DataFileOpt = Annotated[str | None, typer.Option(
+    "--data-file", "-d", metavar="FILE", show_default=False,
+    help="Send FILE's bytes as they are (- for stdin), not JSON: for plugins whose input is bytes (Extism).")]
+RawOpt = Annotated[bool, typer.Option(
+    "--raw", help="Send the payload argument's bytes as they are (- for stdin's), not checked as JSON.")]
+ContentTypeOpt = Annotated[str, typer.Option(
+    "--content-type", "-t", help="Content-Type of a --data-file or --raw body.")]
 
 T = TypeVar("T")
 
@@ -98,24 +115,90 @@ def decode_reply(reply: bytes) -> Any:
         fail(f"the reply is not JSON ({len(reply)} bytes): {e}", EXIT_PLUGIN)
 
 
+def read_bytes_arg(text: str, what: str, cap: int = MAX_JSON_ARG_BYTES) -> bytes:
+    """The bytes of a file (``-``: stdin), read whole but never more than ``cap + 1`` bytes: a larger
+    input is refused as bad input (exit 2) before it fills memory. Only a regular file or stdin: a FIFO
+    or a device named by mistake would block or never end."""
+    if text == "-":
+        raw = sys.stdin.buffer.read(cap + 1)
+    else:
+        try:
+            fd = os.open(text, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            fail(f"{what}: cannot open {text!r}: {e.strerror}", EXIT_USAGE)
+        with os.fdopen(fd, "rb") as f:
+            import stat
+
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                fail(f"{what}: {text!r} is not a regular file", EXIT_USAGE)
+            raw = f.read(cap + 1)
+    if len(raw) > cap:
+        fail(f"{what} is larger than the {cap}-byte input cap", EXIT_USAGE)
+    return raw
+
+
+def body_arg(payload: str, data_file: str | None, raw: bool, content_type: str) -> tuple[bytes, str]:
+    """The body to send and its Content-Type: the JSON ``payload`` (checked), or raw bytes (``--data-file``,
+    ``--raw``) with ``content_type`` (a media type: it goes into a header as it is)."""
+    if valid_media_type(content_type) is None:
+        fail(f"--content-type must be a media type such as application/octet-stream or text/plain; charset=utf-8, "
+             f"found {content_type[:64]!r}", EXIT_USAGE)
+    if data_file is not None:
+        if raw:
+            fail("--data-file and --raw are two ways to give the body: use one", EXIT_USAGE)
+        return read_bytes_arg(data_file, "--data-file"), content_type
+    if raw:
+        if payload == "-":
+            return read_bytes_arg("-", "payload"), content_type
+        return payload.encode(errors="surrogateescape"), content_type
+    return read_json_arg(payload, "payload"), CONTENT_TYPE
+
+
+def write_reply(data: bytes, content_type: str, as_json: bool) -> Any:
+    """Print a reply: JSON (checked, made terminal-safe) when its Content-Type says JSON, and return its
+    value; any other body as it is to a pipe or file, escaped on a terminal, or as base64 in ``--json``."""
+    if is_json_type(content_type):
+        decoded = decode_reply(data)
+        sys.stdout.buffer.write(terminal_json(data) + b"\n")
+        return decoded
+    if as_json:
+        import orjson
+
+        doc = {"content_type": content_type, "size": len(data), "base64": base64.b64encode(data).decode()}
+        sys.stdout.buffer.write(terminal_json(orjson.dumps(doc)) + b"\n")
+    elif sys.stdout.isatty():
+        # What a plugin returned is data: its escape sequences never reach the terminal as control.
+        sys.stdout.write(terminal_text(data.decode("utf-8", errors="backslashreplace")) + "\n")
+    else:
+        sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return None
+
+
 @with_connection
 def request(
     plugin: PluginArg,
     function: FunctionArg = "handle_request",
     payload: RequestArg = "{}",
     timeout: TimeoutOpt = 5.0,
+    data_file: DataFileOpt = None,
+    raw: RawOpt = False,
+    content_type: ContentTypeOpt = OCTET_STREAM,
+    as_json: JsonOpt = False,
     *,
     conn: Connection,
 ) -> None:
-    """Call PLUGIN's FUNCTION on whichever node serves it; print the reply JSON.
+    """Call PLUGIN's FUNCTION on whichever node serves it; print the reply.
 
-    Exit 1 when the plugin answers an error, or a reply with "success": false.
+    A JSON reply is printed as JSON; a reply of another Content-Type (a bytes plugin's output) is written
+    to stdout as it is (escaped on a terminal; with --json as {"content_type", "size", "base64"}).
+    Exit 1 when the plugin answers an error, or a JSON reply with "success": false.
     """
     check_target(plugin, function)
-    data = read_json_arg(payload, "payload")
-    reply = bus_call(lambda c: c.request_bytes(plugin, function, data, timeout=timeout), conn)
-    decoded = decode_reply(reply)
-    sys.stdout.buffer.write(terminal_json(reply) + b"\n")
+    data, media_type = body_arg(payload, data_file, raw, content_type)
+    reply = bus_call(lambda c: c.request_detailed(plugin, function, data, timeout=timeout,
+                                                  content_type=media_type), conn)
+    decoded = write_reply(reply.data, reply.content_type, as_json)
     if isinstance(decoded, dict) and decoded.get("success") is False:
         raise typer.Exit(EXIT_PLUGIN)
 
@@ -125,19 +208,32 @@ def pub(
     topic: Annotated[str, typer.Argument(help="Topic, e.g. orders.created (no wildcards).", show_default=False)],
     payload: Annotated[str, typer.Argument(help="Payload JSON, or - for stdin.")] = "null",
     core: Annotated[bool, typer.Option(help="Core NATS publish (at most once) even if JetStream is on.")] = False,
+    data_file: DataFileOpt = None,
+    raw: RawOpt = False,
+    content_type: ContentTypeOpt = OCTET_STREAM,
     as_json: JsonOpt = False,
     *,
     conn: Connection,
 ) -> None:
-    """Publish onto TOPIC: every plugin subscribed to it gets one copy. Prints the message id."""
+    """Publish onto TOPIC: every plugin subscribed to it gets one copy. Prints the message id.
+
+    With --data-file or --raw the body is bytes of --content-type (not JSON): a subscribing plugin gets them
+    base64 in its envelope's payload.
+    """
     import orjson
 
     try:
         check_topic(topic)
     except ValueError as e:
         fail(str(e), EXIT_USAGE)
-    data = orjson.loads(read_json_arg(payload, "payload"))
-    msg_id = bus_call(lambda c: c.publish(topic, data, durable=not core), conn)
+    body, media_type = body_arg(payload, data_file, raw, content_type)
+    if media_type is CONTENT_TYPE or is_json_type(media_type) or is_envelope({"Content-Type": media_type}):
+        if media_type is not CONTENT_TYPE:  # raw bytes said to be JSON: checked and sent as JSON
+            body = read_json_arg(body.decode(errors="surrogateescape"), "payload", stdin=False)
+        data = orjson.loads(body)
+        msg_id = bus_call(lambda c: c.publish(topic, data, durable=not core), conn)
+    else:
+        msg_id = bus_call(lambda c: c.publish_raw(topic, body, content_type=media_type, durable=not core), conn)
     if as_json:
         sys.stdout.buffer.write(terminal_json(orjson.dumps({"id": msg_id})) + b"\n")
     else:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from sandbus.host.lifecycle.manifest import (
     MAX_TOML_BYTES,
@@ -44,6 +44,7 @@ from sandbus.host.sandbox.cache import ModuleSource
 from sandbus.host.sandbox.compiler import MAX_SECTIONS
 from sandbus.host.sandbox.filememo import FileIdentity, FileMemo, MemoEntry
 from sandbus.host.sandbox.wasmscan import MalformedWasm, scan_wasm
+from sandbus.sdk.envelope import is_json_type
 from sandbus.sdk.errors import (
     InvalidModuleError,
     ManifestError,
@@ -60,7 +61,10 @@ __all__ = [
     "Fingerprint",
     "PluginFiles",
     "PluginVersion",
+    "EXTISM_MESSAGE_FUNCTION",
+    "body_of",
     "build_version",
+    "check_body",
     "check_plugin_name",
     "parse_files",
     "plugin_stem",
@@ -371,6 +375,38 @@ class PluginVersion:
         return self.sandbox.digest
 
 
+#: the export an Extism plugin's direct and topic messages go to (its PluginMessage envelope, as JSON, is the input)
+EXTISM_MESSAGE_FUNCTION = "handle_message"
+
+
+def body_of(sandbox: Sandbox) -> Literal["json", "bytes"]:
+    """What a plugin's requests and replies are: ``"json"`` (our ABI, components) or ``"bytes"`` (Extism)."""
+    body = getattr(sandbox, "body", "json")
+    return "bytes" if body == "bytes" else "json"
+
+
+def check_body(manifest: Manifest, sandbox: Sandbox) -> None:
+    """What the manifest says about the plugin's input and output fits what the module is.
+
+    Raises:
+        ManifestError: a JSON plugin declares a non-JSON ``content_type``; an Extism plugin subscribes
+            to topics but exports no ``handle_message`` (its messages would have nowhere to go: every
+            one would be dead-lettered), naming the fix.
+    """
+    declared = manifest.plugin.content_type
+    if body_of(sandbox) == "json":
+        if declared is not None and not is_json_type(declared):
+            raise ManifestError(f"content_type = {declared!r} is for plugins whose output is bytes (Extism): this "
+                                f"plugin's replies are JSON; remove the key", path=manifest.source,
+                                key="plugin.content_type", plugin=manifest.name)
+        return
+    if manifest.subscriptions.topics and EXTISM_MESSAGE_FUNCTION not in sandbox.functions:
+        raise ManifestError(f"subscribes to topics, but this Extism plugin exports no {EXTISM_MESSAGE_FUNCTION!r}, "
+                            f"the function its messages go to: export {EXTISM_MESSAGE_FUNCTION} (input: the "
+                            f"PluginMessage envelope as JSON) or remove [subscriptions] topics",
+                            path=manifest.source, key="subscriptions.topics", plugin=manifest.name)
+
+
 def build_version(
     files: PluginFiles,
     manifest: Manifest,
@@ -405,6 +441,7 @@ def build_version(
         log.exception("unexpected error loading plugin %s", manifest.name)
         raise SandboxError(f"unexpected error while loading: {type(e).__name__}: {e}", plugin=manifest.name) from e
     try:
+        check_body(manifest, sandbox)
         healthy = sandbox.health()
     except SandbusError:
         sandbox.close()

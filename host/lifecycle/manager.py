@@ -42,7 +42,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import orjson
 
@@ -54,6 +54,7 @@ from sandbus.host.lifecycle.loader import (
     Fingerprint,
     PluginFiles,
     PluginVersion,
+    body_of,
     build_version,
     check_plugin_name,
     parse_files,
@@ -202,7 +203,7 @@ class PluginManager:
         table = self._table
         for attempt in (1, 2):
             version, stats = table.checkout(name)
-            if function not in version.sandbox.functions and version.sandbox.kind == "module":
+            if function not in version.sandbox.functions and version.sandbox.kind != "component":
                 table.checkin(version)
                 raise self._no_function(version.sandbox, function, stats)
             start = perf_counter()
@@ -643,6 +644,18 @@ class PluginManager:
         version, _ = self._checkout(name)
         self._checkin(version)
         return version.sandbox.info
+
+    def kind(self, name: str) -> str:
+        """What the serving module of ``name`` is: ``"module"`` (our ABI), ``"component"`` or ``"extism"``."""
+        version, _ = self._checkout(name)
+        self._checkin(version)
+        return str(version.sandbox.kind)
+
+    def body(self, name: str) -> Literal["json", "bytes"]:
+        """What the serving version of ``name`` takes and returns: ``"json"``, or ``"bytes"`` (Extism)."""
+        version, _ = self._checkout(name)
+        self._checkin(version)
+        return body_of(version.sandbox)
 
     def rerun_safe(self, name: str) -> bool:
         """Whether a call of the serving version of ``name`` may be interrupted and run again

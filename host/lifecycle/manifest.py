@@ -29,6 +29,7 @@ Example::
     memory_mb = 32
     max_open_files = 16
     isolation = "per-call"          # a fresh instance for every call (default "pooled")
+    max_var_bytes = 65536           # Extism plugins: what one instance's vars may hold
 
     [dependencies]
     pricing = "^2.1"
@@ -80,6 +81,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from sandbus.host.sandbox.config import check_name_pattern, is_pattern
+from sandbus.sdk.envelope import MAX_MEDIA_TYPE, valid_media_type
 from sandbus.sdk.errors import ManifestError, SecurityViolationError
 from sandbus.sdk.subjects import check_token, check_topic
 
@@ -140,6 +142,8 @@ MAX_URL_CHARS = 2048
 MAX_FILE_ENTRIES = 64
 #: Most files one plugin instance may ask to have open at once (``[resources] max_open_files``).
 MAX_OPEN_FILES_ASKED = 65536
+#: Most bytes an Extism plugin's vars may be allowed per instance (``[resources] max_var_bytes``): 64 MiB.
+MAX_VAR_BYTES = 64 * 1024 * 1024
 #: ``[build] target`` values: the core-module target (``wasm32-wasi`` is the older name of
 #: ``wasm32-wasip1``) and the component target of Python plugins.
 BUILD_TARGETS: tuple[str, ...] = ("wasm32-wasi", "wasm32-wasip1", "wasm32-wasip2")
@@ -406,6 +410,9 @@ class PluginSection(_Section):
             ``sandbus inspect`` and in plugin listings (``PluginInfo``, ``sandbus ls --json``).
         min_runtime_version: the oldest sandbus runtime this plugin works with (``None``: any).
         sha256: hex digest of the ``.wasm``; when set, a binary that does not match is refused.
+        content_type: for a plugin whose output is bytes (Extism), the media type of its successful
+            replies (``None``: ``application/octet-stream``); a JSON plugin always replies
+            ``application/json``, and a manifest declaring another type for one is refused at load.
     """
 
     name: StrictStr
@@ -417,6 +424,18 @@ class PluginSection(_Section):
     documentation: StrictStr | None = None
     min_runtime_version: StrictStr | None = None
     sha256: StrictStr | None = None
+    content_type: StrictStr | None = None
+
+    @field_validator("content_type")
+    @classmethod
+    def _content_type(cls, v: str | None) -> str | None:
+        # Copied into every reply's headers: only a strict media type passes (no CR/LF, no control bytes).
+        if v is not None and valid_media_type(v) is None:
+            shown = repr(v[:64]) + ("..." if len(v) > 64 else "")
+            raise ValueError(f"content_type must be a media type such as \"application/json\" or \"text/plain; "
+                             f"charset=utf-8\" (type/subtype, optional ; key=value parameters, printable ASCII, "
+                             f"at most {MAX_MEDIA_TYPE} characters), found {shown}")
+        return v
 
     @field_validator("repository", "documentation")
     @classmethod
@@ -559,6 +578,9 @@ class ResourcesSection(_Section):
     #: "pooled" (warm instances serve call after call) or "per-call" (a fresh instance every call, so
     #: nothing one caller left in memory reaches the next); ``None``: the node's default.
     isolation: Literal["pooled", "per-call"] | None = None
+    #: Extism plugins: bytes one instance's vars (``var_set``) may hold at once (Extism's
+    #: ``memory.max_var_bytes``); above it ``var_set`` fails the call.
+    max_var_bytes: StrictInt | None = Field(default=None, gt=0, le=MAX_VAR_BYTES)
 
 
 class BuildSection(_Section):

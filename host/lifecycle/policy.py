@@ -55,6 +55,7 @@ Example policy::
     [limits]        # ceilings: a manifest asking more is refused
     memory_mb = 256
     max_open_files = 1024   # files one instance may have open at once
+    max_var_bytes = 1048576 # Extism plugins: bytes one instance's vars may hold
     isolation = "per-call"  # required: a fresh instance for every call; a manifest asking "pooled" is refused
 
     [defaults]      # used when the manifest is silent
@@ -90,6 +91,7 @@ from pydantic import (
 
 from sandbus.host.lifecycle.manifest import (
     CAPABILITY_NAMES,
+    MAX_VAR_BYTES,
     CapabilityName,
     Manifest,
     _check_capabilities,
@@ -129,7 +131,8 @@ __all__ = [
 ]
 
 #: The ``[resources]`` / ``[limits]`` / ``[defaults]`` keys, in the order they are checked.
-RESOURCE_KEYS: tuple[str, ...] = ("memory_mb", "timeout_seconds", "max_fuel", "max_instances", "max_open_files")
+RESOURCE_KEYS: tuple[str, ...] = ("memory_mb", "timeout_seconds", "max_fuel", "max_instances", "max_open_files",
+                                  "max_var_bytes")
 
 
 class _Section(BaseModel):
@@ -292,13 +295,14 @@ class ResourceValues(_Section):
     max_fuel: StrictInt = Field(gt=0, le=2**63 - 1)  # Limits.fuel: wasmtime counts fuel in an i64
     max_instances: StrictInt = Field(gt=0, le=65536)  # as Limits.max_instances
     max_open_files: StrictInt = Field(gt=0, le=65536)
+    max_var_bytes: StrictInt = Field(gt=0, le=MAX_VAR_BYTES)  # Extism vars per instance (Limits.max_var_bytes)
     isolation: Isolation = "pooled"
 
 
 _CEILINGS = ResourceValues(memory_mb=256, timeout_seconds=30.0, max_fuel=10_000_000_000, max_instances=16,
-                           max_open_files=1024)
+                           max_open_files=1024, max_var_bytes=16 * MIB)
 _DEFAULTS = ResourceValues(memory_mb=64, timeout_seconds=5.0, max_fuel=1_000_000_000, max_instances=4,
-                           max_open_files=256)
+                           max_open_files=256, max_var_bytes=MIB)
 
 
 class Policy(_Section):
@@ -542,7 +546,13 @@ def _resolve_limits(manifest: Manifest, policy: Policy) -> Limits:
         fuel=values["max_fuel"],
         max_instances=values["max_instances"],
         max_open_files=values["max_open_files"],
+        **_var_cap(values["max_var_bytes"]),
     )
+
+
+def _var_cap(max_var_bytes: int) -> dict[str, int]:
+    """``Limits.max_var_bytes`` when the sandbox's limits have it (the Extism runtime), else nothing."""
+    return {"max_var_bytes": max_var_bytes} if "max_var_bytes" in Limits.model_fields else {}
 
 
 class _DirWanted:

@@ -79,7 +79,7 @@ from sandbus.host.sandbox import AuditEvent, AuditLevel, BudgetExceeded, CallRes
 from sandbus.host.sandbox.pool import NotInline
 from sandbus.host.telemetry.fast_spans import FastSpans, RequestTrace
 from sandbus.host.telemetry.otel import Telemetry
-from sandbus.sdk.envelope import H_MSG_ID, error_reply, header_value
+from sandbus.sdk.envelope import CONTENT_TYPE, H_MSG_ID, OCTET_STREAM, error_reply, header_value
 from sandbus.sdk.errors import (
     InstanceLimitError,
     PluginLoadingError,
@@ -256,10 +256,13 @@ class Node:
                 continue
             name = info.name
             lane = self._set_lane(name)
-            subscriptions = self.manager.manifest(name).subscriptions
+            manifest = self.manager.manifest(name)
+            subscriptions = manifest.subscriptions
+            body = self.manager.body(name)
             served.append(Served(name, tuple(subscriptions.topics), subscriptions.durable,
                                  self._message_function(name), lane.timeout_s,
-                                 self.manager.limits(name).max_instances))
+                                 self.manager.limits(name).max_instances, body,
+                                 CONTENT_TYPE if body == "json" else manifest.plugin.content_type or OCTET_STREAM))
         return served
 
     def request_now(self, plugin: str, function: str, msg: Msg, reply_headers: dict[str, str]) -> bytes | None:
@@ -373,16 +376,23 @@ class Node:
         topics: tuple[str, ...] = ()
         durable = False
         isolation: str | None = None
+        kind: str | None = None
+        content_type: str | None = None
         if info.status.serving:
             try:
-                subscriptions = self.manager.manifest(info.name).subscriptions
+                manifest = self.manager.manifest(info.name)
+                subscriptions = manifest.subscriptions
                 topics, durable = tuple(subscriptions.topics), subscriptions.durable
                 isolation = self.manager.limits(info.name).isolation
+                kind = self.manager.kind(info.name)
+                content_type = (CONTENT_TYPE if self.manager.body(info.name) == "json"
+                                else manifest.plugin.content_type or OCTET_STREAM)
             except SandbusError:  # unloaded meanwhile
                 pass
         return {"name": info.name, "version": info.version, "status": info.status.value,
                 "description": info.description, "sha256": info.sha256, "functions": list(info.functions),
-                "topics": list(topics), "durable": durable, "isolation": isolation,
+                "topics": list(topics), "durable": durable, "isolation": isolation, "kind": kind,
+                "content_type": content_type,
                 "last_loaded": None if info.last_loaded is None else info.last_loaded.isoformat(),
                 "reloads": info.reloads, "last_error": info.last_error, "last_error_code": info.last_error_code,
                 "last_error_at": None if info.last_error_at is None else info.last_error_at.isoformat()}
@@ -394,8 +404,13 @@ class Node:
     # -- calls -------------------------------------------------------------------------------------
 
     def _message_function(self, plugin: str) -> str:
-        """Plugins handle messages in ``handle_message`` when they export it, else ``handle_request``."""
-        return MESSAGE_FUNCTION if MESSAGE_FUNCTION in self.manager.module_info(plugin).functions else DEFAULT_FUNCTION
+        """Plugins handle messages in ``handle_message`` when they export it, else ``handle_request``;
+        an Extism plugin always in ``handle_message`` (its ``handle_request``, if any, takes the
+        request's bytes, not an envelope: without ``handle_message`` a message is refused as an
+        unknown function, and a plugin with topics but none does not load)."""
+        if MESSAGE_FUNCTION in self.manager.module_info(plugin).functions or self.manager.body(plugin) == "bytes":
+            return MESSAGE_FUNCTION
+        return DEFAULT_FUNCTION
 
     def _set_lane(self, name: str) -> _Lane:
         """The lane for the serving version of ``name`` (kept when nothing it depends on changed)."""

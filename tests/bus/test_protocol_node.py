@@ -254,7 +254,8 @@ async def test_list_is_identity_and_stats_adds_the_counters(shared: str) -> None
         listed = await c.control("n1", "list")
         stats = await c.control("n1", "stats")
         plugin_keys = {"name", "version", "status", "description", "sha256", "functions", "topics", "durable",
-                       "isolation", "last_loaded", "reloads", "last_error", "last_error_code", "last_error_at"}
+                       "isolation", "kind", "content_type", "last_loaded", "reloads", "last_error", "last_error_code",
+                       "last_error_at"}
         counters = {"executions", "errors", "host_errors", "rejected", "p50_ms", "p99_ms", "fuel_used",
                     "last_fuel_used", "memory_bytes", "instances", "in_flight", "queue_depth", "max_open_files"}
         assert set(listed) == {"node_id", "version", "durable_topics", "plugins"}
