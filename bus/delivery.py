@@ -49,7 +49,17 @@ from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from sandbus.bus.handler import DEFAULT_FUNCTION, BusHandler, Served
 from sandbus.bus.requests import internal_error
 from sandbus.sdk.audit import AuditLevel
-from sandbus.sdk.envelope import H_ERROR, H_ERROR_CODE, H_MSG_ID, envelope_for, error_reply, header_value
+from sandbus.sdk.envelope import (
+    CONTENT_TYPE,
+    H_CONTENT_TYPE,
+    H_ERROR,
+    H_ERROR_CODE,
+    H_MSG_ID,
+    envelope_for,
+    error_reply,
+    header_value,
+    valid_media_type,
+)
 from sandbus.sdk.errors import RequestError, SandbusError
 from sandbus.sdk.natsraw import RAW_WRITES, can_write_raw, write_raw
 from sandbus.sdk.subjects import AUDIT_PREFIX, DLQ_PREFIX, TOPIC_PREFIX, dlq_subject, topic_subject
@@ -607,10 +617,14 @@ class DurableTopics:
         Everything copied is bounded: the publisher's subject and message id, and the body, cut to
         what fits in the server's max payload beside our headers (``Sandbus-Original-Size`` tells it
         was cut; the whole message stays in the topic stream at ``Sandbus-Original-Sequence`` until
-        its limits drop it). A dead letter larger than the max payload made the server close the
-        node's connection, again on every redelivery.
+        its limits drop it). Its ``Content-Type`` is the original's (when a valid media type, else JSON's,
+        as the protocol reads a message without one). A dead letter larger than the max payload made the
+        server close the node's connection, again on every redelivery.
         """
         _, headers = error_reply(err)
+        # The body is the original's, byte for byte: so is its media type (raw bytes stay bytes to a reader).
+        original_type = valid_media_type(msg.headers.get(H_CONTENT_TYPE)) if msg.headers else None
+        headers[H_CONTENT_TYPE] = original_type or CONTENT_TYPE
         headers.update({"Sandbus-Original-Subject": header_value(msg.subject, MAX_DLQ_SUBJECT),
                         "Sandbus-Deliveries": str(attempt), "Sandbus-Original-Size": str(len(msg.data))})
         with contextlib.suppress(Exception):  # not a JetStream message (tests): no sequence to give

@@ -1,5 +1,10 @@
 """``sandbus inspect FILE.wasm``: what a module is, what it exports and imports, whether it speaks our ABI.
 
+A core module importing from ``extism:host/env`` is an Extism plugin (``kind`` ``"extism"``): its callable
+functions are its ``() -> i32`` exports, its contract Extism's host ABI, and its input and output bytes.
+``sandbus inspect --manifest`` writes a starting manifest beside any module (:func:`manifest_for`): a node
+loads no plugin without one.
+
 The verdicts come from the host's own code, not a re-implementation: the ABI check is
 :func:`sandbus.host.sandbox.inspect_module`, the ABI version is what ``sandbus_abi_version`` returns inside a
 real :class:`~sandbus.host.sandbox.Sandbox`, and the manifest check is
@@ -20,12 +25,21 @@ import wasmtime
 from sandbus.host.authoring.errors import AuthoringError
 from sandbus.sdk.errors import InvalidModuleError, SandbusError
 
-__all__ = ["ExportInfo", "ImportInfo", "ManifestCheck", "WasmReport", "inspect_wasm"]
+__all__ = ["EXTISM_NAMESPACE", "ExportInfo", "ImportInfo", "ManifestCheck", "WasmReport", "inspect_wasm",
+           "manifest_for"]
 
 _CORE_VERSION = b"\x01\x00\x00\x00"
 _COMPONENT_VERSION = b"\x0d\x00\x01\x00"
 #: Import namespaces a core plugin may use (docs/abi.md, "Imports").
 _ALLOWED_IMPORT_MODULES = ("sandbus_v1", "wasi_snapshot_preview1")
+#: The import namespace that makes a core module an Extism plugin.
+EXTISM_NAMESPACE = "extism:host/env"
+#: Import namespaces an Extism plugin may use here (no ``extism:host/user``: an embedder's own host
+#: functions do not exist on a node).
+_EXTISM_IMPORT_MODULES = (EXTISM_NAMESPACE, "wasi_snapshot_preview1")
+#: How ``sandbus inspect`` names each kind.
+KIND_LABELS = {"core module": "core module (sandbus ABI v1)", "component": "component (WIT world sandbus:plugin)",
+               "extism": f"Extism plugin ({EXTISM_NAMESPACE})"}
 
 
 @dataclass(frozen=True)
@@ -91,12 +105,12 @@ class WasmReport:
     """Everything ``sandbus inspect`` shows.
 
     Parameters:
-        kind: ``core module`` or ``component``.
+        kind: ``core module``, ``component`` or ``extism`` (a core module importing ``extism:host/env``).
         abi_ok / abi_error: the host's ABI v1 check (None for a component: its contract is the WIT
             world, checked by the component linker when it loads).
         abi_version: what ``sandbus_abi_version`` returned (None when it could not be called).
         functions: the callable functions (``(i32, i32) -> i64`` exports of a core module; exported
-            functions of a component).
+            functions of a component; the ``() -> i32`` exports of an Extism plugin).
         load_error: why a sandbox could not be created with default limits and no capability.
     """
 
@@ -121,7 +135,7 @@ class WasmReport:
     def ok(self) -> bool:
         """Whether a node would accept the module and its manifest (policy aside)."""
         manifest_ok = self.manifest is None or self.manifest.valid
-        if self.kind == "component":
+        if self.kind in ("component", "extism"):
             return manifest_ok and self.load_error is None and not self.import_problems
         return (self.abi_ok is True and self.abi_version == 1 and self.load_error is None and not self.import_problems
                 and manifest_ok)
@@ -249,6 +263,8 @@ def _inspect_core(path: Path, wasm: bytes, config: dict[str, Any], common: dict[
     imports = tuple(ImportInfo(i.module, i.name or "", *_core_signature(i.type)) for i in module.imports)
     memory = next((e.type for e in module.exports if e.name == "memory" and isinstance(e.type, wasmtime.MemoryType)),
                   None)
+    if any(i.module == EXTISM_NAMESPACE for i in imports):
+        return _inspect_extism(module, wasm, config, common, exports, imports)
     problems = tuple(f"import {i.module}.{i.name}: only {' and '.join(_ALLOWED_IMPORT_MODULES)} may be imported"
                      for i in imports if i.module not in _ALLOWED_IMPORT_MODULES)
     report: dict[str, Any] = {**common, "kind": "core module", "exports": exports, "imports": imports,
@@ -273,6 +289,74 @@ def _inspect_core(path: Path, wasm: bytes, config: dict[str, Any], common: dict[
     except SandbusError as e:
         version, load_error = None, f"{type(e).__name__}: {e.message}"
     return WasmReport(**report, abi_version=version, load_error=load_error)
+
+
+def _inspect_extism(module: wasmtime.Module, wasm: bytes, config: dict[str, Any], common: dict[str, Any],
+                    exports: tuple[ExportInfo, ...], imports: tuple[ImportInfo, ...]) -> WasmReport:
+    """An Extism plugin: its functions as the host's Extism loader sees them, its imports checked against
+    the namespaces a node provides, and a real sandbox's verdict."""
+    problems = tuple(f"import {i.module}.{i.name}: an Extism plugin may import only "
+                     f"{' and '.join(_EXTISM_IMPORT_MODULES)} here (a node has no embedder's host functions)"
+                     for i in imports if i.module not in _EXTISM_IMPORT_MODULES)
+    functions = tuple(sorted(e.name for e in exports if e.kind == "func" and e.signature == "() -> i32"
+                             and e.name not in ("_start", "_initialize")
+                             and not e.name.startswith(("extism_", "sandbus_", "__"))))
+    abi_error: str | None = None
+    try:
+        from sandbus.host.sandbox.extism.abi import inspect_extism
+    except ImportError:  # a host without the Extism loader: the static reading above stands
+        pass
+    else:
+        try:
+            functions = inspect_extism(module, Path(common["path"]).stem).functions
+        except SandbusError as e:
+            abi_error = e.message
+    memory = next((e.type for e in module.exports if e.name == "memory" and isinstance(e.type, wasmtime.MemoryType)),
+                  None)
+    load_error = abi_error or (None if problems else _load_error(wasm, common, config))
+    return WasmReport(**common, kind="extism", exports=exports, imports=imports, functions=functions,
+                      abi_ok=abi_error is None, abi_error=abi_error, import_problems=problems, load_error=load_error,
+                      memory_pages=int(memory.limits.min) if memory is not None else None)
+
+
+def manifest_for(report: WasmReport) -> str:
+    """A starting manifest (TOML) for the inspected module: its name (the file stem), version 0.1.0, and,
+    for an Extism plugin, how Extism's manifest notions map onto sandbus's keys.
+
+    Raises:
+        AuthoringError: the file stem is not a valid plugin name (the manifest must be named after it).
+    """
+    from sandbus.host.lifecycle.manifest import parse_manifest
+    from sandbus.sdk.envelope import OCTET_STREAM
+
+    path = Path(report.path)
+    name = path.stem
+    functions = ", ".join(report.functions) or "none found"
+    lines = ["[plugin]", f'name = "{name}"', 'version = "0.1.0"',
+             f'description = "{KIND_LABELS.get(report.kind, report.kind)}"']
+    if report.kind == "extism":
+        lines += [f"# the media type of its output (every reply of a successful call); {OCTET_STREAM} when unsaid,",
+                  '# e.g. "application/json" for a plugin that writes JSON',
+                  f'content_type = "{OCTET_STREAM}"', "",
+                  f"# callable functions: {functions}",
+                  "# Extism's manifest notions, as sandbus keys (the node's policy still decides what is granted):",
+                  "#   config            -> [config] (read with config_get; strings as they are, others as JSON)",
+                  '#   allowed_hosts     -> [permissions] network_hosts = ["api.example.com:443"]',
+                  '#   allowed_paths     -> [permissions] read_files = ["data"] / write_files = ["out"]',
+                  "#   memory.max_pages  -> [resources] memory_mb (16 pages = 1 MiB)",
+                  "#   timeout_ms        -> [resources] timeout_seconds",
+                  "#   memory.max_var_bytes -> [resources] max_var_bytes", "",
+                  "[resources]", "max_var_bytes = 1048576", "",
+                  "# direct and topic messages go to its handle_message export (input: the envelope as JSON)",
+                  "# [subscriptions]", '# topics = ["orders.*"]', "", "[config]", ""]
+    else:
+        lines += ["", f"# callable functions: {functions}", "", "[resources]", "# memory_mb = 64", "", "[config]", ""]
+    text = "\n".join(lines)
+    try:
+        parse_manifest(text, source=str(path.with_suffix(".toml")), expected_name=name)
+    except SandbusError as e:
+        raise AuthoringError(f"cannot write a manifest for {path.name}: {e}", path=str(path)) from e
+    return text
 
 
 def _refused_by_host(e: InvalidModuleError, kind: str, common: dict[str, Any]) -> WasmReport | None:

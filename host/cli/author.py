@@ -24,7 +24,7 @@ import typer
 
 from sandbus.host.cli.extras import require_host
 from sandbus.host.cli.main import EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, fail
-from sandbus.host.cli.output import cell, markup_safe, terminal_json
+from sandbus.host.cli.output import cell, markup_safe, terminal_json, terminal_text
 from sandbus.host.sandbox.guest_text import escape_controls
 from sandbus.sdk.errors import ManifestError
 
@@ -121,13 +121,23 @@ def _size(n: int) -> str:
 def inspect(
     wasm: Annotated[Path, typer.Argument(help="The .wasm file (a NAME.toml beside it is checked too).")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    manifest: Annotated[bool, typer.Option(
+        "--manifest", help="Write a starting manifest NAME.toml beside the module (never over an existing one)."
+    )] = False,
 ) -> None:
-    """Kind, size, exports, imports, ABI version and manifest of a module; exit 1 if a node would refuse it."""
+    """Kind, size, exports, imports, ABI version and manifest of a module; exit 1 if a node would refuse it.
+
+    An Extism plugin (a module importing extism:host/env) is recognised as one: its functions are its
+    () -> i32 exports. --manifest writes NAME.toml for any module, with Extism's manifest notions mapped
+    onto sandbus's keys for an Extism plugin.
+    """
     require_host("inspect")
     from sandbus.host.authoring import AuthoringError, inspect_wasm
 
     try:
         report = inspect_wasm(wasm)
+        if manifest:
+            report = _write_manifest(wasm, report)
     except AuthoringError as e:
         fail(str(e), EXIT_USAGE)
     if as_json:
@@ -135,6 +145,25 @@ def inspect(
     else:
         _print_report(report)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_PLUGIN)
+
+
+def _write_manifest(wasm: Path, report: WasmReport) -> WasmReport:
+    """Write the starting manifest beside ``wasm`` (created, never replaced) and inspect again with it."""
+    from sandbus.host.authoring import AuthoringError, inspect_wasm
+    from sandbus.host.authoring.inspector import manifest_for
+
+    target = wasm.with_suffix(".toml")
+    text = manifest_for(report)
+    try:
+        with open(target, "x", encoding="utf-8") as f:  # "x": an existing manifest (or a symlink there) stays
+            f.write(text)
+    except FileExistsError:
+        raise AuthoringError(f"{target} exists: a manifest is not overwritten (remove it first)",
+                             path=str(target)) from None
+    except OSError as e:
+        raise AuthoringError(f"cannot write {target}: {e.strerror or e}", path=str(target)) from e
+    typer.echo(f"wrote {terminal_text(str(target))}", err=True)
+    return inspect_wasm(wasm)
 
 
 def _verdict(ok: bool | None, text: str, *, multiline: bool = False) -> Text:
@@ -156,7 +185,9 @@ def _print_report(r: WasmReport) -> None:
     facts = Table(show_header=False, title=markup_safe(r.path), title_justify="left", box=None, pad_edge=False)
     facts.add_column(style="bold")
     facts.add_column(overflow="fold")
-    facts.add_row("kind", r.kind)
+    from sandbus.host.authoring.inspector import KIND_LABELS
+
+    facts.add_row("kind", cell(KIND_LABELS.get(r.kind, r.kind)))
     facts.add_row("size", f"{_size(r.size)} ({r.size} bytes)")
     facts.add_row("sha256", r.sha256)
     if r.kind == "core module":
@@ -167,12 +198,19 @@ def _print_report(r: WasmReport) -> None:
             facts.add_row("initial memory", f"{r.memory_pages} pages ({_size(r.memory_pages * 65536)})")
         if r.optional_exports:
             facts.add_row("optional exports", cell(", ".join(r.optional_exports)))
+    elif r.kind == "extism":
+        facts.add_row("ABI", _verdict(r.abi_ok, "Extism host ABI: () -> i32 exports, bytes in, bytes out"
+                                      if r.abi_ok else f"refused: {r.abi_error}"))
+        if r.memory_pages is not None:
+            facts.add_row("initial memory", f"{r.memory_pages} pages ({_size(r.memory_pages * 65536)})")
+        imported = sorted({i.name for i in r.imports if i.module == "extism:host/env"})
+        facts.add_row("extism imports", cell(", ".join(imported) or "-"))
     else:
         facts.add_row("ABI", "component model: world sandbus:plugin (functions dispatched by handle-request)")
     facts.add_row("callable functions", cell(", ".join(r.functions) or "-"))
     if r.load_error:
         facts.add_row("loads in a sandbox", _verdict(False, r.load_error))
-    elif r.kind == "core module" and r.abi_ok:
+    elif r.kind in ("core module", "extism") and r.abi_ok:
         facts.add_row("loads in a sandbox", _verdict(True, "yes (default limits, nothing granted)"))
     for problem in r.import_problems:
         facts.add_row("import", _verdict(False, problem))

@@ -342,7 +342,7 @@ async def test_dead_letter_carries_the_documented_headers(protocol_bus: Bus) -> 
     assert headers.get("Sandbus-Original-Size") == str(len(body))
     assert headers.get("Sandbus-Original-Sequence") == str(ack.seq)
     assert headers.get("Sandbus-Msg-Id") == "dlq-test-1"
-    assert headers.get("Content-Type") == "application/json"
+    assert headers.get("Content-Type") == ENVELOPE_TYPE, "the original's media type: the body is the original's"
     assert letter.data == body, "the original body, as it was published"
 
 
