@@ -11,6 +11,7 @@ dead-lettered at once instead of redelivered.
     │   ├── InvalidModuleError       not valid wasm / not our ABI version (ValueError)
     │   ├── AbiViolationError        missing export, bad signature, bad pointer, bad JSON
     │   ├── TrapError                the guest trapped (carries the wasm backtrace)
+    │   ├── GuestError               the guest reported a failure itself (an Extism plugin's error_set)
     │   └── PluginInitError          init(config) or _initialize failed
     ├── ResourceLimitError           a limit held, and the call was stopped
     │   ├── OutOfFuelError
@@ -59,6 +60,7 @@ __all__ = [
     "DependencyError",
     "DeployError",
     "ExecutionTimeoutError",
+    "GuestError",
     "HopLimitError",
     "HostError",
     "InstanceLimitError",
@@ -147,6 +149,16 @@ class TrapError(SandboxError):
     ) -> None:
         self.backtrace = backtrace or []
         super().__init__(message, plugin=plugin, backtrace=self.backtrace, **details)
+
+
+class GuestError(SandboxError):
+    """The plugin ran to its end and reported a failure: an Extism plugin's function returned non-zero.
+
+    The message is the plugin's own error text (bounded, control characters escaped); ``details`` carry
+    ``function`` and ``return_code``. Not a trap: the instance stays in service, with its state.
+    """
+
+    code = "sandbox.guest_error"
 
 
 class PluginInitError(SandboxError):

@@ -698,6 +698,122 @@ static PyObject *native_encode_request(PyObject *self, PyObject *args) {
     return PyBytes_FromStringAndSize((const char *)outbuf, o.p - outbuf);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * An Extism plugin's round trip (host/sandbox/extism/invoker.py): our kernel's sandbus_begin (free
+ * everything, cap the kernel memory for this call, allocate the input block), the input copied in, the
+ * plugin's () -> i32 export, then sandbus_output (offset << 32 | length, all ones when freed) or, on a
+ * non-zero return, sandbus_error. The same checks as above: every span against a fresh memory size.
+ */
+enum {
+    RT_GUEST_ERROR = 6,  /* a = return code (as u32), b = sandbus_error's packed block */
+    RT_OUTPUT_FREED = 7,
+};
+
+/* extism_round_trip(ctx, kmem, pmem, begin, func, output, error, payload, max_output, fuel, ticks, memory_limit)
+ *   -> (code, reply | None, a, b, c); on success a = fuel left, b = both memories' size. pmem may be 0. */
+static PyObject *native_extism_round_trip(PyObject *self, PyObject *args) {
+    unsigned long long ctx_a, kmem_a, pmem_a, begin_a, func_a, output_a, error_a, max_output, ticks, limit;
+    long long fuel;
+    const char *payload;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KKKKKKKy#KLKK", &ctx_a, &kmem_a, &pmem_a, &begin_a, &func_a, &output_a, &error_a,
+                          &payload, &n, &max_output, &fuel, &ticks, &limit))
+        return NULL;
+    if (p_call == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "sandbus.host.sandbox._native.bind() was not called");
+        return NULL;
+    }
+    void *ctx = (void *)(uintptr_t)ctx_a, *kmem = (void *)(uintptr_t)kmem_a, *pmem = (void *)(uintptr_t)pmem_a;
+    char stack[STACK_REPLY];
+    rt_out o = {0};
+    o.copy = stack;
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        val_raw_t buf[2];
+        if (fuel >= 0 && (o.err = p_set_fuel(ctx, (uint64_t)fuel)) != NULL) {
+            o.code = RT_WASM_ERROR;
+            break;
+        }
+        p_set_deadline(ctx, ticks);
+        uint64_t psize = pmem ? p_mem_size(ctx, pmem) : 0;
+        buf[0].i64 = (int64_t)n;
+        buf[1].i64 = (int64_t)(limit > psize ? limit - psize : 0);
+        o.err = p_call(ctx, (const void *)(uintptr_t)begin_a, buf, 2, &o.trap);
+        if (o.err || o.trap) {
+            o.code = RT_WASM_ERROR;
+            break;
+        }
+        uint64_t p = (uint64_t)buf[0].i64;
+        size_t size = p_mem_size(ctx, kmem);
+        if (p > size || (uint64_t)n > size - p) {
+            o.code = RT_BAD_INPUT_RANGE;
+            o.a = p, o.b = (unsigned long long)n, o.c = size;
+            break;
+        }
+        if (n)
+            memcpy(p_mem_data(ctx, kmem) + p, payload, (size_t)n);
+        o.err = p_call(ctx, (const void *)(uintptr_t)func_a, buf, 1, &o.trap);
+        if (o.err || o.trap) {
+            o.code = RT_WASM_ERROR;
+            break;
+        }
+        int32_t rc = buf[0].i32;
+        if (rc != 0) {
+            o.err = p_call(ctx, (const void *)(uintptr_t)error_a, buf, 1, &o.trap);
+            if (o.err || o.trap) {
+                o.code = RT_WASM_ERROR;
+                break;
+            }
+            o.code = RT_GUEST_ERROR;
+            o.a = (uint32_t)rc, o.b = (uint64_t)buf[0].i64;
+            break;
+        }
+        o.err = p_call(ctx, (const void *)(uintptr_t)output_a, buf, 1, &o.trap);
+        if (o.err || o.trap) {
+            o.code = RT_WASM_ERROR;
+            break;
+        }
+        uint64_t packed = (uint64_t)buf[0].i64;
+        if (packed == UINT64_MAX) {
+            o.code = RT_OUTPUT_FREED;
+            break;
+        }
+        uint64_t rp = packed >> 32, rl = packed & 0xFFFFFFFFu;
+        if (rl > max_output) {
+            o.code = RT_REPLY_TOO_LARGE;
+            o.a = rl;
+            break;
+        }
+        size = p_mem_size(ctx, kmem);
+        if (rp + rl > size) {
+            o.code = RT_BAD_REPLY_RANGE;
+            o.a = rp, o.b = rl, o.c = size;
+            break;
+        }
+        if (rl > STACK_REPLY) {
+            o.copy = malloc((size_t)rl);
+            if (o.copy == NULL) {
+                o.heap_failed = 1;
+                o.copy = stack;
+                break;
+            }
+        }
+        memcpy(o.copy, p_mem_data(ctx, kmem) + rp, (size_t)rl);
+        o.rl = rl;
+        if (fuel >= 0) {
+            void *ferr = p_get_fuel(ctx, &o.fuel_left);
+            if (ferr != NULL) {
+                o.err = ferr;
+                o.code = RT_WASM_ERROR;
+                break;
+            }
+        }
+        o.size = size + (pmem ? p_mem_size(ctx, pmem) : 0);
+    } while (0);
+    Py_END_ALLOW_THREADS
+    return rt_result(&o, stack);
+}
+
 static PyMethodDef methods[] = {
     {"encode_request", native_encode_request, METH_VARARGS,
      "encode_request(record, process_const, exec_const, duration_ms) -> bytes | None"},
@@ -707,6 +823,9 @@ static PyMethodDef methods[] = {
      "error_delete)"},
     {"fresh_call", native_fresh_call, METH_VARARGS,
      "fresh_call(scratch, function, config, payload, ticks) -> (code, reply, a, b, c)"},
+    {"extism_round_trip", native_extism_round_trip, METH_VARARGS,
+     "extism_round_trip(ctx, kmem, pmem, begin, func, output, error, payload, max_output, fuel, ticks, "
+     "memory_limit) -> (code, reply, a, b, c)"},
     {"round_trip", native_round_trip, METH_VARARGS,
      "round_trip(ctx, mem, alloc, func, dealloc, payload, max_output, fuel, ticks) -> (code, reply, a, b, c)"},
     {NULL, NULL, 0, NULL},

@@ -70,6 +70,8 @@ class Limits(BaseModel):
             gets a fresh instance from a pooling allocator (copy-on-write memory image), discarded when the
             call ends; ``_initialize`` and ``sandbus_init`` run on each, ``sandbus_shutdown`` never;
             ``max_instances`` still bounds calls at once (host/sandbox/percall.py).
+        max_var_bytes: what an Extism plugin's variables (``var_set``) may hold in all, keys and values,
+            per instance (docs/extism.md); a ``var_set`` beyond it fails the call.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -89,6 +91,7 @@ class Limits(BaseModel):
     compile_memory_bytes: int = Field(default=2048 * MIB, ge=256 * MIB, le=1 << 48)
     max_open_files: int = Field(default=256, gt=0, le=65536)
     isolation: Isolation = "pooled"
+    max_var_bytes: int = Field(default=1 * MIB, ge=0, le=_WASM32)
 
 
 def check_name_pattern(pattern: str) -> str:

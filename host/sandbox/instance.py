@@ -38,6 +38,7 @@ from sandbus.host.sandbox.invoke import GuestAllocFailed, Invoker, ReplyTooLarge
 from sandbus.sdk.errors import (
     AbiViolationError,
     ExecutionTimeoutError,
+    GuestError,
     HostError,
     InvalidModuleError,
     MemoryLimitError,
@@ -212,7 +213,7 @@ class PluginInstance:
 
         store = wasmtime.Store(handle.engine)
         store.set_limits(memory_size=limits.memory_bytes, table_elements=limits.table_elements,
-                         instances=2, tables=4, memories=1)  # 2: the guest and its WASI trampoline
+                         instances=self.STORE_INSTANCES, tables=4, memories=self.STORE_MEMORIES)
         # Instantiation (start function, data segments) runs under the same budget as a call.
         if limits.fuel is not None:
             store.set_fuel(limits.fuel)
@@ -242,6 +243,16 @@ class PluginInstance:
             if wasi_guest_error(e, None) is not None:  # the start function handed WASI a bad pointer
                 raise self._translate(e, "instantiation") from e
             raise InvalidModuleError(f"cannot instantiate: {_first_line(e)}", plugin=plugin) from e
+        self._start(handle, instance, fast=fast, native=native)
+
+    #: What one store holds: the guest, its WASI trampoline (instances), the guest's memory. An Extism
+    #: plugin's store adds its kernel (host/sandbox/extism/instance.py).
+    STORE_INSTANCES = 2
+    STORE_MEMORIES = 1
+
+    def _start(self, handle: EngineHandle, instance: wasmtime.Instance, *, fast: bool, native: bool) -> None:
+        """Make the instantiated guest callable: its invoker, ``_initialize``, and the ABI version check."""
+        store, info, plugin = self._store, self.info, self.plugin
         memory = instance.exports(store)["memory"]
         assert isinstance(memory, wasmtime.Memory)
         if info.uses_wasi:
@@ -427,8 +438,9 @@ class PluginInstance:
             e = take_failure(ctx, caught)
             stats.fuel_used = _fuel_used(inv, limits.fuel)
             stats.memory_bytes = inv.memory_size()
-            # Whatever ended it (a KeyboardInterrupt in a host function too), the guest stopped midway.
-            self.poisoned = True
+            # Whatever ended it (a KeyboardInterrupt in a host function too), the guest stopped midway --
+            # unless the guest itself returned a failure (an Extism plugin's non-zero return): it finished.
+            self.poisoned = not isinstance(e, GuestError)
             if isinstance(e, GuestAllocFailed):
                 raise self._translate(MemoryLimitError(
                     f"sandbus_alloc({e.args[0]}) returned 0: the guest is out of memory",

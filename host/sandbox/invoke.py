@@ -46,11 +46,20 @@ __all__ = [
     "address_of",
     "PlainInvoker",
     "NATIVE_REASON",
+    "RawFunc",
     "ReplyTooLarge",
     "Signature",
     "fast_path_available",
+    "fuel_left_raw",
     "make_invoker",
     "native_available",
+    "native_module",
+    "raise_failure",
+    "raw_memory",
+    "raw_memory_base",
+    "raw_memory_size",
+    "set_budget_raw",
+    "signed",
 ]
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -165,6 +174,11 @@ def _bind_native() -> tuple[ModuleType | None, str]:  # the module is host/sandb
 _native, NATIVE_REASON = _bind_native()
 
 
+def native_module() -> ModuleType | None:
+    """The compiled helper, bound to this process's libwasmtime (None when unavailable)."""
+    return _native
+
+
 def native_available() -> bool:
     """Whether round trips run in the compiled helper (else through ctypes; ~10 us slower per call)."""
     return _native is not None
@@ -178,7 +192,8 @@ def address_of(obj: Any) -> int:
 
 
 class _RawFunc:
-    """One export called through ``wasmtime_func_call_unchecked`` with a reused buffer."""
+    """One export called through ``wasmtime_func_call_unchecked`` with a reused buffer (also
+    host/sandbox/extism/invoker.py's way to call its kernel and the plugin, as :data:`RawFunc`)."""
 
     __slots__ = ("_buf", "_buf_addr", "_ctx", "_func", "_func_addr", "_result", "_trap", "_trap_addr")
 
@@ -215,6 +230,14 @@ class _RawFunc:
             self._raise(err)
         return int(buf[0].i64)
 
+    def call0(self) -> int:
+        """No arguments; the signed result (an i32 read as an i32: the raw slot's upper half is not defined)."""
+        buf = self._buf
+        err = _call_unchecked(self._ctx, self._func_addr, self._buf_addr, len(buf), self._trap_addr)
+        if err or self._trap.value:
+            self._raise(err)
+        return int(buf[0].i32) if self._result == "i32" else int(buf[0].i64)
+
     def call1(self, a: int) -> int:
         buf = self._buf
         buf[0].i64 = a
@@ -227,6 +250,47 @@ class _RawFunc:
         trap_addr = self._trap.value
         self._trap.value = None
         _raise_failure(err, trap_addr)
+
+
+RawFunc = _RawFunc
+
+
+def raise_failure(err: int | None, trap_addr: int | None) -> NoReturn:
+    """Raise what a failed unchecked call left (a trap or an error), freeing both handles."""
+    _raise_failure(err, trap_addr)
+
+
+def raw_memory(store: wasmtime.Store, memory: wasmtime.Memory) -> tuple[int, int]:
+    """(context address, memory handle address) for :func:`raw_memory_base` / :func:`raw_memory_size`."""
+    return address_of(store._context()), ctypes.addressof(memory._memory)
+
+
+def raw_memory_base(ctx: int, mem: int) -> int:
+    """The memory's base address now (re-read after every call into the store: it may move)."""
+    base = _mem_data(ctx, mem)
+    assert base is not None
+    return int(base)
+
+
+def raw_memory_size(ctx: int, mem: int) -> int:
+    return int(_mem_size(ctx, mem))
+
+
+def set_budget_raw(ctx: int, fuel: int | None, epoch_ticks: int) -> None:
+    """Fresh fuel (unless metering is off) and a fresh epoch deadline, through the C API."""
+    if fuel is not None:
+        err = _set_fuel(ctx, fuel)
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _ErrPtr))
+    _set_deadline(ctx, epoch_ticks)
+
+
+def fuel_left_raw(ctx: int) -> int:
+    out = ctypes.c_uint64()
+    err = _get_fuel(ctx, ctypes.byref(out))
+    if err:
+        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _ErrPtr))
+    return int(out.value)
 
 
 def _raise_failure(err: int | None, trap_addr: int | None) -> NoReturn:
@@ -441,6 +505,11 @@ class PlainInvoker:
     def write(self, ptr: int, data: bytes) -> None:
         _check_bounds(ptr, len(data), self.memory_size(), "write")
         self._mem.write(self._store, data, ptr)
+
+
+def signed(value: int, kind: str) -> int:
+    """``value`` as the signed ``kind`` ("i32" / "i64") the ordinary API takes."""
+    return _signed(value, kind)
 
 
 def _signed(value: int, kind: str) -> int:

@@ -27,6 +27,7 @@ from sandbus.host.sandbox.compiler import read_wasm
 from sandbus.host.sandbox.component import ComponentInfo, ComponentInstance
 from sandbus.host.sandbox.config import MIB, Capabilities, DirGrant, Limits
 from sandbus.host.sandbox.engine import get_engine
+from sandbus.host.sandbox.extism import EXTISM_ENV, EXTISM_USER, ExtismInstance, inspect_extism, is_extism
 from sandbus.host.sandbox.grants import GrantSet
 from sandbus.host.sandbox.hostfuncs import ABI_NAMESPACE, HostFunctions, builtin_host_functions
 from sandbus.host.sandbox.instance import BudgetExceeded, PluginInstance
@@ -83,6 +84,12 @@ def rerun_safe(info: abi.ModuleInfo, capabilities: Capabilities, host_functions:
     """
     if any(d.writable for d in capabilities.dirs):
         return False
+    # An Extism plugin: http_request acts on the network (unless denied), and functions an embedder adds
+    # under extism:host/user are unknown. Its variables live in the instance, which a re-run does not reuse.
+    if "http_request" in info.imports_of(EXTISM_ENV) and capabilities.allows("network"):
+        return False
+    if info.imports_of(EXTISM_USER):
+        return False
     for name in info.imports_of(ABI_NAMESPACE) - PURE_HOST_FUNCTIONS:
         if host_functions is None:
             return False
@@ -108,10 +115,12 @@ class Sandbox:
     """A plugin loaded once and served from a pool of warm instances (or, with ``Limits.isolation =
     "per-call"``, from a fresh instance for every call: host/sandbox/percall.py). Thread-safe.
 
-    The plugin is a core module (Guest ABI v1, docs/abi.md) or a component (the WIT world in
-    sdk/guest/python/wit, e.g. a componentize-py guest); the binary's header says which, and ``kind``
-    tells. Both run under the same limits and capabilities; host/sandbox/component.py lists the few
-    differences in what is enforced.
+    The plugin is a core module (Guest ABI v1, docs/abi.md), an Extism plugin (a core module importing
+    ``extism:host/env``, built with any Extism PDK: docs/extism.md) or a component (the WIT world in
+    sdk/guest/python/wit, e.g. a componentize-py guest); the binary says which, and ``kind`` tells.
+    ``body`` tells what a call takes and returns: "json" (checked to be JSON) or, for Extism plugins,
+    "bytes" (passed through as they are). All run under the same limits and capabilities;
+    host/sandbox/component.py lists the few differences in what is enforced for components.
 
     Parameters:
         wasm: module or component bytes, a path to a .wasm file, or a :class:`ModuleSource` (bytes
@@ -120,7 +129,8 @@ class Sandbox:
         limits / capabilities: what is enforced (defaults: ``Limits()``, nothing granted).
         host_functions: extra host functions, on top of the built-in log/time/env.
         on_audit: callback receiving every :class:`AuditEvent`.
-        config: JSON-able settings handed to the plugin's ``sandbus_init`` on each new instance.
+        config: JSON-able settings handed to the plugin's ``sandbus_init`` on each new instance (an Extism
+            plugin reads them with ``config_get``: strings as they are, other values as their JSON).
         cache: module cache (default: the shared on-disk cache).
         fast: use the fast call path when the installed wasmtime-py allows it.
         native: on the fast path, use the compiled round trip when it is built (else ctypes).
@@ -168,7 +178,8 @@ class Sandbox:
         self._host_functions = builtin_host_functions().merged(host_functions)
         self._handle = get_engine(self.limits.stack_bytes, fuel=self.limits.fuel is not None)
         cache = cache or shared_cache()
-        self.kind: Literal["module", "component"]
+        self.kind: Literal["module", "component", "extism"]
+        self.body: Literal["json", "bytes"] = "json"
         if source.component and self.limits.isolation == "per-call":
             # Refused before it compiles: a component compiles for seconds and could never run per call.
             err = InvalidModuleError(
@@ -186,6 +197,15 @@ class Sandbox:
         except InvalidModuleError as e:
             self.auditor.emit(AuditLevel.WARNING, "module.refused", self.name, e.message, **e.details)
             raise
+        if self.kind == "module" and is_extism(self._module):
+            self.kind, self.body = "extism", "bytes"
+            if self.limits.isolation == "per-call":
+                err = InvalidModuleError(
+                    "isolation = \"per-call\" is not available for Extism plugins: load it with isolation = "
+                    "\"pooled\" (each call still starts with an empty kernel memory)", plugin=self.name,
+                    isolation="per-call")
+                self.auditor.emit(AuditLevel.WARNING, "module.refused", self.name, err.message, isolation="per-call")
+                raise err
         if self.kind == "component":
             # Kept beside the compiled code: a warm load does not walk the component's types again.
             self.component_info: ComponentInfo | None = cache.component_info(self._handle, source.digest,
@@ -193,7 +213,12 @@ class Sandbox:
             self.info = self.component_info.module_info()
         else:
             self.component_info = None
-            self.info = abi.inspect_module(self._module, self.name)
+            try:
+                self.info = (inspect_extism(self._module, self.name) if self.kind == "extism"
+                             else abi.inspect_module(self._module, self.name))
+            except InvalidModuleError as e:
+                self.auditor.emit(AuditLevel.WARNING, "module.refused", self.name, e.message, **e.details)
+                raise
         #: Whether a call may be interrupted and run again (see :func:`rerun_safe`): a call with a
         #: ``budget_s`` is refused (``NotInline``) when it may not.
         self.rerun_safe = rerun_safe(self.info, self.capabilities, self._host_functions)
@@ -255,10 +280,10 @@ class Sandbox:
                                      self.capabilities, self._host_functions, self.auditor, native=self._native,
                                      context_factory=self._context_factory, grants=self._grants)
         else:
-            inst = PluginInstance(self.name, self._handle, self._module, self.info, self.limits,
-                                  self.capabilities, self._host_functions, self.auditor, fast=self._fast,
-                                  native=self._native, context_factory=self._context_factory,
-                                  grants=self._grants)
+            cls = ExtismInstance if self.kind == "extism" else PluginInstance
+            inst = cls(self.name, self._handle, self._module, self.info, self.limits, self.capabilities,
+                       self._host_functions, self.auditor, fast=self._fast, native=self._native,
+                       context_factory=self._context_factory, grants=self._grants)
         inst.init(self._config)
         return inst
 
@@ -349,7 +374,10 @@ class Sandbox:
         return err
 
     def check_reply(self, function: str, reply: bytes) -> None:
-        """A plugin's reply must be JSON: an AbiViolationError (and an audit event) otherwise."""
+        """A plugin's reply must be JSON: an AbiViolationError (and an audit event) otherwise. An Extism
+        plugin's reply is bytes (``body == "bytes"``): not checked."""
+        if self.body == "bytes":
+            return
         try:
             loads(reply)
         except orjson.JSONDecodeError as e:
@@ -359,6 +387,8 @@ class Sandbox:
                                     plugin=self.name, function=function) from e
 
     def call_bytes(self, function: str, payload: bytes, *, validate: bool = True) -> bytes:
+        """Call with raw bytes: JSON for our own plugins (the reply checked unless ``validate`` is False),
+        any bytes for an Extism plugin."""
         return self.call_detailed(function, payload, validate=validate).reply
 
     def call(self, function: str = abi.DEFAULT_FUNCTION, request: Any = None) -> Any:
