@@ -119,3 +119,61 @@ def test_not_wasm(tmp_path: Path, plugins_dir: Path) -> None:
     (tmp_path / "trunc.wasm").write_bytes(b"\0asm\x01\0\0\0\x01\xff")
     with pytest.raises(AuthoringError, match="not a valid WebAssembly module"):
         inspect_wasm(tmp_path / "trunc.wasm")
+
+
+# -- Extism plugins -------------------------------------------------------------------------------------------
+
+
+def test_an_extism_plugin_is_recognised_with_its_functions_and_imports(tmp_path: Path) -> None:
+    from tests.extism_bus.guest import extism_wasm
+
+    wasm = tmp_path / "vowels.wasm"
+    wasm.write_bytes(extism_wasm())
+    r = sandbus("inspect", str(wasm), "--json")
+    report = json.loads(r.stdout)
+    assert report["kind"] == "extism"
+    assert report["functions"] == ["echo", "fail", "handle_message", "last"]
+    assert {(i["module"], i["name"]) for i in report["imports"]} >= {("extism:host/env", "input_length"),
+                                                                      ("extism:host/env", "var_set")}
+    assert report["load_error"] is None
+    assert report["manifest"] is None
+    assert r.returncode == 0, "a module a node accepts (its manifest aside)"
+    table = sandbus("inspect", str(wasm))
+    for needle in ("Extism plugin (extism:host/env)", "echo, fail, handle_message, last", "input_length"):
+        assert needle in table.stdout, needle
+
+
+def test_inspect_manifest_writes_one_a_node_loads_and_never_overwrites(tmp_path: Path) -> None:
+    from sandbus.host.lifecycle.manifest import load_manifest
+    from tests.extism_bus.guest import extism_wasm
+
+    wasm = tmp_path / "vowels.wasm"
+    wasm.write_bytes(extism_wasm())
+    r = sandbus("inspect", str(wasm), "--manifest", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["manifest"]["valid"] is True
+    manifest = load_manifest(tmp_path / "vowels.toml", expected_name="vowels")
+    assert manifest.plugin.content_type == "application/octet-stream"
+    assert manifest.resources.max_var_bytes == 1048576
+    text = (tmp_path / "vowels.toml").read_text()
+    for notion in ("allowed_hosts", "allowed_paths", "memory.max_pages", "timeout_ms", "config"):
+        assert notion in text, notion
+    again = sandbus("inspect", str(wasm), "--manifest")
+    assert again.returncode == 2
+    assert "exists" in again.stderr
+    assert (tmp_path / "vowels.toml").read_text() == text
+
+
+def test_an_extism_plugin_importing_an_embedders_functions_is_flagged(tmp_path: Path) -> None:
+    wasm = tmp_path / "user.wasm"
+    wasm.write_bytes(wasmtime.wat2wasm("""(module
+      (import "extism:host/env" "input_length" (func (result i64)))
+      (import "extism:host/user" "lookup" (func (param i64) (result i64)))
+      (memory (export "memory") 1)
+      (func (export "run") (result i32) (i32.const 0)))"""))
+    r = sandbus("inspect", str(wasm), "--json")
+    assert r.returncode == 1
+    report = json.loads(r.stdout)
+    assert report["kind"] == "extism"
+    assert any("extism:host/user.lookup" in p for p in report["import_problems"])
