@@ -307,6 +307,7 @@ NARROW_COLUMNS: tuple[_Column, ...] = (
 )
 #: ``--wide`` adds these.
 WIDE_COLUMNS: tuple[_Column, ...] = (
+    ("kind", "kind", _text, False),
     ("rejected", "rejected", _count, True),
     ("host errors", "host_errors", _count, True),
     ("instances", "instances", _count, True),

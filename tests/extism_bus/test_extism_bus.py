@@ -381,3 +381,12 @@ async def test_the_cli_publishes_raw_bytes(node: Node, big_server: NatsServer, c
 
     envelope = await eventually(delivered, 10.0, "the CLI's message in handle_message")
     assert base64.b64decode(envelope["payload"]) == EVERY_BYTE
+
+
+async def test_sandbus_ls_wide_shows_the_kind(node: Node, big_server: NatsServer) -> None:
+    done = await asyncio.to_thread(run_cli, "ls", "--wide", url=big_server.url)
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stdout.decode().splitlines() if "bytes_echo" in line)
+    assert "extism" in row.split()
+    module_row = next(line for line in done.stdout.decode().splitlines() if " echo " in f" {line} ")
+    assert "module" in module_row.split()
