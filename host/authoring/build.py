@@ -22,6 +22,9 @@ Toolchains (ARCHITECTURE.md, part B):
   SDK's, or ``PATH``); when the project declares the dependency and only ``npm`` is there, the
   builder runs ``npm install`` for it.
 * Python: ``componentize-py`` (``pip install componentize-py``) against the SDK's WIT world.
+* Extism (``extism-as``): ``asc`` with Extism's PDK ``@extism/as-pdk``, both the project's own npm
+  dependencies (``npm install`` runs when they are missing). The module is checked against the Extism
+  host ABI sandbus implements instead of Guest ABI v1.
 
 The manifest's ``[build]`` section chooses among the toolchain's flags; it names no command, so a build
 runs only the language's own compiler, in the project directory, on the project's own manifest:
@@ -56,7 +59,7 @@ from pathlib import Path
 import wasmtime
 
 from sandbus.host.authoring.errors import AuthoringError, BuildError, ToolchainMissingError
-from sandbus.host.authoring.project import Language, Project, detect_project, guest_sdk_dir
+from sandbus.host.authoring.project import EXTISM_AS_PDK, Language, Project, detect_project, guest_sdk_dir
 from sandbus.host.lifecycle.manifest import BuildSection, load_manifest
 
 __all__ = [
@@ -73,6 +76,8 @@ APT_C_TOOLCHAIN = "apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32
 _INSTALL_ASC = "npm install assemblyscript   (in the project directory; Node.js: apt-get install nodejs npm)"
 _INSTALL_NODE = "apt-get install nodejs npm, then: npm install assemblyscript"
 _INSTALL_COMPONENTIZE = "pip install componentize-py"
+_INSTALL_EXTISM_AS = ("npm install   (in the project directory: Extism's PDK and the compiler its package.json names; "
+                      "Node.js: apt-get install nodejs npm)")
 #: How long one compiler run may take (a componentize-py build takes a few seconds; npm install longer).
 _TOOL_TIMEOUT_S = 600.0
 
@@ -117,6 +122,8 @@ def find_tool(name: str, *extra_dirs: Path) -> str | None:
 
 
 def _sdk_files(language: Language) -> list[Path]:
+    if language is Language.EXTISM_AS:  # the PDK is the project's own dependency: its lock file is a source
+        return []
     sdk = guest_sdk_dir(language)
     if language is Language.C:
         return sorted(sdk.glob("*.h"))
@@ -175,7 +182,10 @@ def build_project(directory: str | Path, *, force: bool = False, progress: Progr
     tmp = project.wasm.with_name(project.wasm.name + ".tmp")
     try:
         output = _COMPILERS[project.language](project, tmp, step, build)
-        if project.language is not Language.PYTHON:
+        if project.language is Language.EXTISM_AS:
+            step("checking the module against the Extism host ABI")
+            _check_extism(project, tmp.read_bytes())
+        elif project.language is not Language.PYTHON:
             step("checking the module against Guest ABI v1")
             _check_abi(project, tmp.read_bytes())
         os.replace(tmp, project.wasm)
@@ -215,7 +225,7 @@ def _check_build_section(project: Project, build: BuildSection) -> None:
     if component and build.features:
         raise BuildError(f"[build] features {', '.join(build.features)}: componentize-py takes none (a Python "
                          "component's code is the interpreter's)", plugin=project.name, key="build.features")
-    if project.language is Language.ASSEMBLYSCRIPT:
+    if project.language.is_assemblyscript:
         missing = [f for f in build.features if _ASC_FEATURES[f] is None]
         if missing:
             raise BuildError(f"[build] features {', '.join(missing)}: the AssemblyScript compiler cannot emit it",
@@ -244,6 +254,28 @@ def _check_abi(project: Project, wasm: bytes) -> None:
                          plugin=project.name, output=e.message) from e
 
 
+def _check_extism(project: Project, wasm: bytes) -> None:
+    """Compile with the host's engine and inspect it as a node would an Extism plugin: it must import from
+    ``extism:host/env`` only what this host provides, and export at least one callable function."""
+    from sandbus.host.sandbox import Limits, shared_cache
+    from sandbus.host.sandbox.engine import get_engine
+    from sandbus.host.sandbox.extism.abi import inspect_extism, is_extism
+    from sandbus.sdk.errors import SandbusError
+
+    try:
+        module = shared_cache().load(get_engine(Limits().stack_bytes), wasm, name=project.name)
+        if not is_extism(module):
+            raise BuildError(f"{project.name} compiled, but imports nothing from extism:host/env: it does not use "
+                             f"Extism's PDK ({EXTISM_AS_PDK})", plugin=project.name)
+        info = inspect_extism(module, project.name)
+    except SandbusError as e:
+        raise BuildError(f"{project.name} compiled, but the module is not a valid Extism plugin: {e.message}",
+                         plugin=project.name, output=e.message) from e
+    if not info.functions:
+        raise BuildError(f"{project.name} compiled, but exports no function of type () -> i32 to call",
+                         plugin=project.name)
+
+
 def _run(project: Project, args: list[str], tool: str, *, cwd: Path | None = None,
          env: dict[str, str] | None = None) -> str:
     """Run a compiler; its combined output is returned (warnings) or put in the BuildError."""
@@ -263,7 +295,7 @@ def _run(project: Project, args: list[str], tool: str, *, cwd: Path | None = Non
 
 
 def _install_hint(language: Language) -> str:
-    return {Language.C: APT_C_TOOLCHAIN, Language.ASSEMBLYSCRIPT: _INSTALL_ASC,
+    return {Language.C: APT_C_TOOLCHAIN, Language.ASSEMBLYSCRIPT: _INSTALL_ASC, Language.EXTISM_AS: _INSTALL_EXTISM_AS,
             Language.PYTHON: _INSTALL_COMPONENTIZE, Language.WAT: "pip install wasmtime"}[language]
 
 
@@ -400,6 +432,45 @@ def _abort_handler(project: Project) -> str:
     return ""
 
 
+# -- Extism (AssemblyScript with Extism's PDK) -------------------------------------------------------
+
+
+def _install_npm_dependencies(project: Project, step: Progress) -> None:
+    """Extism's PDK must be in the project's node_modules (asc resolves ``@extism/as-pdk`` there): install the
+    project's dependencies when it is missing, with ``npm ci`` when a lock file pins them."""
+    if (project.root / "node_modules" / EXTISM_AS_PDK / "package.json").is_file():
+        return
+    if shutil.which("node") is None:
+        raise ToolchainMissingError(f"cannot build {project.name}: Node.js (node) is not installed",
+                                    tool="node", install=_INSTALL_EXTISM_AS, plugin=project.name)
+    npm = shutil.which("npm")
+    if npm is None:
+        raise ToolchainMissingError(f"cannot build {project.name}: npm is not installed (it installs {EXTISM_AS_PDK})",
+                                    tool="npm", install=_INSTALL_EXTISM_AS, plugin=project.name)
+    how = "ci" if (project.root / "package-lock.json").is_file() else "install"
+    step(f"installing the project's npm dependencies ({EXTISM_AS_PDK}, assemblyscript) with npm {how}")
+    _run(project, [npm, how, "--no-audit", "--no-fund", "--loglevel=error"], f"npm {how}")
+    if not (project.root / "node_modules" / EXTISM_AS_PDK / "package.json").is_file():
+        raise ToolchainMissingError(f"cannot build {project.name}: npm {how} did not install {EXTISM_AS_PDK} (is it "
+                                    "in package.json?)", tool=EXTISM_AS_PDK, install=_INSTALL_EXTISM_AS,
+                                    plugin=project.name)
+
+
+def _build_extism_as(project: Project, out: Path, step: Progress, build: BuildSection) -> str:
+    _install_npm_dependencies(project, step)
+    asc = find_tool("asc", project.root / "node_modules" / ".bin")
+    if asc is None:
+        raise ToolchainMissingError(f"cannot build {project.name}: the AssemblyScript compiler (asc) is not installed",
+                                    tool="asc", install=_INSTALL_EXTISM_AS, plugin=project.name)
+    entry = project.entry.relative_to(project.root).as_posix()
+    mode = ["-O3"] if build.optimize else ["-O0", "--debug"]
+    enable = [f"--enable={name}" for f in build.features if (name := _ASC_FEATURES[f])]
+    step(f"compiling {entry} with asc and {EXTISM_AS_PDK} {' '.join([*mode, *enable])} (takes a few seconds)")
+    # AssemblyScript's default (incremental) runtime: an Extism host calls no collector between calls, so the
+    # plugin's own allocations must collect. `--use abort=`: an abort traps (no Extism host provides env.abort).
+    return _run(project, [asc, entry, "-o", str(out), *mode, *enable, "--use", "abort="], "asc")
+
+
 # -- Python (componentize-py) ------------------------------------------------------------------------
 
 _WORLD_RE = re.compile(r"^\s*world\s+([A-Za-z0-9_-]+)\s*\{", re.MULTILINE)
@@ -435,10 +506,12 @@ _COMPILERS: dict[Language, Callable[[Project, Path, Progress, BuildSection], str
     Language.C: _build_c,
     Language.ASSEMBLYSCRIPT: _build_assemblyscript,
     Language.PYTHON: _build_python,
+    Language.EXTISM_AS: _build_extism_as,
 }
 _TOOLS: dict[Language, str] = {
     Language.WAT: "wat2wasm",
     Language.C: "clang",
     Language.ASSEMBLYSCRIPT: "asc",
     Language.PYTHON: "componentize-py",
+    Language.EXTISM_AS: "asc",
 }

@@ -80,7 +80,7 @@ def is_source(project: Project, path: Path) -> bool:
         return top and name == f"{project.name}.wat"
     if language is Language.C:
         return top and path.suffix in (".c", ".h")
-    if language is Language.ASSEMBLYSCRIPT:
+    if language.is_assemblyscript:
         if top:
             return path.suffix == ".ts" or name in ("package.json", "asconfig.json")
         return parts[0] == "assembly" and path.suffix == ".ts"
@@ -93,7 +93,7 @@ def _watched_dirs(project: Project) -> list[tuple[Path, bool]]:
     a ``node_modules`` or ``.venv`` inside would cost an inotify watch per directory."""
     root = Path(os.path.realpath(project.root))
     dirs = [(root, False)]
-    if project.language is Language.ASSEMBLYSCRIPT and (root / "assembly").is_dir():
+    if project.language.is_assemblyscript and (root / "assembly").is_dir():
         dirs.append((root / "assembly", True))
     elif project.language is Language.PYTHON:
         dirs += [(d, True) for d in sorted(root.iterdir())

@@ -8,6 +8,7 @@ language           recognised by
 =================  ================================================
 ``wat``            ``NAME.wat``
 ``c``              one or more ``*.c`` files
+``extism-as``      AssemblyScript whose ``package.json`` depends on Extism's PDK ``@extism/as-pdk``
 ``assemblyscript`` ``assembly/index.ts`` (or ``NAME.ts``)
 ``python``         ``app.py`` (the componentize-py entry module)
 =================  ================================================
@@ -19,6 +20,7 @@ node can serve as it is.
 from __future__ import annotations
 
 import enum
+import json
 import re
 import tomllib
 from dataclasses import dataclass
@@ -30,15 +32,21 @@ from sandbus.host.lifecycle.manifest import MAX_TOML_BYTES, loads_toml, read_cap
 
 __all__ = [
     "BUILD_DIR",
+    "EXTISM_AS_PDK",
     "Language",
     "Project",
     "check_project_name",
+    "depends_on_extism_pdk",
     "detect_project",
     "guest_sdk_dir",
 ]
 
 #: Where ``sandbus build`` writes, inside the project.
 BUILD_DIR = "build"
+#: The npm package of Extism's AssemblyScript PDK: a project depending on it builds an Extism plugin.
+EXTISM_AS_PDK = "@extism/as-pdk"
+#: A package.json larger than this is not read (it is a project's, not a registry's).
+_MAX_PACKAGE_JSON = 256 * 1024
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")  # fullmatch: "name\n" is not a name
 
@@ -50,6 +58,13 @@ class Language(enum.StrEnum):
     ASSEMBLYSCRIPT = "assemblyscript"
     PYTHON = "python"
     WAT = "wat"
+    #: An Extism plugin in AssemblyScript, with Extism's PDK ``@extism/as-pdk`` (docs/guide.md, "Extism plugins").
+    EXTISM_AS = "extism-as"
+
+    @property
+    def is_assemblyscript(self) -> bool:
+        """Compiled by ``asc`` from ``assembly/index.ts`` (or ``NAME.ts``), with or without Extism's PDK."""
+        return self in (Language.ASSEMBLYSCRIPT, Language.EXTISM_AS)
 
 
 def check_project_name(name: str) -> str:
@@ -69,7 +84,13 @@ def check_project_name(name: str) -> str:
 
 def guest_sdk_dir(language: Language) -> Path:
     """The guest SDK shipped inside the ``sdk`` package for ``language`` (it may not exist yet for
-    every language: the builder says so when it needs it)."""
+    every language: the builder says so when it needs it).
+
+    Raises:
+        AuthoringError: an Extism plugin has none here: its PDK is the project's own npm dependency.
+    """
+    if language is Language.EXTISM_AS:
+        raise AuthoringError(f"an Extism plugin uses Extism's PDK ({EXTISM_AS_PDK}), not a sandbus guest SDK")
     sub = {Language.C: "c", Language.ASSEMBLYSCRIPT: "assemblyscript", Language.PYTHON: "python",
            Language.WAT: "wat"}[language]
     return Path(sandbus.sdk.__file__).resolve().parent / "guest" / sub
@@ -115,9 +136,10 @@ class Project:
             files = [root / f"{self.name}.wat"]
         elif self.language is Language.C:
             files = sorted(root.glob("*.c")) + sorted(root.glob("*.h"))
-        elif self.language is Language.ASSEMBLYSCRIPT:
+        elif self.language.is_assemblyscript:
             files = sorted((root / "assembly").rglob("*.ts")) + sorted(root.glob("*.ts"))
-            files += [p for p in (root / "package.json", root / "asconfig.json") if p.exists()]
+            files += [p for p in (root / "package.json", root / "package-lock.json", root / "asconfig.json")
+                      if p.exists()]
         else:
             files = [p for p in sorted(root.rglob("*.py")) if _is_python_source(root, p)]
         return files
@@ -152,6 +174,20 @@ def _manifest_name(root: Path) -> str:
     return candidates[0]
 
 
+def depends_on_extism_pdk(root: Path) -> bool:
+    """Whether ``root/package.json`` lists Extism's AssemblyScript PDK among its (dev) dependencies. An
+    unreadable or oversized file says no: the project is then an ordinary AssemblyScript one."""
+    try:
+        raw, _ = read_capped(root / "package.json", _MAX_PACKAGE_JSON)
+        package = json.loads(raw) if len(raw) <= _MAX_PACKAGE_JSON else None
+    except (OSError, ValueError, RecursionError):  # RecursionError: nesting deeper than json can parse
+        return False
+    if not isinstance(package, dict):
+        return False
+    return any(isinstance(deps := package.get(key), dict) and EXTISM_AS_PDK in deps
+               for key in ("dependencies", "devDependencies"))
+
+
 def detect_project(root: str | Path) -> Project:
     """Recognise the project in ``root``: its manifest's name and its language.
 
@@ -167,7 +203,7 @@ def detect_project(root: str | Path) -> Project:
     elif any(root.glob("*.c")):
         language = Language.C
     elif (root / "assembly" / "index.ts").is_file() or (root / f"{name}.ts").is_file():
-        language = Language.ASSEMBLYSCRIPT
+        language = Language.EXTISM_AS if depends_on_extism_pdk(root) else Language.ASSEMBLYSCRIPT
     elif (root / "app.py").is_file():
         language = Language.PYTHON
     else:

@@ -9,6 +9,7 @@ whatever the language (``sandbus build DIR``, ``python -m pytest DIR``):
 
     NAME/
       <source>          NAME.c | NAME.wat | assembly/index.ts + package.json | app.py
+                        (extism-as: assembly/index.ts + a package.json naming Extism's PDK)
       NAME.toml         the manifest (validated with the node's loader before it is written)
       Makefile          make / make test / make run (through `python -m sandbus`)
       test_NAME.py      pytest, through the sandbus.sdk.testing fixture
@@ -30,7 +31,7 @@ from sandbus.host.lifecycle.manifest import parse_manifest
 __all__ = ["scaffold"]
 
 _TITLES = {Language.C: "C", Language.WAT: "WebAssembly text", Language.ASSEMBLYSCRIPT: "AssemblyScript",
-           Language.PYTHON: "Python"}
+           Language.PYTHON: "Python", Language.EXTISM_AS: "AssemblyScript (an Extism plugin)"}
 # A componentize-py guest carries a whole CPython: more memory and fuel than a C one.
 _RESOURCES = {Language.PYTHON: ("64", "1000000000")}
 _DEFAULT_RESOURCES = ("16", "100000000")
@@ -45,6 +46,10 @@ def _sources(name: str, language: Language) -> dict[str, str]:
         from sandbus.host.authoring.langs import assemblyscript_files
 
         return assemblyscript_files(name)
+    if language is Language.EXTISM_AS:
+        from sandbus.host.authoring.langs import extism_as_files
+
+        return extism_as_files(name)
     from sandbus.host.authoring.langs import python_files
 
     return python_files(name)

@@ -16,6 +16,8 @@ __all__ = [
     "AS_PACKAGE_JSON",
     "C_SOURCE",
     "CONFTEST",
+    "EXTISM_AS_INDEX",
+    "EXTISM_AS_PACKAGE_JSON",
     "GITIGNORE",
     "MAKEFILE",
     "MANIFEST",
@@ -335,6 +337,53 @@ export function handle_request(ptr: usize, len: u32): u64 {
 
 /** Optional: the manifest's [config] table as JSON, once per instance. 0 = success. */
 export function sandbus_init(ptr: usize, len: u32): i32 {
+  return 0;
+}
+"""
+
+EXTISM_AS_PACKAGE_JSON = """\
+{
+  "name": "{{name}}",
+  "version": "0.1.0",
+  "private": true,
+  "description": "{{description}}",
+  "scripts": {
+    "build": "sandbus build ."
+  },
+  "devDependencies": {
+    "@extism/as-pdk": "{{pdk_version}}",
+    "assemblyscript": "{{asc_version}}"
+  }
+}
+"""
+
+EXTISM_AS_INDEX = """\
+// {{name}}: an Extism plugin in AssemblyScript, on Extism's PDK @extism/as-pdk. It runs in sandbus and in
+// any Extism host alike (the author's guide: docs/guide.md, "Extism plugins").
+//
+//   input:   a JSON request (an Extism plugin's input and output are bytes: sandbus checks neither)
+//   output:  {"success":true,"result":<the input>,"error":null}
+//   empty input: a failure with a message (error_set, then a non-zero return)
+//
+// Every exported `(): i32` function is callable; 0 means success. `sandbus build .` compiles this file with
+// asc into build/{{name}}.wasm.
+import { Host, Memory } from "@extism/as-pdk";
+import { error_set } from "@extism/as-pdk/lib/env";
+
+const BEFORE = Uint8Array.wrap(String.UTF8.encode('{"success":true,"result":'));
+const AFTER = Uint8Array.wrap(String.UTF8.encode(',"error":null}'));
+
+export function handle_request(): i32 {
+  const input = Host.input();
+  if (input.length == 0) {
+    error_set(Memory.allocateString("{{name}}: empty request").offset);
+    return 1;
+  }
+  const out = new Uint8Array(BEFORE.length + input.length + AFTER.length);
+  out.set(BEFORE, 0);
+  out.set(input, BEFORE.length);
+  out.set(AFTER, BEFORE.length + input.length);
+  Host.output(out);
   return 0;
 }
 """

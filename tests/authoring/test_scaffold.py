@@ -1,7 +1,9 @@
 """`sandbus new` -> `sandbus build` -> the generated test passes, for every language whose toolchain exists.
 
 C and WAT always run (the C toolchain is installed by `make toolchain`; WAT needs none). AssemblyScript
-and Python are skipped only when their compiler is genuinely absent, saying which.
+and Python are skipped only when their compiler is genuinely absent, saying which. An Extism project
+(extism-as) builds with the PDK and compiler the Extism tests pin (tests/extism/node_modules, linked into the
+project, so the test needs no registry).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,14 @@ from sandbus.host.authoring import AuthoringError, Language, detect_project, gue
 from sandbus.host.authoring.build import find_tool
 from sandbus.host.lifecycle.manifest import load_manifest
 from tests.authoring.conftest import sandbus
+from tests.extism.conftest import HERE as EXTISM_TESTS
+from tests.extism.conftest import install_pdk
+
+
+def _cli_offers(language: Language) -> bool:
+    from sandbus.host.cli.author import LanguageName
+
+    return language.value in typing.get_args(LanguageName)
 
 
 def _toolchain_missing(language: Language) -> str | None:
@@ -28,6 +39,11 @@ def _toolchain_missing(language: Language) -> str | None:
             return "Node.js is not installed (apt-get install nodejs npm)"
         if find_tool("asc", sdk_bin) is None:
             return "asc is not installed (npm install assemblyscript in sdk/guest/assemblyscript)"
+    if language is Language.EXTISM_AS:
+        if find_tool("node") is None or find_tool("npm") is None:
+            return "Node.js and npm are not installed (apt-get install nodejs npm)"
+        if not _cli_offers(language):
+            return "the sandbus CLI does not offer --lang extism-as yet"
     if language is Language.PYTHON:
         if find_tool("componentize-py") is None:
             return "componentize-py is not installed (pip install componentize-py)"
@@ -39,7 +55,8 @@ def _toolchain_missing(language: Language) -> str | None:
 LANGUAGES = [
     pytest.param(lang, marks=[pytest.mark.skipif(_toolchain_missing(lang) is not None,
                                                  reason=str(_toolchain_missing(lang)))]
-                 + ([pytest.mark.slow] if lang in (Language.ASSEMBLYSCRIPT, Language.PYTHON) else []),
+                 + ([pytest.mark.slow] if lang in (Language.ASSEMBLYSCRIPT, Language.PYTHON, Language.EXTISM_AS)
+                    else []),
                  id=lang.value)
     for lang in Language
 ]
@@ -52,6 +69,9 @@ def test_new_build_test_run(language: Language, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     root = tmp_path / name
     assert f"sandbus build {root}" in r.stdout
+    if language is Language.EXTISM_AS:  # the pinned PDK, offline (an author's first build runs npm install)
+        install_pdk()
+        (root / "node_modules").symlink_to(EXTISM_TESTS / "node_modules", target_is_directory=True)
 
     r = sandbus("build", str(root))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -82,7 +102,8 @@ def test_scaffold_files_and_manifest(language: Language, tmp_path: Path) -> None
     common = {"my_plugin.toml", "Makefile", "test_my_plugin.py", "conftest.py", "pytest.ini", "README.md",
               ".gitignore"}
     source = {Language.C: {"my_plugin.c"}, Language.WAT: {"my_plugin.wat"},
-              Language.ASSEMBLYSCRIPT: {"assembly/index.ts", "package.json"}, Language.PYTHON: {"app.py"}}
+              Language.ASSEMBLYSCRIPT: {"assembly/index.ts", "package.json"}, Language.PYTHON: {"app.py"},
+              Language.EXTISM_AS: {"assembly/index.ts", "package.json"}}
     assert files == common | source[language]
     manifest = load_manifest(project.manifest)  # valid, and named like the file
     assert manifest.name == "my_plugin"
@@ -96,11 +117,14 @@ def _machine_paths(tmp_path: Path) -> dict[str, str]:
     paths = {"checkout": str(repo), "venv": sys.prefix, "interpreter": str(Path(sys.executable).parent),
              "tmp_path": str(tmp_path), "home": str(Path.home())}
     for language in Language:
-        paths[f"{language.value} SDK"] = str(guest_sdk_dir(language))
+        if language is not Language.EXTISM_AS:  # Extism's PDK is an npm dependency, not a sandbus SDK
+            paths[f"{language.value} SDK"] = str(guest_sdk_dir(language))
     return {what: path for what, path in paths.items() if path not in ("", "/")}
 
 
-@pytest.mark.parametrize("language", list(Language), ids=[lang.value for lang in Language])
+@pytest.mark.parametrize("language", [
+    pytest.param(lang, marks=pytest.mark.skipif(not _cli_offers(lang), reason=f"the CLI has no --lang {lang.value}"),
+                 id=lang.value) for lang in Language])
 def test_scaffold_names_no_path_of_this_machine(language: Language, tmp_path: Path) -> None:
     r = sandbus("new", "portable", "--lang", language.value, "--dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
@@ -115,6 +139,9 @@ def test_scaffold_names_no_path_of_this_machine(language: Language, tmp_path: Pa
         package = json.loads((root / "package.json").read_text(encoding="utf-8"))
         assert "@sandbus/guest" not in package.get("dependencies", {})  # sandbus build supplies it
         assert "assemblyscript" in package["devDependencies"]
+    if language is Language.EXTISM_AS:
+        package = json.loads((root / "package.json").read_text(encoding="utf-8"))
+        assert set(package["devDependencies"]) == {"@extism/as-pdk", "assemblyscript"}  # pinned versions
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")

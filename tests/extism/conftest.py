@@ -31,7 +31,7 @@ _STAMP = HERE / "node_modules" / ".sandbus-installed"
 ASC_FLAGS = ("-O3", "--use", "abort=")
 
 
-def _install_pdk() -> None:
+def install_pdk() -> None:
     """``npm ci`` here when node_modules is missing or older than the lock file (a fresh clone)."""
     lock = HERE / "package-lock.json"
     if ASC.exists() and _STAMP.exists() and _STAMP.stat().st_mtime_ns >= lock.stat().st_mtime_ns:
@@ -64,7 +64,7 @@ def extism_guest() -> Callable[[str], Path]:
             return built[name]
         out = CACHE / guest_digest(name) / f"{name}.wasm"
         if not out.exists():
-            _install_pdk()
+            install_pdk()
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(f"{name}.wasm.{os.getpid()}.tmp")
             subprocess.run([str(ASC), f"guests/{name}.ts", "-o", str(tmp), *ASC_FLAGS], cwd=HERE, check=True,
