@@ -156,6 +156,23 @@ await runCase("plain_direct_message", async (check) => {
   return env;
 });
 
+await runCase("bytes_direct_message", async (check) => {
+  // A body of a media type that is not JSON is raw bytes: base64 in the payload, the headers saying so.
+  const sent = new Uint8Array(256);
+  for (let i = 0; i < 256; i++) sent[i] = i;
+  const msg = await nc.request("sandbus.msg.echo", sent, {
+    timeout: TIMEOUT_MS,
+    headers: hdrs({ "Content-Type": "application/octet-stream", "Sandbus-Msg-Id": "js-bytes-1" }),
+  });
+  const env = parse(msg);
+  checkReplyHeaders(check, headerMap(msg), "js-bytes-1");
+  check(typeof env.payload === "string" && Buffer.from(env.payload, "base64").equals(Buffer.from(sent)),
+    "the payload is not the base64 of the bytes sent");
+  check(env.headers["Content-Type"] === "application/octet-stream", `headers are ${JSON.stringify(env.headers)}`);
+  check(env.headers["Content-Transfer-Encoding"] === "base64", "no Content-Transfer-Encoding: base64");
+  return env;
+});
+
 await runCase("explicit_envelope", async (check) => {
   const sent = { id: "js-env-1", from: "js", to: "not-echo", payload: [1, 2], timestamp: 12.5,
     headers: { k: "v" } };
