@@ -46,7 +46,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 import nats.errors
 import orjson
@@ -56,6 +56,8 @@ from sandbus.host.node.netguard import NameNotResolved, NotPermitted, resolve_ch
 from sandbus.host.node.sendlimit import SendLimiter
 from sandbus.host.sandbox import DEFAULT_FUNCTION, AuditLevel, CallContext, HostFunction, HostFunctions
 from sandbus.host.sandbox.deadline import expired, remaining
+from sandbus.host.sandbox.extism.abi import EXTISM_ENV
+from sandbus.host.sandbox.extism.hostfuncs import extism_invoker
 from sandbus.host.sandbox.hostfuncs import read_bounded, read_str_bounded
 from sandbus.sdk.envelope import hops_of
 from sandbus.sdk.errors import (
@@ -77,6 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BusBridge",
+    "HttpResponse",
     "MAX_HOPS",
     "REQUEST_ENOTFOUND",
     "REQUEST_EREMOTE",
@@ -200,6 +203,14 @@ def _refuse(ctx: CallContext, kind: str, attempt: str, doing: str, setting: str,
     raise SecurityViolationError(f"{doing} was not granted ({setting}: {granted})", plugin=ctx.plugin, **fields)
 
 
+class HttpResponse(NamedTuple):
+    """What an HTTP exchange returned: status, headers (as the server sent them), body bytes."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
 class BusBridge:
     """The bus host functions, bound late: the manager that links them is created before the node's
     :class:`~sandbus.bus.PluginBus`, which :meth:`attach` hands over (with the manager's grants).
@@ -233,6 +244,9 @@ class BusBridge:
         funcs.add(HostFunction("kv_delete", (i32,) * 2, (i32,), self._kv_delete, capability="storage"))
         funcs.add(HostFunction("http_request", (i32,) * 4, (i32,), self._http_request, capability="network"))
         funcs.add(HostFunction("take_result", (i32,) * 2, (i32,), self._take_result))
+        # Extism plugins' http_request goes through the same guarded exchange (docs/extism.md).
+        funcs.add(HostFunction("http_request", ("i64", "i64"), ("i64",), self._extism_http_request,
+                               capability="network", module=EXTISM_ENV))
         return funcs
 
     def attach(self, bus: PluginBus, grant: Callable[[str], Grant]) -> None:
@@ -378,16 +392,51 @@ class BusBridge:
         raw_req = read_bounded(ctx, req_ptr, req_len, self.http_max_request, "http_request request")
         try:
             req = orjson.loads(raw_req)
-            url = urllib.parse.urlsplit(str(req["url"]))
+            url = str(req["url"])
             method = str(req.get("method", "GET")).upper()
             headers = {str(k): str(v) for k, v in (req.get("headers") or {}).items()}
             body = req.get("body")
-            port = url.port or (443 if url.scheme == "https" else 80)
+            data = body.encode() if isinstance(body, str) else (orjson.dumps(body) if body is not None else None)
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise AbiViolationError(f"http_request: expected {{\"url\": ...}} JSON: {e}", plugin=ctx.plugin) from e
         del raw_req
+        status, resp_headers, raw = self.http_exchange(ctx, url, method, headers, data)
+        response = orjson.dumps({"status": status, "headers": resp_headers, "body": raw.decode(errors="replace")})
+        return self._deliver(ctx, response, buf_ptr, buf_cap)
+
+    def _extism_http_request(self, ctx: CallContext, req_off: int, body_off: int) -> int:
+        """Extism's ``http_request(request, body)``: the request JSON ``{"url", "method", "headers"}`` and the
+        body are kernel blocks; the response body becomes one, its status and headers are kept for
+        ``http_status_code`` / ``http_headers`` (per instance, reset when a call begins)."""
+        inv = extism_invoker(ctx)
+        raw_req = inv.block(req_off, self.http_max_request, "http_request")
+        try:
+            req = orjson.loads(raw_req)
+            url = str(req["url"])
+            method = str(req.get("method") or "GET").upper()
+            headers = {str(k): str(v) for k, v in (req.get("headers") or {}).items()}
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise AbiViolationError(f"extism:host/env.http_request: expected {{\"url\": ...}} JSON: {e}",
+                                    plugin=ctx.plugin, function="http_request") from e
+        del raw_req
+        body = inv.block(body_off, self.http_max_request, "http_request") if body_off else None
+        status, resp_headers, raw = self.http_exchange(ctx, url, method, headers, body)
+        inv.http_status, inv.http_headers = status, resp_headers
+        return inv.alloc_bytes(raw)
+
+    def http_exchange(self, ctx: CallContext, url_text: str, method: str, headers: dict[str, str],
+                      body: bytes | None) -> HttpResponse:
+        """One guarded HTTP exchange for the calling plugin, whichever ABI asked for it: the URL checked, the
+        grant checked (deny by default, audited), the name resolved once to public addresses only (unless
+        the policy allows others), the host's own framing, the connection cap, the response cap, and all
+        of it within what is left of the call's deadline."""
+        try:
+            url = urllib.parse.urlsplit(url_text)
+            port = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError as e:
+            raise AbiViolationError(f"http_request: unusable URL {url_text[:200]!r}: {e}", plugin=ctx.plugin) from e
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise AbiViolationError(f"http_request: unsupported URL {req['url']!r}", plugin=ctx.plugin)
+            raise AbiViolationError(f"http_request: unsupported URL {url_text[:200]!r}", plugin=ctx.plugin)
         host = url.hostname
         grant = self._granted(ctx)[1]
         if not grant.may_connect(host, port):
@@ -436,10 +485,9 @@ class BusBridge:
                 if time.monotonic() >= deadline:
                     raise self._http_timeout(ctx, what, budget) from None
                 raise BusError(f"{what} failed: {e}", plugin=ctx.plugin, host=host, port=port) from None
-            response = self._fetch(ctx, url, host, port, addresses, method, headers, body, deadline, budget)
+            return self._fetch(ctx, url, host, port, addresses, method, headers, body, deadline, budget)
         finally:
             gate.release()
-        return self._deliver(ctx, response, buf_ptr, buf_cap)
 
     def _http_timeout(self, ctx: CallContext, what: str, budget: float) -> SandbusError:
         """Past the budget: the call's deadline (ExecutionTimeoutError) or the node's HTTP timeout (BusError)."""
@@ -456,8 +504,8 @@ class BusBridge:
             return gate
 
     def _fetch(self, ctx: CallContext, url: urllib.parse.SplitResult, host: str, port: int,
-               addresses: list[tuple[socket.AddressFamily, Any]], method: str, headers: dict[str, str], body: Any,
-               deadline: float, budget: float) -> bytes:
+               addresses: list[tuple[socket.AddressFamily, Any]], method: str, headers: dict[str, str],
+               data: bytes | None, deadline: float, budget: float) -> HttpResponse:
         """One HTTP exchange with the checked ``addresses`` (never the name again), ``Host`` (and TLS SNI
         and certificate name) the granted ``host``, all of it over by ``deadline``.
 
@@ -469,7 +517,6 @@ class BusBridge:
         path = url.path or "/"
         if url.query:
             path += "?" + url.query
-        data = body.encode() if isinstance(body, str) else (orjson.dumps(body) if body is not None else None)
         sock = self._connect(addresses, port, deadline)
         if sock is None:
             if time.monotonic() >= deadline:
@@ -497,8 +544,7 @@ class BusBridge:
                                            plugin=ctx.plugin, limit=self.http_max_response)
             if time.monotonic() >= deadline:
                 raise self._http_timeout(ctx, what, budget)
-            return orjson.dumps({"status": resp.status, "headers": dict(resp.getheaders()),
-                                 "body": raw.decode(errors="replace")})
+            return HttpResponse(resp.status, dict(resp.getheaders()), raw)
         except (OSError, http.client.HTTPException) as e:
             if time.monotonic() >= deadline:
                 raise self._http_timeout(ctx, what, budget) from None
