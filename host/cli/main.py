@@ -251,6 +251,11 @@ def run(
     plugin: Annotated[Path, typer.Argument(help="The plugin's .wasm file.")],
     function: Annotated[str, typer.Option("--function", "-f", help="Exported function to call.")] = "handle_request",
     input_: Annotated[str, typer.Option("--input", "-i", help="Request JSON, or - to read stdin.")] = "{}",
+    data_file: Annotated[str | None, typer.Option(
+        "--data-file", "-d", metavar="FILE", show_default=False,
+        help="Input: FILE's bytes as they are (- for stdin), for a plugin whose input is bytes (Extism).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Input: --input's bytes as they are, not checked as JSON.")]
+    = False,
     memory_mb: Annotated[float | None, typer.Option(help="Linear memory limit, MiB.", callback=finite_positive)]
     = None,
     fuel: Annotated[int | None, typer.Option(help="Fuel per call (~1 unit per instruction); 0 = unmetered.",
@@ -265,7 +270,11 @@ def run(
     config: Annotated[str, typer.Option(help="JSON object handed to the plugin's init.")] = "{}",
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show plugin logs (-vv: debug).")] = 0,
 ) -> None:
-    """Load PLUGIN, call FUNCTION with the input JSON, print the reply JSON."""
+    """Load PLUGIN, call FUNCTION with the input JSON, print the reply JSON.
+
+    An Extism plugin takes bytes (--data-file, --raw, or --input's JSON text) and its output is written as
+    it is to a pipe or file, with control bytes escaped on a terminal.
+    """
     from sandbus.host.cli.extras import require_host
 
     require_host("run")
@@ -306,7 +315,19 @@ def run(
     except ValueError as e:
         fail(f"invalid option: {_plain_error(e)}", EXIT_USAGE)
     # Read before loading (a refused input costs no compile), and never more than the plugin would take.
-    payload = read_json_arg(input_, "--input", cap=limits.max_input_bytes)
+    if data_file is not None or raw:
+        from sandbus.host.cli.bus import read_bytes_arg
+
+        if data_file is not None and raw:
+            fail("--data-file and --raw are two ways to give the input: use one", EXIT_USAGE)
+        source = data_file if data_file is not None else input_
+        if source == "-" or data_file is not None:
+            payload = read_bytes_arg(source, "--data-file" if data_file is not None else "--input",
+                                     cap=limits.max_input_bytes)
+        else:
+            payload = input_.encode(errors="surrogateescape")
+    else:
+        payload = read_json_arg(input_, "--input", cap=limits.max_input_bytes)
     try:
         sandbox = Sandbox(plugin, limits=limits, capabilities=caps, config=settings)
     except (AbiViolationError, PluginNotFoundError) as e:
@@ -317,12 +338,19 @@ def run(
         with sandbox:
             # A function the module does not export is a mistake on the command line, not the plugin's.
             # (A component takes every name through its one entry point and answers an unknown one itself.)
-            if sandbox.kind == "module" and function not in sandbox.functions:
+            if sandbox.kind != "component" and function not in sandbox.functions:
                 fail(f"plugin {sandbox.name!r} has no function {function!r}; exported functions: "
                      f"{', '.join(sandbox.functions) or 'none'}", EXIT_USAGE)
             reply = sandbox.call_bytes(function, payload)
+            body = getattr(sandbox, "body", "json")
     except SandbusError as e:
         fail(str(e), exit_code_for(e))
+    if body == "bytes":  # an Extism plugin's output: bytes, not checked as JSON by anyone
+        from sandbus.host.cli.bus import write_reply
+        from sandbus.sdk.envelope import OCTET_STREAM
+
+        write_reply(reply, OCTET_STREAM, False)
+        return
     decoded = orjson.loads(reply)  # the sandbox validated it
     sys.stdout.buffer.write(terminal_json(reply) + b"\n")
     sys.stdout.flush()

@@ -390,3 +390,18 @@ async def test_sandbus_ls_wide_shows_the_kind(node: Node, big_server: NatsServer
     assert "extism" in row.split()
     module_row = next(line for line in done.stdout.decode().splitlines() if " echo " in f" {line} ")
     assert "module" in module_row.split()
+
+
+def test_sandbus_run_calls_an_extism_plugin_with_bytes(tmp_path: Path) -> None:
+    wasm = tmp_path / "x.wasm"
+    wasm.write_bytes(extism_wasm())
+    data = tmp_path / "in.bin"
+    data.write_bytes(EVERY_BYTE)
+    done = run_cli("run", str(wasm), "-f", "echo", "--data-file", str(data), url="nats://127.0.0.1:1")
+    assert (done.returncode, done.stdout) == (0, EVERY_BYTE)
+    failed = run_cli("run", str(wasm), "-f", "fail", "--raw", "-i", "x", url="nats://127.0.0.1:1")
+    assert failed.returncode == 1
+    assert b"vowels went missing" in failed.stderr
+    unknown = run_cli("run", str(wasm), "-f", "nope", "--raw", "-i", "x", url="nats://127.0.0.1:1")
+    assert unknown.returncode == 2
+    assert b"echo, fail, handle_message, last" in unknown.stderr
