@@ -2,7 +2,8 @@
 # Build every plugin from source into plugins/build/, a directory of plugins:
 #   plugins/<name>/<name>.wat          -> plugins/build/<name>.wasm  (wasmtime.wat2wasm)
 #   plugins/<name>/*.c                 -> plugins/build/<name>.wasm  (clang, wasm32-wasi reactor)
-#   plugins/<name>/*.ts | package.json -> plugins/build/<name>.wasm  (AssemblyScript: asc -O3 --runtime minimal)
+#   plugins/<name>/*.ts | package.json -> plugins/build/<name>.wasm  (AssemblyScript: asc -O3 --runtime minimal;
+#                                         an Extism plugin, importing @extism/as-pdk: the default runtime)
 #   plugins/<name>/app.py              -> plugins/build/<name>.wasm  (Python: componentize-py, a component)
 #   plugins/<name>/<name>.toml         -> plugins/build/<name>.toml  (manifest, copied)
 #
@@ -171,14 +172,16 @@ check_as_tools() {
 skipped_as=()
 skipped_py=()
 
-# A plugin with its own package.json (extra npm dependencies) gets `npm install` in its directory,
-# again only when the package.json changed.
+# A plugin with its own package.json (extra npm dependencies) gets `npm install` in its directory
+# (`npm ci` when a package-lock.json pins them), again only when one of them changed.
 npm_plugin_deps() {
-    local dir="$1" stamp="$1/node_modules/.sandbus-installed"
+    local dir="$1" stamp="$1/node_modules/.sandbus-installed" how=install
     [ -f "$dir/package.json" ] || return 0
-    if [ ! -f "$stamp" ] || [ "$dir/package.json" -nt "$stamp" ]; then
-        echo "NPM   $NPM install in $dir"
-        (cd "$dir" && "$NPM" install --no-audit --no-fund --loglevel=error) || return 1
+    [ -f "$dir/package-lock.json" ] && how=ci
+    if [ ! -f "$stamp" ] || [ "$dir/package.json" -nt "$stamp" ] \
+            || { [ -f "$dir/package-lock.json" ] && [ "$dir/package-lock.json" -nt "$stamp" ]; }; then
+        echo "NPM   $NPM $how in $dir"
+        (cd "$dir" && "$NPM" "$how" --no-audit --no-fund --loglevel=error) || return 1
         touch "$stamp"
     fi
 }
@@ -264,8 +267,10 @@ with open(dst, "wb") as f:
     elif [ -f "$dir/package.json" ] || [ ${#tsrcs[@]} -gt 0 ]; then
         if [ -f "$dir/assembly/index.ts" ]; then entry="$dir/assembly/index.ts"; else entry="$dir/$name.ts"; fi
         [ -f "$entry" ] || die "$dir: AssemblyScript entry point not found (expected $dir/assembly/index.ts or $entry)"
+        dir_lock=""
+        [ -f "$dir/package-lock.json" ] && dir_lock="$dir/package-lock.json"
         if needs_build "$out" "${tsrcs[@]}" "${as_sdk_srcs[@]}" "$AS_SDK/package.json" "$SCRIPT" \
-                ${dir_pkg:+"$dir_pkg"}; then
+                ${dir_pkg:+"$dir_pkg"} ${dir_lock:+"$dir_lock"}; then
             if ! check_as_tools; then
                 skipped_as+=("$name")
                 continue
@@ -277,6 +282,10 @@ with open(dst, "wb") as f:
             # the SDK, `--use abort=` compiles aborts to a bare trap. Either way no `env.abort` import.
             # The name is the SDK file's path as asc sees it: relative import or package import.
             abort="--use=abort="
+            # An Extism plugin (Extism's PDK): no host calls a collector between calls, so it keeps
+            # AssemblyScript's default (incremental) runtime, which collects inside its allocations.
+            runtime=minimal
+            grep -qs '@extism/as-pdk' "${tsrcs[@]}" && runtime=incremental
             if grep -qs 'sdk/guest/assemblyscript' "${tsrcs[@]}"; then
                 abort="--use=abort=$AS_SDK/assembly/index/sandbusAbort"
             elif grep -qs '@sandbus/guest' "${tsrcs[@]}"; then
@@ -284,7 +293,11 @@ with open(dst, "wb") as f:
             fi
             echo "ASC   $entry -> $out"
             # shellcheck disable=SC2086
-            if ! "$asc" "$entry" -o "$out.tmp" -O3 --runtime minimal "$abort" ${EXTRA_ASCFLAGS:-}; then
+            # asc looks up packages below the directory it runs in (the repository root): point it at the
+            # plugin's own node_modules too.
+            paths=()
+            [ -d "$dir/node_modules" ] && paths=(--path "$dir/node_modules")
+            if ! "$asc" "$entry" -o "$out.tmp" -O3 --runtime "$runtime" "$abort" "${paths[@]}" ${EXTRA_ASCFLAGS:-}; then
                 rm -f "$out.tmp"
                 echo "build.sh: error: $name failed to compile" >&2
                 status=1
