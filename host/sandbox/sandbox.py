@@ -199,13 +199,6 @@ class Sandbox:
             raise
         if self.kind == "module" and is_extism(self._module):
             self.kind, self.body = "extism", "bytes"
-            if self.limits.isolation == "per-call":
-                err = InvalidModuleError(
-                    "isolation = \"per-call\" is not available for Extism plugins: load it with isolation = "
-                    "\"pooled\" (each call still starts with an empty kernel memory)", plugin=self.name,
-                    isolation="per-call")
-                self.auditor.emit(AuditLevel.WARNING, "module.refused", self.name, err.message, isolation="per-call")
-                raise err
         if self.kind == "component":
             # Kept beside the compiled code: a warm load does not walk the component's types again.
             self.component_info: ComponentInfo | None = cache.component_info(self._handle, source.digest,
@@ -239,7 +232,9 @@ class Sandbox:
         self._grants = GrantSet(self.capabilities.dirs, plugin=self.name, auditor=self.auditor)
         #: With isolation = "per-call": what each call's fresh instance is built from (percall.py).
         self.percall: PerCallPlugin | None = None
-        if self.limits.isolation == "per-call":
+        # An Extism plugin per call: a whole fresh instance (kernel and plugin) for each call, dropped after it
+        # (ExtismInstance.single_use), through the ordinary pool; not the compiled fresh-instance path.
+        if self.limits.isolation == "per-call" and self.kind != "extism":
             try:
                 self.percall = self._per_call(fast, native, context_factory)
             except BaseException:
@@ -284,6 +279,8 @@ class Sandbox:
             inst = cls(self.name, self._handle, self._module, self.info, self.limits, self.capabilities,
                        self._host_functions, self.auditor, fast=self._fast, native=self._native,
                        context_factory=self._context_factory, grants=self._grants)
+            if isinstance(inst, ExtismInstance):
+                inst.single_use = self.limits.isolation == "per-call"
         inst.init(self._config)
         return inst
 

@@ -40,6 +40,17 @@ class ExtismInstance(PluginInstance):
     STORE_INSTANCES = 3  # the plugin, its kernel, the WASI trampoline
     STORE_MEMORIES = 2  # the plugin's memory and the kernel's
 
+    #: With ``isolation = "per-call"``: the instance serves one call and is then retired (the pool builds the
+    #: next one), so nothing of a call -- memory, globals, variables -- reaches the next.
+    single_use = False
+
+    def call(self, function: str, payload: bytes, *, budget_s: float | None = None) -> bytes:
+        try:
+            return super().call(function, payload, budget_s=budget_s)
+        finally:
+            if self.single_use:
+                self.poisoned = True  # the pool drops a poisoned instance and builds a fresh one
+
     def _link_host_functions(self, linker: wasmtime.Linker, module: wasmtime.Module,
                              host_functions: HostFunctions) -> None:
         """Instantiate the kernel in this store, then bind every import of the plugin: kernel names to the

@@ -296,10 +296,17 @@ def test_a_plugin_without_callable_exports_is_refused() -> None:
         Sandbox(bytes(bad), name="bad")
 
 
-def test_per_call_isolation_is_refused_before_any_instance(wasm: bytes, audit: AuditLog) -> None:
-    with pytest.raises(InvalidModuleError, match="per-call"):
-        Sandbox(wasm, name="ext", limits=Limits(isolation="per-call"), on_audit=audit)
-    assert "module.refused" in audit.kinds()
+def test_per_call_isolation_gives_every_call_a_fresh_instance(wasm: bytes) -> None:
+    with Sandbox(wasm, name="ext", limits=Limits(isolation="per-call", max_instances=1)) as sb:
+        assert sb.call_bytes("swap_var", b"one") == b""
+        assert sb.call_bytes("swap_var", b"two") == b""  # the variable went with the first call's instance
+        assert sb.call_bytes("copy_echo", b"x" * 5000) == b"x" * 5000
+        with pytest.raises(GuestError):
+            sb.call_bytes("fail", b"no")
+        still_serves(sb)
+    with Sandbox(wasm, name="ext", limits=Limits(max_instances=1)) as pooled:
+        pooled.call_bytes("swap_var", b"one")
+        assert pooled.call_bytes("swap_var", b"two") == b"one"  # pooled: the same instance keeps it
 
 
 def test_the_kernel_import_list_matches_the_kernel_exports() -> None:
