@@ -64,4 +64,4 @@ bench: $(STAMP) plugins
 
 clean:
 	rm -rf plugins/build .pytest_cache .mypy_cache .ruff_cache sdk/guest/assemblyscript/node_modules \
-	       $(JS_CLIENT)/node_modules
+	       $(JS_CLIENT)/node_modules plugins/*/node_modules tests/extism/node_modules tests/extism/build
