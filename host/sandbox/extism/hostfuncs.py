@@ -14,6 +14,7 @@ deadline).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -146,8 +147,10 @@ def _http_denied(ctx: CallContext, req_off: int, body_off: int) -> int:
                                  capability="network", function="http_request")
 
 
+@functools.cache
 def extism_host_functions() -> HostFunctions:
-    """Extism's host functions as a plain sandbox provides them (a node adds its ``http_request``)."""
+    """Extism's host functions as a plain sandbox provides them (a node adds its ``http_request``); one
+    registry for the process (never modified: instances only read it)."""
     reg = HostFunctions()
 
     def add(name: str, impl: object, capability: str | None = None) -> None:

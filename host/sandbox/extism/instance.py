@@ -9,6 +9,8 @@ and the call itself (host/sandbox/extism/invoker.py).
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 import orjson
@@ -26,6 +28,10 @@ from sandbus.host.sandbox.instance import PluginInstance, bind_host_function
 from sandbus.sdk.errors import InvalidModuleError, SandbusError
 
 __all__ = ["ExtismInstance"]
+
+_Binding = tuple[str, str, wasmtime.FuncType, HostFunction | None]
+#: Where an instance's linker holds the plugin's own exports, for looking them up by name.
+_PLUGIN = "sandbus:extism-plugin"
 
 
 class ExtismInstance(PluginInstance):
@@ -69,42 +75,38 @@ class ExtismInstance(PluginInstance):
             self._kernel = klinker.instantiate(self._store, kernel_module(engine))
         except (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError) as e:
             raise self._translate(take_failure(self.ctx, e), "kernel instantiation") from e
-        kexports = self._kernel.exports(self._store)
-        builtin = extism_host_functions()
-        for imp in module.imports:
-            name = imp.name or ""
-            if imp.module == WASI_MODULE:
-                continue
-            if imp.module != EXTISM_ENV:
-                fn = host_functions.get(imp.module, name)
-                if fn is None:
-                    raise InvalidModuleError(f"imports {imp.module}.{name}, which this host does not provide",
-                                             plugin=self.plugin, missing_import=f"{imp.module}.{name}")
-                _check_type(imp, fn, self.plugin)
-            elif name in KERNEL_IMPORTS:  # types were checked at load (extism/abi.py)
-                linker.define(self._store, EXTISM_ENV, name, kexports[name])
-                continue
-            else:
-                fn = host_functions.get(EXTISM_ENV, name) or builtin.get(EXTISM_ENV, name)
-                if fn is None:  # pragma: no cover - inspect_extism refused the module already
-                    raise InvalidModuleError(f"imports {EXTISM_ENV}.{name}, which this host does not provide",
-                                             plugin=self.plugin, missing_import=f"{EXTISM_ENV}.{name}")
-                _check_type(imp, fn, self.plugin)
-            ty = imp.type
-            assert isinstance(ty, wasmtime.FuncType)
-            linker.define_func(imp.module, name, ty, bind_host_function(fn, self.ctx, self._auditor))
+        # The kernel's exports in one definition (one C call, not one per import): a plugin can only reach
+        # the ones inspect_extism let it import. They are also where the invoker finds the kernel's functions.
+        linker.define_instance(self._store, EXTISM_ENV, self._kernel)
+        self._linker = linker
+        plan, self._exports_memory = _link_plan(module, host_functions, self.plugin)
+        for module_name, name, ty, fn in plan:
+            if fn is not None:
+                linker.define_func(module_name, name, ty, bind_host_function(fn, self.ctx, self._auditor))
 
     def _start(self, handle: EngineHandle, instance: wasmtime.Instance, *, fast: bool, native: bool) -> None:
-        store = self._store
-        exported = instance.exports(store)
-        found = exported.get("memory")
-        memory = found if isinstance(found, wasmtime.Memory) else None
-        kmem = self._kernel.exports(store)["memory"]
+        store, linker = self._store, self._linker
+        # Looked up by name, not through instance.exports(), which wraps every export of the module.
+        linker.define_instance(store, _PLUGIN, instance)
+
+        def plugin_export(name: str) -> wasmtime.Func:
+            f = linker.get(store, _PLUGIN, name)
+            assert isinstance(f, wasmtime.Func)
+            return f
+
+        def kernel_export(name: str) -> wasmtime.Func:
+            f = linker.get(store, EXTISM_ENV, name)
+            assert isinstance(f, wasmtime.Func)
+            return f
+
+        memory = linker.get(store, _PLUGIN, "memory") if self._exports_memory else None
+        assert memory is None or isinstance(memory, wasmtime.Memory)
+        kmem = linker.get(store, EXTISM_ENV, "memory")
         assert isinstance(kmem, wasmtime.Memory)
         if self.info.uses_wasi:
             assert memory is not None  # inspect_extism requires it with WASI
             self._link_passthrough(handle, memory)
-        self._invoker = ExtismInvoker(self.ctx, store, instance, memory, self._kernel, kmem, self.info.signatures,
+        self._invoker = ExtismInvoker(self.ctx, store, plugin_export, memory, kernel_export, kmem, self.info.signatures,
                                       self.limits.memory_bytes, fast=fast, native=native)
         self.ctx.invoker = self._invoker
         if self.info.has(INITIALIZE):
@@ -122,6 +124,47 @@ class ExtismInstance(PluginInstance):
     def shutdown(self) -> None:
         return None
 
+
+
+#: What each module's imports are bound to, worked out (and type-checked) once per module and set of host
+#: functions: (module, name, type, host function or None for a kernel export). Walking a module's imports
+#: through wasmtime-py costs more than the rest of building an instance.
+_plans: weakref.WeakKeyDictionary[wasmtime.Module, tuple[HostFunctions, list[_Binding], bool]] = (
+    weakref.WeakKeyDictionary())
+_plans_lock = threading.Lock()
+
+
+def _link_plan(module: wasmtime.Module, host_functions: HostFunctions, plugin: str
+               ) -> tuple[list[_Binding], bool]:
+    """The module's bindings, and whether it exports a memory named "memory"."""
+    with _plans_lock:
+        cached = _plans.get(module)
+    if cached is not None and cached[0] is host_functions:
+        return cached[1], cached[2]
+    builtin = extism_host_functions()
+    plan: list[_Binding] = []
+    for imp in module.imports:
+        name = imp.name or ""
+        if imp.module == WASI_MODULE:
+            continue
+        ty = imp.type
+        if imp.module == EXTISM_ENV and name in KERNEL_IMPORTS:  # types were checked at load (extism/abi.py)
+            assert isinstance(ty, wasmtime.FuncType)
+            plan.append((EXTISM_ENV, name, ty, None))
+            continue
+        fn = host_functions.get(imp.module, name)
+        if fn is None and imp.module == EXTISM_ENV:
+            fn = builtin.get(EXTISM_ENV, name)
+        if fn is None:
+            raise InvalidModuleError(f"imports {imp.module}.{name}, which this host does not provide",
+                                     plugin=plugin, missing_import=f"{imp.module}.{name}")
+        _check_type(imp, fn, plugin)
+        assert isinstance(ty, wasmtime.FuncType)
+        plan.append((imp.module, name, ty, fn))
+    exports_memory = any(e.name == "memory" and isinstance(e.type, wasmtime.MemoryType) for e in module.exports)
+    with _plans_lock:
+        _plans[module] = (host_functions, plan, exports_memory)
+    return plan, exports_memory
 
 
 def _check_type(imp: wasmtime.ImportType, fn: HostFunction, plugin: str) -> None:

@@ -78,10 +78,12 @@ class ExtismInvoker:
     host functions see); the kernel's memory is reached through :meth:`block` and :meth:`alloc_bytes`.
     """
 
-    def __init__(self, ctx: CallContext, store: wasmtime.Store, plugin: wasmtime.Instance,
-                 memory: wasmtime.Memory | None, kernel: wasmtime.Instance, kernel_memory: wasmtime.Memory,
-                 signatures: dict[str, Signature], memory_limit: int, *, fast: bool = True,
-                 native: bool = True) -> None:
+    def __init__(self, ctx: CallContext, store: wasmtime.Store, plugin: Callable[[str], wasmtime.Func],
+                 memory: wasmtime.Memory | None, kernel: Callable[[str], wasmtime.Func],
+                 kernel_memory: wasmtime.Memory, signatures: dict[str, Signature], memory_limit: int, *,
+                 fast: bool = True, native: bool = True) -> None:
+        """``plugin`` / ``kernel`` look up one export of the plugin / the kernel by name (only the exports
+        a call uses are looked up, when first used: building an instance per call stays cheap)."""
         self.ctx = ctx
         self._store = store  # keeps the context pointer valid
         self._memory_limit = memory_limit
@@ -98,33 +100,44 @@ class ExtismInvoker:
         self.http_headers: dict[str, str] | None = None
         self._mem = memory
         self._kmem = kernel_memory
-        pexports = plugin.exports(store)
-        kexports = kernel.exports(store)
+        self._plugin_export = plugin
+        self._signatures = signatures
         self._known = 0
         if self.fast:
             self._ctx, self._kmem_addr = raw_memory(store, kernel_memory)
             self._mem_addr = raw_memory(store, memory)[1] if memory is not None else 0
-            self._raw = {name: RawFunc(self._ctx, _func(pexports, name), sig) for name, sig in signatures.items()}
-            k = {name: RawFunc(self._ctx, _func(kexports, name), sig) for name, sig in _KERNEL_CALLS.items()}
+            self._raw: dict[str, RawFunc] = {}
+            k = {name: RawFunc(self._ctx, kernel(name), sig) for name, sig in _KERNEL_CALLS.items()}
             self._begin, self._output, self._error = k["sandbus_begin"], k["sandbus_output"], k["sandbus_error"]
             self._kblock, self._kalloc = k["sandbus_block"], k["alloc"]
             mod = native_module() if native else None
             #: The compiled round trip (host/sandbox/_native.c) when it is built with the Extism entry point.
             self._native = getattr(mod, "extism_round_trip", None)
-            self._native_addrs = {name: f._func_addr for name, f in self._raw.items()}
+            self._native_addrs: dict[str, int] = {}
             self._begin_addr = self._begin._func_addr
             self._output_addr = self._output._func_addr
             self._error_addr = self._error._func_addr
         else:
-            self._plain = {name: (_func(pexports, name), sig) for name, sig in signatures.items()}
-            self._kplain = {name: (_func(kexports, name), sig) for name, sig in _KERNEL_CALLS.items()}
+            self._plain: dict[str, tuple[wasmtime.Func, Signature]] = {}
+            self._kplain = {name: (kernel(name), sig) for name, sig in _KERNEL_CALLS.items()}
 
     # -- the Invoker surface -------------------------------------------------------------------------
 
+    def _rawfunc(self, name: str) -> RawFunc:
+        """The plugin's export ``name`` on the fast path (a verified signature: KeyError for any other)."""
+        raw = self._raw.get(name)
+        if raw is None:
+            raw = self._raw[name] = RawFunc(self._ctx, self._plugin_export(name), self._signatures[name])
+            self._native_addrs[name] = raw._func_addr
+        return raw
+
     def call(self, name: str, *args: int) -> int | None:
         if self.fast:
-            return self._raw[name](*args)
-        return _plain_call(self._store, *self._plain[name], args)
+            return self._rawfunc(name)(*args)
+        plain = self._plain.get(name)
+        if plain is None:
+            plain = self._plain[name] = (self._plugin_export(name), self._signatures[name])
+        return _plain_call(self._store, *plain, args)
 
     def memory_size(self) -> int:
         if self._mem is None:
@@ -177,10 +190,11 @@ class ExtismInvoker:
         self.http_status, self.http_headers = 0, None
         native: Callable[..., tuple[int, bytes | None, int, int, int]] | None = self._native
         if native is not None:
+            addr = self._native_addrs.get(function) or self._rawfunc(function)._func_addr
             if type(payload) is not bytes:  # a bytearray or memoryview: the C side takes bytes
                 payload = bytes(payload)
             code, reply, a, b, c = native(
-                self._ctx, self._kmem_addr, self._mem_addr, self._begin_addr, self._native_addrs[function],
+                self._ctx, self._kmem_addr, self._mem_addr, self._begin_addr, addr,
                 self._output_addr, self._error_addr, payload, max_output, -1 if fuel is None else fuel,
                 epoch_ticks, self._memory_limit)
             if code == 0:
@@ -207,7 +221,7 @@ class ExtismInvoker:
             self._known = raw_memory_size(ctx, kmem)
             _check_span(p, n, self._known, "input block from the kernel")
         ctypes.memmove(raw_memory_base(ctx, kmem) + p, payload, n)
-        rc = self._raw[function].call0()
+        rc = self._rawfunc(function).call0()
         if rc:
             packed = self._error.call0() & U64
             raise self._guest_error(function, rc, packed)
@@ -313,12 +327,6 @@ class ExtismInvoker:
         else:
             self._kmem.write(self._store, data, off)
         return off
-
-
-def _func(exports: Any, name: str) -> wasmtime.Func:
-    f = exports[name]
-    assert isinstance(f, wasmtime.Func)
-    return f
 
 
 def _plain_call(store: wasmtime.Store, func: wasmtime.Func, sig: Signature, args: tuple[int, ...]) -> int | None:
