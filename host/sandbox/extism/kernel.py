@@ -226,7 +226,9 @@ KERNEL_WAT = """
   ;; input block allocated and named (the host copies the input into it).
   (func (export "sandbus_begin") (param $n i64) (param $cap i64) (result i64)
     (call $reset)
-    (global.set $cap (local.get $cap))
+    ;; never the whole 4 GiB: $top, an i32, must not wrap
+    (global.set $cap (select (local.get $cap) (i64.const 0xffff0000)
+                             (i64.lt_u (local.get $cap) (i64.const 0xffff0000))))
     (global.set $in (call $alloc (local.get $n)))
     (global.set $in_len (local.get $n))
     (global.get $in))

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 import wasmtime
 
-from sandbus.host.sandbox import Capabilities, Limits, Sandbox
+from sandbus.host.sandbox import CallContext, Capabilities, HostFunction, HostFunctions, Limits, Sandbox
+from sandbus.host.sandbox.extism.hostfuncs import extism_invoker
 from sandbus.host.sandbox.extism.kernel import KERNEL_IMPORTS
 from sandbus.sdk.errors import (
     AbiViolationError,
@@ -326,3 +327,33 @@ def test_every_error_is_a_sandbus_error(sandbox: Sandbox) -> None:
         with pytest.raises(SandbusError):
             sandbox.call_bytes(function, b"x")
     still_serves(sandbox)
+
+
+# -- host functions an embedder adds --------------------------------------------------------------------
+
+SHOUT_IMPORT = '(import "extism:host/user" "shout" (func $shout (param i64) (result i64)))'
+SHOUT = FUNCTIONS + """
+  (func (export "shout") (result i32)
+    (local $p i64)
+    (local.set $p (call $shout (call $ioff)))
+    (call $oset (local.get $p) (call $len (local.get $p)))
+    (i32.const 0))
+"""
+
+
+def test_an_embedders_host_function_in_extism_host_user_reads_and_returns_blocks() -> None:
+    def shout(ctx: CallContext, off: int) -> int:
+        inv = extism_invoker(ctx)
+        return inv.alloc_bytes(inv.block(off, 1024, "shout").upper())
+
+    funcs = HostFunctions()
+    funcs.add(HostFunction("shout", ("i64",), ("i64",), shout, module="extism:host/user"))
+    wasm = plugin(SHOUT, imports=SHOUT_IMPORT)
+    with Sandbox(wasm, name="user", host_functions=funcs) as sb:
+        assert sb.call_bytes("shout", b"quiet") == b"QUIET"
+        with pytest.raises(PayloadTooLargeError, match="shout"):
+            sb.call_bytes("shout", b"q" * 1025)
+        assert sb.rerun_safe is False  # what an embedder's function does is unknown
+        still_serves(sb)
+    with pytest.raises(InvalidModuleError, match=r"extism:host/user\.shout"):
+        Sandbox(wasm, name="user")
