@@ -69,7 +69,8 @@ class Limits(BaseModel):
             what a call leaves in memory or globals is there for the next caller. "per-call": every call
             gets a fresh instance from a pooling allocator (copy-on-write memory image), discarded when the
             call ends; ``_initialize`` and ``sandbus_init`` run on each, ``sandbus_shutdown`` never;
-            ``max_instances`` still bounds calls at once (host/sandbox/percall.py).
+            ``max_instances`` still bounds calls at once (host/sandbox/percall.py). An Extism plugin gets a
+            fresh kernel and plugin per call, built like a pooled instance (docs/extism.md).
         max_var_bytes: what an Extism plugin's variables (``var_set``) may hold in all, keys and values,
             per instance (docs/extism.md); a ``var_set`` beyond it fails the call.
     """
