@@ -37,7 +37,7 @@ __all__ = ["LanguageName", "build", "inspect", "new", "register"]
 
 #: The values of :class:`sandbus.host.authoring.Language`, spelled here so that registering ``new`` imports
 #: nothing of the host side (tests/host/test_cli.py checks the two agree).
-LanguageName = Literal["c", "assemblyscript", "python", "wat"]
+LanguageName = Literal["c", "assemblyscript", "python", "wat", "extism-as"]
 
 
 def new(
