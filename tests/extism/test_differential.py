@@ -97,8 +97,21 @@ def test_count_vowels_json_is_the_same(both: Callable[..., tuple[extism.Plugin, 
 
 
 def test_count_vowels_matches_extisms_example(both: Callable[..., tuple[extism.Plugin, Sandbox]]) -> None:
-    _, sb = both("count_vowels")
+    """The running total lives in a var: it grows over calls the same way on both hosts."""
+    ext, sb = both("count_vowels")
     assert sb.call_bytes("count_vowels", b"Hello, World!") == b'{"count":3,"total":3,"vowels":"aeiouAEIOU"}'
+    assert sb.call_bytes("count_vowels", b"aeiou") == b'{"count":5,"total":8,"vowels":"aeiouAEIOU"}'
+    assert bytes(ext.call("count_vowels", b"Hello, World!")) + bytes(ext.call("count_vowels", b"aeiou")) == \
+        b'{"count":3,"total":3,"vowels":"aeiouAEIOU"}{"count":5,"total":8,"vowels":"aeiouAEIOU"}'
+    texts = [b"Hello, World!", b"aeiou", b"", b"xyz", "ÄÖÜ äöü".encode(), b"A" * 1000]
+    assert [sb.call_bytes("count_vowels", t) for t in texts] == [bytes(ext.call("count_vowels", t)) for t in texts]
+
+
+def test_count_vowels_reads_its_vowels_from_config(both: Callable[..., tuple[extism.Plugin, Sandbox]]) -> None:
+    ext, sb = both("count_vowels", config={"vowels": "aeiouyAEIOUY"})
+    out = sb.call_bytes("count_vowels", b"Happy day, my boy")
+    assert out == bytes(ext.call("count_vowels", b"Happy day, my boy"))
+    assert out == b'{"count":7,"total":7,"vowels":"aeiouyAEIOUY"}'
 
 
 REFLECT_INPUTS = [bytes(range(256)), bytes(range(255, -1, -1)) * 4, b"", b"\x00", os.urandom(10_000),

@@ -35,6 +35,7 @@ required = {caps}
 {permissions}
 [resources]
 timeout_seconds = 5
+{extra}
 """
 
 POLICY = """
@@ -70,14 +71,16 @@ async def node(tmp_path: Path, nats_server: NatsServer, extism_guest: Guest,
     d = tmp_path / "plugins"
     d.mkdir()
     plugins = {
-        "count_vowels": ('content_type = "application/json"', '["compute"]', ""),
-        "http": ("", '["compute", "network"]', f'network_hosts = ["127.0.0.1:{servers[0].port}"]'),
-        "fail": ("", '["compute"]', ""),
+        # one instance: its running total (a var) is what one Extism plugin keeps; its vowels from [config]
+        "count_vowels": ('content_type = "application/json"', '["compute"]', "",
+                         'max_instances = 1\n[config]\nvowels = "aeiouyAEIOUY"'),
+        "http": ("", '["compute", "network"]', f'network_hosts = ["127.0.0.1:{servers[0].port}"]', ""),
+        "fail": ("", '["compute"]', "", ""),
     }
-    for name, (extra_plugin, caps, permissions) in plugins.items():
+    for name, (extra_plugin, caps, permissions, extra) in plugins.items():
         shutil.copy(extism_guest(name), d / f"{name}.wasm")
         (d / f"{name}.toml").write_text(MANIFEST.format(name=name, extra_plugin=extra_plugin, caps=caps,
-                                                        permissions=permissions))
+                                                        permissions=permissions, extra=extra))
     (tmp_path / "policy.toml").write_text(POLICY)
     n = Node.create(d, ConnectOptions.from_urls(nats_server.url), policy=load_policy(tmp_path / "policy.toml"),
                     node_id="extism-n1")
@@ -92,14 +95,17 @@ async def node(tmp_path: Path, nats_server: NatsServer, extism_guest: Guest,
 
 async def test_count_vowels_through_the_node_is_what_extism_answers(node: Node, nats_server: NatsServer,
                                                                     extism_guest: Guest) -> None:
-    plugin = extism.Plugin(extism_guest("count_vowels").read_bytes(), wasi=False, functions=[])
+    """The manifest's [config] reaches config_get, the var keeps its total across requests: the node's replies
+    are the Extism SDK's, call by call."""
+    plugin = extism.Plugin(extism_guest("count_vowels").read_bytes(), wasi=False, config={"vowels": "aeiouyAEIOUY"},
+                           functions=[])
     async with await Client.connect(nats_server.url) as c:
-        for text in (b"Hello, World!", "ünïcödé aeiou".encode(), b""):
+        for text in (b"Hello, World!", "ünïcödé aeiou".encode(), b"", b"my"):
             assert await c.request_bytes("count_vowels", "count_vowels", text) == \
                 bytes(plugin.call("count_vowels", text))
-        # its manifest declares JSON output: the client may decode it
+        # its manifest declares JSON output: the client may decode it (the plugin gets the JSON text '"aeiou"')
         assert await c.request("count_vowels", "count_vowels", "aeiou") == \
-            {"count": 5, "total": 5, "vowels": "aeiouAEIOU"}  # the plugin gets the JSON text '"aeiou"'
+            {"count": 5, "total": 14, "vowels": "aeiouyAEIOUY"}
 
 
 async def test_a_failure_reaches_the_client_with_the_plugins_text(node: Node, nats_server: NatsServer) -> None:
