@@ -235,3 +235,43 @@ def test_http_each_host_grants_differently(extism_guest: Guest, loopback: Loopba
         sb.call_bytes("fetch", url)
     assert audit.kinds() == ["security.capability_denied"]
     assert loopback.hits == 1  # only the granted Extism call reached the server
+
+
+def test_var_bomb_both_hosts_refuse(both: Callable[..., tuple[extism.Plugin, Sandbox]], audit: AuditLog) -> None:
+    """Both cap what a plugin's vars hold at 1 MiB by default (Extism's memory.max_var_bytes, sandbus'
+    max_var_bytes): a var above it fails the call on both -- Extism with a trap, sandbus with its typed
+    limit error -- and the plugin goes on serving."""
+    ext, sb = both("hostile")
+    assert outcome_sandbus(sb, "var_bomb", b"1000") == outcome_extism(ext, "var_bomb", b"1000") == ("ok", b"")
+    with pytest.raises(extism.Error):
+        ext.call("var_bomb", str(MIB).encode())
+    with pytest.raises(PayloadTooLargeError, match="max_var_bytes"):
+        sb.call_bytes("var_bomb", str(MIB).encode())
+    assert outcome_sandbus(sb, "huge", b"2") == outcome_extism(ext, "huge", b"2") == ("ok", b"xx")
+
+
+def test_a_long_error_message_each_host_bounds_differently(both: Callable[..., tuple[extism.Plugin, Sandbox]]
+                                                           ) -> None:
+    """Extism hands back the plugin's whole error text as it is; sandbus keeps its first 4 KiB with control
+    characters escaped, since the text travels in reply headers and lands in logs and terminals."""
+    ext, sb = both("hostile")
+    raw = outcome_extism(ext, "fail_loudly", b"100000")
+    assert raw == ("error", "\x1b\n" + "y" * 99_998)
+    with pytest.raises(GuestError) as failure:
+        sb.call_bytes("fail_loudly", b"100000")
+    message = failure.value.message
+    assert message.startswith("\\x1b\\x0ayyyy")
+    assert "\x1b" not in message
+    assert "\n" not in message
+    assert len(message) < 4096 + 64
+
+
+def test_input_above_the_cap_only_sandbus_refuses(extism_guest: Guest, audit: AuditLog) -> None:
+    """sandbus refuses an input above the plugin's max_input_bytes before the plugin runs; Extism takes it."""
+    wasm = extism_guest("reflect")
+    data = os.urandom(2 * MIB)
+    assert bytes(extism_plugin(wasm).call("reflect", data)) == data
+    with Sandbox(wasm, limits=Limits(max_input_bytes=1 * MIB, max_output_bytes=4 * MIB), on_audit=audit) as sb:
+        with pytest.raises(PayloadTooLargeError):
+            sb.call_bytes("reflect", data)
+        assert sb.call_bytes("reflect", data[:MIB]) == data[:MIB]

@@ -1,6 +1,7 @@
-// Plugins that attack their host: a loop that never ends, memory that never stops growing, an output
-// as large as the input asks for.
-import { Host } from "@extism/as-pdk";
+// Plugins that attack their host: a loop that never ends, memory that never stops growing, an output, a var
+// and an error message as large as the input asks for.
+import { Host, Memory, Var } from "@extism/as-pdk";
+import { error_set } from "@extism/as-pdk/lib/env";
 
 let spins: u64 = 0;
 
@@ -28,4 +29,23 @@ export function huge(): i32 {
   out.fill(0x78);
   Host.output(out);
   return 0;
+}
+
+// Stores a var of as many bytes as the decimal input says.
+export function var_bomb(): i32 {
+  Var.set("big", new Uint8Array(I32.parseInt(Host.inputString())));
+  return 0;
+}
+
+// Fails with an error message of as many bytes as the decimal input says, with control characters in it.
+export function fail_loudly(): i32 {
+  const n = I32.parseInt(Host.inputString());
+  const message = new Uint8Array(n);
+  message.fill(0x79);
+  if (n > 2) {
+    message[0] = 0x1b; // ESC: a terminal escape, if printed raw
+    message[1] = 0x0a;
+  }
+  error_set(Memory.allocateBytes(message).offset);
+  return 1;
 }
