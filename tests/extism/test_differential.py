@@ -25,6 +25,7 @@ from sandbus.sdk.errors import (
     PayloadTooLargeError,
     SecurityViolationError,
 )
+from sandbus.sdk.testing import PluginHarness
 from tests.conftest import AuditLog
 from tests.extism.loopback import LoopbackServer
 
@@ -275,3 +276,24 @@ def test_input_above_the_cap_only_sandbus_refuses(extism_guest: Guest, audit: Au
         with pytest.raises(PayloadTooLargeError):
             sb.call_bytes("reflect", data)
         assert sb.call_bytes("reflect", data[:MIB]) == data[:MIB]
+
+
+def test_logs_reach_sandbus_at_their_level(both: Callable[..., tuple[extism.Plugin, Sandbox]],
+                                           extism_guest: Guest) -> None:
+    """The same output on both; sandbus keeps each PDK log line at its level, control characters escaped
+    (Extism writes them to its own log file, which the Python SDK leaves off)."""
+    ext, sb = both("logger")
+    text = b"hello \x1b[31m"
+    assert outcome_sandbus(sb, "log_all", text) == outcome_extism(ext, "log_all", text) == ("ok", text)
+    with PluginHarness(extism_guest("logger")) as plugin:
+        assert plugin.call_bytes("log_all", text, validate=False) == text
+        assert [(line.level_name, line.message) for line in plugin.logs] == [
+            ("DEBUG", "debug: hello \\x1b[31m"), ("INFO", "info: hello \\x1b[31m"),
+            ("WARNING", "warn: hello \\x1b[31m"), ("ERROR", "error: hello \\x1b[31m")]
+
+
+def test_per_call_isolation_forgets_vars(extism_guest: Guest) -> None:
+    """sandbus' isolation = "per-call" gives every call a fresh instance, so vars last one call (Extism has
+    no such mode: its vars live as long as the plugin)."""
+    with Sandbox(extism_guest("vars"), limits=Limits(isolation="per-call")) as sb:
+        assert [sb.call_bytes("count", b"") for _ in range(3)] == [b"1", b"1", b"1"]
