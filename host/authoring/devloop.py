@@ -82,7 +82,7 @@ def is_source(project: Project, path: Path) -> bool:
         return top and path.suffix in (".c", ".h")
     if language.is_assemblyscript:
         if top:
-            return path.suffix == ".ts" or name in ("package.json", "asconfig.json")
+            return path.suffix == ".ts" or name in ("package.json", "package-lock.json", "asconfig.json")
         return parts[0] == "assembly" and path.suffix == ".ts"
     return path.suffix == ".py" and not name.startswith("test_") and name != "conftest.py"
 

@@ -125,3 +125,17 @@ def test_a_module_without_the_pdk_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="imports nothing from extism:host/env"):
         build_project(root)
     assert not (root / "build" / "pretender.wasm").exists()
+
+
+@pytest.mark.parametrize(("rel", "source"), [
+    ("assembly/index.ts", True), ("assembly/lib/util.ts", True), ("package.json", True),
+    ("package-lock.json", True), ("greeter.toml", True), ("node_modules/@extism/as-pdk/index.ts", False),
+    ("build/greeter.wasm", False), ("test_greeter.py", False), ("assembly/.index.ts.swp", False),
+])
+def test_what_counts_as_a_source_of_an_extism_project(tmp_path: Path, rel: str, source: bool) -> None:
+    """`sandbus dev` rebuilds for the entry file, its modules, the npm pins and the manifest; never for the
+    PDK's own files in node_modules."""
+    from sandbus.host.authoring.devloop import is_source
+
+    project = scaffold("greeter", Language.EXTISM_AS, tmp_path)
+    assert is_source(project, project.root / rel) is source
