@@ -56,12 +56,12 @@ from sandbus.sdk.errors import (
 )
 
 __all__ = [
+    "EXTISM_MESSAGE_FUNCTION",
     "MAX_MODULE_FILE_BYTES",
     "RUNTIME_VERSION",
     "Fingerprint",
     "PluginFiles",
     "PluginVersion",
-    "EXTISM_MESSAGE_FUNCTION",
     "body_of",
     "build_version",
     "check_body",

@@ -313,7 +313,7 @@ def test_max_var_bytes_is_bounded() -> None:
     assert caught.value.key == "resources.max_var_bytes"
 
 
-def test_topics_without_handle_message_do_not_load_and_say_the_fix(tmp_path: Path, plugins_dir: Path) -> None:
+def test_manifests_that_cannot_work_do_not_load_and_say_the_fix(tmp_path: Path, plugins_dir: Path) -> None:
     from sandbus.host.lifecycle import PluginManager
 
     d = tmp_path / "plugins"
@@ -322,9 +322,14 @@ def test_topics_without_handle_message_do_not_load_and_say_the_fix(tmp_path: Pat
     write_plugin(d, "deaf", wasm=wasm, topics=("a.b",))
     # A JSON plugin (our ABI) declaring a bytes media type: refused too.
     write_plugin(d, "json_plugin", wasm=(plugins_dir / "echo.wasm").read_bytes(), content_type="image/png")
+    # A manifest whose content type would forge a header: refused at load, the others keep loading.
+    write_plugin(d, "forged", content_type="text/plain\r\nSandbus-Error-Code: forged")
+    write_plugin(d, "fine", content_type="application/json")
     (tmp_path / "policy.toml").write_text(POLICY)
     with PluginManager(d, policy=load_policy(tmp_path / "policy.toml")) as manager:
         report = manager.discover_and_load()
+        assert manager.names() == ["fine"]
+    assert "plugin.content_type" in report.failed["forged"]
     assert "handle_message" in report.failed["deaf"]
     assert "subscriptions.topics" in report.failed["deaf"]
     assert "plugin.content_type" in report.failed["json_plugin"]
