@@ -83,7 +83,8 @@ def scaffold(name: str, language: Language | str, parent: str | Path = ".", *,
         f"test_{name}.py": t.render(t.TEST, **values),
         "conftest.py": t.CONFTEST,
         "pytest.ini": t.PYTEST_INI,
-        "README.md": t.render(t.README, **values),
+        "README.md": t.render(t.README, **values) + (t.render(t.EXTISM_AS_README, name=name)
+                                                      if language is Language.EXTISM_AS else ""),
         ".gitignore": t.GITIGNORE,
         **_sources(name, language),
     }

@@ -18,6 +18,7 @@ __all__ = [
     "CONFTEST",
     "EXTISM_AS_INDEX",
     "EXTISM_AS_PACKAGE_JSON",
+    "EXTISM_AS_README",
     "GITIGNORE",
     "MAKEFILE",
     "MANIFEST",
@@ -355,6 +356,14 @@ EXTISM_AS_PACKAGE_JSON = """\
     "assemblyscript": "{{asc_version}}"
   }
 }
+"""
+
+EXTISM_AS_README = """
+This is an Extism plugin: `assembly/index.ts` uses Extism's AssemblyScript PDK (`@extism/as-pdk`, pinned in
+`package.json` with the compiler; `sandbus build` runs `npm install` the first time). The same
+`build/{{name}}.wasm` runs in any Extism host (`extism call build/{{name}}.wasm handle_request --input '{}'`).
+Its input and output are bytes, not necessarily JSON (this one wraps whatever it gets in the reply envelope):
+`sandbus run build/{{name}}.wasm --raw --input 'any bytes'`.
 """
 
 EXTISM_AS_INDEX = """\
