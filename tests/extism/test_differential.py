@@ -3,8 +3,9 @@ byte for byte and the failures of the same kind (and, where the plugin set one w
 text).
 
 The plugins are real builds with Extism's AssemblyScript PDK (tests/extism/guests). Where the two hosts differ
-on purpose -- the limits, and who may reach which host over HTTP -- each side's own behaviour is asserted
-(the tests named ``..._each_host_...`` say how they differ).
+on purpose -- the limits, who may reach which host over HTTP, how much of an error text travels, where logs
+go, per-call isolation -- each side's own behaviour is asserted, and the test's docstring says how they
+differ. HTTP through a node's network grant, compared with Extism's allowed_hosts, is tests/extism/test_node.py.
 """
 
 from __future__ import annotations
