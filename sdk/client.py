@@ -276,8 +276,10 @@ class Client:
         reply = await self.request_bytes(plugin, function, _encode(payload), timeout=timeout)
         try:
             return orjson.loads(reply)
-        except orjson.JSONDecodeError as e:  # whoever answered on the bus is not a sandbus node
-            raise AbiViolationError(f"the reply from plugin {plugin!r} is not JSON: {e}", plugin=plugin) from e
+        except orjson.JSONDecodeError as e:  # a bytes plugin (Extism), or not a sandbus node at all
+            raise AbiViolationError(f"the reply from plugin {plugin!r} is not JSON: {e} (a plugin whose output is "
+                                    f"bytes, such as an Extism plugin, is called with request_raw)",
+                                    plugin=plugin) from e
 
     async def _jetstream(self) -> bool:
         if self._js_ok is None:

@@ -35,6 +35,7 @@ from sandbus.host.lifecycle.policy import load_policy
 from sandbus.host.node.node import Node
 from sandbus.sdk.client import Client
 from sandbus.sdk.errors import (
+    AbiViolationError,
     GuestError,
     InvalidJsonError,
     ManifestError,
@@ -410,3 +411,9 @@ def test_sandbus_run_calls_an_extism_plugin_with_bytes(tmp_path: Path) -> None:
     unknown = run_cli("run", str(wasm), "-f", "nope", "--raw", "-i", "x", url="nats://127.0.0.1:1")
     assert unknown.returncode == 2
     assert b"echo, fail, handle_message, last" in unknown.stderr
+
+
+async def test_request_on_a_bytes_reply_says_to_use_request_raw(node: Node, client: Client) -> None:
+    with pytest.raises(AbiViolationError, match="request_raw"):
+        await client.request("bytes_echo", "echo", b"\xff not JSON")
+    assert await client.request("json_echo", "echo", {"a": 1}) == {"a": 1}
