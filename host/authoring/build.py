@@ -264,13 +264,14 @@ def _check_extism(project: Project, wasm: bytes) -> None:
 
     try:
         module = shared_cache().load(get_engine(Limits().stack_bytes), wasm, name=project.name)
-        if not is_extism(module):
-            raise BuildError(f"{project.name} compiled, but imports nothing from extism:host/env: it does not use "
-                             f"Extism's PDK ({EXTISM_AS_PDK})", plugin=project.name)
-        info = inspect_extism(module, project.name)
+        extism = is_extism(module)
+        info = inspect_extism(module, project.name) if extism else None
     except SandbusError as e:
         raise BuildError(f"{project.name} compiled, but the module is not a valid Extism plugin: {e.message}",
                          plugin=project.name, output=e.message) from e
+    if info is None:
+        raise BuildError(f"{project.name} compiled, but imports nothing from extism:host/env: it does not use "
+                         f"Extism's PDK ({EXTISM_AS_PDK})", plugin=project.name)
     if not info.functions:
         raise BuildError(f"{project.name} compiled, but exports no function of type () -> i32 to call",
                          plugin=project.name)

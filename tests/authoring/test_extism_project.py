@@ -122,8 +122,9 @@ def test_a_module_without_the_pdk_is_refused(tmp_path: Path) -> None:
     """A project that says it is an Extism plugin but builds a module importing nothing from Extism."""
     root = _extism_project(tmp_path, "pretender")
     (root / "assembly" / "index.ts").write_text("export function run(): i32 { return 0; }\n")
-    with pytest.raises(BuildError, match="imports nothing from extism:host/env"):
+    with pytest.raises(BuildError) as refused:
         build_project(root)
+    assert refused.value.message.startswith("pretender compiled, but imports nothing from extism:host/env")
     assert not (root / "build" / "pretender.wasm").exists()
 
 
