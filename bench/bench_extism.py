@@ -7,7 +7,8 @@ Rows, each at 100 B and 10 KB of input:
   * the AssemblyScript-PDK echo (tests/extism/guests/reflect.ts), when its compiler is installed;
   * for reference, our own ABI's echo (tests/host/wat/mini_echo.wat) on sandbus.
 The Extism column runs the same bytes through ``extism.Plugin.call`` (when ``import extism`` works), the ratio
-is sandbus / Extism (the target is at most 0.5).
+is sandbus / Extism (the target is at most 0.5). sandbus runs with its default limits (fuel metering on);
+the last column is the same call with ``fuel = None`` (the Extism SDK meters no fuel).
 
     python bench/bench_extism.py [--quick]
 """
@@ -50,8 +51,9 @@ def per_call_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
     return min(runs)
 
 
-def sandbus_us(wasm: bytes, function: str, data: bytes, calls: int, repeats: int) -> float:
-    with Sandbox(wasm, name="bench", limits=Limits(max_instances=1)) as sb:
+def sandbus_us(wasm: bytes, function: str, data: bytes, calls: int, repeats: int, *, fuel: bool = True) -> float:
+    limits = Limits(max_instances=1) if fuel else Limits(max_instances=1, fuel=None)
+    with Sandbox(wasm, name="bench", limits=limits) as sb:
         assert sb.call_bytes(function, data, validate=False) == data
         call = sb.call_bytes
         return per_call_us(lambda: call(function, data, validate=False), calls, repeats)
@@ -72,24 +74,25 @@ def main() -> None:
     sdk = extism_available()
 
     table = Table(title=f"Extism plugin per-call time, us (best of {repeats} x {calls} calls)")
-    for col in ("plugin", "input", "sandbus", "Extism SDK", "sandbus / Extism"):
+    for col in ("plugin", "input", "sandbus", "Extism SDK", "sandbus / Extism", "sandbus, fuel off"):
         table.add_column(col, justify="right" if col != "plugin" else "left")
     for label, wasm, function in guests:
         for size in SIZES:
             data = bytes(i % 251 for i in range(size))
             ours = sandbus_us(wasm, function, data, calls, repeats)
+            unmetered = f"{sandbus_us(wasm, function, data, calls, repeats, fuel=False):.2f}"
             if sdk:
                 theirs = measure_extism(wasm, function, size, calls=calls, repeats=repeats, data=data).min_us
-                table.add_row(label, f"{size} B", f"{ours:.2f}", f"{theirs:.2f}", f"{ours / theirs:.2f}x")
+                table.add_row(label, f"{size} B", f"{ours:.2f}", f"{theirs:.2f}", f"{ours / theirs:.2f}x", unmetered)
             else:
-                table.add_row(label, f"{size} B", f"{ours:.2f}", "-", "-")
+                table.add_row(label, f"{size} B", f"{ours:.2f}", "-", "-", unmetered)
     for size in SIZES:
         body = b'"' + b"x" * (size - 2) + b'"'
         with Sandbox(own, name="own", limits=Limits(max_instances=1)) as sb:
             fn = sb.functions[0]
             ours = per_call_us(lambda sb=sb, fn=fn, body=body: sb.call_bytes(fn, body, validate=False), calls,
                                repeats)
-        table.add_row("our ABI echo (reference)", f"{size} B", f"{ours:.2f}", "", "")
+        table.add_row("our ABI echo (reference)", f"{size} B", f"{ours:.2f}", "", "", "")
     Console().print(table)
     if not sdk:
         print("the Extism Python SDK is not installed (pip install extism): no Extism column")

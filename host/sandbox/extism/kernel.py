@@ -149,31 +149,30 @@ KERNEL_WAT = """
   (func (export "length_unsafe") (param $p i64) (result i64)
     (call $length (local.get $p)))
 
-  ;; Loads and stores: [p, p + width) must lie in the heap, past the reserved bytes and inside memory.
-  ;; The check is written out in each (no call): a PDK makes one of these calls per eight bytes it moves.
+  ;; Loads and stores: [p, p + width) must lie in the heap, past the reserved bytes and inside memory:
+  ;; 16 <= p <= size - width, as one unsigned comparison ((p - 16) wraps above everything when p < 16).
+  ;; Written out in each (no call): a PDK makes one of these calls per eight bytes it moves.
   (func (export "load_u8") (param $p i64) (result i32)
-    (if (i32.or (i64.lt_u (local.get $p) (i64.const 16))
-                (i64.ge_u (local.get $p) (i64.shl (i64.extend_i32_u (memory.size)) (i64.const 16))))
+    (if (i64.gt_u (i64.sub (local.get $p) (i64.const 16))
+                  (i64.sub (i64.shl (i64.extend_i32_u (memory.size)) (i64.const 16)) (i64.const 17)))
       (then (call $fail (i32.const 1) (local.get $p) (i64.const 1)) (unreachable)))
     (i32.load8_u (i32.wrap_i64 (local.get $p))))
 
   (func (export "load_u64") (param $p i64) (result i64)
-    (if (i32.or (i64.lt_u (local.get $p) (i64.const 16))
-                (i64.gt_u (local.get $p) (i64.sub (i64.shl (i64.extend_i32_u (memory.size)) (i64.const 16))
-                                                  (i64.const 8))))
+    (if (i64.gt_u (i64.sub (local.get $p) (i64.const 16))
+                  (i64.sub (i64.shl (i64.extend_i32_u (memory.size)) (i64.const 16)) (i64.const 24)))
       (then (call $fail (i32.const 2) (local.get $p) (i64.const 8)) (unreachable)))
     (i64.load (i32.wrap_i64 (local.get $p))))
 
   (func (export "store_u8") (param $p i64) (param $v i32)
-    (if (i32.or (i64.lt_u (local.get $p) (i64.const 16))
-                (i64.ge_u (local.get $p) (i64.shl (i64.extend_i32_u (memory.size)) (i64.const 16))))
+    (if (i64.gt_u (i64.sub (local.get $p) (i64.const 16))
+                  (i64.sub (i64.shl (i64.extend_i32_u (memory.size)) (i64.const 16)) (i64.const 17)))
       (then (call $fail (i32.const 3) (local.get $p) (i64.const 1)) (unreachable)))
     (i32.store8 (i32.wrap_i64 (local.get $p)) (local.get $v)))
 
   (func (export "store_u64") (param $p i64) (param $v i64)
-    (if (i32.or (i64.lt_u (local.get $p) (i64.const 16))
-                (i64.gt_u (local.get $p) (i64.sub (i64.shl (i64.extend_i32_u (memory.size)) (i64.const 16))
-                                                  (i64.const 8))))
+    (if (i64.gt_u (i64.sub (local.get $p) (i64.const 16))
+                  (i64.sub (i64.shl (i64.extend_i32_u (memory.size)) (i64.const 16)) (i64.const 24)))
       (then (call $fail (i32.const 4) (local.get $p) (i64.const 8)) (unreachable)))
     (i64.store (i32.wrap_i64 (local.get $p)) (local.get $v)))
 
