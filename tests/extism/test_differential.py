@@ -298,3 +298,14 @@ def test_per_call_isolation_forgets_vars(extism_guest: Guest) -> None:
     no such mode: its vars live as long as the plugin)."""
     with Sandbox(extism_guest("vars"), limits=Limits(isolation="per-call")) as sb:
         assert [sb.call_bytes("count", b"") for _ in range(3)] == [b"1", b"1", b"1"]
+
+
+@pytest.mark.parametrize("text", ["hello", "héllo wörld", "😀" * 10])
+def test_a_pdk_flaw_comes_out_the_same(both: Callable[..., tuple[extism.Plugin, Sandbox]], text: str) -> None:
+    """The AS PDK's Host.outputString cuts non-ASCII text short (it counts UTF-16 units, writes UTF-8 past its
+    block): sandbus' kernel gives the same bytes as Extism's, so a plugin behaves the same, flaws included."""
+    ext, sb = both("quirks")
+    expected = outcome_extism(ext, "shout", text.encode())
+    assert outcome_sandbus(sb, "shout", text.encode()) == expected
+    utf16_units = len((text + "!").encode("utf-16-le")) // 2
+    assert expected == ("ok", (text + "!").encode()[:utf16_units])
