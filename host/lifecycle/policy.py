@@ -546,13 +546,8 @@ def _resolve_limits(manifest: Manifest, policy: Policy) -> Limits:
         fuel=values["max_fuel"],
         max_instances=values["max_instances"],
         max_open_files=values["max_open_files"],
-        **_var_cap(values["max_var_bytes"]),
+        max_var_bytes=values["max_var_bytes"],
     )
-
-
-def _var_cap(max_var_bytes: int) -> dict[str, int]:
-    """``Limits.max_var_bytes`` when the sandbox's limits have it (the Extism runtime), else nothing."""
-    return {"max_var_bytes": max_var_bytes} if "max_var_bytes" in Limits.model_fields else {}
 
 
 class _DirWanted:

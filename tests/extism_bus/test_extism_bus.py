@@ -417,3 +417,23 @@ async def test_request_on_a_bytes_reply_says_to_use_request_raw(node: Node, clie
     with pytest.raises(AbiViolationError, match="request_raw"):
         await client.request("bytes_echo", "echo", b"\xff not JSON")
     assert await client.request("json_echo", "echo", {"a": 1}) == {"a": 1}
+
+
+def test_max_var_bytes_reaches_the_limits_under_the_policys_ceiling(tmp_path: Path) -> None:
+    from sandbus.host.lifecycle.policy import Policy, resolve
+    from sandbus.sdk.errors import SecurityViolationError
+
+    policy = Policy.default()
+
+    def resolved(manifest: Any) -> Any:
+        return resolve(manifest, policy, data_root=tmp_path, host_env={})
+
+    asked = parse_manifest(MANIFEST.format(name="p", content_type="", subscriptions=""), source="p.toml")
+    assert resolved(asked).limits.max_var_bytes == 65536
+    silent = parse_manifest(MANIFEST.format(name="p", content_type="", subscriptions="").replace(
+        "max_var_bytes = 65536\n", ""), source="p.toml")
+    assert resolved(silent).limits.max_var_bytes == 1024 * 1024, "the policy's default"
+    greedy = parse_manifest(MANIFEST.format(name="p", content_type="", subscriptions="").replace(
+        "max_var_bytes = 65536", "max_var_bytes = 33554432"), source="p.toml")
+    with pytest.raises(SecurityViolationError, match="max_var_bytes"):
+        resolved(greedy)
