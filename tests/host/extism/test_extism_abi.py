@@ -3,13 +3,17 @@ plugin can tell, each a typed error (with its audit event) after which the same 
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import wasmtime
 
 from sandbus.host.sandbox import CallContext, Capabilities, HostFunction, HostFunctions, Limits, Sandbox
+from sandbus.host.sandbox.extism import ExtismInstance
 from sandbus.host.sandbox.extism.hostfuncs import extism_invoker
 from sandbus.host.sandbox.extism.kernel import KERNEL_IMPORTS
 from sandbus.sdk.errors import (
@@ -357,3 +361,21 @@ def test_an_embedders_host_function_in_extism_host_user_reads_and_returns_blocks
         still_serves(sb)
     with pytest.raises(InvalidModuleError, match=r"extism:host/user\.shout"):
         Sandbox(wasm, name="user")
+
+
+def test_retired_instances_are_freed(wasm: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing links an instance to itself through native code: a retired one (per call) is collected."""
+    refs: list[weakref.ref[ExtismInstance]] = []
+    original = ExtismInstance.__init__
+
+    def tracked(self: ExtismInstance, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        refs.append(weakref.ref(self))
+
+    monkeypatch.setattr(ExtismInstance, "__init__", tracked)
+    with Sandbox(wasm, name="ext", limits=Limits(isolation="per-call", max_instances=1)) as sb:
+        for _ in range(50):
+            sb.call_bytes("swap_var", b"v" * 10)
+    gc.collect()
+    assert len(refs) >= 50
+    assert [r for r in refs if r() is not None] == []
