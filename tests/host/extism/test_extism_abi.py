@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -379,3 +380,23 @@ def test_retired_instances_are_freed(wasm: bytes, monkeypatch: pytest.MonkeyPatc
     gc.collect()
     assert len(refs) >= 50
     assert [r for r in refs if r() is not None] == []
+
+
+def test_calls_on_several_threads_each_get_their_own_output(wasm: bytes) -> None:
+    errors: list[BaseException] = []
+    with Sandbox(wasm, name="ext", limits=Limits(max_instances=3)) as sb:
+
+        def work(tag: int) -> None:
+            try:
+                for i in range(200):
+                    data = f"{tag}:{i}:".encode() * (1 + i % 50)
+                    assert sb.call_bytes("copy_echo", data) == data
+            except BaseException as e:  # reported below, on the test's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert errors == []
