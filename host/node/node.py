@@ -71,7 +71,7 @@ from opentelemetry.trace import SpanContext
 from sandbus.bus.connection import ConnectOptions
 from sandbus.bus.handler import Reply, Served
 from sandbus.bus.plugin_bus import PluginBus, default_node_id
-from sandbus.bus.requests import internal_error
+from sandbus.bus.requests import check_json, internal_error
 from sandbus.host.lifecycle import PluginInfo, PluginManager
 from sandbus.host.lifecycle.policy import Policy
 from sandbus.host.node.hostfuncs import BusBridge, note_incoming_hops
@@ -82,6 +82,7 @@ from sandbus.host.telemetry.otel import Telemetry
 from sandbus.sdk.envelope import CONTENT_TYPE, H_MSG_ID, OCTET_STREAM, error_reply, header_value
 from sandbus.sdk.errors import (
     InstanceLimitError,
+    InvalidJsonError,
     PluginLoadingError,
     PluginNotFoundError,
     RequestError,
@@ -191,6 +192,8 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._lanes: dict[str, _Lane] = {}
+        #: The plugins the bus was last told take bytes: it passes their bodies on unchecked.
+        self._told_bytes: frozenset[str] = frozenset()
         self._versions: dict[str, str] = {}
         self._debug_telemetry: Telemetry | None = None
         #: plugins still loaded whose requests this node no longer takes (:meth:`withdraw`)
@@ -263,6 +266,7 @@ class Node:
                                  self._message_function(name), lane.timeout_s,
                                  self.manager.limits(name).max_instances, body,
                                  CONTENT_TYPE if body == "json" else manifest.plugin.content_type or OCTET_STREAM))
+        self._told_bytes = frozenset(s.name for s in served if s.body == "bytes")
         return served
 
     def request_now(self, plugin: str, function: str, msg: Msg, reply_headers: dict[str, str]) -> bytes | None:
@@ -438,6 +442,14 @@ class Node:
                 raise PluginLoadingError(f"plugin {plugin!r} is still loading on node {self.node_id}; try again "
                                          "shortly", plugin=plugin)
             raise PluginNotFoundError(f"no plugin {plugin!r} is served by node {self.node_id}", plugin=plugin)
+        if plugin in self._told_bytes and self.manager.body(plugin) == "json":
+            # A reload made a bytes plugin a JSON one since the bus last synced: the bus took this body
+            # unchecked, and a JSON plugin is promised valid JSON. Checked here, before either path runs.
+            try:
+                check_json(payload, plugin)
+            except InvalidJsonError as e:
+                self.refused(plugin, e, f"sandbus.req.{plugin}.{function}")
+                raise
         assert self._loop is not None
         # Threads holding every instance: waiting for one here would block the loop.
         if lane.threaded >= lane.limit or not lane.inline_now(self._loop):

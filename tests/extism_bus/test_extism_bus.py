@@ -437,3 +437,32 @@ def test_max_var_bytes_reaches_the_limits_under_the_policys_ceiling(tmp_path: Pa
         "max_var_bytes = 65536", "max_var_bytes = 33554432"), source="p.toml")
     with pytest.raises(SecurityViolationError, match="max_var_bytes"):
         resolved(greedy)
+
+
+async def test_a_reload_from_bytes_to_json_never_hands_the_json_plugin_a_body_the_bus_took_unchecked(
+        big_server: NatsServer, tmp_path: Path, plugins_dir: Path) -> None:
+    """The bus decides "check the body as JSON, or not" from what it was last told; a reload that turns a
+    bytes plugin into a JSON plugin is served before the bus hears of it. The node checks such a body
+    itself, so the JSON plugin's promise (valid JSON) holds in that window too."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    write_plugin(d, "morph")
+    n = Node.create(d, ConnectOptions.from_urls(big_server.url), node_id="morph1")
+    assert n.manager.discover_and_load().ok
+    await n.start()
+    try:
+        assert n.manager.body("morph") == "bytes"
+        # Same name, now our own ABI's JSON echo, reloaded with no turn of the loop for the bus to sync.
+        (d / "morph.wasm").write_bytes((plugins_dir / "echo.wasm").read_bytes())
+        n.manager.reload("morph")
+        assert n.manager.body("morph") == "json"
+        rejected = n.manager.info("morph").rejected
+        with pytest.raises(InvalidJsonError):
+            n.try_inline("morph", "handle_request", HOSTILE)
+        assert n.manager.info("morph").rejected == rejected + 1
+        # A JSON body still goes through on the same path.
+        result = n.try_inline("morph", "handle_request", b'{"a": 1}')
+        assert result is None or orjson.loads(result.reply) is not None
+    finally:
+        await n.stop()
+        n.manager.close()
