@@ -3,14 +3,18 @@ own package-lock.json pins, loaded by sandbus as an Extism plugin, answering wha
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import extism
 import orjson
 import wasmtime
 
+from sandbus.bus.server import NatsServer
 from sandbus.host.lifecycle.manifest import load_manifest
 from sandbus.host.sandbox import Limits, Sandbox
+from tests.bus.conftest import NodeProcess
 
 
 def test_count_vowels_is_built_as_an_extism_plugin(plugins_dir: Path) -> None:
@@ -46,3 +50,20 @@ def test_count_vowels_memory_stays_bounded_over_many_calls(plugins_dir: Path) ->
             sb.call_bytes("count_vowels", data)
         assert sb.call_detailed("count_vowels", data).memory_bytes == warm
         assert sb.pool.replaced == 0
+
+
+def test_make_runs_node_serves_count_vowels_to_the_cli(plugins_dir: Path, tmp_path: Path) -> None:
+    """What README's `make run` section shows: a node on plugins/build with plugins/policy.toml serves
+    count_vowels, and `sandbus request count_vowels count_vowels --raw 'Hello'` prints its JSON."""
+    server = NatsServer(jetstream=True).start()
+    node = NodeProcess("cv1", plugins_dir, server.url, tmp_path / "node.log")
+    try:
+        node.wait_ready()
+        r = subprocess.run([sys.executable, "-m", "sandbus", "request", "count_vowels", "count_vowels", "--raw",
+                            "Hello, World!", "--nats", server.url], capture_output=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        assert orjson.loads(r.stdout) == {"count": 3, "total": 3, "vowels": "aeiouAEIOU"}
+    finally:
+        node.terminate()
+        server.stop()
