@@ -444,6 +444,7 @@ def _watched(project: Project) -> str:
 
     sources = {Language.C: "*.c, *.h", Language.WAT: f"{project.name}.wat",
                Language.ASSEMBLYSCRIPT: "assembly/**/*.ts, *.ts, package.json, asconfig.json",
+               Language.EXTISM_AS: "assembly/**/*.ts, *.ts, package.json, asconfig.json",
                Language.PYTHON: "**/*.py (not tests)"}[project.language]
     return f"{sources} and {project.manifest.name}"
 

@@ -20,6 +20,7 @@ import pytest
 
 from sandbus.host.authoring import AuthoringError, Language, detect_project, guest_sdk_dir, scaffold
 from sandbus.host.authoring.build import find_tool
+from sandbus.host.cli.dev import _watched
 from sandbus.host.lifecycle.manifest import load_manifest
 from tests.authoring.conftest import sandbus
 from tests.extism.conftest import HERE as EXTISM_TESTS
@@ -109,6 +110,7 @@ def test_scaffold_files_and_manifest(language: Language, tmp_path: Path) -> None
     assert manifest.name == "my_plugin"
     assert detect_project(project.root) == project
     assert "{{" not in "".join((project.root / f).read_text() for f in files)
+    assert _watched(project).endswith("my_plugin.toml")  # what `sandbus dev` says it watches, for every language
 
 
 def _machine_paths(tmp_path: Path) -> dict[str, str]:

@@ -21,9 +21,9 @@ from tests.protocol.conftest import Bus
 
 JS = Path(__file__).parent / "js"
 CASES = ["request", "no_responders", "error_reply", "unknown_function", "plain_direct_message",
-         "bytes_direct_message", "explicit_envelope", "invalid_envelope", "topic_publish", "discovery", "control_list", "control_stats",
-         "bad_control_body", "trace_id_back"]
-#: the whole client: 14 cases of a few round trips each, the slowest a durable delivery (< 1 s here)
+         "bytes_direct_message", "explicit_envelope", "invalid_envelope", "topic_publish", "discovery", "control_list",
+         "control_stats", "bad_control_body", "trace_id_back"]
+#: the whole client: 15 cases of a few round trips each, the slowest a durable delivery (< 1 s here)
 CLIENT_TIMEOUT_S = 60
 
 
