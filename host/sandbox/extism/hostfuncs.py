@@ -28,11 +28,15 @@ from sandbus.sdk.errors import AbiViolationError, PayloadTooLargeError, Security
 if TYPE_CHECKING:
     from sandbus.host.sandbox.instance import CallContext
 
-__all__ = ["EXTISM_LOG_LEVELS", "MAX_CONFIG_KEY", "MAX_VAR_KEY", "extism_host_functions", "extism_invoker"]
+__all__ = ["EXTISM_LOG_LEVELS", "MAX_CONFIG_KEY", "MAX_VARS", "MAX_VAR_KEY", "extism_host_functions", "extism_invoker"]
 
 #: The longest config or variable key read from a plugin, in bytes.
 MAX_CONFIG_KEY = 4096
 MAX_VAR_KEY = 4096
+#: The most variables one instance holds. ``max_var_bytes`` counts their keys and values, but each one
+#: costs the host a dict entry and two objects (~150 bytes) besides: without a count, a plugin setting
+#: 1-byte keys to empty values would hold a hundred times its ``max_var_bytes`` in the host's memory.
+MAX_VARS = 4096
 
 #: Extism's log levels, as ``get_log_level`` numbers them, with the Python level each ``log_*`` writes at.
 EXTISM_LOG_LEVELS = {"trace": (0, 5), "debug": (1, logging.DEBUG), "info": (2, logging.INFO),
@@ -81,6 +85,10 @@ def _var_set(ctx: CallContext, key_off: int, value_off: int) -> None:
             del inv.vars[key]
             inv.var_bytes = held
         return
+    if old is None and len(inv.vars) >= MAX_VARS:
+        raise PayloadTooLargeError(f"extism:host/env.var_set: the plugin's variables would number {MAX_VARS + 1}, "
+                                   f"above the {MAX_VARS} one instance may hold", plugin=ctx.plugin,
+                                   function="var_set", size=MAX_VARS + 1, limit=MAX_VARS, direction="vars")
     cap = ctx.limits.max_var_bytes
     room = cap - held - len(key.encode())
     if room < 0:

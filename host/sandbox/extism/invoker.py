@@ -42,7 +42,7 @@ from sandbus.sdk.errors import AbiViolationError, GuestError, PayloadTooLargeErr
 if TYPE_CHECKING:
     from sandbus.host.sandbox.instance import CallContext
 
-__all__ = ["MAX_ERROR_BYTES", "ExtismInvoker", "config_values"]
+__all__ = ["MAX_ERROR_BYTES", "ExtismInvoker", "KernelStopped", "config_values"]
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 #: Bytes of a plugin's error text kept in the :class:`GuestError` (the rest is cut, marked with "...").
@@ -56,6 +56,21 @@ _KERNEL_CALLS: dict[str, Signature] = {
     "sandbus_block": (("i64",), "i64"),
     "alloc": (("i64",), "i64"),
 }
+
+
+class KernelStopped(BaseException):
+    """The engine stopped a kernel call a host function made (fuel, the timeout, a budget, the stack).
+
+    Not an ``Exception``: nothing between the kernel call and the engine (a host function's own
+    ``except Exception``, the binding that turns a host function's bug into a ``HostError``) may take it
+    for a failure of the host function. The plugin's call ends with it; the invoker raises ``trap``, the
+    engine's own report, so that the call is translated as any trap there (``OutOfFuelError``, a timeout,
+    ``BudgetExceeded``) would be.
+    """
+
+    def __init__(self, trap: BaseException) -> None:
+        super().__init__(str(trap))
+        self.trap = trap
 
 
 def config_values(settings: dict[str, Any]) -> dict[str, bytes]:
@@ -132,6 +147,21 @@ class ExtismInvoker:
         return raw
 
     def call(self, name: str, *args: int) -> int | None:
+        try:
+            return self._call(name, *args)
+        except BaseException as caught:
+            self._reraise_stopped(caught)
+            raise
+
+    def _reraise_stopped(self, caught: BaseException) -> None:
+        """When a host function's kernel call was stopped by the engine, raise the engine's trap (the slot
+        that recorded the stop is emptied, and the library's reference to it dropped)."""
+        if isinstance(self.ctx.host_error, KernelStopped):
+            stopped = take_failure(self.ctx, caught)
+            assert isinstance(stopped, KernelStopped)
+            raise stopped.trap from None
+
+    def _call(self, name: str, *args: int) -> int | None:
         if self.fast:
             return self._rawfunc(name)(*args)
         plain = self._plain.get(name)
@@ -185,6 +215,14 @@ class ExtismInvoker:
 
     def round_trip(self, function: str, payload: bytes, max_output: int, fuel: int | None,
                    epoch_ticks: int) -> bytes:
+        try:
+            return self._round_trip(function, payload, max_output, fuel, epoch_ticks)
+        except BaseException as caught:
+            self._reraise_stopped(caught)
+            raise
+
+    def _round_trip(self, function: str, payload: bytes, max_output: int, fuel: int | None,
+                    epoch_ticks: int) -> bytes:
         if not self.fast:
             return self._round_trip_plain(function, payload, max_output, fuel, epoch_ticks)
         self.http_status, self.http_headers = 0, None
@@ -243,7 +281,7 @@ class ExtismInvoker:
         p = self._kcall("sandbus_begin", n, max(self._memory_limit - self.memory_size(), 0))
         _check_span(p, n, self.kernel_size(), "input block from the kernel")
         self._kmem.write(self._store, payload, p)
-        rc = signed(self.call(function) or 0, "i32")
+        rc = signed(self._call(function) or 0, "i32")
         if rc:
             raise self._guest_error(function, rc, self._kcall("sandbus_error"))
         out_off, out_len = self._output_span(self._kcall("sandbus_output"), max_output)
@@ -298,7 +336,10 @@ class ExtismInvoker:
                 return raw(arg) or 0
             return self._kcall(name, arg)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
-            raise take_failure(self.ctx, e) from None
+            failure = take_failure(self.ctx, e)
+            if failure is e:  # the engine's own stop, not the kernel's fail(): see KernelStopped
+                raise KernelStopped(e) from None
+            raise failure from None
 
     def block(self, off: int, cap: int, what: str) -> bytes:
         """The bytes of the live kernel block at ``off``, at most ``cap`` of them.

@@ -1,0 +1,269 @@
+"""Hostile Extism plugins against the sandbox: the kernel's block table forged, host functions made to read
+it, fuel and the clock ending a call inside a host function's kernel call, the kernel's own helpers imported,
+and what a plugin may hold in the host's memory through its variables.
+
+Every test names the behaviour it holds the host to; the plugins are WAT, built with the test prelude."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import wasmtime
+
+from sandbus.host.sandbox import Limits, Sandbox
+from sandbus.host.sandbox.extism.hostfuncs import MAX_VARS
+from sandbus.host.sandbox.instance import BudgetExceeded
+from sandbus.sdk.errors import (
+    AbiViolationError,
+    ExecutionTimeoutError,
+    GuestError,
+    InvalidModuleError,
+    MemoryLimitError,
+    OutOfFuelError,
+    PayloadTooLargeError,
+)
+from tests.conftest import AuditLog
+from tests.host.extism.guests import plugin
+
+ATTACKS = """
+  ;; a forged header: the input block claims 4 GiB - 1 bytes, then the host is asked to read it
+  (func $forge_input
+    (call $store64 (i64.sub (call $ioff) (i64.const 8))
+                   (i64.or (i64.const 0xffffffff) (i64.shl (i64.const 0x5ab0b10c) (i64.const 32)))))
+  (func (export "forged_config") (result i32)
+    (call $forge_input) (drop (call $config_get (call $ioff))) (i32.const 0))
+  (func (export "forged_var") (result i32)
+    (call $forge_input) (call $var_set (call $ioff) (call $ioff)) (i32.const 0))
+  (func (export "forged_log") (result i32)
+    (call $forge_input) (call $log_info (call $ioff)) (i32.const 0))
+  (func (export "forged_error") (result i32)
+    (call $forge_input) (call $eset (call $ioff)) (i32.const 1))
+  (func (export "forged_output") (result i32)
+    (call $forge_input) (call $oset (call $ioff) (i64.const 0xffffffff)) (i32.const 0))
+  ;; the error block's header rewritten after error_set, before returning
+  (func (export "error_then_forged") (result i32)
+    (call $eset (call $ioff)) (call $forge_input) (i32.const 1))
+  ;; the output's header rewritten after output_set: its length grows past the block
+  (func (export "output_then_forged") (result i32)
+    (call $oset (call $ioff) (call $ilen)) (call $forge_input) (i32.const 0))
+  ;; a block header forged at the end of the heap, then freed: the kernel's top moves into a live block
+  (func (export "forged_free") (result i32)
+    (local $p i64)
+    (local.set $p (call $alloc (i64.const 64)))
+    (call $store64 (i64.add (local.get $p) (i64.const 24))
+                   (i64.or (i64.const 32) (i64.shl (i64.const 0x5ab0b10c) (i64.const 32))))
+    (call $free (i64.add (local.get $p) (i64.const 32)))
+    (call $oset (call $ioff) (call $ilen)) (i32.const 0))
+  ;; i64 offsets with high bits set: the same low 32 bits as a real block
+  (func (export "high_bits_config") (result i32)
+    (drop (call $config_get (i64.or (call $ioff) (i64.const 0x100000000)))) (i32.const 0))
+  (func (export "high_bits_output") (result i32)
+    (call $oset (i64.or (call $ioff) (i64.const 0x8000000000000000)) (call $ilen)) (i32.const 0))
+  (func (export "negative_length") (result i32)
+    (call $oset (call $ioff) (i64.const -1)) (i32.const 0))
+  ;; config_get over and over: most of the fuel or time goes in the kernel calls the host makes
+  (func (export "config_spin") (result i32)
+    (local $k i64)
+    (local.set $k (call $kstr (i32.const 0) (i32.const 5)))
+    (loop $more (drop (call $config_get (local.get $k))) (br $more)) (i32.const 0))
+  (func (export "var_get_spin") (result i32)
+    (local $k i64)
+    (local.set $k (call $kstr (i32.const 0) (i32.const 5)))
+    (call $var_set (local.get $k) (local.get $k))
+    (loop $more (drop (call $var_get (local.get $k))) (br $more)) (i32.const 0))
+  (func $digit (param $i i64) (param $shift i64) (result i32)
+    (i32.add (i32.const 48) (i32.wrap_i64 (i64.and (i64.shr_u (local.get $i) (local.get $shift)) (i64.const 63)))))
+  ;; as many distinct one- to four-byte keys with empty values as the plugin can set
+  (func (export "many_vars") (result i32)
+    (local $k i64) (local $v i64) (local $i i64)
+    (local.set $k (call $alloc (i64.const 4)))
+    (local.set $v (call $alloc (i64.const 0)))
+    (loop $more
+      (call $store64 (i64.sub (local.get $k) (i64.const 8))
+                     (i64.or (i64.const 4) (i64.shl (i64.const 0x5ab0b10c) (i64.const 32))))
+      (call $store8 (local.get $k) (call $digit (local.get $i) (i64.const 0)))
+      (call $store8 (i64.add (local.get $k) (i64.const 1)) (call $digit (local.get $i) (i64.const 6)))
+      (call $store8 (i64.add (local.get $k) (i64.const 2)) (call $digit (local.get $i) (i64.const 12)))
+      (call $store8 (i64.add (local.get $k) (i64.const 3)) (i32.const 65))
+      (call $var_set (local.get $k) (local.get $v))
+      (local.set $i (i64.add (local.get $i) (i64.const 1)))
+      (br $more))
+    (i32.const 0))
+  ;; the kernel memory filled to the limit, then a config value asked for
+  (func (export "full_then_config") (result i32)
+    (local $k i64)
+    (local.set $k (call $kstr (i32.const 0) (i32.const 5)))
+    (block $full (loop $more
+      (br_if $full (i64.eqz (call $alloc (i64.const 65536))))
+      (br $more)))
+    (i32.const 0))
+  (func (export "http_state_first") (result i32)
+    (local $p i64)
+    (local.set $p (call $alloc (i64.const 1)))
+    (call $store8 (local.get $p) (i32.add (i32.const 48) (call $http_status)))
+    (call $oset (local.get $p) (i64.const 1)) (i32.const 0))
+  ;; a million tiny blocks: the allocator's time per block must not grow with their number
+  (func (export "tiny_allocs") (result i32)
+    (local $i i32)
+    (loop $more
+      (drop (call $alloc (i64.const 1)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const 1000000))))
+    (i32.const 0))
+"""
+
+
+@pytest.fixture(scope="module")
+def wasm() -> bytes:
+    return plugin(ATTACKS)
+
+
+@pytest.fixture
+def sandbox(wasm: bytes, audit: AuditLog) -> Iterator[Sandbox]:
+    sb = Sandbox(wasm, name="att", on_audit=audit, config={"count": "aeiou"},
+                 limits=Limits(max_instances=1, max_var_bytes=1024, timeout_s=2, memory_bytes=8 * 1024 * 1024))
+    yield sb
+    sb.close()
+
+
+def still_serves(sb: Sandbox) -> None:
+    assert sb.call_bytes("echo", b"after") == b"after"
+
+
+# -- a forged block table: the host never trusts a length past the kernel's top ------------------------
+
+
+@pytest.mark.parametrize("function", ["forged_config", "forged_var", "forged_log", "forged_error",
+                                      "forged_output", "high_bits_config", "high_bits_output",
+                                      "negative_length"])
+def test_a_forged_or_out_of_range_block_is_an_abi_violation(sandbox: Sandbox, audit: AuditLog,
+                                                            function: str) -> None:
+    with pytest.raises(AbiViolationError):
+        sandbox.call_bytes(function, b"count")
+    assert "abi.violation" in audit.kinds()
+    still_serves(sandbox)
+
+
+def test_an_error_block_forged_after_error_set_reads_as_freed(sandbox: Sandbox) -> None:
+    with pytest.raises(GuestError, match="freed"):
+        sandbox.call_bytes("error_then_forged", b"count")
+    still_serves(sandbox)
+
+
+def test_an_output_forged_after_output_set_keeps_its_set_length(sandbox: Sandbox) -> None:
+    """output_set's length was checked when it was set; a longer header afterwards names no live block."""
+    with pytest.raises(AbiViolationError, match="freed"):
+        sandbox.call_bytes("output_then_forged", b"count")
+    still_serves(sandbox)
+
+
+def test_freeing_a_forged_block_only_moves_the_plugins_own_heap(sandbox: Sandbox) -> None:
+    assert sandbox.call_bytes("forged_free", b"input") == b"input"
+    still_serves(sandbox)
+
+
+# -- the call's limits end a call inside a host function's kernel call as anywhere else --------------
+
+
+PATHS = [(True, True), (True, False), (False, False)]
+
+
+@pytest.mark.parametrize("fuel", range(20_000, 20_400, 37))
+@pytest.mark.parametrize("function", ["config_spin", "var_get_spin"])
+@pytest.mark.parametrize(("fast", "native"), PATHS)
+def test_fuel_running_out_inside_a_host_functions_kernel_call_is_out_of_fuel(
+        wasm: bytes, audit: AuditLog, caplog: pytest.LogCaptureFixture, function: str, fuel: int, fast: bool,
+        native: bool) -> None:
+    """Fuel is spent in the kernel calls a host function makes too: running out there is the fuel limit
+    (audited as one), never a host function's failure logged with a traceback."""
+    with Sandbox(wasm, name="att", on_audit=audit, config={"count": "aeiou"}, fast=fast, native=native,
+                 limits=Limits(fuel=fuel, max_instances=1)) as sb:
+        with pytest.raises(OutOfFuelError):
+            sb.call_bytes(function, b"")
+        assert "limit.fuel" in audit.kinds()
+        still_serves(sb)
+    assert not [r for r in caplog.records if "host function" in r.getMessage()]
+
+
+def test_the_timeout_inside_a_host_functions_kernel_call_is_a_timeout(wasm: bytes, audit: AuditLog,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    with Sandbox(wasm, name="att", on_audit=audit, config={"count": "aeiou"},
+                 limits=Limits(fuel=None, timeout_s=0.05, max_instances=1)) as sb:
+        for _ in range(5):
+            with pytest.raises(ExecutionTimeoutError):
+                sb.call_bytes("config_spin", b"")
+        still_serves(sb)
+    assert not [r for r in caplog.records if "host function" in r.getMessage()]
+
+
+def test_a_budget_ending_inside_a_host_functions_kernel_call_is_budget_exceeded(wasm: bytes) -> None:
+    """The node runs short calls on its loop with a budget and reruns the call elsewhere past it: the
+    budget ending in a kernel call made by a host function must say so, not fail the call."""
+    with Sandbox(wasm, name="att", config={"count": "aeiou"},
+                 limits=Limits(fuel=None, timeout_s=5, max_instances=1)) as sb:
+        if not sb.rerun_safe:
+            pytest.skip("not rerun-safe")
+        for _ in range(20):
+            with pytest.raises(BudgetExceeded):
+                sb.call_detailed("config_spin", b"", budget_s=0.02)
+
+
+# -- memory and time a plugin can make the host spend -----------------------------------------------
+
+
+def test_a_full_kernel_memory_refuses_a_host_written_block_with_the_memory_limit(sandbox: Sandbox,
+                                                                                 audit: AuditLog) -> None:
+    with pytest.raises(MemoryLimitError):
+        sandbox.call_bytes("full_then_config", b"")
+    still_serves(sandbox)
+
+
+def test_many_tiny_variables_are_bounded_in_number(wasm: bytes) -> None:
+    """A key of a few bytes with an empty value costs max_var_bytes four bytes but the host a dict entry, a
+    str and a bytes object (~150 bytes): their number is capped as well as their bytes."""
+    cap = 1024 * 1024
+    with Sandbox(wasm, name="att", limits=Limits(max_var_bytes=cap, max_instances=1, fuel=None)) as sb:
+        with pytest.raises(PayloadTooLargeError, match="variables") as info:
+            sb.call_bytes("many_vars", b"")
+        assert info.value.details["limit"] == MAX_VARS
+        still_serves(sb)
+
+
+def test_a_million_tiny_blocks_take_constant_time_each(wasm: bytes) -> None:
+    with Sandbox(wasm, name="att", limits=Limits(fuel=None, timeout_s=5, memory_bytes=64 * 1024 * 1024)) as sb:
+        sb.call_bytes("tiny_allocs", b"")
+
+
+def test_http_state_before_any_request_is_zero(sandbox: Sandbox) -> None:
+    assert sandbox.call_bytes("http_state_first", b"") == b"0"
+
+
+# -- the kernel's own helpers and memory are not the plugin's to import ------------------------------
+
+
+@pytest.mark.parametrize("imp", [
+    '(import "extism:host/env" "sandbus_begin" (func (param i64 i64) (result i64)))',
+    '(import "extism:host/env" "sandbus_block" (func (param i64) (result i64)))',
+    '(import "extism:host/env" "sandbus_output" (func (result i64)))',
+    '(import "extism:host/env" "memory" (memory 1))',
+    '(import "sandbus:kernel" "fail" (func (param i32 i64 i64)))',
+    '(import "sandbus:extism-plugin" "echo" (func (result i32)))',
+    '(import "extism:host/env" "alloc" (memory 1))',
+    '(import "extism:host/env" "alloc" (func (param i32) (result i32)))',
+    '(import "extism:host/env" "config_get" (global i64))',
+])
+def test_the_kernels_helpers_and_memory_cannot_be_imported(imp: str) -> None:
+    with pytest.raises(InvalidModuleError):
+        Sandbox(plugin("", imports=imp), name="att").close()
+
+
+def test_a_plugin_memory_of_zero_pages_serves(audit: AuditLog) -> None:
+    wat = """(module
+      (import "extism:host/env" "input_offset" (func $ioff (result i64)))
+      (import "extism:host/env" "input_length" (func $ilen (result i64)))
+      (import "extism:host/env" "output_set" (func $oset (param i64 i64)))
+      (memory (export "memory") 0)
+      (func (export "echo") (result i32) (call $oset (call $ioff) (call $ilen)) (i32.const 0)))"""
+    with Sandbox(bytes(wasmtime.wat2wasm(wat)), name="att", on_audit=audit) as sb:
+        assert sb.call_bytes("echo", b"zero") == b"zero"
