@@ -69,8 +69,15 @@ class ExtismInstance(PluginInstance):
         def fail(code: int, value: int, extra: int) -> None:
             raise kernel_failure(ctx, code, value, extra)
 
+        limit = self.limits.memory_bytes
+
+        def room() -> int:
+            inv = ctx.invoker
+            return max(limit - (inv.memory_size() if inv is not None else 0), 0)
+
         i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
         klinker.define_func(FAIL_MODULE, "fail", wasmtime.FuncType([i32, i64, i64], []), fail)
+        klinker.define_func(FAIL_MODULE, "room", wasmtime.FuncType([], [i64]), room)
         try:
             self._kernel = klinker.instantiate(self._store, kernel_module(engine))
         except (wasmtime.Trap, wasmtime.WasmtimeError, SandbusError) as e:
@@ -109,6 +116,7 @@ class ExtismInstance(PluginInstance):
         self._invoker = ExtismInvoker(self.ctx, store, plugin_export, memory, kernel_export, kmem, self.info.signatures,
                                       self.limits.memory_bytes, fast=fast, native=native)
         self.ctx.invoker = self._invoker
+        self._guarded(self._invoker.prepare, "kernel setup")
         if self.info.has(INITIALIZE):
             self._guarded(lambda: self._invoker.call(INITIALIZE), INITIALIZE)
 

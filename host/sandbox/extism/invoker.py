@@ -37,7 +37,7 @@ from sandbus.host.sandbox.invoke import (
     set_budget_raw,
     signed,
 )
-from sandbus.sdk.errors import AbiViolationError, GuestError, PayloadTooLargeError
+from sandbus.sdk.errors import AbiViolationError, GuestError, MemoryLimitError, PayloadTooLargeError
 
 if TYPE_CHECKING:
     from sandbus.host.sandbox.instance import CallContext
@@ -136,6 +136,15 @@ class ExtismInvoker:
             self._plain: dict[str, tuple[wasmtime.Func, Signature]] = {}
             self._kplain = {name: (kernel(name), sig) for name, sig in _KERNEL_CALLS.items()}
 
+    def prepare(self) -> None:
+        """Cap the kernel memory before the plugin's first instruction (its ``_initialize``): the memory
+        limit less the plugin's own memory, as every call's ``sandbus_begin`` does."""
+        cap = max(self._memory_limit - self.memory_size(), 0)
+        if self.fast:
+            self._begin.call2(0, cap)
+        else:
+            self._kcall("sandbus_begin", 0, cap)
+
     # -- the Invoker surface -------------------------------------------------------------------------
 
     def _rawfunc(self, name: str) -> RawFunc:
@@ -216,10 +225,19 @@ class ExtismInvoker:
     def round_trip(self, function: str, payload: bytes, max_output: int, fuel: int | None,
                    epoch_ticks: int) -> bytes:
         try:
-            return self._round_trip(function, payload, max_output, fuel, epoch_ticks)
+            reply = self._round_trip(function, payload, max_output, fuel, epoch_ticks)
         except BaseException as caught:
             self._reraise_stopped(caught)
             raise
+        if self.memory_after > self._memory_limit:
+            # The kernel grows only into what the plugin's memory leaves it, but the plugin may grow its own
+            # memory after the kernel did (the store caps each memory alone): the call fails, and the
+            # instance, holding more than the limit, is dropped.
+            raise MemoryLimitError(
+                f"{function}: the plugin's memory and the kernel's hold {self.memory_after} bytes, above the "
+                f"{self._memory_limit}-byte memory limit", plugin=self.ctx.plugin, limit=self._memory_limit,
+                function=function, size=self.memory_after)
+        return reply
 
     def _round_trip(self, function: str, payload: bytes, max_output: int, fuel: int | None,
                     epoch_ticks: int) -> bytes:
@@ -270,7 +288,9 @@ class ExtismInvoker:
             _check_span(out_off, out_len, self._known, "output")
         out = ctypes.string_at(raw_memory_base(ctx, kmem) + out_off, out_len)
         self.fuel_left_after = fuel_left_raw(ctx) if fuel is not None else 0
-        self.memory_after = self._known + (raw_memory_size(ctx, self._mem_addr) if self._mem_addr else 0)
+        # Read fresh: _known is only refreshed when a span reaches past it, and the kernel may have grown.
+        self.memory_after = (raw_memory_size(ctx, kmem)
+                             + (raw_memory_size(ctx, self._mem_addr) if self._mem_addr else 0))
         return out
 
     def _round_trip_plain(self, function: str, payload: bytes, max_output: int, fuel: int | None,

@@ -7,6 +7,9 @@ its WAT source is below, one instance of it lives in each plugin instance's stor
 and length a plugin hands it is checked against its memory and its block table. A check that fails
 calls the host's ``sandbus:kernel.fail``, which raises the typed error naming the plugin's function.
 
+It also imports ``sandbus:kernel.room``, asked only when its memory must grow: what the memory limit
+leaves it beside the plugin's own memory at that moment.
+
 The kernel is compiled once per engine (a few milliseconds) and kept for the engine's life.
 """
 
@@ -84,11 +87,15 @@ KERNEL_WAT = """
 ;; the host's "fail", which raises the typed error that names the function (the call ends there).
 (module
   (import "sandbus:kernel" "fail" (func $fail (param i32 i64 i64)))
+  ;; what the kernel may grow to now: the memory limit less the plugin's own memory as it is now (the
+  ;; plugin may have grown it since the call began); asked only when the kernel memory must grow
+  (import "sandbus:kernel" "room" (func $room (result i64)))
   (memory (export "memory") 1)
   (global $USED i32 (i32.const 0x5ab0b10c))
   (global $FREE i32 (i32.const 0x5ab0f4ee))
   (global $top (mut i32) (i32.const 16))
-  (global $cap (mut i64) (i64.const 0x100000000))
+  ;; the host sets it (sandbus_begin) before the plugin's first instruction; never above 0xffff0000
+  (global $cap (mut i64) (i64.const 0))
   (global $in (mut i64) (i64.const 0))
   (global $in_len (mut i64) (i64.const 0))
   (global $out (mut i64) (i64.const 0))
@@ -112,7 +119,7 @@ KERNEL_WAT = """
     (local.get $len))
 
   (func $alloc (export "alloc") (param $n i64) (result i64)
-    (local $end i64) (local $size i64) (local $p i64)
+    (local $end i64) (local $size i64) (local $p i64) (local $cap i64)
     (if (i64.gt_u (local.get $n) (i64.const 0xfffffff0))
       (then (call $fail (i32.const 9) (local.get $n) (global.get $cap)) (unreachable)))
     (local.set $end (i64.add (i64.extend_i32_u (global.get $top))
@@ -120,8 +127,10 @@ KERNEL_WAT = """
     (local.set $size (call $size))
     (if (i64.gt_u (local.get $end) (local.get $size))
       (then
-        (if (i64.gt_u (local.get $end) (global.get $cap))
-          (then (call $fail (i32.const 9) (local.get $n) (global.get $cap)) (unreachable)))
+        (local.set $cap (call $room))
+        (if (i64.gt_u (local.get $cap) (global.get $cap)) (then (local.set $cap (global.get $cap))))
+        (if (i64.gt_u (local.get $end) (local.get $cap))
+          (then (call $fail (i32.const 9) (local.get $n) (local.get $cap)) (unreachable)))
         (if (i32.eq (memory.grow (i32.wrap_i64 (i64.shr_u
               (i64.add (i64.sub (local.get $end) (local.get $size)) (i64.const 65535)) (i64.const 16))))
             (i32.const -1))

@@ -98,6 +98,14 @@ ATTACKS = """
       (br_if $full (i64.eqz (call $alloc (i64.const 65536))))
       (br $more)))
     (i32.const 0))
+  ;; the plugin's own memory grown to near the limit during the call, then a kernel block of 1 MiB; and
+  ;; the other way round
+  (func (export "grow_then_alloc") (result i32)
+    (drop (memory.grow (i32.const 30))) (drop (call $alloc (i64.const 1048576))) (i32.const 0))
+  (func (export "alloc_then_grow") (result i32)
+    (drop (call $alloc (i64.const 1048576)))
+    (if (i32.eq (memory.grow (i32.const 30)) (i32.const -1)) (then (return (i32.const 0))))
+    (i32.const 0))
   (func (export "http_state_first") (result i32)
     (local $p i64)
     (local.set $p (call $alloc (i64.const 1)))
@@ -230,6 +238,23 @@ def test_many_tiny_variables_are_bounded_in_number(wasm: bytes) -> None:
         still_serves(sb)
 
 
+@pytest.mark.parametrize(("fast", "native"), PATHS)
+@pytest.mark.parametrize("function", ["grow_then_alloc", "alloc_then_grow"])
+def test_the_kernel_and_a_plugin_growing_its_memory_mid_call_stay_within_one_limit(
+        wasm: bytes, audit: AuditLog, function: str, fast: bool, native: bool) -> None:
+    """memory_bytes is the instance's: the plugin's memory and the kernel's together. A plugin that grows its
+    own memory during a call cannot then take the limit again in kernel blocks (the allocation fails), and a
+    call that grew its memory past what the kernel already holds fails at its end (the instance, holding
+    more than the limit, is dropped)."""
+    limit = 2 * 1024 * 1024
+    with Sandbox(wasm, name="att", on_audit=audit, fast=fast, native=native,
+                 limits=Limits(memory_bytes=limit, max_instances=1)) as sb:
+        with pytest.raises(MemoryLimitError):
+            sb.call_bytes(function, b"")
+        assert "limit.memory" in audit.kinds()
+        still_serves(sb)
+
+
 def test_a_million_tiny_blocks_take_constant_time_each(wasm: bytes) -> None:
     with Sandbox(wasm, name="att", limits=Limits(fuel=None, timeout_s=5, memory_bytes=64 * 1024 * 1024)) as sb:
         sb.call_bytes("tiny_allocs", b"")
@@ -267,3 +292,19 @@ def test_a_plugin_memory_of_zero_pages_serves(audit: AuditLog) -> None:
       (func (export "echo") (result i32) (call $oset (call $ioff) (call $ilen)) (i32.const 0)))"""
     with Sandbox(bytes(wasmtime.wat2wasm(wat)), name="att", on_audit=audit) as sb:
         assert sb.call_bytes("echo", b"zero") == b"zero"
+
+
+def test_initialize_allocates_within_the_limit_less_the_plugins_memory(audit: AuditLog) -> None:
+    """Before any call, the kernel's cap is already the memory limit less the plugin's own memory: an
+    ``_initialize`` that allocates cannot take the limit twice over (nor, at a 4 GiB limit, wrap the heap)."""
+    limit = 1024 * 1024
+    wat = f"""(module
+      (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+      (import "extism:host/env" "output_set" (func $oset (param i64 i64)))
+      (memory (export "memory") 1)
+      (func (export "_initialize") (drop (call $alloc (i64.const {limit - 32 * 1024}))))
+      (func (export "empty") (result i32) (i32.const 0)))"""
+    with pytest.raises(MemoryLimitError), \
+            Sandbox(bytes(wasmtime.wat2wasm(wat)), name="att", on_audit=audit,
+                    limits=Limits(memory_bytes=limit)) as sb:
+        sb.call_bytes("empty", b"")
