@@ -373,13 +373,51 @@ def ratio_cells(runs: list[float], bare: list[float]) -> tuple[str, str]:
     return f"{statistics.median(rs):.2f}×", f"{min(rs):.2f}–{max(rs):.2f}"
 
 
+XECHO = """
+[plugin]
+name = "xecho"
+version = "1.0.0"
+description = "an Extism echo"
+author = "bench"
+license = "Apache-2.0"
+min_runtime_version = "0.1.0"
+[capabilities]
+required = ["compute"]
+[resources]
+memory_mb = 16
+timeout_seconds = 5
+max_fuel = 100000000
+max_instances = 8
+"""
+
+
+def extism_echo(plugins: Path) -> str:
+    """Put an Extism echo into ``plugins`` as ``xecho``: the AssemblyScript-PDK echo when its compiler is
+    installed (tests/extism), else the WAT one; returns the function to request."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from extism_sdk_side import build_reflect
+
+    try:
+        build_reflect(plugins)
+        (plugins / "reflect.wasm").rename(plugins / "xecho.wasm")
+        function = "reflect"
+    except Exception as e:  # no npm here: the WAT echo runs through the same kernel
+        print(f"(AS-PDK echo not built: {type(e).__name__}; the WAT Extism echo instead)")
+        from tests.host.extism.guests import plugin
+
+        (plugins / "xecho.wasm").write_bytes(plugin())
+        function = "echo"
+    (plugins / "xecho.toml").write_text(XECHO)
+    return function
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=("requests", "tracing", "durable"), action="append",
+    ap.add_argument("--only", choices=("requests", "extism", "tracing", "durable"), action="append",
                     help="measure only these parts (repeatable); default: all")
     args = ap.parse_args()
-    parts = set(args.only or ("requests", "tracing", "durable"))
+    parts = set(args.only or ("requests", "extism", "tracing", "durable"))
     duration = 1.5 if args.quick else 2.0
     rounds = 2 if args.quick else 8
     work = Path(tempfile.mkdtemp(prefix="sandbus-bench-"))
@@ -390,6 +428,7 @@ def main() -> None:
     shutil.copy(ROOT / "plugins" / "build" / "echo.wasm", plugins / "echo_topics.wasm")
     (plugins / "echo_topics.toml").write_text(ECHO_TOPICS)
     (work / "policy.toml").write_text(POLICY)
+    extism_function = extism_echo(plugins) if "extism" in parts else None
     traced = work / "traced"
     traced.mkdir()
     shutil.copy(ROOT / "plugins" / "build" / "echo.wasm", traced / "echo_traced.wasm")
@@ -421,6 +460,19 @@ def main() -> None:
             if "requests" in parts:
                 console.print(table)
                 console.print("targets: throughput ≥ 0.85× bare at c=64 and c=256; p99 ≤ 1.5× bare")
+            if extism_function is not None:
+                tx = Table(title=f"an Extism plugin on a node ({extism_function}), 100 B, {rounds} alternating "
+                                 f"{duration:g} s runs per cell (medians)")
+                for col in ("c", "bare+hdrs req/s", "node, our ABI echo req/s", "node, Extism echo req/s",
+                            "Extism÷bare+hdrs", "range", "Extism÷our ABI", "range"):
+                    tx.add_column(col, justify="right")
+                for c in (1, 64):
+                    subjects = ["bench.echo_headers", "sandbus.req.echo.handle_request",
+                                f"sandbus.req.xecho.{extism_function}"]
+                    (bh, own, xs), (rb, ro, _) = alternate(server.url, subjects, c, duration, rounds)
+                    tx.add_row(str(c), f"{bh[0]:,.0f}", f"{own[0]:,.0f}", f"{xs[0]:,.0f}", f"{rb[0]:.2f}×",
+                               f"{rb[1]:.2f}–{rb[2]:.2f}", f"{ro[0]:.2f}×", f"{ro[1]:.2f}–{ro[2]:.2f}")
+                console.print(tx)
             if "tracing" in parts:
                 traced_node = start([sys.executable, "-m", "sandbus", "node", "--plugins", str(traced), "--nats",
                                      server.url, "--node-id", "bench-traced", "--no-watch", "--no-durable"],

@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 REFLECT_SOURCE = ROOT / "tests" / "extism" / "guests" / "reflect.ts"
 
-__all__ = ["ExtismTiming", "build_reflect", "extism_available", "measure_extism"]
+__all__ = ["ExtismLimits", "ExtismTiming", "build_reflect", "extism_available", "extism_plugin", "measure_extism"]
 
 
 @dataclass(frozen=True)
@@ -52,18 +52,51 @@ def extism_available() -> bool:
     return True
 
 
-def measure_extism(wasm: Path | bytes, function: str, size: int, *, calls: int = 20_000, repeats: int = 7,
-                   data: bytes | None = None, config: dict[str, str] | None = None) -> ExtismTiming:
-    """Per-call time of ``function`` with a ``size``-byte input (``data`` if given) on one warm Extism plugin.
+@dataclass(frozen=True)
+class ExtismLimits:
+    """What sandbus enforces by default, as Extism's host can enforce it: a fuel budget per call
+    (``extism_compiled_plugin_new_with_fuel_limit``, which the Python SDK does not wrap), a wall-clock
+    timeout and a memory cap (its manifest's ``timeout_ms`` and ``memory.max_pages``)."""
 
-    The plugin is created once (no WASI, no host functions); a warm-up of ``min(calls, 2000)`` calls precedes
-    the timed repeats. The output is checked once to be what an echo returns when ``function`` echoes.
-    """
+    fuel: int = 1_000_000_000
+    timeout_ms: int = 5_000
+    max_pages: int = 1024
+
+
+def extism_plugin(wasm_bytes: bytes, *, config: dict[str, str] | None = None,
+                  limits: ExtismLimits | None = None) -> Any:
+    """A warm ``extism.Plugin`` (no WASI, no host functions), under ``limits`` when given."""
     import extism
 
+    if limits is None:
+        return extism.Plugin(wasm_bytes, wasi=False, config=config, functions=[])
+    from extism.extism import CompiledPlugin, _ffi, _lib, _wasm
+
+    manifest = _wasm({"wasm": [{"data": wasm_bytes}], "timeout_ms": limits.timeout_ms,
+                      "memory": {"max_pages": limits.max_pages}, **({"config": config} if config else {})})
+    errmsg = _ffi.new("char**")
+    compiled = CompiledPlugin.__new__(CompiledPlugin)
+    compiled.functions = []
+    compiled.pointer = _lib.extism_compiled_plugin_new_with_fuel_limit(manifest, len(manifest), _ffi.NULL, 0, False,
+                                                                      limits.fuel, errmsg)
+    if compiled.pointer == _ffi.NULL:
+        raise RuntimeError(_ffi.string(errmsg[0]).decode())
+    plugin = extism.Plugin(compiled)
+    plugin._owns_compiled_plugin = True  # freed with the plugin
+    return plugin
+
+
+def measure_extism(wasm: Path | bytes, function: str, size: int, *, calls: int = 20_000, repeats: int = 7,
+                   data: bytes | None = None, config: dict[str, str] | None = None,
+                   limits: ExtismLimits | None = None) -> ExtismTiming:
+    """Per-call time of ``function`` with a ``size``-byte input (``data`` if given) on one warm Extism plugin.
+
+    The plugin is created once (no WASI, no host functions; under ``limits`` when given); a warm-up of
+    ``min(calls, 2000)`` calls precedes the timed repeats.
+    """
     wasm_bytes = wasm.read_bytes() if isinstance(wasm, Path) else wasm
     payload = data if data is not None else bytes(i % 251 for i in range(size))
-    plugin: Any = extism.Plugin(wasm_bytes, wasi=False, config=config, functions=[])
+    plugin: Any = extism_plugin(wasm_bytes, config=config, limits=limits)
     call = plugin.call
     for _ in range(min(calls, 2000)):
         call(function, payload)
