@@ -283,6 +283,15 @@ def test_the_kernels_helpers_and_memory_cannot_be_imported(imp: str) -> None:
         Sandbox(plugin("", imports=imp), name="att").close()
 
 
+def test_a_memory64_plugin_is_refused_at_load() -> None:
+    wat = """(module
+      (import "extism:host/env" "output_set" (func $oset (param i64 i64)))
+      (memory (export "memory") i64 1)
+      (func (export "empty") (result i32) (i32.const 0)))"""
+    with pytest.raises(InvalidModuleError, match="memory64"):
+        Sandbox(bytes(wasmtime.wat2wasm(wat)), name="att").close()
+
+
 def test_a_plugin_memory_of_zero_pages_serves(audit: AuditLog) -> None:
     wat = """(module
       (import "extism:host/env" "input_offset" (func $ioff (result i64)))
@@ -294,15 +303,19 @@ def test_a_plugin_memory_of_zero_pages_serves(audit: AuditLog) -> None:
         assert sb.call_bytes("echo", b"zero") == b"zero"
 
 
-def test_initialize_allocates_within_the_limit_less_the_plugins_memory(audit: AuditLog) -> None:
-    """Before any call, the kernel's cap is already the memory limit less the plugin's own memory: an
-    ``_initialize`` that allocates cannot take the limit twice over (nor, at a 4 GiB limit, wrap the heap)."""
+@pytest.mark.parametrize(("export", "start"), [('(export "_initialize")', ""), ("", "(start $init)")])
+def test_code_before_the_first_call_allocates_within_the_limit_less_the_plugins_memory(audit: AuditLog,
+                                                                                       export: str, start: str) -> None:
+    """Before any call, the kernel's cap is already the memory limit less the plugin's own memory (nothing
+    at all in a start function, before the instance is set up): code that runs before the first call cannot
+    take the limit twice over (nor, at a 4 GiB limit, wrap the heap)."""
     limit = 1024 * 1024
     wat = f"""(module
       (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
       (import "extism:host/env" "output_set" (func $oset (param i64 i64)))
       (memory (export "memory") 1)
-      (func (export "_initialize") (drop (call $alloc (i64.const {limit - 32 * 1024}))))
+      (func $init {export} (drop (call $alloc (i64.const {limit - 32 * 1024}))))
+      {start}
       (func (export "empty") (result i32) (i32.const 0)))"""
     with pytest.raises(MemoryLimitError), \
             Sandbox(bytes(wasmtime.wat2wasm(wat)), name="att", on_audit=audit,
