@@ -226,18 +226,25 @@ class ExtismInvoker:
                    epoch_ticks: int) -> bytes:
         try:
             reply = self._round_trip(function, payload, max_output, fuel, epoch_ticks)
+        except GuestError:
+            # The plugin finished (its instance is kept): unless it finished holding more than the limit.
+            self._check_total(function, self.kernel_size() + self.memory_size())
+            raise
         except BaseException as caught:
             self._reraise_stopped(caught)
             raise
-        if self.memory_after > self._memory_limit:
-            # The kernel grows only into what the plugin's memory leaves it, but the plugin may grow its own
-            # memory after the kernel did (the store caps each memory alone): the call fails, and the
-            # instance, holding more than the limit, is dropped.
-            raise MemoryLimitError(
-                f"{function}: the plugin's memory and the kernel's hold {self.memory_after} bytes, above the "
-                f"{self._memory_limit}-byte memory limit", plugin=self.ctx.plugin, limit=self._memory_limit,
-                function=function, size=self.memory_after)
+        self._check_total(function, self.memory_after)
         return reply
+
+    def _check_total(self, function: str, held: int) -> None:
+        """The kernel grows only into what the plugin's memory leaves it, but the plugin may grow its own
+        memory after the kernel did (the store caps each memory alone): a call that ends with both above the
+        memory limit fails, and its instance is dropped."""
+        if held > self._memory_limit:
+            raise MemoryLimitError(
+                f"{function}: the plugin's memory and the kernel's hold {held} bytes, above the "
+                f"{self._memory_limit}-byte memory limit", plugin=self.ctx.plugin, limit=self._memory_limit,
+                function=function, size=held)
 
     def _round_trip(self, function: str, payload: bytes, max_output: int, fuel: int | None,
                     epoch_ticks: int) -> bytes:

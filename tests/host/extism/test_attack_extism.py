@@ -106,6 +106,8 @@ ATTACKS = """
     (drop (call $alloc (i64.const 1048576)))
     (if (i32.eq (memory.grow (i32.const 30)) (i32.const -1)) (then (return (i32.const 0))))
     (i32.const 0))
+  (func (export "alloc_then_grow_then_fail") (result i32)
+    (drop (call $alloc (i64.const 1048576))) (drop (memory.grow (i32.const 30))) (i32.const 1))
   (func (export "http_state_first") (result i32)
     (local $p i64)
     (local.set $p (call $alloc (i64.const 1)))
@@ -239,7 +241,7 @@ def test_many_tiny_variables_are_bounded_in_number(wasm: bytes) -> None:
 
 
 @pytest.mark.parametrize(("fast", "native"), PATHS)
-@pytest.mark.parametrize("function", ["grow_then_alloc", "alloc_then_grow"])
+@pytest.mark.parametrize("function", ["grow_then_alloc", "alloc_then_grow", "alloc_then_grow_then_fail"])
 def test_the_kernel_and_a_plugin_growing_its_memory_mid_call_stay_within_one_limit(
         wasm: bytes, audit: AuditLog, function: str, fast: bool, native: bool) -> None:
     """memory_bytes is the instance's: the plugin's memory and the kernel's together. A plugin that grows its
