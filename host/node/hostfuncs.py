@@ -418,8 +418,18 @@ class BusBridge:
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise AbiViolationError(f"extism:host/env.http_request: expected {{\"url\": ...}} JSON: {e}",
                                     plugin=ctx.plugin, function="http_request") from e
+        # One cap for what the plugin sends, as sandbus_v1.http_request's single buffer has: the body gets
+        # what the request JSON left of it.
+        sent = len(raw_req)
         del raw_req
-        body = inv.block(body_off, self.http_max_request, "http_request") if body_off else None
+        try:
+            body = inv.block(body_off, self.http_max_request - sent, "http_request") if body_off else None
+        except PayloadTooLargeError as e:
+            size = sent + int(e.details.get("size", 0))
+            raise PayloadTooLargeError(f"extism:host/env.http_request: the request and its body hold {size} bytes, "
+                                       f"above the node's {self.http_max_request}-byte HTTP request cap",
+                                       plugin=ctx.plugin, function="http_request", size=size,
+                                       limit=self.http_max_request) from None
         status, resp_headers, raw = self.http_exchange(ctx, url, method, headers, body)
         inv.http_status, inv.http_headers = status, resp_headers
         return inv.alloc_bytes(raw)

@@ -327,3 +327,27 @@ def test_code_before_the_first_call_allocates_within_the_limit_less_the_plugins_
             Sandbox(bytes(wasmtime.wat2wasm(wat)), name="att", on_audit=audit,
                     limits=Limits(memory_bytes=limit)) as sb:
         sb.call_bytes("empty", b"")
+
+
+# -- the node's http_request: what a plugin sends is bounded as a whole -------------------------------------
+
+
+def test_an_extism_http_request_and_its_body_share_one_request_cap() -> None:
+    """The request JSON and the body are two blocks, bounded together by the node's HTTP request cap (as
+    ``sandbus_v1.http_request``'s one buffer is), before any of it is sent."""
+    from sandbus.host.node.hostfuncs import BusBridge
+    from sandbus.host.sandbox import Capabilities
+
+    cap = 4096
+    bridge = BusBridge(http_max_request=cap)
+    wat = """
+      (func (export "post") (result i32)
+        (local $body i64)
+        (local.set $body (call $alloc (i64.const 4000)))
+        (drop (call $http (call $ioff) (local.get $body))) (i32.const 0))"""
+    request = b'{"url": "http://example.com/", "method": "POST", "headers": {"x": "' + b"y" * 200 + b'"}}'
+    with Sandbox(plugin(wat), name="att", host_functions=bridge.host_functions(),
+                 capabilities=Capabilities(extra=frozenset({"network"}))) as sb:
+        with pytest.raises(PayloadTooLargeError) as caught:
+            sb.call_bytes("post", request)
+        assert caught.value.details["limit"] == cap
