@@ -72,8 +72,10 @@ class ExtismInstance(PluginInstance):
         limit = self.limits.memory_bytes
 
         def room() -> int:
+            # What the kernel may grow to now, beside the plugin's memory as it is now (the plugin may have
+            # grown it since its call began; before the instance is set up -- a start function -- nothing).
             inv = ctx.invoker
-            return max(limit - (inv.memory_size() if inv is not None else 0), 0)
+            return 0 if inv is None else max(limit - inv.memory_size(), 0)
 
         i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
         klinker.define_func(FAIL_MODULE, "fail", wasmtime.FuncType([i32, i64, i64], []), fail)
@@ -116,7 +118,6 @@ class ExtismInstance(PluginInstance):
         self._invoker = ExtismInvoker(self.ctx, store, plugin_export, memory, kernel_export, kmem, self.info.signatures,
                                       self.limits.memory_bytes, fast=fast, native=native)
         self.ctx.invoker = self._invoker
-        self._guarded(self._invoker.prepare, "kernel setup")
         if self.info.has(INITIALIZE):
             self._guarded(lambda: self._invoker.call(INITIALIZE), INITIALIZE)
 

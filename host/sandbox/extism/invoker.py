@@ -136,15 +136,6 @@ class ExtismInvoker:
             self._plain: dict[str, tuple[wasmtime.Func, Signature]] = {}
             self._kplain = {name: (kernel(name), sig) for name, sig in _KERNEL_CALLS.items()}
 
-    def prepare(self) -> None:
-        """Cap the kernel memory before the plugin's first instruction (its ``_initialize``): the memory
-        limit less the plugin's own memory, as every call's ``sandbus_begin`` does."""
-        cap = max(self._memory_limit - self.memory_size(), 0)
-        if self.fast:
-            self._begin.call2(0, cap)
-        else:
-            self._kcall("sandbus_begin", 0, cap)
-
     # -- the Invoker surface -------------------------------------------------------------------------
 
     def _rawfunc(self, name: str) -> RawFunc:

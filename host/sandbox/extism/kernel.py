@@ -94,8 +94,9 @@ KERNEL_WAT = """
   (global $USED i32 (i32.const 0x5ab0b10c))
   (global $FREE i32 (i32.const 0x5ab0f4ee))
   (global $top (mut i32) (i32.const 16))
-  ;; the host sets it (sandbus_begin) before the plugin's first instruction; never above 0xffff0000
-  (global $cap (mut i64) (i64.const 0))
+  ;; never above 0xffff0000 ($top, an i32, must not wrap); each call's sandbus_begin lowers it for the
+  ;; call, and growing asks the host's "room" in any case
+  (global $cap (mut i64) (i64.const 0xffff0000))
   (global $in (mut i64) (i64.const 0))
   (global $in_len (mut i64) (i64.const 0))
   (global $out (mut i64) (i64.const 0))
