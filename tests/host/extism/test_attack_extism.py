@@ -351,3 +351,20 @@ def test_an_extism_http_request_and_its_body_share_one_request_cap() -> None:
         with pytest.raises(PayloadTooLargeError) as caught:
             sb.call_bytes("post", request)
         assert caught.value.details["limit"] == cap
+
+
+def test_at_a_4_gib_limit_the_kernel_heap_ends_below_4_gib_and_never_wraps(audit: AuditLog) -> None:
+    """The kernel's top is an i32: at a 4 GiB memory limit the heap fills to 0xffff0000 exactly (the input's
+    header, then 2 GiB, then the rest) and the next block, even an empty one, is the memory limit -- not a
+    top wrapped to 0 that hands out blocks over the reserved bytes. (Untouched pages cost no memory.)"""
+    wat = """
+      (func (export "fill") (result i32)
+        (drop (call $alloc (i64.const 0x80000000)))
+        (drop (call $alloc (i64.const 0x7ffeffd8)))
+        (call $store64 (i64.const 0xfffefff8) (i64.const 7))
+        (drop (call $alloc (i64.const 0)))
+        (i32.const 0))"""
+    with Sandbox(plugin(wat), name="att", on_audit=audit, limits=Limits(memory_bytes=1 << 32, max_instances=1)) as sb:
+        with pytest.raises(MemoryLimitError, match=r"alloc\(0\)"):
+            sb.call_bytes("fill", b"")
+        still_serves(sb)
