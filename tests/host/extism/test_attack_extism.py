@@ -6,6 +6,8 @@ Every test names the behaviour it holds the host to; the plugins are WAT, built 
 
 from __future__ import annotations
 
+import random
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -18,10 +20,12 @@ from sandbus.sdk.errors import (
     AbiViolationError,
     ExecutionTimeoutError,
     GuestError,
+    HostError,
     InvalidModuleError,
     MemoryLimitError,
     OutOfFuelError,
     PayloadTooLargeError,
+    SandbusError,
 )
 from tests.conftest import AuditLog
 from tests.host.extism.guests import plugin
@@ -368,3 +372,97 @@ def test_at_a_4_gib_limit_the_kernel_heap_ends_below_4_gib_and_never_wraps(audit
         with pytest.raises(MemoryLimitError, match=r"alloc\(0\)"):
             sb.call_bytes("fill", b"")
         still_serves(sb)
+
+
+# -- random programs against the kernel and the host functions ----------------------------------------------
+
+#: A plugin that runs its input as a program: 17-byte steps [op u8][a i64][b i64], where a or b of -1 is the
+#: last result and a of -2 is the last result plus b (so that real blocks, and bytes next to them, are hit).
+INTERPRETER = """
+  (func (export "run") (result i32)
+    (local $pc i64) (local $n i64) (local $op i32) (local $a i64) (local $b i64) (local $r i64)
+    (local.set $n (call $ilen))
+    (block $done (loop $next
+      (br_if $done (i64.gt_u (i64.add (local.get $pc) (i64.const 17)) (local.get $n)))
+      (local.set $op (call $iload8 (local.get $pc)))
+      (local.set $a (call $iload64 (i64.add (local.get $pc) (i64.const 1))))
+      (local.set $b (call $iload64 (i64.add (local.get $pc) (i64.const 9))))
+      (local.set $pc (i64.add (local.get $pc) (i64.const 17)))
+      (if (i64.eq (local.get $b) (i64.const -1)) (then (local.set $b (local.get $r))))
+      (if (i64.eq (local.get $a) (i64.const -1)) (then (local.set $a (local.get $r))))
+      (if (i64.eq (local.get $a) (i64.const -2)) (then (local.set $a (i64.add (local.get $r) (local.get $b)))))
+      (block $step
+        (block $c13 (block $c12 (block $c11 (block $c10 (block $c9 (block $c8 (block $c7 (block $c6
+        (block $c5 (block $c4 (block $c3 (block $c2 (block $c1 (block $c0
+          (br_table $c0 $c1 $c2 $c3 $c4 $c5 $c6 $c7 $c8 $c9 $c10 $c11 $c12 $c13 $step (local.get $op)))
+          (local.set $r (call $alloc (i64.and (local.get $a) (i64.const 0xfffff)))) (br $step))
+          (call $free (local.get $a)) (br $step))
+          (call $store64 (local.get $a) (local.get $b)) (br $step))
+          (call $store8 (local.get $a) (i32.wrap_i64 (local.get $b))) (br $step))
+          (call $oset (local.get $a) (local.get $b)) (br $step))
+          (call $eset (local.get $a)) (br $step))
+          (local.set $r (call $config_get (local.get $a))) (br $step))
+          (call $var_set (local.get $a) (local.get $b)) (br $step))
+          (local.set $r (call $var_get (local.get $a))) (br $step))
+          (call $log_info (local.get $a)) (br $step))
+          (local.set $r (call $len (local.get $a))) (br $step))
+          (local.set $r (call $load64 (local.get $a))) (br $step))
+          (call $reset) (br $step))
+        (return (i32.wrap_i64 (local.get $b))))
+      (br $next)))
+    (i32.const 0))
+"""
+
+_USED_TAG = 0x5AB0B10C << 32
+
+
+def _program(rng: random.Random, steps: int) -> bytes:
+    def value() -> int:
+        kind = rng.randrange(9)
+        if kind == 0:
+            return -1
+        if kind == 1:
+            return rng.randrange(0, 4096)
+        if kind == 2:
+            return rng.randrange(16, 200_000) & ~7
+        if kind == 3:
+            return _USED_TAG | rng.choice([0, 1, 8, 4096, 0xFFFF, 0xFFFFFFFF, rng.randrange(1 << 32)])
+        if kind == 4:
+            return rng.choice([0, 1 << 32, (1 << 63) - 1, -(1 << 63), -8, 0xFFFFFFF0, 0xFFFF0000])
+        if kind == 5:
+            return rng.randrange(-(1 << 63), 1 << 63)
+        return rng.randrange(0, 64)
+
+    out = bytearray()
+    for _ in range(steps):
+        op = rng.choice([0, 0, 0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14])
+        a = -2 if rng.random() < 0.3 else value()
+        b = rng.choice([-8, -16, 0, 8, 16, 24]) if a == -2 else value()
+        out += struct.pack("<Bqq", op, a, b)
+    return bytes(out)
+
+
+@pytest.mark.parametrize(("fast", "native"), PATHS)
+def test_random_programs_end_in_a_reply_or_a_typed_error_and_the_sandbox_serves_on(audit: AuditLog, fast: bool,
+                                                                                   native: bool) -> None:
+    """Hundreds of random step sequences -- blocks allocated, freed, forged, overwritten, named as output,
+    error, key, value or log line -- each end with a reply or a sandbus error of the plugin's making (never a
+    HostError, never another exception), and the sandbox answers the next call."""
+    rng = random.Random(20261203 + 10 * fast + native)
+    wasm = plugin(INTERPRETER, imports='(import "extism:host/env" "reset" (func $reset))')
+    outcomes: dict[str, int] = {}
+    with Sandbox(wasm, name="att", on_audit=audit, config={"count": "aeiou"}, fast=fast, native=native,
+                 limits=Limits(max_instances=1, max_var_bytes=4096, memory_bytes=4 * 1024 * 1024,
+                               log_bytes=4096, timeout_s=5)) as sb:
+        for _ in range(300):
+            try:
+                sb.call_bytes("run", _program(rng, rng.randrange(1, 40)))
+                kind = "ok"
+            except HostError:
+                raise
+            except SandbusError as e:
+                kind = type(e).__name__
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+            assert sb.call_bytes("echo", b"after") == b"after"
+    assert outcomes.get("ok", 0) >= 5, outcomes
+    assert outcomes.get("AbiViolationError", 0) > 10, outcomes
