@@ -466,3 +466,20 @@ def test_random_programs_end_in_a_reply_or_a_typed_error_and_the_sandbox_serves_
             assert sb.call_bytes("echo", b"after") == b"after"
     assert outcomes.get("ok", 0) >= 5, outcomes
     assert outcomes.get("AbiViolationError", 0) > 10, outcomes
+
+
+@pytest.mark.parametrize(("fast", "native"), PATHS)
+def test_fuel_running_out_in_a_kernel_call_during_initialize_is_out_of_fuel(audit: AuditLog, fast: bool,
+                                                                            native: bool) -> None:
+    """Every fuel budget over a stretch of the loop: some end in the plugin, some in the kernel call its
+    host function makes; all are the fuel limit."""
+    wasm = plugin("""
+      (func (export "_initialize")
+        (local $k i64)
+        (local.set $k (call $kstr (i32.const 0) (i32.const 5)))
+        (loop $more (drop (call $var_get (local.get $k))) (br $more)))""")
+    for fuel in range(20_030, 20_080):
+        with pytest.raises(OutOfFuelError), \
+                Sandbox(wasm, name="att", on_audit=audit, fast=fast, native=native, limits=Limits(fuel=fuel)) as sb:
+            sb.call_bytes("echo", b"")
+    assert "limit.fuel" in audit.kinds()
