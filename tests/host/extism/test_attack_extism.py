@@ -468,9 +468,7 @@ def test_random_programs_end_in_a_reply_or_a_typed_error_and_the_sandbox_serves_
     assert outcomes.get("AbiViolationError", 0) > 10, outcomes
 
 
-@pytest.mark.parametrize(("fast", "native"), PATHS)
-def test_fuel_running_out_in_a_kernel_call_during_initialize_is_out_of_fuel(audit: AuditLog, fast: bool,
-                                                                            native: bool) -> None:
+def test_fuel_running_out_in_a_kernel_call_during_initialize_is_out_of_fuel(audit: AuditLog) -> None:
     """Every fuel budget over a stretch of the loop: some end in the plugin, some in the kernel call its
     host function makes; all are the fuel limit."""
     wasm = plugin("""
@@ -480,6 +478,6 @@ def test_fuel_running_out_in_a_kernel_call_during_initialize_is_out_of_fuel(audi
         (loop $more (drop (call $var_get (local.get $k))) (br $more)))""")
     for fuel in range(20_030, 20_080):
         with pytest.raises(OutOfFuelError), \
-                Sandbox(wasm, name="att", on_audit=audit, fast=fast, native=native, limits=Limits(fuel=fuel)) as sb:
+                Sandbox(wasm, name="att", on_audit=audit, limits=Limits(fuel=fuel)) as sb:
             sb.call_bytes("echo", b"")
     assert "limit.fuel" in audit.kinds()
