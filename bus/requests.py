@@ -102,7 +102,7 @@ def check_function(plugin: str, function: str) -> None:
 class Requests:
     """The subscription callbacks for requests, direct messages and core topics of one bus."""
 
-    __slots__ = ("_base", "_base_block", "bus", "handler")
+    __slots__ = ("_base", "_base_block", "_typed_blocks", "bus", "handler")
 
     def __init__(self, bus: PluginBus, handler: BusHandler) -> None:
         self.bus = bus
@@ -110,6 +110,8 @@ class Requests:
         self._base = {H_CONTENT_TYPE: CONTENT_TYPE, H_NODE: bus.node_id}
         #: the encoded headers of a reply to a request that sent none of its own (the common case)
         self._base_block = header_block(self._base)
+        #: the same for a bytes plugin's reply, by its declared media type (a few per node)
+        self._typed_blocks: dict[str, bytes] = {}
 
     def reply_headers(self, headers: Mapping[str, str] | None) -> dict[str, str]:
         """The headers a reply to a message with ``headers`` carries (before the handler adds its trace)."""
@@ -171,7 +173,12 @@ class Requests:
         nc = self.bus.nc
         if msg.reply and nc is not None and len(reply) <= self.bus.max_payload - _HEADER_ROOM:
             # Only the base headers (two keys): their encoding is cached.
-            block = self._base_block if len(headers) == 2 and not raw else header_block(headers)
+            if len(headers) != 2:
+                block = header_block(headers)
+            elif not raw:
+                block = self._base_block
+            else:
+                block = self._typed_block(headers)
             await publish_with_block(nc, msg.reply, reply, headers, block)
         else:
             await self.bus.reply(msg, reply, headers)
@@ -190,6 +197,16 @@ class Requests:
             log.exception("request %s failed", msg.subject)
             data, headers = with_error(headers, internal_error(e, plugin))
         await self.bus.reply(msg, data, headers)
+
+    def _typed_block(self, headers: dict[str, str]) -> bytes:
+        """The encoded base headers with a bytes plugin's media type (validated when its manifest loaded)."""
+        content_type = headers[H_CONTENT_TYPE]
+        block = self._typed_blocks.get(content_type)
+        if block is None:
+            block = header_block(headers)
+            if len(self._typed_blocks) < 64:  # media types come from manifests: few, but never unbounded
+                self._typed_blocks[content_type] = block
+        return block
 
     def _set_content_type(self, plugin: str, headers: dict[str, str]) -> None:
         """A successful reply of a bytes plugin says its declared media type (an error reply stays JSON:

@@ -86,4 +86,4 @@ EXTISM_WAT = r"""
 
 def extism_wasm() -> bytes:
     """The plugin's binary."""
-    return wasmtime.wat2wasm(EXTISM_WAT)
+    return bytes(wasmtime.wat2wasm(EXTISM_WAT))

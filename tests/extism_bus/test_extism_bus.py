@@ -112,7 +112,7 @@ def plugins(tmp_path_factory: pytest.TempPathFactory, plugins_dir: Path) -> Path
     write_plugin(d, "bytes_echo", topics=("extism.core.*",))
     write_plugin(d, "json_echo", content_type="application/json")
     write_plugin(d, "text_echo", content_type='text/plain; charset="utf-8"')
-    write_plugin(d, "dlq_extism", wasm=wasmtime.wat2wasm(FAILING_WAT),
+    write_plugin(d, "dlq_extism", wasm=bytes(wasmtime.wat2wasm(FAILING_WAT)),
                  topics=("extism.durable.*",), durable=True)
     return d
 
@@ -319,7 +319,7 @@ def test_manifests_that_cannot_work_do_not_load_and_say_the_fix(tmp_path: Path, 
 
     d = tmp_path / "plugins"
     d.mkdir()
-    wasm = wasmtime.wat2wasm(EXTISM_WAT.replace('(export "handle_message")', '(export "k")'))
+    wasm = bytes(wasmtime.wat2wasm(EXTISM_WAT.replace('(export "handle_message")', '(export "k")')))
     write_plugin(d, "deaf", wasm=wasm, topics=("a.b",))
     # A JSON plugin (our ABI) declaring a bytes media type: refused too.
     write_plugin(d, "json_plugin", wasm=(plugins_dir / "echo.wasm").read_bytes(), content_type="image/png")
