@@ -341,22 +341,56 @@ def manifest_for(report: WasmReport) -> str:
                   f"# callable functions: {functions}",
                   "# Extism's manifest notions, as sandbus keys (the node's policy still decides what is granted):",
                   "#   config            -> [config] (read with config_get; strings as they are, others as JSON)",
-                  '#   allowed_hosts     -> [permissions] network_hosts = ["api.example.com:443"]',
+                  '#   allowed_hosts     -> [permissions] network_hosts = ["api.example.com:443"], with',
+                  '#                        [capabilities] required = ["compute", "network"]',
                   '#   allowed_paths     -> [permissions] read_files = ["data"] / write_files = ["out"]',
                   "#   memory.max_pages  -> [resources] memory_mb (16 pages = 1 MiB)",
                   "#   timeout_ms        -> [resources] timeout_seconds",
                   "#   memory.max_var_bytes -> [resources] max_var_bytes", "",
+                  *_capabilities_for(report), "",
                   "[resources]", "max_var_bytes = 1048576", "",
-                  "# direct and topic messages go to its handle_message export (input: the envelope as JSON)",
-                  "# [subscriptions]", '# topics = ["orders.*"]', "", "[config]", ""]
+                  *_messages_for(report), "", "[config]", ""]
     else:
         lines += ["", f"# callable functions: {functions}", "", "[resources]", "# memory_mb = 64", "", "[config]", ""]
     text = "\n".join(lines)
     try:
         parse_manifest(text, source=str(path.with_suffix(".toml")), expected_name=name)
     except SandbusError as e:
-        raise AuthoringError(f"cannot write a manifest for {path.name}: {e}", path=str(path)) from e
+        # The name comes from the file: say what to rename rather than leave a regex to decipher.
+        fix = (f" (the plugin's name is the file's: rename {path.name} to a valid name, e.g. "
+               f"{_suggested_name(name)}.wasm)" if e.details.get("key") == "plugin.name" else "")
+        raise AuthoringError(f"cannot write a manifest for {path.name}: {e}{fix}", path=str(path)) from e
     return text
+
+
+def _capabilities_for(report: WasmReport) -> list[str]:
+    """The manifest's ``[capabilities]``: compute, and for a module importing Extism's ``http_request`` the
+    network as a comment -- a call of it is denied without ``network`` and a host list, and which hosts
+    only its author knows."""
+    lines = ["[capabilities]", 'required = ["compute"]']
+    if any(i.module == EXTISM_NAMESPACE and i.name == "http_request" for i in report.imports):
+        lines += ["# it imports http_request, and every HTTP call is denied without the network: to grant it,",
+                  "# replace the line above with these (and name the hosts it calls)",
+                  '# required = ["compute", "network"]', "# [permissions]",
+                  '# network_hosts = ["api.example.com:443"]']
+    return lines
+
+
+def _messages_for(report: WasmReport) -> list[str]:
+    """How the plugin takes messages: through ``handle_message`` when it exports one; without it, a
+    manifest that subscribes to topics does not load, so it is not suggested."""
+    if "handle_message" in report.functions:
+        return ["# direct and topic messages go to its handle_message export (input: the envelope as JSON)",
+                "# [subscriptions]", '# topics = ["orders.*"]']
+    return ["# no handle_message export: it takes requests only (no direct messages, no topic subscriptions)"]
+
+
+def _suggested_name(stem: str) -> str:
+    """A valid plugin name close to ``stem``: lowercase, other characters as ``_``, a letter first."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in stem.lower())
+    if not name[:1].isalpha():
+        name = "plugin_" + name
+    return name[:63]
 
 
 def _refused_by_host(e: InvalidModuleError, kind: str, common: dict[str, Any]) -> WasmReport | None:

@@ -56,6 +56,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (
 DataFileOpt = Annotated[str | None, typer.Option(
     "--data-file", "-d", metavar="FILE", show_default=False,
     help="Send FILE's bytes as they are (- for stdin), not JSON: for plugins whose input is bytes (Extism).")]
+#: ``pub``'s: a topic's subscribers get bytes base64 in their envelope, whatever kind of plugin they are.
+PubDataFileOpt = Annotated[str | None, typer.Option(
+    "--data-file", "-d", metavar="FILE", show_default=False,
+    help="Publish FILE's bytes as they are (- for stdin), not JSON: subscribers get them base64 in the "
+         "envelope's payload.")]
 RawOpt = Annotated[bool, typer.Option(
     "--raw", help="Send the payload argument's bytes as they are (- for stdin's), not checked as JSON.")]
 ContentTypeOpt = Annotated[str, typer.Option(
@@ -151,7 +156,8 @@ def body_arg(payload: str, data_file: str | None, raw: bool, content_type: str) 
         if payload == "-":
             return read_bytes_arg("-", "payload"), content_type
         return payload.encode(errors="surrogateescape"), content_type
-    return read_json_arg(payload, "payload"), CONTENT_TYPE
+    return read_json_arg(payload, "payload", hint=" (--raw sends it as bytes, to a plugin whose input is bytes: "
+                                                   "Extism)"), CONTENT_TYPE
 
 
 def write_reply(data: bytes, content_type: str, as_json: bool) -> Any:
@@ -208,7 +214,7 @@ def pub(
     topic: Annotated[str, typer.Argument(help="Topic, e.g. orders.created (no wildcards).", show_default=False)],
     payload: Annotated[str, typer.Argument(help="Payload JSON, or - for stdin.")] = "null",
     core: Annotated[bool, typer.Option(help="Core NATS publish (at most once) even if JetStream is on.")] = False,
-    data_file: DataFileOpt = None,
+    data_file: PubDataFileOpt = None,
     raw: RawOpt = False,
     content_type: ContentTypeOpt = OCTET_STREAM,
     as_json: JsonOpt = False,

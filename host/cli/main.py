@@ -223,9 +223,11 @@ def _fuel_range(value: int | None) -> int | None:
 MAX_JSON_ARG_BYTES = 64 * 1024 * 1024
 
 
-def read_json_arg(text: str, what: str, cap: int = MAX_JSON_ARG_BYTES, *, stdin: bool = True) -> bytes:
+def read_json_arg(text: str, what: str, cap: int = MAX_JSON_ARG_BYTES, *, stdin: bool = True,
+                  hint: str = "") -> bytes:
     """A JSON argument (``-`` reads stdin unless ``stdin`` is False), checked; bad JSON is a usage error
-    naming ``what``.
+    naming ``what``, followed by ``hint`` (how to send the text as it is, where the command can: someone
+    calling an Extism plugin typed bytes, and the message should say which option sends them).
 
     At most ``cap + 1`` bytes are ever read: an input over the cap is refused as bad input (exit 2)
     before it fills memory, however much stdin holds.
@@ -241,7 +243,7 @@ def read_json_arg(text: str, what: str, cap: int = MAX_JSON_ARG_BYTES, *, stdin:
     try:
         decoded = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        fail(f"{what} is not valid JSON: {e}", EXIT_USAGE)
+        fail(f"{what} is not valid JSON: {e}{hint}", EXIT_USAGE)
     if too_deep(raw, decoded):
         fail(f"{what} nests deeper than {MAX_JSON_DEPTH} levels", EXIT_USAGE)
     return raw
@@ -267,7 +269,8 @@ def run(
     allow_env: Annotated[list[str] | None, typer.Option(help="Pass host variable NAME to the plugin.")] = None,
     allow_clock: Annotated[bool, typer.Option(help="Grant the clock.")] = False,
     allow_random: Annotated[bool, typer.Option(help="Grant random bytes.")] = False,
-    config: Annotated[str, typer.Option(help="JSON object handed to the plugin's init.")] = "{}",
+    config: Annotated[str, typer.Option(
+        help="JSON object handed to the plugin's init (an Extism plugin: what config_get reads).")] = "{}",
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show plugin logs (-vv: debug).")] = 0,
 ) -> None:
     """Load PLUGIN, call FUNCTION with the input JSON, print the reply JSON.
@@ -327,7 +330,8 @@ def run(
         else:
             payload = input_.encode(errors="surrogateescape")
     else:
-        payload = read_json_arg(input_, "--input", cap=limits.max_input_bytes)
+        payload = read_json_arg(input_, "--input", cap=limits.max_input_bytes,
+                                hint=" (--raw passes it as bytes, to a plugin whose input is bytes: Extism)")
     try:
         sandbox = Sandbox(plugin, limits=limits, capabilities=caps, config=settings)
     except (AbiViolationError, PluginNotFoundError) as e:
