@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from sandbus.host.node.node import Node
     from sandbus.host.sandbox import AuditEvent
 
-__all__ = ["dev", "register"]
+__all__ = ["call_hint", "dev", "register"]
 
 #: How a client command names the server (as the ``nats`` tools do; NATS_URL works too).
 SERVER_FLAG = "-s"
@@ -263,6 +263,22 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger("nats").setLevel(logging.CRITICAL + 1)  # reconnect chatter while the server stops
 
 
+def call_hint(name: str, functions: tuple[str, ...], url: str) -> str:
+    """The command that calls the served plugin: its ``handle_request`` when it has one (or nothing is
+    known yet), else its first function -- an Extism plugin's functions have any names, and a hint naming
+    one it lacks sends the newcomer straight into ``request.unknown_function``."""
+    function = "handle_request" if not functions or "handle_request" in functions else functions[0]
+    return terminal_text(f"sandbus request {name} {function} '{{}}' {SERVER_FLAG} {url}")
+
+
+def _served_functions(node: Node, name: str) -> tuple[str, ...]:
+    """The functions the node serves for ``name`` (none when it is not serving)."""
+    try:
+        return node.manager.info(name).functions
+    except SandbusError:
+        return ()
+
+
 def _report(out: _Out, project: Project, r: Rebuild, *, first: bool = False) -> None:
     """One line per rebuild: the build's result and time, then what the node did with it."""
     what = ("built" if r.result is None or r.result.built else "up to date") if first else "rebuilt"
@@ -318,7 +334,7 @@ async def _serve(node: Node, loop: DevLoop, project: Project, url: str, out: _Ou
         serving = loop.serving_version()
         state = f"{project.name} {serving} serving" if serving else f"{project.name} not serving yet"
         out.say(f"ready: {state} on {url}; call it with:\n"
-                f"  sandbus request {project.name} handle_request '{{}}' {SERVER_FLAG} {url}\n"
+                f"  {call_hint(project.name, _served_functions(node, project.name), url)}\n"
                 f"watching {terminal_text(_watched(project))} (Ctrl-C stops)")
         poller = asyncio.ensure_future(errors.poll(node.manager))
         try:

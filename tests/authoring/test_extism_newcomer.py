@@ -93,3 +93,13 @@ def test_the_json_of_inspect_is_unchanged_by_the_manifest_hints(tmp_path: Path) 
     report = json.loads(sandbus("inspect", str(wasm), "--json").stdout)
     assert report["kind"] == "extism"
     assert report["functions"] == ["fetch"]
+
+
+def test_the_dev_loop_suggests_a_function_the_plugin_has() -> None:
+    from sandbus.host.cli.dev import call_hint
+
+    url = "nats://127.0.0.1:4444"
+    # An Extism plugin's functions have their own names: the hint names one of them.
+    assert call_hint("vowels", ("count_vowels",), url) == f"sandbus request vowels count_vowels '{{}}' -s {url}"
+    assert call_hint("greeter", ("handle_request", "other"), url).startswith("sandbus request greeter handle_request")
+    assert call_hint("greeter", (), url).startswith("sandbus request greeter handle_request"), "nothing served yet"
