@@ -226,10 +226,14 @@ class Client:
             _media_type(content_type)
         request_headers = {**(headers or {}), H_CONTENT_TYPE: content_type, H_MSG_ID: new_message_id(),
                            H_FROM: self.sender}
-        subject = request_subject(plugin, function)
-        with send_span(subject, request_headers, message_id=request_headers[H_MSG_ID], body_size=len(data)) as span:
+        return await self._detailed(request_subject(plugin, function), data, timeout, request_headers, plugin)
+
+    async def _detailed(self, subject: str, data: bytes, timeout: float, headers: dict[str, str],
+                        plugin: str) -> DetailedReply:
+        """One request inside its ``send`` span, and the reply with what its headers say."""
+        with send_span(subject, headers, message_id=headers[H_MSG_ID], body_size=len(data)) as span:
             try:
-                msg = await self._request_msg(subject, data, timeout, request_headers, f"plugin {plugin!r}")
+                msg = await self._request_msg(subject, data, timeout, headers, f"plugin {plugin!r}")
             except Exception as e:
                 record_error(span, e)
                 raise
@@ -393,16 +397,7 @@ class Client:
                 self._check_fits(nats_size(body, headers))
                 await self.nc.publish(subject, body, headers=headers)
             return None
-        with send_span(subject, headers, message_id=headers[H_MSG_ID], body_size=len(body)) as span:
-            try:
-                msg = await self._request_msg(subject, body, timeout, headers, f"plugin {plugin!r}")
-            except Exception as e:
-                record_error(span, e)
-                raise
-        reply_headers = dict(msg.headers or {})
-        traceparent = valid_traceparent(reply_headers.get("traceparent"))
-        return DetailedReply(bytes(msg.data), reply_headers, reply_headers.get(H_NODE),
-                             traceparent[3:35] if traceparent else None)
+        return await self._detailed(subject, body, timeout, headers, plugin)
 
     async def send(self, plugin: str, payload: Any = None, *, timeout: float | None = None) -> Any:
         """A direct PluginMessage to ``plugin``; with ``timeout``, wait for and return its reply."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,33 +15,13 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 
-from sandbus.bus.connection import ConnectOptions
 from sandbus.bus.server import NatsServer
-from sandbus.host.lifecycle.policy import load_policy
 from sandbus.host.node.node import Node
 from sandbus.sdk.client import Client
 from sandbus.sdk.envelope import ENVELOPE_CONTENT_TYPE
 from sandbus.sdk.errors import InvalidJsonError, PayloadTooLargeError
+from tests.extism_bus.conftest import MIB, server_with_max_payload, start_node
 from tests.extism_bus.test_extism_bus import POLICY, write_plugin
-
-MIB = 1024 * 1024
-
-
-def _server(max_payload: int) -> Iterator[NatsServer]:
-    conf = Path(os.environ.get("TMPDIR", "/tmp")) / f"sandbus-attack-bytes-{os.getpid()}-{max_payload}.conf"
-    conf.write_text(f"listen: 127.0.0.1:-1\nmax_payload: {max_payload}\n")
-    server = NatsServer(jetstream=True, config=conf).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        conf.unlink(missing_ok=True)
-
-
-@pytest.fixture(scope="module")
-def big_server() -> Iterator[NatsServer]:
-    """4 MiB max payload: above the sandbox's 1 MiB input cap, so the node's caps are what answer."""
-    yield from _server(4 * MIB)
 
 
 @pytest.fixture(scope="module")
@@ -56,32 +35,14 @@ def plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-async def _node(server: NatsServer, plugins: Path) -> Node:
-    n = Node.create(plugins, ConnectOptions.from_urls(server.url), policy=load_policy(plugins.parent / "policy.toml"),
-                    node_id="a1")
-    report = n.manager.discover_and_load()
-    assert report.ok, report.failed
-    await n.start()
-    return n
-
-
 @pytest.fixture
 async def node(big_server: NatsServer, plugins: Path) -> AsyncIterator[Node]:
-    n = await _node(big_server, plugins)
+    n = await start_node(big_server, plugins, "a1")
     try:
         yield n
     finally:
         await n.stop()
         n.manager.close()
-
-
-@pytest.fixture
-async def client(big_server: NatsServer) -> AsyncIterator[Client]:
-    c = await Client.connect(big_server.url)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 # -- requests: the input cap, exactly --------------------------------------------------------------------------
@@ -173,12 +134,12 @@ async def test_an_envelope_claiming_base64_it_does_not_hold_reaches_the_plugin_a
 @pytest.fixture
 def small_server() -> Iterator[NatsServer]:
     """The server's default max payload (1 MiB), the same as the sandbox's input and output caps."""
-    yield from _server(MIB)
+    yield from server_with_max_payload(MIB)
 
 
 async def test_a_bytes_reply_over_the_servers_max_payload_is_a_typed_error_reply(small_server: NatsServer,
                                                                                  plugins: Path) -> None:
-    n = await _node(small_server, plugins)
+    n = await start_node(small_server, plugins, "a1")
     c = await Client.connect(small_server.url)
     try:
         body = b"\x00" * MIB  # the whole max payload, no headers: the echo with its headers cannot fit

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from sandbus.sdk.errors import (
     PayloadTooLargeError,
     UnknownFunctionError,
 )
+from tests.extism_bus.conftest import start_node
 from tests.extism_bus.guest import EXTISM_WAT, FAIL_MESSAGE, extism_wasm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,21 +88,6 @@ def write_plugin(d: Path, name: str, *, wasm: bytes | None = None, content_type:
 
 
 @pytest.fixture(scope="module")
-def big_server() -> Iterator[NatsServer]:
-    """A nats-server whose max payload (4 MiB) is above the sandbox's 1 MiB input cap: a large body
-    reaches the node, and the node's cap is what answers it."""
-    store = Path(os.environ.get("TMPDIR", "/tmp"))
-    conf = store / f"sandbus-extism-bus-{os.getpid()}.conf"
-    conf.write_text("listen: 127.0.0.1:-1\nmax_payload: 4194304\n")
-    server = NatsServer(jetstream=True, config=conf).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        conf.unlink(missing_ok=True)
-
-
-@pytest.fixture(scope="module")
 def plugins(tmp_path_factory: pytest.TempPathFactory, plugins_dir: Path) -> Path:
     base = tmp_path_factory.mktemp("extism_bus")
     d = base / "plugins"
@@ -119,25 +105,12 @@ def plugins(tmp_path_factory: pytest.TempPathFactory, plugins_dir: Path) -> Path
 
 @pytest.fixture
 async def node(big_server: NatsServer, plugins: Path) -> AsyncIterator[Node]:
-    policy = load_policy(plugins.parent / "policy.toml")
-    n = Node.create(plugins, ConnectOptions.from_urls(big_server.url), policy=policy, node_id="x1")
-    report = n.manager.discover_and_load()
-    assert report.ok, report.failed
-    await n.start()
+    n = await start_node(big_server, plugins, "x1")
     try:
         yield n
     finally:
         await n.stop()
         n.manager.close()
-
-
-@pytest.fixture
-async def client(big_server: NatsServer) -> AsyncIterator[Client]:
-    c = await Client.connect(big_server.url)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def raw_request(nc: NatsClient, subject: str, body: bytes, headers: dict[str, str] | None = None,
