@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.bus.conftest import nats_server
 from tests.extism.loopback import LoopbackServer
+
+__all__ = ["nats_server"]  # the bus tests' real nats-server fixture, for the node tests here
 
 HERE = Path(__file__).resolve().parent
 GUESTS = HERE / "guests"

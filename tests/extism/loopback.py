@@ -10,11 +10,11 @@ __all__ = ["LoopbackServer"]
 
 
 class LoopbackServer:
-    """Answers every GET with ``body`` (200) and records the request headers it saw."""
+    """Answers every GET with ``body`` (``status``, plus ``headers``) and records the request headers it saw."""
 
     body = b"hello from loopback"
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 200, headers: dict[str, str] | None = None) -> None:
         self.hits = 0
         self.headers: list[dict[str, str]] = []
         owner = self
@@ -23,7 +23,9 @@ class LoopbackServer:
             def do_GET(self) -> None:
                 owner.hits += 1
                 owner.headers.append({k.lower(): v for k, v in self.headers.items()})
-                self.send_response(200)
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(owner.body)))
                 self.end_headers()
                 self.wfile.write(owner.body)

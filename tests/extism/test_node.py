@@ -57,15 +57,6 @@ def servers() -> Iterator[tuple[LoopbackServer, LoopbackServer]]:
 
 
 @pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    server = NatsServer(jetstream=False).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 async def node(tmp_path: Path, nats_server: NatsServer, extism_guest: Guest,
                servers: tuple[LoopbackServer, LoopbackServer], audit: AuditLog) -> AsyncIterator[Node]:
     d = tmp_path / "plugins"

@@ -3,9 +3,7 @@ once, public addresses unless allowed, caps), status and headers kept for http_s
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -18,6 +16,7 @@ from sandbus.host.node.node import Node
 from sandbus.sdk.client import Client
 from sandbus.sdk.errors import AbiViolationError, SecurityViolationError
 from tests.conftest import AuditLog
+from tests.extism.loopback import LoopbackServer
 from tests.host.extism.guests import plugin
 
 #: fetch: GET the URL given as input; output "<status> <headers JSON>\n<body>".
@@ -82,55 +81,24 @@ allowed_hosts = ["127.0.0.1"]
 allow_addresses = ["127.0.0.1"]   # the test servers listen on loopback
 """
 
-BODY = b"hello from loopback"
 
-
-class _Hello(BaseHTTPRequestHandler):
-    seen: list[str | None] = []  # noqa: RUF012 - shared by the handler instances of one test
-
-    def do_GET(self) -> None:
-        _Hello.seen.append(self.headers.get("x-plugin"))
-        self.send_response(203)
-        self.send_header("Content-Length", str(len(BODY)))
-        self.send_header("X-Answer", "42")
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    def log_message(self, *args: object) -> None:
-        pass
+@pytest.fixture
+def servers() -> Iterator[tuple[LoopbackServer, LoopbackServer]]:
+    """Two loopback HTTP servers answering 203 with an X-Answer header: the first is granted to the plugin,
+    the second is not."""
+    made = LoopbackServer(203, {"X-Answer": "42"}), LoopbackServer(203, {"X-Answer": "42"})
+    yield made
+    for server in made:
+        server.close()
 
 
 @pytest.fixture
-def servers() -> Iterator[tuple[int, int]]:
-    """Two loopback HTTP servers: the first is granted to the plugin, the second is not."""
-    _Hello.seen = []
-    made = [ThreadingHTTPServer(("127.0.0.1", 0), _Hello) for _ in range(2)]
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in made]
-    for t in threads:
-        t.start()
-    yield made[0].server_address[1], made[1].server_address[1]
-    for s, t in zip(made, threads, strict=True):
-        s.shutdown()
-        s.server_close()
-        t.join(timeout=5)
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    server = NatsServer(jetstream=False).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def node(tmp_path: Path, nats_server: NatsServer, servers: tuple[int, int], audit: AuditLog
-               ) -> AsyncIterator[Node]:
+async def node(tmp_path: Path, nats_server: NatsServer, servers: tuple[LoopbackServer, LoopbackServer],
+               audit: AuditLog) -> AsyncIterator[Node]:
     d = tmp_path / "plugins"
     d.mkdir()
     (d / "exthttp.wasm").write_bytes(plugin(FETCH, imports=IMPORTS))
-    (d / "exthttp.toml").write_text(MANIFEST.format(port=servers[0]))
+    (d / "exthttp.toml").write_text(MANIFEST.format(port=servers[0].port))
     (tmp_path / "policy.toml").write_text(POLICY)
     n = Node.create(d, ConnectOptions.from_urls(nats_server.url), policy=load_policy(tmp_path / "policy.toml"),
                     node_id="n1")
@@ -142,24 +110,28 @@ async def node(tmp_path: Path, nats_server: NatsServer, servers: tuple[int, int]
     n.manager.close()
 
 
-async def test_http_to_a_granted_host(node: Node, nats_server: NatsServer, servers: tuple[int, int]) -> None:
+async def test_http_to_a_granted_host(node: Node, nats_server: NatsServer,
+                                      servers: tuple[LoopbackServer, LoopbackServer]) -> None:
     async with await Client.connect(nats_server.url) as c:
-        reply = (await c.request_raw("exthttp", "fetch", f"http://127.0.0.1:{servers[0]}/x".encode())).data
+        reply = (await c.request_raw("exthttp", "fetch", servers[0].url("/x").encode())).data
     status, rest = bytes(reply)[:4], bytes(reply)[4:]
     assert status == b"203\n"
     headers_json, _, got = rest.partition(b"}")
     assert orjson.loads(headers_json + b"}")["X-Answer"] == "42"
-    assert got == BODY
-    assert _Hello.seen == ["wat"]  # the plugin's own header went out
+    assert got == LoopbackServer.body
+    # the plugin's own header went out, once, to the granted server only
+    assert [h.get("x-plugin") for h in servers[0].headers] == ["wat"]
+    assert servers[1].hits == 0
 
 
 async def test_http_to_an_ungranted_host_is_a_security_violation(node: Node, nats_server: NatsServer,
-                                                                 servers: tuple[int, int], audit: AuditLog) -> None:
+                                                                 servers: tuple[LoopbackServer, LoopbackServer],
+                                                                 audit: AuditLog) -> None:
     async with await Client.connect(nats_server.url) as c:
-        with pytest.raises(SecurityViolationError, match=f"127.0.0.1:{servers[1]} was not granted"):
-            await c.request_raw("exthttp", "fetch", f"http://127.0.0.1:{servers[1]}/x".encode())
+        with pytest.raises(SecurityViolationError, match=f"127.0.0.1:{servers[1].port} was not granted"):
+            await c.request_raw("exthttp", "fetch", servers[1].url("/x").encode())
     assert "security.network_denied" in audit.kinds()
-    assert _Hello.seen == []
+    assert servers[0].hits == servers[1].hits == 0
 
 
 async def test_a_malformed_request_is_an_abi_violation(node: Node, nats_server: NatsServer) -> None:
