@@ -407,9 +407,12 @@ COMMAND_MODULES: dict[str, str] = {
     "deploy": "cluster_cmd",
     "status": "cluster_cmd",
     "undeploy": "cluster_cmd",
+    "logs": "debug_cmd",
+    "debug": "debug_cmd",
+    "dashboard": "dashboard_cmd",
 }
 #: Every module with commands, in the order ``sandbus --help`` lists them.
-MODULES = ("node_cmd", "bus", "registry_cmd", "cluster_cmd", "trace_cmd", "author", "dev")
+MODULES = ("node_cmd", "bus", "registry_cmd", "cluster_cmd", "trace_cmd", "debug_cmd", "dashboard_cmd", "author", "dev")
 _registered: set[str] = set()
 
 
