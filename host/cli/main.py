@@ -272,8 +272,14 @@ def run(
     config: Annotated[str, typer.Option(
         help="JSON object handed to the plugin's init (an Extism plugin: what config_get reads).")] = "{}",
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show plugin logs (-vv: debug).")] = 0,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Compile with debug info for gdb/lldb (unoptimised; run this command under the debugger).")]
+    = False,
 ) -> None:
     """Load PLUGIN, call FUNCTION with the input JSON, print the reply JSON.
+
+    With --debug the plugin's code is registered with a native debugger: run the command under gdb
+    (``gdb --args python -m sandbus run --debug ...``) and break on a function of the plugin's source.
 
     An Extism plugin takes bytes (--data-file, --raw, or --input's JSON text) and its output is written as
     it is to a pipe or file, with control bytes escaped on a terminal.
@@ -302,6 +308,8 @@ def run(
         overrides["fuel"] = fuel or None
     if timeout is not None:
         overrides["timeout_s"] = timeout
+    if debug:
+        overrides["debug_info"] = True
     for d in [*(allow_read or []), *(allow_write or [])]:
         if not d.is_dir():
             fail(f"cannot grant {d}: not a directory", EXIT_USAGE)

@@ -39,7 +39,7 @@ from sandbus.host.lifecycle.manifest import (
     read_fd_capped,
 )
 from sandbus.host.lifecycle.policy import Grant
-from sandbus.host.sandbox import Auditor, HostFunctions, Limits, ModuleCache, Sandbox
+from sandbus.host.sandbox import AuditLevel, Auditor, HostFunctions, Limits, ModuleCache, Sandbox
 from sandbus.host.sandbox.cache import ModuleSource
 from sandbus.host.sandbox.compiler import MAX_SECTIONS
 from sandbus.host.sandbox.filememo import FileIdentity, FileMemo, MemoEntry
@@ -420,7 +420,8 @@ def build_version(
     """Compile (through ``cache``), instantiate, ``init`` and health-check one version.
 
     The plugin's ``sandbus_init`` receives the manifest's ``[config]`` table; its environment is
-    what the grant allows. A plugin whose ``sandbus_health`` fails right after init is refused:
+    what the grant allows. A version the policy compiles with debug info (``[debug] plugins``) is
+    audited as such (``plugin.debug_info``). A plugin whose ``sandbus_health`` fails right after init is refused:
     it would only fail its first calls.
 
     Raises:
@@ -449,6 +450,12 @@ def build_version(
     if not healthy:
         sandbox.close()
         raise PluginInitError("sandbus_health reported failure right after init", plugin=manifest.name)
+    if grant.limits.debug_info:
+        # Said once a version, where the operator looks: its calls are slower, its code is unoptimised.
+        auditor.emit(AuditLevel.WARNING, "plugin.debug_info", manifest.name,
+                     f"version {manifest.plugin.version} runs with debug info for a native debugger "
+                     "(policy [debug] plugins): unoptimised code, compiled at every load",
+                     version=manifest.plugin.version, sha256=sandbox.digest)
     return PluginVersion(name=manifest.name, manifest=manifest, grant=grant, sandbox=sandbox,
                          fingerprint=files.fingerprint, path=files.wasm_path, skipped_optional=skipped_optional,
                          initial_memory_bytes=sandbox.initial_memory_bytes)

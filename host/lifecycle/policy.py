@@ -64,6 +64,12 @@ Example policy::
     [registry]      # publishers whose signed artifacts a cluster node loads (nkeys account public keys)
     trusted_publishers = ["AAI2JU2FD2SEQ5VTWD4WJAQYUF2MGPMKSN3PNOUKIJ3U6Y5NQ4IBU7CP"]
 
+    [debug]         # plugins compiled with debug info for gdb/lldb on this node (slower; docs/guide.md)
+    plugins = ["pricing"]
+
+Debug info is the operator's alone to give: no manifest key asks for it, and a plugin listed under
+``[debug] plugins`` gets it whatever its manifest says (``Limits.debug_info``; the load is audited).
+
 A cluster node (``sandbus node --cluster``) verifies every artifact it fetches from the registry against
 ``[registry] trusted_publishers``; with none listed (the default) it loads no artifact at all.
 """
@@ -95,6 +101,7 @@ from sandbus.host.lifecycle.manifest import (
     CapabilityName,
     Manifest,
     _check_capabilities,
+    _check_name,
     _KeyedError,
     _read_toml,
     _translate,
@@ -113,6 +120,7 @@ from sandbus.sdk.errors import PolicyError, SecurityViolationError
 __all__ = [
     "RESOURCE_KEYS",
     "CapabilitiesPolicy",
+    "DebugPolicy",
     "Denial",
     "EnvironmentPolicy",
     "FilesystemPolicy",
@@ -282,6 +290,25 @@ class RegistryPolicy(_Section):
         return tuple(dict.fromkeys(v))
 
 
+class DebugPolicy(_Section):
+    """``[debug]``: the plugins this node compiles with debug info, so that a native debugger attached to the
+    node (gdb, lldb) can break in their source (docs/guide.md). Their code is unoptimised and compiled at
+    every load (never cached on disk): list a plugin while you debug it, not for good. Empty (the default):
+    none. ``isolation = "per-call"`` plugins cannot be debugged (their load is refused while listed)."""
+
+    plugins: tuple[StrictStr, ...] = ()
+
+    @field_validator("plugins")
+    @classmethod
+    def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for i, name in enumerate(v):
+            try:
+                _check_name(name)
+            except ValueError as e:
+                raise _KeyedError(str(e), f"debug.plugins[{i}]") from None
+        return tuple(dict.fromkeys(v))
+
+
 class ResourceValues(_Section):
     """One set of resource values: the ``[limits]`` ceilings or the ``[defaults]``.
 
@@ -318,6 +345,7 @@ class Policy(_Section):
         defaults: values used when a manifest is silent. A default the file leaves out is the built-in
             default, lowered to the ceiling when the ceiling is lower.
         registry: the publishers whose registry artifacts a cluster node loads.
+        debug: the plugins compiled with debug info for a native debugger.
     """
 
     capabilities: CapabilitiesPolicy = CapabilitiesPolicy()
@@ -328,6 +356,7 @@ class Policy(_Section):
     limits: ResourceValues = _CEILINGS
     defaults: ResourceValues = _DEFAULTS
     registry: RegistryPolicy = RegistryPolicy()
+    debug: DebugPolicy = DebugPolicy()
 
     _source: str | None = PrivateAttr(default=None)
 
@@ -540,6 +569,7 @@ def _resolve_limits(manifest: Manifest, policy: Policy) -> Limits:
             policy=policy.source,
         )
     return Limits(
+        debug_info=manifest.name in policy.debug.plugins,
         isolation=isolation if isolation is not None else policy.defaults.isolation,
         memory_bytes=values["memory_mb"] * MIB,
         timeout_s=float(values["timeout_seconds"]),

@@ -1,6 +1,6 @@
 """Child process that compiles one untrusted wasm binary under an address-space limit.
 
-Run as a script (never imported by the host): ``python _compile_worker.py STACK FUEL KIND MEMORY_BYTES``,
+Run as a script (never imported by the host): ``python _compile_worker.py STACK FUEL KIND MEMORY_BYTES DEBUG``,
 the wasm on stdin, the serialized module on stdout. It imports nothing of the package (whose
 ``__init__`` pulls in far more than a compile needs): the engine configuration comes from engine.py
 loaded on its own, so the code is valid for the host's engine. Exit status 3 with the engine's message on
@@ -24,6 +24,7 @@ OUT_OF_MEMORY = 5
 
 def main(argv: list[str]) -> int:
     stack_bytes, fuel, kind, memory_bytes = int(argv[1]), argv[2] == "1", argv[3], int(argv[4])
+    debug = len(argv) > 5 and argv[5] == "1"
     # Before wasmtime is loaded: every allocation the compile makes counts against the limit.
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     if hard != resource.RLIM_INFINITY:
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> int:
     import wasmtime
     from wasmtime.component import Component
 
-    engine = wasmtime.Engine(engine_mod.make_config(stack_bytes, fuel))
+    engine = wasmtime.Engine(engine_mod.make_config(stack_bytes, fuel, debug))
     try:
         compiled = Component(engine, wasm) if kind == "component" else wasmtime.Module(engine, wasm)
     except wasmtime.WasmtimeError as e:

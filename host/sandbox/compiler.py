@@ -188,7 +188,7 @@ def stop_compile(thread: threading.Thread) -> bool:
 
 def _compile_in_child(what: str, handle: EngineHandle, wasm: bytes, limits: Limits, plugin: str | None) -> bytes:
     args = [sys.executable, "-I", str(_WORKER), str(handle.stack_bytes), "1" if handle.fuel else "0", what,
-            str(limits.compile_memory_bytes)]
+            str(limits.compile_memory_bytes), "1" if handle.debug else "0"]
     me = threading.current_thread()
     with _workers_lock:  # started and registered in one step: stop_compile sees it or refuses it
         if me in _stopped:

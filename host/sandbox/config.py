@@ -73,6 +73,10 @@ class Limits(BaseModel):
             fresh kernel and plugin per call, built like a pooled instance (docs/extism.md).
         max_var_bytes: what an Extism plugin's variables (``var_set``) may hold in all, keys and values,
             per instance (docs/extism.md); a ``var_set`` beyond it fails the call.
+        debug_info: compile with debug info for a native debugger (gdb, lldb): the guest's DWARF is kept
+            and its code registered with the debugger, unoptimised (host/sandbox/engine.py). Not a limit
+            but the operator's choice (``sandbus run --debug``, a node policy's ``[debug] plugins``; a
+            manifest cannot ask for it): calls run slower and compiled code is larger.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -93,6 +97,7 @@ class Limits(BaseModel):
     max_open_files: int = Field(default=256, gt=0, le=65536)
     isolation: Isolation = "pooled"
     max_var_bytes: int = Field(default=1 * MIB, ge=0, le=_WASM32)
+    debug_info: bool = False
 
 
 def check_name_pattern(pattern: str) -> str:

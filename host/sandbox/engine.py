@@ -7,6 +7,13 @@ type we build is built from the engine that uses it.
 
 Plugins with ``isolation = "per-call"`` run on a second engine of the same settings plus wasmtime's
 pooling allocator (:func:`get_pooling_engine`), which the epoch ticker ticks too.
+
+A plugin the operator runs with debug info (``Limits.debug_info``: ``sandbus run --debug``, or a node
+policy's ``[debug] plugins``) gets engines of its own: wasmtime then keeps the guest's DWARF, translated
+to the machine code, and registers every compiled module with the native debugger (gdb's JIT interface),
+and Cranelift does not optimise, so that lines and locals are where the source says. Code compiled that
+way is slower and larger, so its engines and its cache entries (the fingerprint) never mix with the
+ordinary ones.
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ import importlib.metadata
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import wasmtime
 
 __all__ = ["EPOCH_TICK_S", "PERCALL_MAX_MEMORY", "PERCALL_SLOTS", "EngineHandle", "PROPOSALS_OFF", "PROPOSALS_ON",
-           "WASMTIME_VERSION", "get_engine", "get_pooling_engine", "make_config", "ticks_for"]
+           "WASMTIME_VERSION", "engine_for", "get_engine", "get_pooling_engine", "make_config", "ticks_for"]
 
 #: Epoch granularity. A timeout fires between ``timeout`` and ``timeout + tick``.
 EPOCH_TICK_S = 0.005
@@ -37,10 +45,24 @@ class EngineHandle:
     fuel: bool
     #: Part of the module cache key: code compiled under another config must not be reused.
     fingerprint: str = field(default="")
+    #: Compiled with debug info for a native debugger (see the module docstring).
+    debug: bool = False
 
 
-_engines: dict[tuple[int, bool], EngineHandle] = {}
-_pooling: dict[tuple[int, bool, int], EngineHandle] = {}
+class _EngineLimits(Protocol):
+    """What :func:`engine_for` reads of a ``Limits`` (a protocol: the compile worker loads this file alone,
+    without the package)."""
+
+    @property
+    def stack_bytes(self) -> int: ...
+    @property
+    def fuel(self) -> int | None: ...
+    @property
+    def debug_info(self) -> bool: ...
+
+
+_engines: dict[tuple[int, bool, bool], EngineHandle] = {}
+_pooling: dict[tuple[int, bool, int, bool], EngineHandle] = {}
 _lock = threading.Lock()
 _ticker: threading.Thread | None = None
 
@@ -75,8 +97,9 @@ PROPOSALS_OFF: dict[str, str] = {
 }
 
 
-def make_config(stack_bytes: int, fuel: bool) -> wasmtime.Config:
-    """The engine configuration for this stack size and fuel setting.
+def make_config(stack_bytes: int, fuel: bool, debug: bool = False) -> wasmtime.Config:
+    """The engine configuration for this stack size and fuel setting (``debug``: with debug info for a
+    native debugger, unoptimised).
 
     Also used by the compile worker (host/sandbox/_compile_worker.py), which loads this file alone: code
     it compiles must be valid for the engine that deserializes it, so keep this module free of imports
@@ -86,7 +109,11 @@ def make_config(stack_bytes: int, fuel: bool) -> wasmtime.Config:
     cfg.consume_fuel = fuel
     cfg.epoch_interruption = True
     cfg.max_wasm_stack = stack_bytes
-    cfg.cranelift_opt_level = "speed"
+    if debug:
+        cfg.debug_info = True
+        cfg.cranelift_opt_level = "none"  # optimised code moves lines and drops locals the debugger shows
+    else:
+        cfg.cranelift_opt_level = "speed"
     for name in PROPOSALS_ON:
         setattr(cfg, name, True)
     for name in PROPOSALS_OFF:
@@ -98,10 +125,15 @@ def make_config(stack_bytes: int, fuel: bool) -> wasmtime.Config:
     return cfg
 
 
-def _make_engine(stack_bytes: int, fuel: bool) -> EngineHandle:
-    cfg = make_config(stack_bytes, fuel)
-    fp = f"wt{WASMTIME_VERSION}-{'fuel-' if fuel else ''}epoch-stack{stack_bytes}-speed-p1"
-    return EngineHandle(wasmtime.Engine(cfg), stack_bytes, fuel, fp)
+def _fingerprint(stack_bytes: int, fuel: bool, debug: bool) -> str:
+    """What makes compiled code valid for an engine: the module cache keeps one file per fingerprint."""
+    opt = "none-debug" if debug else "speed"
+    return f"wt{WASMTIME_VERSION}-{'fuel-' if fuel else ''}epoch-stack{stack_bytes}-{opt}-p1"
+
+
+def _make_engine(stack_bytes: int, fuel: bool, debug: bool) -> EngineHandle:
+    cfg = make_config(stack_bytes, fuel, debug)
+    return EngineHandle(wasmtime.Engine(cfg), stack_bytes, fuel, _fingerprint(stack_bytes, fuel, debug), debug)
 
 
 #: Per-call instances (``Limits.isolation = "per-call"``) alive at once in one process, per engine: the
@@ -150,7 +182,7 @@ def _require_address_space(slots: int) -> None:
     probe.close()
 
 
-def _make_pooling_engine(stack_bytes: int, fuel: bool, slots: int) -> EngineHandle:
+def _make_pooling_engine(stack_bytes: int, fuel: bool, slots: int, debug: bool = False) -> EngineHandle:
     """The engine for per-call instances: :func:`make_config` plus wasmtime's pooling allocator.
 
     A separate engine: its reservation (``slots`` x ~4 GiB of address space) must not be made by the
@@ -162,7 +194,7 @@ def _make_pooling_engine(stack_bytes: int, fuel: bool, slots: int) -> EngineHand
     from wasmtime import _ffi as ffi
 
     _require_address_space(slots)
-    cfg = make_config(stack_bytes, fuel)
+    cfg = make_config(stack_bytes, fuel, debug)
     pc = ffi.wasmtime_pooling_allocation_config_new()
     try:
         ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pc, slots)
@@ -179,19 +211,21 @@ def _make_pooling_engine(stack_bytes: int, fuel: bool, slots: int) -> EngineHand
         ffi.wasmtime_pooling_allocation_strategy_set(cfg.ptr(), pc)
     finally:
         ffi.wasmtime_pooling_allocation_config_delete(pc)
-    fp = f"wt{WASMTIME_VERSION}-{'fuel-' if fuel else ''}epoch-stack{stack_bytes}-speed-p1-pooling{slots}"
-    return EngineHandle(wasmtime.Engine(cfg), stack_bytes, fuel, fp)
+    fp = f"{_fingerprint(stack_bytes, fuel, debug)}-pooling{slots}"
+    return EngineHandle(wasmtime.Engine(cfg), stack_bytes, fuel, fp, debug)
 
 
-def get_pooling_engine(stack_bytes: int, fuel: bool = True, slots: int | None = None) -> EngineHandle:
-    """The shared engine for per-call instances of this stack size and fuel setting (``slots``: default
-    :data:`PERCALL_SLOTS`, read when the engine is first made)."""
+def get_pooling_engine(stack_bytes: int, fuel: bool = True, slots: int | None = None,
+                       debug: bool = False) -> EngineHandle:
+    """The shared engine for per-call instances of this stack size, fuel and debug setting (``slots``:
+    default :data:`PERCALL_SLOTS`, read when the engine is first made)."""
     slots = PERCALL_SLOTS if slots is None else slots
     with _lock:
-        handle = _pooling.get((stack_bytes, fuel, slots))
+        handle = _pooling.get((stack_bytes, fuel, slots, debug))
         if handle is None:
-            handle = _pooling[(stack_bytes, fuel, slots)] = _make_pooling_engine(stack_bytes, fuel, slots)
-    get_engine(stack_bytes, fuel)  # starts the ticker, which ticks this engine too
+            handle = _pooling[(stack_bytes, fuel, slots, debug)] = _make_pooling_engine(stack_bytes, fuel, slots,
+                                                                                        debug)
+    get_engine(stack_bytes, fuel, debug)  # starts the ticker, which ticks this engine too
     return handle
 
 
@@ -203,17 +237,23 @@ def _tick_forever() -> None:
             handle.engine.increment_epoch()
 
 
-def get_engine(stack_bytes: int, fuel: bool = True) -> EngineHandle:
-    """The shared engine for this stack size and fuel setting; starts the epoch ticker on first use."""
+def get_engine(stack_bytes: int, fuel: bool = True, debug: bool = False) -> EngineHandle:
+    """The shared engine for this stack size, fuel and debug setting; starts the epoch ticker on first use."""
     global _ticker
     with _lock:
-        handle = _engines.get((stack_bytes, fuel))
+        handle = _engines.get((stack_bytes, fuel, debug))
         if handle is None:
-            handle = _engines[(stack_bytes, fuel)] = _make_engine(stack_bytes, fuel)
+            handle = _engines[(stack_bytes, fuel, debug)] = _make_engine(stack_bytes, fuel, debug)
         if _ticker is None:
             _ticker = threading.Thread(target=_tick_forever, name="sandbus-epoch", daemon=True)
             _ticker.start()
         return handle
+
+
+def engine_for(limits: _EngineLimits) -> EngineHandle:
+    """The shared engine a plugin under ``limits`` (a :class:`~sandbus.host.sandbox.config.Limits`) runs
+    on: the one place that reads which limits choose the engine."""
+    return get_engine(limits.stack_bytes, fuel=limits.fuel is not None, debug=limits.debug_info)
 
 
 @functools.lru_cache(maxsize=256)  # on every inline call, with a handful of distinct values

@@ -26,7 +26,7 @@ from sandbus.host.sandbox.cache import ModuleCache, ModuleSource, default_cache_
 from sandbus.host.sandbox.compiler import read_wasm
 from sandbus.host.sandbox.component import ComponentInfo, ComponentInstance
 from sandbus.host.sandbox.config import MIB, Capabilities, DirGrant, Limits
-from sandbus.host.sandbox.engine import get_engine
+from sandbus.host.sandbox.engine import engine_for
 from sandbus.host.sandbox.extism import EXTISM_ENV, EXTISM_USER, ExtismInstance, inspect_extism, is_extism
 from sandbus.host.sandbox.grants import GrantSet
 from sandbus.host.sandbox.hostfuncs import ABI_NAMESPACE, HostFunctions, builtin_host_functions
@@ -42,8 +42,8 @@ from sandbus.sdk.errors import (
     SandbusError,
 )
 
-__all__ = ["PURE_HOST_FUNCTIONS", "CallResult", "Sandbox", "SandboxBuilder", "rerun_safe", "run_plugin",
-           "shared_cache"]
+__all__ = ["PURE_HOST_FUNCTIONS", "CallResult", "Sandbox", "SandboxBuilder", "debug_cache", "rerun_safe",
+           "run_plugin", "shared_cache"]
 
 #: Host functions whose calls leave nothing behind outside the call (``log`` output aside): a call
 #: that can have used only these may be interrupted and run again from the start.
@@ -51,6 +51,7 @@ PURE_HOST_FUNCTIONS = frozenset({"log", "time_now_ms", "env_get", "take_result"}
 
 _cache_lock = threading.Lock()
 _shared_cache: ModuleCache | None = None
+_debug_cache: ModuleCache | None = None
 
 
 def shared_cache() -> ModuleCache:
@@ -60,6 +61,21 @@ def shared_cache() -> ModuleCache:
         if _shared_cache is None:
             _shared_cache = ModuleCache(default_cache_dir())
         return _shared_cache
+
+
+def debug_cache() -> ModuleCache:
+    """The process-wide cache of code compiled with debug info: in memory only, never on disk.
+
+    A native debugger patches breakpoints into the code wasmtime registers with it, and serializing a
+    module copies its code as it is in memory: an entry written during a debugging session held the
+    debugger's breakpoint instructions, and the next session that loaded it crashed at the first step.
+    So code with debug info is compiled in each process that debugs (what it costs: docs/guide.md).
+    """
+    global _debug_cache
+    with _cache_lock:
+        if _debug_cache is None:
+            _debug_cache = ModuleCache(None, memo=False)
+        return _debug_cache
 
 
 def rerun_safe(info: abi.ModuleInfo, capabilities: Capabilities, host_functions: HostFunctions | None = None) -> bool:
@@ -176,10 +192,20 @@ class Sandbox:
             self.auditor.add_sink(on_audit)
         self._config = orjson.dumps(dict(config or {}))
         self._host_functions = builtin_host_functions().merged(host_functions)
-        self._handle = get_engine(self.limits.stack_bytes, fuel=self.limits.fuel is not None)
-        cache = cache or shared_cache()
+        self._handle = engine_for(self.limits)
+        cache = debug_cache() if self.limits.debug_info else cache or shared_cache()
         self.kind: Literal["module", "component", "extism"]
         self.body: Literal["json", "bytes"] = "json"
+        if self.limits.debug_info and self.limits.isolation == "per-call":
+            # A per-call plugin's code is copied to the pooling engine by serializing it, and with it the
+            # breakpoints a debugger patched in (see debug_cache): the copy would crash at the first step.
+            err = InvalidModuleError(
+                "debug info is for plugins with isolation = \"pooled\": a per-call plugin's code is copied "
+                "for its fresh instances with the debugger's breakpoints in it; debug it pooled "
+                "(sandbus run --debug runs it pooled)", plugin=self.name, isolation="per-call", debug_info=True)
+            self.auditor.emit(AuditLevel.WARNING, "module.refused", self.name, err.message, isolation="per-call",
+                              debug_info=True)
+            raise err
         if source.component and self.limits.isolation == "per-call":
             # Refused before it compiles: a component compiles for seconds and could never run per call.
             err = InvalidModuleError(

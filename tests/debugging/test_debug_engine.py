@@ -1,0 +1,132 @@
+"""Debug info as an engine of its own: separate engines and compiled code, the fast call paths on it, the
+compile worker, and the operator's policy (never the manifest) choosing it on a node, audited."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import wasmtime
+
+from sandbus.host.lifecycle import PluginManager
+from sandbus.host.lifecycle.policy import Policy, load_policy
+from sandbus.host.sandbox import Limits, ModuleCache, Sandbox
+from sandbus.host.sandbox import compiler as compiler_mod
+from sandbus.host.sandbox.engine import engine_for, get_engine
+from sandbus.host.sandbox.sandbox import debug_cache
+from sandbus.sdk.errors import InvalidModuleError, ManifestError, PolicyError
+from tests.conftest import AuditLog
+from tests.host.manager.factory import write_plugin
+
+DEBUG = Limits(debug_info=True)
+
+
+def test_debug_engine_is_its_own() -> None:
+    plain, debug = engine_for(Limits()), engine_for(DEBUG)
+    assert debug is not plain
+    assert debug.engine is not plain.engine
+    assert debug.debug
+    assert not plain.debug
+    assert debug.fingerprint != plain.fingerprint
+    assert "debug" in debug.fingerprint
+    assert engine_for(Limits(debug_info=True)) is debug  # shared, like every engine of the process
+    assert get_engine(DEBUG.stack_bytes, True, debug=True) is debug
+
+
+def test_code_compiled_for_one_does_not_load_in_the_other(debug_guest: Path) -> None:
+    """Why the fingerprints differ: wasmtime refuses code compiled under the other setting."""
+    wasm = debug_guest.read_bytes()
+    debug_code = wasmtime.Module(engine_for(DEBUG).engine, wasm).serialize()
+    with pytest.raises(wasmtime.WasmtimeError):
+        wasmtime.Module.deserialize(engine_for(Limits()).engine, debug_code)
+
+
+def test_debug_code_stays_out_of_the_disk_cache(debug_guest: Path, tmp_path: Path) -> None:
+    cache = ModuleCache(tmp_path / "cache")
+    before = debug_cache().compiles
+    with Sandbox(debug_guest, limits=DEBUG, cache=cache) as sandbox:
+        assert sandbox.call("handle_request", 1) == {"n": 21}
+    assert cache.compiles == 0
+    assert list((tmp_path / "cache").glob("*.cwasm")) == []
+    assert debug_cache().directory is None
+    assert debug_cache().compiles >= before
+    with Sandbox(debug_guest, cache=cache) as plain:  # the ordinary code is cached as always
+        assert plain.call("handle_request", 1) == {"n": 21}
+    assert [p.name for p in (tmp_path / "cache").glob("*.cwasm")] == [
+        f"{plain.digest}-{engine_for(Limits()).fingerprint}.cwasm"]
+
+
+@pytest.mark.parametrize(("fast", "native"), [(True, True), (True, False), (False, False)])
+def test_call_paths_agree_with_debug_info(debug_guest: Path, fast: bool, native: bool) -> None:
+    """The fast (compiled and ctypes) call paths run code with debug info, or fall back: same replies."""
+    with Sandbox(debug_guest, limits=DEBUG, fast=fast, native=native) as sandbox:
+        for n in range(3):
+            payload = b"1" * (n + 1)
+            result = sandbox.call_detailed("handle_request", payload)
+            assert result.json() == {"n": 20 + len(payload)}
+            assert result.fuel_used > 0
+
+
+def test_compile_worker_compiles_with_debug_info(debug_guest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module over the in-process thresholds compiles in the child process for the debug engine."""
+    monkeypatch.setattr(compiler_mod, "IN_PROCESS_BELOW", 0)
+    wasm = debug_guest.read_bytes()
+    module = compiler_mod.compile_bounded(wasmtime.Module, engine_for(DEBUG), wasm, DEBUG, "debug_me")
+    # Deserialized on the debug engine (which refuses code of another config): it was compiled for it.
+    assert {e.name for e in module.exports} >= {"handle_request", "memory"}
+
+
+def test_per_call_isolation_with_debug_info_is_refused(debug_guest: Path, audit: AuditLog) -> None:
+    with pytest.raises(InvalidModuleError, match="pooled") as info:
+        Sandbox(debug_guest, limits=Limits(debug_info=True, isolation="per-call"), on_audit=audit)
+    assert info.value.details["debug_info"] is True
+    assert audit.kinds() == ["module.refused"]
+
+
+def test_policy_names_the_plugins(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('[debug]\nplugins = ["pricing", "orders"]\n')
+    assert load_policy(path).debug.plugins == ("pricing", "orders")
+    assert Policy.default().debug.plugins == ()
+    path.write_text('[debug]\nplugins = ["../x"]\n')
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert info.value.details["key"] == "debug.plugins[0]"
+    path.write_text('[debug]\nplugin = ["pricing"]\n')
+    with pytest.raises(PolicyError, match="plugins"):
+        load_policy(path)
+
+
+def test_a_node_compiles_listed_plugins_with_debug_info(tmp_path: Path, audit: AuditLog) -> None:
+    pdir = tmp_path / "plugins"
+    pdir.mkdir()
+    write_plugin(pdir, "listed")
+    write_plugin(pdir, "other")
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text('[debug]\nplugins = ["listed"]\n')
+    manager = PluginManager(pdir, policy=load_policy(policy_file), on_audit=audit,
+                            cache=ModuleCache(tmp_path / "cache"))
+    try:
+        manager.load("listed")
+        manager.load("other")
+        assert manager.execute_json("listed", "handle_request", {}) == {"reply": "listed-1.0.0"}
+        assert manager.grant("listed").limits.debug_info
+        assert not manager.grant("other").limits.debug_info
+        events = [e for e in audit if e.kind == "plugin.debug_info"]
+        assert [e.plugin for e in events] == ["listed"]
+        assert events[0].details["version"] == "1.0.0"
+    finally:
+        manager.close(timeout=10)
+
+
+def test_a_manifest_cannot_ask_for_debug_info(tmp_path: Path, audit: AuditLog) -> None:
+    pdir = tmp_path / "plugins"
+    pdir.mkdir()
+    write_plugin(pdir, "sneaky", extra="[resources]\ndebug_info = true\n")
+    manager = PluginManager(pdir, on_audit=audit, cache=ModuleCache(tmp_path / "cache"))
+    try:
+        with pytest.raises(ManifestError, match="debug_info"):
+            manager.load("sneaky")
+        assert "plugin.debug_info" not in audit.kinds()
+    finally:
+        manager.close(timeout=10)
