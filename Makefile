@@ -5,9 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PKGS := clang lld wasi-libc libclang-rt-14-dev-wasm32
+# What the tests run besides the toolchain: the dashboard's browser tests drive Debian's chromium through its
+# chromedriver (nothing downloaded at run time); the guest debugging tests run gdb.
+TEST_APT_PKGS := chromium chromium-driver gdb
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck pytest plugins toolchain js-client bench clean
+.PHONY: run test lint typecheck pytest plugins toolchain test-tools js-client bench clean
 
 # A host node serving plugins/build on an embedded nats-server with JetStream (Ctrl-C drains and stops).
 run: $(STAMP) plugins
@@ -27,6 +30,14 @@ toolchain:
 	      -x c -o /dev/null - >/dev/null 2>&1; then \
 	  echo "installing the wasm32-wasi C toolchain: $(APT_PKGS)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+	fi
+
+# The programs the tests drive (Debian packages); installed when missing.
+test-tools:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
+	      || ! command -v gdb >/dev/null 2>&1; then \
+	  echo "installing what the tests drive: $(TEST_APT_PKGS)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(TEST_APT_PKGS) >/dev/null; \
 	fi
 
 plugins: $(STAMP) toolchain
@@ -54,13 +65,14 @@ $(JS_STAMP): $(JS_CLIENT)/package.json $(JS_CLIENT)/package-lock.json
 	  echo "npm ci failed: the JavaScript protocol client test will be skipped (it fails when CI=true)"; \
 	fi
 
-pytest: $(STAMP) plugins $(JS_STAMP)
+pytest: $(STAMP) plugins test-tools $(JS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) plugins
 	$(BIN)/python bench/bench_sandbox.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_lifecycle.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_bus.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_dashboard.py $(BENCH_ARGS)
 
 clean:
 	rm -rf plugins/build .pytest_cache .mypy_cache .ruff_cache sdk/guest/assemblyscript/node_modules \

@@ -21,6 +21,7 @@ HOST_MODULES = {
     "watchdog": "watchdog",
     "semantic_version": "semantic-version",
     "opentelemetry.exporter.otlp.proto.http": "opentelemetry-exporter-otlp-proto-http",
+    "aiohttp": "aiohttp",  # the dashboard's web server
 }
 
 #: executable -> the distribution of the host extra that provides it (a node's embedded NATS server)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "sandbus", "host", "bus", "sdk")
 NOT_SOURCES = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "node_modules", "build", ".*")
 #: Modules only the host extra brings, and must not be importable from a client-only install.
-HOST_ONLY = ("wasmtime", "watchdog", "semantic_version")
+HOST_ONLY = ("wasmtime", "watchdog", "semantic_version", "aiohttp")
 NEEDS_HOST = "needs the host extra: pip install 'sandbus[host]'"
 PIP_TIMEOUT = 300
 
@@ -217,7 +217,7 @@ def test_host_commands_on_a_client_only_install_say_what_to_install(venv: Venv, 
     assert proc.returncode == 2, proc
     assert proc.stderr.splitlines() == [
         f"sandbus: `sandbus {name}` {NEEDS_HOST} (not installed: wasmtime, watchdog, semantic_version, "
-        "opentelemetry.exporter.otlp.proto.http)"]
+        "opentelemetry.exporter.otlp.proto.http, aiohttp)"]
     assert proc.stdout == ""
     assert not (tmp_path / "greeter").exists()  # `new` wrote nothing before it refused
 

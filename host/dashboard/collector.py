@@ -1,0 +1,304 @@
+"""The dashboard's one view of the cluster, gathered on a fixed schedule whatever the number of pages.
+
+Per ``interval`` seconds the collector asks each known node for its ``stats`` (one control request per node);
+every ``discover_every`` rounds it finds the nodes again with the client's :meth:`~sandbus.sdk.client.Client.nodes`
+(a ``$SRV.PING`` plus the same ``stats``), so new nodes appear and stopped ones leave. It follows
+``sandbus.audit.>`` (from the ``SANDBUS_AUDIT`` stream's last events when JetStream has it, then live) and
+``sandbus.log.>``, and reads the cluster's deploy and node-report buckets every ``deploys_every`` rounds. A
+plugin's ``debug`` state is fetched when a page asks, at most once per interval per (node, plugin) however many
+pages ask (concurrent asks share one request).
+
+The load the dashboard puts on the nodes is therefore ``nodes / interval`` stats requests per second, plus the
+debug requests of plugins someone is looking at: bench/bench_dashboard.py measures it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from sandbus.host.dashboard import validate
+from sandbus.sdk.errors import SandbusError
+from sandbus.sdk.subjects import AUDIT_PREFIX, check_token
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+
+    from sandbus.host.dashboard.hub import Hub
+    from sandbus.sdk.client import Client
+
+__all__ = ["LOG_SUBJECTS", "Collector", "ControlVerb"]
+
+log = logging.getLogger("sandbus.dashboard")
+
+#: Every plugin log line of every node (``sandbus.log.<node>.<plugin>``).
+LOG_SUBJECTS = "sandbus.log.>"
+AUDIT_SUBJECTS = f"{AUDIT_PREFIX}.>"
+AUDIT_STREAM = "SANDBUS_AUDIT"
+#: How often batched log lines and audit events go out to the pages.
+FLUSH_S = 0.25
+#: Debug states kept (by node and plugin).
+DEBUG_CACHE = 256
+#: Messages and bytes a subscription may hold before nats-py drops (slow consumer): bounded memory.
+PENDING_MSGS = 10_000
+PENDING_BYTES = 16 * 1024 * 1024
+
+ControlVerb = str  # "reload" | "unload"
+CONTROL_VERBS = ("reload", "unload")
+
+
+class Collector:
+    """Gathers the cluster's state into ``hub``.
+
+    Parameters:
+        client: a connected client (its NATS connection should reconnect on its own: the dashboard runs long).
+        hub: where the view goes.
+        interval: seconds between two ``stats`` rounds.
+        audit_history: audit events read back from the stream at start.
+        discover_every: rounds between two discoveries.
+        deploys_every: rounds between two reads of the deploy buckets.
+    """
+
+    def __init__(self, client: Client, hub: Hub, *, interval: float = 2.0, audit_history: int = 200,
+                 discover_every: int = 5, deploys_every: int = 3, timeout: float = 2.0) -> None:
+        self.client = client
+        self.nc: NatsClient = client.nc
+        self.hub = hub
+        self.interval = interval
+        self.audit_history = audit_history
+        self.discover_every = max(1, discover_every)
+        self.deploys_every = max(1, deploys_every)
+        self.timeout = timeout
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list[Any] = []
+        self._debug: OrderedDict[tuple[str, str], tuple[float, dict[str, Any]]] = OrderedDict()
+        self._debug_inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        self._missed: dict[str, int] = {}
+        #: control requests sent to nodes (stats, debug, reload, unload), for the curious and the benchmark
+        self.requests_sent = 0
+        #: where the audit trail comes from: "stream" (JetStream history, then live) or "live"
+        self.audit_source = "live"
+        self.rounds = 0
+
+    # -- life ----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe and start the loops; the first round of nodes is in the hub when this returns."""
+        self._subs.append(await self.nc.subscribe(LOG_SUBJECTS, cb=self._on_log, pending_msgs_limit=PENDING_MSGS,
+                                                  pending_bytes_limit=PENDING_BYTES))
+        await self._follow_audit()
+        await self._round()
+        self._tasks = [asyncio.create_task(self._poll_loop(), name="dashboard-poll"),
+                       asyncio.create_task(self._flush_loop(), name="dashboard-flush")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs = []
+        self.hub.flush()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            self.hub.flush()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+            try:
+                await self._round()
+            except Exception:  # one bad round (a disconnect) must not end the dashboard
+                log.warning("dashboard: a polling round failed", exc_info=True)
+
+    # -- nodes ---------------------------------------------------------------------------------------------
+
+    async def _round(self) -> None:
+        discover = self.rounds % self.discover_every == 0
+        self.rounds += 1
+        if discover:
+            replies: list[Any] = list(await self.client.nodes(timeout=min(self.timeout, 1.0)))
+            self.requests_sent += len(replies)
+            answered = {str(r.get("node_id")) for r in replies if isinstance(r, dict)}
+            # a node that answered before but not to this discovery: asked once more by name below
+            ids = sorted(set(self.hub.nodes) - answered)
+        else:
+            replies, ids = [], sorted(self.hub.nodes)
+        results = await asyncio.gather(*(self._stats(n) for n in ids), return_exceptions=True)
+        self.requests_sent += len(ids)
+        nodes: dict[str, dict[str, Any]] = {}
+        now = time.time()
+        for reply in replies:
+            view = validate.node_view(reply)
+            if view is None:
+                self.hub.malformed["nodes"] += 1
+                continue
+            nodes[view["node_id"]] = {**view, "reachable": True, "seen_at": now}
+            self._missed.pop(view["node_id"], None)
+        for node_id, result in zip(ids, results, strict=True):
+            view = validate.node_view(result) if not isinstance(result, BaseException) else None
+            if view is not None and view["node_id"] == node_id:
+                nodes[node_id] = {**view, "reachable": True, "seen_at": now}
+                self._missed.pop(node_id, None)
+                continue
+            missed = self._missed[node_id] = self._missed.get(node_id, 0) + 1
+            if missed <= 3 and node_id in self.hub.nodes:  # shown as unreachable a while, then forgotten
+                nodes[node_id] = {**self.hub.nodes[node_id], "reachable": False}
+            else:
+                self._missed.pop(node_id, None)
+        self.hub.set_nodes(nodes)
+        if (self.rounds - 1) % self.deploys_every == 0:
+            await self._read_deploys()
+
+    async def _stats(self, node_id: str) -> Any:
+        return await self.client.control(node_id, "stats", timeout=self.timeout)
+
+    # -- deploys -------------------------------------------------------------------------------------------
+
+    async def _read_deploys(self) -> None:
+        """The deploy bucket and the node reports, read only (never created: a cluster without them shows
+        none)."""
+        from sandbus.host.cluster.deploys import parse_deploy
+        from sandbus.host.cluster.kvwatch import current_values
+        from sandbus.host.cluster.names import DEPLOYS_BUCKET, NODES_BUCKET
+        from sandbus.host.cluster.reports import parse_report
+        from sandbus.sdk.errors import DeployError
+
+        js = self.nc.jetstream()
+        try:
+            await js.stream_info(f"KV_{DEPLOYS_BUCKET}")
+        except Exception:
+            self.hub.set_deploys({"available": False, "deploys": [], "reports": {}, "invalid": {}})
+            return
+        deploys: list[dict[str, Any]] = []
+        invalid: dict[str, str] = {}
+        reports: dict[str, Any] = {}
+        try:
+            for entry in sorted(await current_values(js, DEPLOYS_BUCKET, self.timeout), key=lambda e: e.key)[:1024]:
+                try:
+                    d = parse_deploy(entry.value, key=entry.key, revision=entry.revision)
+                except DeployError as e:
+                    invalid[entry.key[:80]] = e.message[:512]
+                    continue
+                deploys.append({"plugin": d.plugin, "version": d.version, "range": d.range, "previous": d.previous,
+                                "replicas": d.replicas, "labels": dict(d.labels), "deployed_at": d.deployed_at,
+                                "revision": d.revision})
+            with contextlib.suppress(Exception):  # reports are optional (nodes started without --cluster)
+                for entry in (await current_values(js, NODES_BUCKET, self.timeout))[:1024]:
+                    with contextlib.suppress(DeployError):
+                        report = parse_report(entry.value, key=entry.key)
+                        reports[report.node] = {"at": report.at, "labels": dict(report.labels),
+                                                "plugins": {n: p.to_dict() for n, p in report.plugins.items()}}
+        except Exception as e:
+            log.warning("dashboard: reading the deploy bucket failed: %s", e)
+            return
+        self.hub.set_deploys({"available": True, "deploys": deploys, "reports": reports, "invalid": invalid})
+
+    # -- audit and logs ------------------------------------------------------------------------------------
+
+    async def _follow_audit(self) -> None:
+        """From the stream's last ``audit_history`` events on, when JetStream has the stream and lets us read
+        it; else live only."""
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        if self.audit_history > 0:
+            try:
+                js = self.nc.jetstream()
+                info = await js.stream_info(AUDIT_STREAM)
+                last = int(info.state.last_seq or 0)
+                first = int(info.state.first_seq or 0)
+                start = max(first, last - self.audit_history + 1, 1)
+                sub = await js.subscribe(AUDIT_SUBJECTS, cb=self._on_audit, ordered_consumer=True,
+                                         config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                                               opt_start_seq=start),
+                                         pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=PENDING_BYTES)
+                self._subs.append(sub)
+                self.audit_source = "stream"
+                return
+            except Exception as e:  # no JetStream, no stream, or not allowed to read it
+                log.info("dashboard: audit stream not readable (%s); following live events only", e)
+        self._subs.append(await self.nc.subscribe(AUDIT_SUBJECTS, cb=self._on_audit, pending_msgs_limit=PENDING_MSGS,
+                                                  pending_bytes_limit=PENDING_BYTES))
+
+    async def _on_audit(self, msg: Msg) -> None:
+        event = validate.audit_event(msg.subject, msg.data)
+        if event is None:
+            self.hub.malformed["audit"] += 1
+        else:
+            self.hub.add_audit(event)
+
+    async def _on_log(self, msg: Msg) -> None:
+        line = validate.log_line(msg.subject, msg.data)
+        if line is None:
+            self.hub.malformed["logs"] += 1
+        else:
+            self.hub.add_log(line)
+
+    def note(self, level: str, kind: str, message: str, **details: Any) -> None:
+        """An event of the dashboard's own (a control action) in its audit view."""
+        self.hub.add_audit({"node": "dashboard", "timestamp": time.time(), "level": level, "kind": kind,
+                            "plugin": str(details.get("plugin", "")), "message": message, "count": 1,
+                            "trace_id": None, "details": None})
+
+    # -- on demand -----------------------------------------------------------------------------------------
+
+    async def debug(self, node_id: str, plugin: str) -> dict[str, Any]:
+        """The plugin's debug state on the node, at most one request per interval per (node, plugin).
+
+        Raises:
+            ValueError: a node id or plugin name that is not a subject token.
+            SandbusError: the node's error reply (plugin not found...), or no answer.
+        """
+        key = (check_token(node_id, "node id"), check_token(plugin, "plugin"))
+        cached = self._debug.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self.interval:
+            return cached[1]
+        pending = self._debug_inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._debug_inflight[key] = future
+        try:
+            self.requests_sent += 1
+            reply = await self.client.control(node_id, "debug", {"plugin": plugin}, timeout=self.timeout)
+            state = validate.debug_state(reply)
+            if state is None:
+                raise SandbusError(f"node {node_id!r} answered debug with something that is not an object")
+            self._debug[key] = (time.monotonic(), state)
+            self._debug.move_to_end(key)
+            while len(self._debug) > DEBUG_CACHE:
+                self._debug.popitem(last=False)
+            future.set_result(state)
+            return state
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            raise
+        finally:
+            del self._debug_inflight[key]
+
+    async def control(self, verb: ControlVerb, node_id: str, plugin: str) -> Any:
+        """Reload or unload ``plugin`` on ``node_id`` (the node's permissions for our NATS user decide).
+
+        Raises:
+            ValueError: an unknown verb, or names that are not subject tokens.
+            SandbusError: the node's error reply, or no answer.
+        """
+        if verb not in CONTROL_VERBS:
+            raise ValueError(f"unknown control verb {verb[:32]!r} (reload or unload)")
+        check_token(node_id, "node id")
+        check_token(plugin, "plugin")
+        self.requests_sent += 1
+        return await self.client.control(node_id, verb, {"plugin": plugin}, timeout=max(self.timeout, 10.0))
