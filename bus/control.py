@@ -3,7 +3,8 @@
 ``$SRV.PING|INFO|STATS[.sandbus-node]`` find every node (micro answers them; ``$SRV`` has no queue
 group, so a client gathers answers until a timeout), and ``sandbus.node.<node>.<verb>`` controls one:
 ``list`` (what the node serves: cheap), ``stats`` (``list`` plus every counter), ``load``, ``unload``
-and ``reload`` (``{"plugin": "<name>"}``, plus ``"force": bool`` for unload). A control body is
+and ``reload`` (``{"plugin": "<name>"}``, plus ``"force": bool`` for unload), and ``debug``
+(``{"plugin": "<name>"}``: one plugin's whole state, read-only). A control body is
 bounded and validated before use; a malformed one is refused with a ``request.invalid_control``
 error reply and a ``control.refused`` audit event. The work itself runs off the event loop (the
 handler's :meth:`~sandbus.bus.handler.BusHandler.control` and ``describe`` may build instances or
@@ -59,6 +60,40 @@ and in each plugin object:
     in_flight          int      calls running now
     queue_depth        int      calls waiting for an instance on this node
     max_open_files     int|null files one instance may have open at once
+
+``debug`` (one plugin; a plugin the node does not know is a ``plugin.not_found`` error reply):
+
+    node_id            string   the node's id
+    plugin             string   the plugin
+    status             string   as in ``list``
+    version            string|null  the serving version (for a failed plugin: the declared one, if read)
+    kind               string|null  "core" | "component" | "extism" (null when not serving)
+    isolation          string|null  "pooled" | "per-call" (null when not serving)
+    sha256             string|null  digest of the serving module
+    last_loaded        string|null  when the serving version was put in service (ISO 8601, UTC)
+    reloads            int      successful reloads since first loaded
+    limits             object|null  the limits enforced on the serving version (memory_bytes, fuel,
+                                timeout_s, max_instances, log_bytes, ...; null when not serving)
+    instances          array    the live instances of the serving version, by id:
+      id               int      the instance's number in its pool (1, 2, ...; a replaced one gets a new one)
+      memory_bytes     int      its linear memory after its latest call (its initial memory before one)
+      busy             bool     a call holds it now
+      calls            int      calls it took
+    in_flight          int      calls running now
+    queue_depth        int      calls waiting for an instance on this node
+    counters           object   executions, errors, host_errors, rejected, fuel_used, last_fuel_used
+                                (int), p50_ms, p99_ms (number|null): as in ``stats``
+    latency_ms         object   {"bounds": [number], "counts": [int]}: every call since first loaded;
+                                counts[i] calls took at most bounds[i] ms and more than bounds[i-1];
+                                the last count (len(bounds) + 1 counts) is the calls above every bound
+    fuel               object   the same shape, fuel per call that returned
+    recent_errors      array    the latest failures, oldest first, at most 32: {"at" (ISO 8601),
+                                "code", "message", "function" (null for a load or reload)}
+    recent_logs        array    the plugin's latest log lines on this node, oldest first, at most 200,
+                                each a log record as published on ``sandbus.log.<node>.<plugin>``
+                                (docs/protocol.md); fewer when the reply would exceed the NATS max payload
+    recent_audit       array    its latest audit events, oldest first, at most 50, shaped as on
+                                ``sandbus.audit.<node>``
 """
 
 from __future__ import annotations
@@ -92,7 +127,9 @@ log = logging.getLogger("sandbus.bus")
 
 #: Longest body a control request (load / unload / reload) may have.
 MAX_CONTROL_BODY = 4096
-VERBS = ("list", "stats", "load", "unload", "reload")
+VERBS = ("list", "stats", "load", "unload", "reload", "debug")
+#: Lists of a ``debug`` reply cut (oldest first) when it would exceed the max payload, in this order.
+_TRIMMABLE = ("recent_logs", "recent_audit", "recent_errors")
 
 
 class Control:
@@ -113,7 +150,7 @@ class Control:
         )
         group = self._service.add_group(name=f"sandbus.node.{self.bus.node_id}")
         for verb, handler in (("list", self._list), ("stats", self._stats), ("load", self._load),
-                              ("unload", self._unload), ("reload", self._reload)):
+                              ("unload", self._unload), ("reload", self._reload), ("debug", self._debug)):
             await group.add_endpoint(name=verb, handler=handler)
 
     async def stop(self) -> None:
@@ -147,6 +184,8 @@ class Control:
                 await self.bus.sync()
             data = orjson.dumps(result, default=str)
             headers = self._headers()
+            if nats_size(data, headers) > self.bus.max_payload and isinstance(result, dict):
+                data = self._trimmed(result, headers)
         except SandbusError as e:
             data, headers = with_error(self._headers(), e)
         except Exception as e:  # a bug must still answer
@@ -158,6 +197,24 @@ class Control:
                 f"answer of {size} bytes exceeds the NATS max payload of {max_payload} bytes",
                 size=size, limit=max_payload))
         await req.respond(data, headers=headers)
+
+    def _trimmed(self, result: dict[str, Any], headers: dict[str, str]) -> bytes:
+        """``result`` with its recent lists (:data:`_TRIMMABLE`) cut, oldest entries first, until it fits
+        the max payload (a chatty plugin's ``debug``); as it was when nothing can be cut."""
+        limit = self.bus.max_payload
+        result = dict(result)
+        data = orjson.dumps(result, default=str)
+        for key in _TRIMMABLE:
+            items = result.get(key)
+            if not isinstance(items, list):
+                continue
+            while items and nats_size(data, headers) > limit:
+                items = items[len(items) // 2 + 1:] if len(items) > 1 else []
+                result[key] = items
+                data = orjson.dumps(result, default=str)
+            if nats_size(data, headers) <= limit:
+                break
+        return data
 
     async def _list(self, req: Request) -> None:
         await self._reply(req, self.view)
@@ -201,7 +258,8 @@ class Control:
         except SandbusError as e:
             await req.respond(*with_error(self._headers(), e))
             return
-        await self._reply(req, lambda: self.handler.control(verb, name, forced), then_sync=verb != "unload")
+        await self._reply(req, lambda: self.handler.control(verb, name, forced),
+                          then_sync=verb in ("load", "reload"))
 
     async def _load(self, req: Request) -> None:
         await self._verb(req, "load")
@@ -211,3 +269,6 @@ class Control:
 
     async def _unload(self, req: Request) -> None:
         await self._verb(req, "unload")
+
+    async def _debug(self, req: Request) -> None:
+        await self._verb(req, "debug")

@@ -101,7 +101,9 @@ class BusHandler(Protocol):
         ...
 
     def control(self, verb: str, plugin: str, force: bool) -> Any:
-        """``load`` / ``reload`` / ``unload`` a plugin (run in a worker thread); returns the JSON-able answer."""
+        """``load`` / ``reload`` / ``unload`` a plugin, or ``debug``: its whole state (bus/control.py lists the
+        keys; a handler without one raises, answered as an error). Run in a worker thread; returns the
+        JSON-able answer."""
         ...
 
     def describe(self, stats: bool) -> dict[str, Any]:

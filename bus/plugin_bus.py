@@ -33,7 +33,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +162,9 @@ class PluginBus:
         self._kv: dict[str, KeyValue] = {}
         self._sync_lock = asyncio.Lock()
         self._stopping = False
+        #: awaited on stop once every call has finished, before the connection closes (what the handler
+        #: still has to publish: plugin log lines)
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -291,6 +294,11 @@ class PluginBus:
         while self._tasks and (remaining := tasks_deadline - loop.time()) > 0:
             await asyncio.wait(list(self._tasks), timeout=remaining)
         await self._control.stop()
+        for hook in self.on_close:
+            try:
+                await hook()
+            except Exception:  # one hook's failure must not keep the connection open
+                log.exception("a stop hook of node %s failed", self.node_id)
         if self._audit_out is not None:  # repeats still being counted go out with their count
             with contextlib.suppress(Exception):
                 await self._audit_out.close()

@@ -6,6 +6,11 @@
         # a plugin whose input and output are bytes (Extism): raw bytes both ways
         out = await client.request_raw("count_vowels", "count_vowels", b"Hello")
         out.data, out.content_type   # b'{"count":2,...}', 'application/json'
+        # operating: one plugin's state on every node that has it, and its log lines as they come
+        states = await client.debug("text_processor")
+        async with client.logs("text_processor", level="warning") as lines:
+            async for line in lines:
+                print(line["node"], line["level"], line["message"])
 
 Depends only on nats-py and sdk: a client app never pulls in wasmtime (nor pydantic: start-up time).
 """
@@ -15,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Self
 
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from opentelemetry import trace
@@ -59,10 +66,92 @@ from sandbus.sdk.errors import (
 )
 from sandbus.sdk.jspublish import JetStreamPublisher
 from sandbus.sdk.nats_guard import GuardedNatsClient
-from sandbus.sdk.subjects import NODE_SERVICE, control_subject, msg_subject, request_subject, topic_subject
+from sandbus.sdk.subjects import (
+    NODE_SERVICE,
+    check_token,
+    control_subject,
+    log_subject,
+    msg_subject,
+    request_subject,
+    topic_subject,
+)
 from sandbus.sdk.tracing import H_TRACE_DEBUG, H_TRACE_SPANS, record_error, send_span
 
-__all__ = ["Client", "DetailedReply"]
+__all__ = ["LOG_LEVELS", "Client", "DetailedReply", "LogStream", "check_log_line"]
+
+#: A log line's levels, least severe first (``Client.logs(level=...)`` shows that level and above).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Longest log line (bytes of JSON) a follower accepts: a node's lines are far smaller.
+MAX_LOG_LINE = 64 * 1024
+#: Log lines a follower buffers before the server drops what it cannot take (a slow consumer).
+LOG_PENDING = 10_000
+_LOG_STRINGS = ("ts", "node", "plugin", "level", "message")
+_LOG_OPTIONAL = ("version", "stream", "trace_id")
+
+
+def check_log_line(data: bytes) -> dict[str, Any] | None:
+    """A log line received on ``sandbus.log.>`` as a dict, or None when it is not one (anyone allowed to
+    publish there may send anything): every key of the record present and of its type."""
+    if len(data) > MAX_LOG_LINE:
+        return None
+    try:
+        line = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(line, dict):
+        return None
+    if not all(isinstance(line.get(k), str) for k in _LOG_STRINGS) or line["level"] not in LOG_LEVELS:
+        return None
+    if not all(k in line and (line[k] is None or isinstance(line[k], str)) for k in _LOG_OPTIONAL):
+        return None
+    if not all(type(line.get(k)) is int for k in ("seq", "dropped")):
+        return None
+    return line
+
+
+class LogStream:
+    """Log lines as they are published: an async iterator of checked records (:func:`check_log_line`).
+
+    ``async with`` subscribes on entry (a line published after it returns is seen) and unsubscribes on
+    exit; iterating without it subscribes on the first line asked for. Lines below ``level`` and
+    messages that are not log lines are skipped.
+    """
+
+    def __init__(self, nc: NatsClient, subject: str, level: str | None) -> None:
+        self._nc = nc
+        self.subject = subject
+        self._minimum = LOG_LEVELS.index(level) if level is not None else 0
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        """Subscribe now; returns once the server has the subscription."""
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(self.subject, pending_msgs_limit=LOG_PENDING)
+            await self._nc.flush()
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._lines()
+
+    async def _lines(self) -> AsyncIterator[dict[str, Any]]:
+        await self.start()
+        assert self._sub is not None
+        async for msg in self._sub.messages:
+            line = check_log_line(msg.data)
+            if line is not None and LOG_LEVELS.index(line["level"]) >= self._minimum:
+                yield line
 
 
 def _encode(payload: Any) -> bytes:
@@ -420,6 +509,50 @@ class Client:
         ``$SRV`` has no queue group: answers are gathered until ``timeout``. A node that answers its
         ``stats`` with an error or with something that is not a JSON object is left out.
         """
+        ids = await self.node_ids(timeout=timeout)
+        views = await asyncio.gather(*(self.control(n, "stats", timeout=max(timeout, 2.0)) for n in ids),
+                                     return_exceptions=True)
+        return [v for v in views if isinstance(v, dict)]
+
+    async def debug(self, plugin: str, *, node: str | None = None, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """``plugin``'s debug state on each node that has it (the ``debug`` control verb; bus/control.py lists
+        the keys), by node id. Without ``node`` every node is asked (found as :meth:`nodes` does, within
+        half a second); nodes that do not know the plugin are left out, so ``[]`` means none has it.
+
+        Raises:
+            PluginNotFoundError: ``node`` given, and it does not know the plugin (or no such node answers).
+            ValueError: ``plugin`` or ``node`` is not a subject token.
+        """
+        check_token(plugin, "plugin")
+        if node is not None:
+            answer = await self.control(check_token(node, "node id"), "debug", {"plugin": plugin}, timeout=timeout)
+            if not isinstance(answer, dict):
+                raise BusError(f"node {node!r} answered debug with a JSON {type(answer).__name__}, not an object")
+            return [answer]
+        ids = await self.node_ids(timeout=min(timeout, 0.5))
+        answers = await asyncio.gather(*(self.control(n, "debug", {"plugin": plugin}, timeout=timeout) for n in ids),
+                                       return_exceptions=True)
+        return [a for a in answers if isinstance(a, dict)]
+
+    def logs(self, plugin: str | None = None, *, level: str | None = None, node: str | None = None) -> LogStream:
+        """Log lines of ``plugin`` (default: every plugin) from ``node`` (default: every node) as they are
+        published, at ``level`` and above (``"debug"``, ``"info"``, ``"warning"``, ``"error"``)::
+
+            async with client.logs("echo", level="warning") as lines:
+                async for line in lines: ...
+
+        Each line is a dict with every key of the record (docs/protocol.md): ``ts``, ``node``, ``plugin``,
+        ``version``, ``level``, ``stream``, ``message``, ``trace_id``, ``seq``, ``dropped``.
+
+        Raises:
+            ValueError: ``plugin`` or ``node`` is not a subject token, or ``level`` is not a level.
+        """
+        if level is not None and level not in LOG_LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LOG_LEVELS)}, found {str(level)[:32]!r}")
+        return LogStream(self.nc, log_subject(node or "*", plugin or "*"), level)
+
+    async def node_ids(self, *, timeout: float = 0.5) -> list[str]:
+        """The ids of the nodes that answer discovery within ``timeout``, sorted."""
         inbox = self.nc.new_inbox()
         ids: list[str] = []
         sub = await self.nc.subscribe(inbox)
@@ -440,9 +573,7 @@ class Client:
                     ids.append(node_id)
         finally:
             await sub.unsubscribe()
-        views = await asyncio.gather(*(self.control(n, "stats", timeout=max(timeout, 2.0)) for n in sorted(ids)),
-                                     return_exceptions=True)
-        return [v for v in views if isinstance(v, dict)]
+        return sorted(ids)
 
     async def control(self, node_id: str, verb: str, body: Any = None, *, timeout: float = 5.0) -> Any:
         """Ask one node to list / load / unload / reload / stats.

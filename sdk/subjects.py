@@ -5,8 +5,9 @@
     sandbus.topic.<topic...>          broadcast; each subscribing plugin gets one copy (queue group per plugin)
     sandbus.dlq.<plugin>              dead letters of durable topic deliveries
     sandbus.audit.<node>              audit events (captured by a JetStream stream)
+    sandbus.log.<node>.<plugin>       plugin log lines, one message per line (core NATS)
     $SRV.PING|INFO|STATS[.sandbus-node]  node discovery (NATS micro)
-    sandbus.node.<node>.<verb>        node control (list, load, unload, reload, stats)
+    sandbus.node.<node>.<verb>        node control (list, stats, load, unload, reload, debug)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 __all__ = [
     "AUDIT_PREFIX",
     "DLQ_PREFIX",
+    "LOG_PREFIX",
     "MAX_TOKEN_LENGTH",
     "MAX_TOPIC_LENGTH",
     "MSG_PREFIX",
@@ -27,6 +29,7 @@ __all__ = [
     "check_topic",
     "control_subject",
     "dlq_subject",
+    "log_subject",
     "msg_subject",
     "plugin_queue",
     "request_subject",
@@ -38,6 +41,7 @@ MSG_PREFIX = "sandbus.msg"
 TOPIC_PREFIX = "sandbus.topic"
 DLQ_PREFIX = "sandbus.dlq"
 AUDIT_PREFIX = "sandbus.audit"
+LOG_PREFIX = "sandbus.log"
 NODE_SERVICE = "sandbus-node"
 
 #: One subject token: what a plugin name, function name, node id or topic token may be.
@@ -121,6 +125,13 @@ def dlq_subject(plugin: str) -> str:
 
 def audit_subject(node: str) -> str:
     return f"{AUDIT_PREFIX}.{check_token(node, 'node id')}"
+
+
+def log_subject(node: str, plugin: str) -> str:
+    """Where ``node`` publishes ``plugin``'s log lines; ``"*"`` for either follows every node or plugin."""
+    node_token = node if node == "*" else check_token(node, "node id")
+    plugin_token = plugin if plugin == "*" else check_token(plugin, "plugin")
+    return f"{LOG_PREFIX}.{node_token}.{plugin_token}"
 
 
 def control_subject(node: str, verb: str) -> str:

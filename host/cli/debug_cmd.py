@@ -1,9 +1,294 @@
-"""``sandbus logs`` and ``sandbus debug``: plugin log lines and debug state across the nodes."""
+"""``sandbus logs`` and ``sandbus debug``: plugin log lines and debug state across the nodes.
+
+``logs`` without ``-f`` asks every node (``debug``) for the lines its ring holds, merges them by time
+and exits; with ``-f`` it subscribes to ``sandbus.log.<node>.<plugin>`` first, prints what the rings
+hold, then every line as it is published (a line seen both ways is printed once). ``debug`` prints
+one plugin's state on each node that has it.
+
+Everything printed came over the bus, and a log line is a plugin's own text: it is shown as data --
+control characters escaped, rich markup never interpreted (``[bold]`` prints as ``[bold]``), each value
+bounded -- or, with ``--json``, as JSON made terminal-safe (:func:`~sandbus.host.cli.output.terminal_json`).
+"""
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
+
+from sandbus.host.cli.bus import bus_call
+from sandbus.host.cli.connect import Connection, with_connection
+from sandbus.host.cli.main import EXIT_NO_NODE, EXIT_USAGE, fail, finite_positive
+from sandbus.host.cli.output import terminal_json
+from sandbus.sdk.subjects import check_token
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from sandbus.sdk.client import Client
+
+__all__ = ["debug", "format_line", "logs", "register"]
+
+LEVELS = ("debug", "info", "warning", "error")
+_STYLES = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}
+#: characters of one message printed (a node bounds them too; whatever answered may not have)
+MAX_MESSAGE_CHARS = 8300
+#: log lines and audit events ``debug`` shows per node (``--json`` has them all)
+SHOWN_LOGS = 20
+SHOWN_AUDIT = 10
+
+PluginOpt = Annotated[str | None, typer.Argument(help="Plugin name (default: every plugin).", show_default=False)]
+NodeOpt = Annotated[str | None, typer.Option("--node", help="Only this node (its id).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (one JSON object per line for "
+                                                      "logs; a JSON array for debug).")]
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for the nodes' answers.", callback=finite_positive)]
+
+
+def _token(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_token(value, what)
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
+
+
+def _text(value: object, limit: int = 200) -> str:
+    """``value`` as markup-safe, control-free text of at most ``limit`` characters."""
+    from sandbus.host.cli.output import markup_safe
+
+    shown = "-" if value is None else str(value)
+    if len(shown) > limit:
+        shown = shown[: limit - 1] + "…"
+    return markup_safe(shown)
+
+
+def format_line(line: dict[str, Any]) -> str:
+    """One log line as rich markup: ``ts node plugin@version LEVEL [stream] message (trace ...)``, every
+    value escaped (a guest's ``[bold]`` or escape sequence prints as text)."""
+    level = str(line.get("level"))
+    style = _STYLES.get(level, "")
+    version = line.get("version")
+    who = _text(line.get("plugin"), 255) + (f"@{_text(version, 64)}" if version else "")
+    stream = f" \\[{_text(line.get('stream'), 16)}]" if line.get("stream") else ""  # a literal [stdout]
+    dropped = line.get("dropped")
+    note = f" [dim]({dropped} dropped before)[/dim]" if isinstance(dropped, int) and dropped > 0 else ""
+    trace = f" [dim]trace {_text(line.get('trace_id'), 32)}[/dim]" if line.get("trace_id") else ""
+    level_text = f"[{style}]{_text(level.upper(), 8)}[/{style}]" if style else _text(level.upper(), 8)
+    return (f"[dim]{_text(line.get('ts'), 40)}[/dim] {_text(line.get('node'), 255)} {who} {level_text}"
+            f"{stream} {_text(line.get('message'), MAX_MESSAGE_CHARS)}{note}{trace}")
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _print_line(console: Console | None, line: dict[str, Any]) -> None:
+    if console is None:
+        import orjson
+
+        sys.stdout.buffer.write(terminal_json(orjson.dumps(line)) + b"\n")
+        sys.stdout.flush()
+    else:
+        console.print(format_line(line))
+
+
+async def _recent(client: Client, plugin: str | None, node: str | None, timeout: float) -> list[dict[str, Any]]:
+    """The lines the nodes' rings hold (of ``plugin``, on ``node``), merged by time."""
+    if node is not None and plugin is not None:
+        states = await client.debug(plugin, node=node, timeout=timeout)
+    else:
+        views = await client.nodes(timeout=min(timeout, 0.5))
+        if not views:
+            fail("no sandbus node answered (start one with `sandbus node`, or point -s/--server or NATS_URL at the "
+                 "right bus)", EXIT_NO_NODE)
+        states = []
+        for view in views:
+            node_id = view.get("node_id")
+            if not isinstance(node_id, str) or (node is not None and node_id != node):
+                continue
+            plugins = view.get("plugins")
+            names = [p.get("name") for p in plugins if isinstance(p, dict)] if isinstance(plugins, list) else []
+            for name in names:
+                if isinstance(name, str) and (plugin is None or name == plugin):
+                    try:
+                        states += await client.debug(name, node=node_id, timeout=timeout)
+                    except Exception:  # the plugin left the node meanwhile, or the node did
+                        continue
+    lines = [line for state in states for line in (state.get("recent_logs") or []) if isinstance(line, dict)]
+    lines.sort(key=lambda line: (str(line.get("ts")), str(line.get("node")), line.get("seq") or 0))
+    return lines
+
+
+def _at_level(line: dict[str, Any], minimum: int) -> bool:
+    level = line.get("level")
+    return level in LEVELS and LEVELS.index(level) >= minimum
+
+
+@with_connection
+def logs(
+    plugin: PluginOpt = None,
+    level: Annotated[str | None, typer.Option("--level", "-l", help="Lowest level shown: debug, info, warning, "
+                                                                     "error.", show_default=False)] = None,
+    node: NodeOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep following new lines (Ctrl-C ends).")]
+    = False,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 2.0,
+    *,
+    conn: Connection,
+) -> None:
+    """Plugin log lines across the nodes: the recent ones each node keeps, merged by time; with -f, then
+    every new line as it is published."""
+    plugin, node = _token(plugin, "plugin"), _token(node, "node id")
+    if level is not None and level not in LEVELS:
+        fail(f"--level must be one of {', '.join(LEVELS)}", EXIT_USAGE)
+    minimum = LEVELS.index(level) if level is not None else 0
+    console = None if as_json else _console()
+
+    async def run(client: Client) -> None:
+        seen: set[tuple[str, int]] = set()
+        stream = client.logs(plugin, level=level, node=node) if follow else None
+        if stream is not None:
+            await stream.start()  # first: a line published while the rings are read is not missed
+        try:
+            for line in await _recent(client, plugin, node, timeout):
+                if _at_level(line, minimum):
+                    seen.add((str(line.get("node")), line.get("seq") or 0))
+                    _print_line(console, line)
+            if stream is None:
+                return
+            async for line in stream:
+                key = (line["node"], line["seq"])
+                if key in seen:
+                    seen.discard(key)
+                    continue
+                _print_line(console, line)
+        finally:
+            if stream is not None:
+                await stream.close()
+
+    bus_call(run, conn)
+
+
+def _histogram(name: str, hist: object, unit: str) -> str:
+    """A histogram as text bars, the empty buckets left out."""
+    if not isinstance(hist, dict):
+        return f"{name}: -"
+    bounds, counts = hist.get("bounds"), hist.get("counts")
+    if not isinstance(bounds, list) or not isinstance(counts, list) or len(counts) != len(bounds) + 1:
+        return f"{name}: -"
+    total = sum(c for c in counts if isinstance(c, int))
+    if not total:
+        return f"{name}: no calls"
+    rows = [f"{name}:"]
+    for i, count in enumerate(counts):
+        if not isinstance(count, int) or not count:
+            continue
+        label = f"<= {bounds[i]:g} {unit}" if i < len(bounds) else f">  {bounds[-1]:g} {unit}"
+        bar = "#" * max(1, round(30 * count / total))
+        rows.append(f"  {_text(label, 24):>16} {bar} {count}")
+    return "\n".join(rows)
+
+
+def _render(state: dict[str, Any]) -> list[RenderableType]:
+    from rich import box
+    from rich.table import Table
+
+    from sandbus.host.cli.output import cell
+
+    out: list[RenderableType] = []
+    head = (f"[bold]{_text(state.get('plugin'), 255)}[/bold] {_text(state.get('version'), 64)} on node "
+            f"[bold]{_text(state.get('node_id'), 255)}[/bold]: {_text(state.get('status'), 16)}, "
+            f"{_text(state.get('kind'), 16)}, {_text(state.get('isolation'), 16)}, loaded "
+            f"{_text(state.get('last_loaded'), 40)}, {_text(state.get('reloads'), 12)} reload(s)")
+    out.append(head)
+    counters = state.get("counters") if isinstance(state.get("counters"), dict) else {}
+    assert isinstance(counters, dict)
+    facts = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_header=False)
+    facts.add_column("what")
+    facts.add_column("value", overflow="fold")
+    for key in ("executions", "errors", "host_errors", "rejected", "p50_ms", "p99_ms", "fuel_used", "last_fuel_used"):
+        facts.add_row(cell(key), cell(counters.get(key, "-"), 40))
+    facts.add_row(cell("in_flight"), cell(state.get("in_flight"), 40))
+    facts.add_row(cell("queue_depth"), cell(state.get("queue_depth"), 40))
+    limits = state.get("limits")
+    if isinstance(limits, dict):
+        shown = ", ".join(f"{k}={limits[k]}" for k in ("memory_bytes", "fuel", "timeout_s", "max_instances",
+                                                         "log_bytes", "isolation") if k in limits)
+        facts.add_row(cell("limits"), cell(shown, 400))
+    out.append(facts)
+    instances = state.get("instances")
+    if isinstance(instances, list) and instances:
+        table = Table(title="instances", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for title in ("id", "memory", "busy", "calls"):
+            table.add_column(title, justify="right")
+        for inst in instances:
+            if isinstance(inst, dict):
+                table.add_row(cell(inst.get("id"), 20), cell(inst.get("memory_bytes"), 20), cell(inst.get("busy"), 8),
+                              cell(inst.get("calls"), 20))
+        out.append(table)
+    out.append(_histogram("latency", state.get("latency_ms"), "ms"))
+    out.append(_histogram("fuel", state.get("fuel"), ""))
+    errors = state.get("recent_errors")
+    if isinstance(errors, list) and errors:
+        table = Table(title="recent errors", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for title in ("at", "function", "code", "message"):
+            table.add_column(title, overflow="fold")
+        for err in errors[-SHOWN_LOGS:]:
+            if isinstance(err, dict):
+                table.add_row(cell(err.get("at"), 40), cell(err.get("function"), 80), cell(err.get("code"), 60),
+                              cell(err.get("message"), 400))
+        out.append(table)
+    lines = state.get("recent_logs")
+    if isinstance(lines, list) and lines:
+        out.append(f"[bold]recent log lines[/bold] (last {min(len(lines), SHOWN_LOGS)} of {len(lines)}):")
+        out += [format_line(line) for line in lines[-SHOWN_LOGS:] if isinstance(line, dict)]
+    events = state.get("recent_audit")
+    if isinstance(events, list) and events:
+        out.append(f"[bold]recent audit events[/bold] (last {min(len(events), SHOWN_AUDIT)} of {len(events)}):")
+        for event in events[-SHOWN_AUDIT:]:
+            if isinstance(event, dict):
+                out.append(f"  {_text(event.get('level'), 10)} {_text(event.get('kind'), 64)}: "
+                           f"{_text(event.get('message'), 400)}")
+    return out
+
+
+@with_connection
+def debug(
+    plugin: Annotated[str, typer.Argument(help="Plugin name.", show_default=False)],
+    node: NodeOpt = None,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 2.0,
+    *,
+    conn: Connection,
+) -> None:
+    """PLUGIN's state on each node that has it: status, limits, instances and their memory, histograms,
+    recent errors, log lines and audit events. Exit 6 when no node has it."""
+    checked = _token(plugin, "plugin")
+    assert checked is not None
+    node = _token(node, "node id")
+    states: list[dict[str, Any]] = bus_call(lambda c: c.debug(checked, node=node, timeout=timeout), conn)
+    if as_json:
+        import orjson
+
+        sys.stdout.buffer.write(terminal_json(orjson.dumps(states, option=orjson.OPT_INDENT_2)) + b"\n")
+    if not states:
+        fail(f"no node has plugin {plugin!r}", EXIT_NO_NODE)
+    if as_json:
+        return
+    console = _console()
+    for state in states:
+        for part in _render(state):
+            console.print(part)
+        console.print()
 
 
 def register(app: typer.Typer, only: str | None = None) -> None:
     """Add ``logs`` and ``debug`` to ``app``, or only the one named ``only``."""
+    for command in (logs, debug):
+        if only is None or command.__name__ == only:
+            app.command()(command)

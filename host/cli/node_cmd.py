@@ -74,6 +74,11 @@ def node(
     max_waiting: Annotated[int, typer.Option(
         help="Requests that may wait for one plugin's instances on this node; beyond it they are refused "
              "at once (limit.instances).", min=1, max=100_000)] = 64,
+    bus_logs: Annotated[bool, typer.Option(
+        help="Publish plugins' log lines on sandbus.log.<node>.<plugin> (`sandbus logs` follows them).")] = True,
+    log_rate: Annotated[float, typer.Option(
+        help="Log lines per second and plugin published on the bus; the excess is dropped and counted.",
+        min=1, max=1_000_000)] = 200.0,
     cluster: Annotated[bool, typer.Option(
         "--cluster", help="Also run the cluster's deploys (`sandbus deploy`): needs JetStream.")] = False,
     label: Annotated[list[str] | None, typer.Option(
@@ -104,11 +109,12 @@ def node(
             base_id = node_id or default_node_id()
             options = conn.connect_options(name=f"sandbus-node-{base_id}")
             if cluster and plugins is None:
-                n = _memory_node(options, pol, data_dir, node_id=base_id, durable=durable, max_waiting=max_waiting)
+                n = _memory_node(options, pol, data_dir, node_id=base_id, durable=durable, max_waiting=max_waiting,
+                                 bus_logs=bus_logs, log_rate=log_rate)
                 watch = False  # nothing on disk to watch
             else:
                 n = Node.create(plugins or DEFAULT_PLUGINS, options, policy=pol, node_id=base_id, durable=durable,
-                                max_waiting=max_waiting)
+                                max_waiting=max_waiting, bus_logs=bus_logs, log_rate=log_rate)
             if cluster and not pol.registry.trusted_publishers:
                 typer.echo("warning: the policy lists no [registry] trusted_publishers: this cluster node refuses "
                            "every deploy", err=True)
@@ -125,7 +131,8 @@ def node(
                 args = [sys.executable, "-m", "sandbus", "node", "--plugins", str(plugins or DEFAULT_PLUGINS),
                         "--no-context",
                         "--node-id", f"{base_id}-w{i}", "--no-watch" if not watch else "--watch",
-                        "--durable" if durable else "--no-durable", "--max-waiting", str(max_waiting)]
+                        "--durable" if durable else "--no-durable", "--max-waiting", str(max_waiting),
+                        "--bus-logs" if bus_logs else "--no-bus-logs", "--log-rate", repr(log_rate)]
                 if policy is not None:
                     args += ["--policy", str(policy)]
                 children.append(subprocess.Popen(args, env=conn.child_env(os.environ)))

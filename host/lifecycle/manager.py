@@ -215,10 +215,10 @@ class PluginManager:
                 # version's pool be closed anyway (it is shutting down), the current one answers.
                 if attempt == 1 and version.retired:
                     continue
-                stats.record_error(perf_counter() - start, e)
+                stats.record_error(perf_counter() - start, e, function)
                 raise
             except SandbusError as e:
-                stats.record_error(perf_counter() - start, e)
+                stats.record_error(perf_counter() - start, e, function)
                 raise
             finally:
                 table.checkin(version)
@@ -674,6 +674,25 @@ class PluginManager:
             if item.name == name:
                 return item
         raise PluginNotFoundError(f"no plugin {name!r} is known", plugin=name)
+
+    def debug_facts(self, name: str) -> dict[str, Any]:
+        """What the debug view adds to :meth:`info` for ``name``: its histograms (``latency_ms``,
+        ``fuel``), ``recent_errors``, and its live ``instances`` (``[]`` when it is not serving).
+
+        Raises:
+            PluginNotFoundError: no plugin of that name is known.
+        """
+        slot = self._table.get(name)
+        if slot is None:
+            raise PluginNotFoundError(f"no plugin {name!r} is known", plugin=name)
+        version = slot.current
+        instances: list[dict[str, Any]] = []
+        if version is not None:
+            instances = version.sandbox.pool.inventory()
+            for inst in instances:  # before its first call an instance holds its initial memory
+                if not inst["memory_bytes"]:
+                    inst["memory_bytes"] = version.initial_memory_bytes
+        return {**slot.stats.histograms(), "recent_errors": slot.stats.recent_errors(), "instances": instances}
 
     def list_plugins(self) -> list[PluginInfo]:
         """Every plugin the manager knows, by name: serving (``loaded`` / ``stale``), ``failed`` with

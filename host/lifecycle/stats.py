@@ -5,12 +5,19 @@ sorting that percentiles need happens only when someone asks (``snapshot``).
 Latencies are kept in a fixed ring of the most recent calls: percentiles then
 describe the plugin as it behaves *now*, memory stays bounded however many
 calls are served, and an old slow spell does not haunt the numbers forever.
+
+For the debug view (``sandbus debug``) latency and fuel also go into histograms over
+every call since the plugin was first loaded. Their bounds are fixed and log-scale
+(:data:`LATENCY_BOUNDS_S`, :data:`FUEL_BOUNDS`), the same on every node, so histograms
+of several nodes add up; recording one is a binary search in C and one addition. The
+latest failures are kept too, each with its function and code, in a short ring.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +25,19 @@ from datetime import UTC, datetime
 
 from sandbus.sdk.errors import BusError, HostError, PayloadTooLargeError, RequestError, SandbusError
 
-__all__ = ["LatencyWindow", "PluginStats", "StatsSnapshot", "blames_caller", "blames_plugin"]
+__all__ = ["FUEL_BOUNDS", "LATENCY_BOUNDS_S", "MAX_RECENT_ERRORS", "LatencyWindow", "PluginStats", "StatsSnapshot",
+           "blames_caller", "blames_plugin"]
+
+#: Upper bounds of the latency histogram's buckets, seconds: 1-2-5 steps from 10 us to 30 s (a last
+#: bucket counts what is above).
+LATENCY_BOUNDS_S: tuple[float, ...] = (
+    1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+#: Upper bounds of the fuel histogram's buckets: powers of ten from 100 to 10^12.
+FUEL_BOUNDS: tuple[int, ...] = tuple(10 ** k for k in range(2, 13))
+#: Failures kept per plugin for the debug view.
+MAX_RECENT_ERRORS = 32
+#: Characters of a failure's message kept in that ring.
+MAX_ERROR_MESSAGE = 1024
 
 
 def blames_plugin(error: SandbusError) -> bool:
@@ -116,12 +135,18 @@ class PluginStats:
         self.last_error: str | None = None
         self.last_error_code: str | None = None
         self.last_error_at: datetime | None = None
+        self._latency_counts = [0] * (len(LATENCY_BOUNDS_S) + 1)
+        self._fuel_counts = [0] * (len(FUEL_BOUNDS) + 1)
+        #: (when, code, message, function) of the latest failures, oldest first
+        self._errors: deque[tuple[datetime, str | None, str, str | None]] = deque(maxlen=MAX_RECENT_ERRORS)
 
     def record_call(self, seconds: float, fuel: int, memory_bytes: int) -> None:
         """A call that returned a reply."""
         with self._lock:
             self.executions += 1
             self._add_latency(seconds)
+            self._latency_counts[bisect_left(LATENCY_BOUNDS_S, seconds)] += 1
+            self._fuel_counts[bisect_left(FUEL_BOUNDS, fuel)] += 1
             self.fuel_used += fuel
             self.last_fuel_used = fuel
             # Linear memory only grows within an instance: the largest seen is what instances hold.
@@ -133,7 +158,7 @@ class PluginStats:
         with self._lock:
             self.rejected += 1
 
-    def record_error(self, seconds: float, error: SandbusError) -> None:
+    def record_error(self, seconds: float, error: SandbusError, function: str | None = None) -> None:
         """A call that failed (its latency counts too: a slow failure is still slow for the caller).
 
         Failures that are not the plugin's (see :func:`blames_plugin`) count in ``host_errors`` and
@@ -151,15 +176,34 @@ class PluginStats:
             else:
                 self.host_errors += 1
             self._latencies.add(seconds)
+            self._latency_counts[bisect_left(LATENCY_BOUNDS_S, seconds)] += 1
         if blame:
-            self.note_error(error)
+            self.note_error(error, function)
 
-    def note_error(self, error: SandbusError) -> None:
-        """Remember ``error`` as the latest (a failed call, load or reload)."""
+    def note_error(self, error: SandbusError, function: str | None = None) -> None:
+        """Remember ``error`` as the latest (a failed call, load or reload; ``function``: the call's)."""
+        message = str(error)
         with self._lock:
-            self.last_error = str(error)
+            self.last_error = message
             self.last_error_code = error.code
-            self.last_error_at = datetime.now(UTC)
+            self.last_error_at = at = datetime.now(UTC)
+            self._errors.append((at, error.code, message[:MAX_ERROR_MESSAGE], function))
+
+    def histograms(self) -> dict[str, dict[str, list[float] | list[int]]]:
+        """``latency_ms`` (every call, failed ones included) and ``fuel`` (calls that returned) as
+        ``{"bounds": [...], "counts": [...]}``; ``counts[i]`` is the calls at most ``bounds[i]`` and above
+        ``bounds[i - 1]``, the last count the calls above every bound."""
+        with self._lock:
+            latency, fuel = list(self._latency_counts), list(self._fuel_counts)
+        return {"latency_ms": {"bounds": [round(b * 1000, 6) for b in LATENCY_BOUNDS_S], "counts": latency},
+                "fuel": {"bounds": list(FUEL_BOUNDS), "counts": fuel}}
+
+    def recent_errors(self) -> list[dict[str, str | None]]:
+        """The latest failures, oldest first: ``{"at", "code", "message", "function"}``."""
+        with self._lock:
+            errors = list(self._errors)
+        return [{"at": at.isoformat(), "code": code, "message": message, "function": function}
+                for at, code, message, function in errors]
 
     def snapshot(self) -> StatsSnapshot:
         with self._lock:

@@ -46,6 +46,9 @@ serve it take all its requests and durable deliveries (its durable consumer, kep
 restarts, holds them meanwhile: nothing is dead-lettered for it), and where no node serves it a request
 gets ``plugin.not_found`` ("no node serves") at once; ``list`` and ``stats`` show it ``loading``. It
 joins (its subscriptions made) when its ``lifecycle.load`` event fires.
+
+What plugins log is captured by host/node/logbus.py (published on ``sandbus.log.<node>.<plugin>``, kept in
+a ring per plugin), and ``debug`` (host/node/debugstate.py) gathers one plugin's whole state for an operator.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -74,7 +77,10 @@ from sandbus.bus.plugin_bus import PluginBus, default_node_id
 from sandbus.bus.requests import check_json, internal_error
 from sandbus.host.lifecycle import PluginInfo, PluginManager
 from sandbus.host.lifecycle.policy import Policy
+from sandbus.host.node import logbus
+from sandbus.host.node.debugstate import AuditRing, debug_state
 from sandbus.host.node.hostfuncs import BusBridge, note_incoming_hops
+from sandbus.host.node.logbus import DEFAULT_LOG_RATE, PluginLogs
 from sandbus.host.sandbox import AuditEvent, AuditLevel, BudgetExceeded, CallResult
 from sandbus.host.sandbox.pool import NotInline
 from sandbus.host.telemetry.fast_spans import FastSpans, RequestTrace
@@ -125,13 +131,15 @@ class _Lane:
 
     __slots__ = ("executor", "gate", "inline_from", "limit", "max_waiting", "threaded", "timeout_s", "waiting")
 
-    def __init__(self, name: str, concurrency: int, timeout_s: float, max_waiting: int) -> None:
+    def __init__(self, name: str, concurrency: int, timeout_s: float, max_waiting: int,
+                 initializer: Callable[[], None] | None = None) -> None:
         # As many calls at once as the plugin has instances: the rest wait here, on the loop,
         # instead of in threads that would time out on the instance pool.
         self.gate = asyncio.Semaphore(concurrency)
         self.limit = concurrency
         # The plugin's own worker threads (created on demand, so a plugin that runs inline costs none).
-        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"sandbus-{name}")
+        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"sandbus-{name}",
+                                           initializer=initializer)
         #: the plugin's timeout: a waiting caller's deadline is its arrival plus this
         self.timeout_s = timeout_s
         self.max_waiting = max_waiting
@@ -165,6 +173,9 @@ class Node:
         telemetry: traces and metrics (default: configured from the ``OTEL_*`` environment).
         max_waiting: how many requests and direct messages per plugin may wait for one of its
             instances; beyond it a call is refused at once with an ``InstanceLimitError``.
+        bus_logs: publish plugins' log lines on ``sandbus.log.<node>.<plugin>`` (False: they are only
+            kept in the node's rings for ``debug``, and logged as before).
+        log_rate: log lines per second and plugin published; the excess is dropped and counted.
 
     Its :attr:`bus` is the :class:`~sandbus.bus.PluginBus` it handles; plugins reach it through the host
     functions of :meth:`create` (publish, request, kv).
@@ -173,7 +184,8 @@ class Node:
     def __init__(self, manager: PluginManager, options: ConnectOptions, *, node_id: str | None = None,
                  durable: bool = True, threads: int | None = None, version: str = "0.1.0",
                  inline_budget_s: float | None = 0.02, demote_s: float = 30.0,
-                 telemetry: Telemetry | None = None, max_waiting: int = DEFAULT_MAX_WAITING) -> None:
+                 telemetry: Telemetry | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
+                 bus_logs: bool = True, log_rate: float = DEFAULT_LOG_RATE) -> None:
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be 0 or more, found {max_waiting}")
         if threads is not None and threads < 1:
@@ -198,6 +210,12 @@ class Node:
         self._debug_telemetry: Telemetry | None = None
         #: plugins still loaded whose requests this node no longer takes (:meth:`withdraw`)
         self._withdrawn: set[str] = set()
+        #: what plugins log: rings for ``debug``, published on the bus unless ``bus_logs`` is off
+        self.logs = PluginLogs(self.node_id, version_of=self._versions.get, trace_id=self._trace_id,
+                               owns=self.manager.__contains__, publish=bus_logs, rate=log_rate,
+                               audit=self._audit_drops)
+        #: each plugin's latest audit events, for ``debug`` (filled on the loop)
+        self.recent_audit = AuditRing()
         manager.auditor.add_sink(self._on_audit)
         manager.auditor.add_sink(self.telemetry.on_audit)
         self.telemetry.observe(self._gauges)
@@ -224,15 +242,58 @@ class Node:
         # Worker threads and the span exporter hand the GIL back sooner: an inline call returning
         # from wasm then waits at most ~1 ms for it (see the module docstring).
         sys.setswitchinterval(0.001)
+        logbus.attach(self.logs)
+        logbus.claim_thread(self.logs)
         await self.bus.start()
+        self.logs.start(self._publish_log)
+        self.bus.on_close.append(self.logs.close)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Graceful: the bus drains and answers every message it accepted (see PluginBus.stop), then the
         plugins' threads end."""
         await self.bus.stop(timeout)
+        await self.logs.close()  # when the bus never started
         for lane in self._lanes.values():
             lane.executor.shutdown(wait=True, cancel_futures=False)
+        logbus.detach(self.logs)
         self.telemetry.shutdown()
+
+    # -- plugin logs -------------------------------------------------------------------------------
+
+    async def _publish_log(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        nc = self.bus.nc
+        if nc is None or not nc.is_connected:
+            raise ConnectionError("not connected")
+        await nc.publish(subject, data, headers=headers)
+
+    def _trace_id(self) -> str | None:
+        """The trace of the call logging on this thread: the fast path's inline request, else the current
+        OpenTelemetry span (threaded calls, messages), else None."""
+        fast = self.telemetry.fast
+        if fast is not None:
+            rt = fast.current
+            if rt is not None and fast.current_thread == threading.get_ident():
+                return rt.trace_id
+        context = trace.get_current_span().get_span_context()
+        return format(context.trace_id, "032x") if context.is_valid else None
+
+    def _audit_drops(self, plugin: str, dropped: int) -> None:
+        self.manager.auditor.emit(AuditLevel.WARNING, "log.dropped", plugin,
+                                  f"{dropped} log line(s) were not published: over the {self.logs.rate:g} "
+                                  "lines/s cap or the node's log queue was full", dropped=dropped,
+                                  rate=self.logs.rate)
+
+    def _claim_thread(self) -> None:
+        logbus.claim_thread(self.logs)
+
+    def debug_state(self, plugin: str) -> dict[str, Any]:
+        """Everything the node knows of ``plugin``, for an operator (bus/control.py documents each key).
+        Thread-safe: control requests call it from their threads.
+
+        Raises:
+            PluginNotFoundError: the node knows no plugin of that name.
+        """
+        return debug_state(self, plugin)
 
     def _on_audit(self, event: AuditEvent) -> None:
         # Also while stopping: the calls being drained are still audited (published until disconnected).
@@ -247,6 +308,8 @@ class Node:
             if event.kind in ("lifecycle.load", "lifecycle.reload", "lifecycle.unload") and event.plugin:
                 self._withdrawn.discard(event.plugin)
             self.bus.sync_soon()
+        if event.plugin:
+            self.recent_audit.add(event)
         self.bus.publish_audit(event)
 
     # -- the bus's handler (sandbus.bus.handler.BusHandler) -----------------------------------------
@@ -356,6 +419,8 @@ class Node:
         if verb == "unload":
             self.manager.unload(plugin, force=force)
             return {"unloaded": plugin}
+        if verb == "debug":
+            return self.debug_state(plugin)
         raise ValueError(f"unknown control verb {verb!r}")
 
     def describe(self, stats: bool) -> dict[str, Any]:
@@ -427,7 +492,8 @@ class Node:
                 or lane.max_waiting != self.max_waiting):
             # The old lane is dropped, not shut down: calls waiting at its gate still run on its
             # threads (on the new version), which end once it is garbage.
-            lane = self._lanes[name] = _Lane(name, concurrency, limits.timeout_s, self.max_waiting)
+            lane = self._lanes[name] = _Lane(name, concurrency, limits.timeout_s, self.max_waiting,
+                                             self._claim_thread)
         if not inline:
             lane.inline_from = None  # the sandbox refuses anyway: skip the attempt
         elif lane.inline_from is None:

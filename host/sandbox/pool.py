@@ -13,16 +13,22 @@ shutdowns a release or a close starts there are handed to a background thread.
 
 A plugin with ``isolation = "per-call"`` pools slots instead of instances (host/sandbox/percall.py): the
 same bound on calls at once, but each call builds its own instance and drops it.
+
+For the debug view the pool keeps an inventory of its live instances (:meth:`InstancePool.inventory`):
+a number for each, the calls it served, whether it is busy and the memory its latest call left it.
+Keeping it costs one dictionary update per call; reading it never touches an instance's store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from sandbus.host.sandbox.instance import PluginInstance
 from sandbus.sdk.errors import InstanceLimitError
@@ -91,6 +97,9 @@ class InstancePool:
         self._cond = threading.Condition()
         self._waiting = 0
         self.replaced = 0
+        #: live instances -> [their number in this pool, calls they took]
+        self._live: dict[PluginInstance, list[int]] = {}
+        self._numbers = itertools.count(1)
 
     @property
     def size(self) -> int:
@@ -105,10 +114,33 @@ class InstancePool:
         with self._cond:
             return self._created - len(self._idle)
 
+    def inventory(self) -> list[dict[str, Any]]:
+        """The live instances, by number: ``{"id", "memory_bytes", "busy", "calls"}``; ``memory_bytes`` is
+        the linear memory its latest call left (0 before its first call)."""
+        with self._cond:
+            live = list(self._live.items())
+            idle = {id(inst) for inst in self._idle}
+        out = []
+        for inst, (number, calls) in sorted(live, key=lambda item: item[1][0]):
+            stats = getattr(getattr(inst, "ctx", None), "stats", None)
+            memory = getattr(stats, "memory_bytes", 0)
+            out.append({"id": number, "memory_bytes": memory if isinstance(memory, int) else 0,
+                        "busy": id(inst) not in idle, "calls": calls})
+        return out
+
+    def _count(self, inst: PluginInstance) -> PluginInstance:
+        entry = self._live.get(inst)
+        if entry is not None:
+            entry[1] += 1  # one caller holds the instance: nobody else writes its count now
+        return inst
+
     def warm(self, count: int) -> None:
         """Create instances ahead of the first calls (on the calling thread: never call it on an event loop)."""
         fresh = [self.acquire() for _ in range(min(count, self.max_instances))]
         for inst in fresh:
+            entry = self._live.get(inst)
+            if entry is not None:
+                entry[1] -= 1  # warming is not a call
             self.release(inst)
 
     def try_acquire(self) -> PluginInstance | None:
@@ -118,7 +150,7 @@ class InstancePool:
         :meth:`acquire`), which also builds the replacement of an instance that failed.
         """
         try:
-            return self._idle.pop()  # atomic; a closed pool's idle list is empty
+            return self._count(self._idle.pop())  # atomic; a closed pool's idle list is empty
         except IndexError:
             return None
 
@@ -129,7 +161,7 @@ class InstancePool:
         # Fast path without the condition's lock: list.pop is atomic, and a pool that is
         # closed has an empty idle list, so what we pop is always a live instance.
         try:
-            return self._idle.pop()
+            return self._count(self._idle.pop())
         except IndexError:
             pass
         wait_s = self._timeout if timeout_s is None else timeout_s
@@ -139,7 +171,7 @@ class InstancePool:
                 if self._closed:
                     raise InstanceLimitError("the sandbox is closed", plugin=self.plugin)
                 if self._idle:
-                    return self._idle.pop()
+                    return self._count(self._idle.pop())
                 if self._created < self.max_instances:
                     self._created += 1
                     break
@@ -157,12 +189,15 @@ class InstancePool:
                 finally:
                     self._waiting -= 1
         try:
-            return self._factory()
+            inst = self._factory()
         except BaseException:
             with self._cond:
                 self._created -= 1
                 self._cond.notify()
             raise
+        with self._cond:
+            self._live[inst] = [next(self._numbers), 1]
+        return inst
 
     def release(self, inst: PluginInstance) -> None:
         if not inst.poisoned and not self._closed and not self._waiting:
@@ -175,6 +210,7 @@ class InstancePool:
         with self._cond:
             if inst.poisoned or self._closed:
                 self._created -= 1
+                self._live.pop(inst, None)
                 if inst.poisoned:
                     self.replaced += 1
                 else:
@@ -198,6 +234,8 @@ class InstancePool:
             while self._idle:
                 idle.append(self._idle.pop())
             self._created -= len(idle)
+            for inst in idle:
+                self._live.pop(inst, None)
         if idle:
             _off_loop(lambda: _shutdown_all(idle))
 

@@ -1,0 +1,416 @@
+"""Plugin log lines on the bus: captured where guests log, published off the request path.
+
+A guest's ``log()`` and its stdout/stderr reach the Python logger ``sandbus.plugin.<name>``
+(host/sandbox/instance.py: one record per line, control characters escaped). A node captures those
+records with one :class:`logging.Handler` on ``sandbus.plugin`` and publishes each line on
+``sandbus.log.<node>.<plugin>`` (docs/protocol.md has the record). Why it is shaped this way:
+
+* The handler runs in the calling thread -- the event loop for an inline call, a worker thread
+  otherwise -- inside the plugin's call. So it does only what must happen there: stamp the line
+  (time, level, plugin, serving version, the call's trace id), append it to the plugin's ring
+  and to one bounded queue, and wake the loop at most once per batch. No JSON, no NATS, one
+  short lock. A plugin that does not log costs nothing: no record is ever made for it.
+* A loop task drains the queue and publishes. Each plugin has a token bucket (lines per
+  second): what exceeds it is dropped and counted, the count goes out in the ``dropped`` field
+  of the plugin's next published line and in a ``log.dropped`` audit event (at most one per
+  plugin per interval). The queue is bounded too: a line that finds it full is counted the same
+  way, never waited for. A flooding plugin therefore costs the node a bounded amount of work and
+  memory, and never holds up another plugin's calls.
+* Each line gets ``seq``, increasing per node, when it is captured: a follower that sees a gap
+  knows it missed lines (dropped here, or lost by core NATS).
+* Each plugin's last lines stay in a ring on the node (``sandbus debug`` shows them) whether or not
+  they were published.
+
+The per-call cap (``Limits.log_bytes``) applies before any of this: what exceeds it never becomes a
+record. Each message is bounded again here (:data:`MAX_LOG_MESSAGE`), so a line is always far below
+the NATS max payload, and published as one JSON message: a guest line can never become two records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from sandbus.host.sandbox.guest_text import escape_controls
+from sandbus.sdk.envelope import CONTENT_TYPE, H_CONTENT_TYPE, H_NODE
+from sandbus.sdk.subjects import log_subject
+
+__all__ = [
+    "DEFAULT_LOG_RATE",
+    "DEFAULT_RING_SIZE",
+    "LOG_LEVELS",
+    "MAX_LOG_MESSAGE",
+    "LogLine",
+    "PluginLogs",
+    "iso_time",
+]
+
+log = logging.getLogger("sandbus.node")
+
+#: Where guest output is logged: ``sandbus.plugin.<name>``.
+PLUGIN_LOGGER = "sandbus.plugin"
+_PREFIX_LEN = len(PLUGIN_LOGGER) + 1
+#: Characters of one message kept (the rest is cut and said so); the per-call cap bounds the total.
+MAX_LOG_MESSAGE = 8192
+#: Lines per plugin each node keeps for the debug view.
+DEFAULT_RING_SIZE = 200
+#: Lines per second and plugin published on the bus (the burst allowed is one second's worth).
+DEFAULT_LOG_RATE = 200.0
+#: Lines waiting to be published, all plugins together.
+DEFAULT_QUEUE_SIZE = 10_000
+#: Seconds between two ``log.dropped`` audit events of one plugin.
+DROP_AUDIT_INTERVAL_S = 1.0
+#: Plugins with a ring: names come from loaded plugins only, the bound is a backstop.
+MAX_RING_PLUGINS = 4096
+
+#: Python logging levels -> the record's ``level``.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_STREAMS = {"[stdout] ": "stdout", "[stderr] ": "stderr"}
+
+
+def _level_name(levelno: int) -> str:
+    if levelno >= logging.ERROR:
+        return "error"
+    if levelno >= logging.WARNING:
+        return "warning"
+    if levelno >= logging.INFO:
+        return "info"
+    return "debug"
+
+
+def iso_time(ts: float) -> str:
+    """``ts`` (Unix seconds) as ISO 8601 UTC with microseconds: ``2026-12-03T08:00:00.123456Z``."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class LogLine:
+    """One captured line. ``dropped`` is set when it is published (lines dropped just before it)."""
+
+    __slots__ = ("dropped", "level", "message", "plugin", "seq", "stream", "trace_id", "ts", "version")
+
+    def __init__(self, ts: float, level: str, plugin: str, version: str | None, stream: str | None,
+                 message: str, trace_id: str | None, seq: int) -> None:
+        self.ts = ts
+        self.level = level
+        self.plugin = plugin
+        self.version = version
+        self.stream = stream
+        self.message = message
+        self.trace_id = trace_id
+        self.seq = seq
+        self.dropped = 0
+
+    def to_dict(self, node: str) -> dict[str, Any]:
+        """The record as published (docs/protocol.md, docs/schemas/log-line.schema.json)."""
+        return {"ts": iso_time(self.ts), "node": node, "plugin": self.plugin, "version": self.version,
+                "level": self.level, "stream": self.stream, "message": self.message,
+                "trace_id": self.trace_id, "seq": self.seq, "dropped": self.dropped}
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_LOG_MESSAGE:
+        return message
+    return f"{message[:MAX_LOG_MESSAGE]}... ({len(message) - MAX_LOG_MESSAGE} characters cut)"
+
+
+class PluginLogs:
+    """One node's capture of its plugins' log lines: rings, the publish queue, and the publisher.
+
+    Parameters:
+        node_id: the node (in every record and subject).
+        version_of: the serving version of a plugin (None when unknown); called in the logging thread.
+        trace_id: the current call's trace id (32 hex) or None; called in the logging thread.
+        owns: whether a plugin is this node's (to route a line logged outside the node's threads
+            when several nodes share a process).
+        publish: publish lines on the bus (False: rings only, ``--no-bus-logs``).
+        rate: lines per second and plugin published; the excess is dropped and counted.
+        ring_size: lines per plugin kept for the debug view.
+        queue_size: lines waiting to be published, all plugins together.
+        audit: ``(plugin, dropped)``: raise the ``log.dropped`` audit event (on the loop).
+    """
+
+    def __init__(self, node_id: str, *, version_of: Callable[[str], str | None],
+                 trace_id: Callable[[], str | None], owns: Callable[[str], bool], publish: bool = True,
+                 rate: float = DEFAULT_LOG_RATE, ring_size: int = DEFAULT_RING_SIZE,
+                 queue_size: int = DEFAULT_QUEUE_SIZE,
+                 audit: Callable[[str, int], None] | None = None) -> None:
+        if rate <= 0:
+            raise ValueError(f"log rate must be positive, found {rate}")
+        if ring_size < 1 or queue_size < 1:
+            raise ValueError("ring and queue sizes must be 1 or more")
+        self.node_id = node_id
+        self.publishing = publish
+        self.rate = rate
+        self.ring_size = ring_size
+        self.queue_size = queue_size
+        self._version_of = version_of
+        self._trace_id = trace_id
+        self._owns = owns
+        self._audit = audit
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._rings: dict[str, deque[LogLine]] = {}
+        self._queue: deque[LogLine] = deque()
+        #: lines that found the queue full, per plugin, since the drain last looked (under the lock)
+        self._overflow: dict[str, int] = {}
+        self._woken = False
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._event: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._publish: Callable[..., Any] | None = None
+        #: per plugin: [tokens, last refill (monotonic)]
+        self._buckets: dict[str, list[float]] = {}
+        #: per plugin: lines dropped since its last published line
+        self._dropped: dict[str, int] = {}
+        #: per plugin: lines dropped since its last log.dropped audit event, and the pending timers
+        self._unaudited: dict[str, int] = {}
+        self._subjects: dict[str, str] = {}
+        self._headers = {H_CONTENT_TYPE: CONTENT_TYPE, H_NODE: node_id}
+        #: counters for stats and tests: lines captured, published, dropped (rate cap and queue)
+        self.captured = 0
+        self.published = 0
+        self.dropped = 0
+
+    # -- capture (any thread) ------------------------------------------------------------------------
+
+    def take(self, record: logging.LogRecord) -> None:
+        """Capture one record of ``sandbus.plugin.<name>`` (the logging thread; must stay cheap)."""
+        plugin = record.name[_PREFIX_LEN:]
+        args = record.args
+        stream: str | None = None
+        if record.msg == "%s%s" and isinstance(args, tuple) and len(args) == 2:
+            # CallContext.log's record: (stream prefix, one escaped line)
+            prefix = str(args[0])
+            stream = _STREAMS.get(prefix) if prefix else None
+            message = str(args[1])
+            if prefix and stream is None:
+                message = escape_controls(prefix) + message
+        else:  # logged by something else under the plugin's name: made one safe line here
+            message = escape_controls(record.getMessage())
+        line = LogLine(record.created, _level_name(record.levelno), plugin, self._version_of(plugin), stream,
+                       _bounded(message), self._trace_id(), 0)
+        wake = False
+        with self._lock:
+            self._seq += 1
+            line.seq = self._seq
+            self.captured += 1
+            ring = self._rings.get(plugin)
+            if ring is None:
+                if len(self._rings) >= MAX_RING_PLUGINS:
+                    del self._rings[next(iter(self._rings))]
+                ring = self._rings[plugin] = deque(maxlen=self.ring_size)
+            ring.append(line)
+            if self._event is not None:
+                if len(self._queue) >= self.queue_size:
+                    self._overflow[plugin] = self._overflow.get(plugin, 0) + 1
+                else:
+                    self._queue.append(line)
+                if not self._woken:
+                    self._woken = wake = True
+        if wake:
+            self._wake()
+
+    def _wake(self) -> None:
+        loop, event = self._loop, self._event
+        if loop is None or event is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            event.set()
+        else:
+            # RuntimeError: the loop closed meanwhile, nothing will be published any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
+
+    def recent(self, plugin: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The plugin's last lines on this node (oldest first), as records."""
+        with self._lock:
+            ring = self._rings.get(plugin)
+            lines = list(ring) if ring is not None else []
+        if limit is not None:
+            lines = lines[-limit:] if limit > 0 else []
+        return [line.to_dict(self.node_id) for line in lines]
+
+    def owns(self, plugin: str) -> bool:
+        return self._owns(plugin)
+
+    # -- publishing (the event loop) -----------------------------------------------------------------
+
+    def start(self, publish: Callable[..., Any]) -> None:
+        """Publish from now on through ``publish`` (a NATS client's ``publish``; loop thread only)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        if not self.publishing:
+            return
+        self._publish = publish
+        self._event = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Publish what is queued (bounded by ``timeout``), then stop publishing."""
+        task, event = self._task, self._event
+        if task is None or event is None:
+            return
+        with self._lock:
+            self._event = None  # lines captured from now on stay in the rings only
+        self._closing = True
+        event.set()
+        try:
+            await asyncio.wait_for(task, timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            task.cancel()
+        self._task = None
+
+    async def _run(self) -> None:
+        event = self._event
+        assert event is not None
+        while True:
+            await event.wait()
+            event.clear()
+            with self._lock:
+                self._woken = False
+            try:
+                await self._drain()
+            except Exception:  # the publisher must outlive any one line
+                log.exception("publishing plugin log lines failed")
+            if self._closing:
+                return
+
+    async def _drain(self) -> None:
+        queue, publish = self._queue, self._publish
+        assert publish is not None
+        with self._lock:
+            overflow, self._overflow = self._overflow, {}
+        for plugin, count in overflow.items():
+            self._drop(plugin, count)
+        now = time.monotonic()
+        while queue:
+            line = queue.popleft()
+            plugin = line.plugin
+            bucket = self._buckets.get(plugin)
+            if bucket is None:
+                if len(self._buckets) >= MAX_RING_PLUGINS:
+                    self._buckets.clear()
+                bucket = self._buckets[plugin] = [self.rate, now]
+            else:
+                bucket[0] = min(self.rate, bucket[0] + (now - bucket[1]) * self.rate)
+                bucket[1] = now
+            if bucket[0] < 1.0:
+                self._drop(plugin, 1)
+                continue
+            bucket[0] -= 1.0
+            line.dropped = self._dropped.pop(plugin, 0)
+            subject = self._subjects.get(plugin)
+            if subject is None:
+                subject = self._subjects[plugin] = log_subject(self.node_id, plugin)
+            try:
+                await publish(subject, orjson.dumps(line.to_dict(self.node_id)), headers=self._headers)
+                self.published += 1
+            except Exception as e:  # disconnected: the line is lost, counted for the next one
+                log.debug("log line publish failed: %r", e)
+                self._drop(plugin, 1 + line.dropped)
+            now = time.monotonic()
+
+    def _drop(self, plugin: str, count: int) -> None:
+        self.dropped += count
+        self._dropped[plugin] = self._dropped.get(plugin, 0) + count
+        pending = self._unaudited.get(plugin)
+        self._unaudited[plugin] = (pending or 0) + count
+        if pending is None and self._audit is not None and self._loop is not None:
+            self._loop.call_later(DROP_AUDIT_INTERVAL_S, self._audit_drops, plugin)
+
+    def _audit_drops(self, plugin: str) -> None:
+        count = self._unaudited.pop(plugin, 0)
+        if count and self._audit is not None:
+            self._audit(plugin, count)
+
+
+class _Dispatch(logging.Handler):
+    """The one handler on ``sandbus.plugin``: hands each record to the node it belongs to.
+
+    A record is the node's whose thread logged it (its event loop, its plugins' worker threads); a
+    line logged elsewhere (a plugin's ``sandbus_init`` while loading) goes to every node that has
+    the plugin, which is the one node there is outside of tests.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.hubs: list[PluginLogs] = []
+        self.threads: dict[int, PluginLogs] = {}
+
+    def handle(self, record: logging.LogRecord) -> bool:  # no handler lock, no filters: see take()
+        hub = self.threads.get(threading.get_ident())
+        if hub is not None:
+            hub.take(record)
+            return True
+        hubs = self.hubs
+        if len(hubs) == 1:
+            hubs[0].take(record)
+            return True
+        plugin = record.name[_PREFIX_LEN:]
+        for h in list(hubs):
+            if h.owns(plugin):
+                h.take(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+
+_dispatch_lock = threading.Lock()
+_dispatch: _Dispatch | None = None
+
+
+def attach(hub: PluginLogs) -> None:
+    """Capture ``sandbus.plugin`` records for ``hub`` from now on (the first one installs the handler).
+
+    The plugin logger is set to DEBUG, so a guest's debug lines reach the rings and the bus; the
+    handlers above it that had no level of their own (the node's stderr) are pinned to the level
+    they printed at before, so the node's own output does not change.
+    """
+    global _dispatch
+    with _dispatch_lock:
+        if _dispatch is None:
+            logger = logging.getLogger(PLUGIN_LOGGER)
+            _pin_handler_levels(logger)
+            _dispatch = _Dispatch()
+            logger.addHandler(_dispatch)
+            logger.setLevel(logging.DEBUG)
+        if hub not in _dispatch.hubs:
+            _dispatch.hubs = [*_dispatch.hubs, hub]
+
+
+def detach(hub: PluginLogs) -> None:
+    """Stop capturing for ``hub`` (the handler stays, cheap, for the process's other nodes)."""
+    with _dispatch_lock:
+        if _dispatch is not None:
+            _dispatch.hubs = [h for h in _dispatch.hubs if h is not hub]
+            _dispatch.threads = {t: h for t, h in _dispatch.threads.items() if h is not hub}
+
+
+def claim_thread(hub: PluginLogs) -> None:
+    """The calling thread logs for ``hub`` (a node's loop thread, its plugins' worker threads)."""
+    with _dispatch_lock:
+        if _dispatch is not None:
+            _dispatch.threads = {**_dispatch.threads, threading.get_ident(): hub}
+
+
+def _pin_handler_levels(logger: logging.Logger) -> None:
+    """Give each handler above ``logger`` with no level of its own the level ``logger`` logs at now."""
+    level = logger.getEffectiveLevel()
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if handler.level == logging.NOTSET:
+                handler.setLevel(level)
+        current = current.parent if current.propagate else None
