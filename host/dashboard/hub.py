@@ -52,7 +52,7 @@ def sse_event(name: str, data: Any) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data, default=str) + b"\n\n"
 
 
-@dataclass
+@dataclass(eq=False)  # each stream is its own listener (hashed by identity)
 class Listener:
     """One open event stream: its queue of encoded events, and whether it was cut off."""
 

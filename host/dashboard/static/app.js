@@ -379,8 +379,7 @@ function applySnapshot(s) {
   state.deploys = s.deploys || {};
   state.audit = [];
   state.logs = [];
-  $("mode").textContent = state.info.control ? (state.token ? "control allowed" : "control needs the token URL")
-                                             : "read-only";
+  readToken();
   $("audit-rows").replaceChildren();
   renderNodes();
   renderDeploys();
@@ -429,12 +428,18 @@ function readToken() {
     history.replaceState(null, "", location.pathname + location.search);
   }
   state.token = sessionStorage.getItem("sandbus-token");
+  $("mode").textContent = state.info.control ? (state.token ? "control allowed" : "control needs the token URL")
+                                             : "read-only";
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   readToken();
+  window.addEventListener("hashchange", () => { readToken(); renderPlugins(); });
   $("plugin-filter").addEventListener("input", () => renderPlugins());
-  for (const id of ["log-plugin", "log-level", "log-text"]) $(id).addEventListener("input", renderLogs);
+  for (const id of ["log-plugin", "log-level", "log-text"]) {
+    $(id).addEventListener("input", renderLogs);
+    $(id).addEventListener("change", renderLogs);
+  }
   $("debug-close").addEventListener("click", closeDebug);
   $("debug-refresh").addEventListener("click", loadDebug);
   connect();
