@@ -67,7 +67,7 @@ and in each plugin object:
     plugin             string   the plugin
     status             string   as in ``list``
     version            string|null  the serving version (for a failed plugin: the declared one, if read)
-    kind               string|null  "core" | "component" | "extism" (null when not serving)
+    kind               string|null  "module" | "component" | "extism" (null when not serving)
     isolation          string|null  "pooled" | "per-call" (null when not serving)
     sha256             string|null  digest of the serving module
     last_loaded        string|null  when the serving version was put in service (ISO 8601, UTC)
@@ -78,7 +78,7 @@ and in each plugin object:
       id               int      the instance's number in its pool (1, 2, ...; a replaced one gets a new one)
       memory_bytes     int      its linear memory after its latest call (its initial memory before one)
       busy             bool     a call holds it now
-      calls            int      calls it took
+      calls            int      calls into the guest it served (requests, messages, health checks)
     in_flight          int      calls running now
     queue_depth        int      calls waiting for an instance on this node
     counters           object   executions, errors, host_errors, rejected, fuel_used, last_fuel_used
