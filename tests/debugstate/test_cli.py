@@ -1,0 +1,131 @@
+"""``sandbus logs`` and ``sandbus debug`` end to end: a `sandbus node` child process, the CLI as a child too."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sandbus.bus.server import NatsServer
+from sandbus.sdk.client import Client
+from tests.bus.conftest import ROOT, NodeProcess
+
+HOSTILE = "\x1b[31mred\x1b[0m [bold]x[/bold] \x1b]0;title\x07"
+ESCAPED = "\\x1b[31mred\\x1b[0m [bold]x[/bold] \\x1b]0;title\\x07"
+
+
+@pytest.fixture
+def cli_node(log_plugins: Path, nats: NatsServer, tmp_path: Path) -> Iterator[NodeProcess]:
+    node = NodeProcess("cli1", log_plugins, nats.url, tmp_path / "cli1.log", "--no-durable")
+    try:
+        node.wait_ready()
+        yield node
+    finally:
+        node.terminate()
+
+
+def sandbus(url: str, *args: str, color: bool = False) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "COLUMNS": "200"}
+    if color:  # rich writes its own styles: the guest's escape sequences must still be inert text
+        env["FORCE_COLOR"] = "1"
+    else:
+        env.pop("FORCE_COLOR", None)
+        env["NO_COLOR"] = "1"
+    return subprocess.run([sys.executable, "-m", "sandbus", *args, "--nats", url], capture_output=True,
+                          timeout=60, cwd=ROOT, env=env)
+
+
+async def _say(url: str, text: str, level: int = 2) -> None:
+    async with await Client.connect(url) as client:
+        await client.request("logger", "say", {"text": text, "level": level})
+
+
+async def test_logs_prints_the_rings_merged_with_hostile_text_inert(cli_node: NodeProcess, nats: NatsServer) -> None:
+    await _say(nats.url, "a debug line", level=1)
+    await _say(nats.url, HOSTILE, level=3)
+    await _say(nats.url, "an info line")
+    async with await Client.connect(nats.url) as client:
+        await client.request("flooder", "say", {"text": "flooder's line"})
+    plain = sandbus(nats.url, "logs", "logger")
+    assert plain.returncode == 0, plain.stderr
+    out = plain.stdout.decode()
+    assert "a debug line" in out
+    assert ESCAPED in out  # markup shown as text, escape sequences as visible escapes
+    assert "\x1b" not in out
+    assert "flooder's line" not in out
+    assert "cli1 logger@1.2.3 WARNING" in out
+    colored = sandbus(nats.url, "logs", "logger", "--level", "warning", color=True)
+    assert colored.returncode == 0, colored.stderr
+    text = colored.stdout.decode()
+    assert "\x1b[31mred" not in text  # rich's own styles only
+    assert "[bold]x[/bold]" in text
+    assert "a debug line" not in text
+    as_json = sandbus(nats.url, "logs", "--json")
+    lines = [orjson.loads(x) for x in as_json.stdout.splitlines()]
+    assert {x["plugin"] for x in lines} == {"logger", "flooder"}
+    assert [x["ts"] for x in lines] == sorted(x["ts"] for x in lines)
+    assert any(x["message"] == ESCAPED for x in lines)
+    # The node's stderr keeps its level: the guest's info line is there, its debug line is not.
+    output = cli_node.output()
+    assert "[plugin logger] INFO an info line" in output
+    assert "a debug line" not in output
+
+
+async def test_logs_follow_prints_new_lines_as_they_come(cli_node: NodeProcess, nats: NatsServer) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandbus", "logs", "logger", "-f", "--json", "--nats", nats.url, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        seen: list[dict[str, object]] = []
+
+        async def read_until(message: str) -> None:
+            while not any(x["message"] == message for x in seen):
+                assert proc.stdout is not None
+                raw = await proc.stdout.readline()
+                assert raw, "sandbus logs -f ended"
+                seen.append(orjson.loads(raw))
+
+        # The follower subscribes at some point after it starts: say lines until one arrives, bounded.
+        async with asyncio.timeout(30):
+            for i in range(10_000):
+                await _say(nats.url, f"live {i}")
+                try:
+                    async with asyncio.timeout(0.5):
+                        await read_until(f"live {i}")
+                    break
+                except TimeoutError:
+                    continue
+            await _say(nats.url, "one more")
+            await read_until("one more")
+        keys = [(x["node"], x["seq"]) for x in seen]
+        assert len(keys) == len(set(keys)), "a line printed twice (ring and live)"
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+
+
+async def test_debug_prints_the_state_and_json(cli_node: NodeProcess, nats: NatsServer) -> None:
+    await _say(nats.url, HOSTILE)
+    as_json = sandbus(nats.url, "debug", "logger", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    (state,) = orjson.loads(as_json.stdout)
+    assert (state["node_id"], state["plugin"], state["version"]) == ("cli1", "logger", "1.2.3")
+    assert state["recent_logs"][-1]["message"] == ESCAPED
+    shown = sandbus(nats.url, "debug", "logger", "--node", "cli1", color=True)
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.decode()
+    for part in ("logger", "cli1", "instances", "latency", "recent log lines", "[bold]x[/bold]"):
+        assert part in text, part
+    assert "\x1b[31mred" not in text
+    missing = sandbus(nats.url, "debug", "ghost")
+    assert missing.returncode == 6
+    assert b"no node has plugin 'ghost'" in missing.stderr
+    bad = sandbus(nats.url, "logs", "--level", "loud")
+    assert bad.returncode == 2
