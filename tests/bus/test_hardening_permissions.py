@@ -2,7 +2,8 @@
 
 The node connects as the ``sandbus-node`` user and must get everything it uses (its subscriptions,
 streams, durable consumers, replies, audit, plugin publishes) without one permission violation in
-the server's log; a ``client`` may call plugins but not control nodes; an ``operator`` may.
+the server's log; a ``client`` may call plugins but not control nodes; an ``operator`` may; a ``viewer``
+may watch (discovery, list, stats, debug, the audit trail, plugin log lines) and nothing else.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ import pytest
 
 from sandbus.bus.server import NatsServer
 from sandbus.sdk.client import Client
-from sandbus.sdk.errors import BusError, PluginNotFoundError, RequestTimeoutError, SecurityViolationError
+from sandbus.sdk.errors import (
+    BusError,
+    PluginNotFoundError,
+    RequestTimeoutError,
+    SandbusError,
+    SecurityViolationError,
+)
 from tests.bus.conftest import NodeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "nats" / "permissions.conf"
 PASSWORDS = {"sandbus-node": "node-secret", "operator": "operator-secret", "client": "client-secret",
-             "publisher": "publisher-secret"}
+             "publisher": "publisher-secret", "viewer": "viewer-secret"}
 
 StartNode = Callable[..., NodeProcess]
 
@@ -37,7 +44,8 @@ def secured_server(tmp_path: Path) -> Iterator[NatsServer]:
            "SANDBUS_NODE_PASSWORD": PASSWORDS["sandbus-node"],
            "SANDBUS_OPERATOR_PASSWORD": PASSWORDS["operator"],
            "SANDBUS_CLIENT_PASSWORD": PASSWORDS["client"],
-           "SANDBUS_PUBLISHER_PASSWORD": PASSWORDS["publisher"]}
+           "SANDBUS_PUBLISHER_PASSWORD": PASSWORDS["publisher"],
+           "SANDBUS_VIEWER_PASSWORD": PASSWORDS["viewer"]}
     server = NatsServer(config=CONFIG, jetstream=False, store_dir=store, env=env).start()
     try:
         yield server
@@ -215,3 +223,65 @@ async def test_f17_node_has_what_it_needs(secured_server: NatsServer, start_node
     assert violations(secured_server, "sandbus-node") == []
     assert violations(secured_server, "operator") == []
     assert violations(secured_server, "client") == []
+
+
+async def test_node_publishes_log_lines_and_a_viewer_watches_but_cannot_act(
+        secured_server: NatsServer, start_node: StartNode, bus_plugins: Path,
+        c_guest_flags: Callable[..., Path]) -> None:
+    """The node publishes its plugins' log lines as ``sandbus-node`` with no violation; the ``viewer`` follows
+    them, lists, reads stats, debug state and the audit trail, and is refused every action."""
+    start_secured_node(start_node, secured_server, bus_plugins, c_guest_flags)
+    url = secured_server.url
+    client_errors, viewer_errors, operator_errors = Connected(), Connected(), Connected()
+    async with await client_errors.connect(url, "client") as client, \
+            await viewer_errors.connect(url, "viewer") as viewer, \
+            await operator_errors.connect(url, "operator") as operator:
+        # text_processor logs a debug line for every request: the viewer (and the operator) follow it.
+        async with viewer.logs("text_processor") as lines, operator.logs("text_processor") as operator_lines:
+            await client.request("text_processor", "handle_request", {"action": "get_status"})
+            line = await asyncio.wait_for(anext(aiter(lines)), 10)
+            assert (await asyncio.wait_for(anext(aiter(operator_lines)), 10))["seq"] == line["seq"]
+        assert (line["node"], line["plugin"], line["level"]) == ("n1", "text_processor", "debug")
+        assert line["message"].startswith("text_processor: request of ")
+
+        # Watching: discovery, list, stats, debug, the audit trail (live and from the stream).
+        assert [v["node_id"] for v in await viewer.nodes(timeout=1.0)] == ["n1"]
+        assert "plugins" in await viewer.control("n1", "list")
+        (state,) = await viewer.debug("text_processor")
+        assert state["recent_logs"][-1]["seq"] == line["seq"]
+        audit = await viewer.nc.subscribe("sandbus.audit.>")
+        await viewer.nc.flush()
+        with pytest.raises(SandbusError):
+            await client.request("text_processor", "no_such_function", {})
+        assert orjson.loads((await audit.next_msg(timeout=5)).data)["kind"] == "request.refused"
+        js = viewer.nc.jetstream()
+        assert orjson.loads((await js.get_last_msg("SANDBUS_AUDIT", "sandbus.audit.n1")).data or b"{}")["kind"]
+        replay = await js.subscribe("sandbus.audit.>", stream="SANDBUS_AUDIT", ordered_consumer=True)
+        assert orjson.loads((await replay.next_msg(timeout=5)).data)["kind"]
+        await replay.unsubscribe()
+        assert viewer_errors.errors == []
+
+        # Acting: every control verb that changes a node, and every request, message or topic, is refused
+        # by the server (no reply reaches the viewer: a typed timeout) and logged as a violation.
+        for verb in ("unload", "reload", "load"):
+            with pytest.raises(RequestTimeoutError):
+                await viewer.control("n1", verb, {"plugin": "echo"}, timeout=1.0)
+            await viewer_errors.wait_error(rf'permissions violation for publish to "sandbus\.node\.n1\.{verb}"')
+        with pytest.raises(RequestTimeoutError):
+            await viewer.request("echo", "handle_request", {}, timeout=1.0)
+        await viewer_errors.wait_error(r'permissions violation for publish to "sandbus\.req\.echo')
+        await viewer.nc.publish("sandbus.msg.echo", b"{}")
+        await viewer_errors.wait_error(r'permissions violation for publish to "sandbus\.msg\.echo"')
+        await viewer.nc.publish("sandbus.log.n1.echo", b'{"forged": true}')
+        await viewer_errors.wait_error(r'permissions violation for publish to "sandbus\.log\.n1\.echo"')
+        await viewer.nc.subscribe("sandbus.req.>")
+        await viewer_errors.wait_error(r'permissions violation for subscription to "sandbus\.req\.>"')
+        assert await client.request("echo", "handle_request", ["still served"]) == ["still served"]
+        # ... and a client may not follow the logs.
+        await client.nc.subscribe("sandbus.log.>")
+        await client_errors.wait_error(r'permissions violation for subscription to "sandbus\.log\.>"')
+        assert operator_errors.errors == []
+
+    assert violations(secured_server, "sandbus-node") == []
+    assert violations(secured_server, "operator") == []
+    assert len(violations(secured_server, "viewer")) >= 7
