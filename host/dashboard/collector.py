@@ -115,9 +115,16 @@ class Collector:
             self.hub.flush()
 
     async def _poll_loop(self) -> None:
+        """One round every ``interval`` on a fixed schedule (a slow round, such as a discovery that waits for
+        answers, does not stretch the period; rounds that fall behind are skipped, never run back to back)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            started = time.monotonic()
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+            due += self.interval
+            now = loop.time()
+            if due < now:
+                due = now + self.interval - (now - due) % self.interval
+            await asyncio.sleep(due - now)
             try:
                 await self._round()
             except Exception:  # one bad round (a disconnect) must not end the dashboard
@@ -129,7 +136,9 @@ class Collector:
         discover = self.rounds % self.discover_every == 0
         self.rounds += 1
         if discover:
-            replies: list[Any] = list(await self.client.nodes(timeout=min(self.timeout, 1.0)))
+            # answers to the discovery are awaited a bounded while (a node that answers later is still asked by
+            # name: it is known from the rounds before)
+            replies: list[Any] = list(await self.client.nodes(timeout=min(self.timeout, max(0.25, self.interval / 2))))
             self.requests_sent += len(replies)
             answered = {str(r.get("node_id")) for r in replies if isinstance(r, dict)}
             # a node that answered before but not to this discovery: asked once more by name below

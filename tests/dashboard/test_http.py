@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import time
+from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,9 +14,12 @@ import orjson
 import pytest
 
 from sandbus.sdk.client import Client
-from tests.dashboard.conftest import BEFORE, NODE, Stack
+from tests.dashboard.conftest import BEFORE, INTERVAL, NODE, Stack
 
 pytestmark = pytest.mark.slow
+
+#: how long the load test counts a node's control requests
+WINDOW_S = 3.0
 
 
 def _http(base: str, method: str, path: str, *, body: bytes | None = None, headers: dict[str, str] | None = None,
@@ -252,3 +257,42 @@ def test_event_stream_starts_with_a_snapshot_then_follows(stack: Stack) -> None:
         assert events == ["snapshot", "nodes"]
     finally:
         conn.close()
+
+
+def test_the_load_on_the_node_does_not_grow_with_the_pages(stack: Stack) -> None:
+    """Eight open event streams and eight pages asking for the same debug state: the node still gets one
+    ``stats`` per interval and at most one ``debug`` per interval."""
+    parts = urlsplit(stack.read_only.url)
+    streams = [http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10) for _ in range(8)]
+    try:
+        for conn in streams:
+            conn.request("GET", "/api/events")
+            assert conn.getresponse().status == 200
+
+        async def count(c: Client) -> Counter[tuple[str, str]]:
+            # by verb and by the asking connection (its reply inbox): both dashboards of the stack poll the node
+            seen: Counter[tuple[str, str]] = Counter()
+
+            async def on(msg: Any) -> None:
+                seen[msg.subject.rsplit(".", 1)[1], ".".join(msg.reply.split(".")[:2])] += 1
+
+            await c.nc.subscribe(f"sandbus.node.{NODE}.>", cb=on)
+            await c.nc.flush()
+            loop = asyncio.get_running_loop()
+            end = loop.time() + WINDOW_S
+            while loop.time() < end:  # eight pages with the debug view open, asking as fast as they can
+                await asyncio.gather(*(asyncio.to_thread(_http, stack.read_only.url, "GET",
+                                                         f"/api/debug?node={NODE}&plugin=echo") for _ in range(8)))
+            return seen
+
+        seen = stack.call(count)
+    finally:
+        for conn in streams:
+            conn.close()
+    per_window = WINDOW_S / float(INTERVAL)
+    stats = [n for (verb, _), n in seen.items() if verb == "stats"]
+    debug = [n for (verb, _), n in seen.items() if verb == "debug"]
+    assert len(stats) == 2, seen  # the two dashboards
+    assert max(stats) <= per_window + 1, seen
+    assert len(debug) == 1, seen  # the read-only one, whose pages asked
+    assert 1 <= debug[0] <= per_window + 1, seen
