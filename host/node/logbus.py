@@ -35,7 +35,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -87,9 +86,21 @@ def _level_name(levelno: int) -> str:
     return "debug"
 
 
+#: (whole second, its ISO 8601 text): lines come many per second, formatting the date once per second is enough
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
 def iso_time(ts: float) -> str:
     """``ts`` (Unix seconds) as ISO 8601 UTC with microseconds: ``2026-12-03T08:00:00.123456Z``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    global _second
+    whole = int(ts)
+    micros = round((ts - whole) * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, 0
+    cached = _second
+    if cached[0] != whole:
+        cached = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 class LogLine:
@@ -254,7 +265,7 @@ class PluginLogs:
             return
         self._publish = publish
         self._event = asyncio.Event()
-        self._task = asyncio.ensure_future(self._run())
+        self._task = asyncio.ensure_future(self._run(self._event))
 
     async def close(self, timeout: float = 2.0) -> None:
         """Publish what is queued (bounded by ``timeout``), then stop publishing."""
@@ -271,11 +282,12 @@ class PluginLogs:
             task.cancel()
         self._task = None
 
-    async def _run(self) -> None:
-        event = self._event
-        assert event is not None
+    async def _run(self, event: asyncio.Event) -> None:
         while True:
             await event.wait()
+            # Let what was scheduled with the lines go first: the reply of the call that logged them is
+            # being flushed now, and must not wait for its own lines to be encoded and published.
+            await asyncio.sleep(0)
             event.clear()
             with self._lock:
                 self._woken = False
