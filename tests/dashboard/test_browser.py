@@ -47,7 +47,13 @@ def _row(browser: WebDriver, plugin: str) -> WebElement:
 
 
 def _cell(browser: WebDriver, plugin: str, cls: str) -> str:
-    return str(_row(browser, plugin).find_element(By.CSS_SELECTOR, f"td.{cls}").text)
+    """A cell's text, read in one step inside the page (the table may be re-rendered between two steps)."""
+    text = browser.execute_script(
+        "const td = document.querySelector(arguments[0]); return td === null ? null : td.textContent;",
+        f'#plugin-rows tr[data-node="{NODE}"][data-plugin="{plugin}"] td.{cls}')
+    if text is None:
+        raise NoSuchElementException(f"no {cls} cell for {plugin}")
+    return str(text)
 
 
 def _click(browser: WebDriver, find: Any) -> None:
@@ -205,3 +211,29 @@ def test_opening_a_plugin_shows_its_debug_state(stack: Stack, browser: WebDriver
     assert browser.find_elements(By.CSS_SELECTOR, "#debug-latency .bar")
     browser.find_element(By.ID, "debug-close").click()
     assert not browser.find_element(By.ID, "debug-section").is_displayed()
+
+
+def test_deploys_and_node_reports_are_shown(stack: Stack, browser: WebDriver) -> None:
+    """What ``sandbus deploy`` writes to the cluster's bucket, and what cluster nodes report, as the page shows
+    it; a value in the bucket that is not a deploy is counted, not shown."""
+    from sandbus.host.cluster.deploys import Deploy, DeployStore
+    from sandbus.host.cluster.reports import NodeReport, PluginReport, ReportStore
+
+    async def deploy(c: Client) -> None:
+        js = c.nc.jetstream()
+        store = await DeployStore.open(js)
+        revision = await store.put(Deploy(plugin="echo", range="^1.0", version="1.0.0", replicas=2,
+                                          labels={"zone": "a"}))
+        await (await ReportStore.open(js)).put(NodeReport(node=NODE, plugins={
+            "echo": PluginReport(version="1.0.0", state="serving", deploy_revision=revision)}))
+        await store.kv.put("evil", b'{"plugin": "<img src=x onerror=window.__pwned=7>"}')
+
+    stack.call(deploy)
+    _open(browser, stack.read_only.url)
+    row = _until(browser, lambda b: b.find_element(By.CSS_SELECTOR, '#deploy-rows tr[data-plugin="echo"]'),
+                 "the deploy")
+    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    assert cells == ["echo", "1.0.0", "^1.0", "", "2", "zone=a", cells[6], f"{NODE}: serving 1.0.0"]
+    assert browser.find_element(By.ID, "deploy-note").text == "(1 entry in the bucket is not a valid deploy)"
+    assert not browser.find_elements(By.CSS_SELECTOR, "#deploys img")
+    assert _pwned(browser) is None

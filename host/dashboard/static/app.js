@@ -203,13 +203,21 @@ async function loadDebug() {
   renderDebug(body);
 }
 
+function fact(value) {
+  if (typeof value === "object" && value !== null) return JSON.stringify(value);
+  if (typeof value === "number" && !Number.isInteger(value)) return value.toFixed(3);
+  return num(value);
+}
+
 function factRow(tbody, key, value) {
   const tr = el("tr");
   tr.appendChild(el("th", key));
-  const td = cell(tr, typeof value === "object" && value !== null ? JSON.stringify(value) : num(value), "text");
+  const td = cell(tr, fact(value), "text");
   td.dataset.key = key;
   tbody.appendChild(tr);
 }
+
+const DEBUG_LOG_ROWS = 10;
 
 function renderDebug(d) {
   const facts = $("debug-facts").querySelector("tbody");
@@ -219,7 +227,9 @@ function renderDebug(d) {
   const counters = d.counters || {};
   for (const key of Object.keys(counters)) factRow(facts, key, counters[key]);
   const limits = d.limits || {};
-  for (const key of Object.keys(limits)) factRow(facts, "limit " + key, limits[key]);
+  const box = $("debug-limits");
+  box.replaceChildren();
+  for (const key of Object.keys(limits)) factRow(box, key, limits[key]);
   histogram($("debug-latency"), d.latency_ms);
   histogram($("debug-fuel"), d.fuel);
   const inst = $("debug-instances").querySelector("tbody");
@@ -239,7 +249,7 @@ function renderDebug(d) {
   }
   const logs = $("debug-logs").querySelector("tbody");
   logs.replaceChildren();
-  for (const l of (Array.isArray(d.recent_logs) ? d.recent_logs : []).slice().reverse()) {
+  for (const l of (Array.isArray(d.recent_logs) ? d.recent_logs : []).slice(-DEBUG_LOG_ROWS).reverse()) {
     const tr = el("tr");
     cell(tr, l.ts); cell(tr, l.level, "level-" + l.level); cell(tr, l.message, "text");
     logs.appendChild(tr);
@@ -257,8 +267,15 @@ function renderDebug(d) {
 function histogram(box, h) {
   box.replaceChildren();
   if (!h || !Array.isArray(h.bounds) || !Array.isArray(h.counts)) { box.appendChild(el("span", "–", "muted")); return; }
-  const max = Math.max(1, ...h.counts.map((c) => Number(c) || 0));
-  h.counts.forEach((c, i) => {
+  const counts = h.counts.map((c) => Number(c) || 0);
+  const max = Math.max(1, ...counts);
+  // the buckets between the first and the last that hold a call (the rest are zero)
+  const first = counts.findIndex((c) => c > 0);
+  if (first < 0) { box.appendChild(el("span", "no calls yet", "muted")); return; }
+  let last = counts.length - 1;
+  while (counts[last] === 0) last -= 1;
+  counts.forEach((c, i) => {
+    if (i < first || i > last) return;
     const label = i < h.bounds.length ? "≤ " + h.bounds[i] : "> " + h.bounds[h.bounds.length - 1];
     box.appendChild(el("span", label, "muted"));
     const bar = el("div", null, "bar");
@@ -274,7 +291,10 @@ function renderDeploys() {
   const d = state.deploys || {};
   const rows = $("deploy-rows");
   rows.replaceChildren();
-  $("deploy-note").textContent = d.available ? "" : "(no cluster deploy bucket on this bus)";
+  const invalid = Object.keys(d.invalid || {}).length;
+  $("deploy-note").textContent = !d.available ? "(no cluster deploy bucket on this bus)"
+    : invalid === 1 ? "(1 entry in the bucket is not a valid deploy)"
+    : invalid ? "(" + invalid + " entries in the bucket are not valid deploys)" : "";
   const reports = d.reports || {};
   for (const dep of (d.deploys || [])) {
     const tr = el("tr");
