@@ -129,3 +129,30 @@ async def test_debug_prints_the_state_and_json(cli_node: NodeProcess, nats: Nats
     assert b"no node has plugin 'ghost'" in missing.stderr
     bad = sandbus(nats.url, "logs", "--level", "loud")
     assert bad.returncode == 2
+
+
+async def test_a_line_of_a_request_traced_on_the_fast_path_carries_its_trace(log_plugins: Path, nats: NatsServer,
+                                                                            tmp_path: Path) -> None:
+    """A node exporting traces serves an inline request through its fast spans (not the SDK): the line
+    the plugin logged during it carries the caller's trace id."""
+    from tests.telemetry.otlp_receiver import Receiver
+
+    receiver = Receiver()
+    node = NodeProcess("traced1", log_plugins, nats.url, tmp_path / "traced1.log", "--no-durable",
+                       env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_TRACES_SAMPLER": "always_on"})
+    try:
+        node.wait_ready()
+        trace_id = "0af7651916cd43dd8448eb211c80319c"
+        async with await Client.connect(nats.url) as client:
+            (before,) = await client.debug("logger", node="traced1")
+            assert before["recent_logs"] == []
+            async with client.logs("logger") as lines:
+                await client.nc.request("sandbus.req.logger.say", b'{"text": "fast"}', timeout=5,
+                                        headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"})
+                line = await asyncio.wait_for(anext(aiter(lines)), 10)
+            stats = await client.control("traced1", "stats")
+        assert stats["request_spans"] == "fast"
+        assert (line["message"], line["trace_id"]) == ("fast", trace_id)
+    finally:
+        node.terminate()
+        receiver.close()
