@@ -218,31 +218,64 @@ class Collector:
     # -- audit and logs ------------------------------------------------------------------------------------
 
     async def _follow_audit(self) -> None:
-        """From the stream's last ``audit_history`` events on, when JetStream has the stream and lets us read
-        it; else live only."""
-        from nats.js.api import ConsumerConfig, DeliverPolicy
+        """Live events from a core subscription (it survives reconnects by itself), preceded by the stream's last
+        ``audit_history`` events when JetStream has the stream and lets us read it.
 
+        The live subscription starts first and holds what arrives while the history is read (by sequence: a
+        plain read, no consumer to create or to flow-control); an event both in the history and held is shown
+        once.
+        """
+        held: list[tuple[str, bytes]] = []
+        holding = True
+
+        async def on_live(msg: Msg) -> None:
+            if not holding:
+                self._audit(msg.subject, msg.data)
+            elif len(held) < PENDING_MSGS:
+                held.append((msg.subject, msg.data))
+
+        self._subs.append(await self.nc.subscribe(AUDIT_SUBJECTS, cb=on_live, pending_msgs_limit=PENDING_MSGS,
+                                                  pending_bytes_limit=PENDING_BYTES))
+        await self.nc.flush()
+        seen: set[bytes] = set()
         if self.audit_history > 0:
             try:
-                js = self.nc.jetstream()
-                info = await js.stream_info(AUDIT_STREAM)
-                last = int(info.state.last_seq or 0)
-                first = int(info.state.first_seq or 0)
-                start = max(first, last - self.audit_history + 1, 1)
-                sub = await js.subscribe(AUDIT_SUBJECTS, cb=self._on_audit, ordered_consumer=True,
-                                         config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                                               opt_start_seq=start),
-                                         pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=PENDING_BYTES)
-                self._subs.append(sub)
+                for subject, data in await self._audit_history():
+                    self._audit(subject, data)
+                    seen.add(data)
                 self.audit_source = "stream"
-                return
             except Exception as e:  # no JetStream, no stream, or not allowed to read it
-                log.info("dashboard: audit stream not readable (%s); following live events only", e)
-        self._subs.append(await self.nc.subscribe(AUDIT_SUBJECTS, cb=self._on_audit, pending_msgs_limit=PENDING_MSGS,
-                                                  pending_bytes_limit=PENDING_BYTES))
+                log.info("dashboard: the audit stream is not readable (%s); following live events only", e)
+        holding = False
+        for subject, data in held:
+            if data not in seen:
+                self._audit(subject, data)
 
-    async def _on_audit(self, msg: Msg) -> None:
-        event = validate.audit_event(msg.subject, msg.data)
+    async def _audit_history(self) -> list[tuple[str, bytes]]:
+        """The last ``audit_history`` messages of the audit stream, oldest first (deleted ones skipped)."""
+        from nats.js.errors import NotFoundError
+
+        js = self.nc.jetstream()
+        state = (await js.stream_info(AUDIT_STREAM)).state
+        last, first = int(state.last_seq or 0), int(state.first_seq or 0)
+        if last == 0:
+            return []
+        out: list[tuple[str, bytes]] = []
+
+        async def get(seq: int) -> tuple[str, bytes] | None:
+            try:
+                raw = await js.get_msg(AUDIT_STREAM, seq)
+            except NotFoundError:  # deleted, or aged out meanwhile
+                return None
+            return (raw.subject or "", raw.data or b"")
+
+        seqs = list(range(max(first, last - self.audit_history + 1, 1), last + 1))
+        for i in range(0, len(seqs), 32):  # a few at a time: the server answers each one
+            out += [m for m in await asyncio.gather(*(get(q) for q in seqs[i:i + 32])) if m is not None]
+        return out
+
+    def _audit(self, subject: str, data: bytes) -> None:
+        event = validate.audit_event(subject, data)
         if event is None:
             self.hub.malformed["audit"] += 1
         else:
