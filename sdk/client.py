@@ -148,10 +148,13 @@ class LogStream:
     async def _lines(self) -> AsyncIterator[dict[str, Any]]:
         await self.start()
         assert self._sub is not None
-        async for msg in self._sub.messages:
-            line = check_log_line(msg.data)
-            if line is not None and LOG_LEVELS.index(line["level"]) >= self._minimum:
-                yield line
+        try:
+            async for msg in self._sub.messages:
+                line = check_log_line(msg.data)
+                if line is not None and LOG_LEVELS.index(line["level"]) >= self._minimum:
+                    yield line
+        finally:  # the loop ended (break, cancel): no subscription is left behind
+            await self.close()
 
 
 def _encode(payload: Any) -> bytes:

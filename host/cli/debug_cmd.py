@@ -12,6 +12,7 @@ bounded -- or, with ``--json``, as JSON made terminal-safe (:func:`~sandbus.host
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -37,6 +38,8 @@ MAX_MESSAGE_CHARS = 8300
 #: log lines and audit events ``debug`` shows per node (``--json`` has them all)
 SHOWN_LOGS = 20
 SHOWN_AUDIT = 10
+#: ``debug`` requests in flight at once while ``logs`` gathers the rings of every plugin of every node
+DEBUG_CONCURRENCY = 8
 
 PluginOpt = Annotated[str | None, typer.Argument(help="Plugin name (default: every plugin).", show_default=False)]
 NodeOpt = Annotated[str | None, typer.Option("--node", help="Only this node (its id).", show_default=False)]
@@ -105,19 +108,24 @@ async def _recent(client: Client, plugin: str | None, node: str | None, timeout:
         if not views:
             fail("no sandbus node answered (start one with `sandbus node`, or point -s/--server or NATS_URL at the "
                  "right bus)", EXIT_NO_NODE)
-        states = []
+        pairs = []
         for view in views:
             node_id = view.get("node_id")
             if not isinstance(node_id, str) or (node is not None and node_id != node):
                 continue
             plugins = view.get("plugins")
             names = [p.get("name") for p in plugins if isinstance(p, dict)] if isinstance(plugins, list) else []
-            for name in names:
-                if isinstance(name, str) and (plugin is None or name == plugin):
-                    try:
-                        states += await client.debug(name, node=node_id, timeout=timeout)
-                    except Exception:  # the plugin left the node meanwhile, or the node did
-                        continue
+            pairs += [(node_id, name) for name in names if isinstance(name, str) and plugin in (None, name)]
+        gate = asyncio.Semaphore(DEBUG_CONCURRENCY)
+
+        async def one(node_id: str, name: str) -> list[dict[str, Any]]:
+            async with gate:
+                try:
+                    return await client.debug(name, node=node_id, timeout=timeout)
+                except Exception:  # the plugin left the node meanwhile, or the node did
+                    return []
+
+        states = [s for found in await asyncio.gather(*(one(n, p) for n, p in pairs)) for s in found]
     lines = [line for state in states for line in (state.get("recent_logs") or []) if isinstance(line, dict)]
     lines.sort(key=lambda line: (str(line.get("ts")), str(line.get("node")), line.get("seq") or 0))
     return lines

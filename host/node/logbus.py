@@ -301,10 +301,6 @@ class PluginLogs:
     async def _drain(self) -> None:
         queue, publish = self._queue, self._publish
         assert publish is not None
-        with self._lock:
-            overflow, self._overflow = self._overflow, {}
-        for plugin, count in overflow.items():
-            self._drop(plugin, count)
         now = time.monotonic()
         while queue:
             line = queue.popleft()
@@ -332,6 +328,11 @@ class PluginLogs:
                 log.debug("log line publish failed: %r", e)
                 self._drop(plugin, 1 + line.dropped)
             now = time.monotonic()
+        # Lines that found the queue full came after the ones it held: counted for each plugin's next line.
+        with self._lock:
+            overflow, self._overflow = self._overflow, {}
+        for plugin, count in overflow.items():
+            self._drop(plugin, count)
 
     def _drop(self, plugin: str, count: int) -> None:
         self.dropped += count

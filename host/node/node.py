@@ -244,7 +244,11 @@ class Node:
         sys.setswitchinterval(0.001)
         logbus.attach(self.logs)
         logbus.claim_thread(self.logs)
-        await self.bus.start()
+        try:
+            await self.bus.start()
+        except BaseException:
+            logbus.detach(self.logs)
+            raise
         self.logs.start(self._publish_log)
         self.bus.on_close.append(self.logs.close)
 
