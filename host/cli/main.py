@@ -275,11 +275,16 @@ def run(
     debug: Annotated[bool, typer.Option(
         "--debug", help="Compile with debug info for gdb/lldb (unoptimised; run this command under the debugger).")]
     = False,
+    record: Annotated[Path | None, typer.Option(
+        "--record", metavar="FILE", help="Write the call's record to FILE, to run it again with sandbus replay.")]
+    = None,
 ) -> None:
     """Load PLUGIN, call FUNCTION with the input JSON, print the reply JSON.
 
     With --debug the plugin's code is registered with a native debugger: run the command under gdb
     (``gdb --args python -m sandbus run --debug ...``) and break on a function of the plugin's source.
+    With --record FILE the call is recorded (its input, limits, grants and every host result it received),
+    however it ends: ``sandbus replay FILE`` runs it again, the same way, offline.
 
     An Extism plugin takes bytes (--data-file, --raw, or --input's JSON text) and its output is written as
     it is to a pipe or file, with control bytes escaped on a terminal.
@@ -341,7 +346,7 @@ def run(
         payload = read_json_arg(input_, "--input", cap=limits.max_input_bytes,
                                 hint=" (--raw passes it as bytes, to a plugin whose input is bytes: Extism)")
     try:
-        sandbox = Sandbox(plugin, limits=limits, capabilities=caps, config=settings)
+        sandbox = Sandbox(plugin, limits=limits, capabilities=caps, config=settings, record_calls=record is not None)
     except (AbiViolationError, PluginNotFoundError) as e:
         fail(str(e), EXIT_USAGE)  # at load, a module without our ABI is an invalid module; no file, a bad path
     except SandbusError as e:
@@ -353,7 +358,11 @@ def run(
             if sandbox.kind != "component" and function not in sandbox.functions:
                 fail(f"plugin {sandbox.name!r} has no function {function!r}; exported functions: "
                      f"{', '.join(sandbox.functions) or 'none'}", EXIT_USAGE)
-            reply = sandbox.call_bytes(function, payload)
+            try:
+                reply = sandbox.call_bytes(function, payload)
+            finally:
+                if record is not None:
+                    _write_record(sandbox, record, plugin)
             body = getattr(sandbox, "body", "json")
     except SandbusError as e:
         fail(str(e), exit_code_for(e))
@@ -368,6 +377,21 @@ def run(
     sys.stdout.flush()
     if isinstance(decoded, dict) and decoded.get("success") is False:
         raise typer.Exit(EXIT_PLUGIN)
+
+
+def _write_record(sandbox: Any, path: Path, plugin: Path) -> None:
+    """Write the record of ``sandbox``'s last call to ``path`` (mode 0600: it holds the input)."""
+    made = sandbox.last_record
+    if made is None:
+        return  # refused before the guest ran: nothing to replay
+    made.module = str(plugin.resolve())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(made.to_bytes())
+    except OSError as e:
+        fail(f"cannot write the record {path}: {e.strerror}", EXIT_USAGE)
+    typer.echo(f"recorded the call in {path}", err=True)
 
 
 def _plain_error(e: ValueError) -> str:
@@ -418,9 +442,11 @@ COMMAND_MODULES: dict[str, str] = {
     "logs": "debug_cmd",
     "debug": "debug_cmd",
     "dashboard": "dashboard_cmd",
+    "replay": "replay_cmd",
 }
 #: Every module with commands, in the order ``sandbus --help`` lists them.
-MODULES = ("node_cmd", "bus", "registry_cmd", "cluster_cmd", "trace_cmd", "debug_cmd", "dashboard_cmd", "author", "dev")
+MODULES = ("node_cmd", "bus", "registry_cmd", "cluster_cmd", "trace_cmd", "debug_cmd", "dashboard_cmd", "author", "dev",
+           "replay_cmd")
 _registered: set[str] = set()
 
 

@@ -23,11 +23,12 @@ import importlib.metadata
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from sandbus.host.lifecycle.manifest import (
     MAX_TOML_BYTES,
@@ -43,6 +44,7 @@ from sandbus.host.sandbox import AuditLevel, Auditor, HostFunctions, Limits, Mod
 from sandbus.host.sandbox.cache import ModuleSource
 from sandbus.host.sandbox.compiler import MAX_SECTIONS
 from sandbus.host.sandbox.filememo import FileIdentity, FileMemo, MemoEntry
+from sandbus.host.sandbox.record import TrapRecorder
 from sandbus.host.sandbox.wasmscan import MalformedWasm, scan_wasm
 from sandbus.sdk.envelope import is_json_type
 from sandbus.sdk.errors import (
@@ -421,8 +423,9 @@ def build_version(
 
     The plugin's ``sandbus_init`` receives the manifest's ``[config]`` table; its environment is
     what the grant allows. A version the policy compiles with debug info (``[debug] plugins``) is
-    audited as such (``plugin.debug_info``). A plugin whose ``sandbus_health`` fails right after init is refused:
-    it would only fail its first calls.
+    audited as such (``plugin.debug_info``); one whose failed calls it records (``[record]``) writes
+    them through a :class:`TrapRecorder` (audited ``record.written``). A plugin whose
+    ``sandbus_health`` fails right after init is refused: it would only fail its first calls.
 
     Raises:
         SecurityViolationError: the module does not match the manifest's ``sha256``.
@@ -433,9 +436,19 @@ def build_version(
     module = files.module
     assert module is not None
     manifest.verify_digest(module.digest)
+    recorder = None
+    if grant.record is not None:
+        name = manifest.name
+
+        def on_record(kind: str, message: str, details: Mapping[str, Any]) -> None:
+            level = AuditLevel.INFO if kind == "record.written" else AuditLevel.WARNING
+            auditor.emit(level, kind, name, message, **details)
+
+        recorder = TrapRecorder(name, grant.record, on_event=on_record, module_path=files.wasm_path)
     try:
         sandbox = Sandbox(module, name=manifest.name, limits=grant.limits, capabilities=grant.capabilities,
-                          host_functions=host_functions, auditor=auditor, config=manifest.config, cache=cache)
+                          host_functions=host_functions, auditor=auditor, config=manifest.config, cache=cache,
+                          recorder=recorder)
     except SandbusError:
         raise
     except Exception as e:  # a bug below us must not take the node down with this one plugin

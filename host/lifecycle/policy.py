@@ -67,6 +67,12 @@ Example policy::
     [debug]         # plugins compiled with debug info for gdb/lldb on this node (slower; docs/guide.md)
     plugins = ["pricing"]
 
+    [record]        # calls of these plugins that trap are recorded, to replay offline (sandbus replay)
+    plugins = ["pricing"]
+    directory = "/var/lib/sandbus/records"
+    max_bytes = 1048576     # the largest record
+    max_records = 100       # records kept per plugin; beyond, traps are not recorded
+
 Debug info is the operator's alone to give: no manifest key asks for it, and a plugin listed under
 ``[debug] plugins`` gets it whatever its manifest says (``Limits.debug_info``; the load is audited).
 
@@ -115,6 +121,7 @@ from sandbus.host.lifecycle.manifest import (
 )
 from sandbus.host.node.netguard import IPNetwork
 from sandbus.host.sandbox.config import ISOLATION_MODES, MIB, Capabilities, DirGrant, Isolation, Limits
+from sandbus.host.sandbox.record import MAX_RECORD_BYTES, RecordSettings
 from sandbus.sdk.errors import PolicyError, SecurityViolationError
 
 __all__ = [
@@ -129,6 +136,7 @@ __all__ = [
     "MessagingPolicy",
     "NetworkPolicy",
     "Policy",
+    "RecordPolicy",
     "RegistryPolicy",
     "ResourceValues",
     "SendLimits",
@@ -309,6 +317,49 @@ class DebugPolicy(_Section):
         return tuple(dict.fromkeys(v))
 
 
+class RecordPolicy(_Section):
+    """``[record]``: the plugins whose failed calls (a trap, a limit, an ABI violation) this node records
+    into ``directory``, each as one file that ``sandbus replay`` runs again offline (host/sandbox/record.py).
+    A record holds the call's input and every result the plugin received from the host: keep the directory
+    private (it is created with mode 0700, each record 0600). Recording costs every call of a listed plugin
+    the keeping of its host calls (docs/guide.md). Only pooled core modules can be recorded: a listed
+    component, Extism plugin or per-call plugin is refused at load."""
+
+    plugins: tuple[StrictStr, ...] = ()
+    directory: Path | None = None
+    max_bytes: StrictInt = Field(default=1024 * 1024, gt=0, le=MAX_RECORD_BYTES)
+    max_records: StrictInt = Field(default=100, gt=0, le=1_000_000)
+
+    @field_validator("plugins")
+    @classmethod
+    def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for i, name in enumerate(v):
+            try:
+                _check_name(name)
+            except ValueError as e:
+                raise _KeyedError(str(e), f"record.plugins[{i}]") from None
+        return tuple(dict.fromkeys(v))
+
+    @field_validator("directory")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
+            raise _KeyedError(f"must be an absolute path, found {str(v)!r}", "record.directory")
+        return v
+
+    @model_validator(mode="after")
+    def _directory_given(self) -> RecordPolicy:
+        if self.plugins and self.directory is None:
+            raise _KeyedError("plugins are listed, but no directory to write their records into", "record.directory")
+        return self
+
+    def settings_for(self, plugin: str) -> RecordSettings | None:
+        """Where and how ``plugin``'s failed calls are recorded; None when it is not listed."""
+        if plugin not in self.plugins or self.directory is None:
+            return None
+        return RecordSettings(self.directory, self.max_bytes, self.max_records)
+
+
 class ResourceValues(_Section):
     """One set of resource values: the ``[limits]`` ceilings or the ``[defaults]``.
 
@@ -346,6 +397,7 @@ class Policy(_Section):
             default, lowered to the ceiling when the ceiling is lower.
         registry: the publishers whose registry artifacts a cluster node loads.
         debug: the plugins compiled with debug info for a native debugger.
+        record: the plugins whose failed calls are recorded, and where.
     """
 
     capabilities: CapabilitiesPolicy = CapabilitiesPolicy()
@@ -357,6 +409,7 @@ class Policy(_Section):
     defaults: ResourceValues = _DEFAULTS
     registry: RegistryPolicy = RegistryPolicy()
     debug: DebugPolicy = DebugPolicy()
+    record: RecordPolicy = RecordPolicy()
 
     _source: str | None = PrivateAttr(default=None)
 
@@ -500,6 +553,7 @@ class Grant:
         subscribe_topics: the ``[subscriptions] topics`` it is delivered (each covered by the policy).
         send_limits: how fast, and how many per call, it may ``publish`` and ``request``.
         denied_optional: what was asked for but not granted, with the reason.
+        record: where the plugin's failed calls are recorded (the policy's ``[record]``), or None.
     """
 
     manifest: Manifest
@@ -513,6 +567,7 @@ class Grant:
     subscribe_topics: tuple[str, ...] = ()
     send_limits: SendLimits = _DEFAULT_SEND_LIMITS
     denied_optional: tuple[Denial, ...] = ()
+    record: RecordSettings | None = None
 
     def allows(self, capability: str) -> bool:
         """Whether ``capability`` was granted (host functions check this before acting)."""
@@ -806,4 +861,5 @@ def resolve(manifest: Manifest, policy: Policy, *, data_root: Path, host_env: Ma
         subscribe_topics=manifest.subscriptions.topics,
         send_limits=SendLimits(ceilings.max_sends_per_second, ceilings.send_burst, ceilings.max_sends_per_call),
         denied_optional=tuple(denied),
+        record=policy.record.settings_for(manifest.name),
     )

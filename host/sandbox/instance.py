@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import select
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -33,8 +35,9 @@ from sandbus.host.sandbox.hostcall import (
     take_failure,
     wasi_guest_error,
 )
-from sandbus.host.sandbox.hostfuncs import HostFunction, HostFunctions
+from sandbus.host.sandbox.hostfuncs import HostFunction, HostFunctions, check_span
 from sandbus.host.sandbox.invoke import GuestAllocFailed, Invoker, ReplyTooLarge, make_invoker
+from sandbus.host.sandbox.record import HostEvent, Tape, apply_writes
 from sandbus.sdk.errors import (
     AbiViolationError,
     ExecutionTimeoutError,
@@ -110,6 +113,8 @@ class CallContext:
         #: of it (host/sandbox/deadline.py). None until the first call (init included); then the last
         #: call's, which also tells one call from the next (host/node/sendlimit.py).
         self.deadline: float | None = None
+        #: Records or replays the host calls of this instance (host/sandbox/record.py); None: neither.
+        self.tape: Tape | None = None
 
     @property
     def invoker(self) -> Invoker | None:
@@ -144,6 +149,9 @@ class CallContext:
 
     def write(self, ptr: int, data: bytes) -> None:
         self._inv().write(ptr, data)
+        tape = self.tape
+        if tape is not None and tape.current is not None:
+            tape.on_write(ptr, data)
 
     def memory_size(self) -> int:
         return self._inv().memory_size()
@@ -182,6 +190,8 @@ class PluginInstance:
         grants: the sandbox's granted directories, opened once (host/sandbox/grants.py), so that every
             instance reaches the same directories whatever the guest did to their names; without
             them the instance opens ``capabilities.dirs`` itself.
+        tape: records every host call (sandbus host functions, WASI clock and random) or answers each
+            from a record (host/sandbox/record.py).
     """
 
     def __init__(
@@ -199,6 +209,7 @@ class PluginInstance:
         native: bool = True,
         context_factory: Callable[[], dict[str, Any]] | None = None,
         grants: GrantSet | None = None,
+        tape: Tape | None = None,
     ) -> None:
         self.plugin = plugin
         self.info = info
@@ -210,6 +221,7 @@ class PluginInstance:
         self.ctx = CallContext(plugin, capabilities, limits, auditor, logger)
         if context_factory is not None:
             self.ctx.extra.update(context_factory())
+        self.ctx.tape = tape
 
         store = wasmtime.Store(handle.engine)
         store.set_limits(memory_size=limits.memory_bytes, table_elements=limits.table_elements,
@@ -338,6 +350,7 @@ class PluginInstance:
 
             return deny
 
+        tape = self.ctx.tape
         for name, cap, what in (
             ("clock_time_get", "clock", "reading the clock"),
             ("clock_res_get", "clock", "reading the clock"),
@@ -345,6 +358,10 @@ class PluginInstance:
         ):
             if name in imported and not caps.allows(cap):
                 linker.define_func(_WASI, name, imported[name], denier(cap, what))
+            elif name in imported and tape is not None:
+                # Recorded or replayed: the host's own implementation, so that its results pass the tape.
+                live = None if tape.replaying else functools.partial(_WASI_NONDETERMINISTIC[name], self.ctx)
+                linker.define_func(_WASI, name, imported[name], taped(tape, self.ctx, _WASI, name, 1, live))
         if "poll_oneoff" in imported:
             # A blocking sleep happens outside wasm, where the epoch deadline cannot interrupt it.
             linker.define_func(_WASI, "poll_oneoff", imported["poll_oneoff"],
@@ -381,6 +398,9 @@ class PluginInstance:
 
     def _link_host_functions(self, linker: wasmtime.Linker, module: wasmtime.Module,
                              host_functions: HostFunctions) -> None:
+        if self.ctx.tape is not None:
+            _link_taped(linker, module, host_functions, self.ctx, self._auditor, self.ctx.tape)
+            return
         link_host_functions(linker, module, host_functions, self.ctx, self._auditor)
 
     # -- calls -----------------------------------------------------------------
@@ -552,6 +572,102 @@ def link_host_functions(linker: wasmtime.Linker, module: wasmtime.Module, host_f
                 plugin=ctx.plugin,
             )
         linker.define_func(imp.module, name, ty, bind_host_function(fn, ctx, auditor))
+
+
+def _link_taped(linker: wasmtime.Linker, module: wasmtime.Module, host_functions: HostFunctions,
+                ctx: CallContext, auditor: Auditor, tape: Tape) -> None:
+    """:func:`link_host_functions` through a tape: recording, every host function's results (and what it
+    wrote into guest memory) are kept; replaying, every import is answered from the record, whether or
+    not this host provides it (a replay runs offline: no bus, no network)."""
+    if not tape.replaying:
+        link_host_functions(linker, module, host_functions, ctx, auditor)
+    for imp in module.imports:
+        ty = imp.type
+        if imp.module == _WASI or not isinstance(ty, wasmtime.FuncType):
+            continue
+        name = imp.name or ""
+        fn = host_functions.get(imp.module, name)
+        live = bind_host_function(fn, ctx, auditor) if fn is not None else None
+        if tape.replaying:
+            # Only the log runs again on a replay (its output is the point of watching one).
+            linker.define_func(imp.module, name, ty, taped(tape, ctx, imp.module, name, len(ty.results),
+                                                           live if name == "log" else None))
+        elif live is not None:
+            linker.allow_shadowing = True
+            linker.define_func(imp.module, name, ty, taped(tape, ctx, imp.module, name, len(ty.results), live))
+
+
+def taped(tape: Tape, ctx: CallContext, module: str, name: str, results: int,
+          live: Callable[..., Any] | None) -> Callable[..., Any]:
+    """A host function that passes through ``tape``: recording, ``live`` runs and its results are kept;
+    replaying, the next recorded event answers (``live``, when given, runs too, its results ignored)."""
+    if tape.replaying:
+        def replayed(*args: Any) -> Any:
+            event = tape.next_event(module, name)
+            apply_writes(event, args, ctx.write)
+            if event.error is not None:
+                from sandbus.sdk.errors import error_from_dict
+
+                raise error_from_dict(event.error)
+            if live is not None:
+                live(*args)
+            if len(event.results) != results:
+                raise tape.mismatch(f"{module}.{name} returned {len(event.results)} values in the record; "
+                                    f"its import returns {results}")
+            return None if results == 0 else event.results[0] if results == 1 else tuple(event.results)
+
+        return replayed
+    assert live is not None
+
+    def recorded(*args: Any) -> Any:
+        event = HostEvent(module, name, [int(a) for a in args])
+        tape.current = event
+        try:
+            result = live(*args)
+        except SandbusError as e:
+            event.error = e.to_dict()
+            raise
+        finally:
+            tape.current = None
+            if event.error is not None:
+                tape.record(event)
+        values = () if result is None else result if isinstance(result, tuple) else (result,)
+        event.results = [int(r) for r in values]
+        tape.record(event)
+        return result
+
+    return recorded
+
+
+def _clock_time_get(ctx: CallContext, clock_id: int, _precision: int, ptr: int) -> int:
+    """WASI ``clock_time_get``, as the host answers it while recording (then replayed from the record)."""
+    clock = _CLOCKS.get(clock_id)
+    if clock is None:
+        return _EINVAL
+    check_span(ctx, ptr, 8, "clock_time_get timestamp")
+    ctx.write(ptr, clock().to_bytes(8, "little"))
+    return 0
+
+
+def _clock_res_get(ctx: CallContext, clock_id: int, ptr: int) -> int:
+    if clock_id not in _CLOCKS:
+        return _EINVAL
+    check_span(ctx, ptr, 8, "clock_res_get resolution")
+    ctx.write(ptr, (1).to_bytes(8, "little"))
+    return 0
+
+
+def _random_get(ctx: CallContext, ptr: int, length: int) -> int:
+    check_span(ctx, ptr, length, "random_get buffer")
+    ctx.write(ptr, os.urandom(length))
+    return 0
+
+
+_EINVAL = 28
+_CLOCKS: dict[int, Callable[[], int]] = {0: time.time_ns, 1: time.monotonic_ns, 2: time.process_time_ns,
+                                         3: time.thread_time_ns}
+_WASI_NONDETERMINISTIC: dict[str, Callable[..., int]] = {
+    "clock_time_get": _clock_time_get, "clock_res_get": _clock_res_get, "random_get": _random_get}
 
 
 def deny(auditor: Auditor, plugin: str, kind: str, message: str, **details: Any) -> SecurityViolationError:

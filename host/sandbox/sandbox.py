@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,13 +34,23 @@ from sandbus.host.sandbox.hostfuncs import ABI_NAMESPACE, HostFunctions, builtin
 from sandbus.host.sandbox.instance import BudgetExceeded, PluginInstance
 from sandbus.host.sandbox.percall import PerCallPlugin
 from sandbus.host.sandbox.pool import InstancePool, NotInline
+from sandbus.host.sandbox.record import (
+    MAX_RECORD_BYTES,
+    CallRecord,
+    ReplayDivergenceError,
+    Tape,
+    TrapRecorder,
+    recordable,
+)
 from sandbus.sdk.errors import (
     AbiViolationError,
     ExecutionTimeoutError,
     InstanceLimitError,
     InvalidModuleError,
     PluginNotFoundError,
+    SandboxError,
     SandbusError,
+    SecurityViolationError,
 )
 
 __all__ = ["PURE_HOST_FUNCTIONS", "CallResult", "Sandbox", "SandboxBuilder", "debug_cache", "rerun_safe",
@@ -152,6 +163,13 @@ class Sandbox:
         native: on the fast path, use the compiled round trip when it is built (else ctypes).
         warm_instances: instances created up front (the first is always created, to fail early).
         acquire_timeout_s: how long a call waits for a free instance (default: the call timeout).
+        record_calls: record every call's host calls (host/sandbox/record.py); :attr:`last_record` then
+            holds the record of the last call (for one caller at a time: ``sandbus run --record``).
+        recorder: record every call, and write the record of each call that fails in the guest
+            (:func:`~sandbus.host.sandbox.record.recordable`) through it: a node's ``[record]`` policy.
+        replay: run calls from this record: every host call is answered from it (:func:`replay`).
+        Recording and replaying are for pooled core modules (not components, Extism plugins or
+        ``isolation = "per-call"``): anything else is refused with a :class:`SandboxError`.
     """
 
     def __init__(
@@ -171,6 +189,9 @@ class Sandbox:
         warm_instances: int = 1,
         acquire_timeout_s: float | None = None,
         context_factory: Callable[[], dict[str, Any]] | None = None,
+        record_calls: bool = False,
+        recorder: TrapRecorder | None = None,
+        replay: CallRecord | None = None,
     ) -> None:
         if isinstance(wasm, str | Path):
             path = Path(wasm)
@@ -241,6 +262,13 @@ class Sandbox:
         #: Whether a call may be interrupted and run again (see :func:`rerun_safe`): a call with a
         #: ``budget_s`` is refused (``NotInline``) when it may not.
         self.rerun_safe = rerun_safe(self.info, self.capabilities, self._host_functions)
+        self._recorder = recorder
+        self._replay = replay
+        self._taped = record_calls or recorder is not None or replay is not None
+        #: With ``record_calls``: the record of the last call (None before the first).
+        self.last_record: CallRecord | None = None
+        if self._taped:
+            self._check_recordable()
         self._fast = fast
         self._native = native
         self._context_factory = context_factory
@@ -279,6 +307,69 @@ class Sandbox:
             self._grants.close()
             raise
 
+    def _check_recordable(self) -> None:
+        what = ("a component" if self.kind == "component" else "an Extism plugin" if self.kind == "extism"
+                else "a plugin with isolation = \"per-call\"" if self.limits.isolation == "per-call" else None)
+        if what is not None:
+            raise SandboxError(f"recording and replaying calls is for pooled core modules, not {what}",
+                               plugin=self.name, kind=self.kind, isolation=self.limits.isolation)
+        if self._replay is not None and self._replay.sha256 != self.digest:
+            raise SecurityViolationError(
+                f"the record is of module sha256 {self._replay.sha256}, this module is {self.digest}: a replay "
+                "runs the recorded module only", plugin=self.name, expected=self._replay.sha256, found=self.digest)
+
+    def _new_tape(self) -> Tape | None:
+        if not self._taped:
+            return None
+        if self._replay is not None:
+            return Tape(replay=self._replay)
+        return Tape(max_bytes=self._recorder.settings.max_bytes if self._recorder is not None else MAX_RECORD_BYTES)
+
+    def record_of(self, tape: Tape, function: str, payload: bytes, reply: bytes | None,
+                  error: SandbusError | None) -> CallRecord:
+        """The record of the call that ``tape`` just saw."""
+        caps = self.capabilities
+        outcome: dict[str, Any] = ({"error": error.to_dict()} if error is not None
+                                   else {"reply": base64.b64encode(reply or b"").decode()})
+        return CallRecord(
+            plugin=self.name, sha256=self.digest, function=function, input=payload, config=orjson.loads(self._config),
+            limits=self.limits.model_dump(mode="json", exclude={"debug_info"}),
+            capabilities={"clock": caps.clock, "random": caps.random, "env": dict(caps.env),
+                          "env_unset": sorted(caps.env_unset), "extra": sorted(caps.extra),
+                          "dirs": [d.guest_path() for d in caps.dirs]},
+            init=list(tape.init), call=list(tape.call), outcome=outcome, truncated=tape.truncated,
+            module=str(self._recorder.module_path) if self._recorder is not None and self._recorder.module_path
+            else None)
+
+    def _taped_call(self, inst: PluginInstance, function: str, payload: bytes, run: Callable[[], bytes]) -> bytes:
+        """``run()`` (the call on ``inst``) with its tape: begun, checked at the end when replaying, and
+        written down when recording (the last call, or a failed one through the recorder)."""
+        tape = inst.ctx.tape
+        if tape is None:
+            return run()
+        tape.begin_call()
+        try:
+            reply = run()
+            tape.end_call()
+        except SandbusError as e:
+            if tape.replaying and not isinstance(e, ReplayDivergenceError):
+                try:
+                    tape.end_call()  # stopped before its recorded end: a divergence, whatever the error
+                except ReplayDivergenceError as diverged:
+                    raise diverged from e
+            if self._recorder is not None and recordable(e):
+                self._recorder.submit(self.record_of(tape, function, payload, None, e))
+            if self._keep_last:
+                self.last_record = self.record_of(tape, function, payload, None, e)
+            raise
+        if self._keep_last:
+            self.last_record = self.record_of(tape, function, payload, reply, None)
+        return reply
+
+    @property
+    def _keep_last(self) -> bool:
+        return self._taped and self._replay is None and self._recorder is None
+
     def _per_call(self, fast: bool, native: bool, context_factory: Callable[[], dict[str, Any]] | None
                   ) -> PerCallPlugin:
         """Set up isolation = "per-call", checked once with a whole instance (ABI version, ``_initialize``,
@@ -302,11 +393,16 @@ class Sandbox:
                                      context_factory=self._context_factory, grants=self._grants)
         else:
             cls = ExtismInstance if self.kind == "extism" else PluginInstance
+            tape = self._new_tape()
             inst = cls(self.name, self._handle, self._module, self.info, self.limits, self.capabilities,
                        self._host_functions, self.auditor, fast=self._fast, native=self._native,
-                       context_factory=self._context_factory, grants=self._grants)
+                       context_factory=self._context_factory, grants=self._grants, tape=tape)
             if isinstance(inst, ExtismInstance):
                 inst.single_use = self.limits.isolation == "per-call"
+            inst.init(self._config)
+            if tape is not None:
+                tape.end_init()
+            return inst
         inst.init(self._config)
         return inst
 
@@ -347,7 +443,11 @@ class Sandbox:
             raise NotInline(self.name)
         start = perf_counter()
         try:
-            reply = inst.call(function, payload, budget_s=budget_s)
+            if self._taped:
+                reply = self._taped_call(inst, function, payload,
+                                         lambda: inst.call(function, payload, budget_s=budget_s))
+            else:
+                reply = inst.call(function, payload, budget_s=budget_s)
             # Read before the instance goes back: another thread may take it at once.
             stats = inst.ctx.stats
             fuel, memory = stats.fuel_used, stats.memory_bytes
@@ -376,7 +476,12 @@ class Sandbox:
                                            f"({timeout_s:g} s after it arrived)", limit=self.limits.max_instances)
             try:
                 # A budget as long as the timeout (or longer) is the timeout itself, with its own error.
-                reply = inst.call(function, payload, budget_s=remaining if remaining < timeout_s else None)
+                budget = remaining if remaining < timeout_s else None
+                if self._taped:
+                    reply = self._taped_call(inst, function, payload,
+                                             lambda: inst.call(function, payload, budget_s=budget))
+                else:
+                    reply = inst.call(function, payload, budget_s=budget)
             except BudgetExceeded:
                 raise self._deadline_error(ExecutionTimeoutError, f"{function} exceeded its {timeout_s:g} s timeout, "
                                            "counted from the call's arrival (waiting for an instance included)",
@@ -433,6 +538,8 @@ class Sandbox:
     def close(self) -> None:
         self._pool.close()
         self._grants.close()
+        if self._recorder is not None:
+            self._recorder.flush(timeout=5.0)  # the records of its last failed calls, if any wait
 
     def __enter__(self) -> Self:
         return self

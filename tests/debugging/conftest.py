@@ -14,22 +14,33 @@ from tests.conftest import ROOT
 GUESTS = Path(__file__).resolve().parent / "guests"
 
 
-@pytest.fixture(scope="session")
-def debug_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tests/debugging/guests/debug_me.c built as the guide says: ``-g -O0``, nothing stripped."""
+def build_debug_guest(name: str, out_dir: Path) -> Path:
+    """tests/debugging/guests/<name>.c built as the guide says: ``-g -O0``, nothing stripped."""
     clang = shutil.which("clang")
     if clang is None:
         pytest.fail("clang is missing: run `make toolchain` (apt-get install clang lld wasi-libc ...)")
-    out = tmp_path_factory.mktemp("debug-guest") / "debug_me.wasm"
+    out = out_dir / f"{name}.wasm"
     subprocess.run([clang, "--target=wasm32-wasi", "--sysroot=/usr", "-g", "-O0", "-mexec-model=reactor",
                     "-Wall", "-Wextra", "-Werror", "-I", str(ROOT / "sdk" / "guest" / "c"), "-o", str(out),
-                    str(GUESTS / "debug_me.c")], check=True, capture_output=True)
+                    str(GUESTS / f"{name}.c")], check=True, capture_output=True)
     return out
 
 
-def marked_line(marker: str) -> int:
-    """The line of debug_me.c whose comment says ``line: <marker>`` (the test does not hard-code numbers)."""
-    for number, text in enumerate((GUESTS / "debug_me.c").read_text().splitlines(), start=1):
+@pytest.fixture(scope="session")
+def debug_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """debug_me.c: a function to break in, a local to print, a line to step to."""
+    return build_debug_guest("debug_me", tmp_path_factory.mktemp("debug-guest"))
+
+
+@pytest.fixture(scope="session")
+def dice_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """dice.c: reads the clock and random bytes, traps when its draw is below the input."""
+    return build_debug_guest("dice", tmp_path_factory.mktemp("dice-guest"))
+
+
+def marked_line(marker: str, source: str = "debug_me.c") -> int:
+    """The line of ``source`` whose comment says ``line: <marker>`` (the test does not hard-code numbers)."""
+    for number, text in enumerate((GUESTS / source).read_text().splitlines(), start=1):
         if re.search(rf"/\* line: {re.escape(marker)} \*/", text):
             return number
     raise AssertionError(f"no line marked {marker!r}")

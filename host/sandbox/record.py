@@ -1,0 +1,481 @@
+"""Record a call and replay it offline: the same input, configuration and host results, the same outcome.
+
+A call of a core module depends on its input, its configuration, its limits, and on everything
+nondeterministic it receives from the host: the results of sandbus host functions (time, KV, requests,
+HTTP...) and of WASI's clock and random functions. A :class:`Tape` on the instance records each of those
+host calls as it happens: the function, its arguments, its results and every byte it wrote into guest
+memory. A :class:`CallRecord` holds them with the module's sha256, the function and the input, and is
+written as one JSON file (``sandbus run --record FILE``; on a node, a call that traps, when the
+operator's policy lists the plugin under ``[record]``).
+
+Replaying (:func:`replay`, ``sandbus replay FILE``) loads the same module (checked by digest), with the
+same limits, configuration and grants, on a fresh instance, and answers every host call from the tape:
+nothing reaches the clock, the bus or the network. A guest that asks for another host function than
+the one recorded at that point, or for more or fewer host calls, has *diverged*:
+:class:`ReplayDivergenceError`. Otherwise the call ends as it ended when it was recorded (the same trap
+or reply), which :class:`ReplayOutcome` reports; ``--debug`` runs it under a native debugger's eyes.
+
+What is not recorded, so what a replay cannot reproduce: the contents of granted directories (a replay
+grants none), and the state a *pooled* instance kept from earlier calls (a replay starts from a fresh
+instance: its initialisation is recorded and replayed, earlier calls are not). Records are core modules
+only: components and Extism plugins are refused.
+
+Everything read back from a record file is bounded and validated before use: the file's size, every
+field's type, every length; a record is data, never code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sandbus.sdk.errors import SandboxError, SandbusError, error_from_dict
+
+__all__ = [
+    "FORMAT",
+    "MAX_RECORD_BYTES",
+    "CallRecord",
+    "HostEvent",
+    "RecordSettings",
+    "ReplayDivergenceError",
+    "Tape",
+    "TrapRecorder",
+    "load_record",
+    "recordable",
+]
+
+#: The format tag of a record file; another one is refused.
+FORMAT = "sandbus.record/1"
+#: The largest record file read or written (a bound on what one record may hold: input and host results).
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+#: Host calls one record holds at most (the call's and its instance's initialisation's together).
+MAX_EVENTS = 100_000
+
+
+class ReplayDivergenceError(SandboxError):
+    """A replayed call asked the host for something other than what the recorded call asked for.
+
+    ``details``: ``index`` (the host call's position), ``expected`` and ``found`` (``module.name`` or
+    ``"end"``), ``phase`` (``init`` or ``call``).
+    """
+
+
+def recordable(error: BaseException) -> bool:
+    """Whether a call that ended with ``error`` is one a node records: the guest trapped or broke a limit
+    or the ABI (a failure the plugin's own code led to), not a refusal before it ran."""
+    from sandbus.sdk.errors import (
+        AbiViolationError,
+        ExecutionTimeoutError,
+        MemoryLimitError,
+        OutOfFuelError,
+        StackLimitError,
+        TrapError,
+    )
+
+    return isinstance(error, TrapError | OutOfFuelError | StackLimitError | MemoryLimitError
+                      | ExecutionTimeoutError | AbiViolationError)
+
+
+@dataclass
+class HostEvent:
+    """One host call: ``module.name(args)`` returned ``results`` (or raised ``error``) after writing
+    ``writes`` into guest memory. A write is ``(arg, offset, data)``: at ``args[arg] + offset`` when the
+    pointer was one of the arguments (``arg`` >= 0), else at the absolute address ``offset`` (``arg`` -1),
+    so that a replay whose guest passes other pointers still gets its bytes where it asked for them."""
+
+    module: str
+    name: str
+    args: list[int]
+    results: list[int] = field(default_factory=list)
+    writes: list[tuple[int, int, bytes]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+
+    def size(self) -> int:
+        return 64 + len(self.module) + len(self.name) + 24 * (len(self.args) + len(self.results)) + sum(
+            32 + len(d) * 4 // 3 for _, _, d in self.writes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"module": self.module, "name": self.name, "args": self.args, "results": self.results,
+                "writes": [[a, o, base64.b64encode(d).decode()] for a, o, d in self.writes],
+                "error": self.error}
+
+    @classmethod
+    def from_json(cls, data: Any) -> HostEvent:
+        obj = _obj(data, "event")
+        writes = []
+        for w in _list(obj.get("writes"), "event writes"):
+            item = _list(w, "event write")
+            if len(item) != 3:
+                raise _bad("an event write is [arg, offset, base64]")
+            writes.append((_int(item[0], "write arg"), _int(item[1], "write offset"), _b64(item[2], "write")))
+        error = obj.get("error")
+        if error is not None:
+            error = _obj(error, "event error")
+        return cls(_str(obj.get("module"), "event module"), _str(obj.get("name"), "event name"),
+                   [_int(a, "event arg") for a in _list(obj.get("args"), "event args")],
+                   [_int(r, "event result") for r in _list(obj.get("results"), "event results")],
+                   writes, error)
+
+
+class Tape:
+    """The host calls of one instance, recorded or replayed. Not thread-safe: one per instance, which
+    serves one call at a time.
+
+    Recording: the instance's initialisation is kept (:attr:`init`), then each call's host calls from
+    :meth:`begin_call` on (:attr:`call`); host calls between two calls (health checks) are not kept.
+    Past ``max_bytes`` the tape stops keeping events and is marked :attr:`truncated` (a record made from
+    it is refused by replay, which could not reproduce the call).
+
+    Replaying: each host call takes the next event (:meth:`next_event`), which must be the same function.
+    """
+
+    def __init__(self, *, max_bytes: int = MAX_RECORD_BYTES, replay: CallRecord | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.replaying = replay is not None
+        self.phase = "init"
+        self.init: list[HostEvent] = list(replay.init) if replay is not None else []
+        self.call: list[HostEvent] = list(replay.call) if replay is not None else []
+        self.truncated = False
+        self._size = 0
+        self._position = 0
+        #: The host call being recorded: guest-memory writes made while it runs belong to it.
+        self.current: HostEvent | None = None
+
+    # -- recording ---------------------------------------------------------------------------------
+
+    def begin_call(self) -> None:
+        """A call starts: recording, forget the previous call's events; replaying, the initialisation
+        must have made every host call it recorded."""
+        if self.replaying:
+            if self.phase == "init" and self._position != len(self.init):
+                raise self._diverged(self._position, f"{len(self.init)} host calls", "end")
+            self.phase, self._position = "call", 0
+            return
+        if self.phase == "init":
+            self._size = sum(e.size() for e in self.init)
+        else:
+            self._size -= sum(e.size() for e in self.call)
+        self.phase = "call"
+        self.call = []
+
+    def end_init(self) -> None:
+        """The instance is initialised: host calls until the next call (health checks) are not kept."""
+        if not self.replaying and self.phase == "init":
+            self.phase = "idle"
+
+    def record(self, event: HostEvent) -> None:
+        if self.phase == "idle":
+            return
+        events = self.init if self.phase == "init" else self.call
+        size = event.size()
+        if self.truncated or self._size + size > self.max_bytes or len(self.init) + len(self.call) >= MAX_EVENTS:
+            self.truncated = True
+            return
+        self._size += size
+        events.append(event)
+
+    def on_write(self, ptr: int, data: bytes) -> None:
+        """A host function wrote ``data`` at ``ptr`` of guest memory."""
+        event = self.current
+        if event is None:
+            return
+        for i, arg in enumerate(event.args):
+            if arg == ptr:
+                event.writes.append((i, 0, bytes(data)))
+                return
+        event.writes.append((-1, ptr, bytes(data)))
+
+    # -- replaying ---------------------------------------------------------------------------------
+
+    def next_event(self, module: str, name: str) -> HostEvent:
+        """The recorded event answering this host call, or :class:`ReplayDivergenceError`."""
+        events = self.init if self.phase == "init" else self.call
+        index = self._position
+        if index >= len(events):
+            raise self._diverged(index, "end", f"{module}.{name}")
+        event = events[index]
+        if (event.module, event.name) != (module, name):
+            raise self._diverged(index, f"{event.module}.{event.name}", f"{module}.{name}")
+        self._position += 1
+        return event
+
+    def end_call(self) -> None:
+        """A replayed call returned: it must have made every host call it recorded."""
+        if self.replaying and self.phase == "call" and self._position != len(self.call):
+            nxt = self.call[self._position]
+            raise self._diverged(self._position, f"{nxt.module}.{nxt.name}", "end")
+
+    def mismatch(self, message: str) -> ReplayDivergenceError:
+        """A replayed host call that matches its event by name but not otherwise."""
+        return ReplayDivergenceError(f"the replay diverged from the record at host call {self._position - 1} of "
+                                     f"the {self.phase}: {message}", index=self._position - 1, phase=self.phase)
+
+    def _diverged(self, index: int, expected: str, found: str) -> ReplayDivergenceError:
+        return ReplayDivergenceError(
+            f"the replay diverged from the record at host call {index} of the {self.phase}: the record has "
+            f"{expected}, the guest asked for {found}", index=index, expected=expected, found=found,
+            phase=self.phase)
+
+
+def apply_writes(event: HostEvent, args: tuple[int, ...], write: Callable[[int, bytes], None]) -> None:
+    """Write an event's recorded bytes into guest memory, where this replayed call's arguments point."""
+    for arg, offset, data in event.writes:
+        if arg >= 0:
+            if arg >= len(args):
+                raise ReplayDivergenceError(f"a recorded write names argument {arg} of a host call with "
+                                            f"{len(args)} arguments", function=f"{event.module}.{event.name}")
+            write(args[arg] + offset, data)
+        else:
+            write(offset, data)
+
+
+@dataclass
+class CallRecord:
+    """One recorded call (see the module docstring). ``outcome`` is how it ended: ``{"reply": base64}``
+    or ``{"error": <the error's wire form>}``."""
+
+    plugin: str
+    sha256: str
+    function: str
+    input: bytes
+    config: dict[str, Any]
+    limits: dict[str, Any]
+    capabilities: dict[str, Any]
+    init: list[HostEvent]
+    call: list[HostEvent]
+    outcome: dict[str, Any]
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat().replace("+00:00", "Z"))
+    truncated: bool = False
+    #: Where the module was loaded from, when known: where a replay looks for it (its digest decides).
+    module: str | None = None
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({
+            "format": FORMAT, "created": self.created, "plugin": self.plugin, "sha256": self.sha256,
+            "module": self.module,
+            "function": self.function, "input": base64.b64encode(self.input).decode(), "config": self.config,
+            "limits": self.limits, "capabilities": self.capabilities, "truncated": self.truncated,
+            "init": [e.to_json() for e in self.init], "call": [e.to_json() for e in self.call],
+            "outcome": self.outcome,
+        }, default=str)  # an error's details are JSON-able by design; anything else is shown as text
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CallRecord:
+        if len(raw) > MAX_RECORD_BYTES:
+            raise _bad(f"a record is at most {MAX_RECORD_BYTES} bytes, this one has {len(raw)}")
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise _bad(f"not JSON: {e}") from e
+        obj = _obj(data, "record")
+        if obj.get("format") != FORMAT:
+            raise _bad(f"not a sandbus call record (format {str(obj.get('format'))[:40]!r}, expected {FORMAT!r})")
+        init = [HostEvent.from_json(e) for e in _list(obj.get("init"), "init")]
+        call = [HostEvent.from_json(e) for e in _list(obj.get("call"), "call")]
+        if len(init) + len(call) > MAX_EVENTS:
+            raise _bad(f"a record holds at most {MAX_EVENTS} host calls")
+        sha = _str(obj.get("sha256"), "sha256")
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise _bad("sha256 must be 64 lowercase hex digits")
+        outcome = _obj(obj.get("outcome"), "outcome")
+        return cls(plugin=_str(obj.get("plugin"), "plugin"), sha256=sha, function=_str(obj.get("function"), "function"),
+                   input=_b64(obj.get("input"), "input"), config=_obj(obj.get("config"), "config"),
+                   limits=_obj(obj.get("limits"), "limits"), capabilities=_obj(obj.get("capabilities"), "capabilities"),
+                   init=init, call=call, outcome=outcome, created=_str(obj.get("created"), "created"),
+                   truncated=obj.get("truncated") is True,
+                   module=None if obj.get("module") is None else _str(obj.get("module"), "module"))
+
+    def recorded_error(self) -> SandbusError | None:
+        """The error the recorded call ended with (None: it replied)."""
+        error = self.outcome.get("error")
+        return error_from_dict(error) if isinstance(error, dict) else None
+
+    def recorded_reply(self) -> bytes | None:
+        reply = self.outcome.get("reply")
+        return _b64(reply, "reply") if reply is not None else None
+
+
+def load_record(path: Path) -> CallRecord:
+    """Read and validate a record file (at most :data:`MAX_RECORD_BYTES`).
+
+    Raises:
+        SandboxError: unreadable, too large, or not a valid record (``details["path"]``).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        with os.fdopen(fd, "rb") as f:
+            import stat
+
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SandboxError(f"{path} is not a regular file", path=str(path))
+            raw = f.read(MAX_RECORD_BYTES + 1)
+    except OSError as e:
+        raise SandboxError(f"cannot read the record {path}: {e.strerror}", path=str(path)) from e
+    try:
+        return CallRecord.from_bytes(raw)
+    except SandboxError as e:
+        raise SandboxError(f"{path}: {e.message}", path=str(path)) from e
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """Where a node writes the records of calls that trap, and how many and how large they may be.
+
+    Parameters:
+        directory: created (mode 0700) at the first record; records hold the call's input and the
+            host results it received, which may be private.
+        max_bytes: the largest record; a call whose host calls held more is recorded without them
+            (``truncated``: kept as evidence, refused by replay).
+        max_records: records of one plugin kept in the directory; beyond, new traps are not recorded
+            (audited once a process as ``record.dropped``) until some are removed.
+    """
+
+    directory: Path
+    max_bytes: int = 1024 * 1024
+    max_records: int = 100
+
+
+class TrapRecorder:
+    """Writes the records of one plugin's failed calls into :attr:`RecordSettings.directory`.
+
+    A call that fails may run on a node's event loop: :meth:`submit` only queues the record (at most
+    :data:`PENDING` waiting; beyond, it is dropped and audited), and one thread of the recorder encodes
+    and writes them, so no file is written on the loop.
+    """
+
+    #: Records waiting to be written at most; a burst of traps beyond is not recorded (``record.dropped``).
+    PENDING = 16
+
+    def __init__(self, plugin: str, settings: RecordSettings,
+                 on_event: Callable[[str, str, Mapping[str, Any]], None] | None = None,
+                 module_path: Path | None = None) -> None:
+        self.plugin = plugin
+        self.settings = settings
+        self.module_path = module_path
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._queue: list[CallRecord] = []
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._full_reported = False
+
+    def submit(self, record: CallRecord) -> bool:
+        """Queue ``record`` to be written; False when :data:`PENDING` records already wait (dropped)."""
+        with self._lock:
+            if len(self._queue) >= self.PENDING:
+                dropped = True
+            else:
+                dropped = False
+                self._queue.append(record)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name=f"sandbus-record-{self.plugin}",
+                                                    daemon=True)
+                    self._thread.start()
+                self._idle.notify_all()
+        if dropped:
+            self._emit("record.dropped", f"a failed call was not recorded: {self.PENDING} records wait to be "
+                       "written", {"pending": self.PENDING})
+        return not dropped
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued record is written (at most ``timeout`` seconds); True if none is left."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._idle:
+                self._idle.wait_for(lambda: bool(self._queue))
+                record = self._queue.pop(0)
+                self._busy = True
+            try:
+                self.write(record)
+            except Exception:  # never the end of the writer: the next record may well be written
+                import logging
+
+                logging.getLogger("sandbus.record").exception("writing a record of %s failed", self.plugin)
+            finally:
+                with self._idle:
+                    self._busy = False
+                    self._idle.notify_all()
+
+    def write(self, record: CallRecord) -> Path | None:
+        """Write ``record`` now; its path, or None when the plugin already has ``max_records`` records
+        (or the directory cannot be written: audited, never the call's failure)."""
+        directory = self.settings.directory
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            existing = sum(1 for p in directory.iterdir() if p.name.startswith(f"{self.plugin}-"))
+            if existing >= self.settings.max_records:
+                if not self._full_reported:
+                    self._full_reported = True
+                    self._emit("record.dropped", f"a failed call was not recorded: {existing} records of "
+                               f"this plugin are in {directory} (max_records)", {"limit": self.settings.max_records})
+                return None
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            path = directory / f"{self.plugin}-{stamp}-{os.getpid()}.json"
+            data = record.to_bytes()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            self._emit("record.failed", f"a failed call could not be recorded in {directory}: {e.strerror}",
+                       {"path": str(directory)})
+            return None
+        self._emit("record.written", f"the failed call of {record.function} was recorded in {path}",
+                   {"path": str(path), "function": record.function, "truncated": record.truncated})
+        return path
+
+    def _emit(self, kind: str, message: str, details: Mapping[str, Any]) -> None:
+        if self._on_event is not None:
+            self._on_event(kind, message, details)
+
+
+# -- validation of what a record file holds ---------------------------------------------------------
+
+
+def _bad(message: str) -> SandboxError:
+    return SandboxError(f"invalid call record: {message}")
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad(f"{what} must be an object")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _bad(f"{what} must be a list")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if type(value) is not int or not -(2**63) <= value < 2**64:
+        raise _bad(f"{what} must be a 64-bit integer")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str) or len(value) > 4096:
+        raise _bad(f"{what} must be a string of at most 4096 characters")
+    return value
+
+
+def _b64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise _bad(f"{what} must be base64 text")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise _bad(f"{what} is not valid base64: {e}") from e
