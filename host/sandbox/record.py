@@ -145,7 +145,8 @@ class Tape:
         self.init: list[HostEvent] = list(replay.init) if replay is not None else []
         self.call: list[HostEvent] = list(replay.call) if replay is not None else []
         self.truncated = False
-        self._size = 0
+        self._size = 0  # of the events kept: the initialisation's and the current call's
+        self._call_size = 0
         self._position = 0
         #: The host call being recorded: guest-memory writes made while it runs belong to it.
         self.current: HostEvent | None = None
@@ -160,10 +161,8 @@ class Tape:
                 raise self._diverged(self._position, f"{len(self.init)} host calls", "end")
             self.phase, self._position = "call", 0
             return
-        if self.phase == "init":
-            self._size = sum(e.size() for e in self.init)
-        else:
-            self._size -= sum(e.size() for e in self.call)
+        self._size -= self._call_size  # the previous call's events are forgotten
+        self._call_size = 0
         self.phase = "call"
         self.call = []
 
@@ -181,6 +180,8 @@ class Tape:
             self.truncated = True
             return
         self._size += size
+        if self.phase == "call":
+            self._call_size += size
         events.append(event)
 
     def on_write(self, ptr: int, data: bytes) -> None:
