@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.debugging.conftest import gdb_or_skip, marked_line
@@ -18,11 +20,13 @@ GDB_TIMEOUT_S = 120
 
 def run_gdb(commands: list[str], argv: list[str], cwd: Path, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
+    """``gdb -batch`` running ``commands`` on ``argv`` (a command line, or ``["-p", PID]`` to attach)."""
     gdb = gdb_or_skip()
     args = [gdb, "-batch", "-nx"]
     for command in commands:
         args += ["-ex", command]
-    return subprocess.run([*args, "--args", *argv], capture_output=True, text=True, timeout=GDB_TIMEOUT_S,
+    target = argv if argv[:1] == ["-p"] else ["--args", *argv]
+    return subprocess.run([*args, *target], capture_output=True, text=True, timeout=GDB_TIMEOUT_S,
                           cwd=cwd, env={**os.environ, **(env or {})})
 
 
@@ -71,3 +75,60 @@ def test_without_debug_the_breakpoint_never_resolves(debug_guest: Path, tmp_path
     assert "Breakpoint 1, add_one" not in done.stdout, done.stdout
     assert '{"n":21}' in done.stdout
     assert "exited normally" in done.stdout, done.stdout
+
+
+NODE_POLICY = '''
+[capabilities]
+allowed = ["compute"]
+
+[debug]
+plugins = ["debug_me"]
+'''
+NODE_MANIFEST = '''
+[plugin]
+name = "debug_me"
+version = "1.0.0"
+min_runtime_version = "0.1.0"
+
+[capabilities]
+required = ["compute"]
+'''
+
+
+def test_attach_to_a_node_that_serves_a_listed_plugin(debug_guest: Path, tmp_path: Path) -> None:
+    """docs/guide.md "On a node": gdb attaches to a running node, the plugin's code (registered before it
+    attached) is found, and a request over NATS stops on the breakpoint."""
+    from sandbus.bus.server import NatsServer
+    from tests.bus.conftest import NodeProcess
+
+    gdb_or_skip()
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    shutil.copy(debug_guest, plugins / "debug_me.wasm")
+    (plugins / "debug_me.toml").write_text(NODE_MANIFEST)
+    (tmp_path / "policy.toml").write_text(NODE_POLICY)
+    server = NatsServer().start()
+    node = NodeProcess("dbg", plugins, server.url, tmp_path / "node.log")
+    try:
+        node.wait_ready()
+        assert "plugin.debug_info debug_me" in node.output()  # the node's log says so
+        reply = tmp_path / "reply.json"
+        # The request starts from gdb, once the breakpoint is set; it waits while the call is stopped.
+        request = (f"{sys.executable} -m sandbus request debug_me handle_request 1 -s {server.url} "
+                   f"--timeout 60 > {reply} 2>&1 &")
+        done = run_gdb(["set scheduler-locking step", "break add_one", f"shell {request}", "continue", "bt 2",
+                        "print x", "next", "print y", "detach"], ["-p", str(node.proc.pid)], tmp_path)
+        out = done.stdout
+        first, second = marked_line("add_one first"), marked_line("add_one next")
+        assert re.search(rf"Breakpoint 1, add_one \(x=20\) at \S*debug_me\.c:{first}\n", out), out
+        assert re.search(r"#1 +0x[0-9a-f]+ in handle_request \(in=.*, len=1\)", out), out
+        assert "$1 = 20\n" in out, out
+        assert re.search(rf"\n{second}\t +return y;", out), out
+        assert "$2 = 21\n" in out, out
+        deadline = time.monotonic() + 60
+        while '{"n":21}' not in (reply.read_text() if reply.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)  # the detached node answers the request; bounded
+        assert '{"n":21}' in reply.read_text(), reply.read_text()
+    finally:
+        node.terminate()
+        server.stop()
