@@ -184,7 +184,7 @@ class PluginLogs:
         self._buckets: dict[str, list[float]] = {}
         #: per plugin: lines dropped since its last published line
         self._dropped: dict[str, int] = {}
-        #: per plugin: lines dropped since its last log.dropped audit event, and the pending timers
+        #: per plugin: lines dropped since its last log.dropped audit event (a timer reports them)
         self._unaudited: dict[str, int] = {}
         self._subjects: dict[str, str] = {}
         self._headers = {H_CONTENT_TYPE: CONTENT_TYPE, H_NODE: node_id}
