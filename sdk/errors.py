@@ -12,6 +12,7 @@ dead-lettered at once instead of redelivered.
     │   ├── AbiViolationError        missing export, bad signature, bad pointer, bad JSON
     │   ├── TrapError                the guest trapped (carries the wasm backtrace)
     │   ├── GuestError               the guest reported a failure itself (an Extism plugin's error_set)
+    │   ├── ReplayDivergenceError    a replayed call asked the host for something the recording did not hold
     │   └── PluginInitError          init(config) or _initialize failed
     ├── ResourceLimitError           a limit held, and the call was stopped
     │   ├── OutOfFuelError
@@ -80,6 +81,7 @@ __all__ = [
     "PolicyError",
     "RateLimitError",
     "RegistryError",
+    "ReplayDivergenceError",
     "RequestError",
     "RequestTimeoutError",
     "ResourceLimitError",
@@ -159,6 +161,18 @@ class GuestError(SandboxError):
     """
 
     code = "sandbox.guest_error"
+
+
+class ReplayDivergenceError(SandboxError):
+    """A replayed call asked the host for something other than what the recorded call asked for.
+
+    Raised only by ``sandbus replay`` (never on the wire from a node). ``details``: ``index`` (the host
+    call's position), ``expected`` and ``found`` (``module.name`` or ``"end"``), ``phase`` (``init`` or
+    ``call``). Not retryable: the same record and module diverge the same way every time.
+    """
+
+    code = "sandbox.replay_divergence"
+    retryable = False
 
 
 class PluginInitError(SandboxError):

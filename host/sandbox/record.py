@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-from sandbus.sdk.errors import SandboxError, SandbusError, error_from_dict
+from sandbus.sdk.errors import ReplayDivergenceError, SandboxError, SandbusError, error_from_dict
 
 __all__ = [
     "FORMAT",
@@ -59,14 +59,6 @@ FORMAT = "sandbus.record/1"
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 #: Host calls one record holds at most (the call's and its instance's initialisation's together).
 MAX_EVENTS = 100_000
-
-
-class ReplayDivergenceError(SandboxError):
-    """A replayed call asked the host for something other than what the recorded call asked for.
-
-    ``details``: ``index`` (the host call's position), ``expected`` and ``found`` (``module.name`` or
-    ``"end"``), ``phase`` (``init`` or ``call``).
-    """
 
 
 def recordable(error: BaseException) -> bool:

@@ -97,6 +97,8 @@ def test_completion_completes_commands_and_options() -> None:
     """What the bash script asks the command: the words that complete the one being typed."""
     r = sandbus(env={"_SANDBUS_COMPLETE": "complete_bash", "COMP_WORDS": "sandbus re", "COMP_CWORD": "1"})
     assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["request", "replay"]
+    r = sandbus(env={"_SANDBUS_COMPLETE": "complete_bash", "COMP_WORDS": "sandbus req", "COMP_CWORD": "1"})
     assert r.stdout.split() == ["request"]
     r = sandbus(env={"_SANDBUS_COMPLETE": "complete_bash", "COMP_WORDS": "sandbus ls --wi", "COMP_CWORD": "2"})
     assert r.stdout.split() == ["--wide"]
