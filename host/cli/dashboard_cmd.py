@@ -12,12 +12,15 @@ Exit codes: a bad option: 2; NATS unreachable: 5; the address cannot be bound: 1
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sandbus.host.cli.connect import Connection, with_connection
 from sandbus.host.cli.main import EXIT_BUS, EXIT_PLUGIN, EXIT_USAGE, fail
+
+if TYPE_CHECKING:
+    from sandbus.host.dashboard.server import DashboardConfig
 
 __all__ = ["dashboard", "register"]
 
@@ -94,16 +97,15 @@ def dashboard(
     _run(conn, config)
 
 
-def _run(conn: Connection, config: object) -> None:
+def _run(conn: Connection, config: DashboardConfig) -> None:
     import asyncio
     import contextlib
     import signal
 
     from sandbus.host.cli.connect import _client_class
-    from sandbus.host.dashboard.server import DashboardConfig, serve
+    from sandbus.host.dashboard.server import serve
     from sandbus.sdk.client import Client
 
-    assert isinstance(config, DashboardConfig)
     logging.getLogger("nats").setLevel(logging.CRITICAL + 1)  # reconnect attempts are said once, below
 
     def ready(url: str) -> None:
@@ -114,25 +116,36 @@ def _run(conn: Connection, config: object) -> None:
                        "here; anyone with it can act as the dashboard's NATS user)")
 
     async def go() -> None:
+        connected = False
+        causes: list[str] = []
+
         async def on_disconnect() -> None:
-            log.warning("dashboard: disconnected from NATS; reconnecting")
+            if connected:
+                log.warning("dashboard: disconnected from NATS; reconnecting")
 
         async def on_reconnect() -> None:
             log.warning("dashboard: reconnected to NATS")
 
         async def on_error(e: Exception) -> None:
+            if not connected and len(causes) < 8:
+                causes.append(f"{type(e).__name__}: {str(e)[:200]}")
             log.debug("NATS: %s", e)
 
         nc = _client_class(conn)()
         try:
-            # a long-running watcher: it reconnects for ever instead of ending at the first outage
-            await nc.connect(servers=list(conn.servers), connect_timeout=2.0, max_reconnect_attempts=-1,
-                             reconnect_time_wait=1.0, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+            # the first connection is tried once per server: an unreachable bus is said at once ...
+            await nc.connect(servers=list(conn.servers), connect_timeout=2.0, max_reconnect_attempts=1,
+                             reconnect_time_wait=0.5, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
                              error_cb=on_error, **conn.nats_kwargs())
         except Exception as e:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), 0.5)
-            fail(f"NATS at {conn.shown_url} is unreachable: {type(e).__name__}: {str(e)[:200]}", EXIT_BUS)
+            cause = causes[-1] if causes else f"{type(e).__name__}: {str(e)[:200]}"
+            fail(f"NATS at {conn.shown_url} is unreachable ({cause})", EXIT_BUS)
+        # ... and once connected, a long-running watcher reconnects for as long as it runs
+        nc.options["max_reconnect_attempts"] = -1
+        nc.options["reconnect_time_wait"] = 1.0
+        connected = True
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

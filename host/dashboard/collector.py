@@ -84,6 +84,8 @@ class Collector:
         #: where the audit trail comes from: "stream" (JetStream history, then live) or "live"
         self.audit_source = "live"
         self.rounds = 0
+        #: why the last round failed (None: it did not)
+        self.failing: str | None = None
 
     # -- life ----------------------------------------------------------------------------------------------
 
@@ -127,12 +129,29 @@ class Collector:
             await asyncio.sleep(due - now)
             try:
                 await self._round()
-            except Exception:  # one bad round (a disconnect) must not end the dashboard
-                log.warning("dashboard: a polling round failed", exc_info=True)
+            except Exception as e:  # one bad round (a disconnect) must not end the dashboard
+                self._failed(e)
+            else:
+                if self.failing is not None:
+                    log.warning("dashboard: polling the nodes again")
+                    self.failing = None
+                    self.hub.set_status(True, "")
+
+    def _failed(self, e: Exception) -> None:
+        """Said once per outage (not once per round), and shown on the pages until a round succeeds."""
+        message = f"{type(e).__name__}: {str(e)[:300]}" if str(e) else type(e).__name__
+        if self.failing is None:
+            log.warning("dashboard: polling the nodes failed (%s); trying again every %g s", message, self.interval)
+        self.failing = message
+        self.hub.set_status(False, f"cannot poll the nodes: {message}")
+        if any(n.get("reachable") for n in self.hub.nodes.values()):
+            self.hub.set_nodes({k: {**v, "reachable": False} for k, v in self.hub.nodes.items()})
 
     # -- nodes ---------------------------------------------------------------------------------------------
 
     async def _round(self) -> None:
+        if not self.nc.is_connected:  # requests would only time out: the nodes are kept as last seen
+            raise ConnectionError("not connected to NATS (reconnecting)")
         discover = self.rounds % self.discover_every == 0
         self.rounds += 1
         if discover:

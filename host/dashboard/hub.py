@@ -81,6 +81,8 @@ class Hub:
         #: messages from the bus refused as malformed, by kind
         self.malformed = {"logs": 0, "audit": 0, "nodes": 0}
         self.updated_at: float | None = None
+        #: whether the collector reaches the nodes, and if not why (shown on every page)
+        self.status: dict[str, Any] = {"ok": True, "message": ""}
 
     # -- listeners -----------------------------------------------------------------------------------------
 
@@ -127,8 +129,9 @@ class Hub:
     # -- what the collector writes --------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        return {"info": self.info, "nodes": self.nodes_list(), "deploys": self.deploys, "audit": list(self.audit),
-                "logs": list(self.logs), "dropped": dict(self.dropped), "updated_at": self.updated_at}
+        return {"info": self.info, "status": self.status, "nodes": self.nodes_list(), "deploys": self.deploys,
+                "audit": list(self.audit), "logs": list(self.logs), "dropped": dict(self.dropped),
+                "updated_at": self.updated_at}
 
     def nodes_list(self) -> list[dict[str, Any]]:
         return [self.nodes[n] for n in sorted(self.nodes)]
@@ -137,6 +140,12 @@ class Hub:
         self.nodes = nodes
         self.updated_at = time.time()
         self._broadcast(sse_event("nodes", {"nodes": self.nodes_list(), "updated_at": self.updated_at}))
+
+    def set_status(self, ok: bool, message: str) -> None:
+        status = {"ok": ok, "message": message}
+        if status != self.status:
+            self.status = status
+            self._broadcast(sse_event("status", status))
 
     def set_deploys(self, deploys: dict[str, Any]) -> None:
         if deploys != self.deploys:

@@ -400,6 +400,7 @@ function applySnapshot(s) {
   state.audit = [];
   state.logs = [];
   readToken();
+  setStatus(s.status);
   $("audit-rows").replaceChildren();
   renderNodes();
   renderDeploys();
@@ -409,6 +410,13 @@ function applySnapshot(s) {
   renderLogs();
   noteDropped(s.dropped);
   stamp(s.updated_at);
+}
+
+function setStatus(status) {
+  const box = $("bus-status");
+  const ok = !status || status.ok !== false;
+  box.hidden = ok;
+  box.textContent = ok ? "" : String(status.message || "cannot poll the nodes");
 }
 
 function stamp(t) {
@@ -426,6 +434,7 @@ function connect() {
     renderNodes();
     stamp(d.updated_at);
   });
+  es.addEventListener("status", (ev) => setStatus(JSON.parse(ev.data)));
   es.addEventListener("deploys", (ev) => { state.deploys = JSON.parse(ev.data); renderDeploys(); });
   es.addEventListener("audit", (ev) => {
     const d = JSON.parse(ev.data);
