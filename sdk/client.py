@@ -67,6 +67,7 @@ from sandbus.sdk.errors import (
 from sandbus.sdk.jspublish import JetStreamPublisher
 from sandbus.sdk.nats_guard import GuardedNatsClient
 from sandbus.sdk.subjects import (
+    LOG_PREFIX,
     NODE_SERVICE,
     check_token,
     control_subject,
@@ -151,7 +152,9 @@ class LogStream:
         try:
             async for msg in self._sub.messages:
                 line = check_log_line(msg.data)
-                if line is not None and LOG_LEVELS.index(line["level"]) >= self._minimum:
+                # The line names the node and plugin of its subject (what the NATS permissions let publish).
+                if (line is not None and msg.subject == f"{LOG_PREFIX}.{line['node']}.{line['plugin']}"
+                        and LOG_LEVELS.index(line["level"]) >= self._minimum):
                     yield line
         finally:  # the loop ended (break, cancel): no subscription is left behind
             await self.close()

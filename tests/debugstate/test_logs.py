@@ -183,3 +183,16 @@ async def test_no_bus_logs_keeps_the_ring_and_publishes_nothing(make_node: Calla
     finally:
         await node.stop()
         node.manager.close()
+
+
+async def test_the_client_skips_what_is_not_a_log_line(node: Node, nats: NatsServer) -> None:
+    real = {"ts": "2026-12-03T08:00:00.000000Z", "node": "dn1", "plugin": "logger", "version": None,
+            "level": "info", "stream": None, "message": "forged", "trace_id": None, "seq": 1, "dropped": 0}
+    async with await Client.connect(nats.url) as client, client.logs() as stream:
+        for body in (b"not json", b"[]", orjson.dumps({**real, "node": "elsewhere"}),
+                     orjson.dumps({**real, "level": "loud"}), orjson.dumps({**real, "seq": "1"}),
+                     orjson.dumps({k: v for k, v in real.items() if k != "trace_id"}), b"x" * 70_000):
+            await client.nc.publish("sandbus.log.dn1.logger", body)
+        await client.request("logger", "say", {"text": "real"})
+        line = await asyncio.wait_for(anext(aiter(stream)), 5)
+    assert line["message"] == "real"
