@@ -63,7 +63,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, plugins_dir: Path) -> Iterat
     started: list[DashboardProcess] = []
     node: NodeProcess | None = None
     try:
-        node = NodeProcess(NODE, plugins, server.url, base / "node.log")
+        # traced (spans printed to its log): a call's log lines then carry the call's trace id
+        node = NodeProcess(NODE, plugins, server.url, base / "node.log", env={"OTEL_TRACES_EXPORTER": "console"})
         node.wait_ready()
         asyncio.run(_refused_before(server.url))
         read_only = DashboardProcess(server.url, base / "read_only.log", "--interval", INTERVAL,

@@ -148,6 +148,25 @@ def test_a_plugins_own_log_line_appears_and_filters(stack: Stack, browser: WebDr
            "the line shown for its plugin")
 
 
+def test_a_traced_requests_log_line_links_to_its_trace(stack: Stack, browser: WebDriver) -> None:
+    """A request that arrives with a W3C trace context: the plugin's log line names the trace, and the page
+    links it to Jaeger."""
+    _open(browser, stack.read_only.url)
+    trace = f"{time.monotonic_ns():032x}"[-32:]
+
+    async def traced(c: Client) -> None:
+        reply = await c.nc.request("sandbus.req.shouter.handle_request", orjson.dumps({"traced": trace}), timeout=5,
+                                   headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01",
+                                            "Content-Type": "application/json"})
+        assert orjson.loads(reply.data) == {"traced": trace}
+
+    stack.call(traced)
+    row = _until(browser, lambda b: next((r for r in b.find_elements(By.CSS_SELECTOR, "#log-rows tr")
+                                          if trace in r.find_element(By.CSS_SELECTOR, "td.message").text), None),
+                 "the traced call's log line")
+    assert row.find_element(By.CSS_SELECTOR, "a.trace").get_attribute("href") == f"{JAEGER}/trace/{trace}"
+
+
 def test_a_hostile_manifest_description_stays_text(stack: Stack, browser: WebDriver) -> None:
     _open(browser, stack.read_only.url)
     assert _cell(browser, "evil", "description") == XSS_DESCRIPTION
