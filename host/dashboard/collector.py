@@ -76,8 +76,8 @@ class Collector:
         self.timeout = timeout
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
-        self._debug: OrderedDict[tuple[str, str], tuple[float, dict[str, Any]]] = OrderedDict()
-        self._debug_inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        self._debug: OrderedDict[tuple[str, str], tuple[float, dict[str, Any] | SandbusError]] = OrderedDict()
+        self._debug_inflight: dict[tuple[str, str], asyncio.Task[dict[str, Any]]] = {}
         self._missed: dict[str, int] = {}
         #: control requests sent to nodes (stats, debug, reload, unload), for the curious and the benchmark
         self.requests_sent = 0
@@ -94,7 +94,10 @@ class Collector:
         self._subs.append(await self.nc.subscribe(LOG_SUBJECTS, cb=self._on_log, pending_msgs_limit=PENDING_MSGS,
                                                   pending_bytes_limit=PENDING_BYTES))
         await self._follow_audit()
-        await self._round()
+        try:
+            await self._round()
+        except Exception as e:  # shown on the pages; the loop tries again
+            self._failed(e)
         self._tasks = [asyncio.create_task(self._poll_loop(), name="dashboard-poll"),
                        asyncio.create_task(self._flush_loop(), name="dashboard-flush")]
 
@@ -114,7 +117,10 @@ class Collector:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_S)
-            self.hub.flush()
+            try:
+                self.hub.flush()
+            except Exception:  # a bug must not stop the logs reaching the pages for good
+                log.exception("dashboard: sending a batch to the pages failed")
 
     async def _poll_loop(self) -> None:
         """One round every ``interval`` on a fixed schedule (a slow round, such as a discovery that waits for
@@ -325,28 +331,36 @@ class Collector:
         key = (check_token(node_id, "node id"), check_token(plugin, "plugin"))
         cached = self._debug.get(key)
         if cached is not None and time.monotonic() - cached[0] < self.interval:
+            if isinstance(cached[1], SandbusError):  # a refusal is remembered as long as an answer
+                raise cached[1]
             return cached[1]
-        pending = self._debug_inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._debug_inflight[key] = future
+        fetch = self._debug_inflight.get(key)
+        if fetch is None:
+            # its own task: a page that goes away while it runs cancels its wait, not the fetch others share
+            fetch = self._debug_inflight[key] = asyncio.create_task(self._fetch_debug(key))
+            fetch.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
+        return await asyncio.shield(fetch)
+
+    def _remember(self, key: tuple[str, str], result: dict[str, Any] | SandbusError) -> None:
+        self._debug[key] = (time.monotonic(), result)
+        self._debug.move_to_end(key)
+        while len(self._debug) > DEBUG_CACHE:
+            self._debug.popitem(last=False)
+
+    async def _fetch_debug(self, key: tuple[str, str]) -> dict[str, Any]:
+        node_id, plugin = key
         try:
             self.requests_sent += 1
-            reply = await self.client.control(node_id, "debug", {"plugin": plugin}, timeout=self.timeout)
+            try:
+                reply = await self.client.control(node_id, "debug", {"plugin": plugin}, timeout=self.timeout)
+            except SandbusError as e:
+                self._remember(key, e)
+                raise
             state = validate.debug_state(reply)
             if state is None:
                 raise SandbusError(f"node {node_id!r} answered debug with something that is not an object")
-            self._debug[key] = (time.monotonic(), state)
-            self._debug.move_to_end(key)
-            while len(self._debug) > DEBUG_CACHE:
-                self._debug.popitem(last=False)
-            future.set_result(state)
+            self._remember(key, state)
             return state
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
-            raise
         finally:
             del self._debug_inflight[key]
 
