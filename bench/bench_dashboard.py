@@ -85,7 +85,7 @@ async def debug_poller(url: str, plugin: str, node: str, counts: Counter[str], s
     while not stop.is_set():
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         writer.write(f"GET /api/debug?node={node}&plugin={plugin} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                     "Connection: close\r\n\r\n".encode())
+                     "X-Sandbus-Dashboard: 1\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         status = await reader.readline()
         await reader.read()

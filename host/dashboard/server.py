@@ -6,7 +6,8 @@ Routes:
     GET  /api/state         everything the page shows, as JSON
     GET  /api/events        the same, live: Server-Sent Events (``snapshot`` first, then ``nodes``, ``logs``,
                             ``audit``, ``deploys``)
-    GET  /api/debug?node=N&plugin=P   a plugin's debug state on a node (fetched at most once per interval)
+    GET  /api/debug?node=N&plugin=P   a plugin's debug state on a node (fetched at most once per interval);
+                            with ``X-Sandbus-Dashboard: 1``
     POST /api/control       ``{"verb": "reload"|"unload", "node": N, "plugin": P}``; only with control allowed,
                             the token in ``X-Sandbus-Token``, and the page's own ``Origin``
 
@@ -39,7 +40,7 @@ from sandbus.sdk.errors import SandbusError
 if TYPE_CHECKING:
     from sandbus.sdk.client import Client
 
-__all__ = ["MAX_BODY", "TOKEN_HEADER", "DashboardConfig", "make_app", "serve"]
+__all__ = ["MAX_BODY", "PAGE_HEADER", "TOKEN_HEADER", "DashboardConfig", "make_app", "serve"]
 
 log = logging.getLogger("sandbus.dashboard")
 
@@ -47,6 +48,8 @@ log = logging.getLogger("sandbus.dashboard")
 MAX_BODY = 1024
 #: The header that carries the control token.
 TOKEN_HEADER = "X-Sandbus-Token"
+#: The header the page sends with a debug request.
+PAGE_HEADER = "X-Sandbus-Dashboard"
 #: Seconds between two keep-alive comments on an idle event stream.
 KEEPALIVE_S = 15.0
 
@@ -112,9 +115,18 @@ def _error(status: int, code: str, message: str) -> web.Response:
 @web.middleware
 async def _guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                  ) -> web.StreamResponse:
-    """The ``Host`` check, before anything else is looked at."""
+    """The ``Host`` check, before anything else is looked at; then no other site's page may use the API.
+
+    A page of another site can make the browser send requests here without reading the answers: opening event
+    streams would take every listener slot, asking for debug states would load the nodes. Browsers say where a
+    request comes from (``Sec-Fetch-Site``); only the dashboard's own page (or a tool, which sends no such
+    header) may reach anything but the page itself, which a link on another site may open.
+    """
     if not request.app[HOST_KEY][0].allows(request.headers.get("Host")):
         return web.Response(status=421, text="this server does not answer to that host name\n")
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none") and request.path != "/":
+        return _error(403, "dashboard.cross_site", "requests from another site's page are refused")
     return await handler(request)
 
 
@@ -169,6 +181,10 @@ async def _events(request: web.Request) -> web.StreamResponse:
 
 
 async def _debug(request: web.Request) -> web.Response:
+    # a header no other site's page can send without asking first (a CORS preflight this server never grants):
+    # for browsers that do not say where a request comes from
+    if request.headers.get(PAGE_HEADER) != "1":
+        return _error(403, "dashboard.cross_site", f"debug requests need the {PAGE_HEADER}: 1 header")
     node, plugin = request.query.get("node", ""), request.query.get("plugin", "")
     try:
         state = await request.app[COLLECTOR_KEY].debug(node, plugin)

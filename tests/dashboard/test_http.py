@@ -18,6 +18,8 @@ from tests.dashboard.conftest import BEFORE, INTERVAL, NODE, Stack
 
 pytestmark = pytest.mark.slow
 
+#: the header the page sends with a debug request
+PAGE = {"X-Sandbus-Dashboard": "1"}
 #: how long the load test counts a node's control requests
 WINDOW_S = 3.0
 
@@ -200,16 +202,16 @@ def test_control_with_the_token_reloads_and_is_logged_with_who(stack: Stack) -> 
 
 
 def test_debug_state_on_demand(stack: Stack) -> None:
-    status, _, raw = _http(stack.read_only.url, "GET", f"/api/debug?node={NODE}&plugin=echo")
+    status, _, raw = _http(stack.read_only.url, "GET", f"/api/debug?node={NODE}&plugin=echo", headers=PAGE)
     assert status == 200, raw
     state = json.loads(raw)
     assert state["plugin"] == "echo"
     assert state["node_id"] == NODE
     assert state["status"] == "loaded"
-    status, _, raw = _http(stack.read_only.url, "GET", f"/api/debug?node={NODE}&plugin=nosuch")
+    status, _, raw = _http(stack.read_only.url, "GET", f"/api/debug?node={NODE}&plugin=nosuch", headers=PAGE)
     assert status == 502
     assert json.loads(raw)["error"]["code"] == "plugin.not_found"
-    status, _, raw = _http(stack.read_only.url, "GET", "/api/debug?node=a.b&plugin=echo")
+    status, _, raw = _http(stack.read_only.url, "GET", "/api/debug?node=a.b&plugin=echo", headers=PAGE)
     assert status == 400
 
 
@@ -282,7 +284,8 @@ def test_the_load_on_the_node_does_not_grow_with_the_pages(stack: Stack) -> None
             end = loop.time() + WINDOW_S
             while loop.time() < end:  # eight pages with the debug view open, asking as fast as they can
                 await asyncio.gather(*(asyncio.to_thread(_http, stack.read_only.url, "GET",
-                                                         f"/api/debug?node={NODE}&plugin=echo") for _ in range(8)))
+                                                         f"/api/debug?node={NODE}&plugin=echo", headers=PAGE)
+                                   for _ in range(8)))
             return seen
 
         seen = stack.call(count)
@@ -296,3 +299,22 @@ def test_the_load_on_the_node_does_not_grow_with_the_pages(stack: Stack) -> None
     assert max(stats) <= per_window + 1, seen
     assert len(debug) == 1, seen  # the read-only one, whose pages asked
     assert 1 <= debug[0] <= per_window + 1, seen
+
+
+@pytest.mark.parametrize("site", ["cross-site", "same-site"])
+def test_another_sites_page_cannot_use_the_api(stack: Stack, site: str) -> None:
+    """Another site's page can make the browser send requests here blind: none reaches the API (a link may still
+    open the page itself)."""
+    fetch = {"Sec-Fetch-Site": site}
+    for path in ("/api/state", "/api/events", f"/api/debug?node={NODE}&plugin=echo", "/static/app.js"):
+        status, _, body = _http(stack.read_only.url, "GET", path, headers={**fetch, **PAGE})
+        assert status == 403, path
+        assert json.loads(body)["error"]["code"] == "dashboard.cross_site"
+    status, _, _ = _http(stack.control.url, "POST", "/api/control", body=b"{}",
+                         headers={**fetch, "Origin": stack.control.url.rstrip("/"), "Content-Type": "application/json",
+                                  "X-Sandbus-Token": stack.control.token or ""})
+    assert status == 403
+    assert _http(stack.read_only.url, "GET", "/", headers={"Sec-Fetch-Site": site, "Sec-Fetch-Mode": "navigate"})[0] \
+        == 200
+    # a debug request without the page's header is refused whatever the browser says
+    assert _http(stack.read_only.url, "GET", f"/api/debug?node={NODE}&plugin=echo")[0] == 403

@@ -99,7 +99,9 @@ def test_as_viewer_everything_shows_and_nothing_is_refused(secured: tuple[NatsSe
               "a live audit event")
         _wait(lambda: any("while_watching" in line["message"] for line in _state(dashboard.url)["logs"]),
               "a live log line")
-        with urllib.request.urlopen(f"{dashboard.url}api/debug?node={NODE}&plugin=echo", timeout=10) as r:
+        debug = urllib.request.Request(f"{dashboard.url}api/debug?node={NODE}&plugin=echo",
+                                       headers={"X-Sandbus-Dashboard": "1"})
+        with urllib.request.urlopen(debug, timeout=10) as r:
             assert json.loads(r.read())["status"] == "loaded"
         asyncio.run(_deploy(server.url))
         _wait(lambda: [d["plugin"] for d in _state(dashboard.url)["deploys"]["deploys"]] == ["echo"],

@@ -121,7 +121,11 @@ function renderPlugins(total) {
         for (const verb of ["reload", "unload"]) {
           const b = el("button", verb, verb);
           b.type = "button";
-          b.addEventListener("click", (ev) => { ev.stopPropagation(); control_(verb, n.node_id, p.name); });
+          b.addEventListener("click", (ev) => {
+            ev.stopPropagation();
+            if (verb === "unload" && !window.confirm("Unload " + p.name + " from " + n.node_id + "?")) return;
+            control_(verb, n.node_id, p.name);
+          });
           td.appendChild(b);
         }
       }
@@ -191,7 +195,8 @@ async function loadDebug() {
   const q = new URLSearchParams({ node: want.node, plugin: want.plugin });
   let body;
   try {
-    const r = await fetch("/api/debug?" + q.toString(), { credentials: "same-origin" });
+    const r = await fetch("/api/debug?" + q.toString(),
+                          { credentials: "same-origin", headers: { "X-Sandbus-Dashboard": "1" } });
     body = await r.json();
     if (!r.ok) throw new Error((body.error && body.error.message) || ("HTTP " + r.status));
   } catch (e) {
