@@ -14,8 +14,8 @@ from typing import Annotated
 
 import typer
 
-from sandbus.host.cli.main import EXIT_PLUGIN, EXIT_USAGE, exit_code_for, fail, setup_logging
-from sandbus.host.cli.output import terminal_json
+from sandbus.host.cli.main import EXIT_PLUGIN, EXIT_USAGE, exit_code_for, fail, finite_positive, setup_logging
+from sandbus.host.cli.output import terminal_json, terminal_text
 
 __all__ = ["register", "replay"]
 
@@ -28,30 +28,36 @@ def replay(
     debug: Annotated[bool, typer.Option(
         "--debug", help="Compile with debug info for gdb/lldb (run this command under the debugger).")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show plugin logs (-vv: debug).")] = 0,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", metavar="SECONDS", callback=finite_positive,
+        help="The longest the replay may run (default: the recorded timeout, at most 60 s).")] = None,
 ) -> None:
     """Run a recorded call again, offline: the same input, limits and host results, the same outcome."""
     from sandbus.host.cli.extras import require_host
 
     require_host("replay")
     from sandbus.host.sandbox.record import ReplayDivergenceError, load_record
+    from sandbus.host.sandbox.replay import MAX_REPLAY_TIMEOUT_S
     from sandbus.host.sandbox.replay import replay as run_replay
     from sandbus.sdk.errors import PluginNotFoundError, SandbusError
 
     setup_logging(verbose)
     try:
         record = load_record(record_file)
-        outcome = run_replay(record, module, debug=debug)
+        outcome = run_replay(record, module, debug=debug,
+                             max_timeout_s=timeout if timeout is not None else MAX_REPLAY_TIMEOUT_S)
     except PluginNotFoundError as e:
         fail(str(e), EXIT_USAGE)
     except SandbusError as e:
         fail(str(e), exit_code_for(e))
     if outcome.error is not None:
-        typer.echo(f"sandbus: {outcome.error}", err=True)
+        typer.echo(f"sandbus: {terminal_text(str(outcome.error))}", err=True)
     elif outcome.reply is not None:
         sys.stdout.buffer.write(terminal_json(outcome.reply) + b"\n")
         sys.stdout.flush()
     recorded = record.recorded_error()
-    was = f"{recorded.code}: {recorded.message}" if recorded is not None else "a reply"
+    # The recorded error is the record's text (a file from elsewhere): printed inert.
+    was = terminal_text(f"{recorded.code}: {recorded.message}") if recorded is not None else "a reply"
     if isinstance(outcome.error, ReplayDivergenceError):
         typer.echo(f"replay: diverged from the record (which ended with {was})", err=True)
         raise typer.Exit(EXIT_PLUGIN)

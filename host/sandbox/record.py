@@ -59,6 +59,11 @@ FORMAT = "sandbus.record/1"
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 #: Host calls one record holds at most (the call's and its instance's initialisation's together).
 MAX_EVENTS = 100_000
+#: Arguments or results of one recorded host call at most (wasm allows 1000 parameters a function).
+MAX_VALUES = 1000
+#: How deep the free-form parts of a record (configuration, limits, grants, errors) may nest: deeper
+#: JSON is refused at load rather than failing later, deep in the encoder, as an internal error.
+MAX_DEPTH = 64
 
 
 def recordable(error: BaseException) -> bool:
@@ -103,6 +108,7 @@ class HostEvent:
     @classmethod
     def from_json(cls, data: Any) -> HostEvent:
         obj = _obj(data, "event")
+        module, name = _name(obj.get("module"), "event module"), _name(obj.get("name"), "event name")
         writes = []
         for w in _list(obj.get("writes"), "event writes"):
             item = _list(w, "event write")
@@ -111,10 +117,11 @@ class HostEvent:
             writes.append((_int(item[0], "write arg"), _int(item[1], "write offset"), _b64(item[2], "write")))
         error = obj.get("error")
         if error is not None:
-            error = _obj(error, "event error")
-        return cls(_str(obj.get("module"), "event module"), _str(obj.get("name"), "event name"),
-                   [_int(a, "event arg") for a in _list(obj.get("args"), "event args")],
-                   [_int(r, "event result") for r in _list(obj.get("results"), "event results")],
+            error = _error(error, "event error")
+        args, results = _list(obj.get("args"), "event args"), _list(obj.get("results"), "event results")
+        if len(args) > MAX_VALUES or len(results) > MAX_VALUES:
+            raise _bad(f"a host call has at most {MAX_VALUES} arguments and results")
+        return cls(module, name, [_int(a, "event arg") for a in args], [_int(r, "event result") for r in results],
                    writes, error)
 
 
@@ -181,10 +188,18 @@ class Tape:
         event = self.current
         if event is None:
             return
-        for i, arg in enumerate(event.args):
-            if arg == ptr:
+        args = tuple(event.args)
+        matches = [i for i, arg in enumerate(args) if arg == ptr]
+        # The argument whose buffer holds the write (two arguments may have the same value: a clock id
+        # and a pointer both 0), so that a replay checks it against the right span (write_span).
+        for i in matches:
+            span = write_span(event, i, args)
+            if span is None or len(data) <= span:
                 event.writes.append((i, 0, bytes(data)))
                 return
+        if matches:
+            event.writes.append((matches[-1], 0, bytes(data)))
+            return
         event.writes.append((-1, ptr, bytes(data)))
 
     # -- replaying ---------------------------------------------------------------------------------
@@ -219,14 +234,46 @@ class Tape:
             phase=self.phase)
 
 
+#: Host functions that write a fixed number of bytes at one argument (WASI's clock readings).
+_FIXED_WRITES: dict[tuple[str, str], tuple[int, int]] = {
+    ("wasi_snapshot_preview1", "clock_time_get"): (2, 8),
+    ("wasi_snapshot_preview1", "clock_res_get"): (1, 8),
+}
+
+
+def write_span(event: HostEvent, arg: int, args: tuple[int, ...]) -> int | None:
+    """How many bytes the guest let the host write at ``args[arg]`` in this host call: WASI's clocks
+    8; a buffer pointer followed by its capacity (``random_get``, and every sandbus host function that
+    answers into a buffer: ``env_get``, ``take_result``...) that capacity; None when the call says no
+    size (a host function of an embedder's own: only guest memory bounds it)."""
+    fixed = _FIXED_WRITES.get((event.module, event.name))
+    if fixed is not None:
+        return fixed[1] if arg == fixed[0] else 0
+    if event.module in ("wasi_snapshot_preview1", "sandbus_v1"):
+        return max(0, args[arg + 1]) if arg + 1 < len(args) else 0
+    return None
+
+
 def apply_writes(event: HostEvent, args: tuple[int, ...], write: Callable[[int, bytes], None]) -> None:
-    """Write an event's recorded bytes into guest memory, where this replayed call's arguments point."""
+    """Write an event's recorded bytes into guest memory, where this replayed call's arguments point.
+
+    A record is data from elsewhere: each write must stay inside the buffer the replayed guest handed
+    the host function (:func:`write_span`), else it is a divergence, not a write over the guest's other
+    data; guest memory itself bounds every write (an ABI violation beyond it)."""
+    where = f"{event.module}.{event.name}"
     for arg, offset, data in event.writes:
         if arg >= 0:
             if arg >= len(args):
                 raise ReplayDivergenceError(f"a recorded write names argument {arg} of a host call with "
-                                            f"{len(args)} arguments", function=f"{event.module}.{event.name}")
+                                            f"{len(args)} arguments", function=where)
+            span = write_span(event, arg, args)
+            if offset < 0 or (span is not None and offset + len(data) > span):
+                raise ReplayDivergenceError(
+                    f"the record writes {len(data)} bytes at offset {offset} of argument {arg} of {where}, "
+                    f"whose buffer has {span} bytes", function=where, offset=offset, length=len(data), span=span)
             write(args[arg] + offset, data)
+        elif event.module in ("wasi_snapshot_preview1", "sandbus_v1"):
+            raise ReplayDivergenceError(f"the record writes at an address {where} was not given", function=where)
         else:
             write(offset, data)
 
@@ -279,13 +326,17 @@ class CallRecord:
         sha = _str(obj.get("sha256"), "sha256")
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise _bad("sha256 must be 64 lowercase hex digits")
-        outcome = _obj(obj.get("outcome"), "outcome")
-        return cls(plugin=_str(obj.get("plugin"), "plugin"), sha256=sha, function=_str(obj.get("function"), "function"),
-                   input=_b64(obj.get("input"), "input"), config=_obj(obj.get("config"), "config"),
-                   limits=_obj(obj.get("limits"), "limits"), capabilities=_obj(obj.get("capabilities"), "capabilities"),
-                   init=init, call=call, outcome=outcome, created=_str(obj.get("created"), "created"),
-                   truncated=obj.get("truncated") is True,
-                   module=None if obj.get("module") is None else _str(obj.get("module"), "module"))
+        truncated = obj.get("truncated", False)
+        if not isinstance(truncated, bool):
+            raise _bad("truncated must be true or false")
+        return cls(plugin=_name(obj.get("plugin"), "plugin"), sha256=sha,
+                   function=_name(obj.get("function"), "function"), input=_b64(obj.get("input"), "input"),
+                   config=_obj(_shallow(obj.get("config"), "config"), "config"),
+                   limits=_obj(_shallow(obj.get("limits"), "limits"), "limits"),
+                   capabilities=_capabilities(obj.get("capabilities")), init=init, call=call,
+                   outcome=_outcome(obj.get("outcome")), created=_str(obj.get("created"), "created"),
+                   truncated=truncated,
+                   module=None if obj.get("module") is None else _path_text(obj.get("module"), "module"))
 
     def recorded_error(self) -> SandbusError | None:
         """The error the recorded call ended with (None: it replied)."""
@@ -463,6 +514,72 @@ def _str(value: Any, what: str) -> str:
     if not isinstance(value, str) or len(value) > 4096:
         raise _bad(f"{what} must be a string of at most 4096 characters")
     return value
+
+
+def _name(value: Any, what: str) -> str:
+    """A name a record gives (plugin, function, host function): shown on a terminal and in errors, so
+    printable text only."""
+    text = _str(value, what)
+    if not text or len(text) > 256 or not text.isprintable():
+        raise _bad(f"{what} must be 1 to 256 printable characters")
+    return text
+
+
+def _path_text(value: Any, what: str) -> str:
+    text = _str(value, what)
+    if not text or "\x00" in text or not text.isprintable():
+        raise _bad(f"{what} must be a path of printable characters")
+    return text
+
+
+def _shallow(value: Any, what: str) -> Any:
+    """``value`` when it nests at most :data:`MAX_DEPTH` levels (an iterative walk: no recursion limit)."""
+    stack = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if level > MAX_DEPTH:
+            raise _bad(f"{what} nests deeper than {MAX_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return value
+
+
+def _error(value: Any, what: str) -> dict[str, Any]:
+    """An error's wire form: an object with a string ``code`` and ``message``."""
+    obj = _obj(_shallow(value, what), what)
+    _str(obj.get("code"), f"{what} code")
+    _str(obj.get("message"), f"{what} message")
+    return obj
+
+
+def _outcome(value: Any) -> dict[str, Any]:
+    """``{"reply": base64}`` or ``{"error": <wire form>}``, checked now rather than after the replay ran."""
+    obj = _obj(value, "outcome")
+    if "error" in obj and obj["error"] is not None:
+        return {"error": _error(obj["error"], "outcome error")}
+    if "reply" in obj:
+        _b64(obj["reply"], "outcome reply")
+        return {"reply": obj["reply"]}
+    raise _bad("outcome must hold a reply or an error")
+
+
+def _capabilities(value: Any) -> dict[str, Any]:
+    """The grants: ``clock``/``random`` booleans, ``env`` names to values, ``env_unset``/``extra``/``dirs``
+    lists of strings (each of the types the sandbox takes: a string is not a list of its letters)."""
+    obj = _obj(value, "capabilities")
+    for key in ("clock", "random"):
+        if not isinstance(obj.get(key, False), bool):
+            raise _bad(f"capabilities {key} must be true or false")
+    env = _obj(obj.get("env", {}), "capabilities env")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise _bad("capabilities env must map names to strings")
+    for key in ("env_unset", "extra", "dirs"):
+        items = _list(obj.get(key, []), f"capabilities {key}")
+        if len(items) > 4096 or not all(isinstance(i, str) and len(i) <= 4096 for i in items):
+            raise _bad(f"capabilities {key} must be a list of strings")
+    return obj
 
 
 def _b64(value: Any, what: str) -> bytes:

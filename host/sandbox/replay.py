@@ -20,7 +20,7 @@ from sandbus.host.sandbox.record import CallRecord
 from sandbus.host.sandbox.sandbox import Sandbox
 from sandbus.sdk.errors import SandboxError, SandbusError
 
-__all__ = ["ReplayOutcome", "replay"]
+__all__ = ["MAX_REPLAY_TIMEOUT_S", "ReplayOutcome", "replay"]
 
 
 @dataclass
@@ -41,12 +41,23 @@ class ReplayOutcome:
         return (recorded.code, recorded.message) == (self.error.code, self.error.message)
 
 
-def replay(record: CallRecord, module: Path | None = None, *, debug: bool = False) -> ReplayOutcome:
+#: The longest a replay runs, whatever its record's timeout says (a record is data from elsewhere: one
+#: that asks for no fuel and a day's timeout would otherwise hold the terminal). ``sandbus replay
+#: --timeout`` sets another bound; a recorded timeout below it is kept.
+MAX_REPLAY_TIMEOUT_S = 60.0
+
+
+def replay(record: CallRecord, module: Path | None = None, *, debug: bool = False,
+           max_timeout_s: float = MAX_REPLAY_TIMEOUT_S) -> ReplayOutcome:
     """Run ``record``'s call again from its record (``debug``: compiled with debug info, for gdb).
 
+    The recorded limits apply (fuel and memory as recorded, so a call that ran out of fuel runs out again
+    at the same instruction), except that the timeout is at most ``max_timeout_s``.
+
     Raises:
-        SandboxError: the record names no module and none is given, it is truncated, or its limits or
-            grants are not valid here.
+        SandboxError: the record names no module and none is given, it is truncated, its limits or
+            grants are not valid here, its input is larger than its limits allow, or the module has
+            no such function.
         SecurityViolationError: the module is not the recorded one (sha256).
         ReplayDivergenceError: is *returned* as the outcome's error, like any error of the call.
     """
@@ -63,10 +74,22 @@ def replay(record: CallRecord, module: Path | None = None, *, debug: bool = Fals
         capabilities = Capabilities(clock=caps.get("clock") is True, random=caps.get("random") is True,
                                     env=caps.get("env") or {}, env_unset=frozenset(caps.get("env_unset") or ()),
                                     extra=frozenset(caps.get("extra") or ()))
-    except (ValidationError, TypeError) as e:
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
+                             for err in e.errors()[:5])
+        raise SandboxError(f"invalid call record: its limits or grants: {problems}", plugin=record.plugin) from e
+    except (TypeError, ValueError) as e:
         raise SandboxError(f"invalid call record: its limits or grants: {e}", plugin=record.plugin) from e
+    if limits.timeout_s > max_timeout_s:
+        limits = limits.model_copy(update={"timeout_s": max_timeout_s})
+    if len(record.input) > limits.max_input_bytes:
+        raise SandboxError(f"invalid call record: its input has {len(record.input)} bytes, its limits allow "
+                           f"{limits.max_input_bytes}", plugin=record.plugin)
     with Sandbox(path, name=record.plugin, limits=limits, capabilities=capabilities, config=record.config,
                  replay=record) as sandbox:
+        if record.function not in sandbox.functions:
+            raise SandboxError(f"invalid call record: the module exports no function {record.function!r}",
+                               plugin=record.plugin, function=record.function)
         try:
             reply = sandbox.call_detailed(record.function, record.input).reply
         except SandbusError as e:

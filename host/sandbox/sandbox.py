@@ -356,7 +356,10 @@ class Sandbox:
                 try:
                     tape.end_call()  # stopped before its recorded end: a divergence, whatever the error
                 except ReplayDivergenceError as diverged:
-                    raise diverged from e
+                    # Named with the error that stopped it: that is what to look at, not the tape.
+                    cause = {"code": e.code, "message": e.message}
+                    raise ReplayDivergenceError(f"{diverged.message}, after the call failed with {e.code}: "
+                                                f"{e.message}", **diverged.details, error=cause) from e
             if self._recorder is not None and recordable(e):
                 self._recorder.submit(self.record_of(tape, function, payload, None, e))
             if self._keep_last:

@@ -52,3 +52,9 @@ def gdb_or_skip() -> str:
     if gdb is None:
         pytest.skip("gdb is not installed (Debian: apt-get install gdb)")
     return gdb
+
+
+@pytest.fixture(scope="session")
+def spin_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """spin.c: reads the clock once, then counts for as many steps as its input says (forever if < 0)."""
+    return build_debug_guest("spin", tmp_path_factory.mktemp("spin-guest"))

@@ -1,0 +1,177 @@
+"""A record file from elsewhere ("here is my failing call") is data to distrust: every malformed or
+hostile part is a typed error naming what was wrong, before or instead of a write into the replayed
+guest, with bounded time; and a replay keeps the recorded limits, so an out-of-fuel call runs out again.
+Real wasm (tests/debugging/guests), real files, the real command line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sandbus.host.sandbox import Capabilities, Limits, Sandbox
+from sandbus.host.sandbox.record import CallRecord, ReplayDivergenceError, load_record
+from sandbus.host.sandbox.replay import replay
+from sandbus.sdk.errors import ExecutionTimeoutError, OutOfFuelError, SandboxError
+from tests.debugging.test_record_replay import record_one
+
+
+def good_record(dice_guest: Path) -> dict[str, Any]:
+    record, reply, _ = record_one(dice_guest, 0)
+    assert reply is not None
+    data: dict[str, Any] = orjson.loads(record.to_bytes())
+    return data
+
+
+def clock_event(data: dict[str, Any]) -> dict[str, Any]:
+    event: dict[str, Any] = next(e for e in data["call"] if e["name"] == "clock_time_get")
+    return event
+
+
+def deep(levels: int) -> Any:
+    value: Any = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    # JSON the encoder cannot write back (it was an internal error when the sandbox re-encoded it).
+    (lambda d: d.update(config={"a": deep(300)}), "config nests deeper than 64"),
+    (lambda d: d["limits"].update(fuel=deep(100)), "limits nests deeper"),
+    # The outcome is checked at load, not after the replay ran.
+    (lambda d: d["outcome"].update(reply="***"), "outcome reply is not valid base64"),
+    (lambda d: d.update(outcome={"error": {"code": 5, "message": [1]}}), "outcome error code"),
+    (lambda d: d.update(outcome={}), "outcome must hold a reply or an error"),
+    (lambda d: d["call"][0].update(error={"anything": 1}), "event error code"),
+    # Grants of the wrong type (a string was taken as the list of its letters).
+    (lambda d: d["capabilities"].update(extra="abc"), "capabilities extra must be a list"),
+    (lambda d: d["capabilities"].update(env=["A"]), "capabilities env must be an object"),
+    (lambda d: d["capabilities"].update(env={"A": 1}), "env must map names to strings"),
+    (lambda d: d["capabilities"].update(clock="yes"), "capabilities clock must be true or false"),
+    (lambda d: d.update(truncated="no"), "truncated must be true or false"),
+    # Bounds on what one host call holds.
+    (lambda d: d["call"][0].update(args=list(range(5000))), "at most 1000 arguments"),
+    # Names shown on a terminal: printable only.
+    (lambda d: d.update(plugin="dice\x1b]0;pwned\x07"), "plugin must be 1 to 256 printable"),
+    (lambda d: d.update(function="handle\nrequest"), "function must be 1 to 256 printable"),
+    (lambda d: d["call"][0].update(name=""), "event name must be 1 to 256 printable"),
+])
+def test_a_malformed_record_is_refused_at_load(dice_guest: Path, tmp_path: Path, change: Any, why: str) -> None:
+    data = good_record(dice_guest)
+    change(data)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))  # the standard library's: it writes deeper JSON than orjson
+    with pytest.raises(SandboxError, match=why):
+        load_record(path)
+
+
+@pytest.mark.parametrize(("write", "why"), [
+    ([2, 0, "QUFB" * 2000], "writes 6000 bytes at offset 0 of argument 2 .* whose buffer has 8 bytes"),
+    ([2, 4, "AAAAAAAAAAA="], "writes 8 bytes at offset 4"),
+    ([2, -64, "AAAAAAAAAAA="], "at offset -64"),
+    ([-1, 1 << 40, "AAAAAAAAAAA="], "writes at an address .* was not given"),
+    ([7, 0, "AAAAAAAAAAA="], "names argument 7 of a host call with 3 arguments"),
+])
+def test_a_recorded_write_stays_in_the_buffer_the_guest_gave(dice_guest: Path, write: list[Any], why: str) -> None:
+    data = good_record(dice_guest)
+    clock_event(data)["writes"] = [write]
+    outcome = replay(CallRecord.from_bytes(orjson.dumps(data)))
+    assert isinstance(outcome.error, ReplayDivergenceError)
+    assert outcome.error.details["function"] == "wasi_snapshot_preview1.clock_time_get"
+    assert re.search(why, outcome.error.message), outcome.error.message
+    assert not outcome.reproduced
+
+
+def test_a_record_the_module_cannot_take_says_so(dice_guest: Path) -> None:
+    data = good_record(dice_guest)
+    too_big = CallRecord.from_bytes(orjson.dumps({**data, "input": "QUFB" * (2 * 1024 * 1024)}))
+    with pytest.raises(SandboxError, match="its input has 6291456 bytes, its limits allow 1048576"):
+        replay(too_big)
+    elsewhere = CallRecord.from_bytes(orjson.dumps({**data, "function": "no_such_function"}))
+    with pytest.raises(SandboxError, match="exports no function 'no_such_function'"):
+        replay(elsewhere)
+
+
+def test_a_replay_stopped_early_names_the_error_that_stopped_it(dice_guest: Path) -> None:
+    """The guest runs out of (edited) fuel while the record still holds host calls: the divergence says
+    which error stopped it, not only that the tape was not used up."""
+    data = good_record(dice_guest)
+    data["limits"]["fuel"] = 200  # out of fuel before the first host call
+    outcome = replay(CallRecord.from_bytes(orjson.dumps(data)))
+    assert isinstance(outcome.error, ReplayDivergenceError)
+    message = outcome.error.message
+    assert "after the call failed with limit.fuel: handle_request ran out of fuel" in message, message
+    assert outcome.error.details["error"]["code"] == "limit.fuel"
+
+
+def record_spin(spin_guest: Path, steps: int, limits: Limits) -> CallRecord:
+    with Sandbox(spin_guest, limits=limits, capabilities=Capabilities(clock=True), record_calls=True) as sandbox:
+        with contextlib.suppress(OutOfFuelError, ExecutionTimeoutError):
+            sandbox.call_bytes("handle_request", str(steps).encode())
+        record = sandbox.last_record
+    assert record is not None
+    record.module = str(spin_guest)
+    return record
+
+
+def test_out_of_fuel_replays_as_out_of_fuel(spin_guest: Path) -> None:
+    record = record_spin(spin_guest, -1, Limits(fuel=2_000_000))
+    recorded = record.recorded_error()
+    assert isinstance(recorded, OutOfFuelError)
+    outcome = replay(CallRecord.from_bytes(record.to_bytes()))
+    assert isinstance(outcome.error, OutOfFuelError)
+    assert outcome.reproduced
+    # The recorded fuel, not the default: with more, the same input runs further (here: forever, so
+    # the bounded timeout ends it).
+    more = CallRecord.from_bytes(record.to_bytes())
+    more.limits["fuel"] = 10**12
+    outcome = replay(more, max_timeout_s=0.3)
+    assert isinstance(outcome.error, ExecutionTimeoutError)
+
+
+def test_a_record_without_fuel_or_with_a_huge_timeout_runs_a_bounded_time(spin_guest: Path) -> None:
+    record = record_spin(spin_guest, 1000, Limits())
+    forever = CallRecord.from_bytes(record.to_bytes())
+    forever.input = b"-1"
+    forever.limits.update(fuel=None, timeout_s=1e9)
+    started = time.monotonic()
+    outcome = replay(forever, max_timeout_s=0.5)
+    assert isinstance(outcome.error, ExecutionTimeoutError)
+    assert time.monotonic() - started < 10
+
+
+def sandbus(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sandbus", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_the_command_prints_a_records_text_inert_and_bounds_its_time(dice_guest: Path, spin_guest: Path,
+                                                                      tmp_path: Path) -> None:
+    data = good_record(dice_guest)
+    data["outcome"] = {"error": {"code": "sandbox.trap", "message": "boom\x1b]0;pwned\x07\x1b[2J"}}
+    (tmp_path / "r.json").write_bytes(orjson.dumps(data))
+    done = sandbus("replay", "r.json", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "\x1b" not in done.stderr
+    assert "\x07" not in done.stderr
+    assert "replay: ended otherwise than the record, which ended with sandbox.trap: boom" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    record = record_spin(spin_guest, 1000, Limits())
+    record.input = b"-1"
+    record.limits.update(fuel=None, timeout_s=1e9)
+    (tmp_path / "spin.json").write_bytes(record.to_bytes())
+    started = time.monotonic()
+    done = sandbus("replay", "spin.json", "--timeout", "0.5", cwd=tmp_path)
+    assert time.monotonic() - started < 30
+    assert "timeout" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
