@@ -86,8 +86,5 @@ def browser() -> Iterator[WebDriver]:
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         pytest.fail("chromium and chromedriver are missing: run `make test-tools` "
                     "(apt-get install chromium chromium-driver)")
-    driver = chrome()
-    try:
+    with chrome() as driver:
         yield driver
-    finally:
-        driver.quit()

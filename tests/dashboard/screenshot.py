@@ -55,7 +55,6 @@ def main() -> None:
     server = NatsServer(jetstream=True).start()
     nodes: list[NodeProcess] = []
     dashboard: DashboardProcess | None = None
-    driver = None
     try:
         for node_id in ("web-1", "web-2"):
             plugins = make_plugins(base / node_id, ROOT / "plugins" / "build")
@@ -67,20 +66,19 @@ def main() -> None:
         dashboard = DashboardProcess(server.url, base / "dashboard.log", "--interval", "1",
                                      "--jaeger-url", "http://localhost:16686").wait_ready()
         asyncio.run(traffic(server.url))
-        driver = chrome(1500, 2000)
-        driver.get(dashboard.url)
-        wait = WebDriverWait(driver, 20, poll_frequency=0.1)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#deploy-rows tr")) == 1)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#log-rows tr")) >= 3)
-        driver.find_element(By.CSS_SELECTOR, '#plugin-rows tr[data-node="web-1"][data-plugin="text_processor"]').click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#debug-facts td[data-key="status"]'))
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#debug-instances tbody tr"))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(out))
+        with chrome(1500, 2000) as driver:
+            driver.get(dashboard.url)
+            wait = WebDriverWait(driver, 20, poll_frequency=0.1)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#deploy-rows tr")) == 1)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#log-rows tr")) >= 3)
+            driver.find_element(By.CSS_SELECTOR,
+                                '#plugin-rows tr[data-node="web-1"][data-plugin="text_processor"]').click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#debug-facts td[data-key="status"]'))
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#debug-instances tbody tr"))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(out))
         print(f"wrote {out}")
     finally:
-        if driver is not None:
-            driver.quit()
         if dashboard is not None:
             dashboard.stop()
         for node in nodes:

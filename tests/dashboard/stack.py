@@ -7,6 +7,7 @@ chromedriver (no driver or browser downloaded).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -134,9 +136,10 @@ class DashboardProcess:
         return code
 
 
-def chrome(width: int = 1500, height: int = 1100) -> WebDriver:
-    """Headless Chromium from Debian's packages, driven through its chromedriver; a fresh profile, no
-    background traffic (the machine has no outside network, and the page needs none)."""
+@contextlib.contextmanager
+def chrome(width: int = 1500, height: int = 1100) -> Iterator[WebDriver]:
+    """Headless Chromium from Debian's packages, driven through its chromedriver; a fresh profile (removed
+    after), no background traffic (the machine has no outside network, and the page needs none)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -147,6 +150,12 @@ def chrome(width: int = 1500, height: int = 1100) -> WebDriver:
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={width},{height}"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    return driver
+    try:
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        try:
+            driver.set_page_load_timeout(30)
+            yield driver
+        finally:
+            driver.quit()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
