@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,3 +119,31 @@ def _wait(condition: Any, what: str, timeout: float = 10.0) -> Any:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)  # polling the dashboard's JSON, bounded
     return value
+
+
+def test_max_clients_bounds_the_open_streams(nats_url: str, tmp_path: Path) -> None:
+    dashboard = DashboardProcess(nats_url, tmp_path / "dashboard.log", "--max-clients", "2").wait_ready()
+    parts = urllib.parse.urlsplit(dashboard.url)
+    streams = [http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10) for _ in range(3)]
+    try:
+        statuses = []
+        for conn in streams:
+            conn.request("GET", "/api/events")
+            statuses.append(conn.getresponse().status)
+        assert statuses == [200, 200, 503]
+        streams[0].close()  # a page goes away: its place is free again (once the server notices)
+        _wait(lambda: _status_of_new_stream(dashboard.url) == 200, "a free place")
+    finally:
+        for conn in streams:
+            conn.close()
+        dashboard.stop()
+
+
+def _status_of_new_stream(url: str) -> int:
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+    try:
+        conn.request("GET", "/api/events")
+        return conn.getresponse().status
+    finally:
+        conn.close()
