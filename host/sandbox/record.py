@@ -28,8 +28,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import errno
+import itertools
 import os
+import re
+import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -357,8 +363,6 @@ def load_record(path: Path) -> CallRecord:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         with os.fdopen(fd, "rb") as f:
-            import stat
-
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise SandboxError(f"{path} is not a regular file", path=str(path))
             raw = f.read(MAX_RECORD_BYTES + 1)
@@ -376,9 +380,13 @@ class RecordSettings:
 
     Parameters:
         directory: created (mode 0700) at the first record; records hold the call's input and the
-            host results it received, which may be private.
-        max_bytes: the largest record; a call whose host calls held more is recorded without them
-            (``truncated``: kept as evidence, refused by replay).
+            host results it received, which may be private. An existing directory is used only when it
+            is a real directory (not a symlink), owned by this process's user and writable by no one
+            else: anyone who may write there could replace a record with one of their own, which the
+            operator would then replay.
+        max_bytes: the largest record file; a call whose host calls held more is recorded without them
+            (``truncated``: kept as evidence, refused by replay), and one whose record is still larger
+            (its input) is not written (``record.dropped``).
         max_records: records of one plugin kept in the directory; beyond, new traps are not recorded
             (audited once a process as ``record.dropped``) until some are removed.
     """
@@ -388,20 +396,33 @@ class RecordSettings:
     max_records: int = 100
 
 
+#: What a node's record file is called: ``PLUGIN-TIME-PID-N.json`` (N counts this process's records, so
+#: that two recorders of one plugin, before and after a reload, never pick the same name).
+_RECORD_NAME = re.compile(r"(?P<plugin>[a-z][a-z0-9_]{0,62})-\d{8}T\d{12}Z-\d+(-\d+)?\.json")
+_PLUGIN_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_sequence = itertools.count(1)
+
+
 class TrapRecorder:
     """Writes the records of one plugin's failed calls into :attr:`RecordSettings.directory`.
 
     A call that fails may run on a node's event loop: :meth:`submit` only queues the record (at most
     :data:`PENDING` waiting; beyond, it is dropped and audited), and one thread of the recorder encodes
-    and writes them, so no file is written on the loop.
+    and writes them, so no file is written on the loop. A record is written to a hidden temporary file
+    and renamed into place, so a record file is whole or absent, whenever the node stops.
     """
 
     #: Records waiting to be written at most; a burst of traps beyond is not recorded (``record.dropped``).
     PENDING = 16
+    #: ``record.dropped`` for a full queue is audited at most once this many seconds (with the count).
+    DROP_REPORT_S = 10.0
 
     def __init__(self, plugin: str, settings: RecordSettings,
                  on_event: Callable[[str, str, Mapping[str, Any]], None] | None = None,
                  module_path: Path | None = None) -> None:
+        if not _PLUGIN_NAME.fullmatch(plugin):
+            # The name becomes part of a file name in the directory: a plugin name, nothing else.
+            raise SandboxError(f"cannot record calls of {plugin[:80]!r}: not a plugin name", plugin=plugin[:80])
         self.plugin = plugin
         self.settings = settings
         self.module_path = module_path
@@ -412,12 +433,20 @@ class TrapRecorder:
         self._busy = False
         self._thread: threading.Thread | None = None
         self._full_reported = False
+        self._dropped = 0  # since the last record.dropped of a full queue
+        self._dropped_reported_at: float | None = None
 
     def submit(self, record: CallRecord) -> bool:
         """Queue ``record`` to be written; False when :data:`PENDING` records already wait (dropped)."""
+        report = 0
         with self._lock:
             if len(self._queue) >= self.PENDING:
                 dropped = True
+                self._dropped += 1
+                now = time.monotonic()
+                if self._dropped_reported_at is None or now - self._dropped_reported_at >= self.DROP_REPORT_S:
+                    # A trap storm must not become an audit storm: one event an interval, with the count.
+                    report, self._dropped, self._dropped_reported_at = self._dropped, 0, now
             else:
                 dropped = False
                 self._queue.append(record)
@@ -426,9 +455,9 @@ class TrapRecorder:
                                                     daemon=True)
                     self._thread.start()
                 self._idle.notify_all()
-        if dropped:
-            self._emit("record.dropped", f"a failed call was not recorded: {self.PENDING} records wait to be "
-                       "written", {"pending": self.PENDING})
+        if report:
+            self._emit("record.dropped", f"{report} failed call(s) not recorded: {self.PENDING} records wait to be "
+                       "written", {"pending": self.PENDING, "dropped": report, "reason": "queue"})
         return not dropped
 
     def flush(self, timeout: float) -> bool:
@@ -454,28 +483,68 @@ class TrapRecorder:
                     self._idle.notify_all()
 
     def write(self, record: CallRecord) -> Path | None:
-        """Write ``record`` now; its path, or None when the plugin already has ``max_records`` records
-        (or the directory cannot be written: audited, never the call's failure)."""
+        """Write ``record`` now; its path, or None when it is not written: the plugin already has
+        ``max_records`` records, the record is larger than ``max_bytes``, or the directory cannot be
+        used (audited, never the call's failure)."""
         directory = self.settings.directory
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            existing = sum(1 for p in directory.iterdir() if p.name.startswith(f"{self.plugin}-"))
-            if existing >= self.settings.max_records:
-                if not self._full_reported:
-                    self._full_reported = True
-                    self._emit("record.dropped", f"a failed call was not recorded: {existing} records of "
-                               f"this plugin are in {directory} (max_records)", {"limit": self.settings.max_records})
+            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR) and directory.is_symlink():
+                self._emit("record.failed", f"a failed call was not recorded: {directory} is a symlink",
+                           {"path": str(directory), "reason": "a symlink"})
                 return None
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-            path = directory / f"{self.plugin}-{stamp}-{os.getpid()}.json"
-            data = record.to_bytes()
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            self._emit("record.failed", f"a failed call could not be recorded in {directory}: {e.strerror}",
+                       {"path": str(directory)})
+            return None
+        try:
+            problem = _unsafe_directory(os.fstat(dfd))
+            if problem is not None:
+                self._emit("record.failed", f"a failed call was not recorded: {directory} is {problem}",
+                           {"path": str(directory), "reason": problem})
+                return None
+            return self._write_in(dfd, directory, record)
         except OSError as e:
             self._emit("record.failed", f"a failed call could not be recorded in {directory}: {e.strerror}",
                        {"path": str(directory)})
             return None
+        finally:
+            os.close(dfd)
+
+    def _write_in(self, dfd: int, directory: Path, record: CallRecord) -> Path | None:
+        existing = sum(1 for name in os.listdir(dfd)
+                       if (m := _RECORD_NAME.fullmatch(name)) is not None and m["plugin"] == self.plugin)
+        if existing >= self.settings.max_records:
+            if not self._full_reported:
+                self._full_reported = True
+                self._emit("record.dropped", f"a failed call was not recorded: {existing} records of "
+                           f"this plugin are in {directory} (max_records)",
+                           {"limit": self.settings.max_records, "reason": "max_records"})
+            return None
+        data = record.to_bytes()
+        if len(data) > self.settings.max_bytes:
+            self._emit("record.dropped", f"a failed call of {record.function} was not recorded: its record has "
+                       f"{len(data)} bytes, above max_bytes ({self.settings.max_bytes}; its input has "
+                       f"{len(record.input)})", {"limit": self.settings.max_bytes, "size": len(data),
+                                                 "reason": "max_bytes"})
+            return None
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        name = f"{self.plugin}-{stamp}-{os.getpid()}-{next(_sequence)}.json"
+        temp = f".{name}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
+                     dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=dfd)
+            raise
+        path = directory / name
         self._emit("record.written", f"the failed call of {record.function} was recorded in {path}",
                    {"path": str(path), "function": record.function, "truncated": record.truncated})
         return path
@@ -483,6 +552,15 @@ class TrapRecorder:
     def _emit(self, kind: str, message: str, details: Mapping[str, Any]) -> None:
         if self._on_event is not None:
             self._on_event(kind, message, details)
+
+
+def _unsafe_directory(st: os.stat_result) -> str | None:
+    """Why a record directory must not be used, or None: someone else's, or writable by others."""
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by this node's user (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"writable by others (mode {stat.S_IMODE(st.st_mode):04o}; make it 0700)"
+    return None
 
 
 # -- validation of what a record file holds ---------------------------------------------------------
