@@ -380,15 +380,15 @@ def run(
 
 
 def _write_record(sandbox: Any, path: Path, plugin: Path) -> None:
-    """Write the record of ``sandbox``'s last call to ``path`` (mode 0600: it holds the input)."""
+    """Write the record of ``sandbox``'s last call to ``path`` (a new file of mode 0600: it holds the input)."""
     made = sandbox.last_record
     if made is None:
         return  # refused before the guest ran: nothing to replay
     made.module = str(plugin.resolve())
+    from sandbus.host.sandbox.record import save_record
+
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(made.to_bytes())
+        save_record(made, path)
     except OSError as e:
         fail(f"cannot write the record {path}: {e.strerror}", EXIT_USAGE)
     typer.echo(f"recorded the call in {path}", err=True)

@@ -57,6 +57,7 @@ __all__ = [
     "TrapRecorder",
     "load_record",
     "recordable",
+    "save_record",
 ]
 
 #: The format tag of a record file; another one is refused.
@@ -70,6 +71,8 @@ MAX_VALUES = 1000
 #: How deep the free-form parts of a record (configuration, limits, grants, errors) may nest: deeper
 #: JSON is refused at load rather than failing later, deep in the encoder, as an internal error.
 MAX_DEPTH = 64
+#: Numbers the files this process writes, so that no two get one name.
+_sequence = itertools.count(1)
 
 
 def recordable(error: BaseException) -> bool:
@@ -374,6 +377,32 @@ def load_record(path: Path) -> CallRecord:
         raise SandboxError(f"{path}: {e.message}", path=str(path)) from e
 
 
+def save_record(record: CallRecord, path: Path) -> None:
+    """Write ``record`` to ``path`` as a new private file (mode 0600: it holds the call's input).
+
+    Written under a hidden temporary name beside ``path`` and renamed over it when whole: a record is
+    never half-written, a file already at ``path`` is replaced (never kept with its own, perhaps looser,
+    mode), and a symlink or FIFO planted there is replaced, not followed or blocked on.
+
+    Raises:
+        OSError: the directory cannot be written, or ``path`` is a directory.
+    """
+    data = record.to_bytes()
+    directory = path.parent
+    temp = directory / f".{path.name}.{os.getpid()}.{next(_sequence)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+
+
 @dataclass(frozen=True)
 class RecordSettings:
     """Where a node writes the records of calls that trap, and how many and how large they may be.
@@ -400,7 +429,6 @@ class RecordSettings:
 #: that two recorders of one plugin, before and after a reload, never pick the same name).
 _RECORD_NAME = re.compile(r"(?P<plugin>[a-z][a-z0-9_]{0,62})-\d{8}T\d{12}Z-\d+(-\d+)?\.json")
 _PLUGIN_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
-_sequence = itertools.count(1)
 
 
 class TrapRecorder:

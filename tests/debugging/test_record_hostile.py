@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -175,3 +177,25 @@ def test_the_command_prints_a_records_text_inert_and_bounds_its_time(dice_guest:
     assert time.monotonic() - started < 30
     assert "timeout" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_run_record_writes_a_new_private_file_whatever_was_at_the_path(dice_guest: Path, tmp_path: Path) -> None:
+    """``--record FILE`` where a looser file, a symlink (to someone's file) or a FIFO already is: the
+    record replaces it as a new 0600 file; the symlink's target is untouched; nothing blocks."""
+    loose = tmp_path / "loose.json"
+    loose.write_text("old")
+    loose.chmod(0o644)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "link.json").symlink_to(victim)
+    os.mkfifo(tmp_path / "fifo.json")
+    for name in ("loose.json", "link.json", "fifo.json"):
+        done = sandbus("run", str(dice_guest), "--input", "0", "--allow-clock", "--allow-random", "--record", name,
+                       cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        path = tmp_path / name
+        assert stat.S_ISREG(path.lstat().st_mode), name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+        assert load_record(path).function == "handle_request"
+    assert victim.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.json", "link.json", "loose.json", "victim.txt"]
