@@ -55,6 +55,11 @@ def replay(
     elif outcome.reply is not None:
         sys.stdout.buffer.write(terminal_json(outcome.reply) + b"\n")
         sys.stdout.flush()
+    if record.earlier_calls:
+        # Said whatever the outcome: a reproduced ending may still rest on state the replay lacks.
+        typer.echo(f"replay: note: the recorded instance had served {record.earlier_calls} call(s) before this one; "
+                   "what they left in its memory is not in the record (the replay starts from a fresh instance)",
+                   err=True)
     recorded = record.recorded_error()
     # The recorded error is the record's text (a file from elsewhere): printed inert.
     was = terminal_text(f"{recorded.code}: {recorded.message}") if recorded is not None else "a reply"

@@ -153,6 +153,9 @@ class Tape:
         self.init: list[HostEvent] = list(replay.init) if replay is not None else []
         self.call: list[HostEvent] = list(replay.call) if replay is not None else []
         self.truncated = False
+        #: Calls this instance served before the current one (recording): their effect on its memory is
+        #: not in the record, so a replay from a fresh instance may not see what this call saw.
+        self.earlier_calls = 0
         self._size = 0  # of the events kept: the initialisation's and the current call's
         self._call_size = 0
         self._position = 0
@@ -171,6 +174,8 @@ class Tape:
             return
         self._size -= self._call_size  # the previous call's events are forgotten
         self._call_size = 0
+        if self.phase == "call":
+            self.earlier_calls += 1
         self.phase = "call"
         self.call = []
 
@@ -306,11 +311,14 @@ class CallRecord:
     truncated: bool = False
     #: Where the module was loaded from, when known: where a replay looks for it (its digest decides).
     module: str | None = None
+    #: Calls the recorded instance served before this one (a pooled instance keeps its memory from call
+    #: to call; a replay starts from a fresh one, so state they left is not replayed).
+    earlier_calls: int = 0
 
     def to_bytes(self) -> bytes:
         return orjson.dumps({
             "format": FORMAT, "created": self.created, "plugin": self.plugin, "sha256": self.sha256,
-            "module": self.module,
+            "module": self.module, "earlier_calls": self.earlier_calls,
             "function": self.function, "input": base64.b64encode(self.input).decode(), "config": self.config,
             "limits": self.limits, "capabilities": self.capabilities, "truncated": self.truncated,
             "init": [e.to_json() for e in self.init], "call": [e.to_json() for e in self.call],
@@ -335,6 +343,9 @@ class CallRecord:
         sha = _str(obj.get("sha256"), "sha256")
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise _bad("sha256 must be 64 lowercase hex digits")
+        earlier = obj.get("earlier_calls", 0)
+        if type(earlier) is not int or not 0 <= earlier < 2**63:
+            raise _bad("earlier_calls must be a count")
         truncated = obj.get("truncated", False)
         if not isinstance(truncated, bool):
             raise _bad("truncated must be true or false")
@@ -344,7 +355,7 @@ class CallRecord:
                    limits=_obj(_shallow(obj.get("limits"), "limits"), "limits"),
                    capabilities=_capabilities(obj.get("capabilities")), init=init, call=call,
                    outcome=_outcome(obj.get("outcome")), created=_str(obj.get("created"), "created"),
-                   truncated=truncated,
+                   truncated=truncated, earlier_calls=earlier,
                    module=None if obj.get("module") is None else _path_text(obj.get("module"), "module"))
 
     def recorded_error(self) -> SandbusError | None:

@@ -338,6 +338,7 @@ class Sandbox:
                           "env_unset": sorted(caps.env_unset), "extra": sorted(caps.extra),
                           "dirs": [d.guest_path() for d in caps.dirs]},
             init=list(tape.init), call=list(tape.call), outcome=outcome, truncated=tape.truncated,
+            earlier_calls=tape.earlier_calls,
             module=str(self._recorder.module_path) if self._recorder is not None and self._recorder.module_path
             else None)
 

@@ -58,3 +58,9 @@ def gdb_or_skip() -> str:
 def spin_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """spin.c: reads the clock once, then counts for as many steps as its input says (forever if < 0)."""
     return build_debug_guest("spin", tmp_path_factory.mktemp("spin-guest"))
+
+
+@pytest.fixture(scope="session")
+def counter_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """counter.c: counts its calls in memory and traps on the second."""
+    return build_debug_guest("counter", tmp_path_factory.mktemp("counter-guest"))

@@ -199,3 +199,25 @@ def test_run_record_writes_a_new_private_file_whatever_was_at_the_path(dice_gues
         assert load_record(path).function == "handle_request"
     assert victim.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.json", "link.json", "loose.json", "victim.txt"]
+
+
+def test_a_record_says_how_many_calls_its_instance_served_before(counter_guest: Path, tmp_path: Path) -> None:
+    """State a pooled instance kept from earlier calls is not recorded: the record counts those calls,
+    and the replay says so, beside an ending that differs for that reason."""
+    with Sandbox(counter_guest, record_calls=True) as sandbox:
+        sandbox.call_bytes("handle_request", b"{}")
+        first = sandbox.last_record
+        with contextlib.suppress(SandboxError):
+            sandbox.call_bytes("handle_request", b"{}")
+        second = sandbox.last_record
+    assert first is not None
+    assert second is not None
+    assert first.earlier_calls == 0
+    assert second.earlier_calls == 1
+    second.module = str(counter_guest)
+    assert CallRecord.from_bytes(second.to_bytes()).earlier_calls == 1
+    (tmp_path / "second.json").write_bytes(second.to_bytes())
+    done = sandbus("replay", "second.json", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "the recorded instance had served 1 call(s) before this one" in done.stderr, done.stderr
+    assert "replay: ended otherwise than the record" in done.stderr
