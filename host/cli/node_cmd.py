@@ -97,6 +97,10 @@ def node(
 
     labels = _cluster_options(cluster, label or [], workers)
     setup_logging(max(verbose, 1))
+    # The node lowers the plugin loggers to capture their debug lines for the bus: stderr keeps its level.
+    from sandbus.host.node.logbus import keep_handler_levels
+
+    keep_handler_levels()
     server: NatsServer | None = None
     children: list[subprocess.Popen[bytes]] = []
     signalled: set[int] = set()

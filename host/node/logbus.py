@@ -60,6 +60,9 @@ PLUGIN_LOGGER = "sandbus.plugin"
 _PREFIX_LEN = len(PLUGIN_LOGGER) + 1
 #: Characters of one message kept (the rest is cut and said so); the per-call cap bounds the total.
 MAX_LOG_MESSAGE = 8192
+#: The plugin logger's level while nodes capture (when it has none of its own): every record is made, a
+#: guest's trace and debug lines too.
+CAPTURE_LEVEL = 1
 #: Lines per plugin each node keeps for the debug view.
 DEFAULT_RING_SIZE = 200
 #: Lines per second and plugin published on the bus (the burst allowed is one second's worth).
@@ -357,7 +360,7 @@ class _Dispatch(logging.Handler):
     """
 
     def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
+        super().__init__(logging.NOTSET)
         self.hubs: list[PluginLogs] = []
         self.threads: dict[int, PluginLogs] = {}
 
@@ -365,15 +368,13 @@ class _Dispatch(logging.Handler):
         hub = self.threads.get(threading.get_ident())
         if hub is not None:
             hub.take(record)
-            return True
-        hubs = self.hubs
-        if len(hubs) == 1:
+        elif len(hubs := self.hubs) == 1:
             hubs[0].take(record)
-            return True
-        plugin = record.name[_PREFIX_LEN:]
-        for h in list(hubs):
-            if h.owns(plugin):
-                h.take(record)
+        else:
+            plugin = record.name[_PREFIX_LEN:]
+            for h in list(hubs):
+                if h.owns(plugin):
+                    h.take(record)
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -387,20 +388,30 @@ _dispatch: _Dispatch | None = None
 def attach(hub: PluginLogs) -> None:
     """Capture ``sandbus.plugin`` records for ``hub`` from now on (the first one installs the handler).
 
-    The plugin logger is set to DEBUG, so a guest's debug lines reach the rings and the bus; the
-    handlers above it that had no level of their own (the node's stderr) are pinned to the level
-    they printed at before, so the node's own output does not change.
+    A plugin logger that has no level of its own is set to :data:`CAPTURE_LEVEL`, so that a guest's
+    trace and debug lines are made and captured too. They also reach the handlers above it: a
+    process that prints its log gives its handlers the level it prints at (``sandbus node`` does:
+    its stderr keeps the node's level); an explicit level on the plugin logger is left as it is.
     """
     global _dispatch
     with _dispatch_lock:
         if _dispatch is None:
             logger = logging.getLogger(PLUGIN_LOGGER)
-            _pin_handler_levels(logger)
             _dispatch = _Dispatch()
             logger.addHandler(_dispatch)
-            logger.setLevel(logging.DEBUG)
+            if logger.level == logging.NOTSET:
+                logger.setLevel(CAPTURE_LEVEL)
         if hub not in _dispatch.hubs:
             _dispatch.hubs = [*_dispatch.hubs, hub]
+
+
+def keep_handler_levels(logger: logging.Logger | None = None) -> None:
+    """Give each handler of ``logger`` (default: the root logger) that has no level the logger's level:
+    what it prints stays as it was when plugin loggers are lowered to capture debug lines."""
+    target = logger or logging.getLogger()
+    for handler in target.handlers:
+        if handler.level == logging.NOTSET:
+            handler.setLevel(target.getEffectiveLevel())
 
 
 def detach(hub: PluginLogs) -> None:
@@ -416,14 +427,3 @@ def claim_thread(hub: PluginLogs) -> None:
     with _dispatch_lock:
         if _dispatch is not None:
             _dispatch.threads = {**_dispatch.threads, threading.get_ident(): hub}
-
-
-def _pin_handler_levels(logger: logging.Logger) -> None:
-    """Give each handler above ``logger`` with no level of its own the level ``logger`` logs at now."""
-    level = logger.getEffectiveLevel()
-    current: logging.Logger | None = logger
-    while current is not None:
-        for handler in current.handlers:
-            if handler.level == logging.NOTSET:
-                handler.setLevel(level)
-        current = current.parent if current.propagate else None

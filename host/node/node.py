@@ -174,7 +174,10 @@ class Node:
         max_waiting: how many requests and direct messages per plugin may wait for one of its
             instances; beyond it a call is refused at once with an ``InstanceLimitError``.
         bus_logs: publish plugins' log lines on ``sandbus.log.<node>.<plugin>`` (False: they are only
-            kept in the node's rings for ``debug``, and logged as before).
+            kept in the node's rings for ``debug``, and logged as before). Either way the node lowers
+            the ``sandbus.plugin`` logger (when it has no level of its own) to capture the guests'
+            debug lines: a program that prints its log should give its handlers a level
+            (:func:`sandbus.host.node.logbus.keep_handler_levels`).
         log_rate: log lines per second and plugin published; the excess is dropped and counted.
 
     Its :attr:`bus` is the :class:`~sandbus.bus.PluginBus` it handles; plugins reach it through the host

@@ -46,26 +46,43 @@ async def test_a_full_queue_drops_counts_and_never_blocks(nats: NatsServer) -> N
     assert len(hub.recent("unitp")) == 21  # the ring has them all
 
 
-async def test_stderr_handlers_keep_their_level() -> None:
-    """The plugin logger goes to DEBUG for the capture; a handler above it that printed at INFO still does."""
-    root = logging.getLogger()
-    handler = logging.StreamHandler()
-    root.addHandler(handler)
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+async def test_debug_lines_are_captured_and_printed_handlers_keep_their_level() -> None:
+    """The plugin logger is lowered to capture every line; a handler given its level (as ``sandbus node`` gives
+    its stderr) prints what it printed before."""
+    root, plugin_logger = logging.getLogger(), logging.getLogger("sandbus.plugin")
+    printed = _Collect()
+    root.addHandler(printed)
     previous = root.level
     root.setLevel(logging.INFO)
-    plugin_logger = logging.getLogger("sandbus.plugin")
     try:
         if logbus._dispatch is not None:  # attached by an earlier test: start over as a fresh process would
             plugin_logger.removeHandler(logbus._dispatch)
             logbus._dispatch = None
         plugin_logger.setLevel(logging.NOTSET)
+        logbus.keep_handler_levels()
         hub = PluginLogs("lv", version_of=lambda _: None, trace_id=lambda: None, owns=lambda _: True, publish=False)
         logbus.attach(hub)
-        assert plugin_logger.level == logging.DEBUG
-        assert handler.level == logging.INFO
-        logging.getLogger("sandbus.plugin.lvp").debug("%s%s", "", "captured, not printed")
-        assert [x["message"] for x in hub.recent("lvp")] == ["captured, not printed"]
-        logbus.detach(hub)
+        try:
+            guest = logging.getLogger("sandbus.plugin.lvp")
+            guest.log(5, "%s%s", "", "a trace line")
+            guest.debug("%s%s", "", "captured, not printed")
+            guest.info("%s%s", "", "captured and printed")
+        finally:
+            logbus.detach(hub)
+        assert plugin_logger.level == logbus.CAPTURE_LEVEL
+        assert printed.level == logging.INFO
+        assert printed.messages == ["captured and printed"]
+        assert [(x["level"], x["message"]) for x in hub.recent("lvp")] == [
+            ("debug", "a trace line"), ("debug", "captured, not printed"), ("info", "captured and printed")]
     finally:
-        root.removeHandler(handler)
+        root.removeHandler(printed)
         root.setLevel(previous)
