@@ -131,7 +131,7 @@ class Hub:
     def snapshot(self) -> dict[str, Any]:
         return {"info": self.info, "status": self.status, "nodes": self.nodes_list(), "deploys": self.deploys,
                 "audit": list(self.audit), "logs": list(self.logs), "dropped": dict(self.dropped),
-                "updated_at": self.updated_at}
+                "refused": dict(self.malformed), "updated_at": self.updated_at}
 
     def nodes_list(self) -> list[dict[str, Any]]:
         return [self.nodes[n] for n in sorted(self.nodes)]

@@ -240,6 +240,9 @@ def test_hostile_bus_messages_are_refused_not_shown(stack: Stack) -> None:
     shown = _wait(lambda: [entry for entry in _state(stack.read_only.url)["logs"] if marker in entry["message"]], 10,
                   "the one well-formed line")
     assert [entry["message"] for entry in shown] == [marker + " ok"]
+    refused = _state(stack.read_only.url)["refused"]
+    assert refused["logs"] >= 8  # counted (the other tests' publishers may add theirs)
+    assert refused["audit"] >= 1
     assert shown[0]["trace_id"] is None  # not 32 lowercase hex: no link built from it
 
 
