@@ -60,6 +60,11 @@ def replay(
         typer.echo(f"replay: note: the recorded instance had served {record.earlier_calls} call(s) before this one; "
                    "what they left in its memory is not in the record (the replay starts from a fresh instance)",
                    err=True)
+    dirs = record.capabilities.get("dirs") or []
+    if dirs:
+        shown = ", ".join(terminal_text(str(d)) for d in dirs[:5])
+        typer.echo(f"replay: note: the recorded call was granted directories ({shown}); a replay grants none, "
+                   "and what the plugin read from them is not in the record", err=True)
     recorded = record.recorded_error()
     # The recorded error is the record's text (a file from elsewhere): printed inert.
     was = terminal_text(f"{recorded.code}: {recorded.message}") if recorded is not None else "a reply"

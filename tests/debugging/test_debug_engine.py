@@ -130,3 +130,42 @@ def test_a_manifest_cannot_ask_for_debug_info(tmp_path: Path, audit: AuditLog) -
         assert "plugin.debug_info" not in audit.kinds()
     finally:
         manager.close(timeout=10)
+
+
+def test_a_planted_debug_entry_in_the_disk_cache_is_never_read(debug_guest: Path, tmp_path: Path,
+                                                               audit: AuditLog) -> None:
+    """Someone writes a file under the name a debug entry would have in the node's cache directory: code
+    with debug info never comes from disk, so it is neither read nor removed nor audited."""
+    cache = ModuleCache(tmp_path / "cache")
+    with Sandbox(debug_guest, cache=cache) as plain:
+        digest = plain.digest
+    planted = tmp_path / "cache" / f"{digest}-{engine_for(DEBUG).fingerprint}.cwasm"
+    planted.write_bytes(b"\x00not code")
+    planted.chmod(0o600)
+    with Sandbox(debug_guest, limits=DEBUG, cache=cache, on_audit=audit) as sandbox:
+        assert sandbox.call("handle_request", 1) == {"n": 21}
+    assert planted.read_bytes() == b"\x00not code"
+    assert "security.cache_untrusted" not in audit.kinds()
+    assert cache.compiles == 1  # the plain one only
+
+
+def test_a_listed_plugin_keeps_debug_info_across_reloads_and_off_the_disk(tmp_path: Path, audit: AuditLog) -> None:
+    pdir = tmp_path / "plugins"
+    pdir.mkdir()
+    write_plugin(pdir, "listed")
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text('[debug]\nplugins = ["listed", "absent"]\n')  # "absent": no such plugin, no harm
+    cache = ModuleCache(tmp_path / "cache")
+    manager = PluginManager(pdir, policy=load_policy(policy_file), on_audit=audit, cache=cache)
+    try:
+        manager.load("listed")
+        write_plugin(pdir, "listed", version="1.1.0")
+        manager.reload("listed")
+        assert manager.execute_json("listed", "handle_request", {}) == {"reply": "listed-1.1.0"}
+        assert manager.grant("listed").limits.debug_info
+        events = [e for e in audit if e.kind == "plugin.debug_info"]
+        assert [e.details["version"] for e in events] == ["1.0.0", "1.1.0"]  # audited at every version
+    finally:
+        manager.close(timeout=10)
+    debug_fp = engine_for(DEBUG).fingerprint
+    assert [p for p in (tmp_path / "cache").glob("*.cwasm") if debug_fp in p.name] == []

@@ -221,3 +221,14 @@ def test_a_record_says_how_many_calls_its_instance_served_before(counter_guest: 
     assert done.returncode == 1
     assert "the recorded instance had served 1 call(s) before this one" in done.stderr, done.stderr
     assert "replay: ended otherwise than the record" in done.stderr
+
+
+def test_a_replay_says_the_granted_directories_are_not_replayed(dice_guest: Path, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    done = sandbus("run", str(dice_guest), "--input", "0", "--allow-clock", "--allow-random", "--allow-read",
+                   str(data_dir), "--record", "r.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert load_record(tmp_path / "r.json").capabilities["dirs"]
+    again = sandbus("replay", "r.json", cwd=tmp_path)
+    assert "replay: note: the recorded call was granted directories" in again.stderr, again.stderr
