@@ -80,6 +80,9 @@ def dashboard(
         fail("--allow-host takes a host name (no port, no scheme)", EXIT_USAGE)
     if allow_control and conn.user == "viewer":
         fail("--allow-control needs operator credentials: the viewer user may not reload or unload", EXIT_USAGE)
+    if allow_control and not (conn.user or conn.token or conn.creds or conn.nkey or conn.tls_cert):
+        typer.echo("warning: --allow-control without credentials: control works only on a bus that lets anyone "
+                   "reload and unload plugins (a development bus); use the operator user on a shared one", err=True)
 
     from sandbus.host.cli.output import setup_logging
     from sandbus.host.dashboard.hub import HubLimits

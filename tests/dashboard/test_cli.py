@@ -69,6 +69,12 @@ def test_a_port_in_use_is_exit_1(nats_url: str) -> None:
     assert "cannot listen on 127.0.0.1:" in proc.stderr
 
 
+def test_control_without_credentials_warns(nats_url: str, tmp_path: Path) -> None:
+    dashboard = DashboardProcess(nats_url, tmp_path / "dashboard.log", "--allow-control").wait_ready()
+    assert "warning: --allow-control without credentials" in dashboard.output()
+    assert dashboard.stop() == 0
+
+
 def test_listening_on_the_network_warns_and_sigterm_stops_it(nats_url: str, tmp_path: Path) -> None:
     dashboard = DashboardProcess(nats_url, tmp_path / "dashboard.log", "--host", "0.0.0.0").wait_ready()
     assert "warning: listening on 0.0.0.0: the dashboard is reachable from the network" in dashboard.output()
