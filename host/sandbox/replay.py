@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -20,7 +21,7 @@ from sandbus.host.sandbox.record import CallRecord
 from sandbus.host.sandbox.sandbox import Sandbox
 from sandbus.sdk.errors import SandboxError, SandbusError
 
-__all__ = ["MAX_REPLAY_TIMEOUT_S", "ReplayOutcome", "replay"]
+__all__ = ["LOAD_BOUNDS", "MAX_REPLAY_TIMEOUT_S", "ReplayOutcome", "replay"]
 
 
 @dataclass
@@ -30,6 +31,8 @@ class ReplayOutcome:
     record: CallRecord
     reply: bytes | None
     error: SandbusError | None
+    #: The limits the replay ran under: the recorded ones, bounded as :func:`replay` says.
+    limits: Limits | None = None
 
     @property
     def reproduced(self) -> bool:
@@ -40,6 +43,11 @@ class ReplayOutcome:
             return recorded is None and self.error is None and self.reply == self.record.recorded_reply()
         return (recorded.code, recorded.message) == (self.error.code, self.error.message)
 
+
+#: Limits that protect the host while it loads a module, not the call's behaviour: a replay takes the
+#: lower of the record's and this host's default, so that a record cannot raise them for a module that
+#: came with it (a compile bomb let through by a record asking for a day of compiling and 256 TiB).
+LOAD_BOUNDS = ("max_module_bytes", "max_functions", "compile_timeout_s", "compile_memory_bytes")
 
 #: The longest a replay runs, whatever its record's timeout says (a record is data from elsewhere: one
 #: that asks for no fuel and a day's timeout would otherwise hold the terminal). ``sandbus replay
@@ -52,7 +60,8 @@ def replay(record: CallRecord, module: Path | None = None, *, debug: bool = Fals
     """Run ``record``'s call again from its record (``debug``: compiled with debug info, for gdb).
 
     The recorded limits apply (fuel and memory as recorded, so a call that ran out of fuel runs out again
-    at the same instruction), except that the timeout is at most ``max_timeout_s``.
+    at the same instruction), except that the timeout is at most ``max_timeout_s`` and the load bounds
+    (:data:`LOAD_BOUNDS`) at most this host's defaults.
 
     Raises:
         SandboxError: the record names no module and none is given, it is truncated, its limits or
@@ -80,8 +89,10 @@ def replay(record: CallRecord, module: Path | None = None, *, debug: bool = Fals
         raise SandboxError(f"invalid call record: its limits or grants: {problems}", plugin=record.plugin) from e
     except (TypeError, ValueError) as e:
         raise SandboxError(f"invalid call record: its limits or grants: {e}", plugin=record.plugin) from e
-    if limits.timeout_s > max_timeout_s:
-        limits = limits.model_copy(update={"timeout_s": max_timeout_s})
+    defaults = Limits()
+    bounded: dict[str, Any] = {key: min(getattr(limits, key), getattr(defaults, key)) for key in LOAD_BOUNDS}
+    bounded["timeout_s"] = min(limits.timeout_s, max_timeout_s)
+    limits = Limits.model_validate({**limits.model_dump(), **bounded})
     if len(record.input) > limits.max_input_bytes:
         raise SandboxError(f"invalid call record: its input has {len(record.input)} bytes, its limits allow "
                            f"{limits.max_input_bytes}", plugin=record.plugin)
@@ -93,5 +104,5 @@ def replay(record: CallRecord, module: Path | None = None, *, debug: bool = Fals
         try:
             reply = sandbox.call_detailed(record.function, record.input).reply
         except SandbusError as e:
-            return ReplayOutcome(record, None, e)
-    return ReplayOutcome(record, reply, None)
+            return ReplayOutcome(record, None, e, limits)
+    return ReplayOutcome(record, reply, None, limits)

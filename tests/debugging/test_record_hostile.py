@@ -232,3 +232,21 @@ def test_a_replay_says_the_granted_directories_are_not_replayed(dice_guest: Path
     assert load_record(tmp_path / "r.json").capabilities["dirs"]
     again = sandbus("replay", "r.json", cwd=tmp_path)
     assert "replay: note: the recorded call was granted directories" in again.stderr, again.stderr
+
+
+def test_a_record_cannot_raise_the_hosts_load_bounds(dice_guest: Path) -> None:
+    """A record and its module come from the same sender: the record's own compile limits would let a
+    compile bomb through. The replay keeps the lower of the record's and the host's defaults."""
+    data = good_record(dice_guest)
+    data["limits"].update(max_module_bytes=2**32, max_functions=2**32, compile_timeout_s=1e9,
+                          compile_memory_bytes=1 << 48)
+    outcome = replay(CallRecord.from_bytes(orjson.dumps(data)))
+    assert outcome.reproduced
+    assert outcome.limits is not None
+    defaults = Limits()
+    assert (outcome.limits.max_module_bytes, outcome.limits.max_functions, outcome.limits.compile_timeout_s,
+            outcome.limits.compile_memory_bytes) == (defaults.max_module_bytes, defaults.max_functions,
+                                                     defaults.compile_timeout_s, defaults.compile_memory_bytes)
+    data["limits"]["max_module_bytes"] = 1000  # lower than the module: kept, and the load is refused
+    with pytest.raises(SandboxError, match="1000"):
+        replay(CallRecord.from_bytes(orjson.dumps(data)))
