@@ -474,6 +474,8 @@ class TrapRecorder:
         self._full_reported = False
         self._dropped = 0  # since the last record.dropped of a full queue
         self._dropped_reported_at: float | None = None
+        #: Per audit kind: when it was last emitted, and how many were held back since (see _limited).
+        self._reports: dict[str, tuple[float | None, int]] = {}
 
     def submit(self, record: CallRecord) -> bool:
         """Queue ``record`` to be written; False when :data:`PENDING` records already wait (dropped)."""
@@ -531,21 +533,21 @@ class TrapRecorder:
             dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR) and directory.is_symlink():
-                self._emit("record.failed", f"a failed call was not recorded: {directory} is a symlink",
+                self._limited("record.failed", f"a failed call was not recorded: {directory} is a symlink",
                            {"path": str(directory), "reason": "a symlink"})
                 return None
-            self._emit("record.failed", f"a failed call could not be recorded in {directory}: {e.strerror}",
+            self._limited("record.failed", f"a failed call could not be recorded in {directory}: {e.strerror}",
                        {"path": str(directory)})
             return None
         try:
             problem = _unsafe_directory(os.fstat(dfd))
             if problem is not None:
-                self._emit("record.failed", f"a failed call was not recorded: {directory} is {problem}",
+                self._limited("record.failed", f"a failed call was not recorded: {directory} is {problem}",
                            {"path": str(directory), "reason": problem})
                 return None
             return self._write_in(dfd, directory, record)
         except OSError as e:
-            self._emit("record.failed", f"a failed call could not be recorded in {directory}: {e.strerror}",
+            self._limited("record.failed", f"a failed call could not be recorded in {directory}: {e.strerror}",
                        {"path": str(directory)})
             return None
         finally:
@@ -563,7 +565,7 @@ class TrapRecorder:
             return None
         data = record.to_bytes()
         if len(data) > self.settings.max_bytes:
-            self._emit("record.dropped", f"a failed call of {record.function} was not recorded: its record has "
+            self._limited("record.dropped", f"a failed call of {record.function} was not recorded: its record has "
                        f"{len(data)} bytes, above max_bytes ({self.settings.max_bytes}; its input has "
                        f"{len(record.input)})", {"limit": self.settings.max_bytes, "size": len(data),
                                                  "reason": "max_bytes"})
@@ -587,6 +589,19 @@ class TrapRecorder:
         self._emit("record.written", f"the failed call of {record.function} was recorded in {path}",
                    {"path": str(path), "function": record.function, "truncated": record.truncated})
         return path
+
+    def _limited(self, kind: str, message: str, details: Mapping[str, Any]) -> None:
+        """:meth:`_emit`, at most once per :data:`DROP_REPORT_S` for each kind: a plugin that traps in a
+        loop into a directory that cannot be used (or with inputs too large to record) makes one event an
+        interval, which says how many failed calls it stands for (``count``)."""
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._reports.get(kind, (None, 0))
+            if last is not None and now - last < self.DROP_REPORT_S:
+                self._reports[kind] = (last, suppressed + 1)
+                return
+            self._reports[kind] = (now, 0)
+        self._emit(kind, message, {**details, "count": suppressed + 1})
 
     def _emit(self, kind: str, message: str, details: Mapping[str, Any]) -> None:
         if self._on_event is not None:

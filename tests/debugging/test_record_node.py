@@ -160,3 +160,25 @@ print(path, [k for k, _, _ in events.items])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "None ['record.failed']", done.stdout
     assert list(records.iterdir()) == []
+
+
+def test_a_failing_directory_or_oversized_records_are_one_audit_event_an_interval(tmp_path: Path) -> None:
+    """A plugin trapping in a loop while the directory cannot be used (or with inputs too large to record):
+    one record.failed (record.dropped) an interval, counting the calls it stands for."""
+    events = Events()
+    records = tmp_path / "records"
+    records.mkdir()
+    records.chmod(0o777)
+    loose = TrapRecorder("dice", RecordSettings(records), on_event=events)
+    for _ in range(50):
+        assert loose.write(a_record()) is None
+    assert [d["count"] for d in events.of("record.failed")] == [1]
+    loose.DROP_REPORT_S = 0.0
+    loose.write(a_record())
+    assert [d["count"] for d in events.of("record.failed")] == [1, 50]
+
+    records.chmod(0o700)
+    small = TrapRecorder("dice", RecordSettings(records, max_bytes=1024), on_event=events)
+    for _ in range(50):
+        assert small.write(a_record(b"x" * 10_000)) is None
+    assert [d["count"] for d in events.of("record.dropped")] == [1]
