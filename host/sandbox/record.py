@@ -440,6 +440,8 @@ class RecordSettings:
 #: that two recorders of one plugin, before and after a reload, never pick the same name).
 _RECORD_NAME = re.compile(r"(?P<plugin>[a-z][a-z0-9_]{0,62})-\d{8}T\d{12}Z-\d+(-\d+)?\.json")
 _PLUGIN_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+#: What a granted environment variable's name may be (host/lifecycle/manifest.py's check_env_name).
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 
 
 class TrapRecorder:
@@ -707,6 +709,9 @@ def _capabilities(value: Any) -> dict[str, Any]:
     env = _obj(obj.get("env", {}), "capabilities env")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise _bad("capabilities env must map names to strings")
+    for name, text in env.items():
+        if not _ENV_NAME.fullmatch(name) or "\x00" in text or len(text) > 65536:
+            raise _bad(f"capabilities env: {name[:64]!r} is not a variable name with a value a process can have")
     for key in ("env_unset", "extra", "dirs"):
         items = _list(obj.get(key, []), f"capabilities {key}")
         if len(items) > 4096 or not all(isinstance(i, str) and len(i) <= 4096 for i in items):

@@ -58,6 +58,8 @@ def deep(levels: int) -> Any:
     (lambda d: d["capabilities"].update(extra="abc"), "capabilities extra must be a list"),
     (lambda d: d["capabilities"].update(env=["A"]), "capabilities env must be an object"),
     (lambda d: d["capabilities"].update(env={"A": 1}), "env must map names to strings"),
+    (lambda d: d["capabilities"].update(env={"A=B": "x"}), "'A=B' is not a variable name"),
+    (lambda d: d["capabilities"].update(env={"A": "x\x00y"}), "'A' is not a variable name with a value"),
     (lambda d: d["capabilities"].update(clock="yes"), "capabilities clock must be true or false"),
     (lambda d: d.update(truncated="no"), "truncated must be true or false"),
     # Bounds on what one host call holds.
