@@ -77,6 +77,11 @@ def replay(record: CallRecord, module: Path | None = None, *, debug: bool = Fals
     if path is None:
         raise SandboxError("the record does not say where its module is: name the .wasm file (--module)",
                            plugin=record.plugin)
+    if module is None and path.suffix != ".wasm":
+        # The record's word for a path is a file from elsewhere: it names a plugin module, nothing else
+        # of this machine (its digest would refuse another file, but only after reading it).
+        raise SandboxError(f"the record names {str(path)[:200]!r} as its module, not a .wasm file: name the module "
+                           "(--module)", plugin=record.plugin, module=str(path)[:200])
     caps = record.capabilities
     try:
         limits = Limits.model_validate({**record.limits, "debug_info": debug, "isolation": "pooled"})

@@ -252,3 +252,13 @@ def test_a_record_cannot_raise_the_hosts_load_bounds(dice_guest: Path) -> None:
     data["limits"]["max_module_bytes"] = 1000  # lower than the module: kept, and the load is refused
     with pytest.raises(SandboxError, match="1000"):
         replay(CallRecord.from_bytes(orjson.dumps(data)))
+
+
+def test_a_record_names_only_a_wasm_file_as_its_module(dice_guest: Path) -> None:
+    data = good_record(dice_guest)
+    for elsewhere in ("/etc/passwd", "/proc/self/environ", str(dice_guest.with_suffix(".toml"))):
+        record = CallRecord.from_bytes(orjson.dumps({**data, "module": elsewhere}))
+        with pytest.raises(SandboxError, match=r"not a \.wasm file: name the module"):
+            replay(record)
+    record = CallRecord.from_bytes(orjson.dumps({**data, "module": "/etc/passwd"}))
+    assert replay(record, dice_guest).reproduced  # given by the user: any name
