@@ -182,3 +182,50 @@ def test_a_failing_directory_or_oversized_records_are_one_audit_event_an_interva
     for _ in range(50):
         assert small.write(a_record(b"x" * 10_000)) is None
     assert [d["count"] for d in events.of("record.dropped")] == [1]
+
+
+def test_concurrent_traps_on_a_node_are_each_recorded_whole(dice_guest: Path, tmp_path: Path) -> None:
+    """Four instances trapping at once, forty times: forty whole records of forty calls, no name twice,
+    none larger than max_bytes, each replayable to its trap."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sandbus.host.lifecycle import PluginManager
+    from sandbus.host.lifecycle.policy import load_policy
+    from sandbus.host.sandbox import ModuleCache
+    from sandbus.host.sandbox.replay import replay
+    from sandbus.sdk.errors import TrapError
+    from tests.conftest import AuditLog
+    from tests.debugging.test_record_replay import node_dir
+    from tests.host.manager.factory import wait_until
+
+    plugins, records = node_dir(tmp_path, dice_guest, max_records=1000)
+    (plugins / "dice.toml").write_text((plugins / "dice.toml").read_text() + "\n[resources]\nmax_instances = 4\n")
+    audit = AuditLog()
+    manager = PluginManager(plugins, policy=load_policy(tmp_path / "policy.toml"), on_audit=audit,
+                            cache=ModuleCache(tmp_path / "cache"))
+
+    def trap(_: int) -> bool:
+        try:
+            manager.execute_json("dice", "handle_request", 100)
+        except TrapError:
+            return True
+        return False
+
+    try:
+        manager.load("dice")
+        with ThreadPoolExecutor(4) as pool:
+            for round_ in range(1, 11):  # four at once, ten times; the queue (16) is never what is tested
+                assert all(pool.map(trap, range(4)))
+                wanted = 4 * round_
+                wait_until(lambda: audit.kinds().count("record.written") >= wanted, timeout=30,  # noqa: B023
+                           what="the round's records")
+    finally:
+        manager.close(timeout=30)
+    written = sorted(records.iterdir())
+    assert len(written) == 40
+    assert audit.kinds().count("record.written") == 40
+    assert all(not p.name.startswith(".") for p in written)
+    for path in written[:3]:
+        outcome = replay(load_record(path))
+        assert isinstance(outcome.error, TrapError)
+        assert outcome.reproduced
