@@ -79,7 +79,7 @@ from sandbus.host.sandbox import (
     shared_cache,
 )
 from sandbus.host.sandbox.compiler import stop_compile
-from sandbus.host.sandbox.engine import EngineHandle, get_engine
+from sandbus.host.sandbox.engine import EngineHandle, engine_for
 from sandbus.sdk.errors import (
     DependencyError,
     DeployError,
@@ -351,7 +351,7 @@ class PluginManager:
         """The limits the policy gives ``manifest`` and the engine its sandbox compiles for."""
         limits = resolve(manifest, self.policy, data_root=self.data_root / manifest.name,
                          host_env=self._host_env).limits
-        return limits, get_engine(limits.stack_bytes, fuel=limits.fuel is not None)
+        return limits, engine_for(limits)
 
     def _start_background(self, names: list[str]) -> None:
         previous = self._background

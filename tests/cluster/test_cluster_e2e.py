@@ -491,7 +491,7 @@ async def test_a_three_server_nats_cluster_keeps_the_deploys_when_a_server_dies(
 # --- the shipped NATS permissions ---------------------------------------------------------------------------------
 
 PASSWORDS = {"sandbus-node": "node-secret", "operator": "operator-secret", "publisher": "publisher-secret",
-             "client": "client-secret"}
+             "client": "client-secret", "viewer": "viewer-secret"}
 
 
 def _violations(server: NatsServer, user: str) -> list[str]:

@@ -22,7 +22,7 @@ from tests.protocol.conftest import Bus
 from tests.protocol.wire import connected
 
 MICRO = Path(__file__).parent / "fixtures" / "nats-micro"
-VERBS = ("list", "stats", "load", "unload", "reload")
+VERBS = ("list", "stats", "load", "unload", "reload", "debug")
 
 
 @cache

@@ -409,7 +409,8 @@ def _schema_keys(node: Any) -> set[str]:
 #: where in docs/protocol.md each schema's keys are explained, in the first column of a table
 SCHEMA_SECTIONS = {"envelope": "PluginMessage envelope", "error-reply": "Request / reply",
                    "control-list": "Node control", "control-stats": "Node control", "control-plugin": "Node control",
-                   "control-unload": "Node control", "audit-event": "Audit events"}
+                   "control-unload": "Node control", "audit-event": "Audit events",
+                   "control-debug": "Node control", "log-line": "Plugin logs"}
 
 
 def _first_cells(section: str) -> str:
@@ -431,8 +432,8 @@ def test_every_schema_key_is_documented_in_the_page() -> None:
 
 def test_schemas_are_valid_draft_2020_12() -> None:
     names = sorted(p.name.removesuffix(".schema.json") for p in SCHEMAS.glob("*.schema.json"))
-    assert names == ["audit-event", "control-list", "control-plugin", "control-stats", "control-unload",
-                     "envelope", "error-reply"]
+    assert names == ["audit-event", "control-debug", "control-list", "control-plugin", "control-stats",
+                     "control-unload", "envelope", "error-reply", "log-line"]
     for name in names:
         jsonschema.Draft202012Validator.check_schema(schema(name))
         assert schema(name)["$schema"] == "https://json-schema.org/draft/2020-12/schema"
