@@ -30,22 +30,20 @@ def replay(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show plugin logs (-vv: debug).")] = 0,
     timeout: Annotated[float | None, typer.Option(
         "--timeout", metavar="SECONDS", callback=finite_positive,
-        help="The longest the replay may run (default: the recorded timeout, at most 60 s).")] = None,
+        help="The call's timeout (default: the recorded one, at most 60 s); give room to step in gdb.")] = None,
 ) -> None:
     """Run a recorded call again, offline: the same input, limits and host results, the same outcome."""
     from sandbus.host.cli.extras import require_host
 
     require_host("replay")
     from sandbus.host.sandbox.record import ReplayDivergenceError, load_record
-    from sandbus.host.sandbox.replay import MAX_REPLAY_TIMEOUT_S
     from sandbus.host.sandbox.replay import replay as run_replay
     from sandbus.sdk.errors import PluginNotFoundError, SandbusError
 
     setup_logging(verbose)
     try:
         record = load_record(record_file)
-        outcome = run_replay(record, module, debug=debug,
-                             max_timeout_s=timeout if timeout is not None else MAX_REPLAY_TIMEOUT_S)
+        outcome = run_replay(record, module, debug=debug, timeout_s=timeout)
     except PluginNotFoundError as e:
         fail(str(e), EXIT_USAGE)
     except SandbusError as e:

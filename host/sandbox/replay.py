@@ -49,18 +49,19 @@ class ReplayOutcome:
 #: came with it (a compile bomb let through by a record asking for a day of compiling and 256 TiB).
 LOAD_BOUNDS = ("max_module_bytes", "max_functions", "compile_timeout_s", "compile_memory_bytes")
 
-#: The longest a replay runs, whatever its record's timeout says (a record is data from elsewhere: one
-#: that asks for no fuel and a day's timeout would otherwise hold the terminal). ``sandbus replay
-#: --timeout`` sets another bound; a recorded timeout below it is kept.
+#: The longest a replay runs unless told otherwise, whatever its record's timeout says (a record is data
+#: from elsewhere: one that asks for no fuel and a day's timeout would otherwise hold the terminal). A
+#: recorded timeout below it is kept; ``sandbus replay --timeout`` replaces both (room to step in gdb).
 MAX_REPLAY_TIMEOUT_S = 60.0
 
 
 def replay(record: CallRecord, module: Path | None = None, *, debug: bool = False,
-           max_timeout_s: float = MAX_REPLAY_TIMEOUT_S) -> ReplayOutcome:
+           timeout_s: float | None = None) -> ReplayOutcome:
     """Run ``record``'s call again from its record (``debug``: compiled with debug info, for gdb).
 
     The recorded limits apply (fuel and memory as recorded, so a call that ran out of fuel runs out again
-    at the same instruction), except that the timeout is at most ``max_timeout_s`` and the load bounds
+    at the same instruction), except the timeout: ``timeout_s`` when given, else the recorded one up to
+    :data:`MAX_REPLAY_TIMEOUT_S` (a timeout is not reproducible anyway: time is not fuel); and the load bounds
     (:data:`LOAD_BOUNDS`) at most this host's defaults.
 
     Raises:
@@ -96,7 +97,7 @@ def replay(record: CallRecord, module: Path | None = None, *, debug: bool = Fals
         raise SandboxError(f"invalid call record: its limits or grants: {e}", plugin=record.plugin) from e
     defaults = Limits()
     bounded: dict[str, Any] = {key: min(getattr(limits, key), getattr(defaults, key)) for key in LOAD_BOUNDS}
-    bounded["timeout_s"] = min(limits.timeout_s, max_timeout_s)
+    bounded["timeout_s"] = timeout_s if timeout_s is not None else min(limits.timeout_s, MAX_REPLAY_TIMEOUT_S)
     limits = Limits.model_validate({**limits.model_dump(), **bounded})
     if len(record.input) > limits.max_input_bytes:
         raise SandboxError(f"invalid call record: its input has {len(record.input)} bytes, its limits allow "

@@ -138,7 +138,7 @@ def test_out_of_fuel_replays_as_out_of_fuel(spin_guest: Path) -> None:
     # the bounded timeout ends it).
     more = CallRecord.from_bytes(record.to_bytes())
     more.limits["fuel"] = 10**12
-    outcome = replay(more, max_timeout_s=0.3)
+    outcome = replay(more, timeout_s=0.3)
     assert isinstance(outcome.error, ExecutionTimeoutError)
 
 
@@ -148,7 +148,7 @@ def test_a_record_without_fuel_or_with_a_huge_timeout_runs_a_bounded_time(spin_g
     forever.input = b"-1"
     forever.limits.update(fuel=None, timeout_s=1e9)
     started = time.monotonic()
-    outcome = replay(forever, max_timeout_s=0.5)
+    outcome = replay(forever, timeout_s=0.5)
     assert isinstance(outcome.error, ExecutionTimeoutError)
     assert time.monotonic() - started < 10
 
@@ -262,3 +262,16 @@ def test_a_record_names_only_a_wasm_file_as_its_module(dice_guest: Path) -> None
             replay(record)
     record = CallRecord.from_bytes(orjson.dumps({**data, "module": "/etc/passwd"}))
     assert replay(record, dice_guest).reproduced  # given by the user: any name
+
+
+def test_a_replay_can_be_given_more_time_than_recorded(spin_guest: Path) -> None:
+    """Under gdb, stepping takes time the call's timeout counts: --timeout gives the replay room, above the
+    recorded timeout (which a timeout's ending never reproduces exactly anyway)."""
+    record = record_spin(spin_guest, 1000, Limits(fuel=None, timeout_s=0.2))
+    record.input = b"600000000"  # about 2 s here: well past 0.2 s, then replies
+    outcome = replay(CallRecord.from_bytes(record.to_bytes()))
+    assert isinstance(outcome.error, ExecutionTimeoutError)  # the recorded 0.2 s
+    outcome = replay(CallRecord.from_bytes(record.to_bytes()), timeout_s=60)
+    assert outcome.error is None, outcome.error
+    assert outcome.limits is not None
+    assert outcome.limits.timeout_s == 60
