@@ -71,6 +71,14 @@ MAX_VALUES = 1000
 #: How deep the free-form parts of a record (configuration, limits, grants, errors) may nest: deeper
 #: JSON is refused at load rather than failing later, deep in the encoder, as an internal error.
 MAX_DEPTH = 64
+#: Lists and objects, and values (commas), one record file may hold: what parsing it may build.
+MAX_CONTAINERS = 1_000_000
+MAX_SEPARATORS = 4_000_000
+#: Values the free-form parts of a record (configuration, limits, grants, errors) hold at most, all levels.
+MAX_ITEMS = 100_000
+#: Bytes written into guest memory one host call holds at most as separate writes (a host function
+#: writes its answer once or twice).
+MAX_WRITES = 64
 #: Numbers the files this process writes, so that no two get one name.
 _sequence = itertools.count(1)
 
@@ -119,7 +127,10 @@ class HostEvent:
         obj = _obj(data, "event")
         module, name = _name(obj.get("module"), "event module"), _name(obj.get("name"), "event name")
         writes = []
-        for w in _list(obj.get("writes"), "event writes"):
+        raw_writes = _list(obj.get("writes"), "event writes")
+        if len(raw_writes) > MAX_WRITES:
+            raise _bad(f"a host call makes at most {MAX_WRITES} writes into guest memory")
+        for w in raw_writes:
             item = _list(w, "event write")
             if len(item) != 3:
                 raise _bad("an event write is [arg, offset, base64]")
@@ -329,6 +340,13 @@ class CallRecord:
     def from_bytes(cls, raw: bytes) -> CallRecord:
         if len(raw) > MAX_RECORD_BYTES:
             raise _bad(f"a record is at most {MAX_RECORD_BYTES} bytes, this one has {len(raw)}")
+        # What parsing would build, bounded before it is built: a 64 MiB file of tiny lists parses to
+        # over a GiB of objects. Brackets and commas inside strings count too (base64 has none), so
+        # the bound errs on the side of refusing; a real record has a few per host call.
+        containers, separators = raw.count(b"[") + raw.count(b"{"), raw.count(b",")
+        if containers > MAX_CONTAINERS or separators > MAX_SEPARATORS:
+            raise _bad(f"a record holds at most {MAX_CONTAINERS} lists and objects and {MAX_SEPARATORS} values, "
+                       f"this one up to {containers} and {separators}")
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
@@ -336,10 +354,11 @@ class CallRecord:
         obj = _obj(data, "record")
         if obj.get("format") != FORMAT:
             raise _bad(f"not a sandbus call record (format {str(obj.get('format'))[:40]!r}, expected {FORMAT!r})")
-        init = [HostEvent.from_json(e) for e in _list(obj.get("init"), "init")]
-        call = [HostEvent.from_json(e) for e in _list(obj.get("call"), "call")]
-        if len(init) + len(call) > MAX_EVENTS:
+        raw_init, raw_call = _list(obj.get("init"), "init"), _list(obj.get("call"), "call")
+        if len(raw_init) + len(raw_call) > MAX_EVENTS:  # counted before any is converted
             raise _bad(f"a record holds at most {MAX_EVENTS} host calls")
+        init = [HostEvent.from_json(e) for e in raw_init]
+        call = [HostEvent.from_json(e) for e in raw_call]
         sha = _str(obj.get("sha256"), "sha256")
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise _bad("sha256 must be 64 lowercase hex digits")
@@ -667,16 +686,20 @@ def _path_text(value: Any, what: str) -> str:
 
 
 def _shallow(value: Any, what: str) -> Any:
-    """``value`` when it nests at most :data:`MAX_DEPTH` levels (an iterative walk: no recursion limit)."""
-    stack = [(value, 0)]
+    """``value`` when it nests at most :data:`MAX_DEPTH` levels and holds at most :data:`MAX_ITEMS`
+    values (an iterative walk, no recursion limit; only containers are kept on its stack, so a list of
+    millions of numbers costs nothing to refuse)."""
+    stack = [(value, 0)] if isinstance(value, dict | list) else []
+    items = 0
     while stack:
         item, level = stack.pop()
-        if level > MAX_DEPTH:
+        if level >= MAX_DEPTH:
             raise _bad(f"{what} nests deeper than {MAX_DEPTH} levels")
-        if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item)
+        children = item.values() if isinstance(item, dict) else item
+        items += len(children)
+        if items > MAX_ITEMS:
+            raise _bad(f"{what} holds more than {MAX_ITEMS} values")
+        stack.extend((v, level + 1) for v in children if isinstance(v, dict | list))
     return value
 
 

@@ -62,8 +62,10 @@ def deep(levels: int) -> Any:
     (lambda d: d["capabilities"].update(env={"A": "x\x00y"}), "'A' is not a variable name with a value"),
     (lambda d: d["capabilities"].update(clock="yes"), "capabilities clock must be true or false"),
     (lambda d: d.update(truncated="no"), "truncated must be true or false"),
-    # Bounds on what one host call holds.
+    # Bounds on what one host call holds, and on free-form parts.
     (lambda d: d["call"][0].update(args=list(range(5000))), "at most 1000 arguments"),
+    (lambda d: d["call"][0].update(writes=[[-1, 0, ""]] * 65), "at most 64 writes"),
+    (lambda d: d.update(config={"a": [0] * 100_001}), "config holds more than 100000 values"),
     # Names shown on a terminal: printable only.
     (lambda d: d.update(plugin="dice\x1b]0;pwned\x07"), "plugin must be 1 to 256 printable"),
     (lambda d: d.update(function="handle\nrequest"), "function must be 1 to 256 printable"),
@@ -275,3 +277,19 @@ def test_a_replay_can_be_given_more_time_than_recorded(spin_guest: Path) -> None
     assert outcome.error is None, outcome.error
     assert outcome.limits is not None
     assert outcome.limits.timeout_s == 60
+
+
+def test_what_parsing_a_record_would_build_is_bounded_first(dice_guest: Path, tmp_path: Path) -> None:
+    """Sixty MiB of tiny lists parse to over a GiB of objects: refused by counting, before parsing."""
+    data = good_record(dice_guest)
+    tiny = b"[" + b",".join([b'[0,0,""]'] * 2_000_000) + b"]"
+    raw = orjson.dumps({**data, "config": {"a": "@@"}}).replace(b'"@@"', tiny)
+    path = tmp_path / "r.json"
+    path.write_bytes(raw)
+    started = time.monotonic()
+    with pytest.raises(SandboxError, match="at most 1000000 lists and objects"):
+        load_record(path)
+    assert time.monotonic() - started < 5
+    path.write_bytes(orjson.dumps({**data, "config": {"a": "@@"}}).replace(b'"@@"', b"[" + b"1," * 4_000_000 + b"1]"))
+    with pytest.raises(SandboxError, match="4000000 values"):
+        load_record(path)
