@@ -213,6 +213,9 @@ class Tape:
         event = self.current
         if event is None:
             return
+        if len(event.writes) >= MAX_WRITES:
+            self.truncated = True  # more than a record may hold (HostEvent.from_json): not replayable
+            return
         args = tuple(event.args)
         matches = [i for i, arg in enumerate(args) if arg == ptr]
         # The argument whose buffer holds the write (two arguments may have the same value: a clock id

@@ -293,3 +293,17 @@ def test_what_parsing_a_record_would_build_is_bounded_first(dice_guest: Path, tm
     path.write_bytes(orjson.dumps({**data, "config": {"a": "@@"}}).replace(b'"@@"', b"[" + b"1," * 4_000_000 + b"1]"))
     with pytest.raises(SandboxError, match="4000000 values"):
         load_record(path)
+
+
+def test_a_host_call_writing_more_often_than_a_record_holds_truncates_the_tape() -> None:
+    """What a recorder keeps, a replay can load: a host call of an embedder's that writes into guest
+    memory more than MAX_WRITES times marks the record truncated, not unloadable."""
+    from sandbus.host.sandbox.record import MAX_WRITES, HostEvent, Tape
+
+    tape = Tape()
+    tape.begin_call()
+    tape.current = HostEvent("custom", "scatter", [0])
+    for i in range(MAX_WRITES + 1):
+        tape.on_write(8 * i, b"x")
+    assert tape.truncated
+    assert len(tape.current.writes) == MAX_WRITES
