@@ -56,6 +56,12 @@ class AuditRing:
                 ring = self._rings[event.plugin] = deque(maxlen=self._size)
             ring.append(event)
 
+    def retain(self, plugins: set[str]) -> None:
+        """Forget the events of every plugin not in ``plugins`` (the ones the node knows)."""
+        with self._lock:
+            for name in [n for n in self._rings if n not in plugins]:
+                del self._rings[name]
+
     def get(self, plugin: str) -> list[dict[str, Any]]:
         """The plugin's events, oldest first, shaped as on ``sandbus.audit.<node>`` and bounded as there."""
         with self._lock:

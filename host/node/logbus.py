@@ -69,6 +69,14 @@ DEFAULT_RING_SIZE = 200
 DEFAULT_LOG_RATE = 200.0
 #: Lines waiting to be published, all plugins together.
 DEFAULT_QUEUE_SIZE = 10_000
+#: Characters of the lines waiting to be published, all plugins together: lines at the message bound
+#: (:data:`MAX_LOG_MESSAGE`) fill this long before the line count (the queue holds at most ~16 MiB of text).
+DEFAULT_QUEUE_CHARS = 16 * 1024 * 1024
+#: Characters one plugin's ring keeps: 200 lines at the message bound would be 1.6 MB a plugin, so a ring
+#: of long lines keeps fewer of them (always the newest line).
+DEFAULT_RING_CHARS = 256 * 1024
+#: What a line costs besides its message, counted against the character bounds.
+LINE_OVERHEAD = 128
 #: Seconds between two ``log.dropped`` audit events of one plugin.
 DROP_AUDIT_INTERVAL_S = 1.0
 #: Plugins with a ring: names come from loaded plugins only, the bound is a backstop.
@@ -109,7 +117,7 @@ def iso_time(ts: float) -> str:
 class LogLine:
     """One captured line. ``dropped`` is set when it is published (lines dropped just before it)."""
 
-    __slots__ = ("dropped", "level", "message", "plugin", "seq", "stream", "trace_id", "ts", "version")
+    __slots__ = ("dropped", "level", "message", "plugin", "seq", "size", "stream", "trace_id", "ts", "version")
 
     def __init__(self, ts: float, level: str, plugin: str, version: str | None, stream: str | None,
                  message: str, trace_id: str | None, seq: int) -> None:
@@ -122,6 +130,8 @@ class LogLine:
         self.trace_id = trace_id
         self.seq = seq
         self.dropped = 0
+        #: what it counts against the ring's and the queue's character bounds
+        self.size = len(message) + LINE_OVERHEAD
 
     def to_dict(self, node: str) -> dict[str, Any]:
         """The record as published (docs/protocol.md, docs/schemas/log-line.schema.json)."""
@@ -149,23 +159,28 @@ class PluginLogs:
         rate: lines per second and plugin published; the excess is dropped and counted.
         ring_size: lines per plugin kept for the debug view.
         queue_size: lines waiting to be published, all plugins together.
+        queue_chars: characters of the lines waiting to be published, all plugins together.
+        ring_chars: characters of one plugin's ring (fewer lines are kept when they are long).
         audit: ``(plugin, dropped)``: raise the ``log.dropped`` audit event (on the loop).
     """
 
     def __init__(self, node_id: str, *, version_of: Callable[[str], str | None],
                  trace_id: Callable[[], str | None], owns: Callable[[str], bool], publish: bool = True,
                  rate: float = DEFAULT_LOG_RATE, ring_size: int = DEFAULT_RING_SIZE,
-                 queue_size: int = DEFAULT_QUEUE_SIZE,
+                 queue_size: int = DEFAULT_QUEUE_SIZE, queue_chars: int = DEFAULT_QUEUE_CHARS,
+                 ring_chars: int = DEFAULT_RING_CHARS,
                  audit: Callable[[str, int], None] | None = None) -> None:
         if rate <= 0:
             raise ValueError(f"log rate must be positive, found {rate}")
-        if ring_size < 1 or queue_size < 1:
+        if min(ring_size, queue_size, queue_chars, ring_chars) < 1:
             raise ValueError("ring and queue sizes must be 1 or more")
         self.node_id = node_id
         self.publishing = publish
         self.rate = rate
         self.ring_size = ring_size
         self.queue_size = queue_size
+        self.queue_chars = queue_chars
+        self.ring_chars = ring_chars
         self._version_of = version_of
         self._trace_id = trace_id
         self._owns = owns
@@ -173,7 +188,11 @@ class PluginLogs:
         self._lock = threading.Lock()
         self._seq = 0
         self._rings: dict[str, deque[LogLine]] = {}
+        #: characters each ring holds (under the lock)
+        self._ring_sizes: dict[str, int] = {}
         self._queue: deque[LogLine] = deque()
+        #: characters the queue holds (under the lock)
+        self._queued = 0
         #: lines that found the queue full, per plugin, since the drain last looked (under the lock)
         self._overflow: dict[str, int] = {}
         self._woken = False
@@ -222,14 +241,21 @@ class PluginLogs:
             ring = self._rings.get(plugin)
             if ring is None:
                 if len(self._rings) >= MAX_RING_PLUGINS:
-                    del self._rings[next(iter(self._rings))]
-                ring = self._rings[plugin] = deque(maxlen=self.ring_size)
+                    oldest = next(iter(self._rings))
+                    del self._rings[oldest]
+                    self._ring_sizes.pop(oldest, None)
+                ring = self._rings[plugin] = deque()
+            held = self._ring_sizes.get(plugin, 0) + line.size
             ring.append(line)
+            while len(ring) > 1 and (len(ring) > self.ring_size or held > self.ring_chars):
+                held -= ring.popleft().size
+            self._ring_sizes[plugin] = held
             if self._event is not None:
-                if len(self._queue) >= self.queue_size:
+                if len(self._queue) >= self.queue_size or self._queued + line.size > self.queue_chars:
                     self._overflow[plugin] = self._overflow.get(plugin, 0) + 1
                 else:
                     self._queue.append(line)
+                    self._queued += line.size
                 if not self._woken:
                     self._woken = wake = True
         if wake:
@@ -257,6 +283,27 @@ class PluginLogs:
 
     def owns(self, plugin: str) -> bool:
         return self._owns(plugin)
+
+    def retain(self, plugins: set[str]) -> None:
+        """Forget what is kept for every plugin not in ``plugins`` (the ones the node knows): the ring, the
+        rate bucket, the count of lines dropped. Loop thread only. A node that loads and unloads plugins
+        of ever new names keeps state for the ones it has, not for every name it ever had."""
+        with self._lock:
+            for name in [n for n in self._rings if n not in plugins]:
+                del self._rings[name]
+                self._ring_sizes.pop(name, None)
+        for kept in (self._buckets, self._dropped, self._subjects):
+            for name in [n for n in kept if n not in plugins]:
+                del kept[name]
+
+    def held(self) -> dict[str, int]:
+        """What the node holds now (for tests and stats): plugins with a ring, lines in the rings, characters
+        in the rings, lines and characters queued, plugins with a rate bucket or a dropped count."""
+        with self._lock:
+            return {"rings": len(self._rings), "ring_lines": sum(len(r) for r in self._rings.values()),
+                    "ring_chars": sum(self._ring_sizes.values()), "queued": len(self._queue),
+                    "queued_chars": self._queued, "buckets": len(self._buckets),
+                    "dropped_plugins": len(self._dropped), "subjects": len(self._subjects)}
 
     # -- publishing (the event loop) -----------------------------------------------------------------
 
@@ -302,11 +349,15 @@ class PluginLogs:
                 return
 
     async def _drain(self) -> None:
-        queue, publish = self._queue, self._publish
+        publish = self._publish
         assert publish is not None
+        # The whole queue at once: lines that found it full came after every line it held, so their count
+        # goes out after these (on each plugin's next line).
+        with self._lock:
+            queue, self._queue, self._queued = self._queue, deque(), 0
+            overflow, self._overflow = self._overflow, {}
         now = time.monotonic()
-        while queue:
-            line = queue.popleft()
+        for line in queue:
             plugin = line.plugin
             bucket = self._buckets.get(plugin)
             if bucket is None:
@@ -331,9 +382,6 @@ class PluginLogs:
                 log.debug("log line publish failed: %r", e)
                 self._drop(plugin, 1 + line.dropped)
             now = time.monotonic()
-        # Lines that found the queue full came after the ones it held: counted for each plugin's next line.
-        with self._lock:
-            overflow, self._overflow = self._overflow, {}
         for plugin, count in overflow.items():
             self._drop(plugin, count)
 

@@ -323,8 +323,10 @@ class Node:
 
     def serving(self) -> Sequence[Served]:
         """The plugins the manager serves, each with its lane set for its serving version."""
+        plugins = self.manager.list_plugins()
+        self._forget_gone({info.name for info in plugins} | set(self.manager.loading()))
         served = []
-        for info in self.manager.list_plugins():
+        for info in plugins:
             if not info.status.serving or info.name in self._withdrawn:
                 continue
             name = info.name
@@ -338,6 +340,18 @@ class Node:
                                  CONTENT_TYPE if body == "json" else manifest.plugin.content_type or OCTET_STREAM))
         self._told_bytes = frozenset(s.name for s in served if s.body == "bytes")
         return served
+
+    def _forget_gone(self, known: set[str]) -> None:
+        """Drop what the node keeps per plugin for plugins the manager no longer knows (unloaded): the lane
+        and its threads (which end once the lane is garbage; a call already on it keeps it), the version,
+        the log ring and rate bucket, the audit ring. Without this, loading and unloading plugins of ever
+        new names would grow the node without bound. Loop thread only (the bus syncs on the loop)."""
+        for name in [n for n in self._lanes if n not in known]:
+            del self._lanes[name]
+        for name in [n for n in self._versions if n not in known]:
+            del self._versions[name]
+        self.logs.retain(known)
+        self.recent_audit.retain(known)
 
     def request_now(self, plugin: str, function: str, msg: Msg, reply_headers: dict[str, str]) -> bytes | None:
         """The reply of a request run inline now, or None: :meth:`serve` runs it in a task.

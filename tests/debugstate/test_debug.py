@@ -67,6 +67,7 @@ async def test_debug_after_real_calls(node: Node, nats: NatsServer) -> None:
 
 
 async def test_a_debug_reply_too_large_for_nats_is_cut_to_fit(node: Node, nats: NatsServer) -> None:
+    node.logs.ring_chars = 4 * 1024 * 1024  # a ring of 200 long lines (by default it keeps ~256 KiB of them)
     async with await Client.connect(nats.url) as client:
         for _ in range(25):  # 200 lines of 8 KiB: 1.6 MB of ring, more than the 1 MiB max payload
             await client.request("logger", "say", {"text": "q" * 8000, "n": 8})
