@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from time import monotonic, perf_counter
@@ -87,6 +88,31 @@ def debug_cache() -> ModuleCache:
         if _debug_cache is None:
             _debug_cache = ModuleCache(None, memo=False)
         return _debug_cache
+
+
+#: Sandboxes alive per digest whose debug code is in :func:`debug_cache` (under ``_cache_lock``).
+_debug_users: dict[str, int] = {}
+
+
+def _hold_debug(sandbox: object, digest: str) -> weakref.finalize[Any, Any]:
+    """Count ``sandbox`` as a user of its module's debug code; the finalizer returned (called at close,
+    or when the sandbox is collected, whichever comes first) lets go, and the last to let go drops the
+    code from :func:`debug_cache`. Without it the process-wide cache kept every version a debugging
+    session reloaded: code with debug info is ~3.5 times the size, and a reloaded component's hundreds
+    of MB stayed in memory for the node's life."""
+    with _cache_lock:
+        _debug_users[digest] = _debug_users.get(digest, 0) + 1
+    return weakref.finalize(sandbox, _release_debug, digest)
+
+
+def _release_debug(digest: str) -> None:
+    with _cache_lock:
+        left = _debug_users.get(digest, 1) - 1
+        if left > 0:
+            _debug_users[digest] = left
+            return
+        _debug_users.pop(digest, None)
+    debug_cache().forget_digest(digest)
 
 
 def rerun_safe(info: abi.ModuleInfo, capabilities: Capabilities, host_functions: HostFunctions | None = None) -> bool:
@@ -244,6 +270,10 @@ class Sandbox:
         except InvalidModuleError as e:
             self.auditor.emit(AuditLevel.WARNING, "module.refused", self.name, e.message, **e.details)
             raise
+        #: Lets go of this module's debug code in :func:`debug_cache` at close (or when a failed
+        #: construction is collected): see :func:`_hold_debug`.
+        self._debug_hold: weakref.finalize[Any, Any] | None = (
+            _hold_debug(self, self.digest) if self.limits.debug_info else None)
         if self.kind == "module" and is_extism(self._module):
             self.kind, self.body = "extism", "bytes"
         if self.kind == "component":
@@ -542,6 +572,8 @@ class Sandbox:
     def close(self) -> None:
         self._pool.close()
         self._grants.close()
+        if self._debug_hold is not None:
+            self._debug_hold()  # once: a finalizer runs at most once
         if self._recorder is not None:
             self._recorder.flush(timeout=5.0)  # the records of its last failed calls, if any wait
 

@@ -198,3 +198,32 @@ def test_a_listed_plugins_background_load_writes_nothing_to_the_disk_cache(tmp_p
         manager.close(timeout=10)
     debug_fp = engine_for(DEBUG).fingerprint
     assert [p.name for p in (tmp_path / "cache").glob("*.cwasm") if debug_fp in p.name] == []
+
+
+def unique_module(wasm: Path, tmp_path: Path) -> Path:
+    """``wasm`` with a custom section of random bytes: the same code under a digest no other test loaded."""
+    import os
+
+    payload = b"\x05probe" + os.urandom(16)
+    out = tmp_path / "unique.wasm"
+    out.write_bytes(wasm.read_bytes() + b"\x00" + bytes([len(payload)]) + payload)
+    return out
+
+
+def test_debug_code_leaves_memory_with_its_last_sandbox(debug_guest: Path, tmp_path: Path) -> None:
+    """The process-wide debug cache lets go of a module's code when no sandbox uses it any more: a node
+    reloading a [debug] plugin (each version compiled with debug info) does not keep every version."""
+    wasm = unique_module(debug_guest, tmp_path)
+    cache = debug_cache()
+    compiles = cache.compiles
+    first = Sandbox(wasm, limits=DEBUG)
+    second = Sandbox(wasm, limits=DEBUG)  # while the first lives: from memory
+    assert cache.compiles == compiles + 1
+    first.close()
+    third = Sandbox(wasm, limits=DEBUG)  # the second still holds it: still from memory
+    assert cache.compiles == compiles + 1
+    second.close()
+    third.close()
+    again = Sandbox(wasm, limits=DEBUG)  # nobody held it: it was dropped, so compiled again
+    assert cache.compiles == compiles + 2
+    again.close()
