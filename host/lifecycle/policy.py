@@ -321,7 +321,9 @@ class RecordPolicy(_Section):
     """``[record]``: the plugins whose failed calls (a trap, a limit, an ABI violation) this node records
     into ``directory``, each as one file that ``sandbus replay`` runs again offline (host/sandbox/record.py).
     A record holds the call's input and every result the plugin received from the host: keep the directory
-    private (it is created with mode 0700, each record 0600). Recording costs every call of a listed plugin
+    private (it is created with mode 0700, each record 0600; an existing directory that is a symlink, is
+    another user's, or that others may write to is not used: each failed call is then audited as
+    ``record.failed`` instead, at most once an interval). Recording costs every call of a listed plugin
     the keeping of its host calls (docs/guide.md). Only pooled core modules can be recorded: a listed
     component, Extism plugin or per-call plugin is refused at load."""
 
