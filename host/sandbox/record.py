@@ -213,8 +213,10 @@ class Tape:
         event = self.current
         if event is None:
             return
-        if len(event.writes) >= MAX_WRITES:
-            self.truncated = True  # more than a record may hold (HostEvent.from_json): not replayable
+        if len(event.writes) >= MAX_WRITES or self.truncated or len(data) > self.max_bytes:
+            # More than a record may hold (HostEvent.from_json), or than this tape keeps: not copied
+            # (a guest asking random_get for a GiB would double it in host memory), and not replayable.
+            self.truncated = True
             return
         args = tuple(event.args)
         matches = [i for i, arg in enumerate(args) if arg == ptr]

@@ -307,3 +307,14 @@ def test_a_host_call_writing_more_often_than_a_record_holds_truncates_the_tape()
         tape.on_write(8 * i, b"x")
     assert tape.truncated
     assert len(tape.current.writes) == MAX_WRITES
+
+
+def test_a_write_larger_than_the_tape_keeps_is_not_copied() -> None:
+    from sandbus.host.sandbox.record import HostEvent, Tape
+
+    tape = Tape(max_bytes=1000)
+    tape.begin_call()
+    tape.current = HostEvent("wasi_snapshot_preview1", "random_get", [64, 5000])
+    tape.on_write(64, bytes(5000))
+    assert tape.truncated
+    assert tape.current.writes == []
