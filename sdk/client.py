@@ -78,7 +78,7 @@ from sandbus.sdk.subjects import (
 )
 from sandbus.sdk.tracing import H_TRACE_DEBUG, H_TRACE_SPANS, record_error, send_span
 
-__all__ = ["LOG_LEVELS", "Client", "DetailedReply", "LogStream", "check_log_line"]
+__all__ = ["LOG_LEVELS", "Client", "DetailedReply", "LogStream", "check_log_line", "valid_log_line"]
 
 #: A log line's levels, least severe first (``Client.logs(level=...)`` shows that level and above).
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -88,6 +88,7 @@ MAX_LOG_LINE = 64 * 1024
 LOG_PENDING = 10_000
 _LOG_STRINGS = ("ts", "node", "plugin", "level", "message")
 _LOG_OPTIONAL = ("version", "stream", "trace_id")
+_HEX = "0123456789abcdef"
 
 
 def check_log_line(data: bytes) -> dict[str, Any] | None:
@@ -99,6 +100,13 @@ def check_log_line(data: bytes) -> dict[str, Any] | None:
         line = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
+    return valid_log_line(line)
+
+
+def valid_log_line(line: object) -> dict[str, Any] | None:
+    """``line`` when it is a log line's record (every key present and of its type, ``stream`` one of
+    the two streams, ``trace_id`` 32 hex digits), else None: what a node's ``debug`` reply holds in
+    ``recent_logs`` is checked as what arrives on ``sandbus.log.>`` is."""
     if not isinstance(line, dict):
         return None
     if not all(isinstance(line.get(k), str) for k in _LOG_STRINGS) or line["level"] not in LOG_LEVELS:
@@ -106,6 +114,11 @@ def check_log_line(data: bytes) -> dict[str, Any] | None:
     if not all(k in line and (line[k] is None or isinstance(line[k], str)) for k in _LOG_OPTIONAL):
         return None
     if not all(type(line.get(k)) is int for k in ("seq", "dropped")):
+        return None
+    if line["stream"] not in (None, "stdout", "stderr"):
+        return None
+    trace_id = line["trace_id"]
+    if trace_id is not None and (len(trace_id) != 32 or trace_id.strip(_HEX)):
         return None
     return line
 

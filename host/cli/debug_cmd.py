@@ -68,8 +68,10 @@ def _text(value: object, limit: int = 200) -> str:
 
 
 def format_line(line: dict[str, Any]) -> str:
-    """One log line as rich markup: ``ts node plugin@version LEVEL [stream] message (trace ...)``, every
-    value escaped (a guest's ``[bold]`` or escape sequence prints as text)."""
+    """One log line as rich markup: ``ts node plugin@version [stream] LEVEL message (trace ...)``, every
+    value escaped (a guest's ``[bold]`` or escape sequence prints as text). The stream comes before the
+    level: the message is the guest's own text, so a line it logs as ``[stderr] ...`` cannot pass for
+    its stderr output."""
     level = str(line.get("level"))
     style = _STYLES.get(level, "")
     version = line.get("version")
@@ -79,8 +81,8 @@ def format_line(line: dict[str, Any]) -> str:
     note = f" [dim]({dropped} dropped before)[/dim]" if isinstance(dropped, int) and dropped > 0 else ""
     trace = f" [dim]trace {_text(line.get('trace_id'), 32)}[/dim]" if line.get("trace_id") else ""
     level_text = f"[{style}]{_text(level.upper(), 8)}[/{style}]" if style else _text(level.upper(), 8)
-    return (f"[dim]{_text(line.get('ts'), 40)}[/dim] {_text(line.get('node'), 255)} {who} {level_text}"
-            f"{stream} {_text(line.get('message'), MAX_MESSAGE_CHARS)}{note}{trace}")
+    return (f"[dim]{_text(line.get('ts'), 40)}[/dim] {_text(line.get('node'), 255)} {who}{stream} {level_text}"
+            f" {_text(line.get('message'), MAX_MESSAGE_CHARS)}{note}{trace}")
 
 
 def _console() -> Console:
@@ -100,35 +102,76 @@ def _print_line(console: Console | None, line: dict[str, Any]) -> None:
 
 
 async def _recent(client: Client, plugin: str | None, node: str | None, timeout: float) -> list[dict[str, Any]]:
-    """The lines the nodes' rings hold (of ``plugin``, on ``node``), merged by time."""
+    """The lines the nodes' rings hold (of ``plugin``, on ``node``), merged by time.
+
+    Each node gets ``timeout`` to answer: one that does not (or answers with an error) is named on stderr
+    and its remaining plugins are not asked, so a hung node costs at most one timeout, not one a plugin.
+    What a node sends is checked as a log line is on the bus (a line that is not one is skipped), and
+    must name the node and plugin it was asked for."""
+    from sandbus.sdk.client import valid_log_line
+    from sandbus.sdk.errors import PluginNotFoundError
+
     if node is not None and plugin is not None:
-        states = await client.debug(plugin, node=node, timeout=timeout)
+        pairs = [(node, plugin)]
     else:
-        views = await client.nodes(timeout=min(timeout, 0.5))
-        if not views:
-            fail("no sandbus node answered (start one with `sandbus node`, or point -s/--server or NATS_URL at the "
-                 "right bus)", EXIT_NO_NODE)
+        ids = await client.node_ids(timeout=min(timeout, 0.5))
+        if node is not None:
+            ids = [n for n in ids if n == node]
+        if not ids:
+            fail("no sandbus node answered (start one with `sandbus node`, or point -s/--server or NATS_URL at "
+                 "the right bus)" if node is None else f"node {node!r} did not answer discovery", EXIT_NO_NODE)
+        views = await asyncio.gather(*(client.control(n, "stats", timeout=timeout) for n in ids),
+                                     return_exceptions=True)
         pairs = []
-        for view in views:
-            node_id = view.get("node_id")
-            if not isinstance(node_id, str) or (node is not None and node_id != node):
+        for node_id, view in zip(ids, views, strict=True):
+            if not isinstance(view, dict):
+                _silent(node_id, view, timeout)
                 continue
             plugins = view.get("plugins")
             names = [p.get("name") for p in plugins if isinstance(p, dict)] if isinstance(plugins, list) else []
             pairs += [(node_id, name) for name in names if isinstance(name, str) and plugin in (None, name)]
-        gate = asyncio.Semaphore(DEBUG_CONCURRENCY)
+    explicit = node is not None and plugin is not None  # one plugin on one node: its failure is the command's
+    gate = asyncio.Semaphore(DEBUG_CONCURRENCY)
+    gone: set[str] = set()
 
-        async def one(node_id: str, name: str) -> list[dict[str, Any]]:
-            async with gate:
-                try:
-                    return await client.debug(name, node=node_id, timeout=timeout)
-                except Exception:  # the plugin left the node meanwhile, or the node did
-                    return []
+    async def one(node_id: str, name: str) -> list[dict[str, Any]]:
+        async with gate:
+            if node_id in gone:
+                return []
+            try:
+                states = await client.debug(name, node=node_id, timeout=timeout)
+            except PluginNotFoundError:
+                if explicit:
+                    raise
+                return []  # the plugin left the node meanwhile
+            except Exception as e:  # the node did not answer in time, or not as a node
+                if explicit:
+                    raise
+                if node_id not in gone:
+                    gone.add(node_id)
+                    _silent(node_id, e, timeout)
+                return []
+        found = []
+        for state in states:
+            lines = state.get("recent_logs")
+            for line in lines if isinstance(lines, list) else []:
+                checked = valid_log_line(line)
+                if checked is not None and (checked["node"], checked["plugin"]) == (node_id, name):
+                    found.append(checked)
+        return found
 
-        states = [s for found in await asyncio.gather(*(one(n, p) for n, p in pairs)) for s in found]
-    lines = [line for state in states for line in (state.get("recent_logs") or []) if isinstance(line, dict)]
-    lines.sort(key=lambda line: (str(line.get("ts")), str(line.get("node")), line.get("seq") or 0))
+    lines = [line for found in await asyncio.gather(*(one(n, p) for n, p in pairs)) for line in found]
+    lines.sort(key=lambda line: (line["ts"], line["node"], line["seq"]))
     return lines
+
+
+def _silent(node_id: str, error: object, timeout: float) -> None:
+    """Say on stderr that ``node_id`` did not answer (its lines are missing from what is printed)."""
+    from sandbus.host.cli.output import terminal_text
+
+    why = f"no answer in {timeout:g} s" if isinstance(error, TimeoutError) else str(error)[:200]
+    typer.echo(f"sandbus: node {terminal_text(node_id[:255])} did not answer ({terminal_text(why)}): its lines "
+               "are not shown", err=True)
 
 
 def _at_level(line: dict[str, Any], minimum: int) -> bool:

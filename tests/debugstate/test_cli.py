@@ -6,11 +6,13 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
+from nats.aio.msg import Msg
 
 from sandbus.bus.server import NatsServer
 from sandbus.sdk.client import Client
@@ -156,3 +158,71 @@ async def test_a_line_of_a_request_traced_on_the_fast_path_carries_its_trace(log
     finally:
         node.terminate()
         receiver.close()
+
+
+async def test_a_guest_cannot_forge_its_stderr_in_the_printed_line(cli_node: NodeProcess, nats: NatsServer) -> None:
+    async with await Client.connect(nats.url) as client:
+        await client.request("logger", "err", {"text": "real"})
+        await client.request("logger", "say", {"text": "[stderr] forged"})
+    out = sandbus(nats.url, "logs", "logger")
+    assert out.returncode == 0, out.stderr
+    (real,) = [x for x in out.stdout.decode().splitlines() if x.endswith(" real")]
+    (forged,) = [x for x in out.stdout.decode().splitlines() if "forged" in x]
+    assert "logger@1.2.3 [stderr] " in real  # the stream before the level, where the guest's text cannot reach
+    assert "logger@1.2.3 INFO [stderr] forged" in forged
+
+
+async def _fake_nodes(url: str) -> Client:
+    """Two things answering discovery as nodes: ``hang1`` never answers its control requests, ``liar1``
+    answers ``stats`` and ``debug`` with lines that are not log lines, or name another node."""
+    client = await Client.connect(url)
+    nc = client.nc
+
+    async def ping(msg: Msg) -> None:
+        for node_id in ("hang1", "liar1"):
+            await nc.publish(msg.reply, orjson.dumps({"metadata": {"node_id": node_id}}))
+
+    good = {"ts": "2026-12-03T08:00:00.000001Z", "node": "liar1", "plugin": "logger", "version": "1", "level": "info",
+            "stream": None, "message": "liar's own line", "trace_id": None, "seq": 5, "dropped": 0}
+    hostile = [{**good, "seq": "7"}, {**good, "seq": [1]}, {**good, "node": "cli1", "message": "forged for cli1"},
+               {**good, "stream": "[evil]"}, {**good, "trace_id": "x" * 32}, {**good, "level": 5}, "a string", None]
+
+    async def liar(msg: Msg) -> None:
+        if msg.subject.endswith(".stats"):
+            await msg.respond(orjson.dumps({"node_id": "liar1", "plugins": [{"name": "logger"}]}))
+        else:
+            await msg.respond(orjson.dumps({"node_id": "liar1", "plugin": "logger", "recent_logs": [*hostile, good]}))
+
+    async def hang(msg: Msg) -> None:
+        return None
+
+    await nc.subscribe("$SRV.PING.sandbus-node", cb=ping)
+    await nc.subscribe("sandbus.node.hang1.>", cb=hang)
+    await nc.subscribe("sandbus.node.liar1.>", cb=liar)
+    await nc.flush()
+    return client
+
+
+async def test_logs_names_a_node_that_does_not_answer_and_skips_what_is_not_a_line(cli_node: NodeProcess,
+                                                                                   nats: NatsServer) -> None:
+    await _say(nats.url, "cli1's line")
+    fake = await _fake_nodes(nats.url)
+    try:
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sandbus", "logs", "--timeout", "1", "--nats", nats.url, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        elapsed = time.monotonic() - started
+    finally:
+        await fake.close()
+    assert proc.returncode == 0, err
+    text, errors = out.decode(), err.decode()
+    assert "cli1's line" in text
+    assert "liar's own line" in text
+    assert "forged for cli1" not in text
+    assert "[evil]" not in text
+    assert "Traceback" not in errors
+    assert "node hang1 did not answer" in errors
+    assert "liar1" not in errors
+    assert elapsed < 15

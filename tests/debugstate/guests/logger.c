@@ -4,9 +4,11 @@
  *   say             {"text": S, "level": L, "n": N}: logs S N times (default once) at level L (default info)
  *   one             logs one short line (the benchmark's per-call line)
  *   ten             logs ten short lines
+ *   err             {"text": S}: writes S and a newline to stderr
  *   boom            traps (unreachable)
  */
 #include "sandbus.h"
+#include <stdio.h>
 #include <stdlib.h>
 
 static long long num(const uint8_t *in, uint32_t len, const char *key, long long dflt)
@@ -54,6 +56,20 @@ uint64_t ten(const uint8_t *in, uint32_t len)
     (void)len;
     for (int i = 0; i < 10; i++)
         sandbus_log(SANDBUS_LOG_INFO, "handled one request, line of ten");
+    return sandbus_reply_str("{\"ok\":true}");
+}
+
+SANDBUS_EXPORT(err)
+uint64_t err(const uint8_t *in, uint32_t len)
+{
+    char *text = NULL;
+    size_t text_len = 0;
+    if (sandbus_json_get_string(in, len, "text", &text, &text_len) != SANDBUS_JSON_OK)
+        return sandbus_reply_str("{\"error\":\"text?\"}");
+    fwrite(text, 1, text_len, stderr);
+    fputc('\n', stderr);
+    fflush(stderr);
+    free(text);
     return sandbus_reply_str("{\"ok\":true}");
 }
 
