@@ -13,7 +13,9 @@ bounded -- or, with ``--json``, as JSON made terminal-safe (:func:`~sandbus.host
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -38,6 +40,8 @@ MAX_MESSAGE_CHARS = 8300
 #: log lines and audit events ``debug`` shows per node (``--json`` has them all)
 SHOWN_LOGS = 20
 SHOWN_AUDIT = 10
+#: Seconds between two attempts to reconnect while following
+RECONNECT_WAIT_S = 1.0
 #: ``debug`` requests in flight at once while ``logs`` gathers the rings of every plugin of every node
 DEBUG_CONCURRENCY = 8
 
@@ -101,13 +105,15 @@ def _print_line(console: Console | None, line: dict[str, Any]) -> None:
         console.print(format_line(line))
 
 
-async def _recent(client: Client, plugin: str | None, node: str | None, timeout: float) -> list[dict[str, Any]]:
+async def _recent(client: Client, plugin: str | None, node: str | None, timeout: float, *,
+                  follow: bool = False) -> list[dict[str, Any]]:
     """The lines the nodes' rings hold (of ``plugin``, on ``node``), merged by time.
 
     Each node gets ``timeout`` to answer: one that does not (or answers with an error) is named on stderr
     and its remaining plugins are not asked, so a hung node costs at most one timeout, not one a plugin.
     What a node sends is checked as a log line is on the bus (a line that is not one is skipped), and
-    must name the node and plugin it was asked for."""
+    must name the node and plugin it was asked for. No node answering is a failure unless ``follow``:
+    a follower waits for the nodes that start later."""
     from sandbus.sdk.client import valid_log_line
     from sandbus.sdk.errors import PluginNotFoundError
 
@@ -117,6 +123,9 @@ async def _recent(client: Client, plugin: str | None, node: str | None, timeout:
         ids = await client.node_ids(timeout=min(timeout, 0.5))
         if node is not None:
             ids = [n for n in ids if n == node]
+        if not ids and follow:
+            typer.echo("sandbus: no sandbus node answered yet: following the lines of those that start", err=True)
+            return []
         if not ids:
             fail("no sandbus node answered (start one with `sandbus node`, or point -s/--server or NATS_URL at "
                  "the right bus)" if node is None else f"node {node!r} did not answer discovery", EXIT_NO_NODE)
@@ -130,7 +139,8 @@ async def _recent(client: Client, plugin: str | None, node: str | None, timeout:
             plugins = view.get("plugins")
             names = [p.get("name") for p in plugins if isinstance(p, dict)] if isinstance(plugins, list) else []
             pairs += [(node_id, name) for name in names if isinstance(name, str) and plugin in (None, name)]
-    explicit = node is not None and plugin is not None  # one plugin on one node: its failure is the command's
+    # one plugin on one node, once: its failure is the command's (a follower waits for it instead)
+    explicit = node is not None and plugin is not None and not follow
     gate = asyncio.Semaphore(DEBUG_CONCURRENCY)
     gone: set[str] = set()
 
@@ -206,9 +216,9 @@ def logs(
         if stream is not None:
             await stream.start()  # first: a line published while the rings are read is not missed
         try:
-            for line in await _recent(client, plugin, node, timeout):
+            for line in await _recent(client, plugin, node, timeout, follow=follow):
                 if _at_level(line, minimum):
-                    seen.add((str(line.get("node")), line.get("seq") or 0))
+                    seen.add((line["node"], line["seq"]))
                     _print_line(console, line)
             if stream is None:
                 return
@@ -221,8 +231,37 @@ def logs(
         finally:
             if stream is not None:
                 await stream.close()
+        # The stream ends only when the connection closed (a command's client does not reconnect by itself).
+        await _follow_again(conn, lambda c: c.logs(plugin, level=level, node=node), console)
 
     bus_call(run, conn)
+
+
+async def _follow_again(conn: Connection, open_stream: Callable[[Client], Any], console: Console | None) -> None:
+    """Keep following after the connection to NATS was lost: reconnect (once a second, for as long as it
+    takes, said once on stderr) and subscribe again. Lines published while disconnected are missed (core
+    NATS keeps none): said too. Ends with Ctrl-C."""
+    from sandbus.host.cli.connect import _connect
+    from sandbus.sdk.errors import BusError
+
+    while True:
+        typer.echo("sandbus: the connection to NATS was lost: reconnecting (lines published meanwhile are missed)",
+                   err=True)
+        while True:
+            await asyncio.sleep(RECONNECT_WAIT_S)
+            try:
+                client = await _connect(conn)
+                break
+            except BusError:
+                continue
+        try:
+            async with open_stream(client) as stream:
+                typer.echo("sandbus: reconnected, following again", err=True)
+                async for line in stream:
+                    _print_line(console, line)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), 2.0)
 
 
 def _histogram(name: str, hist: object, unit: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -226,3 +227,67 @@ async def test_logs_names_a_node_that_does_not_answer_and_skips_what_is_not_a_li
     assert "node hang1 did not answer" in errors
     assert "liar1" not in errors
     assert elapsed < 15
+
+
+async def _read_json_until(proc: asyncio.subprocess.Process, seen: list[dict[str, object]], message: str) -> None:
+    while not any(x["message"] == message for x in seen):
+        assert proc.stdout is not None
+        raw = await proc.stdout.readline()
+        assert raw, "sandbus logs -f ended"
+        seen.append(orjson.loads(raw))
+
+
+async def _say_until_followed(url: str, proc: asyncio.subprocess.Process, seen: list[dict[str, object]],
+                              text: str) -> None:
+    """Say numbered lines until the follower prints one (it subscribes, or resubscribes, at some point)."""
+    async with asyncio.timeout(60):
+        for i in range(10_000):
+            try:
+                await _say(url, f"{text} {i}")
+            except Exception:  # the node has not reconnected yet
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                async with asyncio.timeout(0.5):
+                    await _read_json_until(proc, seen, f"{text} {i}")
+                return
+            except TimeoutError:
+                continue
+
+
+async def test_logs_follow_survives_a_nats_restart_and_ctrl_c_exits_130(cli_node: NodeProcess,
+                                                                        nats: NatsServer) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandbus", "logs", "logger", "-f", "--json", "--nats", nats.url, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        seen: list[dict[str, object]] = []
+        await _say_until_followed(nats.url, proc, seen, "before")
+        await asyncio.to_thread(nats.restart)
+        await _say_until_followed(nats.url, proc, seen, "after")
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 130, err
+        assert b"Traceback" not in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_logs_follow_waits_for_nodes_that_start_later(nats: NatsServer) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandbus", "logs", "-f", "--nats", nats.url, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert b"no sandbus node answered yet" in line
+        assert proc.returncode is None
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 20)
+        assert proc.returncode == 130
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

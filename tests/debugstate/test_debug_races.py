@@ -1,0 +1,42 @@
+"""``debug`` while the plugin is reloaded, unloaded and loaded again: every answer is a whole state or
+the plugin's typed absence, never an internal error (a real node, real plugins, a real nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sandbus.bus.server import NatsServer
+from sandbus.host.node.debugstate import DEBUG_KEYS
+from sandbus.host.node.node import Node
+from sandbus.sdk.client import Client
+from sandbus.sdk.errors import PluginNotFoundError
+
+
+async def test_debug_during_reloads_and_unloads_answers_whole_states(node: Node, nats: NatsServer) -> None:
+    states: list[dict[str, object]] = []
+    absent = 0
+    stop = asyncio.Event()
+
+    async def ask(client: Client) -> None:
+        nonlocal absent
+        while not stop.is_set():
+            try:
+                states.extend(await client.debug("logger", node="dn1", timeout=5))
+            except PluginNotFoundError:
+                absent += 1
+
+    async with await Client.connect(nats.url) as client:
+        askers = [asyncio.create_task(ask(client)) for _ in range(4)]
+        try:
+            for _ in range(5):
+                await client.control("dn1", "reload", {"plugin": "logger"}, timeout=30)
+                await client.request("logger", "say", {"text": "between"})
+                await client.control("dn1", "unload", {"plugin": "logger"}, timeout=30)
+                await client.control("dn1", "load", {"plugin": "logger"}, timeout=30)
+        finally:
+            stop.set()
+            await asyncio.gather(*askers)
+    assert states
+    for state in states:
+        assert tuple(state) == DEBUG_KEYS
+        assert state["status"] in ("loaded", "stale", "unloading", "failed")
