@@ -471,7 +471,13 @@ def detach(hub: PluginLogs) -> None:
 
 
 def claim_thread(hub: PluginLogs) -> None:
-    """The calling thread logs for ``hub`` (a node's loop thread, its plugins' worker threads)."""
+    """The calling thread logs for ``hub`` (a node's loop thread, its plugins' worker threads).
+
+    Threads that ended are forgotten here: a worker thread claims once, when it starts, and lanes (with
+    their threads) come and go with plugins, so the map would otherwise grow with every thread a
+    long-running node ever started."""
     with _dispatch_lock:
         if _dispatch is not None:
-            _dispatch.threads = {**_dispatch.threads, threading.get_ident(): hub}
+            alive = {t.ident for t in threading.enumerate()}
+            _dispatch.threads = {**{t: h for t, h in _dispatch.threads.items() if t in alive},
+                                 threading.get_ident(): hub}

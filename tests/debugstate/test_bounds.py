@@ -87,3 +87,23 @@ async def test_the_queue_holds_at_most_its_characters_and_counts_the_rest() -> N
     await until(lambda: len(sent) == 6, 5, "the next line")
     assert orjson.loads(sent[-1])["dropped"] == 3
     await hub.close()
+
+
+def test_threads_that_ended_are_forgotten_by_the_dispatch() -> None:
+    import threading
+
+    from sandbus.host.node import logbus
+
+    hub = _hub()
+    logbus.attach(hub)
+    try:
+        for _ in range(50):  # worker threads of lanes that came and went
+            t = threading.Thread(target=logbus.claim_thread, args=(hub,))
+            t.start()
+            t.join()
+        logbus.claim_thread(hub)
+        assert logbus._dispatch is not None
+        alive = {t.ident for t in threading.enumerate()}
+        assert set(logbus._dispatch.threads) <= alive
+    finally:
+        logbus.detach(hub)
