@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from sandbus.host.dashboard.hub import Hub
     from sandbus.sdk.client import Client
 
-__all__ = ["LOG_SUBJECTS", "Collector", "ControlVerb"]
+__all__ = ["LOG_SUBJECTS", "Busy", "Collector", "ControlVerb", "NotShown"]
 
 log = logging.getLogger("sandbus.dashboard")
 
@@ -48,8 +48,28 @@ DEBUG_CACHE = 256
 PENDING_MSGS = 10_000
 PENDING_BYTES = 16 * 1024 * 1024
 
+#: Debug fetches waiting for their node at once (each distinct (node, plugin) is one; more are refused).
+MAX_DEBUG_INFLIGHT = 32
+
 ControlVerb = str  # "reload" | "unload"
 CONTROL_VERBS = ("reload", "unload")
+
+
+class NotShown(LookupError):
+    """A node or plugin the dashboard does not show: nothing is asked of the bus for it.
+
+    The pages only ever ask about what they show; a request naming anything else comes from elsewhere (a tool, a
+    script) and would otherwise make the dashboard send requests to subjects of the caller's choosing with the
+    dashboard's credentials.
+    """
+
+    code = "dashboard.not_shown"
+
+
+class Busy(Exception):
+    """Too many debug fetches are waiting for their nodes already (:data:`MAX_DEBUG_INFLIGHT`)."""
+
+    code = "dashboard.busy"
 
 
 class Collector:
@@ -326,9 +346,11 @@ class Collector:
 
         Raises:
             ValueError: a node id or plugin name that is not a subject token.
+            NotShown: the plugin is not shown on that node (nothing is sent).
+            Busy: too many debug requests are in flight.
             SandbusError: the node's error reply (plugin not found...), or no answer.
         """
-        key = (check_token(node_id, "node id"), check_token(plugin, "plugin"))
+        key = self._shown(node_id, plugin)
         cached = self._debug.get(key)
         if cached is not None and time.monotonic() - cached[0] < self.interval:
             if isinstance(cached[1], SandbusError):  # a refusal is remembered as long as an answer
@@ -336,10 +358,28 @@ class Collector:
             return cached[1]
         fetch = self._debug_inflight.get(key)
         if fetch is None:
+            if len(self._debug_inflight) >= MAX_DEBUG_INFLIGHT:
+                raise Busy(f"{len(self._debug_inflight)} debug requests are waiting for their nodes already")
             # its own task: a page that goes away while it runs cancels its wait, not the fetch others share
             fetch = self._debug_inflight[key] = asyncio.create_task(self._fetch_debug(key))
             fetch.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
         return await asyncio.shield(fetch)
+
+    def _shown(self, node_id: str, plugin: str) -> tuple[str, str]:
+        """``(node_id, plugin)`` when the last round showed ``plugin`` on ``node_id``.
+
+        Raises:
+            ValueError: names that are not subject tokens.
+            NotShown: the node, or the plugin on that node, is not on the pages.
+        """
+        check_token(node_id, "node id")
+        check_token(plugin, "plugin")
+        node = self.hub.nodes.get(node_id)
+        if node is None:
+            raise NotShown(f"node {node_id[:64]!r} is not one the dashboard shows")
+        if not any(p.get("name") == plugin for p in node.get("plugins", ())):
+            raise NotShown(f"plugin {plugin[:64]!r} is not shown on node {node_id[:64]!r}")
+        return node_id, plugin
 
     def _remember(self, key: tuple[str, str], result: dict[str, Any] | SandbusError) -> None:
         self._debug[key] = (time.monotonic(), result)
@@ -369,11 +409,11 @@ class Collector:
 
         Raises:
             ValueError: an unknown verb, or names that are not subject tokens.
+            NotShown: the plugin is not shown on that node (nothing is sent).
             SandbusError: the node's error reply, or no answer.
         """
         if verb not in CONTROL_VERBS:
             raise ValueError(f"unknown control verb {verb[:32]!r} (reload or unload)")
-        check_token(node_id, "node id")
-        check_token(plugin, "plugin")
+        self._shown(node_id, plugin)
         self.requests_sent += 1
         return await self.client.control(node_id, verb, {"plugin": plugin}, timeout=max(self.timeout, 10.0))

@@ -30,6 +30,8 @@ class HubLimits:
     Parameters:
         max_listeners: open event streams at once (more are refused with 503).
         listener_queue: events queued for one stream before it is cut off.
+        listener_bytes: bytes of events queued for one stream before it is cut off (a batch of long log lines
+            is megabytes: counting events alone would let one page that does not read hold hundreds of them).
         audit_history: audit events kept (and sent to a new page).
         log_history: log lines kept (and sent to a new page).
         batch: log lines or audit events sent in one event; past it, the rest of a burst is counted as
@@ -38,6 +40,7 @@ class HubLimits:
 
     max_listeners: int = 32
     listener_queue: int = 256
+    listener_bytes: int = 8 * 1024 * 1024
     audit_history: int = 500
     log_history: int = 1000
     batch: int = 500
@@ -54,10 +57,28 @@ def sse_event(name: str, data: Any) -> bytes:
 
 @dataclass(eq=False)  # each stream is its own listener (hashed by identity)
 class Listener:
-    """One open event stream: its queue of encoded events, and whether it was cut off."""
+    """One open event stream: its queue of encoded events (and their size), and whether it was cut off."""
 
     queue: asyncio.Queue[bytes | None]
     cut_off: bool = False
+    #: bytes of the events queued after the snapshot (the snapshot, bounded by the history, is not counted)
+    queued_bytes: int = 0
+    _snapshot_taken: bool = False
+
+    def _taken(self, item: bytes | None) -> bytes | None:
+        if item is not None:
+            if self._snapshot_taken:
+                self.queued_bytes -= len(item)
+            self._snapshot_taken = True
+        return item
+
+    def take_nowait(self) -> bytes | None:
+        """The next event, already queued (:meth:`take` waits for one)."""
+        return self._taken(self.queue.get_nowait())
+
+    async def take(self) -> bytes | None:
+        """The next event to write, or ``None``: the stream ends (cut off, or the server stops)."""
+        return self._taken(await self.queue.get())
 
 
 @dataclass
@@ -76,6 +97,11 @@ class Hub:
         self._pending_audit: list[dict[str, Any]] = []
         self._pending_logs: list[dict[str, Any]] = []
         self._listeners: set[Listener] = set()
+        #: streams whose handler has not returned yet, cut off or not: the cap counts these (a stream cut off
+        #: while its handler still waits on a client that does not read holds its place until it is closed)
+        self._open: set[Listener] = set()
+        #: streams cut off for falling behind, since start
+        self.cut_offs = 0
         #: lines and events that arrived faster than a batch could carry (never shown)
         self.dropped = {"logs": 0, "audit": 0}
         #: messages from the bus refused as malformed, by kind
@@ -88,7 +114,7 @@ class Hub:
 
     @property
     def listener_count(self) -> int:
-        return len(self._listeners)
+        return len(self._open)
 
     def listen(self) -> Listener:
         """A new stream's listener, its queue already holding the snapshot.
@@ -96,35 +122,46 @@ class Hub:
         Raises:
             TooManyListeners: :attr:`HubLimits.max_listeners` are open.
         """
-        if len(self._listeners) >= self.limits.max_listeners:
-            raise TooManyListeners(f"{len(self._listeners)} event streams are open (at most "
+        if len(self._open) >= self.limits.max_listeners:
+            raise TooManyListeners(f"{len(self._open)} event streams are open (at most "
                                    f"{self.limits.max_listeners})")
         listener = Listener(asyncio.Queue(maxsize=self.limits.listener_queue + 1))
         listener.queue.put_nowait(sse_event("snapshot", self.snapshot()))
         self._listeners.add(listener)
+        self._open.add(listener)
         return listener
 
     def leave(self, listener: Listener) -> None:
+        """The stream's handler returned (its connection is closed): its place is free."""
         self._listeners.discard(listener)
+        self._open.discard(listener)
 
     def _broadcast(self, event: bytes) -> None:
         for listener in list(self._listeners):
-            if listener.queue.qsize() >= self.limits.listener_queue:
+            if listener.queue.qsize() >= self.limits.listener_queue \
+                    or listener.queued_bytes + len(event) > self.limits.listener_bytes:
                 self._cut_off(listener)
             else:
                 listener.queue.put_nowait(event)
+                listener.queued_bytes += len(event)
 
     def _cut_off(self, listener: Listener) -> None:
         """A stream that fell behind: its queue emptied and ended (``None``), so its handler closes it."""
         listener.cut_off = True
+        self.cut_offs += 1
+        self._end(listener)
+
+    def _end(self, listener: Listener) -> None:
+        """No more events for ``listener``: its queue emptied and ended, so its handler returns."""
         self._listeners.discard(listener)
         while not listener.queue.empty():
             listener.queue.get_nowait()
+        listener.queued_bytes = 0
         listener.queue.put_nowait(None)
 
     def close_all(self) -> None:
         for listener in list(self._listeners):
-            self._cut_off(listener)
+            self._end(listener)
 
     # -- what the collector writes --------------------------------------------------------------------------
 

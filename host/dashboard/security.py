@@ -9,7 +9,9 @@ Why each check:
 - ``Origin``: a control POST must come from the dashboard's own page (a cross-site form or fetch carries the
   other site's origin).
 - the token: a secret made per process and printed once by the CLI, compared in constant time. Without it no
-  control request is carried out, whatever the page or the network lets through.
+  control request is carried out, whatever the page or the network lets through. Wrong tokens are limited
+  (:class:`FailureLimit`): past a few a minute, control is refused without comparing any, so guessing cannot
+  go faster than that, and the log says so once rather than once per guess.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import secrets
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["LOOPBACK_NAMES", "HostCheck", "is_loopback", "new_token", "token_matches"]
+__all__ = ["LOOPBACK_NAMES", "FailureLimit", "HostCheck", "is_loopback", "new_token", "token_matches"]
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _WILDCARDS = frozenset({"0.0.0.0", "::", ""})
@@ -114,3 +119,46 @@ class HostCheck:
         if scheme.lower() != "http" or not sep or "/" in authority:
             return False
         return authority.lower() == host_header.strip().lower() and self.allows(authority)
+
+
+@dataclass
+class FailureLimit:
+    """Refusals counted over a sliding window: at most ``max_failures`` each ``window_s`` seconds.
+
+    Used for wrong control tokens (past the limit, control is locked until the window has room again) and to
+    keep refusals from writing one log line each: whoever can reach the port can send them as fast as it likes.
+    """
+
+    max_failures: int = 10
+    window_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    _times: deque[float] = field(default_factory=deque)
+    #: refusals not logged since the last line that was
+    _quiet: int = 0
+
+    def _trim(self, now: float) -> None:
+        while self._times and self._times[0] <= now - self.window_s:
+            self._times.popleft()
+
+    def fail(self) -> bool:
+        """Count one refusal; whether it is within the limit (worth a log line)."""
+        now = self.clock()
+        self._trim(now)
+        if len(self._times) >= self.max_failures:
+            self._quiet += 1
+            return False
+        self._times.append(now)
+        return True
+
+    def locked_for(self) -> float:
+        """Seconds until a refusal is allowed again (0: now)."""
+        now = self.clock()
+        self._trim(now)
+        if len(self._times) < self.max_failures:
+            return 0.0
+        return max(0.0, self._times[0] + self.window_s - now)
+
+    def suffix(self) -> str:
+        """For the log line of an allowed refusal: how many went unlogged before it."""
+        quiet, self._quiet = self._quiet, 0
+        return f" ({quiet} more not logged)" if quiet else ""

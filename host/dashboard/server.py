@@ -22,6 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from sandbus.host.dashboard.collector import Collector
+from sandbus.host.dashboard.collector import Busy, Collector, NotShown
 from sandbus.host.dashboard.hub import Hub, HubLimits, TooManyListeners
-from sandbus.host.dashboard.security import HostCheck, token_matches
+from sandbus.host.dashboard.security import FailureLimit, HostCheck, token_matches
 from sandbus.host.dashboard.validate import debug_state
 from sandbus.sdk.errors import SandbusError
 
@@ -52,6 +55,14 @@ TOKEN_HEADER = "X-Sandbus-Token"
 PAGE_HEADER = "X-Sandbus-Dashboard"
 #: Seconds between two keep-alive comments on an idle event stream.
 KEEPALIVE_S = 15.0
+#: Seconds an event may take to reach a page's connection: a client that stops reading is closed after it (the
+#: hub stops queueing for it earlier; this frees the connection and what its socket buffers hold).
+SEND_TIMEOUT_S = 10.0
+#: Seconds a connection may stay open without a request (a new one, or one whose header is still arriving):
+#: a client that opens connections and trickles their headers cannot keep them, or their sockets, for long.
+IDLE_TIMEOUT_S = 10.0
+#: Seconds a control request's body may take to arrive.
+BODY_TIMEOUT_S = 5.0
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -98,6 +109,8 @@ CONFIG_KEY = web.AppKey("config", DashboardConfig)
 HUB_KEY = web.AppKey("hub", Hub)
 COLLECTOR_KEY = web.AppKey("collector", Collector)
 PAGES_KEY = web.AppKey("pages", dict[str, bytes])
+FAILURES_KEY = web.AppKey("failures", FailureLimit)
+ORIGIN_REFUSALS_KEY = web.AppKey("origin_refusals", FailureLimit)
 
 
 def _static(name: str) -> bytes:
@@ -160,24 +173,46 @@ async def _events(request: web.Request) -> web.StreamResponse:
     except TooManyListeners as e:
         return web.Response(status=503, text=f"{e}\n", headers={"Retry-After": "10"})
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
+
+    async def send(data: bytes) -> None:
+        # a write waits while the client's socket is full: a client that never reads would hold this handler,
+        # its connection and everything queued in its transport for ever
+        await asyncio.wait_for(response.write(data), SEND_TIMEOUT_S)
+
     try:
         await response.prepare(request)
         # the browser waits this long before reconnecting after the stream ends (a cut-off listener)
-        await response.write(b"retry: 2000\n\n")
+        await send(b"retry: 2000\n\n")
         while True:
             try:
-                item = await asyncio.wait_for(listener.queue.get(), KEEPALIVE_S)
+                item = await asyncio.wait_for(listener.take(), KEEPALIVE_S)
             except TimeoutError:
-                await response.write(b": keep-alive\n\n")
+                await send(b": keep-alive\n\n")
                 continue
             if item is None:
                 break
-            await response.write(item)
+            await send(item)
+    except TimeoutError:
+        log.info("dashboard: an event stream's client from %s stopped reading; closed", request.remote)
+        _reset(request)
     except (ConnectionResetError, ConnectionError):
         pass
     finally:
         hub.leave(listener)
     return response
+
+
+def _reset(request: web.Request) -> None:
+    """Close the request's connection at once (a reset, not a close that waits to send what is queued: the
+    client is not reading it), so neither this process nor the kernel keeps its buffers."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 async def _debug(request: web.Request) -> web.Response:
@@ -190,10 +225,14 @@ async def _debug(request: web.Request) -> web.Response:
         state = await request.app[COLLECTOR_KEY].debug(node, plugin)
     except ValueError as e:
         return _error(400, "request.invalid", str(e))
+    except NotShown as e:
+        return _error(404, e.code, str(e))
+    except Busy as e:
+        return _error(503, e.code, str(e))
     except SandbusError as e:
         return _error(502, e.code, str(e)[:2048])
     except TimeoutError:
-        return _error(504, "timeout", f"node {node!r} did not answer in time")
+        return _error(504, "timeout", f"node {node[:64]!r} did not answer in time")
     return _json(state)
 
 
@@ -208,18 +247,33 @@ async def _control(request: web.Request) -> web.Response:
         return _error(403, "dashboard.read_only", "this dashboard is read-only (start it with --allow-control)")
     host = request.headers.get("Host")
     if not request.app[HOST_KEY][0].origin_allowed(request.headers.get("Origin"), host):
-        log.warning("dashboard control refused from %s: Origin %r is not this dashboard", _who(request),
-                    request.headers.get("Origin", "")[:120])
+        refusals = request.app[ORIGIN_REFUSALS_KEY]
+        if refusals.fail():  # said a few times a minute, not once per request of whoever sends them
+            log.warning("dashboard control refused from %s: Origin %r is not this dashboard%s", _who(request),
+                        request.headers.get("Origin", "")[:120], refusals.suffix())
         return _error(403, "dashboard.bad_origin", "control requests must come from the dashboard's own page")
+    failures = request.app[FAILURES_KEY]
+    locked = failures.locked_for()
+    if locked > 0:
+        # past the failures allowed, no token is even compared: guessing goes no faster than the limit
+        return _error(429, "dashboard.too_many_failures",
+                      f"too many wrong control tokens; control is refused for {math.ceil(locked)} s")
     if not token_matches(request.headers.get(TOKEN_HEADER), config.token):
-        log.warning("dashboard control refused from %s: missing or wrong token", _who(request))
+        if failures.fail():
+            log.warning("dashboard control refused from %s: missing or wrong token%s", _who(request),
+                        failures.suffix())
+        if failures.locked_for() > 0:
+            log.warning("dashboard control: %d wrong tokens within %g s; control refused for %g s",
+                        failures.max_failures, failures.window_s, failures.window_s)
         return _error(403, "dashboard.bad_token", "missing or wrong control token")
     if request.content_type != "application/json":
         return _error(415, "request.invalid", "the body must be application/json")
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(await asyncio.wait_for(request.read(), BODY_TIMEOUT_S))
     except web.HTTPRequestEntityTooLarge:
         return _error(413, "request.too_large", f"body over {MAX_BODY} bytes")
+    except TimeoutError:
+        return _error(408, "request.timeout", f"the body did not arrive within {BODY_TIMEOUT_S:g} s")
     except orjson.JSONDecodeError:
         return _error(400, "request.invalid", "the body is not JSON")
     if not isinstance(body, dict) or set(body) != {"verb", "node", "plugin"} \
@@ -232,6 +286,8 @@ async def _control(request: web.Request) -> web.Response:
         result = await collector.control(verb, node, plugin)
     except ValueError as e:
         return _error(400, "request.invalid", str(e))
+    except NotShown as e:
+        return _error(404, e.code, str(e))
     except (SandbusError, TimeoutError) as e:
         code = e.code if isinstance(e, SandbusError) else "timeout"
         log.warning("dashboard control: %s %s on node %s by %s as NATS user %s failed: %s", verb, plugin, node, who,
@@ -253,6 +309,8 @@ def make_app(config: DashboardConfig, hub: Hub, collector: Collector, port: int)
     app[HUB_KEY] = hub
     app[COLLECTOR_KEY] = collector
     app[HOST_KEY] = [HostCheck(config.host, port, config.allow_hosts)]
+    app[FAILURES_KEY] = FailureLimit()
+    app[ORIGIN_REFUSALS_KEY] = FailureLimit()
     app[PAGES_KEY] = {name: _static(name) for name in ("index.html", *STATIC)}  # read once: no file I/O per request
     app.on_response_prepare.append(_headers)
 
@@ -286,7 +344,8 @@ async def serve(client: Client, config: DashboardConfig, *, stop: asyncio.Event,
     runner: web.AppRunner | None = None
     try:
         app = make_app(config, hub, collector, config.port)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                               keepalive_timeout=IDLE_TIMEOUT_S)
         await runner.setup()
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()

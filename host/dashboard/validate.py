@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from sandbus.sdk.subjects import check_token
+
 __all__ = [
     "MAX_AUDIT_BYTES",
     "MAX_LOG_BYTES",
@@ -152,7 +154,7 @@ _PLUGIN_NUMS = ("p50_ms", "p99_ms")
 
 
 def _plugin(value: object) -> dict[str, Any] | None:
-    if not isinstance(value, dict) or _name(value.get("name")) is None:
+    if not isinstance(value, dict) or _token(value.get("name")) is None:
         return None
     out: dict[str, Any] = {k: _name(value.get(k)) for k in _PLUGIN_NAMES}
     out.update({k: _text(value.get(k)) for k in _PLUGIN_TEXT})
@@ -164,9 +166,20 @@ def _plugin(value: object) -> dict[str, Any] | None:
     return out
 
 
+def _token(value: object) -> str | None:
+    """A subject token (a node id, a plugin name: the dashboard builds subjects from them), or ``None``."""
+    if not isinstance(value, str) or len(value) > NAME_CHARS:
+        return None
+    try:
+        return check_token(value, "name")
+    except ValueError:
+        return None
+
+
 def node_view(reply: object) -> dict[str, Any] | None:
-    """A node's ``stats`` reply reduced to what the page shows, or ``None`` when it is not one."""
-    if not isinstance(reply, dict) or _name(reply.get("node_id")) is None:
+    """A node's ``stats`` reply reduced to what the page shows, or ``None`` when it is not one (its id, and
+    each plugin's name, must be subject tokens: the page asks about them by name)."""
+    if not isinstance(reply, dict) or _token(reply.get("node_id")) is None:
         return None
     plugins_in = reply.get("plugins")
     plugins = [p for p in (_plugin(v) for v in plugins_in[:MAX_PLUGINS_PER_NODE]) if p is not None] \

@@ -8,7 +8,7 @@ import pytest
 
 from sandbus.host.dashboard import validate
 from sandbus.host.dashboard.hub import Hub, HubLimits, TooManyListeners
-from sandbus.host.dashboard.security import HostCheck, is_loopback, new_token, token_matches
+from sandbus.host.dashboard.security import FailureLimit, HostCheck, is_loopback, new_token, token_matches
 
 
 def _line(i: int) -> dict[str, object]:
@@ -38,7 +38,44 @@ def test_a_listener_that_falls_behind_is_cut_off_not_buffered() -> None:
     assert not keeping_up.cut_off
     assert slow.queue.get_nowait() is None
     assert slow.queue.empty()
+    # its place is taken until its handler returns (its connection closed), not freed while it may hang
+    assert hub.listener_count == 2
+    hub.leave(slow)
     assert hub.listener_count == 1
+
+
+def test_a_listener_is_cut_off_by_the_bytes_queued_not_only_their_count() -> None:
+    """Batches of long lines are megabytes each: a page that does not read is cut off once its queue holds
+    ``listener_bytes``, long before ``listener_queue`` events."""
+    hub = Hub(limits=HubLimits(listener_queue=256, listener_bytes=64 * 1024))
+    slow, keeping_up = hub.listen(), hub.listen()
+    for _ in range(40):
+        for i in range(8):
+            hub.add_log({**_line(i), "message": "x" * 1000})
+        hub.flush()
+        while not keeping_up.queue.empty():
+            keeping_up.take_nowait()
+        if slow.cut_off:
+            break
+    assert slow.cut_off
+    assert slow.queue.qsize() == 1
+    assert keeping_up.queued_bytes == 0
+    assert not keeping_up.cut_off
+    assert hub.cut_offs == 1
+
+
+def test_failure_limit_locks_then_slides() -> None:
+    now = [0.0]
+    limit = FailureLimit(max_failures=3, window_s=10.0, clock=lambda: now[0])
+    assert [limit.fail() for _ in range(3)] == [True, True, True]
+    assert limit.locked_for() == 10.0
+    assert not limit.fail()
+    assert not limit.fail()
+    assert limit.suffix() == " (2 more not logged)"
+    assert limit.suffix() == ""
+    now[0] = 10.5
+    assert limit.locked_for() == 0.0
+    assert limit.fail()
 
 
 def test_history_and_batches_are_bounded() -> None:
@@ -113,6 +150,11 @@ def test_a_node_view_keeps_only_known_typed_fields() -> None:
     assert plugin["functions"] == ["f", "g"]
     assert "extra" not in plugin
     assert validate.node_view({"plugins": []}) is None
+    # ids and names the page would ask about must be subject tokens
+    for bad in ("a.b", "*", ">", "$SYS", "x y", "", "n" * 200, 7):
+        assert validate.node_view({"node_id": bad, "plugins": []}) is None
+        assert validate.node_view({"node_id": "n1", "plugins": [{"name": bad}]}) == \
+            {**validate.node_view({"node_id": "n1"}), "plugins": []}  # type: ignore[dict-item]
 
 
 @pytest.mark.parametrize(("bound", "header", "allowed"), [
@@ -128,6 +170,17 @@ def test_a_node_view_keeps_only_known_typed_fields() -> None:
     ("0.0.0.0", "dash.internal:8470", True),  # named with --allow-host
     ("192.0.2.7", "192.0.2.7:8470", True),
     ("192.0.2.7", "localhost:8470", False),
+    # DNS rebinding and its disguises
+    ("127.0.0.1", "127.0.0.1.attacker.example:8470", False),
+    ("127.0.0.1", "localhost.:8470", False),
+    ("127.0.0.1", "LOCALHOST:8470", True),
+    ("127.0.0.1", "[::1]", True),
+    ("127.0.0.1", "[::1]:8471", False),
+    ("127.0.0.1", "user@127.0.0.1:8470", False),
+    ("127.0.0.1", "127.0.0.1%2eattacker.example:8470", False),
+    ("127.0.0.1", "", False),
+    ("0.0.0.0", "0x7f.1:8470", False),
+    ("0.0.0.0", "localhost.attacker.example:8470", False),
 ])
 def test_host_header_check(bound: str, header: str, allowed: bool) -> None:
     assert HostCheck(bound, 8470, frozenset({"dash.internal"})).allows(header) is allowed

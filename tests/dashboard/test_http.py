@@ -195,10 +195,10 @@ def test_control_with_the_token_reloads_and_is_logged_with_who(stack: Stack) -> 
           "the control action in the dashboard's log")
     _wait(lambda: any(e["kind"] == "dashboard.control" and "reload of echo" in e["message"]
                       for e in _state(stack.control.url)["audit"]), 5, "the control action in the audit view")
-    # the node's answer to a plugin it does not have is passed on, typed
+    # a plugin the dashboard does not show is not asked for
     status, body = _control(stack, {"verb": "reload", "node": NODE, "plugin": "nosuch"})
-    assert status == 502
-    assert body["error"]["code"] == "plugin.not_found"
+    assert status == 404
+    assert body["error"]["code"] == "dashboard.not_shown"
 
 
 def test_debug_state_on_demand(stack: Stack) -> None:
@@ -209,8 +209,8 @@ def test_debug_state_on_demand(stack: Stack) -> None:
     assert state["node_id"] == NODE
     assert state["status"] == "loaded"
     status, _, raw = _http(stack.read_only.url, "GET", f"/api/debug?node={NODE}&plugin=nosuch", headers=PAGE)
-    assert status == 502
-    assert json.loads(raw)["error"]["code"] == "plugin.not_found"
+    assert status == 404
+    assert json.loads(raw)["error"]["code"] == "dashboard.not_shown"
     status, _, raw = _http(stack.read_only.url, "GET", "/api/debug?node=a.b&plugin=echo", headers=PAGE)
     assert status == 400
 

@@ -1,0 +1,162 @@
+"""The dashboard under attack from whoever can reach its port or the bus: clients that stop reading, connections
+that never finish their request, requests about nodes and plugins it does not show, token guessing.
+
+Each test runs against real processes: a nats-server, a node, ``sandbus dashboard`` in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+
+from sandbus.sdk.client import Client
+from tests.dashboard.conftest import NODE, Stack
+from tests.dashboard.stack import DashboardProcess
+from tests.dashboard.test_http import PAGE, _control, _http, _reloads
+
+pytestmark = pytest.mark.slow
+
+
+def _wait(condition: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)  # polling a process's state for the condition, bounded
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.fixture
+def dashboard(stack: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DashboardProcess]:
+    """A dashboard of its own on the stack's bus (extra arguments by indirect parametrization)."""
+    args: tuple[str, ...] = getattr(request, "param", ())
+    process = DashboardProcess(stack.url, tmp_path / "dashboard.log", "--interval", "0.5", *args)
+    try:
+        yield process.wait_ready()
+    finally:
+        process.stop()
+
+
+def _stream(url: str) -> socket.socket:
+    """An event stream whose client never reads (a receive buffer as small as the kernel allows)."""
+    parts = urlsplit(url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((parts.hostname or "", parts.port or 0))
+    sock.sendall(f"GET /api/events HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+    return sock
+
+
+@pytest.mark.parametrize("dashboard", [("--max-clients", "2")], indirect=True)
+def test_a_page_that_stops_reading_is_closed_and_frees_its_place(stack: Stack, dashboard: DashboardProcess
+                                                                 ) -> None:
+    """Two clients open the event stream and never read while long log lines flood in: the dashboard stops
+    queueing for them and closes their connections (its descriptors back to where they were), instead of
+    holding their handlers and buffers for as long as the clients keep the sockets open."""
+    pid = dashboard.proc.pid
+    before = _fds(pid)
+    stuck = [_stream(dashboard.url) for _ in range(2)]
+    try:
+        _wait(lambda: _fds(pid) >= before + 2, 10, "the two streams accepted")
+        line = {"ts": "2026-12-03T08:00:00.000000Z", "node": NODE, "plugin": "shouter", "version": "1.0.0",
+                "level": "info", "stream": None, "message": "x" * 4000, "trace_id": None, "seq": 1, "dropped": 0}
+
+        async def flood(c: Client) -> None:
+            data = orjson.dumps(line)
+            for i in range(8000):  # ~32 MB of lines: more than sockets and queues hold for a client
+                await c.nc.publish(f"sandbus.log.{NODE}.shouter", data)
+                if i % 500 == 0:
+                    await c.nc.flush()
+            await c.nc.flush()
+
+        stack.call(flood)
+        _wait(lambda: _fds(pid) <= before, 40, "the stuck streams closed by the dashboard")
+        # their places are free: a page that reads gets its stream
+        assert _http(dashboard.url, "GET", "/api/state")[0] == 200
+        fresh = _stream(dashboard.url)
+        try:
+            fresh.settimeout(10)
+            assert fresh.recv(64).startswith(b"HTTP/1.1 200")
+        finally:
+            fresh.close()
+    finally:
+        for sock in stuck:
+            sock.close()
+
+
+def test_idle_and_trickled_connections_are_closed(stack: Stack, dashboard: DashboardProcess) -> None:
+    """A connection that sends nothing, and one whose request header never ends (slowloris), are closed within
+    seconds: whoever reaches the port cannot hold sockets for an hour each."""
+    parts = urlsplit(dashboard.url)
+    address = (parts.hostname or "", parts.port or 0)
+    idle = socket.create_connection(address)
+    trickle = socket.create_connection(address)
+    try:
+        trickle.sendall(f"GET /api/state HTTP/1.1\r\nHost: {parts.netloc}\r\nX-Slow: ".encode())
+        started = time.monotonic()
+        for sock in (idle, trickle):
+            sock.settimeout(30)
+            while True:  # read until the dashboard closes it (b"") or the bound passes (TimeoutError fails)
+                if sock.recv(4096) == b"":
+                    break
+        assert time.monotonic() - started < 30
+    finally:
+        idle.close()
+        trickle.close()
+
+
+def test_debug_and_control_ask_only_about_what_the_dashboard_shows(stack: Stack) -> None:
+    """A request naming a node or a plugin the pages do not show is refused before anything is sent on the bus:
+    the dashboard's credentials are not a way to reach subjects of the caller's choosing."""
+    for query in ("node=ghost&plugin=echo", f"node={NODE}&plugin=nosuch"):
+        status, _, raw = _http(stack.read_only.url, "GET", f"/api/debug?{query}", headers=PAGE)
+        assert status == 404, raw
+        assert json.loads(raw)["error"]["code"] == "dashboard.not_shown"
+    before = _reloads(stack, "echo")
+    for body in ({"verb": "unload", "node": "ghost", "plugin": "echo"},
+                 {"verb": "unload", "node": NODE, "plugin": "nosuch"},
+                 {"verb": "reload", "node": NODE, "plugin": "echo-not-here"}):
+        status, answer = _control(stack, body)
+        assert status == 404, answer
+        assert answer["error"]["code"] == "dashboard.not_shown"
+    assert _reloads(stack, "echo") == before
+
+
+@pytest.mark.parametrize("dashboard", [("--allow-control",)], indirect=True)
+def test_wrong_tokens_lock_control_for_a_while(stack: Stack, dashboard: DashboardProcess) -> None:
+    """Past ten wrong tokens a minute, control is refused without comparing any (the right one included), and
+    the log says so once instead of once per guess."""
+    origin = dashboard.url.rstrip("/")
+    body = {"verb": "reload", "node": NODE, "plugin": "echo"}
+
+    def attempt(token: str) -> tuple[int, dict[str, Any]]:
+        return _control(stack, body, token=token, origin=origin, base=dashboard.url)
+
+    for i in range(10):
+        status, answer = attempt(f"guess-{i:040d}")
+        assert (status, answer["error"]["code"]) == (403, "dashboard.bad_token")
+    before = _reloads(stack, "echo")
+    for i in range(30):
+        status, answer = attempt(f"more-{i:040d}")
+        assert (status, answer["error"]["code"]) == (429, "dashboard.too_many_failures")
+    status, answer = attempt(dashboard.token or "")
+    assert (status, answer["error"]["code"]) == (429, "dashboard.too_many_failures")
+    assert _reloads(stack, "echo") == before
+    out = dashboard.output()
+    assert out.count("missing or wrong token") == 10
+    assert out.count("control refused for 60 s") == 1
