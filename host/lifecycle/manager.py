@@ -80,6 +80,7 @@ from sandbus.host.sandbox import (
 )
 from sandbus.host.sandbox.compiler import stop_compile
 from sandbus.host.sandbox.engine import EngineHandle, engine_for
+from sandbus.host.sandbox.sandbox import debug_cache
 from sandbus.sdk.errors import (
     DependencyError,
     DeployError,
@@ -345,7 +346,7 @@ class PluginManager:
             limits, handle = self._engine_for(manifest)
         except SandbusError:
             return False  # refused at once by the load, which records why
-        return self.cache.needs_slow_compile(handle, source, limits)
+        return self._cache_for(limits).needs_slow_compile(handle, source, limits)
 
     def _engine_for(self, manifest: Manifest) -> tuple[Limits, EngineHandle]:
         """The limits the policy gives ``manifest`` and the engine its sandbox compiles for."""
@@ -404,10 +405,16 @@ class PluginManager:
         if source is None:
             return
         limits, handle = self._engine_for(parse_files(files, self.runtime_version))
+        cache = self._cache_for(limits)
         if source.component:
-            self.cache.load_component(handle, source, name=name, limits=limits)
+            cache.load_component(handle, source, name=name, limits=limits)
         else:
-            self.cache.load(handle, source, name=name, limits=limits)
+            cache.load(handle, source, name=name, limits=limits)
+
+    def _cache_for(self, limits: Limits) -> ModuleCache:
+        """Where code for ``limits`` is compiled: never the disk cache for code with debug info (a debugger's
+        breakpoints would be serialized with it; see :func:`~sandbus.host.sandbox.sandbox.debug_cache`)."""
+        return debug_cache() if limits.debug_info else self.cache
 
     def load(self, name: str) -> PluginInfo:
         """Load plugin ``name`` from the directory (a no-op if it already serves these files).

@@ -171,9 +171,6 @@ def test_a_listed_plugin_keeps_debug_info_across_reloads_and_off_the_disk(tmp_pa
     assert [p for p in (tmp_path / "cache").glob("*.cwasm") if debug_fp in p.name] == []
 
 
-@pytest.mark.xfail(strict=True, reason="host/lifecycle/manager.py compiles a [debug] plugin's deferred first load "
-                   "through the node's disk cache (_defer/_precompile use self.cache, not debug_cache(), for "
-                   "limits.debug_info): remove this marker with that fix")
 def test_a_listed_plugins_background_load_writes_nothing_to_the_disk_cache(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A node's first load of a large module compiles in the background through its cache; for a plugin
