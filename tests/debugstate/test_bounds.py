@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -107,3 +108,36 @@ def test_threads_that_ended_are_forgotten_by_the_dispatch() -> None:
         assert set(logbus._dispatch.threads) <= alive
     finally:
         logbus.detach(hub)
+
+
+async def test_a_sustained_flood_is_one_log_dropped_event_a_second_and_counts_every_line(
+        make_node: Callable[..., Node], nats: NatsServer) -> None:
+    import asyncio
+    import time
+
+    from tests.bus.conftest import collect
+
+    node = make_node("flood", log_rate=20.0)
+    await node.start()
+    try:
+        async with await Client.connect(nats.url) as client:
+            got = await collect(client.nc, "sandbus.log.flood.flooder")
+            audit = await collect(client.nc, "sandbus.audit.flood")
+            started = time.monotonic()
+            while time.monotonic() - started < 2.5:  # the load paced over 2.5 s
+                await client.request("flooder", "say", {"text": "flood", "n": 40})
+                await asyncio.sleep(0.05)
+            elapsed = time.monotonic() - started
+
+            def events() -> list[dict[str, object]]:
+                return [e for e in (orjson.loads(m.data) for m in audit) if e["kind"] == "log.dropped"]
+
+            await until(lambda: sum(int(e["details"]["dropped"]) for e in events()) == node.logs.dropped, 5,
+                        "every dropped line audited")
+        assert node.logs.dropped > 0
+        assert len(events()) <= int(elapsed) + 2  # one an interval (1 s), not one a drop
+        captured = node.logs.captured
+        assert len(got) + node.logs.dropped == captured
+    finally:
+        await node.stop()
+        node.manager.close()

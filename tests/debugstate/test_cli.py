@@ -291,3 +291,11 @@ async def test_logs_follow_waits_for_nodes_that_start_later(nats: NatsServer) ->
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_debug_and_logs_of_what_does_not_exist_exit_6(cli_node: NodeProcess, nats: NatsServer) -> None:
+    for args in (("debug", "ghost", "--node", "cli1"), ("debug", "logger", "--node", "nosuchnode"),
+                 ("logs", "ghost", "--node", "cli1"), ("logs", "--node", "nosuchnode")):
+        done = sandbus(nats.url, *args, "--timeout", "1")
+        assert done.returncode == 6, (args, done.stderr)
+        assert done.stderr.count(b"\n") == 1, (args, done.stderr)  # one line, no traceback
