@@ -89,9 +89,12 @@ and in each plugin object:
     fuel               object   the same shape, fuel per call that returned
     recent_errors      array    the latest failures, oldest first, at most 32: {"at" (ISO 8601),
                                 "code", "message", "function" (null for a load or reload)}
-    recent_logs        array    the plugin's latest log lines on this node, oldest first, at most 200,
-                                each a log record as published on ``sandbus.log.<node>.<plugin>``
-                                (docs/protocol.md); fewer when the reply would exceed the NATS max payload
+                                (an ``unloading`` plugin: instances, histograms and errors are empty,
+                                its counters are not)
+    recent_logs        array    the plugin's latest log lines on this node, oldest first, at most 200
+                                and 256 KiB of text, each a log record as published on
+                                ``sandbus.log.<node>.<plugin>`` (docs/protocol.md); fewer when the reply
+                                would exceed the NATS max payload
     recent_audit       array    its latest audit events, oldest first, at most 50, shaped as on
                                 ``sandbus.audit.<node>``
 """

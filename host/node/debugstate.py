@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from sandbus.bus.audit import MAX_AUDIT_EVENT, MAX_AUDIT_MESSAGE
+from sandbus.host.lifecycle.models import PluginStatus
+from sandbus.host.lifecycle.stats import PluginStats
 from sandbus.sdk.audit import AuditEvent
-from sandbus.sdk.errors import SandbusError
+from sandbus.sdk.errors import PluginNotFoundError, SandbusError
 
 if TYPE_CHECKING:
     from sandbus.host.node.node import Node
@@ -95,7 +97,14 @@ def debug_state(node: Node, plugin: str) -> dict[str, Any]:
     """
     manager = node.manager
     info = manager.info(plugin)
-    facts = manager.debug_facts(plugin)
+    try:
+        facts = manager.debug_facts(plugin)
+    except PluginNotFoundError:
+        if info.status is not PluginStatus.UNLOADING:
+            raise
+        # Unloaded while calls still run: the name has left the manager's table, its draining version
+        # has not. Its counters are in ``info``; what only the table keeps is answered empty.
+        facts = {**PluginStats().histograms(), "recent_errors": [], "instances": []}
     listed = node._listed(info)
     limits: dict[str, Any] | None = None
     if info.status.serving:

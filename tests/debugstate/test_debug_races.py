@@ -40,3 +40,24 @@ async def test_debug_during_reloads_and_unloads_answers_whole_states(node: Node,
     for state in states:
         assert tuple(state) == DEBUG_KEYS
         assert state["status"] in ("loaded", "stale", "unloading", "failed")
+
+
+async def test_debug_of_a_plugin_unloading_while_its_call_runs(node: Node, nats: NatsServer) -> None:
+    """Unloaded with a call still running, the plugin is listed as ``unloading`` until the call ends:
+    ``debug`` answers its state meanwhile, as ``list`` shows it."""
+    async with await Client.connect(nats.url) as client:
+        slow = asyncio.create_task(client.request("logger", "say", {"text": "s", "n": 2_000_000}, timeout=10))
+        await until_in_flight(node)
+        await client.control("dn1", "unload", {"plugin": "logger"}, timeout=10)
+        listed = {p["name"]: p["status"] for p in (await client.control("dn1", "list"))["plugins"]}
+        (state,) = await client.debug("logger", node="dn1")
+        await asyncio.gather(slow, return_exceptions=True)
+    assert listed["logger"] == "unloading"
+    assert tuple(state) == DEBUG_KEYS
+    assert state["status"] == "unloading"
+
+
+async def until_in_flight(node: Node) -> None:
+    async with asyncio.timeout(10):
+        while node.manager.info("logger").in_flight == 0:
+            await asyncio.sleep(0.001)
