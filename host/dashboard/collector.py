@@ -1,8 +1,8 @@
 """The dashboard's one view of the cluster, gathered on a fixed schedule whatever the number of pages.
 
 Per ``interval`` seconds the collector asks each known node for its ``stats`` (one control request per node);
-every ``discover_every`` rounds it finds the nodes again with the client's :meth:`~sandbus.sdk.client.Client.nodes`
-(a ``$SRV.PING`` plus the same ``stats``), so new nodes appear and stopped ones leave. It follows
+every ``discover_every`` rounds it finds the nodes again with the client's
+:meth:`~sandbus.sdk.client.Client.node_ids` (a ``$SRV.PING``), so new nodes appear and stopped ones leave. It follows
 ``sandbus.audit.>`` (from the ``SANDBUS_AUDIT`` stream's last events when JetStream has it, then live) and
 ``sandbus.log.>``, and reads the cluster's deploy and node-report buckets every ``deploys_every`` rounds. A
 plugin's ``debug`` state is fetched when a page asks, at most once per interval per (node, plugin) however many
@@ -180,35 +180,30 @@ class Collector:
             raise ConnectionError("not connected to NATS (reconnecting)")
         discover = self.rounds % self.discover_every == 0
         self.rounds += 1
+        ids = set(self.hub.nodes)
         if discover:
             # answers to the discovery are awaited a bounded while (a node that answers later is still asked by
             # name: it is known from the rounds before)
-            replies: list[Any] = list(await self.client.nodes(timeout=min(self.timeout, max(0.25, self.interval / 2))))
-            self.requests_sent += len(replies)
-            answered = {str(r.get("node_id")) for r in replies if isinstance(r, dict)}
-            # a node that answered before but not to this discovery: asked once more by name below
-            ids = sorted(set(self.hub.nodes) - answered)
-        else:
-            replies, ids = [], sorted(self.hub.nodes)
-        results = await asyncio.gather(*(self._stats(n) for n in ids), return_exceptions=True)
-        self.requests_sent += len(ids)
+            ids |= set(await self.client.node_ids(timeout=min(self.timeout, max(0.25, self.interval / 2))))
+        # each node asked by name, and its answer kept only under that name: whoever answers a discovery (anyone
+        # on the account may) cannot put its answer in another node's row
+        asked = sorted(ids)
+        results = await asyncio.gather(*(self._stats(n) for n in asked), return_exceptions=True)
+        self.requests_sent += len(asked)
         nodes: dict[str, dict[str, Any]] = {}
         now = time.time()
-        for reply in replies:
-            view = validate.node_view(reply)
-            if view is None:
-                self.hub.malformed["nodes"] += 1
-                continue
-            nodes[view["node_id"]] = {**view, "reachable": True, "seen_at": now}
-            self._missed.pop(view["node_id"], None)
-        for node_id, result in zip(ids, results, strict=True):
+        for node_id, result in zip(asked, results, strict=True):
             view = validate.node_view(result) if not isinstance(result, BaseException) else None
             if view is not None and view["node_id"] == node_id:
                 nodes[node_id] = {**view, "reachable": True, "seen_at": now}
                 self._missed.pop(node_id, None)
                 continue
+            if not isinstance(result, BaseException):  # an answer, but not this node's stats
+                self.hub.malformed["nodes"] += 1
+            if node_id not in self.hub.nodes:  # never shown: nothing to keep
+                continue
             missed = self._missed[node_id] = self._missed.get(node_id, 0) + 1
-            if missed <= 3 and node_id in self.hub.nodes:  # shown as unreachable a while, then forgotten
+            if missed <= 3:  # shown as unreachable a while, then forgotten
                 nodes[node_id] = {**self.hub.nodes[node_id], "reachable": False}
             else:
                 self._missed.pop(node_id, None)

@@ -6,6 +6,7 @@ Each test runs against real processes: a nats-server, a node, ``sandbus dashboar
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ import orjson
 import pytest
 
 from sandbus.sdk.client import Client
+from sandbus.sdk.subjects import NODE_SERVICE
 from tests.dashboard.conftest import NODE, Stack
 from tests.dashboard.stack import DashboardProcess
 from tests.dashboard.test_http import PAGE, _control, _http, _reloads
@@ -160,3 +162,57 @@ def test_wrong_tokens_lock_control_for_a_while(stack: Stack, dashboard: Dashboar
     out = dashboard.output()
     assert out.count("missing or wrong token") == 10
     assert out.count("control refused for 60 s") == 1
+
+
+def test_whoever_answers_a_discovery_cannot_fill_another_nodes_row(stack: Stack) -> None:
+    """Anyone on the account may answer the discovery ping: a liar that answers as ``liar`` and then answers
+    its ``stats`` in the name of the real node never shows its plugins in that node's row (nor a row of its
+    own: its answer is not its node's), in any update the pages receive."""
+    lie = {"node_id": NODE, "version": "9.9.9", "plugins": [{"name": "liar_plugin", "executions": 1}]}
+
+    async def go(c: Client) -> tuple[int, list[dict[str, Any]]]:
+        import aiohttp
+
+        answered = 0
+
+        async def ping(msg: Any) -> None:
+            await c.nc.publish(msg.reply, orjson.dumps({"metadata": {"node_id": "liar"}}))
+
+        async def stats(msg: Any) -> None:
+            nonlocal answered
+            answered += 1
+            await c.nc.publish(msg.reply, orjson.dumps(lie))
+
+        await c.nc.subscribe(f"$SRV.PING.{NODE_SERVICE}", cb=ping)
+        await c.nc.subscribe("sandbus.node.liar.stats", cb=stats)
+        await c.nc.flush()
+        updates: list[dict[str, Any]] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        async with aiohttp.ClientSession() as session, \
+                session.get(stack.read_only.url + "api/events", timeout=aiohttp.ClientTimeout(total=40)) as r:
+            event = ""
+            seen_at = 0
+            buffer = b""
+            async for chunk in r.content.iter_any():  # every update until two after the liar answered twice
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in (raw.decode() for raw in lines):
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: ") and event in ("snapshot", "nodes"):
+                        updates.append(orjson.loads(line[6:]))
+                        seen_at += answered >= 2
+                if seen_at >= 2:
+                    break
+                if loop.time() > deadline:
+                    raise AssertionError(f"the liar was asked {answered} times in 30 s")
+        return answered, updates
+
+    answered, updates = stack.call(go)
+    assert answered >= 2
+    for update in updates:
+        rows = {n["node_id"]: n for n in update["nodes"]}
+        assert "liar" not in rows
+        assert "liar_plugin" not in {p["name"] for p in rows[NODE]["plugins"]}, rows[NODE]
+        assert rows[NODE]["version"] != "9.9.9"
