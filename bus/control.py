@@ -104,6 +104,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -118,7 +119,7 @@ from sandbus.bus.requests import internal_error, with_error
 from sandbus.bus.wire import nats_size
 from sandbus.sdk.audit import AuditLevel
 from sandbus.sdk.envelope import CONTENT_TYPE, H_CONTENT_TYPE, H_NODE
-from sandbus.sdk.errors import InvalidControlError, PayloadTooLargeError, SandbusError
+from sandbus.sdk.errors import InvalidControlError, PayloadTooLargeError, RateLimitError, SandbusError
 from sandbus.sdk.subjects import NODE_SERVICE
 
 if TYPE_CHECKING:
@@ -133,6 +134,13 @@ MAX_CONTROL_BODY = 4096
 VERBS = ("list", "stats", "load", "unload", "reload", "debug")
 #: Lists of a ``debug`` reply cut (oldest first) when it would exceed the max payload, in this order.
 _TRIMMABLE = ("recent_logs", "recent_audit", "recent_errors")
+#: ``debug`` answers a node builds per second, every plugin and caller together (the burst allowed is one
+#: second's worth). One answer is up to ~0.5 MB to build, encode and send on the node's own loop and
+#: connection: anyone allowed ``debug`` (the read-only viewer role too) asking without end would otherwise
+#: take the node's time from its plugins' requests. Over it: a ``limit.rate`` error reply.
+DEBUG_RATE = 20.0
+#: Seconds between two ``control.refused`` audit events for debug requests over the rate.
+DEBUG_AUDIT_INTERVAL_S = 1.0
 
 
 class Control:
@@ -143,6 +151,11 @@ class Control:
         self.handler = handler
         # Control work only (load, reload, unload, list): calls never wait behind it.
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sandbus-control")
+        #: the debug rate's token bucket (loop thread only), and refusals not yet audited
+        self._debug_tokens = DEBUG_RATE
+        self._debug_at = time.monotonic()
+        self._debug_refused = 0
+        self._debug_audited_at = -DEBUG_AUDIT_INTERVAL_S
         self._service: Service | None = None
 
     async def start(self) -> None:
@@ -274,4 +287,23 @@ class Control:
         await self._verb(req, "unload")
 
     async def _debug(self, req: Request) -> None:
+        now = time.monotonic()
+        self._debug_tokens = min(DEBUG_RATE, self._debug_tokens + (now - self._debug_at) * DEBUG_RATE)
+        self._debug_at = now
+        if self._debug_tokens < 1.0:
+            await req.respond(*with_error(self._headers(), self._debug_over_rate(now)))
+            return
+        self._debug_tokens -= 1.0
         await self._verb(req, "debug")
+
+    def _debug_over_rate(self, now: float) -> RateLimitError:
+        """The refusal of a debug request over :data:`DEBUG_RATE`; audited at most once an interval, with
+        the count of refusals since the last event."""
+        message = (f"node {self.bus.node_id} answers at most {DEBUG_RATE:g} debug requests a second; "
+                   "try again shortly")
+        self._debug_refused += 1
+        if now - self._debug_audited_at >= DEBUG_AUDIT_INTERVAL_S:
+            self.handler.audit(AuditLevel.WARNING, "control.refused", "", message, verb="debug",
+                               refused=self._debug_refused, rate=DEBUG_RATE)
+            self._debug_refused, self._debug_audited_at = 0, now
+        return RateLimitError(message, verb="debug", rate=DEBUG_RATE)

@@ -42,6 +42,8 @@ SHOWN_LOGS = 20
 SHOWN_AUDIT = 10
 #: Seconds between two attempts to reconnect while following
 RECONNECT_WAIT_S = 1.0
+#: Seconds before asking again a node that refused a debug request over its rate
+RATE_RETRY_S = 0.1
 #: ``debug`` requests in flight at once while ``logs`` gathers the rings of every plugin of every node
 DEBUG_CONCURRENCY = 8
 
@@ -114,8 +116,9 @@ async def _recent(client: Client, plugin: str | None, node: str | None, timeout:
     What a node sends is checked as a log line is on the bus (a line that is not one is skipped), and
     must name the node and plugin it was asked for. No node answering is a failure unless ``follow``:
     a follower waits for the nodes that start later."""
+    from sandbus.bus.control import DEBUG_RATE
     from sandbus.sdk.client import valid_log_line
-    from sandbus.sdk.errors import PluginNotFoundError
+    from sandbus.sdk.errors import PluginNotFoundError, RateLimitError
 
     if node is not None and plugin is not None:
         pairs = [(node, plugin)]
@@ -143,13 +146,27 @@ async def _recent(client: Client, plugin: str | None, node: str | None, timeout:
     explicit = node is not None and plugin is not None and not follow
     gate = asyncio.Semaphore(DEBUG_CONCURRENCY)
     gone: set[str] = set()
+    # A node answers so many debug requests a second: asked for each of many plugins, it refuses some
+    # (limit.rate), which are asked again until the time that many answers take.
+    loop = asyncio.get_running_loop()
+    per_node: dict[str, int] = {}
+    for node_id, _ in pairs:
+        per_node[node_id] = per_node.get(node_id, 0) + 1
+    deadline = loop.time() + timeout + max(per_node.values(), default=0) / DEBUG_RATE
 
     async def one(node_id: str, name: str) -> list[dict[str, Any]]:
         async with gate:
             if node_id in gone:
                 return []
             try:
-                states = await client.debug(name, node=node_id, timeout=timeout)
+                while True:
+                    try:
+                        states = await client.debug(name, node=node_id, timeout=timeout)
+                        break
+                    except RateLimitError:
+                        if loop.time() >= deadline:
+                            raise
+                        await asyncio.sleep(RATE_RETRY_S)
             except PluginNotFoundError:
                 if explicit:
                     raise

@@ -1,0 +1,61 @@
+"""``debug`` is answered at most so many times a second per node: anyone allowed to ask (the read-only
+viewer too) cannot take the node's loop from its plugins' requests by asking without end; ``sandbus logs``
+asks again what a node refused (a real node, real C plugins, a real nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+
+from sandbus.bus import control
+from sandbus.bus.server import NatsServer
+from sandbus.host.cli.debug_cmd import _recent
+from sandbus.host.node.node import Node
+from sandbus.sdk.client import Client
+from sandbus.sdk.errors import RateLimitError
+from tests.bus.conftest import collect
+
+
+async def test_a_debug_flood_is_refused_over_the_rate_and_audited_once_a_second(node: Node, nats: NatsServer) -> None:
+    async with await Client.connect(nats.url) as client, await Client.connect(nats.url) as viewer:
+        for _ in range(40):  # a full ring of long lines: each answer is ~300 KB to build and send
+            await client.request("logger", "say", {"text": "q" * 8000, "n": 7})
+        audit = await collect(client.nc, "sandbus.audit.dn1")
+        answered = refused = 0
+        stop = asyncio.Event()
+
+        async def hammer() -> None:
+            nonlocal answered, refused
+            while not stop.is_set():
+                try:
+                    await viewer.debug("logger", node="dn1")
+                    answered += 1
+                except RateLimitError:
+                    refused += 1
+
+        started = time.monotonic()
+        tasks = [asyncio.create_task(hammer()) for _ in range(8)]
+        await asyncio.sleep(2.0)  # the flood's length
+        stop.set()
+        await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - started
+        await client.nc.flush()
+    assert refused > 0, answered
+    assert answered <= control.DEBUG_RATE * (elapsed + 1) + 8
+    events = [e for e in (orjson.loads(m.data) for m in audit)
+              if e["kind"] == "control.refused" and e["details"].get("verb") == "debug"]
+    assert 1 <= len(events) <= int(elapsed) + 2
+
+
+async def test_logs_asks_again_what_a_node_refused_over_its_rate(node: Node, nats: NatsServer,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control, "DEBUG_RATE", 1.0)  # a burst of one: the second plugin's ring is refused first
+    node.bus._control._debug_tokens = 1.0
+    async with await Client.connect(nats.url) as client:
+        for name in ("logger", "flooder", "quiet"):
+            await client.request(name, "say", {"text": f"{name}'s line"})
+        lines = await _recent(client, None, None, 2.0)
+    assert {line["message"] for line in lines} == {"logger's line", "flooder's line", "quiet's line"}
