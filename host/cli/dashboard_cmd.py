@@ -105,7 +105,10 @@ def _run(conn: Connection, config: DashboardConfig) -> None:
     import contextlib
     import signal
 
+    from nats.errors import SlowConsumerError
+
     from sandbus.host.cli.connect import _client_class
+    from sandbus.host.dashboard.collector import Collector
     from sandbus.host.dashboard.server import serve
     from sandbus.sdk.client import Client
 
@@ -121,6 +124,7 @@ def _run(conn: Connection, config: DashboardConfig) -> None:
     async def go() -> None:
         connected = False
         causes: list[str] = []
+        collectors: list[Collector] = []
 
         async def on_disconnect() -> None:
             if connected:
@@ -130,6 +134,10 @@ def _run(conn: Connection, config: DashboardConfig) -> None:
             log.warning("dashboard: reconnected to NATS")
 
         async def on_error(e: Exception) -> None:
+            if isinstance(e, SlowConsumerError):  # a flood beyond a subscription's bound: counted on the pages
+                for collector in collectors:
+                    collector.lost(e.subject)
+                return
             if not connected and len(causes) < 8:
                 causes.append(f"{type(e).__name__}: {str(e)[:200]}")
             log.debug("NATS: %s", e)
@@ -155,10 +163,11 @@ def _run(conn: Connection, config: DashboardConfig) -> None:
             loop.add_signal_handler(sig, stop.set)
         client = Client(nc, sender="dashboard")
         try:
-            await serve(client, config, stop=stop, on_ready=ready)
+            await serve(client, config, stop=stop, on_ready=ready, on_collector=collectors.append)
         except OSError as e:
             fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}", EXIT_PLUGIN)
         finally:
+            connected = False  # closing is not an outage to report
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 2.0)
 

@@ -328,6 +328,14 @@ class Collector:
         else:
             self.hub.add_log(line)
 
+    def lost(self, subject: str) -> None:
+        """A message NATS dropped before it reached us (our subscription's bound: a flood faster than we read):
+        counted with the lines and events the batches could not carry, so the pages say how many they miss."""
+        if subject.startswith(LOG_SUBJECTS[:-1]):
+            self.hub.dropped["logs"] += 1
+        elif subject.startswith(AUDIT_SUBJECTS[:-1]):
+            self.hub.dropped["audit"] += 1
+
     def note(self, level: str, kind: str, message: str, **details: Any) -> None:
         """An event of the dashboard's own (a control action) in its audit view."""
         self.hub.add_audit({"node": "dashboard", "timestamp": time.time(), "level": level, "kind": kind,

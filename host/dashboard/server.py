@@ -328,8 +328,11 @@ def make_app(config: DashboardConfig, hub: Hub, collector: Collector, port: int)
 
 
 async def serve(client: Client, config: DashboardConfig, *, stop: asyncio.Event,
-                on_ready: Callable[[str], None] | None = None) -> None:
-    """Collect from ``client``'s bus and serve until ``stop`` is set; ``on_ready(url)`` once listening.
+                on_ready: Callable[[str], None] | None = None,
+                on_collector: Callable[[Collector], None] | None = None) -> None:
+    """Collect from ``client``'s bus and serve until ``stop`` is set; ``on_ready(url)`` once listening;
+    ``on_collector(collector)`` as soon as it exists (before it subscribes), for the connection's error callback
+    to report the messages NATS drops (:meth:`Collector.lost`).
 
     Raises:
         OSError: the address could not be bound.
@@ -339,6 +342,8 @@ async def serve(client: Client, config: DashboardConfig, *, stop: asyncio.Event,
     hub = Hub(limits=config.limits, info={"jaeger_url": config.jaeger_url, "control": config.allow_control,
                                           "interval": config.interval, "started_at": time.time()})
     collector = Collector(client, hub, interval=config.interval, audit_history=config.audit_history)
+    if on_collector is not None:
+        on_collector(collector)
     await collector.start()
     hub.info["audit_source"] = collector.audit_source
     runner: web.AppRunner | None = None
