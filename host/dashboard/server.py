@@ -347,14 +347,14 @@ async def serve(client: Client, config: DashboardConfig, *, stop: asyncio.Event,
     await collector.start()
     hub.info["audit_source"] = collector.audit_source
     runner: web.AppRunner | None = None
+    listener: asyncio.Server | None = None
     try:
         app = make_app(config, hub, collector, config.port)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
                                keepalive_timeout=IDLE_TIMEOUT_S)
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
-        sock_port = int(runner.addresses[0][1])
+        listener = await _listen(runner, config)
+        sock_port = int(listener.sockets[0].getsockname()[1])
         # the Host check needs the real port (``--port 0``); no request is read before this line runs
         app[HOST_KEY][0] = HostCheck(config.host, sock_port, config.allow_hosts)
         shown = f"[{config.host}]" if ":" in config.host else config.host
@@ -362,8 +362,43 @@ async def serve(client: Client, config: DashboardConfig, *, stop: asyncio.Event,
             on_ready(f"http://{shown}:{sock_port}/")
         await stop.wait()
     finally:
+        if listener is not None:
+            listener.close()  # no new connections; the runner closes the open ones
         if runner is not None:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         await collector.stop()
 
+
+def max_connections(config: DashboardConfig) -> int:
+    """Connections open at once: every page's event stream, plus room for the pages' other requests."""
+    return config.limits.max_listeners + 64
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over :func:`max_connections`: told so and closed, nothing read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n"
+                        b"Retry-After: 10\r\n\r\n")
+        transport.close()
+
+
+async def _listen(runner: web.AppRunner, config: DashboardConfig) -> asyncio.Server:
+    """Listen on the configured address with at most :func:`max_connections` connections open (aiohttp's own
+    sites take every connection: whoever reaches the port could hold thousands, each with its buffers).
+
+    Raises:
+        OSError: the address could not be bound.
+    """
+    server = runner.server
+    assert server is not None  # set up
+    limit = max_connections(config)
+
+    def protocol() -> asyncio.BaseProtocol:
+        if len(server.connections) >= limit:
+            return _Refused()
+        return server()
+
+    return await asyncio.get_running_loop().create_server(protocol, config.host, config.port, reuse_address=True)

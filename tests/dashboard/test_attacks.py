@@ -240,3 +240,30 @@ def test_a_flood_on_the_log_subjects_is_bounded_and_every_message_counted(stack:
     stack.call(flood)
     _wait(lambda: counted() - before >= total, 60, f"{total} messages counted")
     assert counted() - before == total
+
+
+@pytest.mark.parametrize("dashboard", [("--max-clients", "1")], indirect=True)
+def test_connections_are_capped(stack: Stack, dashboard: DashboardProcess) -> None:
+    """Past its pages' streams plus 64 connections, a new connection is answered 503 and closed at once (whoever
+    reaches the port cannot hold thousands of sockets); once some close, requests are served again."""
+    parts = urlsplit(dashboard.url)
+    address = (parts.hostname or "", parts.port or 0)
+    pid = dashboard.proc.pid
+    before = _fds(pid)
+    held = [socket.create_connection(address) for _ in range(1 + 64)]
+    try:
+        _wait(lambda: _fds(pid) >= before + len(held), 10, "the connections accepted")
+        extra = socket.create_connection(address)
+        try:
+            extra.settimeout(10)
+            extra.sendall(f"GET /api/state HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+            assert extra.recv(64).startswith(b"HTTP/1.1 503")
+        finally:
+            extra.close()
+        for sock in held[:8]:
+            sock.close()
+        _wait(lambda: _fds(pid) <= before + len(held) - 8, 10, "closed connections released")
+        assert _http(dashboard.url, "GET", "/api/state")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
