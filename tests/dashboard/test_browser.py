@@ -256,3 +256,87 @@ def test_deploys_and_node_reports_are_shown(stack: Stack, browser: WebDriver) ->
     assert browser.find_element(By.ID, "deploy-note").text == "(1 entry in the bucket is not a valid deploy)"
     assert not browser.find_elements(By.CSS_SELECTOR, "#deploys img")
     assert _pwned(browser) is None
+
+
+#: what a hostile node (anyone on the account may answer the discovery) puts in every field the page shows
+FAKE = "fake-node"
+XSS = '<img src=x onerror="window.__pwned=8"><script>window.__pwned=9</script>'
+
+
+def _fake_node_replies() -> tuple[dict[str, Any], dict[str, Any]]:
+    plugin = {"name": "trap", "version": XSS, "status": XSS, "description": XSS, "last_error": XSS,
+              "last_error_code": XSS, "executions": "1e9", "errors": -5, "p50_ms": XSS, "functions": [XSS],
+              "memory_bytes": 2**64 - 1, "junk": [[[[[[[[[[[1]]]]]]]]]]]}
+    stats = {"node_id": FAKE, "version": XSS, "durable_topics": XSS, "spans_dropped": XSS,
+             "plugins": [plugin, {"name": XSS}, {"name": "a.b"}], "padding": "x" * 600_000}
+    event = {"at": XSS, "code": XSS, "message": XSS, "function": XSS}
+    debug = {"node_id": FAKE, "plugin": "trap", "status": XSS, "version": XSS, "kind": XSS, "isolation": XSS,
+             "sha256": XSS, "last_loaded": XSS, "reloads": XSS, "in_flight": [XSS], "queue_depth": {"x": XSS},
+             "limits": {XSS: XSS, "__proto__": XSS, "constructor": XSS}, "counters": {XSS: XSS},
+             "instances": [{"id": XSS, "memory_bytes": XSS, "busy": XSS, "calls": XSS}],
+             "latency_ms": {"bounds": [XSS], "counts": [XSS, 1e308]}, "fuel": {"bounds": XSS, "counts": XSS},
+             "recent_errors": [event] * 40, "recent_logs": [{"ts": XSS, "level": XSS, "message": XSS}],
+             "recent_audit": [{"timestamp": XSS, "level": XSS, "kind": XSS, "message": XSS}]}
+    return stats, debug
+
+
+def test_a_hostile_node_shows_as_text_and_its_row_leaves_with_it(stack: Stack, browser: WebDriver) -> None:
+    """A responder on the bus answers the discovery, ``stats`` and ``debug`` with markup in every field, lying
+    types, a 600 KB padding and nesting, and publishes an audit event of the same: the page shows the markup as
+    text, runs none of it, and keeps working; when the responder goes, its row goes."""
+    import asyncio
+    import threading
+
+    stats, debug = _fake_node_replies()
+    stop = threading.Event()
+    ready = threading.Event()
+
+    async def fake() -> None:
+        async with await Client.connect(stack.url) as c:
+            def answer(body: Any) -> Any:
+                data = orjson.dumps(body)
+
+                async def reply(msg: Any) -> None:
+                    await c.nc.publish(msg.reply, data)
+
+                return reply
+
+            subs = [await c.nc.subscribe("$SRV.PING.sandbus-node", cb=answer({"metadata": {"node_id": FAKE}})),
+                    await c.nc.subscribe(f"sandbus.node.{FAKE}.stats", cb=answer(stats)),
+                    await c.nc.subscribe(f"sandbus.node.{FAKE}.debug", cb=answer(debug))]
+            await c.nc.publish(f"sandbus.audit.{FAKE}", orjson.dumps(
+                {"kind": XSS, "level": XSS, "plugin": XSS, "message": "fake-audit " + XSS, "timestamp": 1.5,
+                 "details": {"trace_id": XSS, XSS: XSS}}))
+            await c.nc.flush()
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)  # serving until the test is done with it
+            for sub in subs:
+                await sub.unsubscribe()
+
+    thread = threading.Thread(target=asyncio.run, args=(fake(),), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        _open(browser, stack.read_only.url)
+        row = f'#plugin-rows tr[data-node="{FAKE}"][data-plugin="trap"]'
+        _until(browser, lambda b: b.find_elements(By.CSS_SELECTOR, row), "the hostile node's plugin")
+        _until(browser, lambda b: b.execute_script(
+            "const r = document.querySelector(arguments[0]); return r !== null && r.textContent.includes(arguments[1])",
+            row, XSS), "the markup shown as text in the row")
+        _until(browser, lambda b: next((r for r in b.find_elements(By.CSS_SELECTOR, "#audit-rows tr")
+                                        if "fake-audit" in r.text), None), "the hostile audit event")
+        _click(browser, lambda b: b.find_element(By.CSS_SELECTOR, row))
+        _until(browser, lambda b: b.find_element(By.CSS_SELECTOR, '#debug-facts td[data-key="status"]').text == XSS,
+               "the hostile debug state, as text")
+        _until(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#debug-errors tbody tr"), "its recent errors")
+        assert not browser.find_elements(By.CSS_SELECTOR, "main img, main script")
+        assert _pwned(browser) is None
+        assert browser.find_element(By.ID, "conn").text == "live"
+        browser.find_element(By.ID, "debug-close").click()
+    finally:
+        stop.set()
+        thread.join(10)
+    _until(browser, lambda b: not b.find_elements(By.CSS_SELECTOR, f'#node-rows tr[data-node="{FAKE}"]'),
+           "the hostile node's row gone with it")
+    assert _pwned(browser) is None
