@@ -61,6 +61,7 @@ from sandbus.sdk.errors import (
     InvalidEnvelopeError,
     PayloadTooLargeError,
     PluginNotFoundError,
+    RateLimitError,
     RequestTimeoutError,
     SandbusError,
 )
@@ -89,6 +90,8 @@ LOG_PENDING = 10_000
 _LOG_STRINGS = ("ts", "node", "plugin", "level", "message")
 _LOG_OPTIONAL = ("version", "stream", "trace_id")
 _HEX = "0123456789abcdef"
+#: Seconds before asking again a node that refused ``debug`` over its rate.
+DEBUG_RETRY_S = 0.1
 
 
 def check_log_line(data: bytes) -> dict[str, Any] | None:
@@ -536,22 +539,45 @@ class Client:
     async def debug(self, plugin: str, *, node: str | None = None, timeout: float = 2.0) -> list[dict[str, Any]]:
         """``plugin``'s debug state on each node that has it (the ``debug`` control verb; bus/control.py lists
         the keys), by node id. Without ``node`` every node is asked (found as :meth:`nodes` does, within
-        half a second); nodes that do not know the plugin are left out, so ``[]`` means none has it.
+        half a second); nodes that do not know the plugin are left out, so ``[]`` means every node that
+        answered said it has none. A node refusing over its debug rate (``limit.rate``) is asked again
+        until ``timeout``.
 
         Raises:
             PluginNotFoundError: ``node`` given, and it does not know the plugin (or no such node answers).
+            SandbusError: no node had the plugin and one failed otherwise (no answer in time, refused):
+                that failure, since the plugin may be on that node.
             ValueError: ``plugin`` or ``node`` is not a subject token.
         """
         check_token(plugin, "plugin")
-        if node is not None:
-            answer = await self.control(check_token(node, "node id"), "debug", {"plugin": plugin}, timeout=timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        async def one(node_id: str) -> dict[str, Any]:
+            while True:
+                try:
+                    answer = await self.control(node_id, "debug", {"plugin": plugin},
+                                                timeout=max(deadline - loop.time(), 0.05))
+                    break
+                except RateLimitError:
+                    if loop.time() + DEBUG_RETRY_S >= deadline:
+                        raise
+                    await asyncio.sleep(DEBUG_RETRY_S)
             if not isinstance(answer, dict):
-                raise BusError(f"node {node!r} answered debug with a JSON {type(answer).__name__}, not an object")
-            return [answer]
+                raise BusError(f"node {node_id!r} answered debug with a JSON {type(answer).__name__}, not an object")
+            return answer
+
+        if node is not None:
+            return [await one(check_token(node, "node id"))]
         ids = await self.node_ids(timeout=min(timeout, 0.5))
-        answers = await asyncio.gather(*(self.control(n, "debug", {"plugin": plugin}, timeout=timeout) for n in ids),
-                                       return_exceptions=True)
-        return [a for a in answers if isinstance(a, dict)]
+        deadline = loop.time() + timeout
+        answers = await asyncio.gather(*(one(n) for n in ids), return_exceptions=True)
+        states = [a for a in answers if isinstance(a, dict)]
+        if not states:
+            for a in answers:
+                if isinstance(a, SandbusError) and not isinstance(a, PluginNotFoundError):
+                    raise a
+        return states
 
     def logs(self, plugin: str | None = None, *, level: str | None = None, node: str | None = None) -> LogStream:
         """Log lines of ``plugin`` (default: every plugin) from ``node`` (default: every node) as they are

@@ -9,13 +9,14 @@ import time
 
 import orjson
 import pytest
+from nats.aio.msg import Msg
 
 from sandbus.bus import control
 from sandbus.bus.server import NatsServer
 from sandbus.host.cli.debug_cmd import _recent
 from sandbus.host.node.node import Node
 from sandbus.sdk.client import Client
-from sandbus.sdk.errors import RateLimitError
+from sandbus.sdk.errors import RateLimitError, RequestTimeoutError
 from tests.bus.conftest import collect
 
 
@@ -31,7 +32,7 @@ async def test_a_debug_flood_is_refused_over_the_rate_and_audited_once_a_second(
             nonlocal answered, refused
             while not stop.is_set():
                 try:
-                    await viewer.debug("logger", node="dn1")
+                    await viewer.control("dn1", "debug", {"plugin": "logger"})  # no asking again
                     answered += 1
                 except RateLimitError:
                     refused += 1
@@ -59,3 +60,31 @@ async def test_logs_asks_again_what_a_node_refused_over_its_rate(node: Node, nat
             await client.request(name, "say", {"text": f"{name}'s line"})
         lines = await _recent(client, None, None, 2.0)
     assert {line["message"] for line in lines} == {"logger's line", "flooder's line", "quiet's line"}
+
+
+async def test_client_debug_asks_again_a_node_over_its_rate(node: Node, nats: NatsServer) -> None:
+    node.bus._control._debug_tokens = 0.0  # as if a flood had just used the burst
+    async with await Client.connect(nats.url) as client:
+        (state,) = await client.debug("logger", node="dn1", timeout=3)
+        assert state["plugin"] == "logger"
+        node.bus._control._debug_tokens = 0.0
+        assert [s["node_id"] for s in await client.debug("logger", timeout=3)] == ["dn1"]
+
+
+async def test_client_debug_does_not_say_none_has_it_when_a_node_did_not_answer(node: Node,
+                                                                               nats: NatsServer) -> None:
+    async with await Client.connect(nats.url) as fake, await Client.connect(nats.url) as client:
+        async def ping(msg: Msg) -> None:  # "hang1" answers discovery, never its control requests
+            await fake.nc.publish(msg.reply, orjson.dumps({"metadata": {"node_id": "hang1"}}))
+
+        async def hang(msg: Msg) -> None:
+            return None
+
+        await fake.nc.subscribe("$SRV.PING.sandbus-node", cb=ping)
+        await fake.nc.subscribe("sandbus.node.hang1.>", cb=hang)
+        await fake.nc.flush()
+        # dn1 has no "ghost"; hang1 might: not knowing is not "no node has it"
+        with pytest.raises(RequestTimeoutError):
+            await client.debug("ghost", timeout=1)
+        # a plugin that dn1 has is answered, whatever hang1 does
+        assert [s["node_id"] for s in await client.debug("logger", timeout=1)] == ["dn1"]
