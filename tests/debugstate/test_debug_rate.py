@@ -63,11 +63,14 @@ async def test_logs_asks_again_what_a_node_refused_over_its_rate(node: Node, nat
 
 
 async def test_client_debug_asks_again_a_node_over_its_rate(node: Node, nats: NatsServer) -> None:
-    node.bus._control._debug_tokens = 0.0  # as if a flood had just used the burst
+    def exhaust() -> None:  # as if a flood had just used the burst
+        node.bus._control._debug_tokens, node.bus._control._debug_at = -5.0, time.monotonic()
+
+    exhaust()
     async with await Client.connect(nats.url) as client:
         (state,) = await client.debug("logger", node="dn1", timeout=3)
         assert state["plugin"] == "logger"
-        node.bus._control._debug_tokens = 0.0
+        exhaust()
         assert [s["node_id"] for s in await client.debug("logger", timeout=3)] == ["dn1"]
 
 
