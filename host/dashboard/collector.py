@@ -269,7 +269,7 @@ class Collector:
         holding = True
 
         async def on_live(msg: Msg) -> None:
-            if not holding:
+            if not holding or len(msg.data) > validate.MAX_AUDIT_BYTES:  # judged now (an oversized one refused)
                 self._audit(msg.subject, msg.data)
             elif len(held) < PENDING_MSGS:
                 held.append((msg.subject, msg.data))
@@ -292,7 +292,8 @@ class Collector:
                 self._audit(subject, data)
 
     async def _audit_history(self) -> list[tuple[str, bytes]]:
-        """The last ``audit_history`` messages of the audit stream, oldest first (deleted ones skipped)."""
+        """The last ``audit_history`` messages of the audit stream, oldest first (deleted ones skipped; oversized
+        ones counted as refused and not kept: anyone who may publish audit events may make each one a megabyte)."""
         from nats.js.errors import NotFoundError
 
         js = self.nc.jetstream()
@@ -307,7 +308,11 @@ class Collector:
                 raw = await js.get_msg(AUDIT_STREAM, seq)
             except NotFoundError:  # deleted, or aged out meanwhile
                 return None
-            return (raw.subject or "", raw.data or b"")
+            data = raw.data or b""
+            if len(data) > validate.MAX_AUDIT_BYTES:
+                self.hub.malformed["audit"] += 1
+                return None
+            return (raw.subject or "", data)
 
         seqs = list(range(max(first, last - self.audit_history + 1, 1), last + 1))
         for i in range(0, len(seqs), 32):  # a few at a time: the server answers each one
