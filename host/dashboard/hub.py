@@ -109,6 +109,10 @@ class Hub:
         self.updated_at: float | None = None
         #: whether the collector reaches the nodes, and if not why (shown on every page)
         self.status: dict[str, Any] = {"ok": True, "message": ""}
+        #: the snapshot as JSON, built once per change (it is megabytes with full histories: building it per
+        #: request would let whoever loops on /api/state or reopens streams spend the dashboard's CPU)
+        self._snapshot_json: bytes | None = None
+        self._snapshot_counts: tuple[int, ...] = ()
 
     # -- listeners -----------------------------------------------------------------------------------------
 
@@ -126,7 +130,7 @@ class Hub:
             raise TooManyListeners(f"{len(self._open)} event streams are open (at most "
                                    f"{self.limits.max_listeners})")
         listener = Listener(asyncio.Queue(maxsize=self.limits.listener_queue + 1))
-        listener.queue.put_nowait(sse_event("snapshot", self.snapshot()))
+        listener.queue.put_nowait(b"event: snapshot\ndata: " + self.snapshot_json() + b"\n\n")
         self._listeners.add(listener)
         self._open.add(listener)
         return listener
@@ -170,23 +174,39 @@ class Hub:
                 "audit": list(self.audit), "logs": list(self.logs), "dropped": dict(self.dropped),
                 "refused": dict(self.malformed), "updated_at": self.updated_at}
 
+    def snapshot_json(self) -> bytes:
+        """:meth:`snapshot` encoded, reused until the state changes (counters: until the next flush)."""
+        if self._snapshot_json is None:
+            self._snapshot_json = orjson.dumps(self.snapshot(), default=str)
+            self._snapshot_counts = self._counts()
+        return self._snapshot_json
+
+    def _counts(self) -> tuple[int, ...]:
+        return (*self.dropped.values(), *self.malformed.values())
+
+    def _changed(self) -> None:
+        self._snapshot_json = None
+
     def nodes_list(self) -> list[dict[str, Any]]:
         return [self.nodes[n] for n in sorted(self.nodes)]
 
     def set_nodes(self, nodes: dict[str, dict[str, Any]]) -> None:
         self.nodes = nodes
         self.updated_at = time.time()
+        self._changed()
         self._broadcast(sse_event("nodes", {"nodes": self.nodes_list(), "updated_at": self.updated_at}))
 
     def set_status(self, ok: bool, message: str) -> None:
         status = {"ok": ok, "message": message}
         if status != self.status:
             self.status = status
+            self._changed()
             self._broadcast(sse_event("status", status))
 
     def set_deploys(self, deploys: dict[str, Any]) -> None:
         if deploys != self.deploys:
             self.deploys = deploys
+            self._changed()
             self._broadcast(sse_event("deploys", deploys))
 
     def add_log(self, line: dict[str, Any]) -> None:
@@ -203,6 +223,8 @@ class Hub:
 
     def flush(self) -> None:
         """Send what arrived since the last flush, one event per kind, and keep it in the history."""
+        if self._pending_logs or self._pending_audit or self._counts() != self._snapshot_counts:
+            self._changed()
         if self._pending_logs:
             batch, self._pending_logs = self._pending_logs, []
             self.logs.extend(batch)

@@ -163,7 +163,7 @@ async def _asset(request: web.Request) -> web.Response:
 
 
 async def _state(request: web.Request) -> web.Response:
-    return _json(request.app[HUB_KEY].snapshot())
+    return web.Response(body=request.app[HUB_KEY].snapshot_json(), content_type="application/json")
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
