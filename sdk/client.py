@@ -306,7 +306,9 @@ class Client:
         try:
             return await self.nc.request(subject, data, timeout=timeout, headers=headers)
         except NoRespondersError as e:
-            raise PluginNotFoundError(f"no node serves {what} (nobody listens on {subject})") from e
+            # "what" names a plugin ("no node serves plugin 'x'") or a node, which answers for itself.
+            why = f"{what} did not answer" if what.startswith("node ") else f"no node serves {what}"
+            raise PluginNotFoundError(f"{why} (nobody listens on {subject})") from e
         except NatsTimeoutError as e:
             raise RequestTimeoutError(f"no reply from {what} within {timeout:g} s") from e
         except MaxPayloadError as e:

@@ -142,6 +142,9 @@ async def _recent(client: Client, plugin: str | None, node: str | None, timeout:
             plugins = view.get("plugins")
             names = [p.get("name") for p in plugins if isinstance(p, dict)] if isinstance(plugins, list) else []
             pairs += [(node_id, name) for name in names if isinstance(name, str) and plugin in (None, name)]
+        if plugin is not None and not pairs:
+            _not_loaded(plugin, follow)
+            return []
     # one plugin on one node, once: its failure is the command's (a follower waits for it instead)
     explicit = node is not None and plugin is not None and not follow
     gate = asyncio.Semaphore(DEBUG_CONCURRENCY)
@@ -170,6 +173,8 @@ async def _recent(client: Client, plugin: str | None, node: str | None, timeout:
             except PluginNotFoundError:
                 if explicit:
                     raise
+                if follow and node is not None and plugin is not None:
+                    _not_loaded(plugin, follow)
                 return []  # the plugin left the node meanwhile
             except Exception as e:  # the node did not answer in time, or not as a node
                 if explicit:
@@ -190,6 +195,14 @@ async def _recent(client: Client, plugin: str | None, node: str | None, timeout:
     lines = [line for found in await asyncio.gather(*(one(n, p) for n, p in pairs)) for line in found]
     lines.sort(key=lambda line: (line["ts"], line["node"], line["seq"]))
     return lines
+
+
+def _not_loaded(plugin: str, follow: bool) -> None:
+    """No node has ``plugin``: the command's failure (as ``sandbus debug``'s), or, for a follower, a note
+    said once on stderr -- a plugin may be loaded later, and its lines are then printed."""
+    if not follow:
+        fail(f"no node has plugin {plugin!r}", EXIT_NO_NODE)
+    typer.echo(f"sandbus: no node has plugin {plugin!r} yet: following its lines once one loads it", err=True)
 
 
 def _silent(node_id: str, error: object, timeout: float) -> None:
@@ -222,8 +235,10 @@ def logs(
     """Plugin log lines across the nodes: the recent ones each node keeps, merged by time; with -f, then
     every new line as it is published."""
     plugin, node = _token(plugin, "plugin"), _token(node, "node id")
-    if level is not None and level not in LEVELS:
-        fail(f"--level must be one of {', '.join(LEVELS)}", EXIT_USAGE)
+    if level is not None:
+        level = level.lower()  # WARNING as warning: the level is printed upper case
+        if level not in LEVELS:
+            fail(f"--level must be one of {', '.join(LEVELS)} (any case)", EXIT_USAGE)
     minimum = LEVELS.index(level) if level is not None else 0
     console = None if as_json else _console()
 

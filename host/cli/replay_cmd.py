@@ -3,7 +3,8 @@
 The record file is bounded and validated before anything runs; the module must be the recorded one
 (sha256). What the replayed call prints is what ``sandbus run`` prints (its reply, or its error), then one
 line on stderr saying whether it ended as the recorded call did. Exit codes: those of ``sandbus run`` for
-the call's outcome when it is the recorded one; 1 when the replay diverged or ended otherwise.
+the call's outcome when it is the recorded one; 1 when the replay diverged or ended otherwise; 2 when the
+record file cannot be read or is not a valid record.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def replay(
     setup_logging(verbose)
     try:
         record = load_record(record_file)
+    except SandbusError as e:  # an unreadable or invalid file is the caller's mistake: a usage error
+        fail(str(e), EXIT_USAGE)
+    try:
         outcome = run_replay(record, module, debug=debug, timeout_s=timeout)
     except PluginNotFoundError as e:
         fail(str(e), EXIT_USAGE)

@@ -299,3 +299,35 @@ async def test_debug_and_logs_of_what_does_not_exist_exit_6(cli_node: NodeProces
         done = sandbus(nats.url, *args, "--timeout", "1")
         assert done.returncode == 6, (args, done.stderr)
         assert done.stderr.count(b"\n") == 1, (args, done.stderr)  # one line, no traceback
+
+
+async def test_operator_commands_answer_as_a_newcomer_expects(cli_node: NodeProcess, nats: NatsServer) -> None:
+    """A plugin no node has is exit 6 for ``logs`` as for ``debug``; ``--level`` takes any case; a node
+    that is not there is named in correct English."""
+    missing = sandbus(nats.url, "logs", "nosuch")
+    assert missing.returncode == 6, missing
+    assert b"no node has plugin 'nosuch'" in missing.stderr
+    assert missing.stdout == b""
+    upper = sandbus(nats.url, "logs", "logger", "--level", "WARNING")
+    assert upper.returncode == 0, upper.stderr
+    no_node = sandbus(nats.url, "debug", "logger", "--node", "nosuch")
+    assert no_node.returncode == 6
+    assert b"node 'nosuch' did not answer" in no_node.stderr
+    assert b"serves node" not in no_node.stderr
+
+
+async def test_logs_follow_of_a_plugin_no_node_has_says_so_once_and_follows(cli_node: NodeProcess,
+                                                                           nats: NatsServer) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandbus", "logs", "nosuch", "-f", "--nats", nats.url, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(30):
+            said = await proc.stderr.readline()
+        assert b"no node has plugin 'nosuch' yet" in said
+        assert proc.returncode is None  # still following
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 20)
+    assert proc.returncode == 130
