@@ -243,6 +243,7 @@ def logs(
     console = None if as_json else _console()
 
     async def run(client: Client) -> None:
+        _quiet_close(client)
         seen: set[tuple[str, int]] = set()
         stream = client.logs(plugin, level=level, node=node) if follow else None
         if stream is not None:
@@ -286,6 +287,7 @@ async def _follow_again(conn: Connection, open_stream: Callable[[Client], Any], 
                 break
             except BusError:
                 continue
+        _quiet_close(client)
         try:
             async with open_stream(client) as stream:
                 typer.echo("sandbus: reconnected, following again", err=True)
@@ -294,6 +296,26 @@ async def _follow_again(conn: Connection, open_stream: Callable[[Client], Any], 
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 2.0)
+
+
+def _quiet_close(client: Client) -> None:
+    """Say at once when the NATS server announces it is shutting down (lame duck mode: it closes its
+    clients only after a grace period, 10 s by default, and a follower would be silent meanwhile), and keep
+    a drain cancelled by Ctrl-C from printing a traceback (nats-py's drain leaves a gathered future whose
+    cancellation nobody retrieves): the command exits 130 with nothing more said."""
+    async def lame_duck() -> None:
+        typer.echo("sandbus: the NATS server is shutting down: the connection will be lost (then reconnecting)",
+                   err=True)
+
+    # nats-py takes the callback only at connect, which is shared by every command: set on the client after.
+    client.nc._lame_duck_mode_cb = lame_duck
+    loop = asyncio.get_running_loop()
+
+    def on_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if not isinstance(context.get("exception"), asyncio.CancelledError):
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(on_error)
 
 
 def _histogram(name: str, hist: object, unit: str) -> str:

@@ -331,3 +331,28 @@ async def test_logs_follow_of_a_plugin_no_node_has_says_so_once_and_follows(cli_
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.wait(), 20)
     assert proc.returncode == 130
+
+
+async def test_logs_follow_says_at_once_that_the_server_is_going_away(nats: NatsServer) -> None:
+    """A server in lame duck mode closes its clients only after a grace period (10 s): the follower says
+    at once that the connection will be lost, and Ctrl-C then ends it with 130 and no traceback."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandbus", "logs", "-f", "--nats", nats.url, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        assert nats.pid is not None
+        async with asyncio.timeout(30):
+            first = await proc.stderr.readline()
+        assert b"no sandbus node answered yet" in first
+        os.kill(nats.pid, signal.SIGUSR2)  # lame duck mode
+        async with asyncio.timeout(5):  # well within the server's grace period
+            said = await proc.stderr.readline()
+        assert b"the NATS server is shutting down" in said
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            _, rest = await proc.communicate()
+    assert proc.returncode == 130
+    assert b"Traceback" not in rest, rest
+    assert b"never retrieved" not in rest, rest
