@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sandbus.host.cli.bus import bus_call
+from sandbus.host.cli.bus import _bytes, _ms, bus_call
 from sandbus.host.cli.connect import Connection, with_connection
 from sandbus.host.cli.main import EXIT_NO_NODE, EXIT_USAGE, fail, finite_positive
 from sandbus.host.cli.output import terminal_json
@@ -338,6 +338,32 @@ def _histogram(name: str, hist: object, unit: str) -> str:
     return "\n".join(rows)
 
 
+def _when(value: object) -> str:
+    """A time as the log lines print theirs: ISO 8601 UTC with microseconds and ``Z``. The node sends
+    ISO 8601 strings (``+00:00``) and audit events Unix seconds: each is shown the same way; anything
+    else as text."""
+    from datetime import UTC, datetime
+
+    when: datetime | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, OverflowError, OSError):
+            when = datetime.fromtimestamp(value, UTC)
+    elif isinstance(value, str) and len(value) <= 64:
+        with contextlib.suppress(ValueError):
+            when = datetime.fromisoformat(value)
+            when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    if when is None:
+        return _text(value, 40)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _limit(key: str, value: object) -> str:
+    """One limit as ``sandbus ls`` shows sizes (KiB, MiB), a flag as in ``--json`` (``true``, ``false``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _bytes(value) if key.endswith("_bytes") else _text(value, 40)
+
+
 def _render(state: dict[str, Any]) -> list[RenderableType]:
     from rich import box
     from rich.table import Table
@@ -348,7 +374,7 @@ def _render(state: dict[str, Any]) -> list[RenderableType]:
     head = (f"[bold]{_text(state.get('plugin'), 255)}[/bold] {_text(state.get('version'), 64)} on node "
             f"[bold]{_text(state.get('node_id'), 255)}[/bold]: {_text(state.get('status'), 16)}, "
             f"{_text(state.get('kind'), 16)}, {_text(state.get('isolation'), 16)}, loaded "
-            f"{_text(state.get('last_loaded'), 40)}, {_text(state.get('reloads'), 12)} reload(s)")
+            f"{_when(state.get('last_loaded'))}, {_text(state.get('reloads'), 12)} reload(s)")
     out.append(head)
     counters = state.get("counters") if isinstance(state.get("counters"), dict) else {}
     assert isinstance(counters, dict)
@@ -356,13 +382,15 @@ def _render(state: dict[str, Any]) -> list[RenderableType]:
     facts.add_column("what")
     facts.add_column("value", overflow="fold")
     for key in ("executions", "errors", "host_errors", "rejected", "p50_ms", "p99_ms", "fuel_used", "last_fuel_used"):
-        facts.add_row(cell(key), cell(counters.get(key, "-"), 40))
+        value = counters.get(key, "-")
+        facts.add_row(cell(key), cell(_ms(value) if key.endswith("_ms") else value, 40))
     facts.add_row(cell("in_flight"), cell(state.get("in_flight"), 40))
     facts.add_row(cell("queue_depth"), cell(state.get("queue_depth"), 40))
     limits = state.get("limits")
     if isinstance(limits, dict):
-        shown = ", ".join(f"{k}={limits[k]}" for k in ("memory_bytes", "fuel", "timeout_s", "max_instances",
-                                                         "log_bytes", "isolation") if k in limits)
+        shown = ", ".join(f"{k}={_limit(k, limits[k])}" for k in (
+            "memory_bytes", "fuel", "timeout_s", "max_instances", "log_bytes", "isolation", "debug_info")
+            if k in limits)
         facts.add_row(cell("limits"), cell(shown, 400))
     out.append(facts)
     instances = state.get("instances")
@@ -372,7 +400,9 @@ def _render(state: dict[str, Any]) -> list[RenderableType]:
             table.add_column(title, justify="right")
         for inst in instances:
             if isinstance(inst, dict):
-                table.add_row(cell(inst.get("id"), 20), cell(inst.get("memory_bytes"), 20), cell(inst.get("busy"), 8),
+                flag = inst.get("busy")
+                busy = ("busy" if flag else "idle") if isinstance(flag, bool) else "-"
+                table.add_row(cell(inst.get("id"), 20), cell(_bytes(inst.get("memory_bytes")), 20), cell(busy, 8),
                               cell(inst.get("calls"), 20))
         out.append(table)
     out.append(_histogram("latency", state.get("latency_ms"), "ms"))
@@ -384,7 +414,7 @@ def _render(state: dict[str, Any]) -> list[RenderableType]:
             table.add_column(title, overflow="fold")
         for err in errors[-SHOWN_LOGS:]:
             if isinstance(err, dict):
-                table.add_row(cell(err.get("at"), 40), cell(err.get("function"), 80), cell(err.get("code"), 60),
+                table.add_row(cell(_when(err.get("at")), 40), cell(err.get("function"), 80), cell(err.get("code"), 60),
                               cell(err.get("message"), 400))
         out.append(table)
     lines = state.get("recent_logs")
@@ -396,7 +426,8 @@ def _render(state: dict[str, Any]) -> list[RenderableType]:
         out.append(f"[bold]recent audit events[/bold] (last {min(len(events), SHOWN_AUDIT)} of {len(events)}):")
         for event in events[-SHOWN_AUDIT:]:
             if isinstance(event, dict):
-                out.append(f"  {_text(event.get('level'), 10)} {_text(event.get('kind'), 64)}: "
+                out.append(f"  [dim]{_when(event.get('timestamp'))}[/dim] {_text(event.get('level'), 10)} "
+                           f"{_text(event.get('kind'), 64)}: "
                            f"{_text(event.get('message'), 400)}")
     return out
 

@@ -356,3 +356,21 @@ async def test_logs_follow_says_at_once_that_the_server_is_going_away(nats: Nats
     assert proc.returncode == 130
     assert b"Traceback" not in rest, rest
     assert b"never retrieved" not in rest, rest
+
+
+async def test_debug_text_reads_as_an_operator_expects(cli_node: NodeProcess, nats: NatsServer) -> None:
+    """Limits with debug_info, rounded latencies, memory in KiB/MiB, instances busy or idle, every time
+    in one format (ISO 8601 UTC with Z), audit events with their time."""
+    import re
+
+    await _say(nats.url, "hello")
+    shown = sandbus(nats.url, "debug", "logger")
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.decode()
+    assert "debug_info=false" in text
+    assert re.search(r"memory_bytes=\d+ [KM]iB", text), text
+    assert re.search(r"p50_ms\s+\d+\.\d\d\b", text), text
+    assert re.search(r"^\s*\d+\s+\d+ [KM]iB\s+idle\s+\d+\s*$", text, re.MULTILINE), text
+    assert "+00:00" not in text
+    assert re.search(r"loaded \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z,", text), text
+    assert re.search(r"^  \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z info lifecycle\.load: ", text, re.MULTILINE), text
