@@ -351,6 +351,8 @@ def run(
         fail(str(e), EXIT_USAGE)  # at load, a module without our ABI is an invalid module; no file, a bad path
     except SandbusError as e:
         fail(str(e), exit_code_for(e))
+    if debug:
+        _note_without_dwarf(plugin)
     try:
         with sandbox:
             # A function the module does not export is a mistake on the command line, not the plugin's.
@@ -377,6 +379,64 @@ def run(
     sys.stdout.flush()
     if isinstance(decoded, dict) and decoded.get("success") is False:
         raise typer.Exit(EXIT_PLUGIN)
+
+
+#: Bytes of a module read to look for its debug info (the sandbox has loaded it: it is no larger).
+MAX_DWARF_SCAN_BYTES = 512 * 1024 * 1024
+
+
+def _note_without_dwarf(plugin: Path) -> None:
+    """Say once on stderr when ``plugin`` has no DWARF (no ``.debug_info`` custom section): compiled
+    with debug info or not, its code then maps to no source line, and a breakpoint set on it never hits."""
+    try:
+        with plugin.open("rb") as f:
+            wasm = f.read(MAX_DWARF_SCAN_BYTES)
+    except OSError:
+        return
+    if has_custom_section(wasm, ".debug_info") is False:
+        typer.echo(f"sandbus: note: {terminal_text(str(plugin))} has no debug info (DWARF), so breakpoints on its "
+                   "source never hit: build it with -g, e.g. `[build] optimize = false` in its manifest "
+                   "(sandbus build compiles it with -O0 -g)", err=True)
+
+
+def has_custom_section(wasm: bytes, name: str, *, depth: int = 0) -> bool | None:
+    """Whether the core module (or a core module embedded in the component) ``wasm`` has a custom
+    section named ``name``, read from the section headers; ``None`` when the framing is broken (nothing
+    is said about a module that cannot be read)."""
+    if depth > 8 or len(wasm) < 8 or wasm[:4] != b"\0asm":
+        return None
+    component = wasm[4:8] == b"\x0d\x00\x01\x00"
+    pos, wanted = 8, name.encode()
+    try:
+        while pos < len(wasm):
+            section = wasm[pos]
+            size, body = _leb_u32(wasm, pos + 1)
+            stop = body + size
+            if stop > len(wasm):
+                return None
+            if section == 0:
+                length, start = _leb_u32(wasm, body)
+                if wasm[start:start + length] == wanted:
+                    return True
+            elif component and section in (1, 4) and has_custom_section(wasm[body:stop], name, depth=depth + 1):
+                return True
+            pos = stop
+    except IndexError:
+        return None
+    return False
+
+
+def _leb_u32(data: bytes, pos: int) -> tuple[int, int]:
+    """The unsigned LEB128 number at ``pos`` and the offset after it (IndexError when it runs out)."""
+    result = shift = 0
+    while shift <= 28:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+    raise IndexError("LEB128 number too long")
 
 
 def _write_record(sandbox: Any, path: Path, plugin: Path) -> None:
