@@ -117,7 +117,8 @@ def iso_time(ts: float) -> str:
 class LogLine:
     """One captured line. ``dropped`` is set when it is published (lines dropped just before it)."""
 
-    __slots__ = ("dropped", "level", "message", "plugin", "seq", "size", "stream", "trace_id", "ts", "version")
+    __slots__ = ("dropped", "level", "message", "plugin", "seq", "size", "stream", "thread", "trace_id", "ts",
+                 "version")
 
     def __init__(self, ts: float, level: str, plugin: str, version: str | None, stream: str | None,
                  message: str, trace_id: str | None, seq: int) -> None:
@@ -132,6 +133,8 @@ class LogLine:
         self.dropped = 0
         #: what it counts against the ring's and the queue's character bounds
         self.size = len(message) + LINE_OVERHEAD
+        #: the thread that logged it (:meth:`PluginLogs.discard_since` takes back an interrupted call's lines)
+        self.thread = 0
 
     def to_dict(self, node: str) -> dict[str, Any]:
         """The record as published (docs/protocol.md, docs/schemas/log-line.schema.json)."""
@@ -197,6 +200,9 @@ class PluginLogs:
         self._overflow: dict[str, int] = {}
         self._woken = False
         self._closing = False
+        #: lines are queued before :meth:`start` too (plugins loaded before the node connects), up to the
+        #: queue's bounds, and published once it starts; False once closed or when not publishing
+        self._early = publish
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._event: asyncio.Event | None = None
@@ -233,6 +239,7 @@ class PluginLogs:
             message = escape_controls(record.getMessage())
         line = LogLine(record.created, _level_name(record.levelno), plugin, self._version_of(plugin), stream,
                        _bounded(message), self._trace_id(), 0)
+        line.thread = threading.get_ident()
         wake = False
         with self._lock:
             self._seq += 1
@@ -250,7 +257,7 @@ class PluginLogs:
             while len(ring) > 1 and (len(ring) > self.ring_size or held > self.ring_chars):
                 held -= ring.popleft().size
             self._ring_sizes[plugin] = held
-            if self._event is not None:
+            if self._event is not None or self._early:
                 if len(self._queue) >= self.queue_size or self._queued + line.size > self.queue_chars:
                     self._overflow[plugin] = self._overflow.get(plugin, 0) + 1
                 else:
@@ -260,6 +267,41 @@ class PluginLogs:
                     self._woken = wake = True
         if wake:
             self._wake()
+
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the latest line captured (0: none yet): a mark for :meth:`discard_since`."""
+        return self._seq
+
+    def discard_since(self, plugin: str, mark: int) -> int:
+        """Take back the lines ``plugin`` logged on this thread after ``mark`` (a :attr:`last_seq`): a call
+        interrupted and run again from the start logs them again, and each line must be told once.
+
+        Only for a call that ran on the node's loop thread (an inline call), where nothing else logs and
+        the queue is not drained until the call returns: every such line is still in the ring and the
+        queue. Returns how many lines were taken back."""
+        if self._seq == mark:
+            return 0
+        me = threading.get_ident()
+
+        def ours(line: LogLine) -> bool:
+            return line.seq > mark and line.plugin == plugin and line.thread == me
+
+        with self._lock:
+            ring = self._rings.get(plugin)
+            taken = 0
+            if ring is not None:
+                kept = [line for line in ring if not ours(line)]
+                taken = len(ring) - len(kept)
+                if taken:
+                    self._rings[plugin] = deque(kept)
+                    self._ring_sizes[plugin] = sum(line.size for line in kept)
+            if any(ours(line) for line in self._queue):
+                queue = deque(line for line in self._queue if not ours(line))
+                self._queued -= sum(line.size for line in self._queue if ours(line))
+                self._queue = queue
+            self.captured -= taken
+        return taken
 
     def _wake(self) -> None:
         loop, event = self._loop, self._event
@@ -315,11 +357,18 @@ class PluginLogs:
             return
         self._publish = publish
         self._event = asyncio.Event()
+        with self._lock:
+            self._early = False
+            if self._queue or self._overflow:  # what plugins logged while loading, before the node connected
+                self._woken = True
+                self._event.set()
         self._task = asyncio.ensure_future(self._run(self._event))
 
     async def close(self, timeout: float = 2.0) -> None:
         """Publish what is queued (bounded by ``timeout``), then stop publishing."""
         task, event = self._task, self._event
+        with self._lock:
+            self._early = False
         if task is None or event is None:
             return
         with self._lock:

@@ -60,6 +60,7 @@ import logging
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,6 +106,8 @@ MESSAGE_FUNCTION = "handle_message"
 DEFAULT_FUNCTION = "handle_request"
 #: Calls per plugin that may wait for an instance on a node (see :class:`Node`).
 DEFAULT_MAX_WAITING = 64
+#: Audit events a node keeps from before it started (plugins loaded before it connects), to publish then.
+EARLY_AUDIT_EVENTS = 1024
 #: the per-plugin counters ``stats`` adds to ``list`` (bus/control.py documents them)
 _COUNTERS = ("executions", "errors", "host_errors", "rejected", "p50_ms", "p99_ms", "fuel_used", "last_fuel_used",
              "memory_bytes", "instances", "in_flight", "max_open_files")
@@ -219,6 +222,12 @@ class Node:
                                audit=self._audit_drops)
         #: each plugin's latest audit events, for ``debug`` (filled on the loop)
         self.recent_audit = AuditRing()
+        #: audit events raised before the node has a loop (plugins loaded before it connects): told once it
+        #: starts, so that a plugin's ``lifecycle.load`` reaches the audit trail like a later reload's
+        self._early_audit: deque[AuditEvent] = deque(maxlen=EARLY_AUDIT_EVENTS)
+        self._early_audit_lost = 0
+        # Captured from now on: what plugins log while they load, before the node connects, is kept too.
+        logbus.attach(self.logs)
         manager.auditor.add_sink(self._on_audit)
         manager.auditor.add_sink(self.telemetry.on_audit)
         self.telemetry.observe(self._gauges)
@@ -254,6 +263,7 @@ class Node:
             raise
         self.logs.start(self._publish_log)
         self.bus.on_close.append(self.logs.close)
+        self._tell_early_audit()
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Graceful: the bus drains and answers every message it accepted (see PluginBus.stop), then the
@@ -302,10 +312,24 @@ class Node:
         """
         return debug_state(self, plugin)
 
+    def _tell_early_audit(self) -> None:
+        """Publish the audit events raised before the node started (on the loop, once it has one)."""
+        while self._early_audit:
+            self._audit_on_loop(self._early_audit.popleft())
+        if self._early_audit_lost:
+            log.warning("%d audit event(s) raised before the node connected were not kept (at most %d are)",
+                        self._early_audit_lost, EARLY_AUDIT_EVENTS)
+            self._early_audit_lost = 0
+
     def _on_audit(self, event: AuditEvent) -> None:
         # Also while stopping: the calls being drained are still audited (published until disconnected).
         loop = self._loop
-        if loop is None or loop.is_closed():
+        if loop is None:
+            if len(self._early_audit) == EARLY_AUDIT_EVENTS:
+                self._early_audit_lost += 1
+            self._early_audit.append(event)  # deque.append: safe from any thread
+            return
+        if loop.is_closed():
             return
         # Called from whatever thread raised the event: hop onto the loop.
         loop.call_soon_threadsafe(self._audit_on_loop, event)
@@ -541,6 +565,7 @@ class Node:
         # Threads holding every instance: waiting for one here would block the loop.
         if lane.threaded >= lane.limit or not lane.inline_now(self._loop):
             return None
+        mark = self.logs.last_seq
         try:
             # wait=False: an idle instance or NotInline, never a build or a wait on the loop.
             return self.manager.execute_detailed(plugin, function, payload, budget_s=self.inline_budget_s,
@@ -548,6 +573,8 @@ class Node:
         except NotInline:
             return None
         except BudgetExceeded:
+            # It runs again from the start, and logs again: what this attempt logged is taken back.
+            self.logs.discard_since(plugin, mark)
             lane.inline_from = self._loop.time() + self.demote_s
             log.info("%s.%s overran the %g s inline budget: it runs again in a thread, and %s stays on threads "
                      "for %g s", plugin, function, self.inline_budget_s, plugin, self.demote_s)
