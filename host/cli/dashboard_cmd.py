@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from sandbus.host.cli.connect import Connection, with_connection
-from sandbus.host.cli.main import EXIT_BUS, EXIT_PLUGIN, EXIT_USAGE, fail
+from sandbus.host.cli.main import EXIT_BUS, EXIT_USAGE, fail
 
 if TYPE_CHECKING:
     from sandbus.host.dashboard.server import DashboardConfig
@@ -165,7 +165,8 @@ def _run(conn: Connection, config: DashboardConfig) -> None:
         try:
             await serve(client, config, stop=stop, on_ready=ready, on_collector=collectors.append)
         except OSError as e:
-            fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}", EXIT_PLUGIN)
+            fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e} (--port 0 picks a free port)",
+                 EXIT_USAGE)
         finally:
             connected = False  # closing is not an outage to report
             with contextlib.suppress(Exception):

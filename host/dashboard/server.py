@@ -125,6 +125,11 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return _json({"error": {"code": code, "message": message}}, status)
 
 
+async def _no_icon(request: web.Request) -> web.StreamResponse:
+    """Browsers ask for an icon on their own: no content, rather than a 404 in the console on every load."""
+    return web.Response(status=204)
+
+
 @web.middleware
 async def _guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                  ) -> web.StreamResponse:
@@ -136,7 +141,7 @@ async def _guard(request: web.Request, handler: Callable[[web.Request], Awaitabl
     header) may reach anything but the page itself, which a link on another site may open.
     """
     if not request.app[HOST_KEY][0].allows(request.headers.get("Host")):
-        return web.Response(status=421, text="this server does not answer to that host name\n")
+        return _error(421, "dashboard.wrong_host", "this server does not answer to that host name")
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site not in ("same-origin", "none") and request.path != "/":
         return _error(403, "dashboard.cross_site", "requests from another site's page are refused")
@@ -320,6 +325,7 @@ def make_app(config: DashboardConfig, hub: Hub, collector: Collector, port: int)
     app.on_shutdown.append(close_streams)
     app.router.add_get("/", _index)
     app.router.add_get("/static/{name}", _asset)
+    app.router.add_get("/favicon.ico", _no_icon)
     app.router.add_get("/api/state", _state)
     app.router.add_get("/api/events", _events)
     app.router.add_get("/api/debug", _debug)

@@ -60,13 +60,14 @@ def test_an_unreachable_bus_is_said_at_once() -> None:
     assert proc.stderr.startswith("sandbus: NATS at nats://127.0.0.1:1 is unreachable (")
 
 
-def test_a_port_in_use_is_exit_1(nats_url: str) -> None:
+def test_a_port_in_use_is_a_usage_error_with_a_hint(nats_url: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         proc = _run("--nats", nats_url, "--port", str(taken.getsockname()[1]))
-    assert proc.returncode == 1, proc
+    assert proc.returncode == 2, proc
     assert "cannot listen on 127.0.0.1:" in proc.stderr
+    assert "--port 0 picks a free port" in proc.stderr
 
 
 def test_control_without_credentials_warns(nats_url: str, tmp_path: Path) -> None:

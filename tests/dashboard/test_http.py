@@ -119,8 +119,9 @@ def test_a_foreign_host_header_is_refused(stack: Stack, host: str) -> None:
     """DNS rebinding: a page of another site that resolved its name to 127.0.0.1 still sends its name."""
     port = urlsplit(stack.read_only.url).port
     for path in ("/", "/api/state", "/api/events"):
-        status, _, _ = _http(stack.read_only.url, "GET", path, host=host.format(port=port))
+        status, _, body = _http(stack.read_only.url, "GET", path, host=host.format(port=port))
         assert status == 421, (host, path)
+        assert orjson.loads(body)["error"]["code"] == "dashboard.wrong_host"
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST:{port}", "127.0.0.1"])
@@ -321,3 +322,9 @@ def test_another_sites_page_cannot_use_the_api(stack: Stack, site: str) -> None:
         == 200
     # a debug request without the page's header is refused whatever the browser says
     assert _http(stack.read_only.url, "GET", f"/api/debug?node={NODE}&plugin=echo")[0] == 403
+
+
+def test_the_browsers_own_icon_request_is_answered_without_content(stack: Stack) -> None:
+    """A browser asks for /favicon.ico by itself: answered 204, not a 404 error in the page's console."""
+    status, _, body = _http(stack.read_only.url, "GET", "/favicon.ico")
+    assert (status, body) == (204, b"")
