@@ -83,7 +83,8 @@ def trace_cmd(
     for s in client_spans:  # this process is the client: named by its service, not its random instance id
         s["service"] = provider.resource.attributes.get("service.name", SERVICE_NAME)
     spans = client_spans + _valid_spans(node_spans)
-    typer.echo(f"trace id {trace_id:032x}  (Jaeger: {jaeger or ''}/trace/{trace_id:032x})")
+    link = f"Jaeger: {jaeger}/trace/{trace_id:032x}" if jaeger else "pass --jaeger URL for a link to it in Jaeger"
+    typer.echo(f"trace id {trace_id:032x}  ({link})")
     by_parent: dict[str | None, list[dict[str, Any]]] = {}
     ids = {s["span_id"] for s in spans}
     for s in spans:

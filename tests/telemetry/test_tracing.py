@@ -331,6 +331,8 @@ def test_sandbus_trace_shows_node_spans_without_a_collector(tmp_path: Path, plug
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == '{"x": 1}'
     assert r.stdout.startswith("trace id ")
+    # No --jaeger: no link with a missing host, but how to get one.
+    assert "(pass --jaeger URL for a link to it in Jaeger)" in r.stdout.splitlines()[0]
     for name in ("send sandbus.req.echo.handle_request", "process sandbus.req.echo.handle_request",
                  "execute echo.handle_request"):
         assert name in r.stderr
