@@ -393,50 +393,16 @@ def _note_without_dwarf(plugin: Path) -> None:
             wasm = f.read(MAX_DWARF_SCAN_BYTES)
     except OSError:
         return
-    if has_custom_section(wasm, ".debug_info") is False:
+    from sandbus.host.sandbox.wasmscan import MalformedWasm, scan_wasm
+
+    try:
+        debug_info = scan_wasm(wasm).debug_info
+    except MalformedWasm:
+        return  # nothing is said about a module that cannot be read: loading it says what is wrong
+    if not debug_info:
         typer.echo(f"sandbus: note: {terminal_text(str(plugin))} has no debug info (DWARF), so breakpoints on its "
                    "source never hit: build it with -g, e.g. `[build] optimize = false` in its manifest "
                    "(sandbus build compiles it with -O0 -g)", err=True)
-
-
-def has_custom_section(wasm: bytes, name: str, *, depth: int = 0) -> bool | None:
-    """Whether the core module (or a core module embedded in the component) ``wasm`` has a custom
-    section named ``name``, read from the section headers; ``None`` when the framing is broken (nothing
-    is said about a module that cannot be read)."""
-    if depth > 8 or len(wasm) < 8 or wasm[:4] != b"\0asm":
-        return None
-    component = wasm[4:8] == b"\x0d\x00\x01\x00"
-    pos, wanted = 8, name.encode()
-    try:
-        while pos < len(wasm):
-            section = wasm[pos]
-            size, body = _leb_u32(wasm, pos + 1)
-            stop = body + size
-            if stop > len(wasm):
-                return None
-            if section == 0:
-                length, start = _leb_u32(wasm, body)
-                if wasm[start:start + length] == wanted:
-                    return True
-            elif component and section in (1, 4) and has_custom_section(wasm[body:stop], name, depth=depth + 1):
-                return True
-            pos = stop
-    except IndexError:
-        return None
-    return False
-
-
-def _leb_u32(data: bytes, pos: int) -> tuple[int, int]:
-    """The unsigned LEB128 number at ``pos`` and the offset after it (IndexError when it runs out)."""
-    result = shift = 0
-    while shift <= 28:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-    raise IndexError("LEB128 number too long")
 
 
 def _write_record(sandbox: Any, path: Path, plugin: Path) -> None:

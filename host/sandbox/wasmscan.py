@@ -18,7 +18,8 @@ _MAGIC = b"\0asm"
 _CORE_VERSION = b"\x01\x00\x00\x00"
 _COMPONENT_VERSION = b"\x0d\x00\x01\x00"
 #: Core section ids.
-_FUNCTION, _MEMORY = 3, 5
+_CUSTOM, _FUNCTION, _MEMORY = 0, 3, 5
+_DEBUG_INFO = b".debug_info"
 #: Component section ids that hold a core module / a nested component.
 _CORE_MODULE, _COMPONENT = 1, 4
 #: More nesting than any toolchain emits; bounds the recursion.
@@ -32,7 +33,8 @@ class MalformedWasm(ValueError):
 @dataclass
 class WasmFacts:
     """What the headers say. ``functions`` counts defined (compiled) functions over every embedded
-    core module; ``memory64`` / ``shared_memory`` are set when a defined memory declares them."""
+    core module; ``memory64`` / ``shared_memory`` are set when a defined memory declares them;
+    ``debug_info`` when a core module carries DWARF (a ``.debug_info`` custom section)."""
 
     size: int = 0
     component: bool = False
@@ -41,6 +43,7 @@ class WasmFacts:
     sections: int = 0
     memory64: bool = False
     shared_memory: bool = False
+    debug_info: bool = False
 
 
 def _leb_u32(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -94,6 +97,9 @@ def _scan(data: memoryview, start: int, end: int, facts: WasmFacts, depth: int, 
             facts.functions += _leb_u32(data, body, stop)[0]
         elif section == _MEMORY:
             _memories(data, body, stop, facts)
+        elif section == _CUSTOM and not facts.debug_info:
+            length, name = _leb_u32(data, body, stop)
+            facts.debug_info = bytes(data[name:min(name + length, stop)]) == _DEBUG_INFO
         pos = stop
 
 

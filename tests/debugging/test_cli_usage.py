@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbus.host.cli.main import has_custom_section
+from sandbus.host.sandbox.wasmscan import MalformedWasm, scan_wasm
 from tests.conftest import ROOT
 from tests.debugging.conftest import GUESTS
 
@@ -42,8 +42,8 @@ def test_run_debug_says_when_the_module_has_no_dwarf(debug_guest: Path, tmp_path
     subprocess.run([clang, "--target=wasm32-wasi", "--sysroot=/usr", "-O2", "-Wl,--strip-all", "-mexec-model=reactor",
                     "-I", str(ROOT / "sdk" / "guest" / "c"), "-o", str(plain), str(GUESTS / "debug_me.c")],
                    check=True, capture_output=True)
-    assert has_custom_section(plain.read_bytes(), ".debug_info") is False
-    assert has_custom_section(debug_guest.read_bytes(), ".debug_info") is True
+    assert scan_wasm(plain.read_bytes()).debug_info is False
+    assert scan_wasm(debug_guest.read_bytes()).debug_info is True
     noted = sandbus("run", "--debug", str(plain), "--input", "1", cwd=tmp_path)
     assert noted.returncode == 0, noted.stderr
     assert noted.stderr.count(NO_DWARF) == 1, noted.stderr
@@ -59,4 +59,5 @@ def test_run_debug_says_when_the_module_has_no_dwarf(debug_guest: Path, tmp_path
 @pytest.mark.parametrize("wasm", [b"", b"\0asm\x01\x00\x00\x00\x00\x85", b"\0asm\x01\x00\x00\x00\x00\x05\x09.debug",
                                   b"\0asm\x01\x00\x00\x00\x00\xff\xff\xff\xff\xff\xff"])
 def test_a_broken_module_is_neither_with_nor_without_debug_info(wasm: bytes) -> None:
-    assert has_custom_section(wasm, ".debug_info") is None
+    with pytest.raises(MalformedWasm):
+        scan_wasm(wasm)
