@@ -56,7 +56,7 @@ from sandbus.host.cli.nats_context import (
     read_bounded,
     str_or_none,
 )
-from sandbus.sdk.errors import BusError, SandbusError
+from sandbus.sdk.errors import BusError, SandbusError, SecurityViolationError
 from sandbus.sdk.nats_auth import auth_kwargs, tls_context
 
 if TYPE_CHECKING:
@@ -372,13 +372,22 @@ def _unreachable(conn: Connection, causes: list[BaseException], final: BaseExcep
     return BusError(f"cannot reach NATS at {conn.shown_url} ({cause}); {hint}")
 
 
-async def _connect(conn: Connection) -> Client:
+#: What a NATS server says when a user's permissions refuse a publish or a subscription.
+_PERMISSION_VIOLATION = re.compile(r"permissions violation", re.IGNORECASE)
+
+
+async def _connect(conn: Connection, on_refused: Callable[[str], None] | None = None) -> Client:
+    """A connected client, or the reason why not (:class:`BusError`). ``on_refused``: called with the
+    server's message when, once connected, it refuses a publish or a subscription of this client."""
     from sandbus.sdk.client import Client
 
     causes: list[BaseException] = []
+    connected = False
 
     async def on_error(e: Exception) -> None:
-        if len(causes) < 32:
+        if connected and on_refused is not None and _PERMISSION_VIOLATION.search(str(e)):
+            on_refused(str(e))
+        elif len(causes) < 32:
             causes.append(e)
 
     nc = _client_class(conn)()
@@ -401,6 +410,7 @@ async def _connect(conn: Connection) -> Client:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.close(), 0.5)
         raise BusError(f"NATS at {conn.shown_url} is not a server sandbus can use: {problem}")
+    connected = True
     return Client(nc)
 
 
@@ -447,9 +457,27 @@ def client_run(coro_factory: Callable[[Client], Any], conn: Connection,
     logging.getLogger("asyncio").setLevel(logging.ERROR)  # its notes on TLS shutdowns, not the user's concern
 
     async def go() -> Any:
-        client = await _connect(conn)
+        refused: list[str] = []
+        work: asyncio.Task[Any] | None = None
+
+        def on_refused(message: str) -> None:
+            # The server refused what the command asked of it (a publish, a subscription): nothing will
+            # answer, so the command ends now, saying why, instead of at its timeout.
+            refused.append(message)
+            if work is not None:
+                work.cancel()
+
+        client = await _connect(conn, on_refused)
         try:
-            return await coro_factory(client)
+            work = asyncio.ensure_future(coro_factory(client))
+            try:
+                return await work
+            except asyncio.CancelledError:
+                if not refused:
+                    raise
+            raise SecurityViolationError(f"NATS at {conn.shown_url} refused it ({refused[0][:200]}): the user "
+                                         "you connect as may not do this (docs/security.md lists each role's "
+                                         "permissions)")
         except SandbusError:  # already says what went wrong (a BusError is an OSError too)
             raise
         except (TimeoutError, OSError) as e:

@@ -285,3 +285,33 @@ async def test_node_publishes_log_lines_and_a_viewer_watches_but_cannot_act(
     assert violations(secured_server, "sandbus-node") == []
     assert violations(secured_server, "operator") == []
     assert len(violations(secured_server, "viewer")) >= 7
+
+
+def test_a_command_the_server_refuses_says_so_at_once(secured_server: NatsServer, start_node: StartNode,
+                                                      bus_plugins: Path, c_guest_flags: Callable[..., Path]) -> None:
+    """A CLI command whose publish or subscription the server's permissions refuse ends at once with the
+    server's reason and the security exit code (4), instead of waiting out its timeout for a reply that
+    cannot come (exit 7) or reporting that no node answered."""
+    import subprocess
+    import sys
+
+    start_secured_node(start_node, secured_server, bus_plugins, c_guest_flags)
+
+    def sandbus(user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        # --timeout 60 where a command has one; the process is given 30 s: a command that waited for its
+        # timeout fails this test by timing out.
+        return subprocess.run([sys.executable, "-m", "sandbus", *args, "--nats", secured_server.url, "--no-context",
+                               "--user", user, "--password", PASSWORDS[user]],
+                              capture_output=True, text=True, timeout=30)
+
+    refused = sandbus("viewer", "request", "text_processor", "handle_request", "{}", "--timeout", "60")
+    assert refused.returncode == 4, refused
+    assert 'permissions violation for publish to "sandbus.req.text_processor.handle_request"' in refused.stderr.lower()
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    client_ls = sandbus("client", "ls")
+    assert client_ls.returncode == 4, client_ls
+    assert "$srv.ping" in client_ls.stderr.lower()
+    # What the user may do still works, with no note.
+    allowed = sandbus("client", "request", "text_processor", "handle_request", '{"action": "get_status"}')
+    assert allowed.returncode == 0, allowed.stderr
+    assert sandbus("viewer", "ls").returncode == 0
