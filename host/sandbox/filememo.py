@@ -60,7 +60,7 @@ RACY_S = 2.0
 _SUFFIX = ".id.json"
 _MAX_ENTRY = 4096
 _FACT_FIELDS = {"size": int, "component": bool, "modules": int, "functions": int, "sections": int,
-                "memory64": bool, "shared_memory": bool}
+                "memory64": bool, "shared_memory": bool, "debug_info": bool}
 
 
 class FileIdentity(NamedTuple):

@@ -208,7 +208,10 @@ async def test_a_deploy_that_changes_during_a_slow_load_ends_as_last_asked(
         await deploy(nc, "greeter", "1.0.0", replicas=1)
         await until(lambda: wrapped.fetches == ["greeter"], 5, "the slow fetch started")
         last = await deploy(nc, "greeter", "1.1.0", replicas=1, previous="1.0.0")  # while 1.0.0 is fetched
-        await until(lambda: member.version("greeter") == "1.1.0", 10, "1.1.0 served after the slow 1.0.0")
+        # The agent reports a load once it has returned, a moment after the manager serves it: wait for both.
+        await until(lambda: member.version("greeter") == "1.1.0"
+                    and getattr(member.agent.report().plugins.get("greeter"), "state", None) == "serving", 10,
+                    "1.1.0 served and reported after the slow 1.0.0")
         report = member.agent.report().plugins["greeter"]
         assert (report.state, report.version, report.deploy_revision) == ("serving", "1.1.0", last)
         # undeployed while a load is on its way: nothing is left loaded, nor reported
