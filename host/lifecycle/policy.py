@@ -298,6 +298,16 @@ class RegistryPolicy(_Section):
         return tuple(dict.fromkeys(v))
 
 
+def _plugin_names(names: tuple[str, ...], key: str) -> tuple[str, ...]:
+    """A policy list of plugin names: each a valid plugin name (the error names ``key[i]``), duplicates dropped."""
+    for i, name in enumerate(names):
+        try:
+            _check_name(name)
+        except ValueError as e:
+            raise _KeyedError(str(e), f"{key}[{i}]") from None
+    return tuple(dict.fromkeys(names))
+
+
 class DebugPolicy(_Section):
     """``[debug]``: the plugins this node compiles with debug info, so that a native debugger attached to the
     node (gdb, lldb) can break in their source (docs/guide.md). Their code is unoptimised and compiled at
@@ -309,12 +319,7 @@ class DebugPolicy(_Section):
     @field_validator("plugins")
     @classmethod
     def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for i, name in enumerate(v):
-            try:
-                _check_name(name)
-            except ValueError as e:
-                raise _KeyedError(str(e), f"debug.plugins[{i}]") from None
-        return tuple(dict.fromkeys(v))
+        return _plugin_names(v, "debug.plugins")
 
 
 class RecordPolicy(_Section):
@@ -335,12 +340,7 @@ class RecordPolicy(_Section):
     @field_validator("plugins")
     @classmethod
     def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for i, name in enumerate(v):
-            try:
-                _check_name(name)
-            except ValueError as e:
-                raise _KeyedError(str(e), f"record.plugins[{i}]") from None
-        return tuple(dict.fromkeys(v))
+        return _plugin_names(v, "record.plugins")
 
     @field_validator("directory")
     @classmethod
