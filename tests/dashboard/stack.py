@@ -8,6 +8,7 @@ chromedriver (no driver or browser downloaded).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -15,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import wasmtime
 
@@ -66,6 +68,23 @@ XSS_DESCRIPTION = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=
 XSS_LOG = '<script>window.__pwned=3</script><img src=y onerror="window.__pwned=4">'
 
 POLICY = '[capabilities]\nallowed = ["compute"]\n'
+
+
+def wait_for(condition: Any, what: str, timeout: float = 10.0) -> Any:
+    """Poll ``condition()`` until it is truthy and return it; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)  # polling a process or the dashboard's JSON for the condition, bounded
+    return value
+
+
+def api_state(url: str) -> dict[str, Any]:
+    """The dashboard's ``/api/state`` at ``url`` (its base, ending in ``/``)."""
+    with urllib.request.urlopen(url + "api/state", timeout=10) as r:
+        value: dict[str, Any] = json.loads(r.read())
+        return value
 
 
 def shouter_wasm() -> bytes:

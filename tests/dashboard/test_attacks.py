@@ -23,21 +23,10 @@ import pytest
 from sandbus.sdk.client import Client
 from sandbus.sdk.subjects import NODE_SERVICE
 from tests.dashboard.conftest import NODE, Stack
-from tests.dashboard.stack import DashboardProcess
+from tests.dashboard.stack import DashboardProcess, wait_for
 from tests.dashboard.test_http import PAGE, _control, _http, _reloads
 
 pytestmark = pytest.mark.slow
-
-
-def _wait(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)  # polling a process's state for the condition, bounded
 
 
 def _fds(pid: int) -> int:
@@ -75,7 +64,7 @@ def test_a_page_that_stops_reading_is_closed_and_frees_its_place(stack: Stack, d
     before = _fds(pid)
     stuck = [_stream(dashboard.url) for _ in range(2)]
     try:
-        _wait(lambda: _fds(pid) >= before + 2, 10, "the two streams accepted")
+        wait_for(lambda: _fds(pid) >= before + 2, "the two streams accepted", timeout=10)
         line = {"ts": "2026-12-03T08:00:00.000000Z", "node": NODE, "plugin": "shouter", "version": "1.0.0",
                 "level": "info", "stream": None, "message": "x" * 4000, "trace_id": None, "seq": 1, "dropped": 0}
 
@@ -88,7 +77,7 @@ def test_a_page_that_stops_reading_is_closed_and_frees_its_place(stack: Stack, d
             await c.nc.flush()
 
         stack.call(flood)
-        _wait(lambda: _fds(pid) <= before, 40, "the stuck streams closed by the dashboard")
+        wait_for(lambda: _fds(pid) <= before, "the stuck streams closed by the dashboard", timeout=40)
         # their places are free: a page that reads gets its stream
         assert _http(dashboard.url, "GET", "/api/state")[0] == 200
         fresh = _stream(dashboard.url)
@@ -239,7 +228,7 @@ def test_a_flood_on_the_log_subjects_is_bounded_and_every_message_counted(stack:
         await c.nc.flush()
 
     stack.call(flood)
-    _wait(lambda: counted() - before >= total, 60, f"{total} messages counted")
+    wait_for(lambda: counted() - before >= total, f"{total} messages counted", timeout=60)
     assert counted() - before == total
 
 
@@ -253,7 +242,7 @@ def test_connections_are_capped(stack: Stack, dashboard: DashboardProcess) -> No
     before = _fds(pid)
     held = [socket.create_connection(address) for _ in range(1 + 64)]
     try:
-        _wait(lambda: _fds(pid) >= before + len(held), 10, "the connections accepted")
+        wait_for(lambda: _fds(pid) >= before + len(held), "the connections accepted", timeout=10)
         extra = socket.create_connection(address)
         try:
             extra.settimeout(10)
@@ -263,7 +252,7 @@ def test_connections_are_capped(stack: Stack, dashboard: DashboardProcess) -> No
             extra.close()
         for sock in held[:8]:
             sock.close()
-        _wait(lambda: _fds(pid) <= before + len(held) - 8, 10, "closed connections released")
+        wait_for(lambda: _fds(pid) <= before + len(held) - 8, "closed connections released", timeout=10)
         assert _http(dashboard.url, "GET", "/api/state")[0] == 200
     finally:
         for sock in held:
@@ -325,7 +314,7 @@ def test_asking_for_the_state_in_a_loop_costs_little(stack: Stack, dashboard: Da
         await c.nc.flush()
 
     stack.call(fill)
-    _wait(lambda: len(_http(dashboard.url, "GET", "/api/state")[2]) > 5_000_000, 10, "the histories full")
+    wait_for(lambda: len(_http(dashboard.url, "GET", "/api/state")[2]) > 5_000_000, "the histories full", timeout=10)
     parts = urlsplit(dashboard.url)
     conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
     try:

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from sandbus.bus.server import NatsServer
 from tests.bus.conftest import NodeProcess, free_port
-from tests.dashboard.stack import ROOT, DashboardProcess, make_plugins
+from tests.dashboard.stack import ROOT, DashboardProcess, api_state, make_plugins, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -94,14 +91,14 @@ def test_a_bus_outage_is_shown_then_recovered(tmp_path: Path, plugins_dir: Path)
         node.wait_ready()
         dashboard = DashboardProcess(server.url, tmp_path / "dashboard.log", "--interval", "0.5").wait_ready()
         url = dashboard.url
-        _wait(lambda: [n["node_id"] for n in _state(url)["nodes"]] == ["out-n1"], "the node")
+        wait_for(lambda: [n["node_id"] for n in api_state(url)["nodes"]] == ["out-n1"], "the node")
         server.stop()
-        status = _wait(lambda: not (s := _state(url)["status"])["ok"] and s, "the outage shown")
+        status = wait_for(lambda: not (s := api_state(url)["status"])["ok"] and s, "the outage shown")
         assert status["message"].startswith("cannot poll the nodes: ")
         server = NatsServer(jetstream=False, port=port).start()
-        _wait(lambda: _state(url)["status"]["ok"], "polling again", timeout=30)
-        _wait(lambda: [n["node_id"] for n in _state(url)["nodes"]] == ["out-n1"]
-              and _state(url)["nodes"][0]["reachable"], "the node again", timeout=30)
+        wait_for(lambda: api_state(url)["status"]["ok"], "polling again", timeout=30)
+        wait_for(lambda: [n["node_id"] for n in api_state(url)["nodes"]] == ["out-n1"]
+              and api_state(url)["nodes"][0]["reachable"], "the node again", timeout=30)
         output = dashboard.output()
         assert output.count("polling the nodes failed") == 1
         assert "reconnected to NATS" in output
@@ -111,21 +108,6 @@ def test_a_bus_outage_is_shown_then_recovered(tmp_path: Path, plugins_dir: Path)
             dashboard.stop()
         node.terminate()
         server.stop()
-
-
-def _state(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url + "api/state", timeout=10) as r:
-        value: dict[str, Any] = json.loads(r.read())
-        return value
-
-
-def _wait(condition: Any, what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)  # polling the dashboard's JSON, bounded
-    return value
 
 
 def test_max_clients_bounds_the_open_streams(nats_url: str, tmp_path: Path) -> None:
@@ -139,7 +121,7 @@ def test_max_clients_bounds_the_open_streams(nats_url: str, tmp_path: Path) -> N
             statuses.append(conn.getresponse().status)
         assert statuses == [200, 200, 503]
         streams[0].close()  # a page goes away: its place is free again (once the server notices)
-        _wait(lambda: _status_of_new_stream(dashboard.url) == 200, "a free place")
+        wait_for(lambda: _status_of_new_stream(dashboard.url) == 200, "a free place")
     finally:
         for conn in streams:
             conn.close()

@@ -15,6 +15,7 @@ import pytest
 
 from sandbus.sdk.client import Client
 from tests.dashboard.conftest import BEFORE, INTERVAL, NODE, Stack
+from tests.dashboard.stack import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -54,17 +55,6 @@ def _plugin(state: dict[str, Any], name: str) -> dict[str, Any]:
     return next(p for p in node["plugins"] if p["name"] == name)
 
 
-def _wait(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)  # polling the dashboard's JSON for the condition, bounded
-
-
 def test_state_shows_the_node_and_its_plugins(stack: Stack) -> None:
     state = _state(stack.read_only.url)
     assert [n["node_id"] for n in state["nodes"]] == [NODE]
@@ -73,8 +63,9 @@ def test_state_shows_the_node_and_its_plugins(stack: Stack) -> None:
     assert state["info"] == {**state["info"], "control": False, "jaeger_url": "http://jaeger.example:16686"}
     # the audit trail starts with what the stream kept from before the dashboard started
     assert state["info"]["audit_source"] == "stream"
-    _wait(lambda: any(e["kind"] == "request.refused" and e["node"] == NODE and BEFORE in e["message"]
-                      for e in _state(stack.read_only.url)["audit"]), 5, "the refusal from before, from the stream")
+    wait_for(lambda: any(e["kind"] == "request.refused" and e["node"] == NODE and BEFORE in e["message"]
+                      for e in _state(stack.read_only.url)["audit"]),
+             "the refusal from before, from the stream", timeout=5)
 
 
 def test_a_request_changes_the_stats_shown(stack: Stack) -> None:
@@ -85,8 +76,8 @@ def test_a_request_changes_the_stats_shown(stack: Stack) -> None:
             assert await c.request("echo", "handle_request", {"i": i}) == {"i": i}
 
     stack.call(calls)
-    _wait(lambda: _plugin(_state(stack.read_only.url), "echo")["executions"] == before + 3, 10,
-          "three more executions of echo")
+    wait_for(lambda: _plugin(_state(stack.read_only.url), "echo")["executions"] == before + 3,
+          "three more executions of echo", timeout=10)
 
 
 def test_the_page_and_its_headers(stack: Stack) -> None:
@@ -192,10 +183,10 @@ def test_control_with_the_token_reloads_and_is_logged_with_who(stack: Stack) -> 
     assert status == 200
     assert body["ok"] is True
     assert _reloads(stack, "echo") == before + 1
-    _wait(lambda: "dashboard control: reload echo on node dash-n1 by 127.0.0.1" in stack.control.output(), 5,
-          "the control action in the dashboard's log")
-    _wait(lambda: any(e["kind"] == "dashboard.control" and "reload of echo" in e["message"]
-                      for e in _state(stack.control.url)["audit"]), 5, "the control action in the audit view")
+    wait_for(lambda: "dashboard control: reload echo on node dash-n1 by 127.0.0.1" in stack.control.output(),
+          "the control action in the dashboard's log", timeout=5)
+    wait_for(lambda: any(e["kind"] == "dashboard.control" and "reload of echo" in e["message"]
+                      for e in _state(stack.control.url)["audit"]), "the control action in the audit view", timeout=5)
     # a plugin the dashboard does not show is not asked for
     status, body = _control(stack, {"verb": "reload", "node": NODE, "plugin": "nosuch"})
     assert status == 404
@@ -238,8 +229,8 @@ def test_hostile_bus_messages_are_refused_not_shown(stack: Stack) -> None:
 
     stack.call(publish)
     # one publisher's messages arrive in order: once the last (well-formed) one is shown, the rest were judged
-    shown = _wait(lambda: [entry for entry in _state(stack.read_only.url)["logs"] if marker in entry["message"]], 10,
-                  "the one well-formed line")
+    shown = wait_for(lambda: [entry for entry in _state(stack.read_only.url)["logs"] if marker in entry["message"]],
+                  "the one well-formed line", timeout=10)
     assert [entry["message"] for entry in shown] == [marker + " ok"]
     refused = _state(stack.read_only.url)["refused"]
     assert refused["logs"] >= 8  # counted (the other tests' publishers may add theirs)

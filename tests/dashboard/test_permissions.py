@@ -8,11 +8,9 @@ import contextlib
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,7 +19,7 @@ from sandbus.sdk.client import Client
 from sandbus.sdk.errors import SandbusError
 from tests.bus.conftest import NodeProcess
 from tests.bus.test_hardening_permissions import CONFIG, PASSWORDS, violations
-from tests.dashboard.stack import ROOT, DashboardProcess, make_plugins
+from tests.dashboard.stack import ROOT, DashboardProcess, api_state, make_plugins, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -53,21 +51,6 @@ def _as(user: str) -> dict[str, str]:
     return {"NATS_USER": user, "NATS_PASSWORD": PASSWORDS[user]}
 
 
-def _state(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url + "api/state", timeout=10) as r:
-        value: dict[str, Any] = json.loads(r.read())
-        return value
-
-
-def _wait(condition: Any, what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)  # polling the dashboard's JSON, bounded
-    return value
-
-
 async def _traffic(url: str, marker: str) -> None:
     async with await Client.connect(url, user="client", password=PASSWORDS["client"]) as c:
         await c.request("shouter", "handle_request", {"say": marker})
@@ -89,22 +72,22 @@ def test_as_viewer_everything_shows_and_nothing_is_refused(secured: tuple[NatsSe
     dashboard = DashboardProcess(server.url, tmp_path / "viewer.log", "--interval", "0.5",
                                  env=_as("viewer")).wait_ready()
     try:
-        state = _wait(lambda: (s := _state(dashboard.url))["nodes"] and s, "the node")
+        state = wait_for(lambda: (s := api_state(dashboard.url))["nodes"] and s, "the node")
         assert state["nodes"][0]["node_id"] == NODE
         assert state["info"]["audit_source"] == "stream"
-        _wait(lambda: any("before_dashboard" in e["message"] for e in _state(dashboard.url)["audit"]),
+        wait_for(lambda: any("before_dashboard" in e["message"] for e in api_state(dashboard.url)["audit"]),
               "the audit event from before, read from the stream")
         asyncio.run(_traffic(server.url, "while_watching"))
-        _wait(lambda: any("while_watching" in e["message"] for e in _state(dashboard.url)["audit"]),
+        wait_for(lambda: any("while_watching" in e["message"] for e in api_state(dashboard.url)["audit"]),
               "a live audit event")
-        _wait(lambda: any("while_watching" in line["message"] for line in _state(dashboard.url)["logs"]),
+        wait_for(lambda: any("while_watching" in line["message"] for line in api_state(dashboard.url)["logs"]),
               "a live log line")
         debug = urllib.request.Request(f"{dashboard.url}api/debug?node={NODE}&plugin=echo",
                                        headers={"X-Sandbus-Dashboard": "1"})
         with urllib.request.urlopen(debug, timeout=10) as r:
             assert json.loads(r.read())["status"] == "loaded"
         asyncio.run(_deploy(server.url))
-        _wait(lambda: [d["plugin"] for d in _state(dashboard.url)["deploys"]["deploys"]] == ["echo"],
+        wait_for(lambda: [d["plugin"] for d in api_state(dashboard.url)["deploys"]["deploys"]] == ["echo"],
               "the operator's deploy, read from the bucket")
     finally:
         dashboard.stop()
@@ -130,7 +113,7 @@ def test_control_needs_the_operator(secured: tuple[NatsServer, NodeProcess], tmp
                      "X-Sandbus-Token": dashboard.token})
         with urllib.request.urlopen(request, timeout=30) as r:
             assert json.loads(r.read())["ok"] is True
-        _wait(lambda: "dashboard control: reload echo on node sec-n1 by 127.0.0.1" in dashboard.output()
+        wait_for(lambda: "dashboard control: reload echo on node sec-n1 by 127.0.0.1" in dashboard.output()
               and "as NATS user operator: done" in dashboard.output(), "the control action logged with who")
     finally:
         dashboard.stop()
