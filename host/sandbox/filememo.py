@@ -42,7 +42,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,8 +59,9 @@ log = logging.getLogger("sandbus.sandbox")
 RACY_S = 2.0
 _SUFFIX = ".id.json"
 _MAX_ENTRY = 4096
-_FACT_FIELDS = {"size": int, "component": bool, "modules": int, "functions": int, "sections": int,
-                "memory64": bool, "shared_memory": bool, "debug_info": bool}
+#: Each fact the scanner gives and its type, read off :class:`WasmFacts` so that an entry written by this
+#: version holds every fact (an entry from another version is read again from the file, never half-used).
+_FACT_FIELDS: dict[str, type] = {f.name: {"int": int, "bool": bool}[str(f.type)] for f in fields(WasmFacts)}
 
 
 class FileIdentity(NamedTuple):
