@@ -74,6 +74,7 @@ from sandbus.sdk.errors import (
     RequestTimeoutError,
     SandbusError,
 )
+from sandbus.sdk.nats_guard import GuardedNatsClient
 from sandbus.sdk.subjects import (
     MSG_PREFIX,
     REQ_PREFIX,
@@ -148,6 +149,9 @@ class PluginBus:
         self.loop: asyncio.AbstractEventLoop | None = None
         #: turns on the event loop for inline calls, shared by every path that runs them (bus/turns.py)
         self.turns = LoopTurns()
+        #: answer requests in the connection's read loop when they run inline (False: every request
+        #: goes through its subscription's queue and task, as nats-py hands them over)
+        self.direct_requests = True
         self._requests = Requests(self, handler)
         self._control = Control(self, handler)
         self._subs: dict[str, list[Subscription]] = {}
@@ -372,6 +376,9 @@ class PluginBus:
             await self.nc.subscribe(f"{REQ_PREFIX}.{name}.*", queue=queue, cb=requests.on_request),
             await self.nc.subscribe(f"{MSG_PREFIX}.{name}", queue=queue, cb=requests.on_direct),
         ]
+        if isinstance(self.nc, GuardedNatsClient) and self.direct_requests:
+            # Requests answered inline skip the subscription's queue and task (bus/requests.py).
+            self.nc.dispatch_directly(subs[0], requests.request_direct)
         durable = self._durably(served)
         if served.topics and durable:
             assert self._durable is not None

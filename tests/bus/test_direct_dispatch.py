@@ -1,0 +1,172 @@
+"""GuardedNatsClient.dispatch_directly and natsraw.write_raw_now, against a real nats-server.
+
+A direct handler runs in the read loop: what it handles never reaches the subscription's callback, what
+it declines (or raises on) does, a message the client cannot decode is dropped without ending reading,
+and a raw write from inside the handler reaches the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import pytest
+from nats.aio.msg import Msg
+
+from sandbus.bus.server import NatsServer
+from sandbus.sdk.nats_guard import GuardedNatsClient
+from sandbus.sdk.natsraw import write_raw_now
+from tests.bus.test_hardening_bus import raw_publish
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _connected(url: str) -> GuardedNatsClient:
+    nc = GuardedNatsClient()
+    await nc.connect(url)
+    return nc
+
+
+async def _wait(cond: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(5):
+        while not cond():
+            await asyncio.sleep(0.01)
+    assert cond(), what
+
+
+async def test_a_handled_message_skips_the_callback_and_a_declined_one_reaches_it(nats_server: NatsServer) -> None:
+    nc, pub = await _connected(nats_server.url), await _connected(nats_server.url)
+    try:
+        direct: list[tuple[bytes, dict[str, str] | None]] = []
+        called: list[bytes] = []
+
+        def handler(msg: Msg) -> bool:
+            direct.append((msg.data, msg.headers))
+            return msg.data != b"decline"
+
+        async def cb(msg: Msg) -> None:
+            called.append(msg.data)
+
+        sub = await nc.subscribe("d.x", cb=cb)
+        nc.dispatch_directly(sub, handler)
+        await nc.flush()
+        await pub.publish("d.x", b"take", headers={"K": "v"})
+        await pub.publish("d.x", b"decline")
+        await pub.publish("d.x", b"take2")
+        await pub.flush()
+        await _wait(lambda: len(direct) == 3 and called == [b"decline"], "three handled, one declined")
+        assert direct == [(b"take", {"K": "v"}), (b"decline", None), (b"take2", None)]
+        assert called == [b"decline"]
+        assert nc.stats["in_msgs"] == 3
+    finally:
+        await nc.close()
+        await pub.close()
+
+
+async def test_a_handler_that_raises_leaves_the_message_to_the_callback(nats_server: NatsServer,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    nc, pub = await _connected(nats_server.url), await _connected(nats_server.url)
+    try:
+        called: list[bytes] = []
+
+        def handler(msg: Msg) -> bool:
+            raise RuntimeError("a bug in the handler")
+
+        async def cb(msg: Msg) -> None:
+            called.append(msg.data)
+
+        nc.dispatch_directly(await nc.subscribe("d.y", cb=cb), handler)
+        await nc.flush()
+        with caplog.at_level(logging.ERROR, logger="sandbus.bus"):
+            for i in range(3):
+                await pub.publish("d.y", b"%d" % i)
+            await pub.flush()
+            await _wait(lambda: len(called) == 3, "every message reached the callback")
+        assert called == [b"0", b"1", b"2"]
+        assert any("direct handler" in r.getMessage() for r in caplog.records)
+        assert nc.read_loop_restarts == 0
+        assert nc.is_connected
+    finally:
+        await nc.close()
+        await pub.close()
+
+
+async def test_an_undecodable_message_is_dropped_and_reading_goes_on(nats_server: NatsServer) -> None:
+    nc = await _connected(nats_server.url)
+    try:
+        seen: list[str] = []
+
+        def handler(msg: Msg) -> bool:
+            seen.append(msg.subject)
+            return True
+
+        async def cb(msg: Msg) -> None:
+            raise AssertionError("never called: the handler takes every message")
+
+        nc.dispatch_directly(await nc.subscribe("e.*", cb=cb), handler)
+        await nc.flush()
+        raw_publish(nats_server.port, b"PUB e.\xff 1\r\nx\r\n", b"PUB e.ok 1\r\ny\r\n")
+        await _wait(lambda: seen == ["e.ok"], "the good message after the bad one")
+        assert nc.dropped_messages == 1
+        assert nc.read_loop_restarts == 0
+    finally:
+        await nc.close()
+
+
+async def test_a_raw_write_from_the_handler_answers_the_request(nats_server: NatsServer) -> None:
+    nc, client = await _connected(nats_server.url), await _connected(nats_server.url)
+    try:
+        def handler(msg: Msg) -> bool:
+            assert msg.reply
+            return write_raw_now(nc, b"PUB %s 5\r\nhello\r\n" % msg.reply.encode(), 1, 5)
+
+        async def cb(msg: Msg) -> None:
+            raise AssertionError("never called: the raw write goes out")
+
+        nc.dispatch_directly(await nc.subscribe("svc", cb=cb), handler)
+        await nc.flush()
+        replies = await asyncio.gather(*(client.request("svc", b"?", timeout=5) for _ in range(50)))
+        assert {r.data for r in replies} == {b"hello"}
+        assert nc.stats["out_msgs"] >= 50
+    finally:
+        await nc.close()
+        await client.close()
+
+
+async def test_no_raw_write_on_a_closed_connection(nats_server: NatsServer) -> None:
+    nc = await _connected(nats_server.url)
+    await nc.close()
+    assert write_raw_now(nc, b"PUB x 0\r\n\r\n", 1, 0) is False
+
+
+async def test_only_plain_subscriptions_with_a_callback_take_a_direct_handler(nats_server: NatsServer) -> None:
+    nc = await _connected(nats_server.url)
+    try:
+        with pytest.raises(ValueError, match="callback"):
+            nc.dispatch_directly(await nc.subscribe("no.cb"), lambda m: True)
+
+        async def cb(msg: Msg) -> None:
+            pass
+
+        with pytest.raises(ValueError, match="message limit"):
+            nc.dispatch_directly(await nc.subscribe("limited", cb=cb, max_msgs=3), lambda m: True)
+    finally:
+        await nc.close()
+
+
+async def test_the_registration_ends_with_the_subscription(nats_server: NatsServer) -> None:
+    nc = await _connected(nats_server.url)
+    try:
+        async def cb(msg: Msg) -> None:
+            pass
+
+        for _ in range(20):  # a plugin reloaded again and again: no handler is left behind
+            sub = await nc.subscribe("gone", cb=cb)
+            nc.dispatch_directly(sub, lambda m: True)
+            await sub.unsubscribe()
+        drained = await nc.subscribe("drained", cb=cb)
+        nc.dispatch_directly(drained, lambda m: True)
+        await drained.drain()  # type: ignore[no-untyped-call]
+        assert nc._direct == {}
+    finally:
+        await nc.close()
