@@ -1,4 +1,4 @@
-"""Only the compiled round trip lives here; everything else is in pyproject.toml.
+"""Only the compiled helpers live here; everything else is in pyproject.toml.
 
 ``optional=True``: without a C compiler the install still succeeds and the sandbox uses its ctypes
 path (host/sandbox/invoke.py says which one runs, and why).
@@ -13,4 +13,6 @@ setup(ext_modules=[
     # A component's call (host/sandbox/component.py falls back to wasmtime-py's component API without it).
     Extension("sandbus.host.sandbox._component", ["host/sandbox/_component.c"], optional=True,
               extra_compile_args=_FLAGS),
+    # The epoch ticker as a thread that never takes the GIL (host/sandbox/engine.py falls back to Python).
+    Extension("sandbus.host.sandbox._ticker", ["host/sandbox/_ticker.c"], optional=True, extra_compile_args=_FLAGS),
 ])

@@ -8,6 +8,11 @@ type we build is built from the engine that uses it.
 Plugins with ``isolation = "per-call"`` run on a second engine of the same settings plus wasmtime's
 pooling allocator (:func:`get_pooling_engine`), which the epoch ticker ticks too.
 
+The ticker is a native thread (host/sandbox/_ticker.c) that never takes the GIL: a Python thread
+waking 200 times a second made the event loop hand the GIL over at every tick, which cost a node
+about 4 us of CPU per request. Without the compiled helper (no C compiler at install, the compile
+worker, which loads this file alone, or ``SANDBUS_NATIVE=0``) a Python thread ticks instead.
+
 A plugin the operator runs with debug info (``Limits.debug_info``: ``sandbus run --debug``, or a node
 policy's ``[debug] plugins``) gets engines of its own: wasmtime then keeps the guest's DWARF, translated
 to the machine code, and registers every compiled module with the native debugger (gdb's JIT interface),
@@ -18,11 +23,15 @@ ordinary ones.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import functools
 import importlib.metadata
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Protocol
 
 import wasmtime
@@ -64,7 +73,8 @@ class _EngineLimits(Protocol):
 _engines: dict[tuple[int, bool, bool], EngineHandle] = {}
 _pooling: dict[tuple[int, bool, int, bool], EngineHandle] = {}
 _lock = threading.Lock()
-_ticker: threading.Thread | None = None
+#: what ticks the engines: the compiled ticker (a module), a Python thread, or nothing yet
+_ticker: ModuleType | threading.Thread | None = None
 
 
 #: The wasm proposals a plugin may use: what clang (wasi-libc), AssemblyScript and componentize-py
@@ -225,7 +235,7 @@ def get_pooling_engine(stack_bytes: int, fuel: bool = True, slots: int | None = 
         if handle is None:
             handle = _pooling[(stack_bytes, fuel, slots, debug)] = _make_pooling_engine(stack_bytes, fuel, slots,
                                                                                         debug)
-    get_engine(stack_bytes, fuel, debug)  # starts the ticker, which ticks this engine too
+            _tick(handle)
     return handle
 
 
@@ -237,16 +247,65 @@ def _tick_forever() -> None:
             handle.engine.increment_epoch()
 
 
+def _native_ticker() -> ModuleType | None:
+    """The compiled ticker, or None (see the module docstring for when)."""
+    if os.environ.get("SANDBUS_NATIVE", "1") == "0":
+        return None
+    try:
+        from sandbus.host.sandbox import _ticker
+    except ImportError:  # not built, or this file loaded alone (the compile worker)
+        return None
+    return _ticker
+
+
+def _address(obj: object) -> int:
+    """The address behind a ctypes pointer or function."""
+    value = ctypes.cast(obj, ctypes.c_void_p).value  # type: ignore[arg-type]
+    if not value:
+        raise ValueError("a null wasmtime address")
+    return value
+
+
+def _tick(handle: EngineHandle) -> None:
+    """Have the ticker tick ``handle``'s engine from now on; start it on first use. Under ``_lock``."""
+    global _ticker
+    native = _native_ticker() if _ticker is None or isinstance(_ticker, ModuleType) else None
+    if native is not None:
+        from wasmtime import _ffi as ffi
+
+        if native.add(_address(handle.engine.ptr())):
+            increment = ffi.dll._FuncPtr(("wasmtime_engine_increment_epoch", ffi.dll))
+            if native.start(_address(increment), int(EPOCH_TICK_S * 1e9)):
+                atexit.register(native.stop)  # before the interpreter frees the engines
+            _ticker = native
+            return
+        if _ticker is native:  # more engines than it holds: the Python thread ticks them all instead
+            native.stop()
+    if not isinstance(_ticker, threading.Thread):
+        _ticker = threading.Thread(target=_tick_forever, name="sandbus-epoch", daemon=True)
+        _ticker.start()
+
+
+def _restart_after_fork() -> None:
+    """A forked child has no ticker thread: start it again (the engines are the parent's, copied)."""
+    global _ticker
+    if _ticker is None:
+        return
+    _ticker = None
+    for handle in [*_engines.values(), *_pooling.values()]:
+        _tick(handle)
+
+
+os.register_at_fork(after_in_child=_restart_after_fork)
+
+
 def get_engine(stack_bytes: int, fuel: bool = True, debug: bool = False) -> EngineHandle:
     """The shared engine for this stack size, fuel and debug setting; starts the epoch ticker on first use."""
-    global _ticker
     with _lock:
         handle = _engines.get((stack_bytes, fuel, debug))
         if handle is None:
             handle = _engines[(stack_bytes, fuel, debug)] = _make_engine(stack_bytes, fuel, debug)
-        if _ticker is None:
-            _ticker = threading.Thread(target=_tick_forever, name="sandbus-epoch", daemon=True)
-            _ticker.start()
+            _tick(handle)
         return handle
 
 
