@@ -221,8 +221,11 @@ class Requests:
             block = self._base_block
         else:
             block = self._typed_block(headers)
-        if write_raw_now(nc, hpub_cmd(msg.reply, "", block, reply), 1, len(reply)):
-            return None
+        try:
+            if write_raw_now(nc, hpub_cmd(msg.reply, "", block, reply), 1, len(reply)):
+                return None
+        except Exception:  # the call ran: never let it run twice (request_direct's caller would queue it)
+            log.exception("could not write the reply to %s at once", msg.subject)
         return publish_with_block(nc, msg.reply, reply, headers, block)
 
     async def _serve_request(self, msg: Msg, plugin: str, function: str, arrival: float,
