@@ -156,6 +156,10 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+#: requests each load run sends one at a time before it measures
+WARMUP = 200
+
+
 async def load(url: str, subject: str, concurrency: int, duration: float) -> tuple[float, float, float]:
     """(requests/s, p50 ms, p99 ms) of `concurrency` workers each sending requests back to back."""
     nc = await nats.connect(url)
@@ -169,7 +173,7 @@ async def load(url: str, subject: str, concurrency: int, duration: float) -> tup
             await nc.request(subject, payload, timeout=10)
             lat.append(time.perf_counter() - t)
 
-    for _ in range(200):  # warm up
+    for _ in range(WARMUP):
         await nc.request(subject, payload, timeout=10)
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -182,20 +186,29 @@ async def load(url: str, subject: str, concurrency: int, duration: float) -> tup
 Stats = tuple[float, float, float]
 
 
-def alternate(url: str, subjects: list[str], concurrency: int, duration: float,
-              rounds: int) -> tuple[list[Stats], list[tuple[float, float, float]]]:
+def alternate(url: str, subjects: list[str], concurrency: int, duration: float, rounds: int,
+              cpu: dict[str, tuple[int, list[float]]] | None = None
+              ) -> tuple[list[Stats], list[tuple[float, float, float]]]:
     """Median (req/s, p50, p99) of each subject, measured in alternating runs, and for each subject the
     (median, lowest, highest) of the throughput ratios last/it of the runs taken side by side.
 
     This machine's speed drifts by tens of percent over seconds (a shared 2-vCPU VM): alternating
     short runs exposes every side to the same drift, which one long run of each does not, and the
     ratio of neighbouring runs cancels most of what drift is left.
+
+    ``cpu``: subject -> (pid of the process that answers it, a list): each run appends the CPU
+    microseconds that process spent per request (its warm-up included, a fraction of a run).
     """
     runs: dict[str, list[Stats]] = {s: [] for s in subjects}
     for i in range(rounds):
         # forwards, then backwards: no side always runs first (warm caches, a drift within the round)
         for subject in (subjects if i % 2 == 0 else subjects[::-1]):
-            runs[subject].append(asyncio.run(load(url, subject, concurrency, duration)))
+            watched = (cpu or {}).get(subject)
+            before = cpu_seconds(watched[0]) if watched else 0.0
+            stats = asyncio.run(load(url, subject, concurrency, duration))
+            runs[subject].append(stats)
+            if watched:
+                watched[1].append((cpu_seconds(watched[0]) - before) / (stats[0] * duration + WARMUP) * 1e6)
 
     def median(samples: list[Stats]) -> Stats:
         return (statistics.median(x[0] for x in samples), statistics.median(x[1] for x in samples),
@@ -448,15 +461,20 @@ def main() -> None:
             table = Table(title=f"request/reply, 100 B payloads, {rounds} alternating {duration:g} s runs per cell "
                                 f"(medians; client: one Python process)")
             for col in ("c", "bare req/s", "bare+hdrs req/s", "node req/s", "node p50 ms", "node p99 ms",
-                        "node÷bare", "range", "node÷bare+hdrs", "range", "p99÷bare p99"):
+                        "node÷bare", "range", "node÷bare+hdrs", "range", "p99÷bare p99", "CPU µs/req bare+hdrs",
+                        "CPU µs/req node"):
                 table.add_column(col, justify="right")
             for c in (1, 64, 256) if "requests" in parts else ():
+                req_cpu: dict[str, tuple[int, list[float]]] = {"bench.echo_headers": (bare.pid, []),
+                                                               "sandbus.req.echo.handle_request": (node.pid, [])}
                 (b, bh, node_stats), (r, rh, _) = alternate(server.url, ["bench.echo", "bench.echo_headers",
-                                                                "sandbus.req.echo.handle_request"], c, duration, rounds)
+                                                                "sandbus.req.echo.handle_request"], c, duration, rounds,
+                                                            req_cpu)
                 n = node_stats
                 table.add_row(str(c), f"{b[0]:,.0f}", f"{bh[0]:,.0f}", f"{n[0]:,.0f}", f"{n[1]:.2f}", f"{n[2]:.2f}",
                               f"{r[0]:.2f}×", f"{r[1]:.2f}–{r[2]:.2f}", f"{rh[0]:.2f}×", f"{rh[1]:.2f}–{rh[2]:.2f}",
-                              f"{n[2] / b[2]:.2f}×")
+                              f"{n[2] / b[2]:.2f}×", f"{statistics.median(req_cpu['bench.echo_headers'][1]):.1f}",
+                              f"{statistics.median(req_cpu['sandbus.req.echo.handle_request'][1]):.1f}")
             if "requests" in parts:
                 console.print(table)
                 console.print("targets: throughput ≥ 0.85× bare at c=64 and c=256; p99 ≤ 1.5× bare")
