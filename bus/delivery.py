@@ -3,7 +3,8 @@
 One stream holds every topic (``SANDBUS_TOPICS`` on ``sandbus.topic.>``); each subscribing plugin has
 one durable pull consumer (``plugin-<name>``), shared by every node that serves the plugin, so each
 message reaches the plugin once whichever nodes hold it. Each message goes, as a PluginMessage envelope,
-to the bus's handler (``BusHandler.serve``; on a node, the plugin's call); it is acked after that returns;
+to the bus's handler (``BusHandler.serve``; on a node, the plugin's call; for a plugin served inline, the
+handler's synchronous ``deliver_now`` when it has one); it is acked after that returns;
 on a failure that may pass (``retryable``: a timeout, a busy plugin, a node dying) it is nak'ed with a
 growing delay, and after ``max_deliver`` attempts it goes to the dead-letter subject
 ``sandbus.dlq.<plugin>`` (kept by the ``SANDBUS_DLQ`` stream) with the error in its headers, and is
@@ -37,7 +38,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -507,15 +508,41 @@ class DurableTopics:
             # messages, and in any case before this turn ends, however it ends (a stop cancels it).
             acks: list[Msg] = []
             try:
-                for m in msgs:
-                    await self._deliver(plugin, m, acks)
-                    if len(acks) >= ACK_BATCH:
-                        await self._send_acks(plugin, acks)
+                await self._deliver_inline(plugin, msgs, acks)
             finally:
                 await self._send_acks(plugin, acks)
         else:
             # On threads a call may take seconds: each message is acked as soon as its call returned.
             await asyncio.gather(*(self._deliver_alone(plugin, m) for m in msgs))
+
+    async def _deliver_inline(self, plugin: str, msgs: list[Msg], acks: list[Msg]) -> None:
+        """Handle ``msgs`` one after the other (a plugin served inline); the successes go to ``acks``.
+
+        A handler with ``deliver_now`` (:class:`~sandbus.bus.handler.DeliversNow`) runs each call right
+        here, with no coroutine between this loop and the plugin: for a call of a few microseconds the
+        coroutines of ``serve`` cost as much as the call. Only while inline work may go on without
+        waiting for its turn (``turns.due()``): then the message goes through ``serve``, which waits
+        for the turn, so a plugin with a backlog never holds the loop from the others. What fails is
+        settled (nak, dead letter) by the same code as on the ``serve`` path.
+        """
+        deliver_now = getattr(self.handler, "deliver_now", None)
+        turns = self.bus.turns
+        for msg in msgs:
+            try:
+                if deliver_now is not None and not turns.due():
+                    turns.begin()
+                    rest = self._handle_now(plugin, msg, acks, deliver_now)
+                else:
+                    rest = self._handle_now(plugin, msg, acks, None)
+                if rest is not None:
+                    await rest
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Settling failed (disconnected?): unacked, the message comes back after ack_wait.
+                log.exception("durable delivery of %s to %s failed", msg.subject, plugin)
+            if len(acks) >= ACK_BATCH:
+                await self._send_acks(plugin, acks)
 
     async def _deliver_alone(self, plugin: str, msg: Msg) -> None:
         acks: list[Msg] = []
@@ -571,24 +598,43 @@ class DurableTopics:
                 log.exception("could not ack %s for %s", m.subject, plugin)
 
     async def _handle(self, plugin: str, msg: Msg, acks: list[Msg]) -> None:
+        rest = self._handle_now(plugin, msg, acks, None)
+        if rest is not None:
+            await rest
+
+    def _handle_now(self, plugin: str, msg: Msg, acks: list[Msg],
+                    deliver_now: Callable[[str, str, bytes, Msg, int], bool] | None
+                    ) -> Coroutine[Any, Any, None] | None:
+        """The part of handling ``msg`` that needs no waiting: its envelope, and with ``deliver_now`` the
+        call itself. Returns None when done (a success is added to ``acks``), else what is left to await:
+        the call through ``serve``, or settling a failure (nak, dead letter)."""
         try:
-            topic = msg.subject.split(".", 2)[2]
-            envelope = envelope_for(msg.data, msg.headers, to=None, topic=topic)
+            envelope = envelope_for(msg.data, msg.headers, to=None, topic=msg.subject.split(".", 2)[2])
         except RequestError as e:  # the message itself is wrong: every delivery would fail the same way
-            try:
-                self.handler.refused(plugin, e, msg.subject)
-            except Exception:  # counting must not be what stops the dead letter
-                log.exception("could not record a refused message for %s", plugin)
-            await self._dead_letter(plugin, msg, e, self._attempt(msg))
-            return
+            return self._refused_message(plugin, msg, e)
         except Exception as e:  # a bug of ours: retried, then dead-lettered with its error
             log.exception("durable delivery of %s to %s: no envelope", msg.subject, plugin)
-            await self._failed(plugin, msg, internal_error(e, plugin))
-            return
+            return self._failed(plugin, msg, internal_error(e, plugin))
+        served = self.bus.served(plugin)
+        function = served.message_function if served is not None else DEFAULT_FUNCTION
+        delivery = self._attempt(msg)
+        if deliver_now is None:
+            return self._serve(plugin, function, envelope, msg, delivery, acks)
         try:
-            served = self.bus.served(plugin)
-            function = served.message_function if served is not None else DEFAULT_FUNCTION
-            await self.handler.serve(plugin, function, envelope, msg, arrival=None, delivery=self._attempt(msg))
+            if not deliver_now(plugin, function, envelope, msg, delivery):
+                return self._serve(plugin, function, envelope, msg, delivery, acks)
+        except SandbusError as e:
+            return self._failed(plugin, msg, e)
+        except Exception as e:  # a bug of ours: retried like a failure, then dead-lettered with its error
+            log.exception("durable delivery of %s to %s raised", msg.subject, plugin)
+            return self._failed(plugin, msg, internal_error(e, plugin))
+        acks.append(msg)
+        return None
+
+    async def _serve(self, plugin: str, function: str, envelope: bytes, msg: Msg, delivery: int,
+                     acks: list[Msg]) -> None:
+        try:
+            await self.handler.serve(plugin, function, envelope, msg, arrival=None, delivery=delivery)
         except SandbusError as e:
             await self._failed(plugin, msg, e)
             return
@@ -597,6 +643,14 @@ class DurableTopics:
             await self._failed(plugin, msg, internal_error(e, plugin))
             return
         acks.append(msg)
+
+    async def _refused_message(self, plugin: str, msg: Msg, err: RequestError) -> None:
+        """A message no delivery can handle (not JSON, a malformed envelope): counted, dead-lettered now."""
+        try:
+            self.handler.refused(plugin, err, msg.subject)
+        except Exception:  # counting must not be what stops the dead letter
+            log.exception("could not record a refused message for %s", plugin)
+        await self._dead_letter(plugin, msg, err, self._attempt(msg))
 
     @staticmethod
     def _attempt(msg: Msg) -> int:

@@ -439,6 +439,22 @@ class Node:
                                  reply_headers=reply_headers)
         return result.reply, None
 
+    def deliver_now(self, plugin: str, function: str, envelope: bytes, msg: Msg, delivery: int) -> bool:
+        """A durable delivery run inline now (True), or False: :meth:`serve` runs it instead.
+
+        The bus calls this for a plugin that runs inline, when its turn on the loop is not due
+        (``DurableTopics._deliver_inline``): the same call as :meth:`serve` would make on the loop
+        (:meth:`try_inline`: the re-check of a body the bus took unchecked, the log mark, demotion to
+        threads on a budget overrun), without its coroutines. With tracing on, False: the spans of a
+        delivery are made through the OpenTelemetry SDK in :meth:`call`. False too when the call cannot
+        run inline now (no idle instance, threads busy, the budget overrun just now); nothing ran then.
+        """
+        if self.telemetry.enabled:
+            return False
+        # As call() does for every served message: the hops of the message this call serves.
+        note_incoming_hops(msg.headers)
+        return self.try_inline(plugin, function, envelope) is not None
+
     async def withdraw(self, plugin: str) -> None:
         """Stop taking ``plugin``'s requests and messages on this node while it stays loaded: its
         subscriptions are drained (what the server had already routed here is answered), so unloading it
