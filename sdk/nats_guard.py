@@ -22,6 +22,9 @@ notices, about 6 minutes with nats-py's default pings (120 s x 2).
 * a subscription may have its messages handled right in the read loop
   (:meth:`GuardedNatsClient.dispatch_directly`), skipping the subscription's queue and task when
   its handler can finish at once (a request answered inline: several microseconds a message);
+* a header block of ASCII bytes (every one sandbus sends) is parsed by :func:`header_lines`, with
+  nats-py's rules but faster (the five headers of a message published by sandbus's Client: 3.1 us
+  instead of 7.8); any other block (a status line, other bytes) goes to nats-py's parser;
 * ``flush()`` is a barrier again: nats-py 2.16 writes a flush's PING straight to the socket while
   commands queued before it (a ``SUB``, a ``PUB``) still wait for the flusher task, so the PONG could
   come back before the server had seen the subscription, and a request sent next got "no responders".
@@ -51,7 +54,7 @@ from nats.aio.subscription import Subscription
 from nats.protocol import parser as nats_parser
 
 __all__ = ["MAX_OUTSTANDING_PINGS", "PING_INTERVAL_S", "REPORT_EVERY_S", "DirectHandler", "GuardedNatsClient",
-           "StrictParser", "UndeliverableMessage"]
+           "StrictParser", "UndeliverableMessage", "header_lines"]
 
 log = logging.getLogger("sandbus.bus")
 
@@ -107,6 +110,40 @@ class StrictParser(nats_parser.Parser):
 
 #: handles one message in the read loop: True when done with it, False to queue it for the subscription's callback
 DirectHandler = Callable[[Msg], bool]
+
+#: the first line of a header block without an inline status (``NATS/1.0 503`` has one)
+_PLAIN_HEADER_LINE = b"NATS/1.0\r\n"
+#: what nats-py strips around a header's name and value (``bytes.strip()``: ASCII whitespace)
+_STRIP = " \t\n\r\x0b\x0c"
+#: what makes nats-py drop a header name (``str.isspace`` on ASCII: \x1c-\x1f too)
+_SPACE_IN_NAME = re.compile(r"[\t\n\x0b\x0c\r\x1c-\x1f ]")
+
+
+def header_lines(block: bytes) -> dict[str, str] | None:
+    """The headers of a ``NATS/1.0`` block without an inline status, as nats-py 2.x's
+    ``Client._process_headers`` reads them, for a block of ASCII bytes; None for any other block
+    (a status line, a byte above 0x7f), which only nats-py's parser reads.
+
+    An empty dict is a block with no header (nats-py then gives the message ``headers=None``).
+    tests/bus/test_direct_dispatch.py checks that the two agree on generated blocks.
+    """
+    if not block.startswith(_PLAIN_HEADER_LINE) or not block.isascii():
+        return None
+    out: dict[str, str] = {}
+    if len(block) <= len(_PLAIN_HEADER_LINE):
+        return out
+    for line in block[len(_PLAIN_HEADER_LINE):].decode("ascii").split("\r\n"):
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = name.strip(_STRIP)
+        # A printable name without a space has no whitespace: the regex only for the rare other ones.
+        if (" " in key or not key.isprintable()) and _SPACE_IN_NAME.search(key) is not None:
+            continue
+        out[key] = value.strip(_STRIP)
+    return out
 
 
 class GuardedNatsClient(NatsClient):
@@ -188,6 +225,13 @@ class GuardedNatsClient(NatsClient):
         self._pongs.append(future if future is not None else asyncio.Future())
         await self._send_command(PING_PROTO)  # in order, after whatever was queued before the flush
         await self._flush_pending()
+
+    async def _process_headers(self, headers: bytes) -> dict[str, str] | None:
+        if headers:
+            parsed = header_lines(headers)
+            if parsed is not None:
+                return parsed or None
+        return await super()._process_headers(headers)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         try:
