@@ -9,11 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
+import orjson
 import pytest
 from nats.aio.msg import Msg
 
+from sandbus.bus.connection import ConnectOptions
+from sandbus.bus.requests import Requests
 from sandbus.bus.server import NatsServer
+from sandbus.host.lifecycle.policy import load_policy
+from sandbus.host.node.node import Node
 from sandbus.sdk.nats_guard import GuardedNatsClient
 from sandbus.sdk.natsraw import write_raw_now
 from tests.bus.test_hardening_bus import raw_publish
@@ -170,3 +176,76 @@ async def test_the_registration_ends_with_the_subscription(nats_server: NatsServ
         assert nc._direct == {}
     finally:
         await nc.close()
+
+
+# -- a node's requests: the direct path answers exactly as the queued one ------------------------------
+
+_PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+#: (subject, body, headers): a success with an id and trace context to echo, a bare success, the
+#: caller's mistakes (a body that is not JSON, nested too deep, an unknown function, a bad token)
+_REQUESTS: list[tuple[str, bytes, dict[str, str] | None]] = [
+    ("sandbus.req.echo.handle_request", b'{"x": [1, 2]}', {"Sandbus-Msg-Id": "m-1", "traceparent": _PARENT}),
+    ("sandbus.req.echo.handle_request", b"{}", None),
+    ("sandbus.req.echo.handle_request", b"{not json", {"Sandbus-Msg-Id": "m-2"}),
+    ("sandbus.req.echo.handle_request", b"[" * 300 + b"]" * 300, None),
+    ("sandbus.req.echo.nope", b"{}", None),
+    ("sandbus.req.echo.a-b!", b"{}", None),
+    ("sandbus.req.text_processor.handle_request", b'{"text": "hello world", "operation": "upper"}', None),
+]
+
+
+async def _answers(plugins: Path, url: str, direct: bool, monkeypatch: pytest.MonkeyPatch
+                   ) -> tuple[list[tuple[bytes, dict[str, str]]], dict[str, int], list[str], int]:
+    """The replies (body, headers but the node's id), echo's counters, the audit event kinds, and how many
+    requests reached the subscription's callback."""
+    events: list[str] = []
+    queued: list[Msg] = []
+    on_request = Requests.on_request
+
+    async def counted(self: Requests, msg: Msg) -> None:
+        queued.append(msg)
+        await on_request(self, msg)
+
+    monkeypatch.setattr(Requests, "on_request", counted)
+    node = Node.create(plugins, ConnectOptions.from_urls(url), policy=load_policy(plugins.parent / "policy.toml"),
+                       node_id="direct" if direct else "queued")
+    node.manager.auditor.add_sink(lambda e: events.append(e.kind))
+    node.manager.discover_and_load()
+    node.bus.direct_requests = direct
+    await node.start()
+    try:
+        nc = node.bus.nc
+        assert isinstance(nc, GuardedNatsClient)
+        assert bool(nc._direct) is direct
+        client = await _connected(url)
+        try:
+            answers = []
+            for subject, body, headers in _REQUESTS:
+                reply = await client.request(subject, body, timeout=5, headers=headers)
+                shown = dict(reply.headers or {})
+                shown.pop("Sandbus-Node")
+                answers.append((reply.data, shown))
+        finally:
+            await client.close()
+        info = node.manager.info("echo")
+        return (answers, {"executions": info.executions, "rejected": info.rejected, "errors": info.errors}, events,
+                len(queued))
+    finally:
+        await node.stop()
+        node.manager.close()
+
+
+async def test_a_node_answers_the_same_with_and_without_the_direct_path(
+        bus_plugins: Path, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    direct = await _answers(bus_plugins, nats_server.url, True, monkeypatch)
+    queued = await _answers(bus_plugins, nats_server.url, False, monkeypatch)
+    assert direct[0] == queued[0]
+    assert direct[1] == queued[1] == {"executions": 2, "rejected": 4, "errors": 0}
+    refused = [k for k in direct[2] if k == "request.refused"]
+    assert refused == [k for k in queued[2] if k == "request.refused"]
+    assert len(refused) == 4  # each refusal audited once: the direct path leaves them to the queued one
+    # Only what the bus refuses reached the callback (not JSON, too deep, a bad token); an unknown
+    # function is the plugin manager's refusal, answered by the direct path.
+    assert (direct[3], queued[3]) == (3, len(_REQUESTS))
+    assert direct[0][0][1] == {"Content-Type": "application/json", "Sandbus-Msg-Id": "m-1", "traceparent": _PARENT}
+    assert orjson.loads(direct[0][0][0]) == {"x": [1, 2]}
