@@ -139,10 +139,12 @@ def test_wheel_holds_only_the_sandbus_package(wheel: Path) -> None:
     for data in ("sandbus/py.typed", "sandbus/sdk/py.typed", "sandbus/bus/py.typed", "sandbus/host/py.typed",
                  "sandbus/sdk/guest/c/sandbus.h", "sandbus/sdk/guest/python/wit/sandbus.wit",
                  "sandbus/sdk/guest/python/sandbus_guest.py", "sandbus/sdk/guest/assemblyscript/package.json",
-                 "sandbus/sdk/guest/assemblyscript/assembly/index.ts", "sandbus/host/sandbox/_native.pyi"):
+                 "sandbus/sdk/guest/assemblyscript/assembly/index.ts", "sandbus/host/sandbox/_native.pyi",
+                 "sandbus/host/sandbox/_ticker.pyi"):
         assert data in names, f"{data} is missing from the wheel"
     if shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"):  # optional=True: built when it can be
-        assert any(n.startswith("sandbus/host/sandbox/_native.") and n.endswith(".so") for n in names)
+        for helper in ("_native", "_ticker"):
+            assert any(n.startswith(f"sandbus/host/sandbox/{helper}.") and n.endswith(".so") for n in names), helper
     # the client's dependencies unconditionally, the host's only with the extra
     requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines()
                 if line.startswith("Requires-Dist: ")]
