@@ -8,7 +8,7 @@ first comparison counts against the node and the second does not. Then durable t
 (publish -> JetStream -> plugin -> ack) vs bare JetStream publish+ack, and sandbus's ``Client.publish``
 alone vs a bare nats-py JetStream publish, in alternating rounds.
 
-    python bench/bench_bus.py [--quick]
+    python bench/bench_bus.py [--quick] [--rounds N] [--only requests|extism|tracing|durable]
 """
 
 from __future__ import annotations
@@ -427,12 +427,13 @@ def extism_echo(plugins: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, help="alternating rounds per cell (default 8; durable: 3)")
     ap.add_argument("--only", choices=("requests", "extism", "tracing", "durable"), action="append",
                     help="measure only these parts (repeatable); default: all")
     args = ap.parse_args()
     parts = set(args.only or ("requests", "extism", "tracing", "durable"))
     duration = 1.5 if args.quick else 2.0
-    rounds = 2 if args.quick else 8
+    rounds = args.rounds or (2 if args.quick else 8)
     work = Path(tempfile.mkdtemp(prefix="sandbus-bench-"))
     plugins = work / "plugins"
     plugins.mkdir()
@@ -513,7 +514,7 @@ def main() -> None:
                     stop(traced_node)
             if "durable" in parts:
                 count = 2000 if args.quick else 10000
-                durable_n = 2 if args.quick else 3
+                durable_n = args.rounds or (2 if args.quick else 3)
                 assert server.pid is not None
                 runs, cpu = durable_rounds(server.url, count, durable_n, {
                     "nats-server": server.pid, "node": node.pid, "bare consumer": consumer.pid})
