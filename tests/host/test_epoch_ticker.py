@@ -43,6 +43,13 @@ def run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedPro
                           timeout=120, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
+def assert_prints_ok(code: str, env: dict[str, str] | None = None) -> None:
+    """``code`` (after :data:`PRELUDE`) ran to its end, printed "ok", and its interpreter exited cleanly."""
+    done = run(textwrap.dedent(code) + '\nprint("ok")\n', env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
 def test_the_ticker_is_native_and_no_python_thread_ticks() -> None:
     if engine._native_ticker() is None:
         pytest.fail("the compiled ticker is not built: pip install -e . builds host/sandbox/_ticker.c")
@@ -56,14 +63,11 @@ def test_the_ticker_is_native_and_no_python_thread_ticks() -> None:
 
 
 def test_a_spinning_guest_is_stopped_and_the_process_exits_cleanly() -> None:
-    done = run('''
+    assert_prints_ok('''
         h = engine.get_engine(512 * 1024)
         assert not isinstance(engine._ticker, threading.Thread), engine._ticker
         assert spins_stopped(h) and spins_stopped(engine.get_engine(1024 * 1024, fuel=False))
-        print("ok")
     ''')
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
 
 
 def test_a_forked_child_ticks_again() -> None:
@@ -80,22 +84,16 @@ def test_a_forked_child_ticks_again() -> None:
 
 
 def test_more_engines_than_the_native_ticker_holds_fall_back_to_a_python_thread() -> None:
-    done = run('''
+    assert_prints_ok('''
         handles = [engine.get_engine(64 * 1024 + i * 4096) for i in range(70)]
         assert isinstance(engine._ticker, threading.Thread), engine._ticker
         assert spins_stopped(handles[0]) and spins_stopped(handles[-1])
-        print("ok")
     ''')
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
 
 
 def test_with_the_helpers_turned_off_a_python_thread_ticks() -> None:
-    done = run('''
+    assert_prints_ok('''
         h = engine.get_engine(512 * 1024)
         assert isinstance(engine._ticker, threading.Thread), engine._ticker
         assert spins_stopped(h)
-        print("ok")
     ''', env={"SANDBUS_NATIVE": "0"})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
