@@ -226,12 +226,15 @@ def delivery_count(reply: str | None) -> int:
     """
     if not reply or not reply.startswith("$JS.ACK."):
         return 1
-    tokens = reply.split(".")
-    if len(tokens) == _ACK_TOKENS_V1:
-        count = tokens[4]
-    elif len(tokens) >= _ACK_TOKENS_V2:
-        count = tokens[6]
+    # Counted and cut in C: the tokens after the count are not needed.
+    tokens = reply.count(".") + 1
+    if tokens == _ACK_TOKENS_V1:
+        count = reply.split(".", 5)[4]
+    elif tokens >= _ACK_TOKENS_V2:
+        count = reply.split(".", 7)[6]
     else:
+        return 1
+    if count == "1":  # a first delivery: nearly every message
         return 1
     # ASCII digits only (int() takes others), at most 19: anyone who can publish to the pull inbox may
     # have written it.
