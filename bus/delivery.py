@@ -62,6 +62,7 @@ from sandbus.sdk.envelope import (
     valid_media_type,
 )
 from sandbus.sdk.errors import RequestError, SandbusError
+from sandbus.sdk.nats_guard import GuardedNatsClient
 from sandbus.sdk.natsraw import RAW_WRITES, can_write_raw, write_raw
 from sandbus.sdk.subjects import AUDIT_PREFIX, DLQ_PREFIX, TOPIC_PREFIX, dlq_subject, topic_subject
 
@@ -406,15 +407,18 @@ class DurableTopics:
         Why not nats-py's ``fetch``: it waits for each message of a batch with its own timer (a
         ``wait_for`` and a task per message), which cost more than the plugin call. Here one pull
         request asks for a batch and stays on the server for up to ``PULL_EXPIRES_S``, which sends
-        each message as soon as it is stored; the subscription callback only queues it, and this
-        loop runs what has arrived. A new request goes out when the last one is used up or ended.
+        each message as soon as it is stored; the subscription callback only queues it (on a
+        :class:`~sandbus.sdk.nats_guard.GuardedNatsClient`, right in its read loop: no queue and task
+        per message on the way), and this loop runs what has arrived. A new request goes out when the last one is used up or ended.
         Each turn runs under a catch-all: what goes wrong is logged and the loop goes on.
         """
         served = self.bus.served(plugin)
         instances = max(1, served.instances if served is not None else 1)
         pull = _Pull(self._wakes.setdefault(plugin, asyncio.Event()))
 
-        async def on_message(msg: Msg) -> None:
+        def arrived(msg: Msg) -> bool:
+            """Note one message of the pull inbox (a message to handle, or the end of a pull request)
+            and wake the loop. Never raises: it may run inside the connection's read loop."""
             status = msg.headers.get("Status") if msg.headers else None
             if status != "503":
                 self._alive_at[plugin] = time.time()
@@ -434,13 +438,21 @@ class DurableTopics:
                 pull.arrived.append(msg)
                 pull.open -= 1
             pull.wake.set()
+            return True
+
+        async def on_message(msg: Msg) -> None:
+            arrived(msg)
 
         old = self._psubs.pop(plugin, None)  # a restarted loop: the dead one's inbox goes
         if old is not None:
             with contextlib.suppress(Exception):
                 await old.unsubscribe()
         pull.inbox = self.nc.new_inbox()
-        self._psubs[plugin] = await self.nc.subscribe(pull.inbox, cb=on_message)
+        psub = self._psubs[plugin] = await self.nc.subscribe(pull.inbox, cb=on_message)
+        if isinstance(self.nc, GuardedNatsClient):
+            # Noted right in the read loop: no queue hand-off and task wake-up per message (the
+            # subscription's callback still takes any message the client does not dispatch).
+            self.nc.dispatch_directly(psub, arrived)
         next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{TOPIC_STREAM}.{durable}"
         restore_delay = RESTORE_DELAY_S
         while plugin not in self._stopping:

@@ -38,6 +38,7 @@ from sandbus.host.telemetry.otel import Telemetry
 from sandbus.sdk.audit import AuditLevel
 from sandbus.sdk.envelope import H_ERROR_CODE
 from sandbus.sdk.errors import InvalidJsonError, RequestError, TrapError, UnknownFunctionError
+from sandbus.sdk.nats_guard import GuardedNatsClient
 from tests.bus.conftest import collect, until
 from tests.conftest import ABI_PRELUDE
 
@@ -382,3 +383,35 @@ async def test_a_handler_without_deliver_now_gets_every_delivery_through_serve(n
         await nc.close()
         await bus.stop(timeout=5)
     assert handler.calls == [("handle_message", [i], 1) for i in range(5)]
+
+
+async def test_the_pull_inbox_is_read_in_the_read_loop_and_a_plain_client_keeps_its_callback(
+        nats_server: NatsServer) -> None:
+    """On the bus's own connection (a GuardedNatsClient) the pull inbox's messages are noted in the read
+    loop (direct dispatch); a durable consumer on a plain nats-py client gets them through the
+    subscription's callback. Both deliver every message once."""
+    handler = PlainHandler()
+    bus = PluginBus(handler, ConnectOptions.from_urls(nats_server.url), node_id="plain")
+    await bus.start()
+    plain = await nats.connect(nats_server.url)
+    try:
+        assert isinstance(bus.nc, GuardedNatsClient)
+        durable = bus._durable
+        assert durable is not None
+        assert durable._psubs["plain"]._id in bus.nc._direct
+        # A second consumer of another plugin, over a plain client.
+        other = DurableTopics(plain, bus, handler)
+        served = Served("other", topics=("other.*",), durable=True, message_function="handle_message")
+        await other.consume(served)
+        assert not hasattr(plain, "_direct")
+        js = plain.jetstream()
+        for i in range(3):
+            await js.publish("sandbus.topic.plain.x", b"[%d]" % i)
+            await js.publish("sandbus.topic.other.x", b"[%d]" % (10 + i))
+        await until(lambda: len(handler.calls) == 6, 10, "six deliveries")
+        await wait_settled(js, ("plain", "other"))
+        await other.stop()
+    finally:
+        await plain.close()
+        await bus.stop(timeout=5)
+    assert sorted(payload[0] for _, payload, _ in handler.calls) == [0, 1, 2, 10, 11, 12]
