@@ -27,6 +27,7 @@ import atexit
 import ctypes
 import functools
 import importlib.metadata
+import logging
 import os
 import threading
 import time
@@ -43,6 +44,8 @@ __all__ = ["EPOCH_TICK_S", "PERCALL_MAX_MEMORY", "PERCALL_SLOTS", "EngineHandle"
 EPOCH_TICK_S = 0.005
 
 WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+
+log = logging.getLogger("sandbus.sandbox")
 
 
 @dataclass(eq=False)
@@ -231,10 +234,13 @@ def get_pooling_engine(stack_bytes: int, fuel: bool = True, slots: int | None = 
     default :data:`PERCALL_SLOTS`, read when the engine is first made)."""
     slots = PERCALL_SLOTS if slots is None else slots
     with _lock:
-        handle = _pooling.get((stack_bytes, fuel, slots, debug))
+        key = (stack_bytes, fuel, slots, debug)
+        handle = _pooling.get(key)
         if handle is None:
-            handle = _pooling[(stack_bytes, fuel, slots, debug)] = _make_pooling_engine(stack_bytes, fuel, slots,
-                                                                                        debug)
+            handle = _make_pooling_engine(stack_bytes, fuel, slots, debug)
+            _tick(handle)  # raises: the engine is not kept, so the next caller makes it and tries again
+            _pooling[key] = handle
+        elif not _ticking():
             _tick(handle)
     return handle
 
@@ -267,23 +273,49 @@ def _address(obj: object) -> int:
 
 
 def _tick(handle: EngineHandle) -> None:
-    """Have the ticker tick ``handle``'s engine from now on; start it on first use. Under ``_lock``."""
-    global _ticker
-    native = _native_ticker() if _ticker is None or isinstance(_ticker, ModuleType) else None
-    if native is not None:
-        from wasmtime import _ffi as ffi
+    """Have the ticker tick ``handle``'s engine from now on, starting it when it does not run. Under ``_lock``.
 
-        if native.add(_address(handle.engine.ptr())):
+    Raises (``OSError``, ``RuntimeError``: no thread could be started) only with nothing changed for
+    ``handle``: the caller then keeps no engine that nothing ticks, whose guests would never time out.
+    Which ticker ticks is chosen once (``SANDBUS_NATIVE`` read at the first engine, and again in a
+    forked child): an environment changed later must not add a second ticker, which would tick the
+    first one's engines twice and halve every timeout.
+    """
+    global _ticker
+    native = _ticker if isinstance(_ticker, ModuleType) else _native_ticker() if _ticker is None else None
+    if native is not None:
+        if not native.running():  # first use, or a forked child: started before any engine is added
+            from wasmtime import _ffi as ffi
+
             increment = ffi.dll._FuncPtr(("wasmtime_engine_increment_epoch", ffi.dll))
             if native.start(_address(increment), int(EPOCH_TICK_S * 1e9)):
                 atexit.register(native.stop)  # before the interpreter frees the engines
-            _ticker = native
+        _ticker = native
+        if native.add(_address(handle.engine.ptr())):
             return
-        if _ticker is native:  # more engines than it holds: the Python thread ticks them all instead
-            native.stop()
-    if not isinstance(_ticker, threading.Thread):
-        _ticker = threading.Thread(target=_tick_forever, name="sandbus-epoch", daemon=True)
-        _ticker.start()
+        # More engines than it holds: a Python thread ticks them all (the caller keeps ``handle`` in
+        # the dicts it reads), started before the native thread stops so no tick is missed.
+        thread = _start_thread()
+        native.stop()
+        _ticker = thread
+        return
+    if not isinstance(_ticker, threading.Thread) or not _ticker.is_alive():
+        _ticker = _start_thread()
+
+
+def _start_thread() -> threading.Thread:
+    thread = threading.Thread(target=_tick_forever, name="sandbus-epoch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _ticking() -> bool:
+    """Whether a ticker runs (one that failed to start, or a forked child's, is started again by
+    the next :func:`get_engine`)."""
+    ticker = _ticker
+    if isinstance(ticker, threading.Thread):
+        return ticker.is_alive()
+    return ticker is not None and bool(ticker.running())
 
 
 def _restart_after_fork() -> None:
@@ -292,8 +324,11 @@ def _restart_after_fork() -> None:
     if _ticker is None:
         return
     _ticker = None
-    for handle in [*_engines.values(), *_pooling.values()]:
-        _tick(handle)
+    try:
+        for handle in [*_engines.values(), *_pooling.values()]:
+            _tick(handle)
+    except (OSError, RuntimeError) as e:  # no thread now: the child's next get_engine tries again
+        log.error("the epoch ticker could not start in a forked child (%s): plugin timeouts wait for it", e)
 
 
 os.register_at_fork(after_in_child=_restart_after_fork)
@@ -302,9 +337,13 @@ os.register_at_fork(after_in_child=_restart_after_fork)
 def get_engine(stack_bytes: int, fuel: bool = True, debug: bool = False) -> EngineHandle:
     """The shared engine for this stack size, fuel and debug setting; starts the epoch ticker on first use."""
     with _lock:
-        handle = _engines.get((stack_bytes, fuel, debug))
+        key = (stack_bytes, fuel, debug)
+        handle = _engines.get(key)
         if handle is None:
-            handle = _engines[(stack_bytes, fuel, debug)] = _make_engine(stack_bytes, fuel, debug)
+            handle = _make_engine(stack_bytes, fuel, debug)
+            _tick(handle)  # raises: the engine is not kept, so the next caller makes it and tries again
+            _engines[key] = handle
+        elif not _ticking():
             _tick(handle)
         return handle
 
