@@ -409,8 +409,9 @@ class DurableTopics:
         request asks for a batch and stays on the server for up to ``PULL_EXPIRES_S``, which sends
         each message as soon as it is stored; the subscription callback only queues it (on a
         :class:`~sandbus.sdk.nats_guard.GuardedNatsClient`, right in its read loop: no queue and task
-        per message on the way), and this loop runs what has arrived. A new request goes out when the last one is used up or ended.
-        Each turn runs under a catch-all: what goes wrong is logged and the loop goes on.
+        per message on the way), and this loop runs what has arrived. A new request goes out when
+        the last one is used up or ended. Each turn runs under a catch-all: what goes wrong is
+        logged and the loop goes on.
         """
         served = self.bus.served(plugin)
         instances = max(1, served.instances if served is not None else 1)
@@ -449,9 +450,10 @@ class DurableTopics:
                 await old.unsubscribe()
         pull.inbox = self.nc.new_inbox()
         psub = self._psubs[plugin] = await self.nc.subscribe(pull.inbox, cb=on_message)
-        if isinstance(self.nc, GuardedNatsClient):
+        if isinstance(self.nc, GuardedNatsClient) and self.bus.direct_requests:
             # Noted right in the read loop: no queue hand-off and task wake-up per message (the
-            # subscription's callback still takes any message the client does not dispatch).
+            # subscription's callback still takes any message the client does not dispatch). The
+            # bus's one switch for work done in the read loop turns this off with direct requests.
             self.nc.dispatch_directly(psub, arrived)
         next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{TOPIC_STREAM}.{durable}"
         restore_delay = RESTORE_DELAY_S
