@@ -35,7 +35,6 @@ import dataclasses
 import datetime
 import logging
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
@@ -198,8 +197,8 @@ INLINE_FETCH = 128
 ACK_BATCH = 64
 #: how long stopping a plugin waits for the server to confirm it has the last acks
 ACK_FLUSH_TIMEOUT_S = 2
-#: an ack subject as the server writes them: printable ASCII without a space
-_ACK_SUBJECT = re.compile(r"[!-~]{1,1024}")
+#: longest ack subject written raw
+_MAX_ACK_SUBJECT = 1024
 #: the nats-py internals the batched acks use (nats-py 2.x); without them, each ack is a ``Msg.ack``
 
 
@@ -240,6 +239,12 @@ def delivery_count(reply: str | None) -> int:
     # ASCII digits only (int() takes others), at most 19: anyone who can publish to the pull inbox may
     # have written it.
     return max(int(count), 1) if count.isascii() and count.isdigit() and len(count) <= 19 else 1
+
+
+def _ack_subject(reply: str) -> bool:
+    """Whether ``reply`` may be copied into a protocol line as it is: 1-1024 printable ASCII characters
+    without a space, as the server writes ack subjects (string methods in C: a regex cost twice as much)."""
+    return 0 < len(reply) <= _MAX_ACK_SUBJECT and reply.isascii() and reply.isprintable() and " " not in reply
 
 
 def _pending_messages(headers: Mapping[str, str] | None) -> int | None:
@@ -600,12 +605,12 @@ class DurableTopics:
             lines = []
             for m in batch:
                 reply = m.reply
-                if reply.startswith("$JS.ACK.") and _ACK_SUBJECT.fullmatch(reply) is not None:
-                    lines.append(b"PUB %s 0\r\n\r\n" % reply.encode())
+                if reply.startswith("$JS.ACK.") and _ack_subject(reply):
+                    lines.append(f"PUB {reply} 0\r\n\r\n")
                 else:
                     rest.append(m)
             if lines:
-                await write_raw(nc, b"".join(lines), len(lines), 0)
+                await write_raw(nc, "".join(lines).encode(), len(lines), 0)
         else:
             rest = batch
         for m in rest:

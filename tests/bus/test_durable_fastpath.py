@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from sandbus.bus import ConnectOptions, PluginBus, Reply, Served
-from sandbus.bus.delivery import TOPIC_STREAM, DurableTopics
+from sandbus.bus.delivery import TOPIC_STREAM, DurableTopics, _ack_subject
 from sandbus.bus.server import NatsServer
 from sandbus.host.lifecycle.policy import load_policy
 from sandbus.host.node.node import Node
@@ -415,3 +416,15 @@ async def test_the_pull_inbox_is_read_in_the_read_loop_and_a_plain_client_keeps_
         await plain.close()
         await bus.stop(timeout=5)
     assert sorted(payload[0] for _, payload, _ in handler.calls) == [0, 1, 2, 10, 11, 12]
+
+
+def test_an_ack_subject_is_written_raw_only_when_printable_ascii_without_a_space() -> None:
+    """What decides whether an ack subject is copied into a protocol line is exactly ``[!-~]{1,1024}``."""
+    rule = re.compile(r"[!-~]{1,1024}")
+    base = "$JS.ACK.S.C.1.2.3.4.5"
+    samples = ["", base, base + "x" * (1024 - len(base)), base + "x" * (1025 - len(base))]
+    for code in range(0x3000):
+        c = chr(code)
+        samples += [c, base + c, c + base, base[:10] + c + base[10:]]
+    for reply in samples:
+        assert _ack_subject(reply) == (rule.fullmatch(reply) is not None), repr(reply)
