@@ -377,8 +377,9 @@ class PluginBus:
             await self.nc.subscribe(f"{MSG_PREFIX}.{name}", queue=queue, cb=requests.on_direct),
         ]
         if isinstance(self.nc, GuardedNatsClient) and self.direct_requests:
-            # Requests answered inline skip the subscription's queue and task (bus/requests.py).
-            self.nc.dispatch_directly(subs[0], requests.request_direct)
+            # Requests answered inline skip the subscription's queue and task (bus/requests.py), in the
+            # order they arrived: none overtakes one that waits for its turn in the queue.
+            self.nc.dispatch_directly(subs[0], requests.request_direct, keep_order=True)
         durable = self._durably(served)
         if served.topics and durable:
             assert self._durable is not None

@@ -146,6 +146,16 @@ def header_lines(block: bytes) -> dict[str, str] | None:
     return out
 
 
+def _unfinished(queue: asyncio.Queue[Msg]) -> int:
+    """Messages put in a subscription's queue whose callback has not finished (waiting, or running).
+
+    nats-py's subscription task calls ``task_done()`` after each callback (what ``drain`` joins on);
+    asyncio counts that in ``_unfinished_tasks``. A Python without it: the messages still waiting.
+    """
+    count = getattr(queue, "_unfinished_tasks", None)
+    return count if isinstance(count, int) else queue.qsize()
+
+
 class GuardedNatsClient(NatsClient):
     """A nats-py ``Client`` whose read loop no published message can end (see the module docstring)."""
 
@@ -160,8 +170,10 @@ class GuardedNatsClient(NatsClient):
         self._reported_drops = 0
         #: subscription id -> the handler its messages go to first (:meth:`dispatch_directly`)
         self._direct: dict[int, DirectHandler] = {}
+        #: subscriptions whose handler sees no message while older ones wait for the callback
+        self._in_order: set[int] = set()
 
-    def dispatch_directly(self, sub: Subscription, handler: DirectHandler) -> None:
+    def dispatch_directly(self, sub: Subscription, handler: DirectHandler, *, keep_order: bool = False) -> None:
         """Hand each message of ``sub`` to ``handler`` in the read loop, before the subscription's queue.
 
         Why: nats-py puts every message in its subscription's ``asyncio.Queue``, and a task per
@@ -173,14 +185,24 @@ class GuardedNatsClient(NatsClient):
         quick and must not raise (one that raises is logged and its message queued, so the
         callback still sees it). ``sub`` must have a callback, no message limit and no JetStream
         context; the registration ends with the subscription.
+
+        ``keep_order``: while messages the handler left wait in the queue or run in the callback,
+        later ones go behind them without being offered to the handler. Without it a handler that
+        declines under load (a request waiting for its turn on the loop) lets newer messages overtake
+        the ones it queued, again and again under a steady flood, so those starve.
         """
         if sub._cb is None or sub._max_msgs > 0 or sub._jsi is not None:
             raise ValueError("direct dispatch needs a subscription with a callback, no message limit and no "
                              "JetStream context")
         self._direct[sub._id] = handler
+        if keep_order:
+            self._in_order.add(sub._id)
+        else:
+            self._in_order.discard(sub._id)
 
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
         self._direct.pop(sid, None)
+        self._in_order.discard(sid)
         super()._remove_sub(sid, max_msgs)
 
     async def _dispatch(self, handler: DirectHandler, sid: int, subject: bytes, reply: bytes, data: bytes,
@@ -197,7 +219,7 @@ class GuardedNatsClient(NatsClient):
         sub._received += 1
         msg = self._build_message(sid, subject, reply, data, await self._process_headers(headers))
         try:
-            if handler(msg):
+            if (sid not in self._in_order or not _unfinished(sub._pending_queue)) and handler(msg):
                 return
         except Exception:
             log.exception("a direct handler of %s raised: the message goes to the subscription's callback",

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import ClassVar
 
 import orjson
 import pytest
@@ -32,6 +33,8 @@ class RawRequester:
     the replies on ``<inbox>.<n>`` (body and raw header block, by n)."""
 
     _count = 0
+    #: (inbox, n) of every requester's replies, in the order they arrived
+    arrivals: ClassVar[list[tuple[bytes, int]]] = []
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         RawRequester._count += 1
@@ -69,20 +72,22 @@ class RawRequester:
                 if not self._pong.done():
                     self._pong.set_result(None)
             elif line.startswith((b"MSG ", b"HMSG ")):
-                fields = line.split()
+                fields = line.rstrip(b"\r\n").split(b" ")  # nats-server's separator (a subject may hold \x0b)
                 total = int(fields[-1])
                 header_size = int(fields[-2]) if fields[0] == b"HMSG" else 0
                 payload = await reader.readexactly(total + 2)
                 n = int(fields[1].split(b".")[1])
                 self.replies.setdefault(n, []).append((payload[header_size:total], payload[:header_size]))
+                RawRequester.arrivals.append((self.inbox, n))
 
     def send(self, data: bytes) -> None:
         self.writer.write(data)
 
-    def request(self, subject: bytes, n: int, block: bytes, body: bytes) -> None:
-        """An HPUB to ``subject`` (``block`` as it is: any bytes) with the reply subject ``<inbox>.<n>``."""
-        self.writer.write(b"HPUB %s %s.%d %d %d\r\n%s%s\r\n" % (subject, self.inbox, n, len(block),
-                                                                  len(block) + len(body), block, body))
+    def request(self, subject: bytes, n: int, block: bytes, body: bytes, suffix: bytes = b"") -> None:
+        """An HPUB to ``subject`` (``block`` as it is: any bytes) with the reply subject
+        ``<inbox>.<n><suffix>``."""
+        self.writer.write(b"HPUB %s %s.%d%s %d %d\r\n%s%s\r\n" % (subject, self.inbox, n, suffix, len(block),
+                                                                    len(block) + len(body), block, body))
 
     async def close(self) -> None:
         if self._task is not None:
@@ -297,3 +302,71 @@ async def test_a_flood_waiting_for_its_turns_is_checked_once_a_request(
             assert len(checks) == total
         finally:
             await raw.close()
+
+
+#: reply subjects a hostile client may give: bytes nats-py splits on, UTF-8, wildcards, empty tokens
+_ODD_REPLIES = [b".\x0b", b".\x0c7", b".caf\xc3\xa9", b".*", b".>", b"..x", b".", b".\x7f"]
+
+
+async def _odd_outcome(plugins: Path, server: NatsServer, direct: bool) -> tuple[dict[int, int], int, int, int]:
+    """Replies per request (to odd reply subjects), echo's executions after requests with no reply
+    subject, and the node connection's reconnects and errors."""
+    async with a_node(plugins, server.url, direct, "od" if direct else "oq") as node:
+        raw = await RawRequester.connect(server.port)
+        try:
+            for i, suffix in enumerate(_ODD_REPLIES):
+                raw.request(_ECHO, i, b"NATS/1.0\r\n\r\n", b"{}", suffix)
+            for _ in range(50):  # no reply subject: run (side effects count), answered to nobody
+                raw.send(b"PUB %s 2\r\n{}\r\n" % _ECHO)
+            raw.request(_ECHO, 99, b"NATS/1.0\r\n\r\n", b"{}")
+            async with asyncio.timeout(10):
+                while 99 not in raw.replies or node.manager.info("echo").executions < 59:
+                    await asyncio.sleep(0.01)  # replies arrive on the raw reader task
+            await raw.ping()
+            nc = node.bus.nc
+            assert nc is not None
+            assert nc.is_connected
+            return ({n: len(got) for n, got in raw.replies.items()}, node.manager.info("echo").executions,
+                    nc.stats["reconnects"], nc.stats["errors_received"])
+        finally:
+            await raw.close()
+
+
+async def test_no_reply_subject_and_odd_reply_subjects_are_handled_alike(bus_plugins: Path,
+                                                                          nats_server: NatsServer) -> None:
+    direct = await _odd_outcome(bus_plugins, nats_server, True)
+    queued = await _odd_outcome(bus_plugins, nats_server, False)
+    assert direct == queued
+    replies, executions, reconnects, errors = direct
+    assert errors == 0
+    assert executions == len(_ODD_REPLIES) + 51  # each request ran once
+    assert reconnects == 0
+    assert replies[99] == 1
+
+
+async def test_requests_queued_behind_a_flood_are_not_overtaken_by_newer_ones(
+        bus_plugins: Path, nats_server: NatsServer) -> None:
+    # Requests that had to wait for a turn are queued for the subscription's callback; newer ones the
+    # read loop could run at once used to go ahead of them, turn after turn, so under a steady flood
+    # the queued ones starved (a client whose burst was queued got no answer in 10 s while the others
+    # were served). A plugin's requests are answered in the order they arrived.
+    async with a_node(bus_plugins, nats_server.url, True, "fo") as node:
+        node.bus.turns.slice_s = 0.0  # one request a loop iteration runs at once, the others wait for turns
+        first, second = await RawRequester.connect(nats_server.port), await RawRequester.connect(nats_server.port)
+        try:
+            for n in range(300):
+                first.request(_ECHO, n, b"NATS/1.0\r\n\r\n", b"{}")
+            await first.ping()
+            for n in range(300):  # a steady stream behind the burst
+                second.request(_ECHO, n, b"NATS/1.0\r\n\r\n", b"{}")
+                await asyncio.sleep(0)
+            async with asyncio.timeout(30):
+                while len(first.replies) < 300 or len(second.replies) < 300:
+                    await asyncio.sleep(0.01)  # replies arrive on the raw reader tasks
+            await second.ping()
+            inboxes = [inbox for inbox, _ in RawRequester.arrivals if inbox in (first.inbox, second.inbox)]
+            before = inboxes.index(second.inbox)
+            assert before == 300, f"only {before} of the burst answered before the first newer request"
+        finally:
+            await first.close()
+            await second.close()
