@@ -10,9 +10,10 @@
  *
  * The increment function's address comes from the libwasmtime that wasmtime-py loaded (as for
  * _native.c): one wasmtime in the process, nothing to link. Engines are registered once and never
- * released here: the caller keeps them alive for the life of the process and stops this thread at exit
- * (atexit), before the interpreter frees them. After a fork the child has no thread; it starts again
- * on the next start().
+ * released here: the caller keeps each one alive for the life of the process (a reference the
+ * interpreter's teardown never releases), so this thread ticks until the process ends, through atexit
+ * handlers that may still run guests whose timeouts depend on it. stop() is for switching to the
+ * Python ticker. After a fork the child has no thread; it starts again on the next start().
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -23,7 +23,6 @@ ordinary ones.
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import functools
 import importlib.metadata
@@ -288,10 +287,10 @@ def _tick(handle: EngineHandle) -> None:
             from wasmtime import _ffi as ffi
 
             increment = ffi.dll._FuncPtr(("wasmtime_engine_increment_epoch", ffi.dll))
-            if native.start(_address(increment), int(EPOCH_TICK_S * 1e9)):
-                atexit.register(native.stop)  # before the interpreter frees the engines
+            native.start(_address(increment), int(EPOCH_TICK_S * 1e9))
         _ticker = native
         if native.add(_address(handle.engine.ptr())):
+            _outlive_interpreter(handle.engine)
             return
         # More engines than it holds: a Python thread ticks them all (the caller keeps ``handle`` in
         # the dicts it reads), started before the native thread stops so no tick is missed.
@@ -301,6 +300,19 @@ def _tick(handle: EngineHandle) -> None:
         return
     if not isinstance(_ticker, threading.Thread) or not _ticker.is_alive():
         _ticker = _start_thread()
+
+
+def _outlive_interpreter(obj: object) -> None:
+    """Give ``obj`` a reference nothing releases, so the interpreter's teardown never frees it.
+
+    Why: the native thread ticks until the process ends, through ``atexit`` handlers and the
+    interpreter's teardown. Stopping it at exit instead (before the engines are freed) left every
+    guest called from an ``atexit`` handler registered earlier (a ``close`` that runs a plugin's
+    ``sandbus_shutdown``) without a timeout: a guest looping there hung the exit forever. Engines
+    live as long as the process anyway; this only keeps the one the thread ticks from being freed
+    under it.
+    """
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
 def _start_thread() -> threading.Thread:

@@ -40,10 +40,10 @@ PRELUDE = textwrap.dedent('''
 ''')
 
 
-def child(code: str, env: dict[str, str] | None = None) -> str:
+def child(code: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
     """Run ``code`` after :data:`PRELUDE` in a fresh interpreter; its stdout, once it exited cleanly."""
     done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={**os.environ, **(env or {})})
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.strip()
 
@@ -138,3 +138,29 @@ def test_processes_that_ran_guests_on_every_thread_exit_cleanly_every_time() -> 
     '''
     for _ in range(20):
         assert child(code) == "True"
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_a_guest_run_by_an_atexit_handler_still_times_out(native: str) -> None:
+    # An application closes its sandboxes at exit, with a handler registered before the first engine
+    # existed; closing runs each plugin's sandbus_shutdown. The native ticker used to be stopped by
+    # an atexit handler of its own, registered later and so run first: a shutdown export that loops
+    # then hung the process's exit forever (the Python ticker, a daemon thread, kept ticking).
+    out = child('''
+        import atexit
+        text = Path("tests/host/wat/adversary.wat").read_text().replace(
+            '(func (export "sandbus_abi_version")',
+            '(func (export "sandbus_shutdown") (loop $l (br $l)))\\n  (func (export "sandbus_abi_version")', 1)
+        boxes = []
+        def close_all():
+            start = time.monotonic()
+            for sb in boxes:
+                sb.close()
+            print("closed", in_time(time.monotonic() - start, 0.3), flush=True)
+        atexit.register(close_all)
+        sb = Sandbox(bytes(wasmtime.wat2wasm(text)), name="stuck", limits=Limits(timeout_s=0.3, fuel=10**15,
+                                                                                max_instances=1))
+        boxes.append(sb)
+        print("called", sb.call("echo", {"a": 1}) == {"a": 1})
+    ''', env={"SANDBUS_NATIVE": native}, timeout=30)
+    assert out.split() == ["called", "True", "closed", "True"]
