@@ -25,7 +25,7 @@ notices, about 6 minutes with nats-py's default pings (120 s x 2).
 * a header block of ASCII bytes (every one sandbus sends) is parsed by :func:`header_lines`, with
   nats-py's rules but faster (the five headers of a message published by sandbus's Client: 3.1 us
   instead of 7.8); any other block (a status line, other bytes) goes to nats-py's parser; a block
-  above :data:`MAX_HEADER_BLOCK` is not parsed at all (its message is dropped and reported);
+  of more than :data:`MAX_HEADER_LINES` lines is not parsed at all (its message is dropped and reported);
 * ``flush()`` is a barrier again: nats-py 2.16 writes a flush's PING straight to the socket while
   commands queued before it (a ``SUB``, a ``PUB``) still wait for the flusher task, so the PONG could
   come back before the server had seen the subscription, and a request sent next got "no responders".
@@ -54,7 +54,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.protocol import parser as nats_parser
 
-__all__ = ["MAX_HEADER_BLOCK", "MAX_OUTSTANDING_PINGS", "PING_INTERVAL_S", "REPORT_EVERY_S", "DirectHandler",
+__all__ = ["MAX_HEADER_LINES", "MAX_OUTSTANDING_PINGS", "PING_INTERVAL_S", "REPORT_EVERY_S", "DirectHandler",
            "GuardedNatsClient", "StrictParser", "UndeliverableMessage", "header_lines"]
 
 log = logging.getLogger("sandbus.bus")
@@ -67,11 +67,12 @@ MAX_OUTSTANDING_PINGS = 3
 _QUOTE = 64
 #: at most one report of dropped messages per this many seconds (a flood of them is one line a second)
 REPORT_EVERY_S = 1.0
-#: the largest header block read (bytes); a message with a larger one is dropped and reported. Every
-#: header sandbus reads is bounded far below it (ids, trace context of at most a few KB), while a
-#: block of a megabyte of one-line headers held the read loop for 80 ms (186 ms with nats-py's
-#: parser): a publisher sending such blocks stalled every node it reached.
-MAX_HEADER_BLOCK = 64 * 1024
+#: most lines of a header block read; a message with more is dropped and reported. A header block
+#: costs the read loop per line, not per byte: a megabyte of one-line headers (250,000 lines) held it
+#: for 80 ms (186 ms with nats-py's parser), so a publisher sending such blocks stalled every node it
+#: reached, while one header of a megabyte (a reply's ``Sandbus-Trace-Spans``) takes 4 ms. Sandbus
+#: sends fewer than ten lines.
+MAX_HEADER_LINES = 1024
 
 
 class UndeliverableMessage(nats_errors.Error):
@@ -256,9 +257,9 @@ class GuardedNatsClient(NatsClient):
 
     async def _process_headers(self, headers: bytes) -> dict[str, str] | None:
         if headers:  # None for a message without headers
-            if len(headers) > MAX_HEADER_BLOCK:
-                raise UndeliverableMessage(f"a header block of {len(headers)} bytes (at most {MAX_HEADER_BLOCK} "
-                                           "are read)")
+            # A block shorter than two bytes a line cannot have too many: no count on the hot path.
+            if len(headers) > 2 * MAX_HEADER_LINES and (lines := headers.count(b"\r\n")) > MAX_HEADER_LINES:
+                raise UndeliverableMessage(f"a header block of {lines} lines (at most {MAX_HEADER_LINES} are read)")
             parsed = header_lines(headers)
             if parsed is not None:
                 return parsed or None
