@@ -455,7 +455,7 @@ class DurableTopics:
                 await old.unsubscribe()
         pull.inbox = self.nc.new_inbox()
         psub = self._psubs[plugin] = await self.nc.subscribe(pull.inbox, cb=on_message)
-        if isinstance(self.nc, GuardedNatsClient) and self.bus.direct_requests:
+        if isinstance(self.nc, GuardedNatsClient) and self.bus.direct_dispatch:
             # Noted right in the read loop: no queue hand-off and task wake-up per message (the
             # subscription's callback still takes any message the client does not dispatch). The
             # bus's one switch for work done in the read loop turns this off with direct requests.

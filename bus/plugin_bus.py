@@ -149,9 +149,9 @@ class PluginBus:
         self.loop: asyncio.AbstractEventLoop | None = None
         #: turns on the event loop for inline calls, shared by every path that runs them (bus/turns.py)
         self.turns = LoopTurns()
-        #: answer requests in the connection's read loop when they run inline (False: every request
-        #: goes through its subscription's queue and task, as nats-py hands them over)
-        self.direct_requests = True
+        #: handle requests that run inline, and durable pull deliveries, in the connection's read loop
+        #: (False: every message goes through its subscription's queue and task, as nats-py hands them over)
+        self.direct_dispatch = True
         self._requests = Requests(self, handler)
         self._control = Control(self, handler)
         self._subs: dict[str, list[Subscription]] = {}
@@ -376,7 +376,7 @@ class PluginBus:
             await self.nc.subscribe(f"{REQ_PREFIX}.{name}.*", queue=queue, cb=requests.on_request),
             await self.nc.subscribe(f"{MSG_PREFIX}.{name}", queue=queue, cb=requests.on_direct),
         ]
-        if isinstance(self.nc, GuardedNatsClient) and self.direct_requests:
+        if isinstance(self.nc, GuardedNatsClient) and self.direct_dispatch:
             # Requests answered inline skip the subscription's queue and task (bus/requests.py), in the
             # order they arrived: none overtakes one that waits for its turn in the queue.
             self.nc.dispatch_directly(subs[0], requests.request_direct, keep_order=True)

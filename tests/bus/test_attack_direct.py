@@ -2,7 +2,7 @@
 the way a hostile NATS client and an unlucky operator would, against a real nats-server and real plugins.
 
 Each attack runs the same requests through a node on the direct path and one on the queued path
-(``bus.direct_requests = False``) where the two can be compared: a request must get the same answer
+(``bus.direct_dispatch = False``) where the two can be compared: a request must get the same answer
 either way, every request gets an answer, and no call runs twice."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ async def a_node(plugins: Path, url: str, direct: bool, node_id: str) -> AsyncIt
     node = Node.create(plugins, ConnectOptions.from_urls(url), policy=load_policy(plugins.parent / "policy.toml"),
                        node_id=node_id)
     node.manager.discover_and_load()
-    node.bus.direct_requests = direct
+    node.bus.direct_dispatch = direct
     await node.start()
     try:
         yield node

@@ -211,7 +211,7 @@ async def _answers(plugins: Path, url: str, direct: bool, monkeypatch: pytest.Mo
                        node_id="direct" if direct else "queued")
     node.manager.auditor.add_sink(lambda e: events.append(e.kind))
     node.manager.discover_and_load()
-    node.bus.direct_requests = direct
+    node.bus.direct_dispatch = direct
     await node.start()
     try:
         nc = node.bus.nc
