@@ -32,9 +32,6 @@ from sandbus.sdk.envelope import (
     H_CONTENT_TYPE,
     H_FROM,
     H_MSG_ID,
-    MAX_ENVELOPE_HEADERS,
-    MAX_HEADER_KEY,
-    MAX_HEADER_VALUE,
     MAX_MESSAGE_ID,
     MAX_SENDER,
     envelope_for,
@@ -45,6 +42,9 @@ from sandbus.sdk.envelope import (
     valid_message_id,
     valid_sender,
 )
+
+# The envelope's ``headers`` field is checked by the same function on every path: the reference uses it as is.
+from sandbus.sdk.envelope import _check_headers as check_headers
 from sandbus.sdk.errors import InvalidEnvelopeError, InvalidJsonError, SandbusError
 from sandbus.sdk.jsonbound import MAX_JSON_DEPTH, too_deep
 
@@ -81,25 +81,6 @@ def _decode(data: bytes) -> Any:
     if too_deep(data, decoded):
         raise InvalidJsonError(f"message body is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     return decoded
-
-
-def _headers_field(value: object) -> dict[str, str]:
-    if not isinstance(value, dict):
-        raise _invalid("headers", "must be an object of string values", value)
-    if len(value) > MAX_ENVELOPE_HEADERS:
-        raise InvalidEnvelopeError(f"envelope field 'headers' has {len(value)} entries (at most "
-                                   f"{MAX_ENVELOPE_HEADERS})", field="headers")
-    for key, item in value.items():
-        if not 1 <= len(key) <= MAX_HEADER_KEY:
-            raise InvalidEnvelopeError(f"envelope field 'headers': a key must have 1-{MAX_HEADER_KEY} characters, "
-                                       f"found {len(key)}", field="headers")
-        if not isinstance(item, str):
-            raise InvalidEnvelopeError(f"envelope field 'headers': the value of {_quoted(key)} must be a string, "
-                                       f"found {_kind(item)}", field="headers")
-        if len(item) > MAX_HEADER_VALUE:
-            raise InvalidEnvelopeError(f"envelope field 'headers': the value of {_quoted(key)} has {len(item)} "
-                                       f"characters (at most {MAX_HEADER_VALUE})", field="headers")
-    return value
 
 
 def reference_envelope_for(data: bytes, headers: Mapping[str, str] | None, *, to: str | None, topic: str | None,
@@ -139,7 +120,7 @@ def reference_envelope_for(data: bytes, headers: Mapping[str, str] | None, *, to
                 or timestamp < 0):
             raise _invalid("timestamp", "must be a finite number >= 0 (unix seconds)", timestamp)
         fields = {"id": message_id, "from": sender, "payload": decoded.get("payload"), "timestamp": timestamp,
-                  "headers": _headers_field(decoded["headers"]) if "headers" in decoded else {}}
+                  "headers": check_headers(decoded["headers"]) if "headers" in decoded else {}}
     else:
         media_type = valid_media_type(headers.get(H_CONTENT_TYPE))
         if media_type is not None and not is_json_type(media_type):
