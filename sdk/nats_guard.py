@@ -185,7 +185,7 @@ class GuardedNatsClient(NatsClient):
 
         Why: nats-py puts every message in its subscription's ``asyncio.Queue``, and a task per
         subscription takes it out and awaits the callback: a queue hand-off, a task wake-up and a
-        coroutine per message, a tenth of a node's whole work for an inline request. A handler that
+        coroutine per message, a few microseconds each for a request that costs a node ~50 in all. A handler that
         can finish at once (no await) does so here and returns True; it returns False for a message
         it leaves alone, which then goes to the subscription's callback as it would have, with
         nats-py's slow-consumer limits. The handler runs while nothing else is read: it must be
