@@ -430,6 +430,14 @@ async def test_a_nats_restart_in_the_middle_of_a_deploy_ends_in_the_desired_stat
     nc = await connect(cluster.url)
     try:
         placed = await wait_serving(nc, "restarted", 2, nodes=NODE_IDS, timeout=30)
+
+        async def only_placed_hold_it() -> bool:
+            # While the server was away a node may have seen fewer live nodes and placed the deploy on itself
+            # too; once it sees them all it drains (still serving, reported "draining") and unloads.
+            current = await polled(reports(nc))
+            return current is not None and set(plugin_states(current, "restarted", NODE_IDS)) == placed
+
+        await until(only_placed_hold_it, 30, "the nodes not placed to let go of the plugin")
         async with await Client.connect(cluster.url) as c:
             answered, replies = await answering_nodes(c, "restarted")
         assert answered == placed
