@@ -34,6 +34,9 @@ from sandbus.sdk.envelope import (
     H_MSG_ID,
     MAX_MESSAGE_ID,
     MAX_SENDER,
+    _invalid,
+    _kind,
+    _quoted,
     envelope_for,
     is_envelope,
     is_json_type,
@@ -43,34 +46,13 @@ from sandbus.sdk.envelope import (
     valid_sender,
 )
 
-# The envelope's ``headers`` field is checked by the same function on every path: the reference uses it as is.
+# The envelope's ``headers`` field is checked, and errors are worded, by the same functions on every path: the
+# reference uses them as they are.
 from sandbus.sdk.envelope import _check_headers as check_headers
 from sandbus.sdk.errors import InvalidEnvelopeError, InvalidJsonError, SandbusError
 from sandbus.sdk.jsonbound import MAX_JSON_DEPTH, too_deep
 
 NOW = 1733223344.5
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _quoted(key: str) -> str:
-    return orjson.dumps(key[:64]).decode() + ("..." if len(key) > 64 else "")
-
-
-def _invalid(field: str, rule: str, value: object) -> InvalidEnvelopeError:
-    return InvalidEnvelopeError(f"envelope field {field!r} {rule}, found {_kind(value)}", field=field)
 
 
 def _decode(data: bytes) -> Any:
