@@ -16,7 +16,6 @@ import itertools
 import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,12 @@ from sandbus.host.lifecycle.policy import load_policy
 from sandbus.host.node.node import Node
 from sandbus.host.sandbox import CallResult
 from sandbus.host.telemetry.otel import Telemetry
-from sandbus.sdk.audit import AuditLevel
 from sandbus.sdk.envelope import H_ERROR_CODE
-from sandbus.sdk.errors import InvalidJsonError, RequestError, TrapError, UnknownFunctionError
+from sandbus.sdk.errors import InvalidJsonError, TrapError, UnknownFunctionError
 from sandbus.sdk.nats_guard import GuardedNatsClient
 from tests.bus.conftest import collect, until
+from tests.bus.test_hardening_node import SLEEPER_WAT
+from tests.bus.test_plugin_bus import PlainHandler
 from tests.conftest import ABI_PRELUDE
 
 MANIFEST = """
@@ -82,20 +82,11 @@ NOFUNC_WAT = "(module\n" + ABI_PRELUDE + """
 """
 
 #: returns its input after {ms} ms of busy waiting (no side effect: it may run inline and be re-run)
-BUSY_WAT = """
-(module
-  (import "sandbus_v1" "time_now_ms" (func $now (result i64)))
-""" + ABI_PRELUDE + """
-  (func (export "handle_message") (param $p i32) (param $n i32) (result i64)
-    (local $until i64)
-    (local.set $until (i64.add (call $now) (i64.const {ms})))
-    (loop $l (br_if $l (i64.lt_s (call $now) (local.get $until))))
-    (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32)) (i64.extend_i32_u (local.get $n)))))
-"""
-
-
 def busy(ms: int) -> bytes:
-    return bytes(wasmtime.wat2wasm(BUSY_WAT.replace("{ms}", str(ms))))
+    """A message handler that busy-waits ``ms`` ms and returns its input (the request sleeper, as a
+    ``handle_message``)."""
+    return bytes(wasmtime.wat2wasm(SLEEPER_WAT.replace("{ms}", str(ms)).replace(
+        '(export "handle_request")', '(export "handle_message")')))
 
 
 def add_plugin(d: Path, name: str, wasm: Path | bytes, topic: str, caps: tuple[str, ...] = ("compute",)) -> None:
@@ -334,41 +325,24 @@ async def test_a_call_over_the_inline_budget_is_run_again_in_a_thread_and_demote
     assert node.manager.info("slow").errors == 0
 
 
-@dataclass
-class PlainHandler:
-    """A BusHandler without ``deliver_now``, whose calls "run inline"."""
+class InlinePlainHandler(PlainHandler):
+    """The bus tests' plain-Python BusHandler (no ``deliver_now``), serving one durable plugin whose calls
+    "run inline"."""
 
-    calls: list[Any] = field(default_factory=list)
-
-    def serving(self) -> Sequence[Served]:
-        return [Served("plain", topics=("plain.*",), durable=True, message_function="handle_message")]
-
-    def request_now(self, plugin: str, function: str, msg: Msg, reply_headers: dict[str, str]) -> bytes | None:
-        return None
-
-    async def serve(self, plugin: str, function: str, payload: bytes, msg: Msg, *, arrival: float | None,
-                    delivery: int | None = None, reply_headers: dict[str, str] | None = None) -> Reply:
-        self.calls.append((function, orjson.loads(payload)["payload"], delivery))
-        return b"{}", None
+    def __init__(self) -> None:
+        super().__init__([Served("plain", topics=("plain.*",), durable=True, message_function="handle_message")])
 
     def runs_inline(self, plugin: str) -> bool:
         return True
 
-    def refused(self, plugin: str, err: RequestError, subject: str) -> None:
-        pass
 
-    def control(self, verb: str, plugin: str, force: bool) -> Any:
-        return {}
-
-    def describe(self, stats: bool) -> dict[str, Any]:
-        return {"plugins": []}
-
-    def audit(self, level: AuditLevel, kind: str, plugin: str, message: str, **details: Any) -> None:
-        pass
+def delivered(handler: PlainHandler) -> list[tuple[str, Any, int | None]]:
+    """(function, the envelope's payload, delivery) of each call the handler served."""
+    return [(c.function, orjson.loads(c.payload)["payload"], c.delivery) for c in handler.calls]
 
 
 async def test_a_handler_without_deliver_now_gets_every_delivery_through_serve(nats_server: NatsServer) -> None:
-    handler = PlainHandler()
+    handler = InlinePlainHandler()
     assert not hasattr(handler, "deliver_now")
     bus = PluginBus(handler, ConnectOptions.from_urls(nats_server.url), node_id="plain")
     await bus.start()
@@ -383,7 +357,7 @@ async def test_a_handler_without_deliver_now_gets_every_delivery_through_serve(n
     finally:
         await nc.close()
         await bus.stop(timeout=5)
-    assert handler.calls == [("handle_message", [i], 1) for i in range(5)]
+    assert delivered(handler) == [("handle_message", [i], 1) for i in range(5)]
 
 
 async def test_the_pull_inbox_is_read_in_the_read_loop_and_a_plain_client_keeps_its_callback(
@@ -391,7 +365,7 @@ async def test_the_pull_inbox_is_read_in_the_read_loop_and_a_plain_client_keeps_
     """On the bus's own connection (a GuardedNatsClient) the pull inbox's messages are noted in the read
     loop (direct dispatch); a durable consumer on a plain nats-py client gets them through the
     subscription's callback. Both deliver every message once."""
-    handler = PlainHandler()
+    handler = InlinePlainHandler()
     bus = PluginBus(handler, ConnectOptions.from_urls(nats_server.url), node_id="plain")
     await bus.start()
     plain = await nats.connect(nats_server.url)
@@ -415,7 +389,7 @@ async def test_the_pull_inbox_is_read_in_the_read_loop_and_a_plain_client_keeps_
     finally:
         await plain.close()
         await bus.stop(timeout=5)
-    assert sorted(payload[0] for _, payload, _ in handler.calls) == [0, 1, 2, 10, 11, 12]
+    assert sorted(payload[0] for _, payload, _ in delivered(handler)) == [0, 1, 2, 10, 11, 12]
 
 
 def test_an_ack_subject_is_written_raw_only_when_printable_ascii_without_a_space() -> None:
