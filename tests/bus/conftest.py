@@ -10,14 +10,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from sandbus.bus.connection import ConnectOptions
 from sandbus.bus.server import NatsServer, stop_process
+from sandbus.host.lifecycle.policy import load_policy
+from sandbus.host.node.node import Node
 from sandbus.sdk.client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -252,3 +255,19 @@ async def jetstream_ready(url: str, timeout: float = 30.0) -> None:
                 if loop.time() > deadline:
                     raise
                 await asyncio.sleep(0.05)  # waiting for the cluster to elect a meta leader
+
+
+@contextlib.asynccontextmanager
+async def a_node(plugins: Path, url: str, direct: bool, node_id: str) -> AsyncIterator[Node]:
+    """A node in this process serving ``plugins`` (with ``plugins/../policy.toml``), its read-loop dispatch
+    on or off (``PluginBus.direct_dispatch``); stopped and closed on exit."""
+    node = Node.create(plugins, ConnectOptions.from_urls(url), policy=load_policy(plugins.parent / "policy.toml"),
+                       node_id=node_id)
+    node.manager.discover_and_load()
+    node.bus.direct_dispatch = direct
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.stop()
+        node.manager.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,12 +17,10 @@ import pytest
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
-from sandbus.bus.connection import ConnectOptions
 from sandbus.bus.requests import Requests
 from sandbus.bus.server import NatsServer
-from sandbus.host.lifecycle.policy import load_policy
-from sandbus.host.node.node import Node
 from sandbus.sdk.nats_guard import GuardedNatsClient
+from tests.bus.conftest import a_node
 
 pytestmark = pytest.mark.asyncio
 
@@ -95,20 +92,6 @@ class RawRequester:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.writer.close()
-
-
-@contextlib.asynccontextmanager
-async def a_node(plugins: Path, url: str, direct: bool, node_id: str) -> AsyncIterator[Node]:
-    node = Node.create(plugins, ConnectOptions.from_urls(url), policy=load_policy(plugins.parent / "policy.toml"),
-                       node_id=node_id)
-    node.manager.discover_and_load()
-    node.bus.direct_dispatch = direct
-    await node.start()
-    try:
-        yield node
-    finally:
-        await node.stop()
-        node.manager.close()
 
 
 _ECHO = b"sandbus.req.echo.handle_request"

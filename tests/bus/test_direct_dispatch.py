@@ -15,13 +15,11 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 
-from sandbus.bus.connection import ConnectOptions
 from sandbus.bus.requests import Requests
 from sandbus.bus.server import NatsServer
-from sandbus.host.lifecycle.policy import load_policy
-from sandbus.host.node.node import Node
 from sandbus.sdk.nats_guard import GuardedNatsClient
 from sandbus.sdk.natsraw import write_raw_now
+from tests.bus.conftest import a_node
 from tests.bus.test_hardening_bus import raw_publish
 
 pytestmark = pytest.mark.asyncio
@@ -207,13 +205,8 @@ async def _answers(plugins: Path, url: str, direct: bool, monkeypatch: pytest.Mo
         await on_request(self, msg)
 
     monkeypatch.setattr(Requests, "on_request", counted)
-    node = Node.create(plugins, ConnectOptions.from_urls(url), policy=load_policy(plugins.parent / "policy.toml"),
-                       node_id="direct" if direct else "queued")
-    node.manager.auditor.add_sink(lambda e: events.append(e.kind))
-    node.manager.discover_and_load()
-    node.bus.direct_dispatch = direct
-    await node.start()
-    try:
+    async with a_node(plugins, url, direct, "direct" if direct else "queued") as node:
+        node.manager.auditor.add_sink(lambda e: events.append(e.kind))
         nc = node.bus.nc
         assert isinstance(nc, GuardedNatsClient)
         assert bool(nc._direct) is direct
@@ -230,9 +223,6 @@ async def _answers(plugins: Path, url: str, direct: bool, monkeypatch: pytest.Mo
         info = node.manager.info("echo")
         return (answers, {"executions": info.executions, "rejected": info.rejected, "errors": info.errors}, events,
                 len(queued))
-    finally:
-        await node.stop()
-        node.manager.close()
 
 
 async def test_a_node_answers_the_same_with_and_without_the_direct_path(
