@@ -18,7 +18,7 @@ run: $(STAMP) plugins
 
 test: $(STAMP) plugins lint typecheck pytest
 
-$(STAMP): pyproject.toml setup.py host/sandbox/_native.c host/sandbox/_component.c host/sandbox/_ticker.c
+$(STAMP): pyproject.toml setup.py host/sandbox/_native.c host/sandbox/_component.c host/sandbox/_ticker.c sdk/_frames.c
 	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -15,4 +15,6 @@ setup(ext_modules=[
               extra_compile_args=_FLAGS),
     # The epoch ticker as a thread that never takes the GIL (host/sandbox/engine.py falls back to Python).
     Extension("sandbus.host.sandbox._ticker", ["host/sandbox/_ticker.c"], optional=True, extra_compile_args=_FLAGS),
+    # NATS message frames cut in C (sdk/nats_guard.py parses them with nats-py's parser without it).
+    Extension("sandbus.sdk._frames", ["sdk/_frames.c"], optional=True, extra_compile_args=_FLAGS),
 ])

@@ -1,0 +1,8 @@
+"""NATS MSG/HMSG frames cut out of a read buffer (sdk/_frames.c)."""
+
+AT_END: int
+NEED_MORE: int
+OTHER: int
+MAX_LINE: int
+
+def scan(buf: bytes | bytearray | memoryview, limit: int = -1, /) -> tuple[list[tuple[int, bytes, bytes, bytes | None, bytes]], int, int]: ...
