@@ -5,4 +5,5 @@ NEED_MORE: int
 OTHER: int
 MAX_LINE: int
 
-def scan(buf: bytes | bytearray | memoryview, limit: int = -1, /) -> tuple[list[tuple[int, bytes, bytes, bytes | None, bytes]], int, int]: ...
+def scan(buf: bytes | bytearray | memoryview, limit: int = -1, /
+         ) -> tuple[list[tuple[int, bytes, bytes, bytes | None, bytes]], int, int]: ...

@@ -140,11 +140,11 @@ def test_wheel_holds_only_the_sandbus_package(wheel: Path) -> None:
                  "sandbus/sdk/guest/c/sandbus.h", "sandbus/sdk/guest/python/wit/sandbus.wit",
                  "sandbus/sdk/guest/python/sandbus_guest.py", "sandbus/sdk/guest/assemblyscript/package.json",
                  "sandbus/sdk/guest/assemblyscript/assembly/index.ts", "sandbus/host/sandbox/_native.pyi",
-                 "sandbus/host/sandbox/_ticker.pyi"):
+                 "sandbus/host/sandbox/_ticker.pyi", "sandbus/sdk/_frames.pyi"):
         assert data in names, f"{data} is missing from the wheel"
     if shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"):  # optional=True: built when it can be
-        for helper in ("_native", "_ticker"):
-            assert any(n.startswith(f"sandbus/host/sandbox/{helper}.") and n.endswith(".so") for n in names), helper
+        for helper in ("host/sandbox/_native", "host/sandbox/_ticker", "sdk/_frames"):
+            assert any(n.startswith(f"sandbus/{helper}.") and n.endswith(".so") for n in names), helper
     # the client's dependencies unconditionally, the host's only with the extra
     requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines()
                 if line.startswith("Requires-Dist: ")]

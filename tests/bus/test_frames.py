@@ -146,7 +146,8 @@ def test_the_scanner_cuts_what_the_server_writes_and_stops_at_the_rest() -> None
     frames, used, status = _frames.scan(stream)
     assert frames == [(7, b"a.b", b"", None, b"hello"),
                       (8, b"_INBOX.x", b"$JS.ACK.S.c.1.2.3.4.0", b"NATS/1.0\r\n\r\n", b"hi")]
-    assert stream[used:].startswith(b"PING\r\n") and status == _frames.OTHER
+    assert stream[used:].startswith(b"PING\r\n")
+    assert status == _frames.OTHER
     # an incomplete frame is waited for, whether its line or its body is short
     for cut in (3, 9, 14, 16):
         frames, used, status = _frames.scan(b"MSG a 1 5\r\nhello\r\n"[:cut])
@@ -185,7 +186,8 @@ def test_a_frame_split_while_nats_py_reads_it_comes_back_to_the_scanner() -> Non
         await parser.parse(b"c\r\n" + tail)
 
     asyncio.run(run())
-    assert nc.calls[0] == ("ping",) and len(nc.calls) == 52
+    assert nc.calls[0] == ("ping",)
+    assert len(nc.calls) == 52
     assert cut[-1] == 50  # the 50 frames after the split one were cut in C, not by nats-py's parser
 
 
@@ -198,9 +200,11 @@ def test_sandbus_native_0_parses_with_nats_py_alone(monkeypatch: pytest.MonkeyPa
     assert nats_guard._native_scan() is _frames.scan
 
 
-def _client_run(frames: list[bytes], *, native: bool, accept: bool, in_order: bool, limit: int) -> tuple[Any, ...]:
+def _client_run(frames: list[bytes], *, native: bool, accept: bool, in_order: bool, limit: int,
+                raising: bool) -> tuple[Any, ...]:
     """What a client hands a directly dispatched subscription (sid 7), its queue, its error callback and
-    its counters, for ``frames`` read in one go; ``accept``: whether the handler takes messages."""
+    its counters, for ``frames`` read in one go; ``accept``: whether the handler takes messages;
+    ``raising``: whether the application's error callback raises."""
     nc = GuardedNatsClient()
     if not native:
         nc._ps.scan = None
@@ -209,6 +213,8 @@ def _client_run(frames: list[bytes], *, native: bool, accept: bool, in_order: bo
 
     async def on_error(e: Exception) -> None:
         errors.append(type(e).__name__)
+        if raising:
+            raise RuntimeError("the application's callback failed")
 
     async def cb(msg: Any) -> None:
         pass
@@ -245,10 +251,11 @@ def _message(draw: st.DrawFn) -> bytes:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_message(), min_size=1, max_size=6), st.booleans(), st.booleans(), st.sampled_from([0, 2]))
+@given(st.lists(_message(), min_size=1, max_size=6), st.booleans(), st.booleans(), st.sampled_from([0, 2]),
+       st.booleans())
 def test_the_handler_gets_what_the_awaiting_path_gives_it(frames: list[bytes], accept: bool, in_order: bool,
-                                                          limit: int) -> None:
+                                                          limit: int, raising: bool) -> None:
     """Hostile subjects, reply subjects and header blocks reach the handler, the queue, the error
     callback and the counters the same way through the synchronous path as through nats-py's parser."""
-    assert (_client_run(frames, native=True, accept=accept, in_order=in_order, limit=limit)
-            == _client_run(frames, native=False, accept=accept, in_order=in_order, limit=limit))
+    assert (_client_run(frames, native=True, accept=accept, in_order=in_order, limit=limit, raising=raising)
+            == _client_run(frames, native=False, accept=accept, in_order=in_order, limit=limit, raising=raising))
