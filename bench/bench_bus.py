@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
 import orjson
@@ -70,6 +71,10 @@ topics = ["bench.*"]
 durable = true
 """
 
+#: the plugin of the drain measurement: the same echo, on topics of its own
+ECHO_DRAIN = ECHO_TOPICS.replace('name = "echo_topics"', 'name = "echo_drain"').replace(
+    'topics = ["bench.*"]', 'topics = ["drain.*"]')
+
 BARE_CONSUMER = """
 import asyncio, sys, nats
 from nats.js import api
@@ -114,7 +119,7 @@ POLICY = """
 [capabilities]
 allowed = ["compute"]
 [messaging]
-subscribe_topics = ["bench.>"]
+subscribe_topics = ["bench.>", "drain.>"]
 """
 
 
@@ -343,6 +348,58 @@ async def durable_topics(url: str, n: int, publisher: str) -> float:
             await bare.close()
 
 
+async def _consumer_state(js: Any, durable: str) -> tuple[int, int, int, int]:
+    info = await js.consumer_info("SANDBUS_TOPICS", durable)
+    return info.delivered.stream_seq, info.ack_floor.stream_seq, info.num_pending, info.num_ack_pending
+
+
+def drained(url: str, n: int, node_args: list[str], log: Path) -> tuple[float, float]:
+    """A node alone delivering a backlog: ``n`` messages published (as :func:`bare_jetstream` publishes)
+    while no node serves their plugin, then a node started; messages/s and the node's CPU microseconds
+    per message from the first delivery until the last ack. Unlike the runs above, the node does not
+    share the machine with a publisher: this is what one node can deliver, the rate a stream's backlog
+    drains at."""
+    async def publish() -> int:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        start_seq = (await _consumer_state(js, "plugin-echo_drain"))[0]
+        data = orjson.dumps(BODY)
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await js.publish("sandbus.topic.drain.x", data)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        await nc.close()
+        return start_seq
+
+    async def watch(start_seq: int, pid: int) -> tuple[float, float]:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        first: tuple[float, float, int] | None = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            delivered, acked, pending, ack_pending = await _consumer_state(js, "plugin-echo_drain")
+            if first is None and delivered > start_seq:
+                first = (time.perf_counter(), cpu_seconds(pid), acked)
+            if first is not None and pending == 0 and ack_pending == 0 and delivered >= start_seq + n:
+                elapsed, cpu = time.perf_counter() - first[0], cpu_seconds(pid) - first[1]
+                done = start_seq + n - max(first[2], start_seq)
+                await nc.close()
+                return done / elapsed, cpu / done * 1e6
+            await asyncio.sleep(0.005)
+        await nc.close()
+        raise RuntimeError("the drain node did not deliver the backlog within 120 s")
+
+    start_seq = asyncio.run(publish())
+    node = start(node_args, "ready", log)
+    try:
+        return asyncio.run(watch(start_seq, node.pid))
+    finally:
+        stop(node)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -553,6 +610,30 @@ def main() -> None:
                     t5.add_row(names[kind], *(f"{statistics.median(one[col] for one in samples):.1f}"
                                               for col in CPU_COLUMNS))
                 console.print(t5)
+                # A node alone, delivering a backlog: published first, then the node started.
+                drain_dir = work / "drain"
+                drain_dir.mkdir(exist_ok=True)
+                shutil.copy(ROOT / "plugins" / "build" / "echo.wasm", drain_dir / "echo_drain.wasm")
+                (drain_dir / "echo_drain.toml").write_text(ECHO_DRAIN)
+                drain_args = [sys.executable, "-m", "sandbus", "node", "--plugins", str(drain_dir), "--nats",
+                              server.url, "--node-id", "drain", "--no-watch", "--policy", str(work / "policy.toml")]
+                stop(start(drain_args, "node drain ready", work / "drain.log"))  # its consumer, once
+                drain_bare, drain_runs, drain_cpu = [], [], []
+                for _ in range(durable_n):
+                    drain_bare.append(asyncio.run(bare_jetstream(server.url, count)))
+                    rate, cpu_each = drained(server.url, count, drain_args, work / "drain.log")
+                    drain_runs.append(rate)
+                    drain_cpu.append(cpu_each)
+                t6 = Table(title=f"a node alone delivering a backlog of {count:,} messages (published first, then the "
+                                 f"node started), {durable_n} rounds (medians; ratios per round)")
+                for col in ("bare JetStream publish+ack msg/s", "node delivers msg/s", "ratio", "range",
+                            "node CPU µs/msg"):
+                    t6.add_column(col, justify="right")
+                t6.add_row(f"{statistics.median(drain_bare):,.0f}", f"{statistics.median(drain_runs):,.0f}",
+                           *ratio_cells(drain_runs, drain_bare), f"{statistics.median(drain_cpu):.1f}")
+                console.print(t6)
+                console.print("the rate one node delivers at when it does not share the machine's two cores with "
+                              "the publisher: whether it keeps up with what a publisher can send")
         finally:
             stop(node)
             stop(consumer)
