@@ -1,0 +1,373 @@
+"""Attacks on the compiled frame reader (sdk/_frames.c) and the parser glue around it (sdk/nats_guard.py).
+
+The reader must behave as nats-py's parser for every stream and every way of cutting it into reads,
+cost no more per byte, and keep the client's bookkeeping as nats-py keeps it. Tests that show an attack
+failing stay as coverage the differential tests in tests/bus/test_frames.py lack: every single split of
+a stream, control lines at nats-server's max_control_line, hostile subjects through a real nats-server
+read by a native and a library client side by side, and a million tiny frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from sandbus.bus.server import NatsServer
+from sandbus.sdk.nats_guard import GuardedNatsClient, StrictParser
+from tests.bus.test_frames import _feed
+from tests.bus.test_hardening_bus import raw_publish
+
+_frames = pytest.importorskip("sandbus.sdk._frames", reason="the frame scanner is not built")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[NatsServer]:
+    """One plain nats-server (no JetStream) for the module: these tests only publish and subscribe."""
+    srv = NatsServer(jetstream=False).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _port(srv: NatsServer) -> int:
+    return int(srv.url.rsplit(":", 1)[1])
+
+
+async def _until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)  # yields to the read loop that makes the condition true
+
+
+def _library_only(nc: GuardedNatsClient) -> None:
+    """What SANDBUS_NATIVE=0 gives: every byte parsed by nats-py's parser."""
+    parser = nc._ps
+    assert isinstance(parser, StrictParser)
+    parser.scan = None
+
+
+async def _client(url: str, *, native: bool) -> GuardedNatsClient:
+    nc = GuardedNatsClient()
+    if not native:
+        _library_only(nc)
+    await nc.connect(url)
+    return nc
+
+
+# -- findings: each fails on the code as committed ----------------------------------------------------
+
+
+def test_a_header_size_beyond_the_frame_held_across_reads_gives_what_nats_py_gives() -> None:
+    """FINDING (a hostile or broken server stream). An HMSG whose header size exceeds its total size is
+    left to nats-py's parser (status 2); when that parser holds it across reads, StrictParser.parse hands
+    it only ``needed + 2`` bytes, so the header block it gets is cut there. nats-py's parser reads
+    ``header_size`` bytes of whatever the buffer holds (here the next frame too). The two disagree on
+    the header block handed to the client whenever header size > total size + 2 and the frame is split
+    inside its body; tests/bus/test_frames.py's bend (total + 1) is one byte too small to show it."""
+    for lead in (b"", b"PING\r\n"):
+        chunks = [lead + b"HMSG a 1 20 5\r\nhel", b"lo\r\nMSG b 2 2\r\nhi\r\n"]
+        assert _feed(chunks, native=True) == _feed(chunks, native=False)
+
+
+def _timed(chunks: list[bytes], *, native: bool) -> float:
+    """Seconds the parser spends on ``chunks`` read one by one (best of three), every message taken."""
+
+    class Taker:
+        def _take_now(self, *args: Any) -> bool:
+            return True
+
+        async def _process_msg(self, *args: Any) -> None:
+            pass
+
+    async def run() -> float:
+        parser = StrictParser(Taker())
+        if not native:
+            parser.scan = None
+        start = time.perf_counter()
+        for chunk in chunks:
+            await parser.parse(chunk)
+        assert not parser.buf
+        return time.perf_counter() - start
+
+    return min(asyncio.run(run()) for _ in range(3))
+
+
+def test_a_large_body_under_a_long_control_line_costs_no_more_per_read_than_nats_py() -> None:
+    """FINDING (CPU per byte). Any publisher can send a message whose MSG line is just under the
+    scanner's MAX_LINE (a ~4000-byte subject that matches ``sandbus.req.<plugin>.*``, and a reply
+    subject): nats-server relays it (see the long-subject test below). While its body arrives, every
+    read makes scan() walk the whole 4 KB control line again only to say NEED_MORE; nats-py's parser
+    read that line once and then only compares lengths. With 1448-byte reads (one TCP segment) of a
+    1 MB body the parser costs ~6x what nats-py's does (measured 19 ms against 2.9 ms for 3 MB)."""
+    line = b"MSG sandbus.req.echo." + b"x" * 3970 + b" 1 _INBOX." + b"r" * 80 + b" 1000000\r\n"
+    assert len(line) < _frames.MAX_LINE  # the scanner reads it (and reads it again on every read)
+    stream = (line + b"b" * 1_000_000 + b"\r\n") * 3
+    chunks = [stream[i:i + 1448] for i in range(0, len(stream), 1448)]
+    native, library = _timed(chunks, native=True), _timed(chunks, native=False)
+    assert native <= 2 * library + 0.002, f"native {native * 1e3:.1f} ms, nats-py {library * 1e3:.1f} ms"
+
+
+async def test_a_direct_registration_ends_when_an_unsubscribe_limit_is_reached(server: NatsServer) -> None:
+    """FINDING (memory). ``sub.unsubscribe(limit)`` on a directly dispatched subscription: nats-py's
+    ``_process_msg`` drops the subscription with ``self._subs.pop(sid)`` when the limit is reached (and
+    a reconnect drops one that reached it the same way), not through ``_remove_sub``, so the client's
+    ``_direct`` and ``_in_order`` entries (the handler and all it holds) stay for the client's life."""
+    nc, pub = await _client(server.url, native=True), await _client(server.url, native=True)
+    try:
+        got: list[bytes] = []
+
+        async def cb(msg: Msg) -> None:
+            got.append(msg.data)
+
+        sub = await nc.subscribe("lim.x", cb=cb)
+        nc.dispatch_directly(sub, lambda m: True, keep_order=True)
+        await sub.unsubscribe(limit=2)
+        await nc.flush()
+        for i in range(3):
+            await pub.publish("lim.x", b"%d" % i)
+        await pub.flush()
+        await _until(lambda: len(got) == 2 and sub._id not in nc._subs, "the limit to end the subscription")
+        assert sub._id not in nc._direct
+        assert sub._id not in nc._in_order
+    finally:
+        await nc.close()
+        await pub.close()
+
+
+# -- attacks that fail (the code holds): coverage the existing tests lack ------------------------------
+
+#: frames nats-server writes (hostile subject bytes, a status header, protocol text in a body, a line at
+#: the scanner's limit and one past it) and what else it sends between them
+_PIECES = [
+    b"MSG a.\x00\x0b\x0c\x7f\xff 7 5\r\nhello\r\n",
+    b"HMSG _INBOX.x 8 $JS.ACK.S.c.1.2.3.4.0 12 14\r\nNATS/1.0\r\n\r\nhi\r\n",
+    b"PING\r\n",
+    b"HMSG s.\xc3\xa9 9 r.\x0b7 16 16\r\nNATS/1.0 503\r\n\r\n\r\n",
+    b"MSG b 7 r 14\r\nMSG x 1 1\r\nz\r\n\r\n",
+    b"MSG " + b"l" * (_frames.MAX_LINE - 12) + b" 7 2\r\nok\r\n",  # its CR is the last byte scanned
+    b"MSG " + b"m" * (_frames.MAX_LINE + 4) + b" 7 2\r\nok\r\n",  # past the limit: nats-py reads it
+    b"+OK\r\nMSG c 7 000000003\r\nabc\r\n",
+]
+
+
+def test_every_single_split_of_a_stream_gives_the_calls_nats_py_gives() -> None:
+    """The stream cut in two at every byte offset (right after a control line, inside a trailing CRLF,
+    inside a line at MAX_LINE), and cut again after its PING so that nats-py's parser holds the next
+    frame's control line: always the calls nats-py's parser makes."""
+    stream = b"".join(_PIECES)
+    whole = _feed([stream], native=False)
+    assert len([c for c in whole if c[0] == "msg"]) == 7
+    ping_end = stream.index(b"PING\r\n") + 6
+    for cut in range(len(stream) + 1):
+        chunks = [stream[:cut], stream[cut:]]
+        assert _feed(chunks, native=True) == whole, cut
+        if ping_end + 3 <= cut:
+            held = [stream[:ping_end + 3], stream[ping_end + 3:cut], stream[cut:]]
+            assert _feed(held, native=True) == whole, ("held", cut)
+
+
+def test_a_frame_fed_one_byte_at_a_time_gives_the_calls_nats_py_gives() -> None:
+    stream = b"".join(_PIECES)
+    chunks = [stream[i:i + 1] for i in range(len(stream))]
+    assert _feed(chunks, native=True) == _feed([stream], native=False)
+
+
+def test_sizes_of_nine_and_ten_digits_and_sids_of_eighteen_and_nineteen_read_as_nats_py_reads_them() -> None:
+    """The scanner's digit limits (MAX_DIGITS 9, MAX_SID_DIGITS 18) at and past the edge: the longer
+    ones go to nats-py's parser, which reads the same numbers."""
+    frames = [b"MSG a 7 000000002\r\nok\r\n", b"MSG a 7 0000000002\r\nok\r\n",
+              b"MSG a 000000000000000007 2\r\nok\r\n", b"MSG a 0000000000000000007 2\r\nok\r\n",
+              b"HMSG a 7 000000012 000000014\r\nNATS/1.0\r\n\r\nok\r\n",
+              b"HMSG a 7 0000000012 0000000014\r\nNATS/1.0\r\n\r\nok\r\n",
+              b"MSG a 999999999999999999 2\r\nok\r\n", b"MSG a 9999999999999999999 2\r\nok\r\n"]
+    for frame in frames:
+        assert _frames.scan(frame)[2] in (_frames.AT_END, _frames.OTHER)
+        assert _feed([frame], native=True) == _feed([frame], native=False), frame
+    stream = b"".join(frames)
+    assert _feed([stream], native=True) == _feed([stream], native=False)
+
+
+def _hpub(subject: bytes, reply: bytes, hdr: bytes, body: bytes) -> bytes:
+    sizes = b"%d %d\r\n" % (len(hdr), len(hdr) + len(body))
+    return b"HPUB " + subject + b" " + (reply + b" " if reply else b"") + sizes + hdr + body + b"\r\n"
+
+
+def _has_end(seen: list[tuple[str, str, bytes, Any]]) -> Callable[[], bool]:
+    return lambda: any(s[0] == "t.end" for s in seen)
+
+
+async def test_hostile_and_long_subjects_through_nats_server_reach_both_parsers_alike(server: NatsServer) -> None:
+    """Subjects and reply subjects with every byte nats-server relays, up to its max_control_line
+    (a PUB line of 4096 bytes is refused; the MSG line it relays for one just under is longer than
+    the scanner's limit), header blocks of several shapes and bodies holding protocol text, published
+    raw: a native client and a SANDBUS_NATIVE=0 client, both with a direct handler, see the same
+    messages in the same order, and neither drops a message or restarts its read loop."""
+    seen: dict[bool, list[tuple[str, str, bytes, Any]]] = {True: [], False: []}
+    clients: dict[bool, GuardedNatsClient] = {}
+    for native in (True, False):
+        nc = clients[native] = await _client(server.url, native=native)
+
+        async def cb(msg: Msg, into: list[tuple[str, str, bytes, Any]] = seen[native]) -> None:
+            into.append((msg.subject, msg.reply, msg.data, msg.headers))
+
+        sub = await nc.subscribe(">", cb=cb)
+
+        def direct(msg: Msg, into: list[tuple[str, str, bytes, Any]] = seen[native]) -> bool:
+            into.append((msg.subject, msg.reply, msg.data, msg.headers))
+            return True
+
+        nc.dispatch_directly(sub, direct)
+        await nc.flush()
+    try:
+        pubs = [b"PUB t.\x01\x7f.\x0b.\x0c.\x1c 5\r\nhello\r\n",
+                b"PUB t.\xc3\xa9 r.\x7f 14\r\nMSG x 1 1\r\nz\r\n\r\n",
+                _hpub(b"t.h", b"", b"NATS/1.0\r\nA: b\r\nC:  d \r\n\r\n", b"hi"),
+                _hpub(b"t.h", b"r", b"NATS/1.0 100 Idle Heartbeat\r\n\r\n", b""),
+                _hpub(b"t.h", b"", b"NATS/1.0\r\nX: \xe2\x82\xac\r\n\r\n", b"PING\r\n")]
+        for n in (3990, 4080, 4092):  # the MSG lines: ~4000 bytes, at the scanner's limit, past it
+            pubs.append(b"PUB t." + b"s" * n + b" 2\r\nok\r\n")
+        pubs.append(b"PUB t.r " + b"r" * 4088 + b" 2\r\nok\r\n")
+        pubs.append(b"PUB t." + b"a" * 3990 + b" _INBOX." + b"r" * 80 + b" 1000000\r\n" + b"B" * 1_000_000 + b"\r\n")
+        pubs.append(b"PUB t.end 3\r\nend\r\n")
+        raw_publish(_port(server), *pubs)
+        for native in (True, False):
+            await _until(_has_end(seen[native]), "the last message")
+        assert seen[True] == seen[False]
+        assert len(seen[True]) == len(pubs)
+        assert [len(s[0]) for s in seen[True][5:9]] == [3992, 4082, 4094, 3]
+        assert len(seen[True][9][2]) == 1_000_000
+        for nc in clients.values():
+            assert nc.dropped_messages == 0
+            assert nc.read_loop_restarts == 0
+            assert nc.is_connected
+    finally:
+        for nc in clients.values():
+            await nc.close()
+
+
+async def test_a_publish_line_past_max_control_line_costs_the_subscriber_nothing(server: NatsServer) -> None:
+    """nats-server refuses a PUB line longer than its max_control_line (and closes that publisher), so
+    no MSG line a publisher can cause is much longer than MAX_LINE; the subscriber reads on."""
+    nc = await _client(server.url, native=True)
+    try:
+        got: list[str] = []
+
+        async def cb(msg: Msg) -> None:
+            got.append(msg.subject)
+
+        await nc.subscribe("u.>", cb=cb)
+        await nc.flush()
+        with pytest.raises((AssertionError, OSError)):  # the server answers -ERR and closes the connection
+            raw_publish(_port(server), b"PUB u." + b"x" * 8000 + b" 2\r\nok\r\n")
+        raw_publish(_port(server), b"PUB u.after 2\r\nok\r\n")
+        await _until(lambda: got == ["u.after"], "the next message")
+        assert nc.read_loop_restarts == 0
+        assert nc.dropped_messages == 0
+    finally:
+        await nc.close()
+
+
+def test_a_million_tiny_frames_keep_the_buffer_bounded() -> None:
+    """``del buf[:used]`` after each scan: the read buffer never holds more than about one read, however
+    many frames pass (a frame is left incomplete at the end of every read)."""
+    unit = b"MSG a.b 1 5\r\nhello\r\nHMSG x 2 r 12 14\r\nNATS/1.0\r\n\r\nhi\r\n"
+    stream = unit * 10_000  # 20,000 frames, 520 kB
+    read = 32_761  # not a multiple of the frame sizes: every read ends inside a frame
+
+    class Counter:
+        taken = 0
+
+        def _take_now(self, *args: Any) -> bool:
+            self.taken += 1
+            return True
+
+        async def _process_msg(self, *args: Any) -> None:
+            raise AssertionError("every frame goes to the synchronous path")
+
+    nc = Counter()
+    parser = StrictParser(nc)
+    largest = 0
+
+    async def run() -> None:
+        nonlocal largest
+        for _ in range(50):
+            for i in range(0, len(stream), read):
+                await parser.parse(stream[i:i + read])
+                largest = max(largest, sys.getsizeof(parser.buf))
+
+    asyncio.run(run())
+    assert nc.taken == 1_000_000
+    assert not parser.buf
+    assert largest < 2 * read
+
+
+def test_the_scanner_leaks_nothing_on_any_outcome() -> None:
+    """scan() on frames read, incomplete, refused, with a limit, from bytes, bytearray and memoryview:
+    the Python heap does not grow with the number of calls."""
+    inputs = [b"MSG a 1 5\r\nhello\r\nHMSG x 2 r 12 14\r\nNATS/1.0\r\n\r\nhi\r\n" * 20, b"MSG a 1 5\r\nhel",
+              b"PING\r\n", b"HMSG a 1 99 5\r\n", b"MSG " + b"a" * 5000, b"MS", b"MSG a 1 5\r\nhelloXY"]
+
+    def burst(n: int) -> None:
+        for _ in range(n):
+            for data in inputs:
+                _frames.scan(data)
+                _frames.scan(bytearray(data), 2)
+                _frames.scan(memoryview(data))
+
+    burst(100)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        burst(100)
+        gc.collect()
+        first = tracemalloc.get_traced_memory()[0]
+        burst(5000)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - first
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes kept after 105,000 scans"
+
+
+def test_a_handler_that_removes_its_subscription_mid_read_leaves_the_rest_as_nats_py_would() -> None:
+    """Frames for a subscription already in the buffer when the subscription ends (its direct handler
+    ends it on the first message): the later ones are counted and dropped, never handed to the handler
+    or the queue, on both paths."""
+
+    def run(native: bool) -> tuple[Any, ...]:
+        nc = GuardedNatsClient()
+        if not native:
+            _library_only(nc)
+        seen: list[bytes] = []
+
+        async def cb(msg: Msg) -> None:
+            pass
+
+        def handler(msg: Msg) -> bool:
+            seen.append(msg.data)
+            nc._remove_sub(7)
+            return True
+
+        async def go() -> tuple[Any, ...]:
+            sub = Subscription(nc, 7, "s.>", cb=cb)
+            nc._subs[7] = sub
+            nc.dispatch_directly(sub, handler)
+            await nc._ps.parse(b"".join(b"MSG s.%d 7 1\r\n%d\r\n" % (i, i) for i in range(5)))
+            return seen, sub._pending_queue.qsize(), nc.stats["in_msgs"], nc._direct, nc.dropped_messages
+
+        return asyncio.run(go())
+
+    assert run(True) == run(False) == ([b"0"], 0, 5, {}, 0)
