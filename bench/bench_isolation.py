@@ -79,11 +79,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=("sandbox", "node"), action="append")
+    ap.add_argument("--rounds", type=int, help="alternating rounds (default: sandbox 9, node 6)")
     args = ap.parse_args()
     parts = set(args.only or ("sandbox", "node"))
     console = Console(width=160)
     if "sandbox" in parts:
-        rounds = 4 if args.quick else 9
+        rounds = args.rounds or (4 if args.quick else 9)
         n = 5000 if args.quick else 20000
         runs = sandbox_rounds(n, rounds)
         pooled = runs["pooled"]
@@ -105,7 +106,7 @@ def main() -> None:
         console.print("target: per-call ≤ 2× pooled")
     if "node" in parts:
         duration = 1.5 if args.quick else 2.0
-        rounds = 2 if args.quick else 6
+        rounds = args.rounds or (2 if args.quick else 6)
         work = Path(tempfile.mkdtemp(prefix="sandbus-bench-isolation-"))
         plugins = work / "plugins"
         plugins.mkdir()
