@@ -7,7 +7,7 @@
 2. A host node serving the echo plugin per call vs the bare nats-py echo responder (and the same node's
    pooled echo), at concurrency 64, with bench/bench_bus.py's responder, load driver and alternation.
 
-    python bench/bench_isolation.py [--quick] [--only sandbox|node]
+    python bench/bench_isolation.py [--quick] [--rounds N] [--only sandbox|node]
 """
 
 from __future__ import annotations

@@ -205,8 +205,8 @@ def _hpub(subject: bytes, reply: bytes, hdr: bytes, body: bytes) -> bytes:
     return b"HPUB " + subject + b" " + (reply + b" " if reply else b"") + sizes + hdr + body + b"\r\n"
 
 
-def _has_end(seen: list[tuple[str, str, bytes, Any]]) -> Callable[[], bool]:
-    return lambda: any(s[0] == "t.end" for s in seen)
+def _has_end(seen: list[tuple[str, str, bytes, Any]], subject: str = "t.end") -> Callable[[], bool]:
+    return lambda: any(s[0] == subject for s in seen)
 
 
 async def test_hostile_and_long_subjects_through_nats_server_reach_both_parsers_alike(server: NatsServer) -> None:
@@ -371,3 +371,118 @@ def test_a_handler_that_removes_its_subscription_mid_read_leaves_the_rest_as_nat
         return asyncio.run(go())
 
     assert run(True) == run(False) == ([b"0"], 0, 5, {}, 0)
+
+
+#: what a broken or hostile server (or anyone on an unencrypted path) may send and nats-server never does
+_BROKEN = [
+    b"MSG w.a 1 0000000002\r\nok\r\n",  # a size of ten digits
+    b"MSG w.b 1 2\r\nokXY",  # a body not ended by CRLF
+    b"MSG w.c 0000000000000000001 2\r\nok\r\n",  # a subscription id of nineteen digits
+    b"MSG w.d 99999999999999999999 2\r\nok\r\n",  # no such subscription
+    b"HMSG w.e 1 12 12\r\nNATS/1.0\r\n\r\n\r\n",
+    b"MSG w.f 1 r\x0b 2\r\nok\r\n",
+    b"MSG w.end 1 3\r\nend\r\n",
+]
+
+
+async def _broken_server(stream: bytes) -> tuple[asyncio.Server, int]:
+    """A server speaking just enough NATS: INFO, PONG to every PING, and ``stream`` after the first SUB."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'INFO {"server_id":"broken","version":"2.10.0","proto":1,"headers":true,'
+                     b'"max_payload":1048576}\r\n')
+        sent = False
+        try:
+            while line := await reader.readline():
+                if line.startswith(b"PING"):
+                    writer.write(b"PONG\r\n")
+                elif line.startswith(b"SUB") and not sent:
+                    sent = True
+                    writer.write(stream)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+async def test_streams_nats_server_never_sends_reach_both_parsers_alike_and_reading_goes_on() -> None:
+    """Through a real client connection: each of those frames is read (or dropped) the same way with and
+    without the scanner, and the frame after them arrives; no read loop ends."""
+    got: dict[bool, list[tuple[str, str, bytes, Any]]] = {True: [], False: []}
+    srv, port = await _broken_server(b"".join(_BROKEN))
+    try:
+        for native in (True, False):
+            nc = await _client(f"nats://127.0.0.1:{port}", native=native)
+            try:
+                async def cb(msg: Msg, into: list[tuple[str, str, bytes, Any]] = got[native]) -> None:
+                    into.append((msg.subject, msg.reply, msg.data, msg.headers))
+
+                await nc.subscribe("w.>", cb=cb)
+                await _until(_has_end(got[native], "w.end"), "the last frame")
+                assert nc.read_loop_restarts == 0
+                assert nc.is_connected
+            finally:
+                await nc.close()
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    assert got[True] == got[False]
+    assert [g[0] for g in got[True]] == ["w.a", "w.b", "w.c", "w.e", "w.f", "w.end"]
+
+
+async def test_a_nats_server_restart_in_a_flood_neither_duplicates_nor_reorders_nor_ends_reading() -> None:
+    """A flood of tiny messages read through the scanner (and, side by side, through nats-py's parser),
+    the server restarted in the middle: what each subscriber gets before and after the reconnect comes
+    once and in order, and its read loop is replaced by nats-py's reconnect, never ended by an error."""
+    srv = NatsServer(jetstream=False).start()
+    clients: list[GuardedNatsClient] = []
+    try:
+        got: dict[bool, list[int]] = {True: [], False: []}
+        for native in (True, False):
+            nc = await _client(srv.url, native=native)
+            clients.append(nc)
+
+            async def cb(msg: Msg, into: list[int] = got[native]) -> None:
+                into.append(int(msg.data))
+
+            def direct(msg: Msg, into: list[int] = got[native]) -> bool:
+                if len(msg.data) % 2:
+                    return False  # some to the callback (in order: keep_order), the rest taken here
+                into.append(int(msg.data))
+                return True
+
+            sub = await nc.subscribe("f.x", cb=cb)
+            nc.dispatch_directly(sub, direct, keep_order=True)
+            await nc.flush()
+        pub = await _client(srv.url, native=True)
+        clients.append(pub)
+        restart: asyncio.Future[NatsServer] | None = None
+        for i in range(20_000):
+            await pub.publish("f.x", b"%d" % i)
+            if i % 500 == 0:
+                await asyncio.sleep(0)  # let the subscribers read
+            if i == 10_000:
+                restart = asyncio.ensure_future(asyncio.to_thread(srv.restart))
+        assert restart is not None
+        await restart
+        await _until(lambda: all(c.is_connected and c.stats["reconnects"] >= 1 for c in clients), "the reconnects",
+                     timeout=20)
+        marker = 10**9
+        async with asyncio.timeout(20):
+            while not (marker in got[True] and marker in got[False]):
+                await pub.publish("f.x", b"%d" % marker)  # until both subscriptions are on the new server
+                await pub.flush()
+                await asyncio.sleep(0.05)
+        for native in (True, False):
+            ids = [i for i in got[native] if i != marker]
+            assert ids == sorted(set(ids)), f"native={native}: duplicated or reordered"
+            assert len(ids) >= 1000
+        for c in clients:
+            assert c.read_loop_restarts == 0
+            assert c.dropped_messages == 0
+    finally:
+        for c in clients:
+            await c.close()
+        srv.stop()
