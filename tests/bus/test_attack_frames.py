@@ -147,6 +147,18 @@ async def test_a_direct_registration_ends_when_an_unsubscribe_limit_is_reached(s
         await pub.close()
 
 
+def test_a_scan_stopped_by_its_limit_does_not_say_the_buffer_is_used_up() -> None:
+    """FINDING (the extension's contract; no caller passes a limit today). ``scan(buf, limit)`` documents
+    ``status`` as what is at ``buf[used:]``, 0 meaning nothing; stopped by ``limit`` with bytes left it
+    still says 0, so a caller that reads frames in batches would drop or never look at the rest."""
+    two = b"MSG a 1 1\r\nz\r\nMSG a 1 1\r\nz\r\n"
+    for buf, limit in ((two, 1), (two, 0), (b"PING\r\n", 0)):
+        frames, used, status = _frames.scan(buf, limit)
+        assert len(frames) == limit
+        assert used < len(buf)
+        assert status != _frames.AT_END, (buf, limit)
+
+
 # -- attacks that fail (the code holds): coverage the existing tests lack ------------------------------
 
 #: frames nats-server writes (hostile subject bytes, a status header, protocol text in a body, a line at
