@@ -192,7 +192,8 @@ PULL_EXPIRES_S = 5.0
 #: the same whatever it handles (a wake-up, a timer, an ack write, now and then a pull request): under
 #: a steady flow of ~9,000 messages/s (bench/bench_bus.py), 5 ms and 64 cost a node 37-39 us a message
 #: against 41-47 with 2 ms and 16, and nats-server less too (fewer, larger ack writes). The price is at
-#: most 5 ms more before a message that arrives alone is handled (Kafka's producers linger 5 ms too).
+#: most 5 ms more before a message is handled, and only while messages flow in: one arriving alone
+#: after a quiet spell does not wait (Kafka's producers linger 5 ms too).
 LINGER_BATCH = 64
 LINGER_S = 0.005
 #: messages fetched per round trip for a plugin whose calls run inline
@@ -265,7 +266,7 @@ def _backoff(attempt: int) -> float:
 class _Pull:
     """One delivery loop's pull request, shared with the callback that receives its messages."""
 
-    __slots__ = ("arrived", "inbox", "open", "wake")
+    __slots__ = ("arrived", "inbox", "last_batch", "open", "wake")
 
     def __init__(self, wake: asyncio.Event) -> None:
         self.wake = wake
@@ -273,6 +274,8 @@ class _Pull:
         self.inbox = ""
         #: messages the outstanding pull request may still bring
         self.open = 0
+        #: messages the last turn handled: more than one means a flow, worth lingering for
+        self.last_batch = 0
 
 
 class DurableTopics:
@@ -517,16 +520,21 @@ class DurableTopics:
         if not pull.arrived:
             if plugin in self._lost:
                 return
+            waited_from = time.monotonic()
             try:
                 await asyncio.wait_for(pull.wake.wait(), PULL_EXPIRES_S + 2.0)
             except TimeoutError:
                 pull.open = 0  # the request was lost (a reconnect): ask again
+            if time.monotonic() - waited_from > self.linger_s:
+                pull.last_batch = 0  # a quiet spell: the next message comes alone
             return
-        if len(pull.arrived) < LINGER_BATCH and pull.open > 0 and self.linger_s:
-            # Messages trickling in one at a time would each cost a loop turn and a socket write
-            # for their ack: let a few more arrive first (Kafka's linger.ms; bounded added latency).
+        if len(pull.arrived) < LINGER_BATCH and pull.open > 0 and self.linger_s and pull.last_batch > 1:
+            # Messages flowing in would each cost a loop turn and a socket write for their ack: let a
+            # few more arrive first (Kafka's linger.ms; bounded added latency). Only during a flow
+            # (the last turn had company): a message arriving alone is handled at once.
             await asyncio.sleep(self.linger_s)
         msgs = list(pull.arrived)
+        pull.last_batch = len(msgs)
         pull.arrived.clear()
         if self.handler.runs_inline(plugin):
             # Inline calls run one at a time on the loop anyway: no task per message. Their acks go

@@ -223,6 +223,22 @@ async def test_nothing_is_acked_before_its_handler_returned(nats_server: NatsSer
     assert (info.num_ack_pending, info.num_pending) == (0, 0)
 
 
+async def test_a_message_arriving_alone_is_handled_without_lingering(nats_server: NatsServer,
+                                                                      client: Client) -> None:
+    """Lingering for company (bus/delivery.py ``LINGER_S``) is for a flow of messages: one arriving
+    alone is handled at once. Shown with a linger longer than the wait: it would not arrive in time."""
+    handler = InlineHandler()
+    bus = await start_bus(nats_server.url, handler)
+    try:
+        durable = bus._durable
+        assert durable is not None
+        durable.linger_s = 30.0
+        await client.publish("batch.alone", {"i": 0})
+        await until(functools.partial(delivered, handler, 1), 10, "the lone message")
+    finally:
+        await bus.stop(timeout=5)
+
+
 async def test_stopping_a_plugin_leaves_its_last_acks_on_the_server(nats_server: NatsServer, client: Client) -> None:
     handler = InlineHandler()
     bus = await start_bus(nats_server.url, handler)
