@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -354,35 +356,107 @@ def test_the_scanner_leaks_nothing_on_any_outcome() -> None:
     assert grown < 64 * 1024, f"{grown} bytes kept after 105,000 scans"
 
 
-def test_a_handler_that_removes_its_subscription_mid_read_leaves_the_rest_as_nats_py_would() -> None:
-    """Frames for a subscription already in the buffer when the subscription ends (its direct handler
-    ends it on the first message): the later ones are counted and dropped, never handed to the handler
-    or the queue, on both paths."""
+class _Unconnected(GuardedNatsClient):
+    """A client fed by hand: the PINGs and PONGs it reads are written down instead of answered."""
 
-    def run(native: bool) -> tuple[Any, ...]:
-        nc = GuardedNatsClient()
-        if not native:
-            _library_only(nc)
-        seen: list[bytes] = []
+    def __init__(self) -> None:
+        super().__init__()
+        self.control: list[str] = []
 
-        async def cb(msg: Msg) -> None:
-            pass
+    async def _process_ping(self) -> None:
+        self.control.append("ping")
 
-        def handler(msg: Msg) -> bool:
-            seen.append(msg.data)
+    async def _process_pong(self) -> None:
+        self.control.append("pong")
+
+
+def _two_subscriptions(chunks: list[bytes], *, native: bool, accept_every: int, in_order: bool, limit: int,
+                       byte_limit: int, raising: bool, ends: str) -> tuple[Any, ...]:
+    """What a client hands sid 7 (directly dispatched) and sid 8 (plain) for ``chunks`` read one by one:
+    the handler's calls, the queues, the error callback, the counters. ``ends``: how sid 7 ends in the
+    middle of a read: "" (it does not), "remove" (its handler unsubscribes on the third message),
+    "limit" (``unsubscribe(limit=2)`` before the read)."""
+    nc = _Unconnected()
+    if not native:
+        _library_only(nc)
+    seen: list[Any] = []
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(type(e).__name__)
+        if raising:
+            raise RuntimeError("the application's callback failed")
+
+    async def cb(msg: Msg) -> None:
+        pass
+
+    def handler(msg: Msg) -> bool:
+        seen.append((msg.subject, msg.reply, msg.data, msg.headers))
+        if ends == "remove" and len(seen) == 3:
             nc._remove_sub(7)
-            return True
+        if msg.data == b"raise":
+            raise ValueError("the handler failed")
+        return len(msg.data) % accept_every != 0
 
-        async def go() -> tuple[Any, ...]:
-            sub = Subscription(nc, 7, "s.>", cb=cb)
-            nc._subs[7] = sub
-            nc.dispatch_directly(sub, handler)
-            await nc._ps.parse(b"".join(b"MSG s.%d 7 1\r\n%d\r\n" % (i, i) for i in range(5)))
-            return seen, sub._pending_queue.qsize(), nc.stats["in_msgs"], nc._direct, nc.dropped_messages
+    async def run() -> tuple[Any, ...]:
+        nc._error_cb = on_error
+        subs = [Subscription(nc, sid, "s.>", cb=cb, pending_msgs_limit=limit, pending_bytes_limit=byte_limit)
+                for sid in (7, 8)]
+        for sub in subs:
+            nc._subs[sub._id] = sub
+        nc.dispatch_directly(subs[0], handler, keep_order=in_order)
+        if ends == "limit":
+            subs[0]._max_msgs = 2  # what sub.unsubscribe(limit=2) sets
+        for chunk in chunks:
+            try:
+                await nc._ps.parse(chunk)
+            except Exception as e:
+                seen.append(("raised", type(e).__name__))
+                break
+        queued = []
+        for sub in subs:
+            while not sub._pending_queue.empty():
+                m = sub._pending_queue.get_nowait()
+                queued.append((sub._id, m.subject, m.data, m.headers))
+        return (seen, queued, errors, nc.stats["in_msgs"], nc.stats["in_bytes"], [s._received for s in subs],
+                [s._pending_size for s in subs], sorted(nc._subs), nc.dropped_messages, nc.control)
 
-        return asyncio.run(go())
+    return asyncio.run(run())
 
-    assert run(True) == run(False) == ([b"0"], 0, 5, {}, 0)
+
+@st.composite
+def _frame_for(draw: st.DrawFn) -> bytes:
+    """A frame as nats-server writes it for sid 7, 8 or an unknown one, hostile in subject, reply,
+    headers or body (a subject at the scanner's line limit included), or something else it sends."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.sampled_from([b"PING\r\n", b"PONG\r\n", b"+OK\r\n"]))
+    sid = draw(st.sampled_from([b"7", b"7", b"8", b"9"]))
+    subject = b"s." + draw(st.sampled_from([b"a", b"\xff", b"\x0b", b"\xc3\xa9", b"b" * 4070, b"b" * 4090]))
+    reply = draw(st.sampled_from([b"", b"r", b"\xff"]))
+    hdr = draw(st.sampled_from([b"", b"NATS/1.0\r\n\r\n", b"NATS/1.0\r\nA: b\r\n\r\n", b"NATS/1.0 503\r\n\r\n",
+                                b"NATS/1.0\r\nX: \xff\r\n\r\n", b"NATS/1.0\r\n" + b"A: b\r\n" * 1100 + b"\r\n"]))
+    body = draw(st.sampled_from([b"", b"x", b"xy", b"raise", b"\xff\xff\xff", b"MSG s.a 7 1\r\nz\r\n"]))
+    line = (b"HMSG " if hdr else b"MSG ") + subject + b" " + sid + b" " + (reply + b" " if reply else b"")
+    line += (b"%d " % len(hdr) if hdr else b"") + b"%d\r\n" % (len(hdr) + len(body))
+    return line + hdr + body + b"\r\n"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_frame_for(), min_size=1, max_size=8).map(b"".join), st.lists(st.integers(0, 10**6), max_size=4),
+       st.sampled_from([1, 2, 3, 100]), st.booleans(), st.sampled_from([0, 1, 3]), st.sampled_from([0, 3, 10**6]),
+       st.booleans(), st.sampled_from(["", "remove", "limit"]))
+def test_split_reads_reach_handlers_queues_and_counters_as_through_nats_py(
+        stream: bytes, cuts: list[int], accept_every: int, in_order: bool, limit: int, byte_limit: int,
+        raising: bool, ends: str) -> None:
+    """The client-level differential of tests/bus/test_frames.py, read in pieces (so nats-py's parser
+    holds some frames across reads and hands them over through the awaiting path), with two
+    subscriptions, a handler that declines, raises or ends its subscription in the middle of a read,
+    an ``unsubscribe(limit)`` already in force, slow-consumer limits and an error callback that raises."""
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    runs = [_two_subscriptions(chunks, native=native, accept_every=accept_every, in_order=in_order, limit=limit,
+                               byte_limit=byte_limit, raising=raising, ends=ends) for native in (True, False)]
+    assert runs[0] == runs[1]
 
 
 #: what a broken or hostile server (or anyone on an unencrypted path) may send and nats-server never does
