@@ -228,8 +228,8 @@ async def test_hostile_and_long_subjects_through_nats_server_reach_both_parsers_
     (a PUB line of 4096 bytes is refused; the MSG line it relays for one just under is longer than
     the scanner's limit), header blocks of several shapes and bodies holding protocol text, published
     raw: a native client and a SANDBUS_NATIVE=0 client, both with a direct handler, see the same
-    messages in the same order, both drop only the one whose subject is not UTF-8, and neither
-    restarts its read loop."""
+    messages in the same order, both drop only the one whose subject is not UTF-8 and the one whose
+    header block nats-py cannot read, and neither restarts its read loop."""
     seen: dict[bool, list[tuple[str, str, bytes, Any]]] = {True: [], False: []}
     clients: dict[bool, GuardedNatsClient] = {}
     for native in (True, False):
@@ -257,16 +257,18 @@ async def test_hostile_and_long_subjects_through_nats_server_reach_both_parsers_
         pubs.append(b"PUB t.r " + b"r" * 4088 + b" 2\r\nok\r\n")
         pubs.append(b"PUB t." + b"a" * 3990 + b" _INBOX." + b"r" * 80 + b" 1000000\r\n" + b"B" * 1_000_000 + b"\r\n")
         pubs.append(b"PUB t.\xff 2\r\nok\r\n")  # not UTF-8: dropped and reported by both, reading goes on
+        pubs.append(b"HPUB t.z 0 5\r\nhello\r\n")  # relayed with an empty header block
+        pubs.append(b"HPUB t.g 3 5\r\nhello\r\n")  # a header block "hel": nats-py raises, both drop it
         pubs.append(b"PUB t.end 3\r\nend\r\n")
         raw_publish(_port(server), *pubs)
         for native in (True, False):
             await _until(_has_end(seen[native]), "the last message")
         assert seen[True] == seen[False]
-        assert len(seen[True]) == len(pubs) - 1
+        assert len(seen[True]) == len(pubs) - 2
         assert [len(s[0]) for s in seen[True][5:9]] == [3992, 4082, 4094, 3]
         assert len(seen[True][9][2]) == 1_000_000
         for nc in clients.values():
-            assert nc.dropped_messages == 1
+            assert nc.dropped_messages == 2
             assert nc.read_loop_restarts == 0
             assert nc.is_connected
     finally:
