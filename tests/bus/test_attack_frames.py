@@ -313,7 +313,7 @@ def test_a_million_tiny_frames_keep_the_buffer_bounded() -> None:
             return True
 
         async def _process_msg(self, *args: Any) -> None:
-            raise AssertionError("every frame goes to the synchronous path")
+            self.taken += 1  # a frame split across reads may take the awaiting path
 
     nc = Counter()
     parser = StrictParser(nc)
