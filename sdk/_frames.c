@@ -27,9 +27,10 @@
 #define MAX_SID_DIGITS 18
 
 /* what scan() says about where it stopped */
-#define AT_END 0   /* the buffer is used up */
-#define NEED_MORE 1 /* a frame starts there and is not complete yet */
-#define OTHER 2    /* something else starts there: nats-py's parser reads it */
+#define AT_END 0    /* the buffer is used up */
+#define NEED_MORE 1 /* a frame starts there and its control line is not complete yet */
+#define OTHER 2     /* something else starts there: nats-py's parser reads it */
+#define NEED_BODY 3 /* a frame whose control line is complete and whose body is not */
 
 static int is_sep(unsigned char c) { return c == ' ' || c == '\t'; }
 
@@ -55,9 +56,9 @@ static long long digits(const unsigned char *p, Py_ssize_t n, int max_digits) {
     return v;
 }
 
-/* One frame at buf[0..n): AT_END is never returned; NEED_MORE or OTHER, or 3 for a frame read (its
- * total length in *used and its parts in the out arguments). */
-#define READ 3
+/* One frame at buf[0..n): AT_END is never returned; NEED_MORE, NEED_BODY or OTHER, or READ for a
+ * frame read (its total length in *used and its parts in the out arguments). */
+#define READ 4
 
 static int one_frame(const unsigned char *buf, Py_ssize_t n, Py_ssize_t *used, long long *sid,
                      Py_ssize_t *subj_off, Py_ssize_t *subj_len, Py_ssize_t *reply_off, Py_ssize_t *reply_len,
@@ -132,7 +133,7 @@ static int one_frame(const unsigned char *buf, Py_ssize_t n, Py_ssize_t *used, l
         return OTHER;
     Py_ssize_t line_end = eol + 2;
     if (n - line_end < (Py_ssize_t)total + 2)
-        return NEED_MORE;
+        return NEED_BODY;
     if (buf[line_end + total] != '\r' || buf[line_end + total + 1] != '\n')
         return OTHER;
     *used = line_end + (Py_ssize_t)total + 2;
@@ -155,16 +156,16 @@ static int one_frame(const unsigned char *buf, Py_ssize_t n, Py_ssize_t *used, l
 }
 
 PyDoc_STRVAR(scan_doc,
-"scan(buf, limit=-1) -> (frames, used, status)\n\n"
+"scan(buf) -> (frames, used, status)\n\n"
 "Cut the complete MSG/HMSG frames at the front of ``buf`` (a bytes-like object): ``frames`` is a list\n"
 "of ``(sid, subject, reply, headers, body)`` (``reply`` b'' when there is none, ``headers`` None\n"
 "without a header block), ``used`` the bytes they took, ``status`` what is at ``buf[used:]``: 0 nothing,\n"
-"1 an incomplete frame, 2 something nats-py's parser must read. At most ``limit`` frames when >= 0.");
+"1 a frame whose control line is not complete, 2 something nats-py's parser must read, 3 a frame whose\n"
+"control line is complete and whose body is not.");
 
 static PyObject *scan(PyObject *self, PyObject *args) {
     Py_buffer view;
-    Py_ssize_t max_frames = -1;
-    if (!PyArg_ParseTuple(args, "y*|n", &view, &max_frames))
+    if (!PyArg_ParseTuple(args, "y*", &view))
         return NULL;
     const unsigned char *buf = (const unsigned char *)view.buf;
     Py_ssize_t n = view.len, pos = 0;
@@ -172,7 +173,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     PyObject *frames = PyList_New(0);
     if (frames == NULL)
         goto fail;
-    while (pos < n && (max_frames < 0 || PyList_GET_SIZE(frames) < max_frames)) {
+    while (pos < n) {
         Py_ssize_t used, so, sl, ro, rl, ho, hl, bo, bl;
         long long sid;
         int r = one_frame(buf + pos, n - pos, &used, &sid, &so, &sl, &ro, &rl, &ho, &hl, &bo, &bl);
@@ -221,7 +222,8 @@ PyMODINIT_FUNC PyInit__frames(void) {
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "AT_END", AT_END) < 0 || PyModule_AddIntConstant(m, "NEED_MORE", NEED_MORE) < 0
-        || PyModule_AddIntConstant(m, "OTHER", OTHER) < 0 || PyModule_AddIntConstant(m, "MAX_LINE", MAX_LINE) < 0) {
+        || PyModule_AddIntConstant(m, "OTHER", OTHER) < 0 || PyModule_AddIntConstant(m, "NEED_BODY", NEED_BODY) < 0
+        || PyModule_AddIntConstant(m, "MAX_LINE", MAX_LINE) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -3,7 +3,8 @@
 AT_END: int
 NEED_MORE: int
 OTHER: int
+NEED_BODY: int
 MAX_LINE: int
 
-def scan(buf: bytes | bytearray | memoryview, limit: int = -1, /
-         ) -> tuple[list[tuple[int, bytes, bytes, bytes | None, bytes]], int, int]: ...
+def scan(buf: bytes | bytearray | memoryview, /) -> tuple[list[tuple[int, bytes, bytes, bytes | None, bytes]], int,
+                                                         int]: ...

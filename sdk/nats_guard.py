@@ -128,8 +128,9 @@ def _native_scan() -> Callable[[bytearray], tuple[list[Frame], int, int]] | None
 
 #: one message frame as :func:`sandbus.sdk._frames.scan` cuts it: sid, subject, reply, header block, body
 Frame = tuple[int, bytes, bytes, bytes | None, bytes]
-#: what :func:`sandbus.sdk._frames.scan` says is left in the buffer after the frames it cut
-_AT_END, _NEED_MORE, _OTHER = 0, 1, 2
+#: what :func:`sandbus.sdk._frames.scan` says is left in the buffer after the frames it cut: nothing, a
+#: control line not complete yet, something only nats-py's parser reads, a frame whose body is not complete
+_AT_END, _NEED_MORE, _OTHER, _NEED_BODY = 0, 1, 2, 3
 
 
 class StrictParser(nats_parser.Parser):
@@ -162,9 +163,13 @@ class StrictParser(nats_parser.Parser):
         buf.extend(data)
         if self.state != nats_parser.AWAITING_CONTROL_LINE:
             # The library read this message's control line and waits for its body: it finishes that
-            # message alone (handed exactly its bytes), and the frames after it come back here.
+            # message alone (handed exactly its bytes), and the frames after it come back here. A header
+            # size past the body (no server sends one) makes it read further: then it reads on itself.
             need = self.needed + nats_parser.CRLF_SIZE
             if len(buf) < need:
+                return
+            if self.header_needed > self.needed:
+                await self.library_parse()
                 return
             rest = buf[need:]
             del buf[need:]
@@ -181,7 +186,10 @@ class StrictParser(nats_parser.Parser):
                 await nc._process_msg(sid, subject, reply, body, headers)
             elif taken is not True:
                 await nc._refused(subject, taken)
-        if status == _OTHER and self.buf is buf:
+        if status in (_OTHER, _NEED_BODY) and self.buf is buf:
+            # Something only the library reads; or a frame whose body is still coming, whose control
+            # line the library then takes once, and only counts bytes after that (scanning the line
+            # again at every read cost up to 4 KiB a read for a large body under a long line).
             await self.library_parse()
 
 
@@ -271,15 +279,22 @@ class GuardedNatsClient(NatsClient):
         if sub._cb is None or sub._max_msgs > 0 or sub._jsi is not None:
             raise ValueError("direct dispatch needs a subscription with a callback, no message limit and no "
                              "JetStream context")
+        # nats-py drops some subscriptions without _remove_sub (one that reached an unsubscribe limit,
+        # in its read loop or at a reconnect): their registrations go here, or with their next message.
+        for gone in [sid for sid in self._direct if sid not in self._subs]:
+            self._forget(gone)
         self._direct[sub._id] = handler
         if keep_order:
             self._in_order.add(sub._id)
         else:
             self._in_order.discard(sub._id)
 
-    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+    def _forget(self, sid: int) -> None:
         self._direct.pop(sid, None)
         self._in_order.discard(sid)
+
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        self._forget(sid)
         super()._remove_sub(sid, max_msgs)
 
     def _take_now(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
@@ -343,6 +358,8 @@ class GuardedNatsClient(NatsClient):
         sub = self._subs.get(sid)
         if sub is None or sub._max_msgs > 0:  # gone, or given a limit since (``unsubscribe(limit)``)
             await super()._process_msg(sid, subject, reply, data, headers)
+            if sid not in self._subs:  # gone, or its limit reached just now: nats-py dropped it
+                self._forget(sid)
             return
         self._count(sub, len(data))
         msg = self._build_message(sid, subject, reply, data, await self._process_headers(headers))
