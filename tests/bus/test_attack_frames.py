@@ -13,7 +13,7 @@ import asyncio
 import gc
 import sys
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,16 +28,6 @@ from tests.bus.test_frames import _feed
 from tests.bus.test_hardening_bus import raw_publish
 
 _frames = pytest.importorskip("sandbus.sdk._frames", reason="the frame scanner is not built")
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[NatsServer]:
-    """One plain nats-server (no JetStream) for the module: these tests only publish and subscribe."""
-    srv = NatsServer(jetstream=False).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def _port(srv: NatsServer) -> int:
@@ -125,12 +115,12 @@ def test_a_large_body_under_a_long_control_line_is_not_scanned_again_at_every_re
     assert scans <= 3 * (len(line) // 1448 + 2), f"{scans} scans for {len(chunks)} reads"
 
 
-async def test_a_direct_registration_ends_when_an_unsubscribe_limit_is_reached(server: NatsServer) -> None:
+async def test_a_direct_registration_ends_when_an_unsubscribe_limit_is_reached(nats_server: NatsServer) -> None:
     """Memory. ``sub.unsubscribe(limit)`` on a directly dispatched subscription: nats-py's ``_process_msg``
     drops the subscription with ``self._subs.pop(sid)`` when the limit is reached, not through
     ``_remove_sub``; the client's ``_direct`` and ``_in_order`` entries (the handler and all it holds)
     must go with it."""
-    nc, pub = await _client(server.url, native=True), await _client(server.url, native=True)
+    nc, pub = await _client(nats_server.url, native=True), await _client(nats_server.url, native=True)
     try:
         got: list[bytes] = []
 
@@ -214,7 +204,7 @@ def _has_end(seen: list[tuple[str, str, bytes, Any]], subject: str = "t.end") ->
     return lambda: any(s[0] == subject for s in seen)
 
 
-async def test_hostile_and_long_subjects_through_nats_server_reach_both_parsers_alike(server: NatsServer) -> None:
+async def test_hostile_and_long_subjects_through_nats_server_reach_both_parsers_alike(nats_server: NatsServer) -> None:
     """Subjects and reply subjects with every byte nats-server relays, up to its max_control_line
     (a PUB line of 4096 bytes is refused; the MSG line it relays for one just under is longer than
     the scanner's limit), header blocks of several shapes and bodies holding protocol text, published
@@ -224,7 +214,7 @@ async def test_hostile_and_long_subjects_through_nats_server_reach_both_parsers_
     seen: dict[bool, list[tuple[str, str, bytes, Any]]] = {True: [], False: []}
     clients: dict[bool, GuardedNatsClient] = {}
     for native in (True, False):
-        nc = clients[native] = await _client(server.url, native=native)
+        nc = clients[native] = await _client(nats_server.url, native=native)
 
         async def cb(msg: Msg, into: list[tuple[str, str, bytes, Any]] = seen[native]) -> None:
             into.append((msg.subject, msg.reply, msg.data, msg.headers))
@@ -251,7 +241,7 @@ async def test_hostile_and_long_subjects_through_nats_server_reach_both_parsers_
         pubs.append(b"HPUB t.z 0 5\r\nhello\r\n")  # relayed with an empty header block
         pubs.append(b"HPUB t.g 3 5\r\nhello\r\n")  # a header block "hel": nats-py raises, both drop it
         pubs.append(b"PUB t.end 3\r\nend\r\n")
-        raw_publish(_port(server), *pubs)
+        raw_publish(_port(nats_server), *pubs)
         for native in (True, False):
             await _until(_has_end(seen[native]), "the last message")
         assert seen[True] == seen[False]
@@ -267,10 +257,10 @@ async def test_hostile_and_long_subjects_through_nats_server_reach_both_parsers_
             await nc.close()
 
 
-async def test_a_publish_line_past_max_control_line_costs_the_subscriber_nothing(server: NatsServer) -> None:
+async def test_a_publish_line_past_max_control_line_costs_the_subscriber_nothing(nats_server: NatsServer) -> None:
     """nats-server refuses a PUB line longer than its max_control_line (and closes that publisher), so
     no MSG line a publisher can cause is much longer than MAX_LINE; the subscriber reads on."""
-    nc = await _client(server.url, native=True)
+    nc = await _client(nats_server.url, native=True)
     try:
         got: list[str] = []
 
@@ -280,8 +270,8 @@ async def test_a_publish_line_past_max_control_line_costs_the_subscriber_nothing
         await nc.subscribe("u.>", cb=cb)
         await nc.flush()
         with pytest.raises((AssertionError, OSError)):  # the server answers -ERR and closes the connection
-            raw_publish(_port(server), b"PUB u." + b"x" * 8000 + b" 2\r\nok\r\n")
-        raw_publish(_port(server), b"PUB u.after 2\r\nok\r\n")
+            raw_publish(_port(nats_server), b"PUB u." + b"x" * 8000 + b" 2\r\nok\r\n")
+        raw_publish(_port(nats_server), b"PUB u.after 2\r\nok\r\n")
         await _until(lambda: got == ["u.after"], "the next message")
         assert nc.read_loop_restarts == 0
         assert nc.dropped_messages == 0

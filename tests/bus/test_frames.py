@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nats.aio.subscription import Subscription
 
 from sandbus.sdk import nats_guard
 from sandbus.sdk.nats_guard import GuardedNatsClient, StrictParser
@@ -198,64 +197,3 @@ def test_sandbus_native_0_parses_with_nats_py_alone(monkeypatch: pytest.MonkeyPa
     assert StrictParser(Recorder()).scan is _frames.scan
     assert isinstance(GuardedNatsClient()._ps, StrictParser)
     assert nats_guard._native_scan() is _frames.scan
-
-
-def _client_run(frames: list[bytes], *, native: bool, accept: bool, in_order: bool, limit: int,
-                raising: bool) -> tuple[Any, ...]:
-    """What a client hands a directly dispatched subscription (sid 7), its queue, its error callback and
-    its counters, for ``frames`` read in one go; ``accept``: whether the handler takes messages;
-    ``raising``: whether the application's error callback raises."""
-    nc = GuardedNatsClient()
-    if not native:
-        nc._ps.scan = None
-    seen: list[tuple[str, str, bytes, Any]] = []
-    errors: list[str] = []
-
-    async def on_error(e: Exception) -> None:
-        errors.append(type(e).__name__)
-        if raising:
-            raise RuntimeError("the application's callback failed")
-
-    async def cb(msg: Any) -> None:
-        pass
-
-    async def run() -> tuple[Any, ...]:
-        nc._error_cb = on_error
-        sub = Subscription(nc, 7, "s.>", cb=cb, pending_msgs_limit=limit)
-        nc._subs[7] = sub
-        nc.dispatch_directly(sub, lambda m: seen.append((m.subject, m.reply, m.data, m.headers)) is None and accept,
-                             keep_order=in_order)
-        await nc._ps.parse(b"".join(frames))
-        queued = []
-        while not sub._pending_queue.empty():
-            m = sub._pending_queue.get_nowait()
-            queued.append((m.subject, m.reply, m.data, m.headers))
-        return (seen, queued, errors, nc.stats["in_msgs"], nc.stats["in_bytes"], sub._received, sub._pending_size,
-                nc.dropped_messages)
-
-    return asyncio.run(run())
-
-
-@st.composite
-def _message(draw: st.DrawFn) -> bytes:
-    """A canonical frame for sid 7 with a hostile subject, reply subject or header block."""
-    subject = b"s." + draw(_SUBJECT)
-    reply = draw(st.one_of(st.just(b""), _SUBJECT))
-    hdr = draw(st.sampled_from([b"", b"NATS/1.0\r\n\r\n", b"NATS/1.0\r\nA: b\r\nC:d\r\n\r\n", b"NATS/1.0 503\r\n\r\n",
-                                b"NATS/1.0\r\nX: \xff\r\n\r\n", b"NATS/1.0\r\n" + b"A: b\r\n" * 1100 + b"\r\n",
-                                b"NATS/1.0 100 Idle Heartbeat\r\n\r\n", b"NATS/1.0\r\n bad name: v\r\n\r\n"]))
-    body = draw(st.sampled_from([b"", b"hello", b"\xff"]))
-    line = (b"HMSG " if hdr else b"MSG ") + subject + b" 7 " + (reply + b" " if reply else b"")
-    line += (str(len(hdr)).encode() + b" " if hdr else b"") + str(len(hdr) + len(body)).encode() + b"\r\n"
-    return line + hdr + body + b"\r\n"
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_message(), min_size=1, max_size=6), st.booleans(), st.booleans(), st.sampled_from([0, 2]),
-       st.booleans())
-def test_the_handler_gets_what_the_awaiting_path_gives_it(frames: list[bytes], accept: bool, in_order: bool,
-                                                          limit: int, raising: bool) -> None:
-    """Hostile subjects, reply subjects and header blocks reach the handler, the queue, the error
-    callback and the counters the same way through the synchronous path as through nats-py's parser."""
-    assert (_client_run(frames, native=True, accept=accept, in_order=in_order, limit=limit, raising=raising)
-            == _client_run(frames, native=False, accept=accept, in_order=in_order, limit=limit, raising=raising))
