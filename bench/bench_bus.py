@@ -507,7 +507,7 @@ def main() -> None:
     shutil.copy(ROOT / "plugins" / "build" / "echo.wasm", traced / "echo_traced.wasm")
     (traced / "echo_traced.toml").write_text((ROOT / "plugins" / "build" / "echo.toml").read_text()
                                              .replace('name = "echo"', 'name = "echo_traced"'))
-    console = Console(width=160)
+    console = Console(width=200)  # the durable table has 15 columns
     with NatsServer(store_dir=work / "nats") as server:
         bare = start([sys.executable, "-c", BARE, server.url], "ready", work / "bare.log")
         # The collector is a process of its own, as in production: it must not slow the client down.
