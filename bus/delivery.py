@@ -465,7 +465,7 @@ class DurableTopics:
         if isinstance(self.nc, GuardedNatsClient) and self.bus.direct_dispatch:
             # Noted right in the read loop: no queue hand-off and task wake-up per message (the
             # subscription's callback still takes any message the client does not dispatch). The
-            # bus's one switch for work done in the read loop turns this off with direct requests.
+            # bus's one switch for work done in the read loop (``direct_dispatch``) turns it off.
             self.nc.dispatch_directly(psub, arrived)
         next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{TOPIC_STREAM}.{durable}"
         restore_delay = RESTORE_DELAY_S

@@ -128,9 +128,10 @@ def _native_scan() -> Callable[[bytearray], tuple[list[Frame], int, int]] | None
 
 #: one message frame as :func:`sandbus.sdk._frames.scan` cuts it: sid, subject, reply, header block, body
 Frame = tuple[int, bytes, bytes, bytes | None, bytes]
-#: what :func:`sandbus.sdk._frames.scan` says is left in the buffer after the frames it cut: nothing, a
-#: control line not complete yet, something only nats-py's parser reads, a frame whose body is not complete
-_AT_END, _NEED_MORE, _OTHER, _NEED_BODY = 0, 1, 2, 3
+#: what :func:`sandbus.sdk._frames.scan` says is left after the frames it cut, when nats-py's parser must
+#: take over: something only it reads, or a frame whose body is not complete (0: nothing, 1: a line to
+#: wait for, are left in the buffer)
+_OTHER, _NEED_BODY = 2, 3
 
 
 class StrictParser(nats_parser.Parser):

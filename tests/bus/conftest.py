@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -21,6 +22,7 @@ from sandbus.bus.connection import ConnectOptions
 from sandbus.bus.server import NatsServer, stop_process
 from sandbus.host.lifecycle.policy import load_policy
 from sandbus.host.node.node import Node
+from sandbus.host.sandbox.audit import AuditSink
 from sandbus.sdk.client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -258,11 +260,15 @@ async def jetstream_ready(url: str, timeout: float = 30.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def a_node(plugins: Path, url: str, direct: bool, node_id: str) -> AsyncIterator[Node]:
+async def a_node(plugins: Path, url: str, direct: bool, node_id: str, *, audit: AuditSink | None = None,
+                 **options: Any) -> AsyncIterator[Node]:
     """A node in this process serving ``plugins`` (with ``plugins/../policy.toml``), its read-loop dispatch
-    on or off (``PluginBus.direct_dispatch``); stopped and closed on exit."""
+    on or off (``PluginBus.direct_dispatch``), ``audit`` receiving its audit events from the first load,
+    ``options`` for ``Node.create``; stopped and closed on exit."""
     node = Node.create(plugins, ConnectOptions.from_urls(url), policy=load_policy(plugins.parent / "policy.toml"),
-                       node_id=node_id)
+                       node_id=node_id, **options)
+    if audit is not None:
+        node.manager.auditor.add_sink(audit)
     node.manager.discover_and_load()
     node.bus.direct_dispatch = direct
     await node.start()

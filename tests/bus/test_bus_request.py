@@ -16,9 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from sandbus.bus.connection import ConnectOptions
 from sandbus.bus.server import NatsServer
-from sandbus.host.lifecycle.policy import load_policy
 from sandbus.host.node.hostfuncs import MAX_HOPS, REQUEST_ENOTFOUND, REQUEST_EREMOTE, REQUEST_ETIMEOUT
 from sandbus.host.node.node import Node
 from sandbus.host.sandbox import AuditLevel
@@ -26,7 +24,7 @@ from sandbus.sdk.client import Client
 from sandbus.sdk.envelope import H_HOPS, error_from_reply
 from sandbus.sdk.errors import HopLimitError, SecurityViolationError
 from sandbus.sdk.subjects import request_subject
-from tests.bus.conftest import NodeProcess
+from tests.bus.conftest import NodeProcess, a_node
 from tests.conftest import AuditLog
 
 POLICY = """
@@ -101,16 +99,8 @@ async def callers(tmp_path: Path, server: NatsServer, c_guest_flags: Callable[..
         shutil.copy(c_guest_flags("caller", name, f'-DPLUGIN_NAME="{name}"'), d / f"{name}.wasm")
         (d / f"{name}.toml").write_text(manifest)
     (d.parent / "policy.toml").write_text(POLICY)
-    node = Node.create(d, ConnectOptions.from_urls(server.url), policy=load_policy(d.parent / "policy.toml"),
-                               node_id="n1", durable=False)
-    node.manager.auditor.add_sink(audit)
-    node.manager.discover_and_load()
-    await node.start()
-    try:
+    async with a_node(d, server.url, True, "n1", audit=audit, durable=False) as node:
         yield node
-    finally:
-        await node.stop()
-        node.manager.close()
 
 
 async def _ask(url: str, function: str, request: Any, plugin: str = "caller") -> Any:
